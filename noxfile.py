@@ -1,0 +1,48 @@
+"""Every gate the project has, in one place: ``nox -l`` lists them.
+
+Dependencies come from ``[dependency-groups]`` in pyproject.toml, so CI, a developer and
+this file agree on what is installed.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.sessions = ["tests", "lint"]
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+def _install(session: nox.Session, *groups: str) -> None:
+    session.install("-e", ".")
+    for group in groups:
+        session.install(*nox.project.dependency_groups(PYPROJECT, group))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (arguments after ``--`` go to pytest)."""
+    _install(session, "test")
+    session.run("python", "-m", "OpenSSL.debug")
+    session.run("python", "-bb", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check, ruff format --check, and mypy --strict over src, tests and this file."""
+    _install(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "src", "tests", "noxfile.py")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks with their baselines side by side (``nox -s bench -- wire``)."""
+    _install(session, "bench")
+    names = session.posargs or ["wire"]
+    for name in names:
+        session.run("python", f"bench/{name}.py")

@@ -1,0 +1,3 @@
+"""The model owner's daemon: verifies enclaves, lends the model, meters every inference."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""The borrower's daemon: holds the model in enclave memory and enforces the quota."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Length-prefixed msgpack protocol, tensors, TLS and attestation shared by all programs."""
+
+from __future__ import annotations

@@ -1,0 +1,100 @@
+"""Every limit a peer can run into, by name, with the reason for its value.
+
+A value that crosses one of these is a :class:`~drm_wire.errors.RemoteProtocolError` (or a
+``LocalProtocolError`` when we would send it), raised *before* memory is committed to it.
+Each limit has a test at the limit and one past it (``tests/wire/test_limits.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+
+# --- framing -------------------------------------------------------------------------
+
+#: Size of the big-endian length prefix in front of every header.
+PREFIX_BYTES: Final = 4
+
+#: Largest msgpack header of one frame. Headers are metadata: the biggest real one is a
+#: model-info reply listing a few models with their inputs and outputs (a few KiB). 64 KiB
+#: leaves room for growth while keeping the cost of a hostile prefix trivial.
+MAX_HEADER_BYTES: Final = 64 * KiB
+
+#: Largest raw payload that may follow a header: one tensor request or result, or one model
+#: chunk. 64 MiB fits a batch of 8 480x480x3 float32 images (22 MiB) or a 4096x4096 float32
+#: output (64 MiB), which is as large as a single request to a CPU enclave sensibly gets;
+#: bigger inputs belong in several requests.
+MAX_PAYLOAD_BYTES: Final = 64 * MiB
+
+# --- codec ---------------------------------------------------------------------------
+
+#: Nesting of maps and arrays inside one header. Our deepest message is 4 levels
+#: (message > list of models > model > list of inputs > input > shape); 8 gives slack
+#: and keeps hostile recursion far away from Python's stack limit.
+MAX_NESTING: Final = 8
+
+#: Entries in any one map or array of a header. The largest legitimate list is a tensor
+#: shape or the inputs of a model; 1,024 is far above both, and bounds the work a hostile
+#: "2**32 entries" header can cause.
+MAX_CONTAINER_LEN: Final = 1024
+
+#: Length of any string in a header (names, error messages). Long enough for any error
+#: text we write and any model or tensor name an exporter produces.
+MAX_STR_LEN: Final = 4 * KiB
+
+#: Length of any binary value inside a header (hashes, nonces). Bulk data never goes in a
+#: header: it travels as the frame's raw payload.
+MAX_BIN_LEN: Final = 1 * KiB
+
+# --- tensors -------------------------------------------------------------------------
+
+#: Rank of a tensor. ONNX models in practice use rank <= 6; 8 leaves room.
+MAX_TENSOR_RANK: Final = 8
+
+#: Elements in one tensor: the payload limit divided by the smallest itemsize (1 byte).
+MAX_TENSOR_ELEMENTS: Final = MAX_PAYLOAD_BYTES
+
+#: Tensors in one inference request or result. Models have a handful of inputs/outputs.
+MAX_TENSORS: Final = 64
+
+# --- model transfer ------------------------------------------------------------------
+
+#: Size of one model chunk the custodian sends. 4 MiB amortises per-frame cost (about
+#: 1 % of the transfer time at 1 GB/s) while keeping the enclave's extra buffer small.
+MODEL_CHUNK_BYTES: Final = 4 * MiB
+
+#: Largest model the enclave accepts. The enclave holds the whole model in memory, and an
+#: SGX enclave is sized ahead of time; 2 GiB is protobuf's own hard limit for one ONNX file.
+MAX_MODEL_BYTES: Final = 2 * 1024 * MiB - 1
+
+# --- messages ------------------------------------------------------------------------
+
+#: Largest request id, inference count or sequence number: unsigned 63-bit, so every value
+#: fits SQLite's INTEGER and msgpack's int64 alike.
+MAX_UINT: Final = 2**63 - 1
+
+#: Most inferences one grant or supply may add. A million per call stops a typo (an extra
+#: six zeros) from handing out effectively unlimited use; operators can call again.
+MAX_GRANT_UNITS: Final = 1_000_000
+
+#: Longest wait (seconds) a consumer may ask for when no inferences are left: one day.
+MAX_WAIT_SECONDS: Final = 86_400.0
+
+#: Models listed in one model-info reply.
+MAX_MODELS: Final = 64
+
+# --- timeouts (seconds) --------------------------------------------------------------
+
+#: TLS handshake, RA-TLS verification included. A loopback handshake takes ~2 ms and a
+#: quote verification tens of ms; 10 s tolerates slow networks but not a stalled peer.
+HANDSHAKE_TIMEOUT: Final = 10.0
+
+#: Waiting for the first message (hello) after the handshake.
+HELLO_TIMEOUT: Final = 10.0
+
+#: Between heartbeats on the custodian link, and how many may be missed before the link is
+#: declared dead. 3 missed 1-second beats bound the kill-switch delay of a silent partition.
+HEARTBEAT_INTERVAL: Final = 1.0
+HEARTBEAT_MISSES: Final = 3
