@@ -1,0 +1,773 @@
+"""Typed messages: one frozen, slotted, keyword-only dataclass per message type.
+
+A message validates itself at construction, so an invalid message cannot exist: building
+one with a bad value raises :class:`~drm_wire.errors.LocalProtocolError`. Decoding goes
+through the same constructor, and :func:`from_frame` turns the error into a
+:class:`~drm_wire.errors.RemoteProtocolError`: one set of checks for both directions.
+
+Types are exact: ``True`` is not an int, ``1.0`` is not an int, ``5`` is not a float, and
+``"5"`` is nothing but a string. Unknown fields and unknown message types are errors.
+
+The catalogue, by link (``C`` = client, ``S`` = server; the state machine that orders
+them lives in :mod:`drm_wire.protocol`):
+
+* both links: ``hello`` (C), ``welcome`` / ``refusal`` (S), ``error`` (both);
+* custodian link (enclave = C, custodian = S): ``model_begin``, ``model_chunk``,
+  ``model_end``, ``grant``, ``usage_ack``, ``block``, ``unblock`` (S); ``model_loaded``,
+  ``usage_report`` (C); ``heartbeat`` (both);
+* consumer link (consumer = C, enclave = S): ``infer``, ``model_info_request`` (C);
+  ``waiting``, ``result``, ``model_info`` (S).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, ClassVar, Final, TypeVar
+
+from .codec import Header
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .framing import Buffer, Frame
+from .limits import (
+    MAX_BIN_LEN,
+    MAX_CONTAINER_LEN,
+    MAX_GRANT_UNITS,
+    MAX_MODEL_BYTES,
+    MAX_MODELS,
+    MAX_PAYLOAD_BYTES,
+    MAX_STR_LEN,
+    MAX_TENSORS,
+    MAX_UINT,
+    MAX_WAIT_SECONDS,
+    MODEL_CHUNK_BYTES,
+)
+from .tensors import DTYPES, Tensor, check_name, tensors_from_wire, tensors_to_wire
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Block",
+    "Error",
+    "Grant",
+    "Heartbeat",
+    "Hello",
+    "InferenceRequest",
+    "InferenceResult",
+    "Message",
+    "ModelBegin",
+    "ModelChunk",
+    "ModelDescription",
+    "ModelEnd",
+    "ModelInfo",
+    "ModelInfoRequest",
+    "ModelLoaded",
+    "PeerRole",
+    "Refusal",
+    "TensorSpec",
+    "Unblock",
+    "UsageAck",
+    "UsageReport",
+    "Waiting",
+    "Welcome",
+    "from_frame",
+]
+
+TYPE_KEY: Final = "type"
+
+
+class PeerRole(StrEnum):
+    """Who opened the connection, as announced in :class:`Hello`."""
+
+    #: An enclave dialling its custodian.
+    ENCLAVE = "enclave"
+    #: A consumer dialling an enclave.
+    CONSUMER = "consumer"
+
+
+class EnclaveState(StrEnum):
+    """What an enclave tells consumers about itself in :class:`ModelInfo`."""
+
+    #: Linked to its custodian, model loaded: requests are served.
+    SERVING = "serving"
+    #: No verified custodian link: nothing is served.
+    CUSTODIAN_UNREACHABLE = "custodian_unreachable"
+    #: The custodian blocked this borrower.
+    BLOCKED = "blocked"
+    #: Linked, but the model has not arrived yet.
+    LOADING = "loading"
+
+
+# --- field checks: each returns the (possibly normalised) value or raises -------------
+
+
+def _bad(field: str, message: str, **extra: Any) -> LocalProtocolError:
+    return LocalProtocolError(f"{field}: {message}", field=field, **extra)
+
+
+def _uint(value: object, field: str, maximum: int = MAX_UINT) -> int:
+    if type(value) is not int:
+        raise _bad(field, "must be an int", got=type(value).__name__)
+    if not 0 <= value <= maximum:
+        raise _bad(field, f"must be between 0 and {maximum}", limit=maximum, got=value)
+    return value
+
+
+def _positive(value: object, field: str, maximum: int) -> int:
+    if _uint(value, field, maximum) == 0:
+        raise _bad(field, "must be positive", got=0)
+    return value  # type: ignore[return-value]
+
+
+def _text(value: object, field: str, *, empty: bool = False) -> str:
+    if type(value) is not str:
+        raise _bad(field, "must be a string", got=type(value).__name__)
+    if len(value) > MAX_STR_LEN:
+        raise _bad(field, "too long", code=ErrorCode.LIMIT_EXCEEDED, limit=MAX_STR_LEN)
+    if not value and not empty:
+        raise _bad(field, "must not be empty")
+    return value
+
+
+def _optional_text(value: object, field: str) -> str | None:
+    return None if value is None else _text(value, field)
+
+
+def _digest(value: object, field: str) -> bytes:
+    if type(value) is not bytes or len(value) != 32:
+        raise _bad(field, "must be 32 bytes")
+    return value
+
+
+def _enum(value: object, enum: type[StrEnum], field: str) -> Any:
+    if isinstance(value, enum):
+        return value
+    if type(value) is str:
+        try:
+            return enum(value)
+        except ValueError:
+            pass
+    raise _bad(field, f"must be one of {', '.join(e.value for e in enum)}")
+
+
+def _tuple_of(value: object, field: str, check: Callable[[object, str], Any], limit: int) -> tuple:  # type: ignore[type-arg]
+    if type(value) is not tuple and type(value) is not list:
+        raise _bad(field, "must be a list")
+    if len(value) > limit:
+        raise _bad(field, "too many entries", code=ErrorCode.LIMIT_EXCEEDED, limit=limit)
+    return tuple(check(item, field) for item in value)
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# --- the base class and registry -----------------------------------------------------
+
+M = TypeVar("M", bound="Message")
+
+#: Wire type tag -> message class. Filled by :func:`_register`.
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+class Message:
+    """Base of all messages: a wire type tag plus validated fields."""
+
+    __slots__ = ()
+
+    #: The value of the header's ``type`` key.
+    TYPE: ClassVar[str]
+    #: Largest raw payload this message type may carry (0: none).
+    MAX_PAYLOAD: ClassVar[int] = 0
+    #: Field name -> converter from the wire value, for fields that are not plain scalars.
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+    _REQUIRED: ClassVar[frozenset[str]]
+    _ALLOWED: ClassVar[frozenset[str]]
+    #: (field name, converter to the wire value or None), computed by :func:`_register`.
+    _TO_WIRE: ClassVar[tuple[tuple[str, Callable[[Any], Any] | None], ...]]
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        """The header map and payload buffers of this message."""
+        header: Header = {TYPE_KEY: self.TYPE}
+        for name, convert in self._TO_WIRE:
+            value = getattr(self, name)
+            header[name] = value if convert is None else convert(value)
+        return header, []
+
+    @classmethod
+    def _from_header(cls: type[M], header: Header, payload: memoryview) -> M:
+        keys = header.keys()
+        if not keys >= cls._REQUIRED:
+            missing = sorted(cls._REQUIRED - keys)
+            raise _bad(missing[0], f"missing from {cls.TYPE}")
+        if not keys <= cls._ALLOWED:
+            unknown = sorted(keys - cls._ALLOWED)
+            raise _bad(unknown[0][:64], f"unknown field in {cls.TYPE}")
+        if payload.nbytes:
+            raise _bad("payload", f"{cls.TYPE} carries no payload")
+        converters = cls._FROM_WIRE
+        if converters:
+            header = {k: (converters[k](v) if k in converters else v) for k, v in header.items()}
+        return cls(**header)
+
+
+def _enum_value(value: StrEnum) -> str:
+    return value.value
+
+
+def _entries(values: tuple[Any, ...]) -> list[Any]:
+    return [v.to_wire_entry() if hasattr(v, "to_wire_entry") else v for v in values]
+
+
+def _wire_converter(annotation: str) -> Callable[[Any], Any] | None:
+    # Annotations are strings (PEP 563); the few non-scalar field kinds are easy to spot.
+    if annotation.startswith("tuple["):
+        return _entries
+    if annotation in {"PeerRole", "ErrorCode", "EnclaveState"}:
+        return _enum_value
+    return None
+
+
+def _register(cls: type[M]) -> type[M]:
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    cls._ALLOWED = frozenset(names)
+    cls._TO_WIRE = tuple(
+        (f.name, _wire_converter(str(f.type)))
+        for f in fields(cls)  # type: ignore[arg-type]
+    )
+    cls._REQUIRED = frozenset(
+        f.name
+        for f in fields(cls)  # type: ignore[arg-type]
+        if f.default is f.default_factory  # both MISSING: no default
+    )
+    assert cls.TYPE not in MESSAGE_TYPES
+    MESSAGE_TYPES[cls.TYPE] = cls
+    return cls
+
+
+def from_frame(frame: Frame) -> Message:
+    """Build the typed message a frame carries.
+
+    Raises:
+        RemoteProtocolError: unknown type, missing or unknown fields, or invalid values.
+    """
+    header = frame.header
+    tag = header.pop(TYPE_KEY, None)
+    cls = MESSAGE_TYPES.get(tag) if type(tag) is str else None
+    if cls is None:
+        raise RemoteProtocolError("unknown message type", field=TYPE_KEY, got=str(tag)[:64])
+    try:
+        return cls._from_header(header, frame.payload)
+    except LocalProtocolError as exc:
+        raise exc._as_remote() from exc
+
+
+def payload_limit(header: Header) -> int:
+    """Largest payload the message type named in ``header`` may carry (for the decoder)."""
+    cls = MESSAGE_TYPES.get(header.get(TYPE_KEY))  # type: ignore[arg-type]
+    return 0 if cls is None else cls.MAX_PAYLOAD
+
+
+# --- version negotiation -------------------------------------------------------------
+
+
+def _version(value: object, field: str) -> int:
+    return _positive(value, field, 65535)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(Message):
+    """Client's first message: the protocol versions it speaks and who it is.
+
+    ``license`` and ``instance_id`` identify an enclave to its custodian and are absent on
+    the consumer link.
+    """
+
+    TYPE: ClassVar[str] = "hello"
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"versions": tuple}
+
+    versions: tuple[int, ...]
+    role: PeerRole
+    software: str
+    license: str | None = None
+    instance_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "versions", _tuple_of(self.versions, "versions", _version, 16))
+        if not self.versions:
+            raise _bad("versions", "must not be empty")
+        _set(self, "role", _enum(self.role, PeerRole, "role"))
+        _text(self.software, "software")
+        _optional_text(self.license, "license")
+        _optional_text(self.instance_id, "instance_id")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Message):
+    """Server's answer to :class:`Hello`: the version both sides will speak."""
+
+    TYPE: ClassVar[str] = "welcome"
+
+    version: int
+    software: str
+
+    def __post_init__(self) -> None:
+        _version(self.version, "version")
+        _text(self.software, "software")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal(Message):
+    """Server's refusal of :class:`Hello`; the connection then closes."""
+
+    TYPE: ClassVar[str] = "refusal"
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"supported_versions": tuple}
+
+    code: ErrorCode
+    message: str
+    supported_versions: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _set(self, "code", _enum(self.code, ErrorCode, "code"))
+        _text(self.message, "message")
+        _set(
+            self,
+            "supported_versions",
+            _tuple_of(self.supported_versions, "supported_versions", _version, 16),
+        )
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error(Message):
+    """An error, with a stable code and a human message.
+
+    With a ``request_id`` it answers that request and the connection stays open; without
+    one it is about the whole connection, which then closes.
+    """
+
+    TYPE: ClassVar[str] = "error"
+
+    code: ErrorCode
+    message: str
+    request_id: int | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "code", _enum(self.code, ErrorCode, "code"))
+        _text(self.message, "message", empty=True)
+        if self.request_id is not None:
+            _uint(self.request_id, "request_id")
+
+
+# --- custodian link ------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelBegin(Message):
+    """Custodian: a model of ``size`` bytes with this SHA-256 follows in chunks."""
+
+    TYPE: ClassVar[str] = "model_begin"
+
+    name: str
+    size: int
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        _positive(self.size, "size", MAX_MODEL_BYTES)
+        _digest(self.sha256, "sha256")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelChunk(Message):
+    """Custodian: ``data`` is the model's bytes from ``offset`` on (raw payload)."""
+
+    TYPE: ClassVar[str] = "model_chunk"
+    MAX_PAYLOAD: ClassVar[int] = MODEL_CHUNK_BYTES
+
+    offset: int
+    data: memoryview
+
+    def __post_init__(self) -> None:
+        _uint(self.offset, "offset", MAX_MODEL_BYTES)
+        if type(self.data) is not memoryview or not 0 < self.data.nbytes <= MODEL_CHUNK_BYTES:
+            raise _bad("data", "must be a non-empty memoryview within the chunk size")
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        return {TYPE_KEY: self.TYPE, "offset": self.offset}, [self.data]
+
+    @classmethod
+    def _from_header(cls, header: Header, payload: memoryview) -> ModelChunk:
+        if header.keys() != {"offset"}:
+            raise _bad("offset", "model_chunk carries exactly offset and a payload")
+        return cls(offset=header["offset"], data=payload)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelEnd(Message):
+    """Custodian: the model's last chunk has been sent."""
+
+    TYPE: ClassVar[str] = "model_end"
+
+    name: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelLoaded(Message):
+    """Enclave: the model arrived intact (size and digest checked) and a session is ready."""
+
+    TYPE: ClassVar[str] = "model_loaded"
+
+    name: str
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        _digest(self.sha256, "sha256")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grant(Message):
+    """Custodian: ``units`` more inferences; ``granted_total`` is the instance's new total.
+
+    The total makes grants idempotent: a replayed grant carries a total the enclave has
+    already reached and adds nothing.
+    """
+
+    TYPE: ClassVar[str] = "grant"
+
+    grant_id: int
+    units: int
+    granted_total: int
+
+    def __post_init__(self) -> None:
+        _uint(self.grant_id, "grant_id")
+        _positive(self.units, "units", MAX_GRANT_UNITS)
+        _uint(self.granted_total, "granted_total")
+        if self.granted_total < self.units:
+            raise _bad("granted_total", "must be at least units")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageReport(Message):
+    """Enclave: this instance has served ``served_total`` inferences since it started.
+
+    Cumulative, so duplicated or reordered reports can never count an inference twice.
+    """
+
+    TYPE: ClassVar[str] = "usage_report"
+
+    seq: int
+    served_total: int
+
+    def __post_init__(self) -> None:
+        _uint(self.seq, "seq")
+        _uint(self.served_total, "served_total")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageAck(Message):
+    """Custodian: the report ``seq`` is durably recorded."""
+
+    TYPE: ClassVar[str] = "usage_ack"
+
+    seq: int
+    served_total: int
+
+    def __post_init__(self) -> None:
+        _uint(self.seq, "seq")
+        _uint(self.served_total, "served_total")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Block(Message):
+    """Custodian: stop serving at once; parked and new requests fail with ``blocked``."""
+
+    TYPE: ClassVar[str] = "block"
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        _text(self.reason, "reason", empty=True)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unblock(Message):
+    """Custodian: serving may resume."""
+
+    TYPE: ClassVar[str] = "unblock"
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat(Message):
+    """Either side of the custodian link: still here. Missed beats trip the kill switch."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+    seq: int
+
+    def __post_init__(self) -> None:
+        _uint(self.seq, "seq")
+
+
+# --- consumer link -------------------------------------------------------------------
+
+
+def _wait(value: object, field: str) -> float | None:
+    if value is None:
+        return None
+    if type(value) is not float or not 0.0 <= value <= MAX_WAIT_SECONDS or math.isnan(value):
+        raise _bad(field, f"must be null or a float between 0 and {MAX_WAIT_SECONDS}")
+    return value
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InferenceRequest(Message):
+    """Consumer: run ``model`` on ``inputs``.
+
+    ``wait`` says what to do when no inferences are left: ``None`` waits until more are
+    supplied, ``0.0`` fails at once, ``N`` waits at most N seconds.
+    """
+
+    TYPE: ClassVar[str] = "infer"
+    MAX_PAYLOAD: ClassVar[int] = MAX_PAYLOAD_BYTES
+
+    request_id: int
+    model: str
+    inputs: tuple[Tensor, ...]
+    wait: float | None = None
+
+    def __post_init__(self) -> None:
+        _uint(self.request_id, "request_id")
+        check_name(self.model, "model")
+        _set(self, "inputs", _tensors(self.inputs, "inputs"))
+        _wait(self.wait, "wait")
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        entries, payload = tensors_to_wire(self.inputs)
+        header = {
+            TYPE_KEY: self.TYPE,
+            "request_id": self.request_id,
+            "model": self.model,
+            "inputs": entries,
+            "wait": self.wait,
+        }
+        return header, list(payload)
+
+    @classmethod
+    def _from_header(cls, header: Header, payload: memoryview) -> InferenceRequest:
+        _exact_keys(header, {"request_id", "model", "inputs", "wait"}, cls.TYPE)
+        inputs = tensors_from_wire(header["inputs"], payload, "inputs")
+        return cls(
+            request_id=header["request_id"],
+            model=header["model"],
+            inputs=inputs,
+            wait=header["wait"],
+        )
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Waiting(Message):
+    """Enclave: request ``request_id`` is parked until inferences are supplied."""
+
+    TYPE: ClassVar[str] = "waiting"
+
+    request_id: int
+    position: int
+
+    def __post_init__(self) -> None:
+        _uint(self.request_id, "request_id")
+        _uint(self.position, "position")
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InferenceResult(Message):
+    """Enclave: the outputs of request ``request_id`` and the inferences left after it."""
+
+    TYPE: ClassVar[str] = "result"
+    MAX_PAYLOAD: ClassVar[int] = MAX_PAYLOAD_BYTES
+
+    request_id: int
+    outputs: tuple[Tensor, ...]
+    inferences_left: int
+
+    def __post_init__(self) -> None:
+        _uint(self.request_id, "request_id")
+        _set(self, "outputs", _tensors(self.outputs, "outputs"))
+        _uint(self.inferences_left, "inferences_left")
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        entries, payload = tensors_to_wire(self.outputs)
+        header = {
+            TYPE_KEY: self.TYPE,
+            "request_id": self.request_id,
+            "outputs": entries,
+            "inferences_left": self.inferences_left,
+        }
+        return header, list(payload)
+
+    @classmethod
+    def _from_header(cls, header: Header, payload: memoryview) -> InferenceResult:
+        _exact_keys(header, {"request_id", "outputs", "inferences_left"}, cls.TYPE)
+        outputs = tensors_from_wire(header["outputs"], payload, "outputs")
+        return cls(
+            request_id=header["request_id"],
+            outputs=outputs,
+            inferences_left=header["inferences_left"],
+        )
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfoRequest(Message):
+    """Consumer: which models are served, with which inputs and outputs?"""
+
+    TYPE: ClassVar[str] = "model_info_request"
+
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _uint(self.request_id, "request_id")
+
+
+def _dim(value: object, field: str) -> int | None:
+    # None marks a dynamic dimension (a symbolic or unknown size in the ONNX graph).
+    return None if value is None else _uint(value, field, MAX_UINT)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorSpec:
+    """A model input or output: name, dtype, and shape with ``None`` for dynamic dims."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if type(self.dtype) is not str or self.dtype not in DTYPES:
+            raise _bad("dtype", "not an allowed dtype")
+        _set(self, "shape", _tuple_of(self.shape, "shape", _dim, 8))
+
+    def to_wire_entry(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_wire_entry(cls, entry: object) -> TensorSpec:
+        if type(entry) is not dict:
+            raise _bad("spec", "must be a map")
+        _exact_keys(entry, {"name", "dtype", "shape"}, "tensor spec")
+        return cls(name=entry["name"], dtype=entry["dtype"], shape=entry["shape"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelDescription:
+    """One served model: its name, SHA-256 and signature."""
+
+    name: str
+    sha256: bytes
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        _digest(self.sha256, "sha256")
+        for name in ("inputs", "outputs"):
+            specs = getattr(self, name)
+            if type(specs) is not tuple or len(specs) > MAX_TENSORS:
+                raise _bad(name, "must be a tuple of at most MAX_TENSORS specs")
+            if not all(type(s) is TensorSpec for s in specs):
+                raise _bad(name, "must hold TensorSpec values")
+
+    def to_wire_entry(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "inputs": [s.to_wire_entry() for s in self.inputs],
+            "outputs": [s.to_wire_entry() for s in self.outputs],
+        }
+
+    @classmethod
+    def from_wire_entry(cls, entry: object) -> ModelDescription:
+        if type(entry) is not dict:
+            raise _bad("models", "each model must be a map")
+        _exact_keys(entry, {"name", "sha256", "inputs", "outputs"}, "model")
+        specs = {
+            name: _tuple_of(
+                entry[name], name, lambda e, _f: TensorSpec.from_wire_entry(e), MAX_TENSORS
+            )
+            for name in ("inputs", "outputs")
+        }
+        return cls(name=entry["name"], sha256=entry["sha256"], **specs)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfo(Message):
+    """Enclave: the models it serves, its state, and the inferences left."""
+
+    TYPE: ClassVar[str] = "model_info"
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "models": lambda v: _tuple_of(
+            v, "models", lambda e, _f: ModelDescription.from_wire_entry(e), MAX_MODELS
+        )
+    }
+
+    request_id: int
+    models: tuple[ModelDescription, ...]
+    inferences_left: int
+    state: EnclaveState
+
+    def __post_init__(self) -> None:
+        _uint(self.request_id, "request_id")
+        if type(self.models) is not tuple or len(self.models) > MAX_MODELS:
+            raise _bad("models", "must be a tuple within MAX_MODELS")
+        if not all(type(m) is ModelDescription for m in self.models):
+            raise _bad("models", "must hold ModelDescription values")
+        _uint(self.inferences_left, "inferences_left")
+        _set(self, "state", _enum(self.state, EnclaveState, "state"))
+
+
+# --- helpers used by several messages ------------------------------------------------
+
+
+def _tensors(value: object, field: str) -> tuple[Tensor, ...]:
+    if type(value) is not tuple or len(value) > MAX_TENSORS:
+        raise _bad(field, f"must be a tuple of at most {MAX_TENSORS} tensors")
+    if not all(type(t) is Tensor for t in value):
+        raise _bad(field, "must hold Tensor values")
+    return value
+
+
+def _exact_keys(header: dict[str, Any], expected: set[str], what: str) -> None:
+    keys = header.keys()
+    if keys != expected:
+        missing = sorted(expected - keys)
+        unknown = sorted(keys - expected)
+        if missing:
+            raise _bad(missing[0], f"missing from {what}")
+        raise _bad(str(unknown[0])[:64], f"unknown field in {what}")
+
+
+# Digests travel as header binaries, and model lists as header arrays.
+assert MAX_BIN_LEN >= 32
+assert MAX_CONTAINER_LEN >= MAX_MODELS

@@ -1,0 +1,382 @@
+"""The sans-IO protocol connection: framing, typed messages and the state machine.
+
+Theory of operation. A :class:`Connection` is one side of one link. It never touches a
+socket: the I/O layer feeds it bytes with :meth:`Connection.receive_data` and pulls
+messages with :meth:`Connection.next_message`; to send, it calls :meth:`Connection.send`
+and writes the returned buffers, in order, to the transport. If that write fails or is
+cancelled, it must call :meth:`Connection.send_failed`: a half-sent frame leaves the byte
+stream unusable, so the connection becomes ``BROKEN`` and refuses to send again (never
+"maybe sent").
+
+Both directions share one state. Every message moves the state according to
+:data:`TRANSITIONS`, keyed by ``(link, state, sender side, message type)``; a key that is
+not in the table is a protocol error naming the state and the message: a
+:class:`LocalProtocolError` when we try to send it, a :class:`RemoteProtocolError` when the
+peer does. Request ids are tracked on top of the table: a request id may be in flight only
+once, and a reply must answer a request that is in flight.
+
+::
+
+    AWAIT_HELLO --hello(C)--> AWAIT_WELCOME --welcome(S)--> OPEN
+                                            --refusal(S)--> CLOSED
+    custodian link:  OPEN --model_begin(S)--> RECEIVING_MODEL --model_end(S)--> OPEN
+    any state:       error without request_id (either side) --> CLOSED
+
+``python -m drm_wire.protocol`` prints the whole table as a Graphviz diagram.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Final
+
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .framing import Buffer, FrameDecoder, encode_frame
+from .messages import (
+    Block,
+    Error,
+    Grant,
+    Heartbeat,
+    Hello,
+    InferenceRequest,
+    InferenceResult,
+    Message,
+    ModelBegin,
+    ModelChunk,
+    ModelEnd,
+    ModelInfo,
+    ModelInfoRequest,
+    ModelLoaded,
+    Refusal,
+    Unblock,
+    UsageAck,
+    UsageReport,
+    Waiting,
+    Welcome,
+    from_frame,
+    payload_limit,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "TRANSITIONS",
+    "Closed",
+    "Connection",
+    "Link",
+    "NeedData",
+    "Side",
+    "State",
+    "select_version",
+]
+
+#: The version this build speaks by preference.
+PROTOCOL_VERSION: Final = 1
+#: Every version this build can speak.
+SUPPORTED_VERSIONS: Final = (1,)
+
+
+class Link(Enum):
+    """Which link a connection belongs to."""
+
+    #: Enclave (client) to custodian (server), mutually attested.
+    CUSTODIAN = "custodian"
+    #: Consumer (client) to enclave (server).
+    CONSUMER = "consumer"
+
+
+class Side(Enum):
+    """Which end of the link: the one that dialled, or the one that listened."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(Enum):
+    """Connection states, shared by both directions."""
+
+    #: Nothing exchanged yet; the client must speak first.
+    AWAIT_HELLO = "await_hello"
+    #: Hello sent; the server must welcome or refuse.
+    AWAIT_WELCOME = "await_welcome"
+    #: Version agreed; the link's ordinary traffic flows.
+    OPEN = "open"
+    #: Custodian link only: a model transfer is under way.
+    RECEIVING_MODEL = "receiving_model"
+    #: Refused, or closed by a connection-level error: nothing more may be sent.
+    CLOSED = "closed"
+    #: A send failed half-way; the byte stream is unusable.
+    BROKEN = "broken"
+
+
+class NeedData:
+    """Sentinel type: more bytes are needed before the next message."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class Closed:
+    """Sentinel type: the peer closed its side cleanly, between frames."""
+
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+NEED_DATA: Final = NeedData()
+CLOSED: Final = Closed()
+
+_C, _S = Side.CLIENT, Side.SERVER
+_OPEN, _MODEL = State.OPEN, State.RECEIVING_MODEL
+
+
+def _build_table() -> dict[tuple[Link, State, Side, type[Message]], State]:
+    table: dict[tuple[Link, State, Side, type[Message]], State] = {}
+    message: type[Message]
+    for link in Link:
+        table[(link, State.AWAIT_HELLO, _C, Hello)] = State.AWAIT_WELCOME
+        table[(link, State.AWAIT_WELCOME, _S, Welcome)] = _OPEN
+        table[(link, State.AWAIT_WELCOME, _S, Refusal)] = State.CLOSED
+    custodian = Link.CUSTODIAN
+    for state in (_OPEN, _MODEL):
+        # Grants, acknowledgements, blocks and heartbeats flow during a transfer too:
+        # a 2 GB model must not starve the heartbeat or delay a block.
+        for message in (Grant, UsageAck, Block, Unblock, Heartbeat):
+            table[(custodian, state, _S, message)] = state
+        for message in (UsageReport, Heartbeat):
+            table[(custodian, state, _C, message)] = state
+    table[(custodian, _OPEN, _C, ModelLoaded)] = _OPEN
+    table[(custodian, _OPEN, _S, ModelBegin)] = _MODEL
+    table[(custodian, _MODEL, _S, ModelChunk)] = _MODEL
+    table[(custodian, _MODEL, _S, ModelEnd)] = _OPEN
+    consumer = Link.CONSUMER
+    for message in (InferenceRequest, ModelInfoRequest):
+        table[(consumer, _OPEN, _C, message)] = _OPEN
+    for message in (Waiting, InferenceResult, ModelInfo):
+        table[(consumer, _OPEN, _S, message)] = _OPEN
+    return table
+
+
+#: ``(link, state, side that sends, message type) -> next state``. Anything absent is a
+#: protocol error. Connection-level :class:`Error` messages are handled in code: allowed
+#: in every state but ``CLOSED``/``BROKEN``, they lead to ``CLOSED``.
+TRANSITIONS: Final = _build_table()
+
+#: Messages that open a request, and those that answer one (``Waiting`` answers without
+#: finishing it).
+_REQUESTS: Final = (InferenceRequest, ModelInfoRequest)
+_FINAL_REPLIES: Final = (InferenceResult, ModelInfo)
+
+
+def select_version(hello: Hello) -> int | None:
+    """The highest version both sides speak, or ``None`` when there is none."""
+    common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+    return max(common) if common else None
+
+
+class Connection:
+    """One side of one link, without I/O.
+
+    Args:
+        link: which link this connection belongs to.
+        side: whether we dialled (client) or listened (server).
+    """
+
+    __slots__ = ("_decoder", "_in_flight", "link", "side", "state", "version")
+
+    def __init__(self, link: Link, side: Side) -> None:
+        self.link = link
+        self.side = side
+        self.state = State.AWAIT_HELLO
+        #: The agreed protocol version, once welcomed.
+        self.version: int | None = None
+        self._decoder = FrameDecoder(payload_limit)
+        self._in_flight: set[int] = set()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.link.value} {self.side.value} state={self.state.value} "
+            f"in_flight={len(self._in_flight)}>"
+        )
+
+    @property
+    def their_side(self) -> Side:
+        return Side.SERVER if self.side is Side.CLIENT else Side.CLIENT
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent (client) or received (server) and not yet answered."""
+        return len(self._in_flight)
+
+    # --- sending --------------------------------------------------------------------
+
+    def send(self, message: Message) -> list[Buffer]:
+        """Check ``message`` against the state machine and return the bytes to write.
+
+        Raises:
+            LocalProtocolError: the message is not allowed now; nothing changes.
+        """
+        self._advance(message, self.side, LocalProtocolError)
+        header, payload = message.to_wire()
+        return encode_frame(header, payload)
+
+    def send_failed(self) -> None:
+        """Declare that writing the last frame failed or was cancelled part-way."""
+        self.state = State.BROKEN
+
+    # --- receiving ------------------------------------------------------------------
+
+    def receive_data(self, data: Buffer) -> None:
+        """Feed bytes from the transport; ``b""`` means the peer closed its side."""
+        self._decoder.receive_data(data)
+
+    def next_message(self) -> Message | NeedData | Closed:
+        """The next message from the peer, ``NEED_DATA``, or ``CLOSED`` at a clean EOF.
+
+        Raises:
+            RemoteProtocolError: the peer broke the framing, a limit, a message's rules or
+                the state machine, or closed the connection in the middle of a frame. The
+                connection is then ``CLOSED``; send the peer an :class:`Error` built with
+                :meth:`error_for` if the transport still works, then close it.
+        """
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                if not self._decoder.eof:
+                    return NEED_DATA
+                if self._decoder.mid_frame:
+                    raise RemoteProtocolError("peer closed the connection in the middle of a frame")
+                self.state = State.CLOSED
+                return CLOSED
+            message = from_frame(frame)
+            self._advance(message, self.their_side, RemoteProtocolError)
+        except RemoteProtocolError as exc:
+            exc.state = exc.state or self.state.value
+            self.state = State.CLOSED
+            raise
+        return message
+
+    @staticmethod
+    def error_for(exc: RemoteProtocolError) -> Error:
+        """The connection-level error message that tells the peer what it did wrong."""
+        return Error(code=exc.code, message=exc.message[:200])
+
+    # --- the state machine ----------------------------------------------------------
+
+    def _advance(
+        self,
+        message: Message,
+        sender: Side,
+        error: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> None:
+        state = self.state
+        kind = type(message)
+        if state is State.BROKEN or state is State.CLOSED:
+            raise error(
+                f"cannot carry {message.TYPE}: connection is {state.value}", state=state.value
+            )
+        if kind is Error:
+            self._advance_error(message, sender, error)  # type: ignore[arg-type]
+            return
+        new_state = TRANSITIONS.get((self.link, state, sender, kind))
+        if new_state is None:
+            raise error(
+                f"{message.TYPE} from the {sender.value} is not allowed in state {state.value}",
+                state=state.value,
+                field="type",
+            )
+        if kind is Hello:
+            self._check_hello(message, error)  # type: ignore[arg-type]
+        elif kind is Welcome:
+            self._check_welcome(message, error)  # type: ignore[arg-type]
+        elif isinstance(message, _REQUESTS):
+            self._open_request(message.request_id, error)
+        elif isinstance(message, _FINAL_REPLIES):
+            self._close_request(message.request_id, error)
+        elif kind is Waiting:
+            self._require_request(message.request_id, error)  # type: ignore[attr-defined]
+        self.state = new_state
+
+    def _advance_error(
+        self,
+        message: Error,
+        sender: Side,
+        error: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> None:
+        if message.request_id is None:
+            self.state = State.CLOSED
+            return
+        if self.state is not State.OPEN or self.link is not Link.CONSUMER or sender is not _S:
+            raise error(
+                "only the enclave answers a request with an error",
+                state=self.state.value,
+                field="request_id",
+            )
+        self._close_request(message.request_id, error)
+
+    def _check_hello(
+        self, hello: Hello, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        expected = "enclave" if self.link is Link.CUSTODIAN else "consumer"
+        if hello.role.value != expected:
+            raise error(
+                f"a {hello.role.value} cannot open a {self.link.value} link",
+                field="role",
+                state=self.state.value,
+            )
+
+    def _check_welcome(
+        self, welcome: Welcome, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        if welcome.version not in SUPPORTED_VERSIONS:
+            raise error(
+                f"version {welcome.version} is not supported",
+                code=ErrorCode.UNSUPPORTED_VERSION,
+                field="version",
+                state=self.state.value,
+            )
+        self.version = welcome.version
+
+    def _open_request(
+        self, request_id: int, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        if request_id in self._in_flight:
+            raise error(
+                f"request id {request_id} is already in flight",
+                field="request_id",
+                state=self.state.value,
+            )
+        self._in_flight.add(request_id)
+
+    def _require_request(
+        self, request_id: int, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        if request_id not in self._in_flight:
+            raise error(
+                f"no request {request_id} is in flight", field="request_id", state=self.state.value
+            )
+
+    def _close_request(
+        self, request_id: int, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        self._require_request(request_id, error)
+        self._in_flight.discard(request_id)
+
+
+def state_diagram() -> str:
+    """The transition table as a Graphviz ``digraph``, generated so the docs cannot drift."""
+    lines = ["digraph protocol {", "  rankdir=LR;"]
+    for (link, state, side, message), target in sorted(
+        TRANSITIONS.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value, kv[0][3].TYPE)
+    ):
+        label = f"{message.TYPE} ({side.value[0].upper()})"
+        lines.append(
+            f'  "{link.value}:{state.value}" -> "{link.value}:{target.value}" [label="{label}"];'
+        )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(state_diagram())

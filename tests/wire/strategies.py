@@ -1,0 +1,112 @@
+"""Hypothesis strategies that build every message type with valid, varied values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from drm_wire import messages as m
+from drm_wire.errors import ErrorCode
+from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT, MAX_WAIT_SECONDS
+from drm_wire.tensors import DTYPES, Tensor
+
+uints = st.integers(min_value=0, max_value=MAX_UINT)
+names = st.text(
+    alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "Zs")), min_size=1, max_size=40
+).filter(str.isprintable)
+texts = st.text(max_size=200)
+digests = st.binary(min_size=32, max_size=32)
+versions = st.integers(min_value=1, max_value=65535)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> Tensor:
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 5), max_size=4)))
+    count = int(np.prod(shape)) if shape else 1
+    size = count * DTYPES[dtype].itemsize
+    raw = draw(st.binary(min_size=size, max_size=size))
+    return Tensor(name=draw(names), dtype=dtype, shape=shape, data=memoryview(raw))
+
+
+tensor_tuples = st.lists(tensors(), max_size=4).map(tuple)
+specs = st.builds(
+    m.TensorSpec,
+    name=names,
+    dtype=st.sampled_from(sorted(DTYPES)),
+    shape=st.lists(st.none() | st.integers(0, 10_000), max_size=8).map(tuple),
+)
+models = st.builds(
+    m.ModelDescription,
+    name=names,
+    sha256=digests,
+    inputs=st.lists(specs, max_size=3).map(tuple),
+    outputs=st.lists(specs, max_size=3).map(tuple),
+)
+waits = st.none() | st.floats(min_value=0.0, max_value=MAX_WAIT_SECONDS)
+
+
+@st.composite
+def grants(draw: st.DrawFn) -> m.Grant:
+    units = draw(st.integers(1, MAX_GRANT_UNITS))
+    return m.Grant(
+        grant_id=draw(uints), units=units, granted_total=draw(st.integers(units, MAX_UINT))
+    )
+
+
+#: One strategy per message class; the test suite checks that none is missing.
+MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
+    m.Hello: st.builds(
+        m.Hello,
+        versions=st.lists(versions, min_size=1, max_size=16).map(tuple),
+        role=st.sampled_from(m.PeerRole),
+        software=names,
+        license=st.none() | names,
+        instance_id=st.none() | names,
+    ),
+    m.Welcome: st.builds(m.Welcome, version=versions, software=names),
+    m.Refusal: st.builds(
+        m.Refusal,
+        code=st.sampled_from(ErrorCode),
+        message=names,
+        supported_versions=st.lists(versions, max_size=16).map(tuple),
+    ),
+    m.Error: st.builds(
+        m.Error, code=st.sampled_from(ErrorCode), message=texts, request_id=st.none() | uints
+    ),
+    m.ModelBegin: st.builds(
+        m.ModelBegin, name=names, size=st.integers(1, 2**31 - 1), sha256=digests
+    ),
+    m.ModelChunk: st.builds(
+        m.ModelChunk,
+        offset=st.integers(0, 2**31 - 1),
+        data=st.binary(min_size=1, max_size=300).map(memoryview),
+    ),
+    m.ModelEnd: st.builds(m.ModelEnd, name=names),
+    m.ModelLoaded: st.builds(m.ModelLoaded, name=names, sha256=digests),
+    m.Grant: grants(),
+    m.UsageReport: st.builds(m.UsageReport, seq=uints, served_total=uints),
+    m.UsageAck: st.builds(m.UsageAck, seq=uints, served_total=uints),
+    m.Block: st.builds(m.Block, reason=texts),
+    m.Unblock: st.builds(m.Unblock),
+    m.Heartbeat: st.builds(m.Heartbeat, seq=uints),
+    m.InferenceRequest: st.builds(
+        m.InferenceRequest, request_id=uints, model=names, inputs=tensor_tuples, wait=waits
+    ),
+    m.Waiting: st.builds(m.Waiting, request_id=uints, position=uints),
+    m.InferenceResult: st.builds(
+        m.InferenceResult, request_id=uints, outputs=tensor_tuples, inferences_left=uints
+    ),
+    m.ModelInfoRequest: st.builds(m.ModelInfoRequest, request_id=uints),
+    m.ModelInfo: st.builds(
+        m.ModelInfo,
+        request_id=uints,
+        models=st.lists(models, max_size=3).map(tuple),
+        inferences_left=uints,
+        state=st.sampled_from(m.EnclaveState),
+    ),
+}
+
+any_message = st.one_of(*MESSAGES.values())

@@ -1,0 +1,145 @@
+"""Every message type: round trips, exact types, required and unknown fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drm_wire import codec
+from drm_wire import messages as m
+from drm_wire.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from drm_wire.framing import Frame
+
+from .helpers import decode_all, encode, normalise
+from .strategies import MESSAGES, any_message
+
+
+def test_every_message_type_has_a_strategy() -> None:
+    assert set(MESSAGES) == set(m.MESSAGE_TYPES.values())
+
+
+MESSAGE_CLASSES = sorted(MESSAGES, key=lambda cls: cls.TYPE)
+
+
+@pytest.mark.parametrize("cls", MESSAGE_CLASSES, ids=[cls.TYPE for cls in MESSAGE_CLASSES])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_round_trip(cls: type[m.Message], data: st.DataObject) -> None:
+    message = data.draw(MESSAGES[cls])
+    (decoded,) = decode_all(encode(message))
+    assert type(decoded) is cls
+    assert normalise(decoded) == normalise(message)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(any_message, min_size=1, max_size=5), st.integers(1, 7))
+def test_stream_of_messages_in_small_slices(messages: list[m.Message], chunk: int) -> None:
+    data = b"".join(encode(message) for message in messages)
+    decoded = decode_all(data, chunk=chunk)
+    assert [normalise(x) for x in decoded] == [normalise(x) for x in messages]
+
+
+def _frame(header: dict[str, Any]) -> Frame:
+    return Frame(dict(header), memoryview(b""))
+
+
+def test_unknown_type_is_rejected() -> None:
+    with pytest.raises(RemoteProtocolError, match="unknown message type"):
+        m.from_frame(_frame({"type": "launch_missiles"}))
+    with pytest.raises(RemoteProtocolError, match="unknown message type"):
+        m.from_frame(_frame({"seq": 1}))
+    with pytest.raises(RemoteProtocolError, match="unknown message type"):
+        m.from_frame(_frame({"type": 7}))
+
+
+def test_missing_and_unknown_fields_are_rejected() -> None:
+    with pytest.raises(RemoteProtocolError, match="served_total: missing") as info:
+        m.from_frame(_frame({"type": "usage_report", "seq": 1}))
+    assert info.value.field == "served_total"
+    with pytest.raises(RemoteProtocolError, match="extra: unknown field") as info:
+        m.from_frame(_frame({"type": "usage_report", "seq": 1, "served_total": 2, "extra": 0}))
+    assert info.value.field == "extra"
+
+
+# W08: the int fields refuse everything that is not exactly an int in range.
+NOT_UINTS = [True, False, 1.0, -1, 2**63, 2**64 - 1, "5", b"5", None, [1]]
+
+
+@pytest.mark.parametrize("bad", NOT_UINTS, ids=repr)
+def test_int_fields_are_exact(bad: object) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        m.from_frame(_frame({"type": "usage_report", "seq": bad, "served_total": 1}))
+    assert info.value.field == "seq"
+    with pytest.raises(LocalProtocolError):
+        m.UsageReport(seq=bad, served_total=1)  # type: ignore[arg-type]
+
+
+def test_wire_decoded_values_keep_exact_types_through_msgpack() -> None:
+    # A bool survives msgpack as a bool, so True for an int is caught after a real decode.
+    header = codec.unpack_header(codec.pack_header({"type": "heartbeat", "seq": True}))
+    with pytest.raises(RemoteProtocolError, match="seq: must be an int"):
+        m.from_frame(_frame(header))
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "field"),
+    [
+        (m.Grant, {"grant_id": 1, "units": 0, "granted_total": 0}, "units"),
+        (m.Grant, {"grant_id": 1, "units": 1_000_001, "granted_total": 2_000_000}, "units"),
+        (m.Grant, {"grant_id": 1, "units": 5, "granted_total": 4}, "granted_total"),
+        (m.ModelBegin, {"name": "m", "size": 0, "sha256": b"x" * 32}, "size"),
+        (m.ModelBegin, {"name": "m", "size": 1, "sha256": b"x" * 31}, "sha256"),
+        (m.ModelBegin, {"name": "", "size": 1, "sha256": b"x" * 32}, "name"),
+        (m.ModelBegin, {"name": "a\nb", "size": 1, "sha256": b"x" * 32}, "name"),
+        (m.Hello, {"versions": (), "role": "enclave", "software": "x"}, "versions"),
+        (m.Hello, {"versions": (1,), "role": "custodian", "software": "x"}, "role"),
+        (m.Hello, {"versions": (0,), "role": "enclave", "software": "x"}, "versions"),
+        (m.Error, {"code": "no_such_code", "message": "x"}, "code"),
+        (m.Error, {"code": "busy", "message": "x" * 4097}, "message"),
+        (m.InferenceRequest, {"request_id": 1, "model": "m", "inputs": (), "wait": 5}, "wait"),
+        (
+            m.InferenceRequest,
+            {"request_id": 1, "model": "m", "inputs": (), "wait": float("nan")},
+            "wait",
+        ),
+        (m.InferenceRequest, {"request_id": 1, "model": "m", "inputs": (), "wait": -1.0}, "wait"),
+        (
+            m.InferenceRequest,
+            {"request_id": 1, "model": "m", "inputs": (), "wait": 86_400.5},
+            "wait",
+        ),
+        (m.InferenceRequest, {"request_id": 1, "model": "m", "inputs": [], "wait": None}, "inputs"),
+        (m.ModelChunk, {"offset": 0, "data": memoryview(b"")}, "data"),
+        (m.ModelChunk, {"offset": 0, "data": b"abc"}, "data"),
+        (m.TensorSpec, {"name": "x", "dtype": "object", "shape": ()}, "dtype"),
+        (m.TensorSpec, {"name": "x", "dtype": "float32", "shape": (-1,)}, "shape"),
+    ],
+)
+def test_invalid_values_cannot_be_constructed(
+    cls: type[Any], kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        cls(**kwargs)
+    assert info.value.field == field
+
+
+def test_error_codes_survive_the_wire() -> None:
+    for code in ErrorCode:
+        (decoded,) = decode_all(encode(m.Error(code=code, message="m", request_id=3)))
+        assert isinstance(decoded, m.Error)
+        assert decoded.code is code
+
+
+def test_messages_are_immutable() -> None:
+    message = m.Heartbeat(seq=1)
+    with pytest.raises(AttributeError):
+        message.seq = 2  # type: ignore[misc]
+
+
+def test_payload_on_a_message_without_one_is_rejected() -> None:
+    frame = Frame({"type": "heartbeat", "seq": 1}, memoryview(b"xyz"))
+    with pytest.raises(RemoteProtocolError, match="carries no payload"):
+        m.from_frame(frame)

@@ -1,0 +1,250 @@
+"""The state machine: every (link, state, sender, message) pair, versions and request ids."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from drm_wire import messages as m
+from drm_wire.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from drm_wire.protocol import (
+    CLOSED,
+    NEED_DATA,
+    SUPPORTED_VERSIONS,
+    TRANSITIONS,
+    Connection,
+    Link,
+    Side,
+    State,
+    select_version,
+    state_diagram,
+)
+from drm_wire.tensors import Tensor
+
+from .helpers import encode
+
+DIGEST = b"\x01" * 32
+TENSOR = Tensor.from_numpy("x", np.zeros(2, dtype=np.float32))
+IN_FLIGHT = 1
+
+#: One valid instance of every message type. Replies answer request IN_FLIGHT; requests
+#: use a fresh id.
+SAMPLES: dict[type[m.Message], m.Message] = {
+    m.Hello: m.Hello(versions=(1,), role=m.PeerRole.ENCLAVE, software="t"),
+    m.Welcome: m.Welcome(version=1, software="t"),
+    m.Refusal: m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(1,)),
+    m.Error: m.Error(code=ErrorCode.INTERNAL, message="bye"),
+    m.ModelBegin: m.ModelBegin(name="model", size=10, sha256=DIGEST),
+    m.ModelChunk: m.ModelChunk(offset=0, data=memoryview(b"0123456789")),
+    m.ModelEnd: m.ModelEnd(name="model"),
+    m.ModelLoaded: m.ModelLoaded(name="model", sha256=DIGEST),
+    m.Grant: m.Grant(grant_id=1, units=3, granted_total=3),
+    m.UsageReport: m.UsageReport(seq=1, served_total=1),
+    m.UsageAck: m.UsageAck(seq=1, served_total=1),
+    m.Block: m.Block(reason="unpaid"),
+    m.Unblock: m.Unblock(),
+    m.Heartbeat: m.Heartbeat(seq=1),
+    m.InferenceRequest: m.InferenceRequest(request_id=2, model="model", inputs=(TENSOR,)),
+    m.Waiting: m.Waiting(request_id=IN_FLIGHT, position=0),
+    m.InferenceResult: m.InferenceResult(
+        request_id=IN_FLIGHT, outputs=(TENSOR,), inferences_left=0
+    ),
+    m.ModelInfoRequest: m.ModelInfoRequest(request_id=3),
+    m.ModelInfo: m.ModelInfo(
+        request_id=IN_FLIGHT, models=(), inferences_left=0, state=m.EnclaveState.SERVING
+    ),
+}
+
+
+def hello_for(link: Link) -> m.Hello:
+    role = m.PeerRole.ENCLAVE if link is Link.CUSTODIAN else m.PeerRole.CONSUMER
+    return m.Hello(versions=(1,), role=role, software="t")
+
+
+def deliver(connection: Connection, message: m.Message) -> m.Message:
+    """Feed ``message`` to ``connection`` as if the peer sent it."""
+    connection.receive_data(encode(message))
+    received = connection.next_message()
+    assert isinstance(received, m.Message)
+    return received
+
+
+def carry(connection: Connection, message: m.Message, sender: Side) -> None:
+    if sender is connection.side:
+        connection.send(message)
+    else:
+        deliver(connection, message)
+
+
+def connection_in(link: Link, side: Side, state: State) -> Connection:
+    """A connection of ``side`` on ``link``, driven to ``state`` by valid traffic."""
+    connection = Connection(link, side)
+    if state is State.AWAIT_HELLO:
+        return connection
+    carry(connection, hello_for(link), Side.CLIENT)
+    if state is State.AWAIT_WELCOME:
+        return connection
+    carry(connection, m.Welcome(version=1, software="t"), Side.SERVER)
+    if link is Link.CONSUMER:
+        request = m.ModelInfoRequest(request_id=IN_FLIGHT)
+        carry(connection, request, Side.CLIENT)
+    if state is State.OPEN:
+        return connection
+    if state is State.RECEIVING_MODEL:
+        carry(connection, SAMPLES[m.ModelBegin], Side.SERVER)
+        return connection
+    if state is State.CLOSED:
+        carry(connection, SAMPLES[m.Error], Side.SERVER)
+        return connection
+    connection.send_failed()
+    return connection
+
+
+def reachable(link: Link, state: State) -> bool:
+    return not (link is Link.CONSUMER and state is State.RECEIVING_MODEL)
+
+
+CASES = [
+    (link, side, state, sender, cls)
+    for link, side, state, sender in itertools.product(Link, Side, State, Side)
+    if reachable(link, state)
+    for cls in SAMPLES
+]
+
+
+def expected_allowed(link: Link, state: State, sender: Side, cls: type[m.Message]) -> bool:
+    if cls is m.Error:
+        return state not in (State.CLOSED, State.BROKEN)
+    allowed = (link, state, sender, cls) in TRANSITIONS
+    if cls is m.Hello and link is Link.CONSUMER:
+        return False  # the sample hello announces an enclave; consumer links need a consumer
+    return allowed
+
+
+@pytest.mark.parametrize(
+    ("link", "side", "state", "sender", "cls"),
+    CASES,
+    ids=[f"{c[0].value}-{c[1].value}-{c[2].value}-from_{c[3].value}-{c[4].TYPE}" for c in CASES],
+)
+def test_every_state_and_message(
+    link: Link, side: Side, state: State, sender: Side, cls: type[m.Message]
+) -> None:
+    connection = connection_in(link, side, state)
+    message = SAMPLES[cls]
+    ours = sender is side
+    if expected_allowed(link, state, sender, cls):
+        carry(connection, message, sender)
+        if cls is m.Error:
+            assert connection.state is State.CLOSED
+        else:
+            assert connection.state is TRANSITIONS[(link, state, sender, cls)]
+        return
+    error = LocalProtocolError if ours else RemoteProtocolError
+    with pytest.raises(error) as info:
+        carry(connection, message, sender)
+    assert info.value.state == state.value
+    if not ours:
+        assert connection.state is State.CLOSED
+
+
+def test_transition_table_covers_both_links() -> None:
+    links = {key[0] for key in TRANSITIONS}
+    assert links == set(Link)
+    assert "model_chunk" in state_diagram()
+
+
+def test_version_selection() -> None:
+    assert select_version(m.Hello(versions=(1, 7), role="consumer", software="x")) == 1  # type: ignore[arg-type]
+    assert select_version(m.Hello(versions=(7, 9), role="consumer", software="x")) is None  # type: ignore[arg-type]
+    assert SUPPORTED_VERSIONS == (1,)
+
+
+def test_w12_unknown_version_in_welcome_is_refused() -> None:
+    client = connection_in(Link.CONSUMER, Side.CLIENT, State.AWAIT_WELCOME)
+    with pytest.raises(RemoteProtocolError, match="version 2 is not supported") as info:
+        deliver(client, m.Welcome(version=2, software="t"))
+    assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
+    server = connection_in(Link.CONSUMER, Side.SERVER, State.AWAIT_WELCOME)
+    with pytest.raises(LocalProtocolError):
+        server.send(m.Welcome(version=2, software="t"))
+
+
+def test_refusal_closes_the_connection() -> None:
+    client = connection_in(Link.CUSTODIAN, Side.CLIENT, State.AWAIT_WELCOME)
+    deliver(client, SAMPLES[m.Refusal])
+    assert client.state is State.CLOSED
+
+
+def test_w13_wrong_role_in_hello() -> None:
+    server = Connection(Link.CUSTODIAN, Side.SERVER)
+    with pytest.raises(RemoteProtocolError, match="consumer cannot open a custodian link"):
+        deliver(server, hello_for(Link.CONSUMER))
+
+
+def test_many_requests_in_flight_and_ids_are_tracked() -> None:
+    client = connection_in(Link.CONSUMER, Side.CLIENT, State.OPEN)
+    server = connection_in(Link.CONSUMER, Side.SERVER, State.OPEN)
+    for request_id in range(10, 20):
+        request = m.InferenceRequest(request_id=request_id, model="model", inputs=(TENSOR,))
+        client.send(request)
+        deliver(server, request)
+    assert client.in_flight == server.in_flight == 11
+    with pytest.raises(LocalProtocolError, match="already in flight"):
+        client.send(m.InferenceRequest(request_id=10, model="model", inputs=(TENSOR,)))
+    for request_id in reversed(range(10, 20)):
+        reply = m.Error(code=ErrorCode.BUSY, message="", request_id=request_id)
+        server.send(reply)
+        deliver(client, reply)
+    assert client.in_flight == server.in_flight == 1
+    with pytest.raises(RemoteProtocolError, match="no request 15 is in flight"):
+        deliver(client, m.Waiting(request_id=15, position=0))
+
+
+def test_a_duplicate_request_id_from_the_peer_is_a_protocol_error() -> None:
+    server = connection_in(Link.CONSUMER, Side.SERVER, State.OPEN)
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        deliver(server, m.ModelInfoRequest(request_id=IN_FLIGHT))
+
+
+def test_waiting_keeps_the_request_in_flight() -> None:
+    client = connection_in(Link.CONSUMER, Side.CLIENT, State.OPEN)
+    deliver(client, m.Waiting(request_id=IN_FLIGHT, position=3))
+    assert client.in_flight == 1
+    deliver(client, SAMPLES[m.ModelInfo])
+    assert client.in_flight == 0
+
+
+def test_only_the_enclave_answers_requests_with_errors() -> None:
+    server = connection_in(Link.CONSUMER, Side.SERVER, State.OPEN)
+    with pytest.raises(RemoteProtocolError, match="only the enclave"):
+        deliver(server, m.Error(code=ErrorCode.BUSY, message="", request_id=IN_FLIGHT))
+
+
+def test_send_failed_breaks_the_connection() -> None:
+    client = connection_in(Link.CUSTODIAN, Side.CLIENT, State.OPEN)
+    client.send_failed()
+    assert client.state is State.BROKEN
+    with pytest.raises(LocalProtocolError, match="connection is broken"):
+        client.send(m.Heartbeat(seq=1))
+
+
+def test_protocol_errors_carry_the_state_and_close() -> None:
+    server = Connection(Link.CUSTODIAN, Side.SERVER)
+    server.receive_data(b"\x00\x00\x00\x01\xc1")
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_message()
+    assert info.value.state == "await_hello"
+    assert server.state is State.CLOSED
+    reply = Connection.error_for(info.value)
+    assert reply.code is ErrorCode.PROTOCOL_ERROR
+    assert reply.request_id is None
+
+
+def test_clean_eof_between_frames() -> None:
+    client = connection_in(Link.CUSTODIAN, Side.CLIENT, State.OPEN)
+    assert client.next_message() is NEED_DATA
+    client.receive_data(b"")
+    assert client.next_message() is CLOSED
+    assert client.state is State.CLOSED
