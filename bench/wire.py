@@ -1,0 +1,416 @@
+"""Wire benchmark: our pyOpenSSL ``TLSStream`` against ``trio.SSLStream`` on loopback.
+
+Run with ``python bench/wire.py`` (about a minute on 2 cores). The server runs in its
+own (spawned) process on 127.0.0.1, port 0; the client runs here, so each side gets a
+core, as in ``research/anchors-perf.md``. Both stacks use the same ECDSA P-256
+certificate and TLS 1.3 only. Every figure is the median of ``RUNS`` runs, with
+[min-max]; rr latencies are per-run p50/p99.
+
+* bulk: ``BULK_MIB`` MiB written as 1 MiB ``send_all`` calls; the server counts the
+  bytes and acks with one byte; MB/s = 10**6 bytes per second, timed to the ack.
+* rr100: ``RR_ROUNDS`` round trips of a 4-byte length prefix + 100 bytes out, 100 back.
+
+Frame codec benchmarks go in :func:`codec_rows` (see the marked section below).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import multiprocessing
+import os
+import platform
+import ssl
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Literal
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+from drm_wire.net.tls import TLSStream, client_context, server_context
+
+Stack = Literal["ssl", "drm"]
+STACK_NAMES: dict[Stack, str] = {"ssl": "trio.SSLStream (stdlib ssl)", "drm": "drm TLSStream"}
+
+HOST = "127.0.0.1"
+RUNS = 5
+BULK_MIB = 200
+BULK_CHUNK = 1024 * 1024
+BULK_RECEIVE = 256 * 1024
+RR_ROUNDS = 5000
+RR_PAYLOAD = 100
+TARGET_BULK_RATIO = 1.3
+TARGET_RR_P50_RATIO = 1.1
+
+# --- certificates (made here; PEM travels to the server process) ----------------------
+
+
+@dataclass(frozen=True)
+class Pems:
+    """PEM bytes of the CA certificate, the server leaf and its key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+def make_pems() -> Pems:
+    """ECDSA P-256 CA and server leaf (SAN localhost, 127.0.0.1), as in the research."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(
+        subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        build("bench-ca", name("bench-ca"), ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+    )
+    leaf = (
+        build("bench-server", ca.subject, key)
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return Pems(
+        ca=ca.public_bytes(pem),
+        cert=leaf.public_bytes(pem),
+        key=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+
+
+# --- the two stacks -------------------------------------------------------------------
+
+
+def _stdlib_context(pems: Pems, *, server: bool) -> ssl.SSLContext:
+    if not server:
+        ctx = ssl.create_default_context(cadata=pems.ca.decode())
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with tempfile.TemporaryDirectory() as tmp:  # the stdlib loads keys from files only
+        cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        with open(cert_path, "wb") as f:
+            f.write(pems.cert)
+        with open(key_path, "wb") as f:
+            f.write(pems.key)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+def _drm_context(pems: Pems, *, server: bool) -> SSL.Context:
+    if not server:
+        return client_context(ca_certificates=[x509.load_pem_x509_certificate(pems.ca)])
+    key = serialization.load_pem_private_key(pems.key, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return server_context(certificate=x509.load_pem_x509_certificate(pems.cert), private_key=key)
+
+
+Wrapper = Callable[[trio.SocketStream], Awaitable[trio.abc.Stream]]
+
+
+def make_wrapper(stack: Stack, pems: Pems, *, server: bool) -> Wrapper:
+    """Return a coroutine function that turns a TCP stream into a handshaken TLS stream."""
+    if stack == "ssl":
+        ssl_ctx = _stdlib_context(pems, server=server)
+
+        async def wrap_ssl(tcp: trio.SocketStream) -> trio.abc.Stream:
+            hostname = None if server else "localhost"
+            stream = trio.SSLStream(tcp, ssl_ctx, server_side=server, server_hostname=hostname)
+            await stream.do_handshake()
+            return stream
+
+        return wrap_ssl
+    drm_ctx = _drm_context(pems, server=server)
+
+    async def wrap_drm(tcp: trio.SocketStream) -> trio.abc.Stream:
+        stream = TLSStream(tcp, drm_ctx, server_side=server)
+        await stream.do_handshake()
+        return stream
+
+    return wrap_drm
+
+
+def cipher_of(stream: trio.abc.Stream) -> str:
+    """Negotiated version and suite, to show both stacks run the same crypto."""
+    if isinstance(stream, trio.SSLStream):
+        info = stream.cipher()
+        return f"{info[1]} {info[0]}" if info else "?"
+    if isinstance(stream, TLSStream):
+        return f"{stream.tls_version} {stream.cipher}"
+    return "?"
+
+
+class Reader:
+    """Exact-size reads over a stream, keeping what arrives beyond the request."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            chunk = await self.stream.receive_some(BULK_RECEIVE)
+            if not chunk:
+                raise EOFError("peer closed")
+            self.buffer += chunk
+        out = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return out
+
+
+# --- server process -------------------------------------------------------------------
+
+
+async def _handle(stream: trio.abc.Stream) -> None:
+    reader = Reader(stream)
+    reply = b"r" * RR_PAYLOAD
+    while True:
+        try:
+            command = await reader.exactly(9)
+        except EOFError:
+            return
+        kind, count = command[:1], struct.unpack(">Q", command[1:])[0]
+        if kind == b"B":  # bulk: count bytes, then ack
+            remaining = count - len(reader.buffer)
+            reader.buffer.clear()
+            while remaining > 0:
+                chunk = await stream.receive_some(BULK_RECEIVE)
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+            await stream.send_all(b"A")
+        elif kind == b"R":  # count request/response rounds
+            for _ in range(count):
+                header = await reader.exactly(4)
+                await reader.exactly(struct.unpack(">I", header)[0])
+                await stream.send_all(reply)
+
+
+async def _serve(stack: Stack, pems: Pems, pipe: Connection) -> None:
+    wrap = make_wrapper(stack, pems, server=True)
+    listeners = await trio.open_tcp_listeners(0, host=HOST)
+    pipe.send(listeners[0].socket.getsockname()[1])
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = await wrap(tcp)
+        async with stream:
+            await _handle(stream)
+
+    await trio.serve_listeners(handler, listeners)
+
+
+def server_main(stack: Stack, pems: Pems, pipe: Connection) -> None:
+    """Entry point of the spawned server process."""
+    trio.run(_serve, stack, pems, pipe)
+
+
+# --- client side ----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """Per-run figures for one stack."""
+
+    bulk_mbps: list[float]
+    rr_p50_us: list[float]
+    rr_p99_us: list[float]
+    cipher: str
+
+
+class Client:
+    """One benchmark connection of one stack, and the figures of its runs."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.reader = Reader(stream)
+        self.result = Result([], [], [], cipher_of(stream))
+        self.chunk = os.urandom(BULK_CHUNK)
+        self.request = struct.pack(">I", RR_PAYLOAD) + os.urandom(RR_PAYLOAD)
+
+    async def bulk(self, mib: int) -> float:
+        """Send ``mib`` MiB as 1 MiB writes; return MB/s up to the server's ack."""
+        await self.stream.send_all(b"B" + struct.pack(">Q", mib * BULK_CHUNK))
+        start = time.perf_counter()
+        for _ in range(mib):
+            await self.stream.send_all(self.chunk)
+        if await self.reader.exactly(1) != b"A":
+            raise RuntimeError("bad ack")
+        return mib * BULK_CHUNK / (time.perf_counter() - start) / 1e6
+
+    async def rr(self, rounds: int) -> list[int]:
+        """Run ``rounds`` request/response round trips; return each one's nanoseconds."""
+        await self.stream.send_all(b"R" + struct.pack(">Q", rounds))
+        samples = []
+        for _ in range(rounds):
+            t0 = time.perf_counter_ns()
+            await self.stream.send_all(self.request)
+            await self.reader.exactly(RR_PAYLOAD)
+            samples.append(time.perf_counter_ns() - t0)
+        return samples
+
+    async def run(self, *, warm_up: bool) -> None:
+        """One bulk run then one rr run; a warm-up run is short and not recorded."""
+        mbps = await self.bulk(16 if warm_up else BULK_MIB)
+        samples = await self.rr(500 if warm_up else RR_ROUNDS)
+        if not warm_up:
+            self.result.bulk_mbps.append(mbps)
+            self.result.rr_p50_us.append(statistics.median(samples) / 1000)
+            self.result.rr_p99_us.append(statistics.quantiles(samples, n=100)[98] / 1000)
+
+
+async def run_clients(pems: Pems, ports: dict[Stack, int]) -> dict[Stack, Result]:
+    """Connect to every server, then alternate the stacks run by run.
+
+    Alternating (and flipping the order each run) spreads any drift in machine load
+    over both stacks, so the ratios stay fair on a busy machine.
+    """
+    clients: dict[Stack, Client] = {}
+    try:
+        for stack, port in ports.items():
+            wrap = make_wrapper(stack, pems, server=False)
+            clients[stack] = Client(await wrap(await trio.open_tcp_stream(HOST, port)))
+        for run in range(RUNS + 1):  # run 0 warms up caches and the allocator
+            order = list(clients.values())
+            for client in order if run % 2 else order[::-1]:
+                await client.run(warm_up=run == 0)
+    finally:
+        for client in clients.values():
+            await client.stream.aclose()
+    return {stack: client.result for stack, client in clients.items()}
+
+
+def measure(pems: Pems, stacks: tuple[Stack, ...]) -> dict[Stack, Result]:
+    """Start one server process per stack, run the clients here, stop the servers."""
+    ctx = multiprocessing.get_context("spawn")
+    servers = []
+    ports: dict[Stack, int] = {}
+    try:
+        for stack in stacks:
+            parent, child = ctx.Pipe()
+            server = ctx.Process(target=server_main, args=(stack, pems, child), daemon=True)
+            server.start()
+            servers.append(server)
+            if not parent.poll(30):
+                raise RuntimeError(f"{stack} server process did not report its port")
+            ports[stack] = parent.recv()
+        return trio.run(run_clients, pems, ports)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.join(10)
+
+
+# === frame codec benchmarks: to be added =================================================
+# The codec API is not ready yet. Whoever adds it: measure encode+decode of a 480x480x3
+# float32 inference request (MB/s and µs per message) and small frames per second, and
+# return one Row per figure; main() prints them under the transport table.
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the codec table: what was measured, the value, and its unit."""
+
+    what: str
+    value: float
+    unit: str
+
+
+def codec_rows() -> list[Row]:
+    """Frame codec figures. Empty until the codec lands (see the section comment)."""
+    return []
+
+
+# =========================================================================================
+
+
+def _fmt(values: list[float], digits: int = 0) -> str:
+    low, mid, high = (
+        f"{v:,.{digits}f}" for v in (min(values), statistics.median(values), max(values))
+    )
+    return f"{mid} [{low}-{high}]"
+
+
+def main() -> None:
+    """Measure both stacks and print the table with ratios to trio.SSLStream."""
+    import OpenSSL
+
+    print(
+        f"Python {platform.python_version()}, trio {trio.__version__}, "
+        f"pyOpenSSL {OpenSSL.__version__} ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}), "
+        f"stdlib {ssl.OPENSSL_VERSION}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"bulk: {BULK_MIB} MiB as 1 MiB send_all; rr100: {RR_ROUNDS} round trips; "
+        f"{RUNS} runs, median [min-max]"
+    )
+    pems = make_pems()
+    started = time.perf_counter()
+    stacks: tuple[Stack, ...] = ("ssl", "drm")
+    results = measure(pems, stacks)
+    base = results["ssl"]
+    header = (
+        f"{'stack':<28} {'bulk MB/s':>22} {'x':>6} {'rr100 p50 µs':>22} {'x':>6} "
+        f"{'rr100 p99 µs':>22} {'x':>6}  cipher"
+    )
+    print(header)
+    print("-" * len(header))
+    for stack, res in results.items():
+        bulk = statistics.median(res.bulk_mbps) / statistics.median(base.bulk_mbps)
+        p50 = statistics.median(res.rr_p50_us) / statistics.median(base.rr_p50_us)
+        p99 = statistics.median(res.rr_p99_us) / statistics.median(base.rr_p99_us)
+        print(
+            f"{STACK_NAMES[stack]:<28} {_fmt(res.bulk_mbps):>22} {bulk:>5.2f}x "
+            f"{_fmt(res.rr_p50_us, 1):>22} {p50:>5.2f}x {_fmt(res.rr_p99_us, 1):>22} {p99:>5.2f}x"
+            f"  {res.cipher}"
+        )
+    drm = results["drm"]
+    bulk_ratio = statistics.median(drm.bulk_mbps) / statistics.median(base.bulk_mbps)
+    p50_ratio = statistics.median(drm.rr_p50_us) / statistics.median(base.rr_p50_us)
+    bulk_ok = "met" if bulk_ratio >= TARGET_BULK_RATIO else "NOT met"
+    p50_ok = "met" if p50_ratio <= TARGET_RR_P50_RATIO else "NOT met"
+    print(
+        f"targets: bulk >= {TARGET_BULK_RATIO}x: {bulk_ok} ({bulk_ratio:.2f}x); "
+        f"rr p50 <= {TARGET_RR_P50_RATIO}x: {p50_ok} ({p50_ratio:.2f}x)"
+    )
+    rows = codec_rows()
+    if rows:
+        print()
+        for row in rows:
+            print(f"{row.what:<50} {row.value:>14,.1f} {row.unit}")
+    print(f"total time {time.perf_counter() - started:.1f} s")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""TLSStream over real TCP sockets on 127.0.0.1: open_tls_client and accept_tls."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+
+import pytest
+import trio
+from OpenSSL import SSL
+
+from drm_wire.net.tls import TLSStream, accept_tls, client_context, open_tls_client, server_context
+from tests.net.certs import Identity
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture
+def client_ctx(ca: Identity) -> SSL.Context:
+    return client_context(ca_certificates=[ca.cert])
+
+
+@pytest.fixture
+def server_ctx(server_id: Identity) -> SSL.Context:
+    return server_context(certificate=server_id.cert, private_key=server_id.key)
+
+
+@pytest.fixture
+async def serve(
+    nursery: trio.Nursery,
+) -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    """Start a one-connection-at-a-time TCP server on loopback; returns its port."""
+
+    async def start(handler: Handler) -> int:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=LOOPBACK))
+        port: int = listeners[0].socket.getsockname()[1]
+        return port
+
+    yield start
+    nursery.cancel_scope.cancel()
+
+
+def _pattern(size: int, seed: int) -> bytes:
+    block = hashlib.sha256(seed.to_bytes(4, "big")).digest() * 2048  # 64 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+async def _receive_exactly(stream: TLSStream, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        chunk = await stream.receive_some()
+        assert chunk, "unexpected EOF"
+        got += chunk
+    return bytes(got)
+
+
+async def _send_in_pieces(stream: TLSStream, data: bytes, piece: int) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), piece):
+        await stream.send_all(view[start : start + piece])
+
+
+async def test_bulk_both_directions_then_clean_close(
+    serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    size = 4 * 1024 * 1024
+    up, down = _pattern(size, 1), _pattern(size, 2)
+    server_got: list[bytes] = []
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = await accept_tls(tcp, server_ctx)
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(_send_in_pieces, stream, down, 1024 * 1024)
+            server_got.append(await _receive_exactly(stream, size))
+        # leaving the block sent close_notify
+
+    port = await serve(handler)
+    client = await open_tls_client(LOOPBACK, port, client_ctx)
+    assert client.tls_version == "TLSv1.3"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_send_in_pieces, client, up, 300_000)
+        got = await _receive_exactly(client, size)
+    assert got == down
+    assert await client.receive_some() == b""  # the server's close_notify
+    await client.aclose()
+    assert server_got == [up]
+
+
+async def test_ragged_eof_is_broken_resource(
+    serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = await accept_tls(tcp, server_ctx)
+        await stream.send_all(b"partial")
+        await tcp.aclose()  # drop TCP without close_notify
+
+    port = await serve(handler)
+    client = await open_tls_client(LOOPBACK, port, client_ctx)
+    assert await client.receive_some() == b"partial"
+    with pytest.raises(trio.BrokenResourceError, match="ragged EOF"):
+        await client.receive_some()
+    with pytest.raises(trio.BrokenResourceError):
+        await client.receive_some()  # stays broken
+    await client.aclose()
+
+
+async def test_server_that_is_not_tls(
+    serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context
+) -> None:
+    async def handler(tcp: trio.SocketStream) -> None:
+        await tcp.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+        await tcp.receive_some()
+
+    port = await serve(handler)
+    with pytest.raises(trio.BrokenResourceError, match="TLS handshake failed"):
+        await open_tls_client(LOOPBACK, port, client_ctx)
+
+
+async def test_client_that_is_not_tls(
+    serve: Callable[[Handler], Awaitable[int]], server_ctx: SSL.Context
+) -> None:
+    outcome: list[BaseException] = []
+    done = trio.Event()
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        try:
+            await accept_tls(tcp, server_ctx)
+        except trio.BrokenResourceError as exc:
+            outcome.append(exc)
+        done.set()
+
+    port = await serve(handler)
+    async with await trio.open_tcp_stream(LOOPBACK, port) as tcp:
+        await tcp.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await done.wait()
+    assert len(outcome) == 1
+    assert "TLS handshake failed" in str(outcome[0])
+
+
+async def test_peer_drops_tcp_during_handshake(
+    serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context
+) -> None:
+    async def handler(tcp: trio.SocketStream) -> None:
+        await tcp.receive_some()  # the ClientHello
+        await tcp.aclose()
+
+    port = await serve(handler)
+    with pytest.raises(trio.BrokenResourceError, match="during the TLS handshake"):
+        await open_tls_client(LOOPBACK, port, client_ctx)
