@@ -1,0 +1,221 @@
+"""Verify an SGX DCAP quote up to a trust anchor; the result is a proof object.
+
+Theory of operation. A quote is a chain of signatures, and each check below is only
+meaningful once the one before it has passed, so they run in this order and stop at the
+first failure, each with its own :class:`~drm_wire.errors.AttestationError` subclass:
+
+1. **Parse** (:func:`~drm_wire.attestation.quote.parse_quote`): v3 or SGX v4, ECDSA P-256
+   attestation key, PCK chain certification data; every length bounded.
+2. **PCK chain** from the quote up to a trusted root: the pinned Intel SGX Root CA key, or
+   a simulation root the caller passed explicitly. Nothing else anchors trust. Signature
+   results are cached (:mod:`._pck`); dates are checked against ``now`` on every call.
+3. **QE report signature** by the PCK leaf key: Intel's key for this CPU vouches for the
+   Quoting Enclave's report.
+4. **QE binding**: the QE report's data is SHA-256(attestation key || QE auth data), so the
+   QE vouches for the attestation key.
+5. **Quote signature** by the attestation key over header + body: the QE vouches for the
+   application enclave's report (MRENCLAVE, report data...).
+6. **Collateral**, when given (:mod:`._tcb`): signed TCB info and QE identity, CRLs, dates;
+   the QE is Intel's QE at an acceptable ISVSVN; the platform's TCB (from the PCK leaf's SGX
+   extension) is matched to a TCB level, giving :class:`TcbStatus`. ``Revoked`` is an error.
+
+Policy (which MRENCLAVE, debug or not, which TCB statuses) is *not* decided here; that is
+the caller's job with the :class:`VerifiedQuote` this returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import InitVar, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Final, final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from drm_wire.attestation import _tcb
+from drm_wire.attestation._pck import (
+    CHAIN_CACHE,
+    Root,
+    ecdsa_ok,
+    parse_sgx_extension,
+    spki_der,
+    verify_chain,
+    x509_errors,
+)
+from drm_wire.attestation.collateral import Collateral, TcbStatus
+from drm_wire.attestation.errors import (
+    CertificateChainError,
+    QeBindingError,
+    QeReportSignatureError,
+    QuoteSignatureError,
+    UnsupportedQuoteError,
+)
+from drm_wire.attestation.intel_root import intel_root_public_key
+from drm_wire.attestation.quote import INTEL_QE_VENDOR_ID, Quote, ReportBody, parse_quote
+
+__all__ = [
+    "Collateral",
+    "TcbStatus",
+    "TrustAnchors",
+    "VerifiedQuote",
+    "clear_chain_cache",
+    "verify_quote",
+]
+
+_TOKEN: Final = object()  # only this module can make a VerifiedQuote
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrustAnchors:
+    """The roots a quote's certificate chains may end at.
+
+    By default only Intel's SGX Root CA key (pinned in :mod:`.intel_root`) is trusted. A
+    simulation root is trusted only when passed here explicitly, and a quote that chains
+    to it comes back with ``VerifiedQuote.simulated`` set, so policy can still refuse it.
+
+    Attributes:
+        intel_root_public_key: the pinned Intel root key; override only in tests.
+        simulation_root: a locally made root for simulated quotes, or ``None``.
+    """
+
+    intel_root_public_key: ec.EllipticCurvePublicKey = field(default_factory=intel_root_public_key)
+    simulation_root: x509.Certificate | None = None
+
+    @classmethod
+    def with_simulation_root(cls, path: str | Path) -> TrustAnchors:
+        """Trust Intel's root and the simulation root certificate in the PEM file ``path``.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: it holds no PEM certificate.
+        """
+        return cls(simulation_root=x509.load_pem_x509_certificate(Path(path).read_bytes()))
+
+    @property
+    def roots(self) -> tuple[Root, ...]:
+        """(SPKI DER, is-simulation) for each trusted root; also the chain cache key."""
+        intel = self.intel_root_public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        roots: tuple[Root, ...] = ((intel, False),)
+        if self.simulation_root is not None:
+            roots += ((spki_der(self.simulation_root), True),)
+        return roots
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifiedQuote:
+    """Proof that a quote verified; only :func:`verify_quote` can make one.
+
+    Require this type where a function needs a verified enclave, as in cryptography's
+    style: holding one means steps 1-5 (and 6, if ``tcb_status`` is set) passed.
+
+    Attributes:
+        quote: the parsed quote; ``quote.body`` is the enclave's report.
+        tcb_status: Intel's verdict from the collateral; ``None`` without collateral.
+        simulated: the chain ended at the explicitly trusted simulation root.
+        pck_fmspc, pck_cpusvn, pck_pcesvn: from the PCK leaf's SGX extension, if present.
+        advisory_ids: Intel security advisories that apply at this TCB level.
+    """
+
+    quote: Quote
+    tcb_status: TcbStatus | None
+    simulated: bool
+    pck_fmspc: bytes | None
+    pck_cpusvn: bytes | None
+    pck_pcesvn: int | None
+    advisory_ids: tuple[str, ...]
+    _token: InitVar[object]
+
+    def __post_init__(self, _token: object) -> None:
+        if _token is not _TOKEN:
+            raise TypeError("VerifiedQuote is made only by verify_quote()")
+
+    @property
+    def report(self) -> ReportBody:
+        """The application enclave's report body (MRENCLAVE, MRSIGNER, report data...)."""
+        return self.quote.body
+
+
+def clear_chain_cache() -> None:
+    """Forget every cached chain verification (tests; after rotating trust anchors)."""
+    CHAIN_CACHE.clear()
+
+
+def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
+    """The attestation key from its raw X||Y form; raises if it is not a P-256 point."""
+    numbers = ec.EllipticCurvePublicNumbers(
+        int.from_bytes(xy[:32], "big"), int.from_bytes(xy[32:], "big"), ec.SECP256R1()
+    )
+    try:
+        return numbers.public_key()
+    except ValueError as exc:
+        raise QuoteSignatureError("attestation key is not a P-256 point") from exc
+
+
+def verify_quote(
+    data: bytes | Quote,
+    *,
+    trust: TrustAnchors = TrustAnchors(),  # immutable; pins Intel's key
+    collateral: Collateral | None = None,
+    now: datetime,
+) -> VerifiedQuote:
+    """Verify a quote's signatures up to a trust anchor, and its TCB given collateral.
+
+    Args:
+        data: the quote bytes, or a parsed :class:`Quote` (re-parsed from ``raw``, so a
+            hand-made ``Quote`` cannot smuggle in fields that differ from its bytes).
+        trust: the roots to accept; Intel's only, unless a simulation root is given.
+        collateral: Intel's TCB info, QE identity and CRLs; without it ``tcb_status`` is
+            ``None`` and nothing about revocation or TCB currency is known.
+        now: the time at which certificates, CRLs and collateral must be valid (aware).
+
+    Returns:
+        A :class:`VerifiedQuote`.
+
+    Raises:
+        QuoteFormatError, UnsupportedQuoteError: step 1.
+        CertificateChainError (UntrustedRootError, CertificateValidityError): step 2.
+        QeReportSignatureError, QeBindingError, QuoteSignatureError: steps 3-5.
+        CollateralError (CollateralSignatureError, CollateralExpiredError), RevokedError,
+            QeIdentityError, TcbLevelError: step 6.
+        ValueError: ``now`` is a naive datetime (a bug in the caller).
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    quote = parse_quote(data.raw if isinstance(data, Quote) else data)
+    chain = verify_chain(quote.pck_chain_pem, trust.roots, now=now, what="PCK chain")
+    if not chain.simulated and quote.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
+        raise UnsupportedQuoteError("Intel-rooted quote from a non-Intel Quoting Enclave")
+    with x509_errors(CertificateChainError, "PCK chain"):
+        leaf_key = chain.certs[0].public_key()
+    if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or leaf_key.curve.name != "secp256r1":
+        raise CertificateChainError("PCK chain: leaf key is not ECDSA P-256")
+    if not ecdsa_ok(leaf_key, quote.qe_report_signature, quote.qe_report_raw):
+        raise QeReportSignatureError("QE report signature does not verify with the PCK key")
+    binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest()
+    report_data = quote.qe_report.report_data
+    if not hmac.compare_digest(report_data[:32], binding) or any(report_data[32:]):
+        raise QeBindingError("QE report data does not bind the attestation key")
+    if not ecdsa_ok(_p256_key(quote.attestation_key), quote.signature, quote.signed_bytes):
+        raise QuoteSignatureError("quote signature does not verify with the attestation key")
+    pck = parse_sgx_extension(chain.certs[0])
+    status: TcbStatus | None = None
+    advisories: tuple[str, ...] = ()
+    if collateral is not None:
+        status, advisories = _tcb.evaluate(quote, chain, pck, collateral, trust.roots, now)
+    return VerifiedQuote(
+        quote=quote,
+        tcb_status=status,
+        simulated=chain.simulated,
+        pck_fmspc=pck.fmspc if pck else None,
+        pck_cpusvn=pck.cpusvn if pck else None,
+        pck_pcesvn=pck.pcesvn if pck else None,
+        advisory_ids=advisories,
+        _token=_TOKEN,
+    )
