@@ -1,0 +1,499 @@
+"""The custodian's ledger: durable, append-only records from which every balance is derived.
+
+Theory of operation
+-------------------
+The ledger backs invariants I1 (no over-issue), I4 (exact, monotone usage) and I6 (grants
+are written ahead). Four tables only ever receive INSERTs (triggers refuse UPDATE and
+DELETE); every balance is derived from them in one SQL statement, so there is no stored
+total for a crash to leave half-updated.
+
+* ``supplies``: operator top-ups; a retry with the same idempotency key counts once (D04).
+* ``grants``: units lent to one enclave instance, with its new cumulative total (P4).
+  :meth:`Ledger.record_grant` returns only once the row is durable and the caller sends
+  the grant after that (I6); a grant whose send fails stays charged (P2: it is a loan).
+* ``usage``: an instance's cumulative served count. A row is written only when the count
+  grows, so a duplicated, replayed or reordered report changes nothing. A count above the
+  instance's grants is recorded (it *was* served) but flagged: I2 broke somewhere.
+* ``blocks``: block/unblock history; the newest row wins.
+
+Durability: WAL with ``synchronous=FULL``, so a returned COMMIT survives a process crash
+and a power cut (WAL + ``NORMAL`` may lose the last commits on power loss). Each write is
+one ``BEGIN IMMEDIATE`` transaction, so a grant's check-then-insert cannot interleave with
+another writer, even in another process.
+
+Threading: SQLite blocks (an fsync per commit), so calls run in ``trio.to_thread`` under a
+``CapacityLimiter(1)`` on one connection. A connection has a single transaction state:
+two threads using it at once would mix their statements into one transaction. The limiter
+serialises whole transactions (FIFO), which also makes it safe to use the connection from
+whichever cached worker thread trio picks. Calls are not abandoned on cancellation: a
+cancelled caller waits for its transaction to end, so none runs on behind its back; one
+cancelled just after a grant's COMMIT does not send it, and the grant stays charged (P2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import structlog
+import trio
+
+from drm_wire.errors import DrmError
+from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+
+#: Version of the table layout below; a file with another version is refused, not guessed at.
+SCHEMA_VERSION: Final = 1
+#: Borrower names, instance ids and idempotency keys: an instance id is a 64-char hex digest;
+#: 128 leaves room for readable names while bounding what a leaked admin token can store.
+MAX_NAME_LEN: Final = 128
+#: Block reasons are operator prose; a paragraph is plenty.
+MAX_REASON_LEN: Final = 1024
+#: Usage reports in one batch transaction: bounds the time the single writer is held.
+MAX_BATCH: Final = 10_000
+#: How long a write waits for a lock held by another process (a CLI) before failing.
+_BUSY_TIMEOUT: Final = 5.0
+
+_SCHEMA: Final = [
+    """CREATE TABLE supplies (id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
+        units INTEGER NOT NULL CHECK (units > 0), idempotency_key TEXT UNIQUE, at REAL NOT NULL)""",
+    """CREATE TABLE grants (grant_id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
+        instance_id TEXT NOT NULL, units INTEGER NOT NULL CHECK (units > 0),
+        cumulative INTEGER NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX grants_by_instance ON grants (borrower, instance_id, cumulative)",
+    """CREATE TABLE usage (id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
+        instance_id TEXT NOT NULL, served_total INTEGER NOT NULL, seq INTEGER NOT NULL,
+        over_grant INTEGER NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX usage_by_instance ON usage (borrower, instance_id, served_total)",
+    """CREATE TABLE blocks (id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
+        blocked INTEGER NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL)""",
+    "CREATE INDEX blocks_by_borrower ON blocks (borrower, id)",
+] + [
+    f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
+    f"BEGIN SELECT RAISE(ABORT, 'ledger tables are append-only'); END"
+    for table in ("supplies", "grants", "usage", "blocks")
+    for op in ("UPDATE", "DELETE")
+]
+
+_GRANTED_TO = "SELECT COALESCE(MAX(cumulative), 0) FROM grants WHERE borrower=? AND instance_id=?"
+_SERVED_AND_GRANTED = """SELECT
+    (SELECT COALESCE(MAX(served_total), 0) FROM usage WHERE borrower=?1 AND instance_id=?2),
+    (SELECT COALESCE(MAX(cumulative), 0) FROM grants WHERE borrower=?1 AND instance_id=?2)"""
+# Supplied, granted, served (sum over instances of the max report), in doubt (sum over
+# instances of granted - served, never negative), blocked: one statement, one snapshot.
+_BALANCE: Final = """SELECT
+    (SELECT COALESCE(SUM(units), 0) FROM supplies WHERE borrower=:b),
+    (SELECT COALESCE(SUM(units), 0) FROM grants WHERE borrower=:b),
+    (SELECT COALESCE(SUM(n), 0) FROM (SELECT MAX(served_total) AS n FROM usage
+        WHERE borrower=:b GROUP BY instance_id)),
+    (SELECT COALESCE(SUM(MAX(g.n - COALESCE(u.n, 0), 0)), 0)
+        FROM (SELECT instance_id, MAX(cumulative) AS n FROM grants
+            WHERE borrower=:b GROUP BY instance_id) AS g
+        LEFT JOIN (SELECT instance_id, MAX(served_total) AS n FROM usage
+            WHERE borrower=:b GROUP BY instance_id) AS u USING (instance_id)),
+    (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1)"""
+
+
+class LedgerError(DrmError):
+    """Root of the ledger's errors. When one is raised, nothing was written."""
+
+
+class LedgerInputError(LedgerError, ValueError):
+    """A value of the wrong type or out of range; ``field`` names it, ``got`` says what came."""
+
+    def __init__(self, message: str, *, field: str, got: object) -> None:
+        super().__init__(f"{field}: {message} (got {got!r})")
+        self.field = field
+        self.got = got
+
+
+class LedgerStorageError(LedgerError):
+    """SQLite failed (disk full, I/O error, not WAL, another schema version).
+
+    The transaction was rolled back, so there is no partial row (C02): the caller must not
+    send the grant it was recording, and should answer "unavailable".
+    """
+
+
+class IdempotencyConflict(LedgerError):
+    """An idempotency key was reused for a different supply (another borrower or amount)."""
+
+
+class GrantRefused(LedgerError):
+    """A grant was refused. ``remaining`` is the supply left when it was."""
+
+    def __init__(self, message: str, *, borrower: str, remaining: int) -> None:
+        super().__init__(message)
+        self.borrower = borrower
+        self.remaining = remaining
+
+
+class InsufficientSupply(GrantRefused):
+    """More units were asked than the borrower's remaining supply (I1)."""
+
+
+class BorrowerBlocked(GrantRefused):
+    """The borrower is blocked (I13: once blocked, grants stop growing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SupplyResult:
+    """A committed top-up. ``replayed`` is true when a retry returned the original record."""
+
+    supply_id: int
+    borrower: str
+    units: int
+    idempotency_key: str | None
+    at: float
+    replayed: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A committed grant. ``cumulative`` is what goes on the wire (P4): the instance's total."""
+
+    grant_id: int
+    borrower: str
+    instance_id: str
+    units: int
+    cumulative: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageReport:
+    """One instance's cumulative served count, as reported with sequence number ``seq``."""
+
+    borrower: str
+    instance_id: str
+    served_total: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_name(self.borrower, "borrower")
+        _check_name(self.instance_id, "instance_id")
+        _check_int(self.served_total, "served_total", low=0, high=MAX_UINT)
+        _check_int(self.seq, "seq", low=0, high=MAX_UINT)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    """The ledger's view of an instance after a report."""
+
+    borrower: str
+    instance_id: str
+    served_total: int  #: the recorded cumulative count: the max of all reports so far
+    granted: int  #: cumulative units granted to the instance
+    advanced: bool  #: this report raised ``served_total`` (false: a duplicate or stale one)
+    over_grant: bool  #: ``served_total > granted``: a broken invariant, to investigate
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """A borrower's account, derived from the records in one consistent read.
+
+    ``in_doubt`` is, per instance, what was granted but not (yet) reported served; it stays
+    charged (P2). ``remaining`` is what may still be granted.
+    """
+
+    supplied: int
+    granted: int
+    served: int
+    in_doubt: int
+    remaining: int
+    blocked: bool
+
+
+def _check_int(value: object, name: str, *, low: int, high: int) -> int:
+    if type(value) is not int:  # a bool is an int; an int subclass could lie about itself
+        raise LedgerInputError("must be an int", field=name, got=type(value).__name__)
+    if not low <= value <= high:
+        raise LedgerInputError(f"must be in [{low}, {high}]", field=name, got=value)
+    return value
+
+
+def _check_name(
+    value: object, name: str, *, max_len: int = MAX_NAME_LEN, empty: bool = False
+) -> str:
+    if type(value) is not str:
+        raise LedgerInputError("must be a str", field=name, got=type(value).__name__)
+    if len(value) > max_len or (not value and not empty) or not value.isprintable():
+        # isprintable() refuses newlines and escapes, so names are safe in logs (M07).
+        raise LedgerInputError(
+            f"must be 1-{max_len} printable characters", field=name, got=value[:32]
+        )
+    return value
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """Open the database, enforce WAL + FULL, and create or check the schema."""
+    # isolation_level=None: the module issues no implicit BEGIN; we write our own.
+    conn = sqlite3.connect(
+        path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    )
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":  # e.g. ":memory:" answers "memory"
+            raise LedgerStorageError(f"journal_mode is {mode!r}, not 'wal'")
+        conn.execute("PRAGMA synchronous=FULL")
+        if conn.execute("PRAGMA synchronous").fetchone()[0] != 2:
+            raise LedgerStorageError("synchronous=FULL was not applied")
+        _transaction(conn, _ensure_schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _ensure_schema(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    if row is None:
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+    elif row[0] != SCHEMA_VERSION:
+        raise LedgerStorageError(f"ledger schema version {row[0]}, expected {SCHEMA_VERSION}")
+
+
+def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:
+    """Run ``body`` in one write transaction; roll back on any failure, then re-raise."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+class Ledger:
+    """The durable ledger: build it with :meth:`open`; share it between tasks freely."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, limiter: trio.CapacityLimiter, clock: Callable[[], float]
+    ) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._limiter = limiter
+        self._clock = clock
+
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+    ) -> Ledger:
+        """Open (creating if needed) the ledger at ``path``.
+
+        Args:
+            path: the SQLite file. Its directory must allow the ``-wal``/``-shm`` side files.
+            clock: wall clock for the ``at`` audit column (tests pin it).
+
+        Raises:
+            LedgerStorageError: the file is unusable, not WAL-capable, or of another schema.
+        """
+        limiter = trio.CapacityLimiter(1)
+        try:
+            conn = await trio.to_thread.run_sync(_connect, os.fspath(path), limiter=limiter)
+        except sqlite3.Error as exc:
+            raise LedgerStorageError(f"cannot open ledger: {exc}") from exc
+        return cls(conn, limiter, clock)
+
+    def __repr__(self) -> str:
+        return f"<Ledger {'closed' if self._conn is None else 'open'}>"
+
+    async def _run(self, body: Callable[[sqlite3.Connection], _T], *, write: bool = True) -> _T:
+        def run() -> _T:
+            if self._conn is None:
+                raise trio.ClosedResourceError("the ledger is closed")
+            # A lone SELECT is its own consistent snapshot: no write lock needed.
+            return _transaction(self._conn, body) if write else body(self._conn)
+
+        try:
+            return await trio.to_thread.run_sync(run, limiter=self._limiter)
+        except sqlite3.Error as exc:  # the one place SQLite's errors are translated
+            raise LedgerStorageError(f"ledger call failed: {exc}") from exc
+
+    async def supply(
+        self, borrower: str, units: int, *, idempotency_key: str | None = None
+    ) -> SupplyResult:
+        """Record an operator top-up (also for a blocked borrower: blocking stops grants).
+
+        Raises:
+            LedgerInputError: bad borrower, units or key.
+            IdempotencyConflict: the key was already used for a different supply.
+        """
+        _check_name(borrower, "borrower")
+        _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
+        if idempotency_key is not None:
+            _check_name(idempotency_key, "idempotency_key")
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> SupplyResult:
+            if idempotency_key is not None:
+                row = conn.execute(
+                    "SELECT id, borrower, units, at FROM supplies WHERE idempotency_key=?",
+                    (idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    if (row[1], row[2]) != (borrower, units):
+                        raise IdempotencyConflict("idempotency key reused for a different supply")
+                    return SupplyResult(row[0], borrower, units, idempotency_key, row[3], True)
+            cur = conn.execute(
+                "INSERT INTO supplies (borrower, units, idempotency_key, at) VALUES (?, ?, ?, ?)",
+                (borrower, units, idempotency_key, at),
+            )
+            assert cur.lastrowid is not None
+            return SupplyResult(cur.lastrowid, borrower, units, idempotency_key, at)
+
+        return await self._run(body)
+
+    async def record_grant(self, borrower: str, instance_id: str, units: int) -> Grant:
+        """Durably commit a grant; send it to the instance only after this returns (I6).
+
+        Raises:
+            LedgerInputError: bad borrower, instance id or units.
+            BorrowerBlocked: the borrower is blocked.
+            InsufficientSupply: ``units`` exceeds the remaining supply.
+        """
+        _check_name(borrower, "borrower")
+        _check_name(instance_id, "instance_id")
+        _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> Grant:
+            supplied, granted, *_, blocked = conn.execute(_BALANCE, {"b": borrower}).fetchone()
+            remaining = supplied - granted
+            if blocked:
+                raise BorrowerBlocked("borrower is blocked", borrower=borrower, remaining=remaining)
+            if units > remaining:
+                msg = f"{units} units asked, {remaining} remaining"
+                raise InsufficientSupply(msg, borrower=borrower, remaining=remaining)
+            cumulative = conn.execute(_GRANTED_TO, (borrower, instance_id)).fetchone()[0] + units
+            cur = conn.execute(
+                "INSERT INTO grants (borrower, instance_id, units, cumulative, at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (borrower, instance_id, units, cumulative, at),
+            )
+            assert cur.lastrowid is not None
+            return Grant(cur.lastrowid, borrower, instance_id, units, cumulative, at)
+
+        return await self._run(body)
+
+    async def record_usage(
+        self, borrower: str, instance_id: str, served_total: int, seq: int
+    ) -> UsageResult:
+        """Record an instance's cumulative served count; idempotent under replay and reorder.
+
+        Raises:
+            LedgerInputError: bad borrower, instance id, count or sequence number.
+        """
+        report = UsageReport(
+            borrower=borrower, instance_id=instance_id, served_total=served_total, seq=seq
+        )
+        return (await self.record_usage_batch([report]))[0]
+
+    async def record_usage_batch(self, reports: Sequence[UsageReport]) -> list[UsageResult]:
+        """Record many reports in one transaction (one fsync): the fast ingest path.
+
+        Reports are applied in order, so two for one instance behave as two calls would.
+
+        Raises:
+            LedgerInputError: more than :data:`MAX_BATCH` reports, or one is not a UsageReport.
+        """
+        if len(reports) > MAX_BATCH:
+            raise LedgerInputError(
+                f"at most {MAX_BATCH} reports", field="reports", got=len(reports)
+            )
+        for report in reports:
+            if type(report) is not UsageReport:
+                raise LedgerInputError(
+                    "must be UsageReport", field="reports", got=type(report).__name__
+                )
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> list[UsageResult]:
+            return [_apply_usage(conn, report, at) for report in reports]
+
+        results = await self._run(body)
+        for result in results:
+            if result.over_grant and result.advanced:
+                # I2 is broken somewhere: the instance served more than it was lent.
+                log.error("usage_over_grant", **dataclasses.asdict(result))
+        return results
+
+    async def set_blocked(self, borrower: str, blocked: bool, reason: str) -> None:
+        """Block or unblock a borrower; a blocked borrower gets no new grant.
+
+        Raises:
+            LedgerInputError: bad borrower or reason, or ``blocked`` not a bool.
+        """
+        _check_name(borrower, "borrower")
+        _check_name(reason, "reason", max_len=MAX_REASON_LEN, empty=True)
+        if type(blocked) is not bool:
+            raise LedgerInputError("must be a bool", field="blocked", got=type(blocked).__name__)
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO blocks (borrower, blocked, reason, at) VALUES (?, ?, ?, ?)",
+                (borrower, int(blocked), reason, at),
+            )
+
+        await self._run(body)
+
+    async def balance(self, borrower: str) -> Balance:
+        """The borrower's balance, from one SQL statement (a consistent snapshot)."""
+        _check_name(borrower, "borrower")
+
+        def body(conn: sqlite3.Connection) -> Balance:
+            supplied, granted, served, in_doubt, blocked = conn.execute(
+                _BALANCE, {"b": borrower}
+            ).fetchone()
+            return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked))
+
+        return await self._run(body, write=False)
+
+    async def integrity_check(self) -> None:
+        """Run SQLite's ``PRAGMA integrity_check`` (after a crash, before serving).
+
+        Raises:
+            LedgerStorageError: the database file is damaged.
+        """
+        rows = await self._run(
+            lambda conn: conn.execute("PRAGMA integrity_check").fetchall(), write=False
+        )
+        if rows != [("ok",)]:
+            raise LedgerStorageError(f"integrity_check failed: {rows[:5]!r}")
+
+    async def aclose(self) -> None:
+        """Close the connection (after any call in progress); later calls raise
+        ``trio.ClosedResourceError``. Closing twice is allowed."""
+
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+
+def _apply_usage(conn: sqlite3.Connection, report: UsageReport, at: float) -> UsageResult:
+    key = (report.borrower, report.instance_id)
+    current, granted = conn.execute(_SERVED_AND_GRANTED, key).fetchone()
+    advanced = report.served_total > current
+    if advanced:
+        current = report.served_total
+        conn.execute(
+            "INSERT INTO usage (borrower, instance_id, served_total, seq, over_grant, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (*key, current, report.seq, int(current > granted), at),
+        )
+    return UsageResult(*key, current, granted, advanced, current > granted)

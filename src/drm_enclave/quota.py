@@ -1,0 +1,350 @@
+"""The enclave's quota: an async counting semaphore that only the custodian's grants refill.
+
+Theory of operation
+-------------------
+Every inference takes one unit before it runs (I9) and ends in exactly one of two ways
+(I10): :meth:`Lease.commit` (an output was produced: the unit is *served* and will be
+reported) or :meth:`Lease.release` (no output: the unit goes back). The counters obey, at
+every instant::
+
+    available + in_use + served_total + forfeited == granted_total
+
+``granted_total`` grows only through :meth:`Quota.grant` (and an upward :meth:`Quota.reset`),
+so ``served_total <= granted_total`` (I2) whatever consumers do.
+
+Parking. With no unit available, a request parks in a FIFO (an insertion-ordered dict of
+trio tasks) until a grant arrives. A unit is *handed* to the oldest parked task: it is
+counted ``in_use`` and the task is rescheduled in the same synchronous step, so a grant of
+``n`` wakes exactly ``min(n, parked)`` tasks and no third task can slip in between and take
+the unit (no barging). Hence ``available > 0`` implies nobody is parked.
+
+Cancellation. A parked task that is cancelled (the consumer went away, or its own ``wait``
+deadline passed) is removed from the FIFO by trio's abort callback, and trio guarantees the
+abort callback and a reschedule are mutually exclusive. So there are only two orders:
+
+* cancel first: the task leaves the FIFO holding nothing; a later grant skips it;
+* grant first: the task already owns the unit and its wake-up is a value, not a cancel. It
+  returns its :class:`Lease` without another checkpoint, so the lease reaches the caller,
+  whose next checkpoint raises ``Cancelled``; :meth:`Quota.take` then releases the lease
+  and the unit goes to the next parked task (or back to ``available``). Nothing is lost or
+  counted twice. Callers of :meth:`Quota.acquire` must do the same with ``try/finally``.
+
+Kill switch. :meth:`Quota.suspend` (custodian unreachable, or borrower blocked: I4, I13)
+fails every parked request at once with that code, and every new request fails at once
+until :meth:`Quota.resume`. A task that was handed a unit but had not run yet when the
+switch fell gives the unit back and fails too: nothing starts while suspended. Leases
+already running may still commit (that inference was taken before the switch; it must be
+reported) or release. Suspension keeps ``available``: the count is still bounded by what
+the custodian granted (P3: counts, never time), and a newly verified link decides what
+survives, with ``resume(available=n)`` (or :meth:`Quota.reset`) setting the count the
+custodian now vouches for; units dropped that way are counted in ``forfeited``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Final, final
+
+import outcome
+import trio
+
+from drm_wire.errors import ErrorCode, QuotaError
+from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT, MAX_WAIT_SECONDS
+
+#: Parked requests per quota (I12, R03). Each costs a task and a connection; 1,024 is far
+#: above what one enclave serves in the time a grant takes to arrive (~120 µs, research
+#: note), and small enough that a flood of waiters cannot exhaust memory.
+DEFAULT_MAX_PARKED: Final = 1024
+
+_KILL_CODES: Final = frozenset({ErrorCode.CUSTODIAN_UNREACHABLE, ErrorCode.BLOCKED})
+_LEASE_KEY: Final = object()
+
+
+def _check_count(value: object, name: str, *, low: int, high: int) -> int:
+    if type(value) is not int:  # bool is an int subclass, and True units is a bug
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_wait(wait: float | None) -> float | None:
+    if wait is None:
+        return None
+    if isinstance(wait, bool) or not isinstance(wait, int | float):
+        raise TypeError(f"wait must be a number of seconds or None, not {type(wait).__name__}")
+    if not 0 <= wait <= MAX_WAIT_SECONDS:  # NaN fails this too
+        raise ValueError(f"wait must be in [0, {MAX_WAIT_SECONDS}], got {wait}")
+    return float(wait)
+
+
+@final
+class Lease:
+    """One unit of quota held by one request; end it with :meth:`commit` or :meth:`release`.
+
+    Only :meth:`Quota.acquire` makes leases, so holding one proves a unit was taken.
+    """
+
+    __slots__ = ("_done", "_quota")
+
+    def __init__(self, quota: Quota, key: object) -> None:
+        if key is not _LEASE_KEY:
+            raise TypeError("leases come from Quota.acquire() or Quota.take()")
+        self._quota = quota
+        self._done: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the lease is still open (neither committed nor released)."""
+        return self._done is None
+
+    def _finish(self, how: str) -> None:
+        if self._done is not None:
+            raise RuntimeError(f"lease already {self._done}")
+        self._done = how
+        self._quota._in_use -= 1
+
+    def commit(self) -> None:
+        """The inference produced an output: count the unit as served.
+
+        Call it as soon as the output exists (before sending it), so a cancellation
+        after that point cannot return a unit that was used (Q08).
+
+        Raises:
+            RuntimeError: the lease was already committed or released.
+        """
+        self._finish("committed")
+        self._quota._served_total += 1
+
+    def release(self) -> None:
+        """The inference produced nothing: give the unit back (to the oldest waiter).
+
+        Raises:
+            RuntimeError: the lease was already committed or released.
+        """
+        self._finish("released")
+        self._quota._give_one()
+
+    def __repr__(self) -> str:
+        return f"<Lease {self._done or 'held'}>"
+
+
+class Quota:
+    """The enclave's inference quota. See the module docstring for the rules.
+
+    Args:
+        max_parked: most requests that may wait at once; more get ``BUSY`` (I12).
+    """
+
+    def __init__(self, *, max_parked: int = DEFAULT_MAX_PARKED) -> None:
+        self._max_parked = _check_count(max_parked, "max_parked", low=0, high=MAX_UINT)
+        self._parked: dict[trio.lowlevel.Task, None] = {}
+        self._available = 0
+        self._in_use = 0
+        self._served_total = 0
+        self._granted_total = 0
+        self._forfeited = 0
+        self._suspended: ErrorCode | None = None
+
+    @property
+    def available(self) -> int:
+        """Units that may be taken now, without parking."""
+        return self._available
+
+    @property
+    def parked(self) -> int:
+        """Requests waiting for a unit."""
+        return len(self._parked)
+
+    @property
+    def in_use(self) -> int:
+        """Leases neither committed nor released yet."""
+        return self._in_use
+
+    @property
+    def served_total(self) -> int:
+        """Leases committed, ever: the count reported to the custodian."""
+        return self._served_total
+
+    @property
+    def granted_total(self) -> int:
+        """Units granted, ever (grants plus upward resets)."""
+        return self._granted_total
+
+    @property
+    def forfeited(self) -> int:
+        """Units dropped by a downward :meth:`reset`."""
+        return self._forfeited
+
+    @property
+    def suspended(self) -> ErrorCode | None:
+        """The kill-switch code while suspended, else None."""
+        return self._suspended
+
+    def __repr__(self) -> str:
+        return (
+            f"<Quota available={self._available} parked={len(self._parked)} "
+            f"in_use={self._in_use} served={self._served_total} "
+            f"granted={self._granted_total} suspended={self._suspended}>"
+        )
+
+    def grant(self, units: int) -> int:
+        """Add ``units`` from a custodian grant; hand them to parked requests first, in order.
+
+        Returns:
+            How many parked requests were woken (``min(units, parked)``).
+
+        Raises:
+            TypeError, ValueError: ``units`` is not an int in [1, MAX_GRANT_UNITS].
+        """
+        _check_count(units, "units", low=1, high=MAX_GRANT_UNITS)
+        return self._add(units)
+
+    def _add(self, units: int) -> int:
+        self._granted_total += units
+        woken = 0
+        while woken < units and self._parked and self._suspended is None:
+            self._hand_to_oldest()
+            woken += 1
+        self._available += units - woken
+        return woken
+
+    def _hand_to_oldest(self) -> None:
+        task = next(iter(self._parked))
+        del self._parked[task]
+        self._in_use += 1  # the unit is the task's from now on, even if it never runs again
+        trio.lowlevel.reschedule(task)
+
+    def _give_one(self) -> None:
+        """A released unit: to the oldest parked request, else back to ``available``."""
+        if self._parked and self._suspended is None:
+            self._hand_to_oldest()
+        else:
+            self._available += 1
+
+    def _lease_for_woken(self) -> Lease:
+        """Turn the unit this task holds into a lease, unless the switch fell meanwhile."""
+        if self._suspended is not None:
+            self._in_use -= 1
+            self._give_one()
+            raise QuotaError(self._suspended, "inferences are suspended")
+        return Lease(self, _LEASE_KEY)
+
+    async def acquire(
+        self, wait: float | None = None, *, on_parked: Callable[[int], object] | None = None
+    ) -> Lease:
+        """Take one unit, parking (FIFO) while none is available.
+
+        The caller owns the returned lease and must end it on every path (``try/finally``);
+        :meth:`take` does that for you.
+
+        Args:
+            wait: ``0``: do not park; ``N``: park at most N seconds; ``None``: park until a
+                grant (or the kill switch) comes.
+            on_parked: called once, synchronously, with the request's 1-based position in
+                the queue when it parks, so the caller can tell its consumer it is waiting.
+                It must not block or call back into the quota (use ``send_nowait`` on a
+                channel, or set an event).
+
+        Raises:
+            QuotaError: ``NO_INFERENCES`` (none left within ``wait``), ``BUSY`` (too many
+                parked already), or the suspension code (``CUSTODIAN_UNREACHABLE``,
+                ``BLOCKED``).
+            TypeError, ValueError: ``wait`` is not None or a number in [0, MAX_WAIT_SECONDS].
+        """
+        deadline_in = _check_wait(wait)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._suspended is not None:
+            raise QuotaError(self._suspended, "inferences are suspended")
+        if self._available > 0:
+            self._available -= 1
+            self._in_use += 1
+            await trio.lowlevel.cancel_shielded_checkpoint()  # a schedule point; never loses it
+            return self._lease_for_woken()
+        if deadline_in == 0:
+            raise QuotaError(ErrorCode.NO_INFERENCES, "no inferences left")
+        if len(self._parked) >= self._max_parked:
+            raise QuotaError(ErrorCode.BUSY, "too many requests are waiting for inferences")
+        task = trio.lowlevel.current_task()
+        if on_parked is not None:
+            on_parked(len(self._parked) + 1)
+        self._parked[task] = None
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            del self._parked[task]  # still parked, so nothing was handed to us
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        if deadline_in is None:  # (no cancel scope: it costs a quarter of the wake-up time)
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return self._lease_for_woken()  # no checkpoint before the caller has the lease
+        with trio.move_on_after(deadline_in):
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return self._lease_for_woken()
+        raise QuotaError(ErrorCode.NO_INFERENCES, f"no inferences left after {wait} s")
+
+    @asynccontextmanager
+    async def take(
+        self, wait: float | None = None, *, on_parked: Callable[[int], object] | None = None
+    ) -> AsyncIterator[Lease]:
+        """``async with quota.take(wait) as lease:`` around one inference.
+
+        On a normal exit an open lease is committed; on any exception (a failed inference,
+        ``Cancelled``) it is released, so the unit is never lost (I10). Commit explicitly as
+        soon as the output exists if the block goes on to do more (send the result).
+        Arguments and errors are those of :meth:`acquire`.
+        """
+        lease = await self.acquire(wait, on_parked=on_parked)
+        try:
+            yield lease
+        except BaseException:
+            if lease.held:
+                lease.release()
+            raise
+        if lease.held:
+            lease.commit()
+
+    def suspend(self, code: ErrorCode) -> int:
+        """Throw the kill switch: fail every parked request with ``code``, refuse new ones.
+
+        Returns:
+            How many parked requests were failed.
+
+        Raises:
+            ValueError: ``code`` is not ``CUSTODIAN_UNREACHABLE`` or ``BLOCKED``.
+        """
+        if code not in _KILL_CODES:
+            raise ValueError(f"cannot suspend with {code!r}")
+        self._suspended = code
+        failed = 0
+        while self._parked:
+            task = next(iter(self._parked))
+            del self._parked[task]
+            error = QuotaError(code, "inferences are suspended")
+            trio.lowlevel.reschedule(task, outcome.Error(error))
+            failed += 1
+        return failed
+
+    def resume(self, *, available: int | None = None) -> None:
+        """Lift the kill switch once a verified custodian link is back.
+
+        Args:
+            available: ``None`` keeps the units held through the suspension; a number sets
+                ``available`` to what the custodian now vouches for (see :meth:`reset`).
+        """
+        if available is not None:
+            self.reset(available)
+        self._suspended = None
+
+    def reset(self, units: int) -> None:
+        """Set ``available`` to exactly ``units`` (a resync with the custodian).
+
+        Units added count as granted (and wake parked requests); units removed are
+        ``forfeited``. Leases in use are untouched.
+        """
+        _check_count(units, "units", low=0, high=MAX_UINT)
+        if units >= self._available:
+            self._add(units - self._available)
+        else:
+            self._forfeited += self._available - units
+            self._available = units

@@ -1,0 +1,347 @@
+"""The ledger's bookkeeping: supplies, grants, usage reports, blocks and derived balances.
+
+Each test opens a real SQLite file (WAL + FULL) in ``tmp_path``; nothing is mocked.
+Crash safety with real processes lives in ``test_ledger_crash.py``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from drm_custodian.ledger import (
+    Balance,
+    BorrowerBlocked,
+    IdempotencyConflict,
+    InsufficientSupply,
+    Ledger,
+    LedgerInputError,
+    LedgerStorageError,
+    UsageReport,
+)
+from drm_wire.errors import DrmError
+from drm_wire.limits import MAX_GRANT_UNITS
+
+INSTANCE = "a" * 64  # instance ids are hex digests of the RA-TLS key
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+# --- opening -------------------------------------------------------------------------
+
+
+async def test_open_makes_a_wal_full_database_with_a_version(
+    ledger: Ledger, ledger_path: Path
+) -> None:
+    conn = _raw(ledger_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        conn.close()
+    assert repr(ledger) == "<Ledger open>"
+
+
+async def test_reopen_keeps_records(ledger_path: Path) -> None:
+    first = await Ledger.open(ledger_path)
+    await first.supply("acme", 7)
+    await first.aclose()
+    second = await Ledger.open(ledger_path)
+    try:
+        assert (await second.balance("acme")).supplied == 7
+        await second.integrity_check()
+    finally:
+        await second.aclose()
+
+
+async def test_open_refuses_a_database_that_cannot_be_wal() -> None:
+    with pytest.raises(LedgerStorageError, match="not 'wal'"):
+        await Ledger.open(":memory:")
+
+
+async def test_open_refuses_another_schema_version(ledger: Ledger, ledger_path: Path) -> None:
+    await ledger.aclose()
+    conn = _raw(ledger_path)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.close()
+    with pytest.raises(LedgerStorageError, match="schema version 99"):
+        await Ledger.open(ledger_path)
+
+
+async def test_open_maps_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "junk.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerStorageError) as caught:
+        await Ledger.open(path)
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    assert isinstance(caught.value, DrmError)
+
+
+async def test_tables_are_append_only(ledger: Ledger, ledger_path: Path) -> None:
+    await ledger.supply("acme", 5)
+    conn = _raw(ledger_path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE supplies SET units = 500")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("DELETE FROM supplies")
+    finally:
+        conn.close()
+
+
+async def test_closed_ledger_refuses_calls(ledger: Ledger) -> None:
+    await ledger.aclose()
+    await ledger.aclose()  # idempotent
+    assert repr(ledger) == "<Ledger closed>"
+    with pytest.raises(trio.ClosedResourceError):
+        await ledger.balance("acme")
+
+
+async def test_sqlite_failure_inside_a_transaction_rolls_back_and_is_mapped(
+    ledger: Ledger,
+) -> None:
+    """C02: a failing statement leaves no partial row and surfaces as LedgerStorageError."""
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO supplies (borrower, units, at) VALUES ('acme', 5, 0)")
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    with pytest.raises(LedgerStorageError) as caught:
+        await ledger._run(half_then_fail)
+    assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    assert (await ledger.balance("acme")).supplied == 0
+
+
+# --- supplies and idempotency --------------------------------------------------------
+
+
+async def test_supply_adds_to_the_balance(ledger: Ledger) -> None:
+    first = await ledger.supply("acme", 10)
+    second = await ledger.supply("acme", 5)
+    assert second.supply_id > first.supply_id
+    assert await ledger.balance("acme") == Balance(15, 0, 0, 0, 15, False)
+    assert await ledger.balance("other") == Balance(0, 0, 0, 0, 0, False)
+
+
+async def test_retried_supply_with_the_same_key_counts_once(ledger: Ledger) -> None:
+    original = await ledger.supply("acme", 10, idempotency_key="req-1")
+    retried = await ledger.supply("acme", 10, idempotency_key="req-1")
+    assert retried == original
+    assert retried.replayed
+    assert not original.replayed
+    assert retried.at == original.at  # the original record, not a new one
+    assert (await ledger.balance("acme")).supplied == 10
+
+
+async def test_concurrent_retries_with_one_key_count_once(ledger: Ledger) -> None:
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(lambda: ledger.supply("acme", 3, idempotency_key="burst"))
+    assert (await ledger.balance("acme")).supplied == 3
+
+
+@pytest.mark.parametrize(("borrower", "units"), [("acme", 11), ("globex", 10)])
+async def test_a_key_reused_for_another_supply_is_refused(
+    ledger: Ledger, borrower: str, units: int
+) -> None:
+    await ledger.supply("acme", 10, idempotency_key="req-1")
+    with pytest.raises(IdempotencyConflict):
+        await ledger.supply(borrower, units, idempotency_key="req-1")
+    assert (await ledger.balance(borrower)).supplied == (10 if borrower == "acme" else 0)
+
+
+# --- grants --------------------------------------------------------------------------
+
+
+async def test_grants_carry_the_instance_cumulative_total(ledger: Ledger) -> None:
+    await ledger.supply("acme", 100)
+    first = await ledger.record_grant("acme", INSTANCE, 10)
+    second = await ledger.record_grant("acme", INSTANCE, 5)
+    other = await ledger.record_grant("acme", "b" * 64, 7)
+    assert (first.cumulative, second.cumulative, other.cumulative) == (10, 15, 7)
+    assert second.grant_id > first.grant_id
+    assert await ledger.balance("acme") == Balance(100, 22, 0, 22, 78, False)
+
+
+async def test_a_grant_beyond_remaining_is_refused_and_changes_nothing(ledger: Ledger) -> None:
+    await ledger.supply("acme", 10)
+    await ledger.record_grant("acme", INSTANCE, 8)
+    with pytest.raises(InsufficientSupply) as caught:
+        await ledger.record_grant("acme", INSTANCE, 3)
+    assert (caught.value.borrower, caught.value.remaining) == ("acme", 2)
+    assert (await ledger.balance("acme")).granted == 8
+    assert (await ledger.record_grant("acme", INSTANCE, 2)).cumulative == 10
+
+
+async def test_a_grant_with_no_supply_is_refused(ledger: Ledger) -> None:
+    with pytest.raises(InsufficientSupply):
+        await ledger.record_grant("acme", INSTANCE, 1)
+
+
+async def test_concurrent_grants_never_over_issue(ledger: Ledger) -> None:
+    """I1 under contention: 60 one-unit grants against a supply of 50."""
+    await ledger.supply("acme", 50)
+    outcomes: list[bool] = []
+
+    async def grant_one(i: int) -> None:
+        try:
+            await ledger.record_grant("acme", f"inst-{i % 3}", 1)
+        except InsufficientSupply:
+            outcomes.append(False)
+        else:
+            outcomes.append(True)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(60):
+            nursery.start_soon(grant_one, i)
+    assert outcomes.count(True) == 50
+    assert await ledger.balance("acme") == Balance(50, 50, 0, 50, 0, False)
+
+
+async def test_a_blocked_borrower_gets_no_grant_until_unblocked(ledger: Ledger) -> None:
+    await ledger.supply("acme", 10)
+    await ledger.set_blocked("acme", True, "invoice unpaid")
+    assert (await ledger.balance("acme")).blocked
+    with pytest.raises(BorrowerBlocked) as caught:
+        await ledger.record_grant("acme", INSTANCE, 1)
+    assert caught.value.remaining == 10
+    await ledger.supply("acme", 5)  # a top-up is still recorded; it is the grant that stops
+    await ledger.set_blocked("acme", False, "")
+    assert (await ledger.record_grant("acme", INSTANCE, 15)).cumulative == 15
+    assert not (await ledger.balance("acme")).blocked
+
+
+# --- usage ---------------------------------------------------------------------------
+
+
+async def test_duplicate_reordered_and_replayed_reports_count_once(ledger: Ledger) -> None:
+    """I4 / Q04: the recorded value is the max of the reports, whatever their order."""
+    await ledger.supply("acme", 20)
+    await ledger.record_grant("acme", INSTANCE, 20)
+    first = await ledger.record_usage("acme", INSTANCE, 5, seq=1)
+    assert (first.served_total, first.advanced, first.over_grant) == (5, True, False)
+    duplicate = await ledger.record_usage("acme", INSTANCE, 5, seq=1)
+    assert (duplicate.served_total, duplicate.advanced) == (5, False)
+    newer = await ledger.record_usage("acme", INSTANCE, 9, seq=3)
+    reordered = await ledger.record_usage("acme", INSTANCE, 7, seq=2)  # seq 2 arrives late
+    assert (newer.advanced, reordered.advanced, reordered.served_total) == (True, False, 9)
+    replayed = await ledger.record_usage("acme", INSTANCE, 0, seq=0)
+    assert replayed.served_total == 9
+    assert await ledger.balance("acme") == Balance(20, 20, 9, 11, 0, False)
+
+
+async def test_served_sums_the_max_of_each_instance(ledger: Ledger) -> None:
+    await ledger.supply("acme", 30)
+    for name, units, served in (("one", 10, 4), ("two", 10, 10), ("three", 5, 0)):
+        await ledger.record_grant("acme", name, units)
+        await ledger.record_usage("acme", name, served, seq=1)
+    assert await ledger.balance("acme") == Balance(30, 25, 14, 11, 5, False)
+
+
+async def test_a_report_above_the_grant_is_recorded_and_flagged(ledger: Ledger) -> None:
+    await ledger.supply("acme", 10)
+    await ledger.record_grant("acme", "good", 5)
+    await ledger.record_grant("acme", "rogue", 5)
+    with capture_logs() as logs:
+        result = await ledger.record_usage("acme", "rogue", 8, seq=1)
+        again = await ledger.record_usage("acme", "rogue", 8, seq=1)
+    assert (result.over_grant, result.granted, result.served_total) == (True, 5, 8)
+    assert again.over_grant
+    assert [entry["event"] for entry in logs] == ["usage_over_grant"]  # logged once
+    assert logs[0]["instance_id"] == "rogue"
+    # The rogue's excess does not cancel the good instance's in-doubt units.
+    assert await ledger.balance("acme") == Balance(10, 10, 8, 5, 0, False)
+
+
+async def test_a_report_for_an_instance_never_granted_is_flagged(ledger: Ledger) -> None:
+    with capture_logs():
+        result = await ledger.record_usage("acme", "ghost", 1, seq=0)
+    assert (result.granted, result.over_grant) == (0, True)
+
+
+async def test_a_batch_applies_reports_in_order_in_one_transaction(ledger: Ledger) -> None:
+    await ledger.supply("acme", 100)
+    await ledger.record_grant("acme", "one", 50)
+    await ledger.record_grant("acme", "two", 50)
+    reports = [
+        UsageReport(borrower="acme", instance_id="one", served_total=10, seq=1),
+        UsageReport(borrower="acme", instance_id="two", served_total=3, seq=1),
+        UsageReport(borrower="acme", instance_id="one", served_total=8, seq=0),
+        UsageReport(borrower="acme", instance_id="one", served_total=12, seq=2),
+    ]
+    results = await ledger.record_usage_batch(reports)
+    assert [(r.served_total, r.advanced) for r in results] == [
+        (10, True),
+        (3, True),
+        (10, False),
+        (12, True),
+    ]
+    assert (await ledger.balance("acme")).served == 15
+    assert await ledger.record_usage_batch([]) == []
+
+
+async def test_a_batch_with_a_bad_item_writes_nothing(ledger: Ledger) -> None:
+    good = UsageReport(borrower="acme", instance_id="one", served_total=1, seq=1)
+    with pytest.raises(LedgerInputError, match="reports"):
+        await ledger.record_usage_batch([good, ("acme", "one", 2, 2)])  # type: ignore[list-item]
+    assert (await ledger.balance("acme")).served == 0
+
+
+# --- validation at the edge ----------------------------------------------------------
+
+BAD_UNITS = [True, False, 0, -1, MAX_GRANT_UNITS + 1, 1.0, "5", None]
+BAD_NAMES = ["", "x" * 129, "a\nb", "\x1b[31mred", "tab\there", 5, b"acme", None]
+
+
+@pytest.mark.parametrize("units", BAD_UNITS)
+async def test_supply_refuses_bad_units(ledger: Ledger, units: object) -> None:
+    with pytest.raises(LedgerInputError) as caught:
+        await ledger.supply("acme", units)  # type: ignore[arg-type]
+    assert caught.value.field == "units"
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("units", BAD_UNITS)
+async def test_grant_refuses_bad_units(ledger: Ledger, units: object) -> None:
+    await ledger.supply("acme", MAX_GRANT_UNITS)
+    with pytest.raises(LedgerInputError):
+        await ledger.record_grant("acme", INSTANCE, units)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+async def test_names_must_be_bounded_printable_strings(ledger: Ledger, name: object) -> None:
+    with pytest.raises(LedgerInputError, match="borrower"):
+        await ledger.supply(name, 1)  # type: ignore[arg-type]
+    with pytest.raises(LedgerInputError, match="instance_id"):
+        await ledger.record_grant("acme", name, 1)  # type: ignore[arg-type]
+    if name is not None:  # None means "no key"
+        with pytest.raises(LedgerInputError, match="idempotency_key"):
+            await ledger.supply("acme", 1, idempotency_key=name)  # type: ignore[arg-type]
+    assert (await ledger.balance("acme")).supplied == 0
+
+
+async def test_limits_are_inclusive(ledger: Ledger) -> None:
+    await ledger.supply("x" * 128, MAX_GRANT_UNITS)
+    assert (await ledger.balance("x" * 128)).supplied == MAX_GRANT_UNITS
+
+
+@pytest.mark.parametrize(
+    ("served_total", "seq"), [(-1, 0), (0, -1), (True, 0), (0, 2**63), (1.5, 0)]
+)
+async def test_usage_refuses_bad_counts(ledger: Ledger, served_total: object, seq: object) -> None:
+    with pytest.raises(LedgerInputError):
+        await ledger.record_usage("acme", INSTANCE, served_total, seq)  # type: ignore[arg-type]
+
+
+async def test_block_refuses_bad_arguments(ledger: Ledger) -> None:
+    with pytest.raises(LedgerInputError, match="blocked"):
+        await ledger.set_blocked("acme", 1, "int is not bool")  # type: ignore[arg-type]
+    with pytest.raises(LedgerInputError, match="reason"):
+        await ledger.set_blocked("acme", True, "line\nbreak")
+    assert not (await ledger.balance("acme")).blocked
