@@ -10,7 +10,7 @@ certificate and TLS 1.3 only. Every figure is the median of ``RUNS`` runs, with
   bytes and acks with one byte; MB/s = 10**6 bytes per second, timed to the ack.
 * rr100: ``RR_ROUNDS`` round trips of a 4-byte length prefix + 100 bytes out, 100 back.
 
-Frame codec benchmarks go in :func:`codec_rows` (see the marked section below).
+The codec table (:func:`codec_rows`) runs in this process, on one core.
 """
 
 from __future__ import annotations
@@ -339,16 +339,128 @@ def measure(pems: Pems, stacks: tuple[Stack, ...]) -> dict[Stack, Result]:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the codec table: what was measured, the value, and its unit."""
+    """One line of the codec table: ours, the baseline, their unit, and the target."""
 
     what: str
     value: float
+    baseline: float
+    baseline_name: str
     unit: str
+    target: str
+
+
+def _best_rate(work: Callable[[], object], items: int, *, repeat: int = 5, inner: int = 1) -> float:
+    """Items per second of the fastest of ``repeat`` timed batches of ``inner`` calls."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(inner):
+            work()
+        best = min(best, time.perf_counter() - start)
+    return items * inner / best
 
 
 def codec_rows() -> list[Row]:
-    """Frame codec figures. Empty until the codec lands (see the section comment)."""
-    return []
+    """Frame codec figures: ours against plain msgpack doing the same job in one process.
+
+    * tensor request: encode + decode of an inference request carrying one 480x480x3
+      float32 tensor (2,764,800 bytes) through :mod:`drm_wire` (header + raw payload, the
+      decoder copying once into the buffer numpy wraps), against the obvious alternative:
+      the same request as one msgpack map with the tensor as ``bin``, length-prefixed,
+      then unpacked and wrapped with ``numpy.frombuffer``.
+    * small frames: a ``usage_report`` encoded and decoded, at the frame level
+      (:func:`encode_frame` + :class:`FrameDecoder`) and as a typed message (plus
+      ``to_wire`` / ``from_frame``), against bare ``msgpack.packb`` + ``unpackb``.
+    """
+    import msgpack
+    import numpy as np
+
+    from drm_wire import messages as m
+    from drm_wire.framing import FrameDecoder, encode_frame
+    from drm_wire.tensors import Tensor
+
+    array = np.random.default_rng(0).random((1, 480, 480, 3), dtype=np.float32)
+    request = m.InferenceRequest(request_id=1, model="m", inputs=(Tensor.from_numpy("x", array),))
+    decoder = FrameDecoder(m.payload_limit)
+
+    def ours_tensor() -> object:
+        header, payload = request.to_wire()
+        for part in encode_frame(header, payload):
+            decoder.receive_data(part)
+        frame = decoder.next_frame()
+        assert frame is not None
+        decoded = m.from_frame(frame)
+        assert isinstance(decoded, m.InferenceRequest)
+        return decoded.inputs[0].to_numpy()
+
+    def msgpack_tensor() -> object:
+        body = msgpack.packb(
+            {
+                "type": "infer",
+                "request_id": 1,
+                "model": "m",
+                "dtype": "float32",
+                "shape": [1, 480, 480, 3],
+                "data": array.tobytes(),
+            },
+            use_bin_type=True,
+        )
+        frame = struct.pack(">I", len(body)) + body
+        obj = msgpack.unpackb(frame[4:], raw=False)
+        return np.frombuffer(obj["data"], dtype=np.float32).reshape(obj["shape"])
+
+    mb = array.nbytes / 1e6
+    tensor = Row(
+        "tensor request 2.76 MB: encode + decode",
+        _best_rate(ours_tensor, 1, inner=20) * mb,
+        _best_rate(msgpack_tensor, 1, inner=20) * mb,
+        "msgpack bin in a map",
+        "MB/s",
+        ">= 3,000 MB/s",
+    )
+
+    report = m.UsageReport(seq=5, served_total=1234)
+    header0, _ = report.to_wire()
+
+    def frame_level() -> None:
+        for _ in range(1000):
+            (data,) = encode_frame(header0)
+            decoder.receive_data(data)
+            decoder.next_frame()
+
+    def message_level() -> None:
+        for _ in range(1000):
+            header, payload = report.to_wire()
+            for part in encode_frame(header, payload):
+                decoder.receive_data(part)
+            frame = decoder.next_frame()
+            assert frame is not None
+            m.from_frame(frame)
+
+    def bare_msgpack() -> None:
+        for _ in range(1000):
+            msgpack.unpackb(msgpack.packb(header0))
+
+    baseline = _best_rate(bare_msgpack, 1000, inner=20)
+    return [
+        tensor,
+        Row(
+            "small frames: encode + decode (frame level)",
+            _best_rate(frame_level, 1000, inner=20),
+            baseline,
+            "bare packb + unpackb",
+            "frames/s",
+            ">= 300,000/s",
+        ),
+        Row(
+            "small messages: typed encode + decode",
+            _best_rate(message_level, 1000, inner=20),
+            baseline,
+            "bare packb + unpackb",
+            "msgs/s",
+            "(none)",
+        ),
+    ]
 
 
 # =========================================================================================
@@ -403,11 +515,14 @@ def main() -> None:
         f"targets: bulk >= {TARGET_BULK_RATIO}x: {bulk_ok} ({bulk_ratio:.2f}x); "
         f"rr p50 <= {TARGET_RR_P50_RATIO}x: {p50_ok} ({p50_ratio:.2f}x)"
     )
-    rows = codec_rows()
-    if rows:
-        print()
-        for row in rows:
-            print(f"{row.what:<50} {row.value:>14,.1f} {row.unit}")
+    print()
+    print(f"{'codec (one core, in process)':<44} {'ours':>14} {'baseline':>14} {'x':>6}  unit")
+    for row in codec_rows():
+        print(
+            f"{row.what:<44} {row.value:>14,.0f} {row.baseline:>14,.0f} "
+            f"{row.value / row.baseline:>5.2f}x  {row.unit} (baseline: {row.baseline_name}; "
+            f"target {row.target})"
+        )
     print(f"total time {time.perf_counter() - started:.1f} s")
     sys.stdout.flush()
 

@@ -136,24 +136,23 @@ def unpack_header(data: bytes | bytearray | memoryview) -> Header:
     return HeaderDecoder().decode(data)
 
 
-_CONTAINERS = (dict, list)
+_SCALAR_TYPES: frozenset[type] = frozenset(_SCALARS)
 
 
 def _check_tree(root: dict[Any, Any]) -> None:
     """Require str keys, allowed value types, and nesting within MAX_NESTING.
 
-    Iterative, so hostile depth cannot reach Python's recursion limit.
+    Iterative, so hostile depth cannot reach Python's recursion limit. Most headers are
+    one flat map, so the top level is checked without the work-list machinery.
     """
-    stack: list[tuple[object, int]] = [(root, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_NESTING:
-            raise RemoteProtocolError(
-                "header nested too deeply",
-                code=ErrorCode.LIMIT_EXCEEDED,
-                limit=MAX_NESTING,
-                got=depth,
-            )
+    pending: list[tuple[object, int]] = []
+    for key, value in root.items():
+        if type(key) is not str:
+            raise RemoteProtocolError("header keys must be strings")
+        if type(value) not in _SCALAR_TYPES:
+            _push(pending, value, 2)
+    while pending:
+        node, depth = pending.pop()
         if type(node) is dict:
             if not all(type(key) is str for key in node):
                 raise RemoteProtocolError("header keys must be strings")
@@ -161,7 +160,15 @@ def _check_tree(root: dict[Any, Any]) -> None:
         else:
             values = node
         for value in values:
-            if isinstance(value, _CONTAINERS):
-                stack.append((value, depth + 1))
-            elif not isinstance(value, _SCALARS):
-                raise RemoteProtocolError(f"value of type {type(value).__name__} refused")
+            if type(value) not in _SCALAR_TYPES:
+                _push(pending, value, depth + 1)
+
+
+def _push(pending: list[tuple[object, int]], value: object, depth: int) -> None:
+    if type(value) is not dict and type(value) is not list:
+        raise RemoteProtocolError(f"value of type {type(value).__name__} refused")
+    if depth > MAX_NESTING:
+        raise RemoteProtocolError(
+            "header nested too deeply", code=ErrorCode.LIMIT_EXCEEDED, limit=MAX_NESTING, got=depth
+        )
+    pending.append((value, depth))

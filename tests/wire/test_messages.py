@@ -35,8 +35,10 @@ def test_round_trip(cls: type[m.Message], data: st.DataObject) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(any_message, min_size=1, max_size=5), st.integers(1, 7))
-def test_stream_of_messages_in_small_slices(messages: list[m.Message], chunk: int) -> None:
+@given(st.lists(any_message, min_size=1, max_size=5), st.none() | st.integers(1, 7))
+def test_stream_of_messages_in_slices_or_all_at_once(
+    messages: list[m.Message], chunk: int | None
+) -> None:
     data = b"".join(encode(message) for message in messages)
     decoded = decode_all(data, chunk=chunk)
     assert [normalise(x) for x in decoded] == [normalise(x) for x in messages]
