@@ -32,11 +32,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check, ruff format --check, and mypy --strict over src, tests and this file."""
+    """ruff check, ruff format --check, and mypy --strict over src, tests, bench and this file."""
     _install(session, "lint")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", "src", "tests", "noxfile.py")
+    session.run("mypy", "src", "tests", "bench", "noxfile.py")
 
 
 @nox.session(default=False)
