@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar, dataclass_transform
 
 from .codec import Header
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -245,6 +245,12 @@ def _register(cls: type[M]) -> type[M]:
     return cls
 
 
+@dataclass_transform(frozen_default=True, kw_only_default=True)
+def _message(cls: type[M]) -> type[M]:
+    """Make ``cls`` a frozen, slotted, keyword-only dataclass and register its type tag."""
+    return _register(dataclass(frozen=True, slots=True, kw_only=True)(cls))
+
+
 def from_frame(frame: Frame) -> Message:
     """Build the typed message a frame carries.
 
@@ -275,8 +281,7 @@ def _version(value: object, field: str) -> int:
     return _positive(value, field, 65535)
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Hello(Message):
     """Client's first message: the protocol versions it speaks and who it is.
 
@@ -303,8 +308,7 @@ class Hello(Message):
         _optional_text(self.instance_id, "instance_id")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Welcome(Message):
     """Server's answer to :class:`Hello`: the version both sides will speak."""
 
@@ -318,8 +322,7 @@ class Welcome(Message):
         _text(self.software, "software")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Refusal(Message):
     """Server's refusal of :class:`Hello`; the connection then closes."""
 
@@ -340,8 +343,7 @@ class Refusal(Message):
         )
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Error(Message):
     """An error, with a stable code and a human message.
 
@@ -365,8 +367,7 @@ class Error(Message):
 # --- custodian link ------------------------------------------------------------------
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class ModelBegin(Message):
     """Custodian: a model of ``size`` bytes with this SHA-256 follows in chunks."""
 
@@ -382,8 +383,7 @@ class ModelBegin(Message):
         _digest(self.sha256, "sha256")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class ModelChunk(Message):
     """Custodian: ``data`` is the model's bytes from ``offset`` on (raw payload)."""
 
@@ -408,8 +408,7 @@ class ModelChunk(Message):
         return cls(offset=header["offset"], data=payload)
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class ModelEnd(Message):
     """Custodian: the model's last chunk has been sent."""
 
@@ -421,8 +420,7 @@ class ModelEnd(Message):
         check_name(self.name)
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class ModelLoaded(Message):
     """Enclave: the model arrived intact (size and digest checked) and a session is ready."""
 
@@ -436,8 +434,7 @@ class ModelLoaded(Message):
         _digest(self.sha256, "sha256")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Grant(Message):
     """Custodian: ``units`` more inferences; ``granted_total`` is the instance's new total.
 
@@ -459,8 +456,7 @@ class Grant(Message):
             raise _bad("granted_total", "must be at least units")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class UsageReport(Message):
     """Enclave: this instance has served ``served_total`` inferences since it started.
 
@@ -477,8 +473,7 @@ class UsageReport(Message):
         _uint(self.served_total, "served_total")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class UsageAck(Message):
     """Custodian: the report ``seq`` is durably recorded."""
 
@@ -492,8 +487,7 @@ class UsageAck(Message):
         _uint(self.served_total, "served_total")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Block(Message):
     """Custodian: stop serving at once; parked and new requests fail with ``blocked``."""
 
@@ -505,16 +499,14 @@ class Block(Message):
         _text(self.reason, "reason", empty=True)
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Unblock(Message):
     """Custodian: serving may resume."""
 
     TYPE: ClassVar[str] = "unblock"
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Heartbeat(Message):
     """Either side of the custodian link: still here. Missed beats trip the kill switch."""
 
@@ -537,8 +529,7 @@ def _wait(value: object, field: str) -> float | None:
     return value
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class InferenceRequest(Message):
     """Consumer: run ``model`` on ``inputs``.
 
@@ -583,8 +574,7 @@ class InferenceRequest(Message):
         )
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class Waiting(Message):
     """Enclave: request ``request_id`` is parked until inferences are supplied."""
 
@@ -598,8 +588,7 @@ class Waiting(Message):
         _uint(self.position, "position")
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class InferenceResult(Message):
     """Enclave: the outputs of request ``request_id`` and the inferences left after it."""
 
@@ -636,8 +625,7 @@ class InferenceResult(Message):
         )
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class ModelInfoRequest(Message):
     """Consumer: which models are served, with which inputs and outputs?"""
 
@@ -720,8 +708,7 @@ class ModelDescription:
         return cls(name=entry["name"], sha256=entry["sha256"], **specs)
 
 
-@_register
-@dataclass(frozen=True, slots=True, kw_only=True)
+@_message
 class ModelInfo(Message):
     """Enclave: the models it serves, its state, and the inferences left."""
 
