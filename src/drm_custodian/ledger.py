@@ -37,23 +37,56 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 import structlog
 import trio
 
-from drm_wire.errors import DrmError
-from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT
+from drm_wire.limits import MAX_GRANT_UNITS
+
+from .ledger_records import (
+    MAX_NAME_LEN,
+    Balance,
+    BorrowerBlocked,
+    Grant,
+    GrantRefused,
+    IdempotencyConflict,
+    InsufficientSupply,
+    LedgerError,
+    LedgerInputError,
+    LedgerStorageError,
+    SupplyResult,
+    UsageReport,
+    UsageResult,
+    _check_int,
+    _check_name,
+)
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_NAME_LEN",
+    "MAX_REASON_LEN",
+    "SCHEMA_VERSION",
+    "Balance",
+    "BorrowerBlocked",
+    "Grant",
+    "GrantRefused",
+    "IdempotencyConflict",
+    "InsufficientSupply",
+    "Ledger",
+    "LedgerError",
+    "LedgerInputError",
+    "LedgerStorageError",
+    "SupplyResult",
+    "UsageReport",
+    "UsageResult",
+]
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 #: Version of the table layout below; a file with another version is refused, not guessed at.
 SCHEMA_VERSION: Final = 1
-#: Borrower names, instance ids and idempotency keys: an instance id is a 64-char hex digest;
-#: 128 leaves room for readable names while bounding what a leaked admin token can store.
-MAX_NAME_LEN: Final = 128
 #: Block reasons are operator prose; a paragraph is plenty.
 MAX_REASON_LEN: Final = 1024
 #: Usage reports in one batch transaction: bounds the time the single writer is held.
@@ -99,137 +132,6 @@ _BALANCE: Final = """SELECT
         LEFT JOIN (SELECT instance_id, MAX(served_total) AS n FROM usage
             WHERE borrower=:b GROUP BY instance_id) AS u USING (instance_id)),
     (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1)"""
-
-
-class LedgerError(DrmError):
-    """Root of the ledger's errors. When one is raised, nothing was written."""
-
-
-class LedgerInputError(LedgerError, ValueError):
-    """A value of the wrong type or out of range; ``field`` names it, ``got`` says what came."""
-
-    def __init__(self, message: str, *, field: str, got: object) -> None:
-        super().__init__(f"{field}: {message} (got {got!r})")
-        self.field = field
-        self.got = got
-
-
-class LedgerStorageError(LedgerError):
-    """SQLite failed (disk full, I/O error, not WAL, another schema version).
-
-    The transaction was rolled back, so there is no partial row (C02): the caller must not
-    send the grant it was recording, and should answer "unavailable".
-    """
-
-
-class IdempotencyConflict(LedgerError):
-    """An idempotency key was reused for a different supply (another borrower or amount)."""
-
-
-class GrantRefused(LedgerError):
-    """A grant was refused. ``remaining`` is the supply left when it was."""
-
-    def __init__(self, message: str, *, borrower: str, remaining: int) -> None:
-        super().__init__(message)
-        self.borrower = borrower
-        self.remaining = remaining
-
-
-class InsufficientSupply(GrantRefused):
-    """More units were asked than the borrower's remaining supply (I1)."""
-
-
-class BorrowerBlocked(GrantRefused):
-    """The borrower is blocked (I13: once blocked, grants stop growing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SupplyResult:
-    """A committed top-up. ``replayed`` is true when a retry returned the original record."""
-
-    supply_id: int
-    borrower: str
-    units: int
-    idempotency_key: str | None
-    at: float
-    replayed: bool = field(default=False, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """A committed grant. ``cumulative`` is what goes on the wire (P4): the instance's total."""
-
-    grant_id: int
-    borrower: str
-    instance_id: str
-    units: int
-    cumulative: int
-    at: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UsageReport:
-    """One instance's cumulative served count, as reported with sequence number ``seq``."""
-
-    borrower: str
-    instance_id: str
-    served_total: int
-    seq: int
-
-    def __post_init__(self) -> None:
-        _check_name(self.borrower, "borrower")
-        _check_name(self.instance_id, "instance_id")
-        _check_int(self.served_total, "served_total", low=0, high=MAX_UINT)
-        _check_int(self.seq, "seq", low=0, high=MAX_UINT)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageResult:
-    """The ledger's view of an instance after a report."""
-
-    borrower: str
-    instance_id: str
-    served_total: int  #: the recorded cumulative count: the max of all reports so far
-    granted: int  #: cumulative units granted to the instance
-    advanced: bool  #: this report raised ``served_total`` (false: a duplicate or stale one)
-    over_grant: bool  #: ``served_total > granted``: a broken invariant, to investigate
-
-
-@dataclass(frozen=True, slots=True)
-class Balance:
-    """A borrower's account, derived from the records in one consistent read.
-
-    ``in_doubt`` is, per instance, what was granted but not (yet) reported served; it stays
-    charged (P2). ``remaining`` is what may still be granted.
-    """
-
-    supplied: int
-    granted: int
-    served: int
-    in_doubt: int
-    remaining: int
-    blocked: bool
-
-
-def _check_int(value: object, name: str, *, low: int, high: int) -> int:
-    if type(value) is not int:  # a bool is an int; an int subclass could lie about itself
-        raise LedgerInputError("must be an int", field=name, got=type(value).__name__)
-    if not low <= value <= high:
-        raise LedgerInputError(f"must be in [{low}, {high}]", field=name, got=value)
-    return value
-
-
-def _check_name(
-    value: object, name: str, *, max_len: int = MAX_NAME_LEN, empty: bool = False
-) -> str:
-    if type(value) is not str:
-        raise LedgerInputError("must be a str", field=name, got=type(value).__name__)
-    if len(value) > max_len or (not value and not empty) or not value.isprintable():
-        # isprintable() refuses newlines and escapes, so names are safe in logs (M07).
-        raise LedgerInputError(
-            f"must be 1-{max_len} printable characters", field=name, got=value[:32]
-        )
-    return value
 
 
 def _connect(path: str) -> sqlite3.Connection:
