@@ -71,21 +71,22 @@ def test_gramine_backend_builds_the_certificate_from_the_device(
     # the verifier must notice, which is the point of requiring the key binding.
     quote = platform.quote(bytes(64), mr_enclave=MR_ENCLAVE, mr_signer=MR_SIGNER)
     root = _fake_device(tmp_path / "dev", quote)
-    key, der = make_enclave_identity("gramine", attestation_root=root)
+    credentials = make_enclave_identity("gramine", attestation_root=root)
+    key, der = credentials.private_key, credentials.certificate_der
     assert key.curve.name == "secp384r1"
     with pytest.raises(KeyBindingError) as info:
         parse_ratls_certificate(der)
     assert type(info.value) is KeyBindingError
-    _, auto_der = make_enclave_identity("auto", attestation_root=root)
+    auto_der = make_enclave_identity("auto", attestation_root=root).certificate_der
     assert quote in auto_der
 
 
 def test_simulated_backend_round_trip(platform: SimulatedPlatform, tmp_path: Path) -> None:
     simulation = SimulatedEnclave(platform, mr_enclave=MR_ENCLAVE, mr_signer=MR_SIGNER, isv_svn=4)
     for backend in ("simulated", "auto"):
-        _, der = make_enclave_identity(
+        der = make_enclave_identity(
             backend, attestation_root=tmp_path / "absent", simulation=simulation
-        )
+        ).certificate_der
         evidence = parse_ratls_certificate(der)
         now = datetime.now(UTC)
         for quote in evidence.quotes:

@@ -256,14 +256,3 @@ def test_failures_are_not_cached() -> None:
     with pytest.raises(UntrustedRootError):
         verify_quote(pki.quote(), now=SIM_NOW)
     assert len(_pck.CHAIN_CACHE) == 0
-
-
-def test_cache_is_bounded_lru() -> None:
-    cache = _pck._Lru(2)
-    chain = _pck.VerifiedChain((), simulated=False)
-    for key in (b"a", b"b", b"a", b"c"):
-        cache.put((key, (), False), chain)
-    assert cache.get((b"b", (), False)) is None  # least recently used, evicted
-    assert cache.get((b"a", (), False)) is chain
-    assert cache.get((b"c", (), False)) is chain
-    assert len(cache) == 2

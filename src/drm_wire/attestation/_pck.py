@@ -20,8 +20,6 @@ enclosing element.
 from __future__ import annotations
 
 import itertools
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from drm_wire._lru import LruCache
 from drm_wire.attestation.errors import (
     AttestationError,
     CertificateChainError,
@@ -77,43 +76,7 @@ class VerifiedChain:
                 )
 
 
-class _Lru:
-    """A thread-safe bounded LRU; verification may run in several TLS threads at once."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._data: OrderedDict[_Key, VerifiedChain] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: _Key) -> VerifiedChain | None:
-        with self._lock:
-            found = self._data.get(key)
-            if found is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._data.move_to_end(key)
-            return found
-
-    def put(self, key: _Key, value: VerifiedChain) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self._size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-CHAIN_CACHE: Final = _Lru(CHAIN_CACHE_SIZE)
+CHAIN_CACHE: Final = LruCache[_Key, VerifiedChain](CHAIN_CACHE_SIZE)
 
 
 #: What ``cryptography`` raises on malformed or unsupported X.509 data. Certificates and

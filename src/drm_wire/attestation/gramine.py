@@ -18,10 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Final, Literal
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.attestation.ratls import QuoteProvider, build_ratls_certificate
+from drm_wire.attestation.ratls import QuoteProvider, RatlsCredentials, build_ratls_certificate
 from drm_wire.errors import AttestationError, ConfigError
 
 __all__ = [
@@ -110,8 +108,8 @@ def make_enclave_identity(
     *,
     attestation_root: Path = ATTESTATION_ROOT,
     simulation: SimulatedEnclave | None = None,
-) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
-    """A fresh P-384 key and its RA-TLS certificate (DER) from the chosen backend.
+) -> RatlsCredentials:
+    """A fresh P-384 key and its RA-TLS certificate from the chosen backend.
 
     ``"auto"`` uses Gramine when its device is there, else the simulation if one was given
     (an explicit opt-in, logged on every quote), else fails: an enclave never silently
@@ -136,5 +134,4 @@ def make_enclave_identity(
         provider = simulation.provider
     else:
         raise ConfigError(f"unknown attestation backend {backend!r}", key="backend")
-    credentials = build_ratls_certificate(provider)
-    return credentials.private_key, credentials.certificate_der
+    return build_ratls_certificate(provider)
