@@ -6,6 +6,8 @@ this file agree on what is installed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.needs_version = ">=2025.2.9"
@@ -41,8 +43,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmarks with their baselines side by side (``nox -s bench -- wire``)."""
+    """Benchmarks with their baselines side by side; ``nox -s bench -- wire`` runs one."""
     _install(session, "bench")
-    names = session.posargs or ["wire"]
+    names = session.posargs or sorted(path.stem for path in Path("bench").glob("[!_]*.py"))
     for name in names:
         session.run("python", f"bench/{name}.py")
