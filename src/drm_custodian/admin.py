@@ -1,0 +1,456 @@
+"""The custodian's admin API: top up, block, unblock and read usage over HTTPS.
+
+Theory of operation
+-------------------
+:class:`AdminApp` is a plain ASGI callable; :func:`serve_admin` runs it under hypercorn's
+trio worker with the custodian's server certificate. Hypercorn (over h11) does all HTTP
+parsing; the app sees a parsed scope and body chunks, and only routes, authenticates,
+bounds and validates (body and field checks live in :mod:`drm_custodian._admin_http`).
+It is a raw ASGI app rather than quart-trio or starlette because the API is six fixed
+routes with JSON answers: a framework would add a dependency tree, HTML error pages, its
+own body-size and logging conventions, and hide the limit checks this module must make
+explicit (D01-D08 in the threat model).
+
+Every request goes through one pipeline, in this order, and stops at the first failure:
+
+1. route: unknown path -> 404; known path, other method -> 405 with ``Allow``;
+2. auth (all but ``/healthz``): exactly one ``Authorization: Bearer <token>``, compared
+   with :func:`hmac.compare_digest` over SHA-256 digests (so neither content nor length
+   leaks through timing) -> else 401 with ``WWW-Authenticate: Bearer``; a token in the
+   query string is never looked at; a query string at all -> 400;
+3. body: ``Content-Length`` over :data:`MAX_BODY_BYTES` -> 413 before reading; chunks are
+   counted while read (chunked bodies too) -> 413; all of it within
+   :data:`BODY_TIMEOUT` -> else 408; content type form or JSON -> else 415;
+4. parse and validate -> 400 with ``{"error", "field", "message"}``;
+5. act on the ledger, then call the :class:`AdminHooks`.
+
+Nothing before step 5 touches the ledger, so every 4xx leaves it unchanged. A hook runs
+after the ledger commit: if it fails, the request answers 500 but the supply stands, and
+a retry with the same ``Idempotency-Key`` counts once and calls the hook again. Hooks
+should hand work to a daemon task and return promptly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+from urllib.parse import urlsplit
+
+import hypercorn.trio
+import structlog
+import trio
+from hypercorn.config import Config
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+
+from drm_custodian._admin_http import (
+    BODY_TIMEOUT,
+    IDEMPOTENCY_KEY_RE,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    HttpError,
+    Request,
+    Response,
+    json_response,
+    lifespan,
+    parse_count,
+    read_fields,
+)
+from drm_custodian.ledger import (
+    MAX_REASON_LEN,
+    Balance,
+    IdempotencyConflict,
+    Ledger,
+    LedgerInputError,
+    LedgerStorageError,
+)
+from drm_wire.errors import ConfigError
+from drm_wire.limits import HANDSHAKE_TIMEOUT
+
+__all__ = [
+    "BODY_TIMEOUT",
+    "DEFAULT_ADMIN_PORT",
+    "KEEP_ALIVE_TIMEOUT",
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "READ_TIMEOUT",
+    "AdminApp",
+    "AdminHooks",
+    "RecordingHooks",
+    "hypercorn_config",
+    "serve_admin",
+]
+
+log = structlog.get_logger(__name__)
+
+#: The original demo's admin port.
+DEFAULT_ADMIN_PORT: Final = 6000
+#: Hypercorn: longest wait for any one read from a connection (headers or body).
+READ_TIMEOUT: Final = 10
+#: Hypercorn: how long an idle keep-alive connection is kept. CLI calls are one-shot.
+KEEP_ALIVE_TIMEOUT: Final = 5.0
+
+
+class AdminHooks(Protocol):
+    """What the admin API tells the daemon, and asks it. Implemented by the daemon."""
+
+    async def on_supplied(self, borrower: str, balance: Balance) -> None:
+        """Units were supplied (or a retried supply replayed): push grants now."""
+
+    async def on_blocked(self, borrower: str, reason: str) -> None:
+        """The borrower was blocked: stop its instances."""
+
+    async def on_unblocked(self, borrower: str) -> None:
+        """The borrower was unblocked."""
+
+    def instances(self, borrower: str) -> int:
+        """Enclave instances of the borrower connected now."""
+
+
+@dataclass
+class RecordingHooks:
+    """A trivial :class:`AdminHooks`: records every call (tests, and a daemon-less run)."""
+
+    connected: int = 0
+    calls: list[tuple[str, str, object]] = field(default_factory=list)
+
+    async def on_supplied(self, borrower: str, balance: Balance) -> None:
+        self.calls.append(("supplied", borrower, balance))
+
+    async def on_blocked(self, borrower: str, reason: str) -> None:
+        self.calls.append(("blocked", borrower, reason))
+
+    async def on_unblocked(self, borrower: str) -> None:
+        self.calls.append(("unblocked", borrower, None))
+
+    def instances(self, borrower: str) -> int:
+        return self.connected
+
+
+def _usage_doc(borrower: str, balance: Balance, instances: int) -> dict[str, object]:
+    return {
+        "borrower": borrower,
+        "supplied": balance.supplied,
+        "granted": balance.granted,
+        "served": balance.served,
+        "in_doubt": balance.in_doubt,
+        "remaining": balance.remaining,
+        "blocked": balance.blocked,
+        "instances": instances,
+    }
+
+
+class AdminApp:
+    """The admin API as an ASGI app, for one borrower's account.
+
+    Args:
+        ledger: the open ledger.
+        hooks: the daemon's side (see :class:`AdminHooks`).
+        token: the bearer token (``CustodianState.admin_token``).
+        borrower: the account that supply/block/unblock/usage act on.
+        registry: where the metrics live (a fresh one by default).
+        body_timeout: seconds to receive a whole request body (tests shorten it).
+    """
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        hooks: AdminHooks,
+        token: str,
+        borrower: str,
+        registry: CollectorRegistry | None = None,
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
+        if not token:
+            raise ConfigError("the admin token must not be empty", key="token")
+        self._ledger = ledger
+        self._hooks = hooks
+        self._token_digest = hashlib.sha256(token.encode()).digest()
+        self._borrower = borrower
+        self._body_timeout = body_timeout
+        self.registry = registry or CollectorRegistry()
+        self._requests = Counter(
+            "drm_custodian_admin_requests",
+            "Admin API requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self._gauges = {
+            name: Gauge(f"drm_custodian_{name}", help_text, ["borrower"], registry=self.registry)
+            for name, help_text in (
+                ("supplied", "Inferences supplied by the operator, in total."),
+                ("granted", "Inferences lent to enclave instances, in total."),
+                ("served", "Inferences reported served."),
+                ("in_doubt", "Inferences granted but not yet reported served."),
+                ("remaining", "Inferences that may still be granted."),
+                ("blocked", "1 when the borrower is blocked."),
+                ("instances", "Enclave instances connected now."),
+            )
+        }
+        self._routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/supply_inferences": ("POST", self._supply),
+            "/block": ("POST", self._block),
+            "/unblock": ("POST", self._unblock),
+            "/usage": ("GET", self._usage),
+            "/metrics": ("GET", self._metrics),
+            "/healthz": ("GET", self._healthz),
+        }
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        # websocket: returning without accepting makes hypercorn refuse it (403).
+
+    async def _http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        started = time.monotonic()
+        peer = scope.get("client")
+        client = f"{peer[0]}:{peer[1]}" if peer else "-"
+        path = scope["path"]
+        endpoint = path if path in self._routes else "other"
+        request = Request(scope, receive, client, self._body_timeout)
+        try:
+            response = await self._dispatch(request)
+        except HttpError as exc:
+            response = json_response(exc.status, exc.body, **exc.headers)
+        except LedgerInputError as exc:  # our checks should have caught it first
+            doc = {"error": "bad_request", "message": str(exc), "field": exc.field}
+            response = json_response(400, doc)
+        except LedgerStorageError:
+            log.exception("admin_ledger_unavailable", client=client, path=path)
+            response = json_response(503, {"error": "unavailable", "message": "ledger error"})
+        except Exception:  # the per-request boundary: log it, answer 500
+            log.exception("admin_request_failed", client=client, path=path)
+            response = json_response(500, {"error": "internal", "message": "internal error"})
+        headers = [
+            (b"content-type", response.content_type.encode()),
+            (b"content-length", str(len(response.body)).encode()),
+            (b"cache-control", b"no-store"),
+            *((k.lower().encode(), v.encode()) for k, v in response.headers.items()),
+        ]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": headers,
+                "trailers": False,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        self._requests.labels(endpoint, str(response.status)).inc()
+        log.debug(
+            "admin_request",
+            client=client,
+            method=scope["method"],
+            path=endpoint,
+            status=response.status,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+    async def _dispatch(self, request: Request) -> Response:
+        path = request.scope["path"]
+        route = self._routes.get(path)
+        if route is None:
+            raise HttpError(404, "not_found", "no such endpoint")
+        method, handler = route
+        # h11 bounds headers only while they are incomplete; bound what arrived whole too.
+        if sum(len(k) + len(v) + 4 for k, v in request.scope["headers"]) > MAX_HEADER_BYTES:
+            raise HttpError(431, "headers_too_large", f"headers over {MAX_HEADER_BYTES} bytes")
+        if request.scope["method"] != method:
+            raise HttpError(405, "method_not_allowed", f"use {method}", headers={"Allow": method})
+        if path != "/healthz":
+            self._authenticate(request)
+            if request.scope["query_string"]:
+                raise HttpError(
+                    400, "bad_request", "no query string is accepted", field="query_string"
+                )
+        return await handler(request)
+
+    def _authenticate(self, request: Request) -> None:
+        values = [v for k, v in request.scope["headers"] if k.lower() == b"authorization"]
+        scheme, _, credentials = (
+            values[0].decode("latin-1") if len(values) == 1 else ""
+        ).partition(" ")
+        presented = credentials.strip().encode("latin-1")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            hashlib.sha256(presented).digest(), self._token_digest
+        ):
+            return
+        reason = (
+            "missing" if not values else "malformed" if scheme.lower() != "bearer" else "mismatch"
+        )
+        log.warning(
+            "admin_auth_failed", client=request.client, path=request.scope["path"], reason=reason
+        )
+        challenge = 'Bearer realm="drm-custodian"'
+        if values:
+            challenge += ', error="invalid_token"'
+        raise HttpError(
+            401,
+            "unauthorized",
+            "a valid bearer token is required",
+            headers={"WWW-Authenticate": challenge},
+        )
+
+    # --- endpoints -------------------------------------------------------------------
+
+    async def _supply(self, request: Request) -> Response:
+        key = request.header(b"idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise HttpError(
+                400, "bad_request", "must be 1-128 of [A-Za-z0-9._:-]", field="Idempotency-Key"
+            )
+        fields, is_form = await read_fields(request, allowed={"number_inferences"}, required=True)
+        units = parse_count(fields.get("number_inferences"), text=is_form)
+        try:
+            result = await self._ledger.supply(self._borrower, units, idempotency_key=key)
+        except IdempotencyConflict as exc:
+            raise HttpError(422, "idempotency_conflict", str(exc), field="Idempotency-Key") from exc
+        balance = await self._ledger.balance(self._borrower)
+        log.info(
+            "admin_supply",
+            client=request.client,
+            borrower=self._borrower,
+            units=units,
+            idempotency_key=key,
+            replayed=result.replayed,
+            supplied_before=balance.supplied - (0 if result.replayed else units),
+            supplied=balance.supplied,
+            remaining=balance.remaining,
+        )
+        await self._hooks.on_supplied(self._borrower, balance)
+        doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
+        return json_response(200, {**doc, "added": units, "replayed": result.replayed})
+
+    async def _block(self, request: Request) -> Response:
+        reason = await self._set_blocked(request, True)
+        await self._hooks.on_blocked(self._borrower, reason)
+        return await self._usage(request)
+
+    async def _unblock(self, request: Request) -> Response:
+        await self._set_blocked(request, False)
+        await self._hooks.on_unblocked(self._borrower)
+        return await self._usage(request)
+
+    async def _set_blocked(self, request: Request, blocked: bool) -> str:
+        fields, _ = await read_fields(request, allowed={"reason"}, required=False)
+        reason = fields.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN or not reason.isprintable():
+            raise HttpError(
+                400,
+                "bad_request",
+                f"must be a string of at most {MAX_REASON_LEN} printable characters",
+                field="reason",
+            )
+        await self._ledger.set_blocked(self._borrower, blocked, reason)
+        log.info(
+            "admin_block" if blocked else "admin_unblock",
+            client=request.client,
+            borrower=self._borrower,
+            reason=reason,
+        )
+        return reason
+
+    async def _usage(self, request: Request) -> Response:
+        balance = await self._ledger.balance(self._borrower)
+        return json_response(
+            200, _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
+        )
+
+    async def _metrics(self, request: Request) -> Response:
+        balance = await self._ledger.balance(self._borrower)
+        doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
+        for name, gauge in self._gauges.items():
+            value = doc[name]
+            assert isinstance(value, int)  # bool is an int: blocked -> 0/1
+            gauge.labels(self._borrower).set(value)
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    async def _healthz(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+
+# --- server --------------------------------------------------------------------------
+
+
+def hypercorn_config(
+    *, certfile: str | os.PathLike[str], keyfile: str | os.PathLike[str], host: str, port: int
+) -> Config:
+    """The hypercorn configuration :func:`serve_admin` uses, with every limit spelled out."""
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.certfile = os.fspath(certfile)
+    config.keyfile = os.fspath(keyfile)
+    # HTTP/1.1 only: curl and the CLI need nothing more, and h2 brings its own DoS surface.
+    config.alpn_protocols = ["http/1.1"]
+    config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT
+    config.read_timeout = READ_TIMEOUT
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    config.keep_alive_max_requests = 100
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.graceful_timeout = 3.0
+    config.backlog = 64
+    config.include_server_header = False
+    config.accesslog = None  # the app logs each request itself, structured
+    config.errorlog = logging.getLogger("hypercorn.error")  # the daemon's logging setup
+    return config
+
+
+async def serve_admin(
+    app: AdminApp,
+    *,
+    certfile: str | os.PathLike[str],
+    keyfile: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_ADMIN_PORT,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    allow_non_loopback: bool = False,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API over HTTPS until cancelled or ``shutdown_trigger`` returns.
+
+    Args:
+        app: the ASGI app.
+        certfile, keyfile: the custodian's server certificate and key (PEM).
+        host: an IP literal; loopback only unless ``allow_non_loopback`` (threat model D02).
+        port: 0 picks a free port; ``task_status.started`` reports the bound addresses.
+        shutdown_trigger: returns to begin a graceful shutdown.
+
+    Raises:
+        ConfigError: ``host`` is not an IP literal, or not loopback when it must be.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError("admin host must be an IP address", key="host") from None
+    if not address.is_loopback and not allow_non_loopback:
+        raise ConfigError("the admin API binds to loopback only", key="host")
+    config = hypercorn_config(certfile=certfile, keyfile=keyfile, host=host, port=port)
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            lambda task_status: hypercorn.trio.serve(
+                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status, mode="asgi"
+            )
+        )
+        bound = [(str(urlsplit(b).hostname), int(urlsplit(b).port or 0)) for b in binds]
+        log.info("admin_listening", addresses=[f"{h}:{p}" for h, p in bound])
+        task_status.started(bound)

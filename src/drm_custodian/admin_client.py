@@ -1,0 +1,170 @@
+"""A small blocking HTTPS client for the admin API: what ``supply N``, ``block``, ``unblock``
+and ``usage`` on the custodian's command line call.
+
+Standard library only (``http.client`` + ``ssl``): the CLI makes one call and exits, so
+there is nothing for an async or pooled client to win. The server certificate is verified
+against the custodian CA (``ca.pem``), hostname included. Every call is safe to retry on a
+transport error, which it does once: ``supply`` sends an ``Idempotency-Key`` (a fresh
+random one unless given), so a retry after a lost answer counts once; block, unblock and
+usage set or read state.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlencode, urlsplit
+
+from drm_custodian.admin import DEFAULT_ADMIN_PORT
+from drm_custodian.state import CustodianState
+from drm_wire.errors import DrmError
+
+#: Connect, send and receive, each. The server answers in milliseconds.
+DEFAULT_TIMEOUT: Final = 10.0
+#: Largest answer read: /metrics is the biggest, well under this.
+_MAX_RESPONSE_BYTES: Final = 1024 * 1024
+
+
+class AdminClientError(DrmError):
+    """The admin API answered with an error, or could not be reached.
+
+    Attributes:
+        status: the HTTP status, or ``None`` when there was no answer.
+        error: the server's error code (``"unauthorized"``, ``"bad_request"``...), if any.
+        field: the field the server named, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class AdminClient:
+    """Calls the admin API at ``url`` (``https://host:port``), trusting ``ca_path``."""
+
+    url: str
+    token: str = field(repr=False)
+    ca_path: str | os.PathLike[str]
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = 1
+
+    @classmethod
+    def from_state(
+        cls, state: CustodianState, *, host: str = "127.0.0.1", port: int = DEFAULT_ADMIN_PORT
+    ) -> AdminClient:
+        """A client for the custodian whose state directory this is (same machine)."""
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return cls(f"https://{netloc}", state.admin_token, state.ca_cert_path)
+
+    def supply(self, units: int, *, idempotency_key: str | None = None) -> dict[str, object]:
+        """Add ``units`` inferences; returns the new usage document."""
+        key = idempotency_key or f"cli-{secrets.token_hex(16)}"
+        return self._call(
+            "POST",
+            "/supply_inferences",
+            form={"number_inferences": str(units)},
+            headers={"Idempotency-Key": key},
+        )
+
+    def block(self, reason: str = "") -> dict[str, object]:
+        """Block the borrower; returns the usage document."""
+        return self._call("POST", "/block", form={"reason": reason} if reason else None)
+
+    def unblock(self) -> dict[str, object]:
+        """Unblock the borrower; returns the usage document."""
+        return self._call("POST", "/unblock")
+
+    def usage(self) -> dict[str, object]:
+        """Supplied, granted, served, in doubt, remaining, blocked, instances."""
+        return self._call("GET", "/usage")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One raw call (authenticated); returns status, headers (lower-cased), body.
+
+        Raises:
+            AdminClientError: the server could not be reached or the TLS check failed.
+        """
+        parts = urlsplit(self.url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise AdminClientError(f"not an https:// URL: {self.url!r}")
+        context = ssl.create_default_context(cafile=os.fspath(self.ca_path))
+        all_headers = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+        for attempt in range(self.retries + 1):
+            conn = http.client.HTTPSConnection(
+                parts.hostname, parts.port or DEFAULT_ADMIN_PORT,
+                timeout=self.timeout, context=context,
+            )  # fmt: skip
+            try:
+                conn.request(method, path, body=body, headers=all_headers)
+                response = conn.getresponse()
+                data = response.read(_MAX_RESPONSE_BYTES)
+                return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+            except ssl.SSLError as exc:
+                raise AdminClientError(f"TLS failed: {exc}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                if attempt == self.retries:
+                    raise AdminClientError(f"cannot reach {self.url}: {exc}") from exc
+            finally:
+                conn.close()
+        raise AssertionError("unreachable")
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        form: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> dict[str, object]:
+        all_headers = dict(headers or {})
+        body = None
+        if form is not None:
+            body = urlencode(form).encode("ascii")
+            all_headers["Content-Type"] = "application/x-www-form-urlencoded"
+        status, _, data = self.request(method, path, body=body, headers=all_headers)
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise AdminClientError(f"HTTP {status}: not a JSON object", status=status)
+        if status != 200:
+            error = doc.get("error")
+            where = doc.get("field")
+            raise AdminClientError(
+                f"HTTP {status}: {doc.get('message', error)}" + (f" ({where})" if where else ""),
+                status=status,
+                error=str(error) if error is not None else None,
+                field=str(where) if where is not None else None,
+            )
+        return doc
+
+
+def format_usage(doc: Mapping[str, object]) -> str:
+    """The usage document as the ``usage`` command prints it without ``--json``."""
+    keys = ("borrower", "supplied", "granted", "served", "in_doubt", "remaining", "blocked",
+            "instances")  # fmt: skip
+    return "\n".join(f"{key:<10} {doc[key]}" for key in keys if key in doc)

@@ -1,0 +1,299 @@
+"""The admin API over real TLS on loopback: the operations that should work.
+
+The hostile catalogue is in ``test_admin_hostile.py``; both use the ``server`` fixture from
+``admin_server.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from drm_custodian.admin import AdminApp, RecordingHooks, hypercorn_config, serve_admin
+from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
+from drm_custodian.ledger import Balance, BorrowerBlocked
+from drm_custodian.state import init_state_dir
+from drm_wire.errors import ConfigError
+
+from .admin_server import BORROWER, FORM, JSON, Server
+from .admin_server import server as server  # the fixture
+
+
+def _last_call(server: Server) -> tuple[str, str, object]:
+    return server.hooks.calls[-1]
+
+
+async def _client(server: Server, method: str, *args: Any, **kwargs: Any) -> Any:
+    return await trio.to_thread.run_sync(partial(getattr(server.client, method), *args, **kwargs))
+
+
+async def test_supply_with_form_adds_and_calls_the_hook(server: Server) -> None:
+    reply = await server.call("POST", "/supply_inferences", b"number_inferences=5", [FORM])
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    doc = reply.json()
+    assert (doc["added"], doc["supplied"], doc["remaining"], doc["replayed"]) == (5, 5, 5, False)
+    doc = await _client(server, "supply", 3)
+    assert (doc["supplied"], doc["remaining"]) == (8, 8)
+    assert [call[:2] for call in server.hooks.calls] == [("supplied", BORROWER)] * 2
+    assert server.hooks.calls[-1][2] == await server.balance()
+
+
+async def test_supply_with_json(server: Server) -> None:
+    body = json.dumps({"number_inferences": 7}).encode()
+    reply = await server.call("POST", "/supply_inferences", body, [JSON])
+    assert reply.status == 200
+    assert reply.json()["supplied"] == 7
+    charset = ("Content-Type", "application/json; charset=utf-8")
+    assert (await server.call("POST", "/supply_inferences", body, [charset])).status == 200
+    assert (await server.balance()).supplied == 14
+
+
+async def test_idempotency_key_retry_counts_once(server: Server) -> None:
+    key = [("Idempotency-Key", "op-2026-11-25:topup.1")]
+    first = await server.call("POST", "/supply_inferences", b"number_inferences=5", [FORM, *key])
+    again = await server.call("POST", "/supply_inferences", b"number_inferences=5", [FORM, *key])
+    assert (first.status, again.status) == (200, 200)
+    assert (first.json()["replayed"], again.json()["replayed"]) == (False, True)
+    assert again.json()["supplied"] == 5
+    other = await server.call("POST", "/supply_inferences", b"number_inferences=6", [FORM, *key])
+    assert other.status == 422
+    assert other.json()["field"] == "Idempotency-Key"
+    assert (await server.balance()).supplied == 5
+    doc = await _client(server, "supply", 2, idempotency_key="cli-1")
+    doc = await _client(server, "supply", 2, idempotency_key="cli-1")
+    assert (doc["supplied"], doc["replayed"]) == (7, True)
+
+
+async def test_concurrent_supplies_all_count(server: Server) -> None:
+    # Threat model D05: 50 concurrent POSTs of 1 grow the ledger by exactly 50.
+    limiter = trio.CapacityLimiter(50)
+    async with trio.open_nursery() as nursery:
+        for _ in range(50):
+            nursery.start_soon(
+                partial(trio.to_thread.run_sync, server.client.supply, 1, limiter=limiter)
+            )
+    assert (await server.balance()).supplied == 50
+    assert len(server.hooks.calls) == 50
+
+
+async def test_block_and_unblock(server: Server) -> None:
+    await _client(server, "supply", 10)
+    reply = await server.call("POST", "/block", b"reason=unpaid+invoice", [FORM])
+    assert reply.status == 200
+    assert reply.json()["blocked"] is True
+    assert _last_call(server) == ("blocked", BORROWER, "unpaid invoice")
+    with pytest.raises(BorrowerBlocked):
+        await server.ledger.record_grant(BORROWER, "instance-1", 1)
+    doc = await _client(server, "unblock")
+    assert doc["blocked"] is False
+    assert _last_call(server) == ("unblocked", BORROWER, None)
+    await server.ledger.record_grant(BORROWER, "instance-1", 1)
+    # No body at all is fine for both; JSON works too.
+    assert (await server.call("POST", "/block")).json()["blocked"] is True
+    body = json.dumps({"reason": "audit"}).encode()
+    assert (await server.call("POST", "/unblock", body, [JSON])).json()["blocked"] is False
+    assert _last_call(server) == ("unblocked", BORROWER, None)
+    assert ("blocked", BORROWER, "") in server.hooks.calls
+
+
+async def test_usage_reports_every_number(server: Server) -> None:
+    await _client(server, "supply", 10)
+    await server.ledger.record_grant(BORROWER, "instance-1", 4)
+    await server.ledger.record_usage(BORROWER, "instance-1", 3, 1)
+    server.hooks.connected = 2
+    doc = await _client(server, "usage")
+    assert doc == {
+        "borrower": BORROWER,
+        "supplied": 10,
+        "granted": 4,
+        "served": 3,
+        "in_doubt": 1,
+        "remaining": 6,
+        "blocked": False,
+        "instances": 2,
+    }
+    assert format_usage(doc).splitlines()[1].split() == ["supplied", "10"]
+
+
+async def test_healthz_needs_no_token(server: Server) -> None:
+    reply = await server.call("GET", "/healthz", auth=False)
+    assert (reply.status, reply.json()) == (200, {"status": "ok"})
+
+
+async def test_metrics_parse(server: Server) -> None:
+    await _client(server, "supply", 9)
+    await server.ledger.record_grant(BORROWER, "instance-1", 2)
+    server.hooks.connected = 1
+    assert (await server.call("GET", "/usage", auth=False)).status == 401
+    reply = await server.call("GET", "/metrics")
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for sample in family.samples
+    }
+    label = (("borrower", BORROWER),)
+    assert samples[("drm_custodian_supplied", label)] == 9
+    assert samples[("drm_custodian_granted", label)] == 2
+    assert samples[("drm_custodian_remaining", label)] == 7
+    assert samples[("drm_custodian_blocked", label)] == 0
+    assert samples[("drm_custodian_instances", label)] == 1
+    ok = (("endpoint", "/supply_inferences"), ("status", "200"))
+    denied = (("endpoint", "/usage"), ("status", "401"))
+    assert samples[("drm_custodian_admin_requests_total", ok)] == 1
+    assert samples[("drm_custodian_admin_requests_total", denied)] == 1
+
+
+async def test_logs_name_the_client_and_never_the_token(server: Server) -> None:
+    token = server.state.admin_token
+    with structlog.testing.capture_logs() as logs:
+        await _client(server, "supply", 4)
+        await server.call("GET", "/usage", auth=False, headers=[("Authorization", "Bearer x")])
+        wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
+        await server.call(
+            "GET", "/usage", auth=False, headers=[("Authorization", f"Bearer {wrong}")]
+        )
+    events = {entry["event"]: entry for entry in logs}
+    assert events["admin_supply"]["units"] == 4
+    assert (events["admin_supply"]["supplied_before"], events["admin_supply"]["supplied"]) == (0, 4)
+    assert events["admin_supply"]["client"].startswith("127.0.0.1:")
+    assert events["admin_auth_failed"]["reason"] == "mismatch"
+    assert token[:-1] not in repr(logs)
+
+
+async def test_hook_failure_answers_500_but_the_supply_stands(server: Server) -> None:
+    class Boom(RecordingHooks):
+        async def on_supplied(self, borrower: str, balance: Balance) -> None:
+            await super().on_supplied(borrower, balance)
+            if len(self.calls) == 1:
+                raise RuntimeError("push failed")
+
+    hooks = Boom()
+    server.app._hooks = hooks
+    key = [FORM, ("Idempotency-Key", "k1")]
+    with structlog.testing.capture_logs() as logs:
+        reply = await server.call("POST", "/supply_inferences", b"number_inferences=3", key)
+    assert reply.status == 500
+    assert any(entry["event"] == "admin_request_failed" for entry in logs)
+    retry = await server.call("POST", "/supply_inferences", b"number_inferences=3", key)
+    assert (retry.status, retry.json()["replayed"], retry.json()["supplied"]) == (200, True, 3)
+    assert len(hooks.calls) == 2
+
+
+async def test_client_reports_server_errors(server: Server) -> None:
+    with pytest.raises(AdminClientError) as info:
+        await _client(server, "supply", 0)
+    assert (info.value.status, info.value.field) == (400, "number_inferences")
+    bad = AdminClient(server.client.url, "x" * 43, server.state.ca_cert_path)
+    with pytest.raises(AdminClientError) as info:
+        await trio.to_thread.run_sync(bad.usage)
+    assert (info.value.status, info.value.error) == (401, "unauthorized")
+
+
+async def test_client_refuses_a_server_it_cannot_verify(server: Server, tmp_path: Path) -> None:
+    other = await init_state_dir(tmp_path / "other")
+    client = AdminClient(server.client.url, server.state.admin_token, other.ca_cert_path)
+    with pytest.raises(AdminClientError, match="TLS failed"):
+        await trio.to_thread.run_sync(client.usage)
+
+
+async def test_plain_http_is_not_served(server: Server) -> None:
+    def plain() -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    with pytest.raises((http.client.HTTPException, OSError)):
+        await trio.to_thread.run_sync(plain)
+    assert (await server.call("GET", "/healthz")).status == 200  # still serving
+
+
+@pytest.mark.parametrize(("size", "statuses"), [(9000, {431}), (200_000, {400, 431})])
+async def test_oversized_headers_are_refused(server: Server, size: int, statuses: set[int]) -> None:
+    before = await server.balance()
+    headers = [FORM, ("X-Padding", "a" * size)]
+    try:
+        reply = await server.call("POST", "/supply_inferences", b"number_inferences=5", headers)
+    except (http.client.HTTPException, OSError):
+        assert size > 9000  # h11 may close mid-request without an answer
+    else:
+        assert reply.status in statuses
+    assert await server.balance() == before
+    assert (await server.call("GET", "/healthz")).status == 200
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not on PATH")
+async def test_curl_works(server: Server) -> None:
+    argv = [
+        "curl", "--silent", "--show-error", "--fail-with-body",
+        "--cacert", os.fspath(server.state.ca_cert_path),
+        "-H", f"Authorization: Bearer {server.state.admin_token}",
+        "-d", "number_inferences=5",
+        f"https://127.0.0.1:{server.port}/supply_inferences",
+    ]  # fmt: skip
+    done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["supplied"] == 5
+    assert (await server.balance()).supplied == 5
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "localhost", "::"])
+async def test_admin_binds_to_loopback_only(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        await serve_admin(
+            AdminApp(ledger=None, hooks=RecordingHooks(), token="t", borrower=BORROWER),  # type: ignore[arg-type]
+            certfile=tmp_path / "c",
+            keyfile=tmp_path / "k",
+            host=host,
+        )
+    assert info.value.key == "host"
+
+
+def test_hypercorn_config_limits() -> None:
+    config = hypercorn_config(certfile="c.pem", keyfile="k.pem", host="::1", port=0)
+    assert config.bind == ["[::1]:0"]
+    assert config.alpn_protocols == ["http/1.1"]
+    assert (config.read_timeout, config.keep_alive_timeout, config.ssl_handshake_timeout) == (
+        10,
+        5.0,
+        10.0,
+    )
+    assert config.h11_max_incomplete_size == 8 * 1024
+    assert config.accesslog is None
+
+
+async def test_client_from_state(server: Server) -> None:
+    client = AdminClient.from_state(server.state, port=server.port)
+    assert client.url == f"https://127.0.0.1:{server.port}"
+    assert server.state.admin_token not in repr(client)
+    doc = await trio.to_thread.run_sync(client.block, "maintenance")
+    assert doc["blocked"] is True
+    assert _last_call(server) == ("blocked", BORROWER, "maintenance")
+    assert AdminClient.from_state(server.state, host="::1", port=1).url == "https://[::1]:1"
+
+
+async def test_client_reports_an_unreachable_server(server: Server) -> None:
+    with trio.socket.socket() as sock:  # a port that was free a moment ago
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = AdminClient(f"https://127.0.0.1:{port}", "t", server.state.ca_cert_path, timeout=2)
+    with pytest.raises(AdminClientError, match="cannot reach") as info:
+        await trio.to_thread.run_sync(client.usage)
+    assert info.value.status is None
+    with pytest.raises(AdminClientError, match="https://"):
+        await trio.to_thread.run_sync(AdminClient("http://x", "t", "ca.pem").usage)
