@@ -1,0 +1,452 @@
+"""The enclave's model host: check a model's bytes, load them into onnxruntime, run it.
+
+Theory of operation
+-------------------
+:func:`load_model` takes the model's bytes as they arrived from the custodian (see
+:mod:`drm_enclave.model_receiver`) and, before onnxruntime sees them:
+
+1. bounds the size (:data:`~drm_wire.limits.MAX_MODEL_BYTES`; empty is refused);
+2. walks the protobuf wire format of the ``ModelProto`` (:func:`_scan_model`) and refuses
+   any tensor stored as *external data* (M02: a ``location`` such as ``../secret`` would
+   make onnxruntime open files: onnx CVE-2022-25882, CVE-2024-27318), wherever the tensor
+   sits: initializers, sparse initializers, ``Constant``-style attributes, subgraphs of
+   ``If``/``Loop``/``Scan``, model-local functions and training graphs;
+3. refuses nodes from an operator domain onnxruntime's CPU build does not ship
+   (:data:`ALLOWED_DOMAINS`) unless they call a function defined in the model itself (M03).
+   No custom-op library is ever registered with onnxruntime, so such a node could only
+   fail later; refusing it here gives a clear error.
+
+Then it creates the session from bytes, in memory, with :func:`session_options` (M06): no
+optimised-model file, no profiling, and ORT's log severity at FATAL, because its ERROR
+lines name the failing node (measured with ORT 1.32: severity 3 still prints
+``Name:'<node>'``). onnxruntime's telemetry is switched off before it is imported (see
+the comment at the import: its on-disk event queue holds error messages naming nodes).
+Anything onnxruntime refuses becomes :class:`ModelError` ("invalid model: ...", M01) and
+the process carries on with no model.
+
+Graph optimisation is ``ORT_ENABLE_ALL``: every level works in memory, and on the
+covidnet-like CNN it gave the fastest run and session creation (run p50 37.6 ms vs
+46.5 ms at BASIC on a loaded 2-vCPU box; creation 78 vs 91 ms).
+
+Why not the ``onnx`` package at runtime
+--------------------------------------
+``onnx.load_model_from_string`` would parse the whole model into Python-owned protobuf
+objects: a second full copy of the weights (200 MB for the big model) only to read a few
+enum fields, and a large native dependency (and its own CVE history) inside the enclave's
+trusted computing base and measurement. The checks need three things from the wire format:
+tags, varints and lengths. :func:`_scan_model` is that walk, about 100 lines, which
+descends only into the messages that can hold tensors or nodes and skips everything else
+(raw weights included) by length, so it costs microseconds even for 200 MB. ``onnx`` stays
+a test and bench dependency; the tests check the walk against models built with it.
+
+Inline or thread (:meth:`HostedModel.run_async`)
+-----------------------------------------------
+Measured with ``python bench/inference.py`` on the 2-vCPU development VM while other
+work shared it (p50 of 3000 tiny / 30 CNN calls, median of 3 runs; 1 intra-op thread):
+
+=================  ==========  ===============  ================  =================
+model              raw run     HostedModel.run  run_async inline  run_async thread
+=================  ==========  ===============  ================  =================
+tiny (batch 1)     17.4 µs     23.2 µs          47.0 µs           239.1 µs
+covidnet-like CNN  27.9 ms     28.8 ms          30.0 ms           30.7 ms
+=================  ==========  ===============  ================  =================
+
+The ``to_thread`` hop costs ~190 µs p50 (~5x the whole inline path of the tiny model;
+research/anchors-perf.md measured ~200 µs per request in a real server too), and about
+0.7 ms (2 %) on the CNN, whose run would otherwise hold the event loop, and with it the
+custodian link, heartbeats and every other consumer, for ~30 ms. So the policy: a run
+goes inline when a run at least as large (in input bytes) was observed to take at most
+:data:`INLINE_FAST` (0.5 ms), and through ``trio.to_thread.run_sync`` otherwise; one run
+slower than :data:`INLINE_BUDGET` (1 ms) sends that size and larger back to the thread.
+The loop is never stalled for more than one run past 1 ms, each new input size is first
+measured off the loop, and small models stop paying the hop after their first request.
+(The inline path's extra ~24 µs over ``run`` is its two trio checkpoint halves: cancel
+is checked before the run, and the task yields after it so a pipelining consumer cannot
+monopolise the loop.)
+
+Memory (same bench, 200 MB model): assembling it costs +1.00x its size; ``load_model``
+peaks at +4.0x (the receiver's buffer, the ``bytes`` copy onnxruntime's Python API
+requires, its parsed protobuf and its weights) and settles at +2.05x while the caller
+still holds the buffer, +1x once it drops it. onnxruntime's wrapper would keep the
+``bytes`` copy for the session's lifetime; :func:`load_model` drops that reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, Final, final
+
+import numpy as np
+import trio
+
+# onnxruntime's Linux wheels (1.32) carry Microsoft 1DS telemetry. At import it opens a
+# SQLite queue under ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ (plus a device id)
+# and records events there for upload, including load and run error messages, which
+# name the model's nodes (seen in that queue during this module's tests). The variable
+# is read when onnxruntime is first imported, so it must be set before that import;
+# load_model also turns events off through the API in case something imported
+# onnxruntime earlier (that still leaves the file opened and one start-up event).
+os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
+from drm_wire.limits import MAX_MODEL_BYTES, MAX_TENSOR_RANK, MAX_TENSORS
+from drm_wire.messages import ModelDescription, TensorSpec
+from drm_wire.tensors import DTYPES, Tensor, check_name
+
+from .model_scan import ALLOWED_DOMAINS, ModelError, _name, scan_model
+
+__all__ = [
+    "ALLOWED_DOMAINS",
+    "INLINE_BUDGET",
+    "INLINE_FAST",
+    "BadInputError",
+    "HostedModel",
+    "InferenceError",
+    "ModelError",
+    "load_model",
+    "session_options",
+]
+
+#: A run observed to take at most this long (seconds) lets runs of that input size and
+#: smaller go inline on the event loop.
+INLINE_FAST: Final = 0.0005
+#: A run that takes longer than this sends runs of that size and larger back to a thread.
+INLINE_BUDGET: Final = 0.001
+
+#: ORT's log severity: 4 = FATAL. At 3 (ERROR) a failed run still logs the node's name.
+ORT_LOG_SEVERITY: Final = 4
+
+#: ORT's ``tensor(...)`` type strings -> the wire's dtype names.
+_ORT_TYPES: Final = {
+    f"tensor({ {'float32': 'float', 'float64': 'double'}.get(name, name) })": name
+    for name in DTYPES
+}
+#: Every exception class onnxruntime's native module raises, plus the wrapper's own.
+_ORT_ERRORS: Final[tuple[type[Exception], ...]] = (
+    *(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)),
+    RuntimeError,
+    ValueError,
+)
+_ORT_STATUS: Final = re.compile(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+) :")
+
+
+class BadInputError(DrmError):
+    """A request's tensors do not match the model's inputs (M04). Raised before any quota
+    is taken, so the request costs the consumer nothing.
+
+    Attributes:
+        code: always :attr:`ErrorCode.BAD_REQUEST`.
+        field: the input at fault, if one is.
+        got: what was seen instead (a dtype, a dim, a count).
+    """
+
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str, *, field: str | None = None, got: object = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.got = got
+
+
+class InferenceError(DrmError):
+    """onnxruntime failed while running a request that passed :meth:`HostedModel.check_inputs`
+    (for instance a dynamic dim the graph cannot reshape). No inference is counted."""
+
+    code = ErrorCode.INFERENCE_FAILED
+
+
+def _ort_category(exc: BaseException) -> str:
+    match = _ORT_STATUS.search(str(exc))
+    return match.group(1) if match else type(exc).__name__
+
+
+# --- the session ----------------------------------------------------------------------
+
+
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """The only session options the enclave uses (M06)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = ""  # never write the optimised model anywhere
+    options.enable_profiling = False  # no profile file, whose events name every node
+    options.log_severity_level = ORT_LOG_SEVERITY
+    options.log_verbosity_level = 0
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    # Bytes are always parsed as ONNX protobuf, never sniffed as the ORT flatbuffer format.
+    options.add_session_config_entry("session.load_model_format", "ONNX")
+    return options
+
+
+def _spec(arg: Any, what: str) -> tuple[TensorSpec, tuple[str | None, ...]]:
+    """A session input/output as a wire spec, plus the symbol of each dynamic dim."""
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise ModelError(f"{what} {_name(arg.name)} has type {arg.type}, which the wire lacks")
+    shape = list(arg.shape or [])
+    if len(shape) > MAX_TENSOR_RANK:
+        raise ModelError(f"{what} {_name(arg.name)} has rank {len(shape)} > {MAX_TENSOR_RANK}")
+    dims = tuple(d if type(d) is int and d >= 0 else None for d in shape)
+    symbols = tuple(d if type(d) is str and d else None for d in shape)
+    try:
+        return TensorSpec(name=arg.name, dtype=dtype, shape=dims), symbols
+    except LocalProtocolError as exc:
+        raise ModelError(f"{what} name or shape not servable: {exc.message}") from None
+
+
+def load_model(
+    name: str, data: bytes | bytearray | memoryview, *, intra_op_threads: int = 1
+) -> HostedModel:
+    """Check the model's bytes, then create an in-memory onnxruntime session for them.
+
+    Args:
+        name: the model's name (as in :class:`~drm_wire.messages.ModelBegin`).
+        data: the serialized ``ModelProto``. Only read; a ``bytes`` object is used as is,
+            anything else is copied once into the ``bytes`` onnxruntime's API requires.
+        intra_op_threads: onnxruntime's intra-op thread count (1 to 64).
+
+    Raises:
+        ModelError: empty, too large, malformed, external data, an unregistered operator
+            domain, an input or output the wire cannot carry, or refused by onnxruntime.
+        LocalProtocolError: ``name`` is not a valid model name.
+        ValueError: ``intra_op_threads`` out of range.
+    """
+    check_name(name)
+    if type(intra_op_threads) is not int or not 1 <= intra_op_threads <= 64:
+        raise ValueError("intra_op_threads must be an int from 1 to 64")
+    view = memoryview(data).cast("B")
+    if view.nbytes == 0:
+        raise ModelError("empty")
+    if view.nbytes > MAX_MODEL_BYTES:
+        raise ModelError(f"{view.nbytes} bytes is over the limit of {MAX_MODEL_BYTES}")
+    scan_model(view)
+    sha256 = hashlib.sha256(view).digest()
+    model_bytes = data if type(data) is bytes else bytes(view)
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)  # the process-wide logger too
+    ort.disable_telemetry_events()
+    try:
+        # enable_fallback=0: on a failure the wrapper would otherwise print the error
+        # (node names included) to stdout and try again.
+        session = ort.InferenceSession(
+            model_bytes,
+            session_options(intra_op_threads),
+            providers=["CPUExecutionProvider"],
+            enable_fallback=0,
+        )
+    except _ORT_ERRORS as exc:
+        # ORT's message names nodes and initializers (M06): keep only its status category,
+        # and do not chain it into tracebacks that the log would print.
+        raise ModelError(f"onnxruntime refused it ({_ort_category(exc)})") from None
+    finally:
+        del model_bytes
+    # The wrapper keeps the bytes only to re-create the session on a provider fallback,
+    # which is disabled: drop that second full copy of the weights.
+    session._model_bytes = None
+    inputs = [_spec(arg, "input") for arg in session.get_inputs()]
+    outputs = [_spec(arg, "output") for arg in session.get_outputs()]
+    if not inputs or len(inputs) > MAX_TENSORS or not outputs or len(outputs) > MAX_TENSORS:
+        raise ModelError(f"needs 1 to {MAX_TENSORS} inputs and outputs")
+    description = ModelDescription(
+        name=name,
+        sha256=sha256,
+        inputs=tuple(spec for spec, _ in inputs),
+        outputs=tuple(spec for spec, _ in outputs),
+    )
+    symbols = {spec.name: sym for spec, sym in inputs}
+    return HostedModel(session, description, symbols, intra_op_threads)
+
+
+@final
+class HostedModel:
+    """A loaded model: its description, input checks and runs. Made by :func:`load_model`.
+
+    ``run`` may be called from several threads at once (onnxruntime sessions are
+    thread-safe); ``run_async`` from trio tasks.
+    """
+
+    __slots__ = ("_description", "_inline_max", "_inputs", "_limiter", "_outputs", "_session",
+                 "_symbols", "_threads")  # fmt: skip
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        description: ModelDescription,
+        symbols: dict[str, tuple[str | None, ...]],
+        intra_op_threads: int,
+    ) -> None:
+        self._session = session
+        self._description = description
+        self._inputs = {spec.name: spec for spec in description.inputs}
+        self._outputs = [spec.name for spec in description.outputs]
+        self._symbols = symbols
+        self._threads = intra_op_threads
+        #: Largest total input size (bytes) known to run fast enough to stay inline.
+        self._inline_max = -1
+        self._limiter: trio.CapacityLimiter | None = None
+
+    def __repr__(self) -> str:
+        d = self._description
+        return f"<HostedModel {d.name!r} sha256={d.sha256.hex()[:16]} inline<={self._inline_max}B>"
+
+    @property
+    def description(self) -> ModelDescription:
+        """Name, SHA-256, inputs and outputs (``None`` for dynamic dims)."""
+        return self._description
+
+    @property
+    def session_options(self) -> ort.SessionOptions:
+        """The live session's options, for audits (M06)."""
+        return self._session.get_session_options()
+
+    def check_inputs(self, tensors: Sequence[Tensor]) -> None:
+        """Check that ``tensors`` are exactly the model's inputs (M04).
+
+        Names (each input once, none unknown), dtypes, ranks, every concrete dim, and
+        dynamic dims that share a symbol (``N``) agreeing across inputs. Call this
+        before taking quota: it raises before anything is spent.
+
+        Raises:
+            BadInputError: the first mismatch found.
+        """
+        self._feeds(tensors)
+
+    def _feeds(self, tensors: Sequence[Tensor]) -> dict[str, np.ndarray[Any, Any]]:
+        specs = self._inputs
+        if len(tensors) != len(specs):
+            raise BadInputError(
+                f"the model takes {len(specs)} input(s) ({', '.join(map(_name, specs))}), "
+                f"got {len(tensors)}",
+                got=len(tensors),
+            )
+        feeds: dict[str, np.ndarray[Any, Any]] = {}
+        bound: dict[str, int] = {}
+        for tensor in tensors:
+            if type(tensor) is not Tensor:
+                raise BadInputError("inputs must be Tensor values", got=type(tensor).__name__)
+            name = tensor.name
+            spec = specs.get(name)
+            if spec is None or name in feeds:
+                what = "unknown" if spec is None else "duplicate"
+                raise BadInputError(f"{what} input {_name(name)}", field=name)
+            if tensor.dtype != spec.dtype:
+                raise BadInputError(
+                    f"input {_name(name)} must be {spec.dtype}, got {tensor.dtype}",
+                    field=name,
+                    got=tensor.dtype,
+                )
+            shape = tensor.shape
+            if len(shape) != len(spec.shape):
+                raise BadInputError(
+                    f"input {_name(name)} must have rank {len(spec.shape)}, got {len(shape)}",
+                    field=name,
+                    got=len(shape),
+                )
+            for axis, (dim, want, symbol) in enumerate(
+                zip(shape, spec.shape, self._symbols[name], strict=True)
+            ):
+                if want is not None and dim != want:
+                    raise BadInputError(
+                        f"input {_name(name)} dim {axis} must be {want}, got {dim}",
+                        field=name,
+                        got=dim,
+                    )
+                if symbol is not None and bound.setdefault(symbol, dim) != dim:
+                    raise BadInputError(
+                        f"dynamic dim {_name(symbol)} is {bound[symbol]} in one input and "
+                        f"{dim} in input {_name(name)}",
+                        field=name,
+                        got=dim,
+                    )
+            if tensor.data.nbytes != math.prod(shape) * DTYPES[tensor.dtype].itemsize:
+                raise BadInputError(f"input {_name(name)} has the wrong byte length", field=name)
+            feeds[name] = tensor.to_numpy()
+        return feeds
+
+    def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """Check the inputs, run the model, return its outputs in model order.
+
+        Inputs reach onnxruntime without a copy (``Tensor.to_numpy`` shares their bytes);
+        outputs wrap onnxruntime's arrays without a copy.
+
+        Raises:
+            BadInputError: as :meth:`check_inputs`.
+            InferenceError: onnxruntime failed to run the model on these inputs.
+        """
+        return self._run(self._feeds(tensors))
+
+    def _run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> tuple[Tensor, ...]:
+        try:
+            arrays = self._session.run(self._outputs, feeds)
+        except _ORT_ERRORS as exc:
+            # Not chained: ORT's message names the failing node (M06).
+            raise InferenceError(f"the model failed to run ({_ort_category(exc)})") from None
+        outputs = []
+        try:
+            for spec, array in zip(self._description.outputs, arrays, strict=True):
+                if array.flags.c_contiguous and array.dtype == DTYPES[spec.dtype] and array.size:
+                    # What ORT returns: the declared dtype, C order. Wrap it without the
+                    # dtype search of Tensor.from_numpy (a third of a tiny model's run).
+                    data = memoryview(array).cast("B")
+                    tensor = Tensor(name=spec.name, dtype=spec.dtype, shape=array.shape, data=data)
+                else:
+                    tensor = Tensor.from_numpy(spec.name, array)
+                outputs.append(tensor)
+        except LocalProtocolError as exc:  # e.g. an output over MAX_TENSOR_ELEMENTS
+            raise InferenceError(f"an output cannot be sent: {exc.message}") from exc
+        return tuple(outputs)
+
+    def _timed_run(
+        self, feeds: dict[str, np.ndarray[Any, Any]]
+    ) -> tuple[tuple[Tensor, ...], float]:
+        start = time.perf_counter()
+        outputs = self._run(feeds)
+        return outputs, time.perf_counter() - start
+
+    def _observe(self, size: int, elapsed: float) -> None:
+        if elapsed <= INLINE_FAST:
+            self._inline_max = max(self._inline_max, size)
+        elif elapsed > INLINE_BUDGET:
+            self._inline_max = min(self._inline_max, size - 1)
+
+    async def run_async(
+        self, tensors: Sequence[Tensor], *, inline: bool | None = None
+    ) -> tuple[Tensor, ...]:
+        """:meth:`run` for trio: inline when this size is known to be fast, else in a thread.
+
+        Args:
+            tensors: as :meth:`run`.
+            inline: force one path (benchmarks and tests); ``None`` lets the policy in the
+                module docstring decide.
+
+        Cancellation is checked only before the run starts. Once it has started the
+        run completes and its outputs are returned (a thread run is not abandoned), so a
+        started inference always ends with a result or an error, never "maybe ran".
+
+        Raises:
+            BadInputError, InferenceError: as :meth:`run`.
+        """
+        feeds = self._feeds(tensors)
+        size = sum(array.nbytes for array in feeds.values())
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if inline if inline is not None else size <= self._inline_max:
+            outputs, elapsed = self._timed_run(feeds)
+            self._observe(size, elapsed)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return outputs
+        if self._limiter is None:
+            # One run per core at a time: more would only contend for the same cores.
+            self._limiter = trio.CapacityLimiter(max(1, (os.cpu_count() or 1) // self._threads))
+        outputs, elapsed = await trio.to_thread.run_sync(
+            self._timed_run, feeds, limiter=self._limiter
+        )
+        self._observe(size, elapsed)
+        return outputs
