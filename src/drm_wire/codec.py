@@ -118,7 +118,8 @@ class HeaderDecoder:
             # msgpack reports both size limits and malformed input as ValueError subclasses.
             limit = "exceeds max" in str(exc)
             code = ErrorCode.LIMIT_EXCEEDED if limit else ErrorCode.PROTOCOL_ERROR
-            raise RemoteProtocolError(f"malformed header: {exc}", code=code) from exc
+            detail = str(exc) or type(exc).__name__
+            raise RemoteProtocolError(f"malformed header: {detail}", code=code) from exc
         except Exception as exc:
             # msgpack documents that "other exceptions can be raised" on hostile input;
             # every one of them is the peer's fault, so all become the one error type.

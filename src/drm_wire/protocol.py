@@ -237,8 +237,9 @@ class Connection:
         Raises:
             RemoteProtocolError: the peer broke the framing, a limit, a message's rules or
                 the state machine, or closed the connection in the middle of a frame. The
-                connection is then ``CLOSED``; send the peer an :class:`Error` built with
-                :meth:`error_for` if the transport still works, then close it.
+                connection is then ``CLOSED``; send the peer the :class:`Error` built with
+                :meth:`error_for` through :meth:`send_error` if the transport still
+                works, then close it.
         """
         try:
             frame = self._decoder.next_frame()
@@ -261,6 +262,24 @@ class Connection:
     def error_for(exc: RemoteProtocolError) -> Error:
         """The connection-level error message that tells the peer what it did wrong."""
         return Error(code=exc.code, message=exc.message[:200])
+
+    def send_error(self, error: Error) -> list[Buffer]:
+        """Encode a connection-level error as our last words, and close.
+
+        Unlike :meth:`send`, this works after the peer broke the protocol (the connection
+        is already ``CLOSED`` then): telling the peer why is the one thing left to do.
+
+        Raises:
+            LocalProtocolError: the error answers a request (it would not be last words),
+                or the byte stream is ``BROKEN`` (a frame would land mid-frame).
+        """
+        if error.request_id is not None:
+            raise LocalProtocolError("last words are connection-level: no request_id")
+        if self.state is State.BROKEN:
+            raise LocalProtocolError("cannot send on a broken connection", state="broken")
+        self.state = State.CLOSED
+        header, payload = error.to_wire()
+        return encode_frame(header, payload)
 
     # --- the state machine ----------------------------------------------------------
 

@@ -23,7 +23,7 @@ from drm_wire.protocol import (
 )
 from drm_wire.tensors import Tensor
 
-from .helpers import encode
+from .helpers import decode_all, encode
 
 DIGEST = b"\x01" * 32
 TENSOR = Tensor.from_numpy("x", np.zeros(2, dtype=np.float32))
@@ -248,3 +248,22 @@ def test_clean_eof_between_frames() -> None:
     client.receive_data(b"")
     assert client.next_message() is CLOSED
     assert client.state is State.CLOSED
+
+
+def test_last_words_can_follow_a_remote_protocol_error() -> None:
+    server = Connection(Link.CUSTODIAN, Side.SERVER)
+    server.receive_data(b"\x00\x00\x00\x01\xc1")
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_message()
+    with pytest.raises(LocalProtocolError):
+        server.send(Connection.error_for(info.value))  # ordinary sends are refused
+    (frame,) = server.send_error(Connection.error_for(info.value))
+    (decoded,) = decode_all(bytes(frame))
+    assert isinstance(decoded, m.Error)
+    assert decoded.code is ErrorCode.PROTOCOL_ERROR
+    assert "malformed header" in decoded.message
+    with pytest.raises(LocalProtocolError, match="no request_id"):
+        server.send_error(m.Error(code=ErrorCode.BUSY, message="", request_id=1))
+    server.send_failed()
+    with pytest.raises(LocalProtocolError, match="broken"):
+        server.send_error(Connection.error_for(info.value))

@@ -1,0 +1,278 @@
+"""MessageChannel over memory and lockstep streams: hello, send/receive, requests.
+
+Rules: no sockets and no sleeps; every timeout runs on ``autojump_clock``; each test
+parametrised over ``stream_pair`` runs on a buffered pair and on a lockstep pair (where
+every write waits for the peer's read, so any missing concurrency deadlocks).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError
+from drm_wire.messages import (
+    EnclaveState,
+    Error,
+    Grant,
+    Heartbeat,
+    Hello,
+    InferenceRequest,
+    InferenceResult,
+    ModelInfo,
+    ModelInfoRequest,
+    PeerRole,
+    UsageReport,
+    Waiting,
+)
+from drm_wire.net.channel import ChannelClosed, MessageChannel, open_channel
+from drm_wire.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Link, Side
+from drm_wire.tensors import Tensor
+from tests.net.channel_fakes import (
+    CLIENT_SOFTWARE,
+    SERVER_SOFTWARE,
+    RecordingStream,
+    StreamPair,
+    channel_pair,
+    infer,
+    result_for,
+    shake_hands,
+)
+
+
+@pytest.fixture(
+    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
+    ids=["memory", "lockstep"],
+)
+def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
+    make: StreamPair = request.param
+    return make
+
+
+async def serve_requests(server: MessageChannel, count: int, *, seed: int = 0) -> None:
+    """Fake enclave: take ``count`` requests, then answer them in a shuffled order."""
+    requests: list[InferenceRequest] = []
+    while len(requests) < count:
+        request = await server.receive()
+        assert isinstance(request, InferenceRequest)
+        requests.append(request)
+    random.Random(seed).shuffle(requests)
+    for request in requests:
+        await server.send(result_for(request))
+
+
+async def test_hello_welcome(stream_pair: StreamPair) -> None:
+    async with channel_pair(stream_pair, Link.CUSTODIAN, handshake=False) as (client, server):
+        assert (client.version, server.version) == (None, None)
+        hellos: list[Hello] = []
+
+        async def custodian() -> None:
+            hellos.append(await server.accept_hello(software=SERVER_SOFTWARE))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(custodian)
+            welcome = await client.hello(
+                role=PeerRole.ENCLAVE,
+                software=CLIENT_SOFTWARE,
+                license="license-1",
+                instance_id="instance-1",
+            )
+        assert welcome.version == PROTOCOL_VERSION
+        assert welcome.software == SERVER_SOFTWARE
+        assert hellos == [
+            Hello(
+                versions=SUPPORTED_VERSIONS,
+                role=PeerRole.ENCLAVE,
+                software=CLIENT_SOFTWARE,
+                license="license-1",
+                instance_id="instance-1",
+            )
+        ]
+        assert client.version == server.version == PROTOCOL_VERSION
+        assert "custodian client open version=1" in repr(client)
+
+
+async def test_messages_both_ways_then_clean_close(stream_pair: StreamPair) -> None:
+    client_stream, server_stream = stream_pair()
+    async with open_channel(server_stream, Link.CUSTODIAN, Side.SERVER) as server:
+        async with open_channel(client_stream, Link.CUSTODIAN, Side.CLIENT) as client:
+            await shake_hands(client, server)
+            await server.send(Grant(grant_id=1, units=5, granted_total=5))
+            assert await client.receive() == Grant(grant_id=1, units=5, granted_total=5)
+            await client.send(UsageReport(seq=1, served_total=2))
+            await client.send(Heartbeat(seq=9))
+            assert await server.receive() == UsageReport(seq=1, served_total=2)
+        # The client left its block: the server reads what was sent, then a clean end.
+        assert [message async for message in server] == [Heartbeat(seq=9)]
+        with pytest.raises(ChannelClosed, match="peer closed the connection"):
+            await server.receive()
+        with pytest.raises(ChannelClosed):
+            await server.send(Heartbeat(seq=10))
+
+
+async def test_hundred_requests_in_flight_answered_out_of_order(stream_pair: StreamPair) -> None:
+    count = 100
+    results: dict[int, InferenceResult] = {}
+
+    async def ask(client: MessageChannel, value: float) -> None:
+        request = infer(client.next_request_id(), value)
+        results[request.request_id] = await client.request(request)
+        assert results[request.request_id].outputs[0].to_numpy().tolist() == [2 * value] * 4
+
+    async with channel_pair(stream_pair) as (client, server), trio.open_nursery() as nursery:
+        nursery.start_soon(serve_requests, server, count)
+        for i in range(count):
+            nursery.start_soon(ask, client, float(i))
+    assert sorted(results) == list(range(1, count + 1))
+
+
+async def test_waiting_goes_to_the_callback_then_the_result(stream_pair: StreamPair) -> None:
+    waits: list[Waiting] = []
+    async with channel_pair(stream_pair) as (client, server):
+
+        async def enclave() -> None:
+            request = await server.receive()
+            assert isinstance(request, InferenceRequest)
+            await server.send(Waiting(request_id=request.request_id, position=2))
+            await server.send(Waiting(request_id=request.request_id, position=1))
+            await server.send(result_for(request, inferences_left=0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(enclave)
+            result = await client.request(infer(5, 1.5), on_waiting=waits.append)
+    assert [w.position for w in waits] == [2, 1]
+    assert result.inferences_left == 0
+    assert result.outputs[0].to_numpy().tolist() == [3.0] * 4
+
+
+async def test_waiting_without_callback_is_ignored(stream_pair: StreamPair) -> None:
+    async with channel_pair(stream_pair) as (client, server):
+
+        async def enclave() -> None:
+            request = await server.receive()
+            assert isinstance(request, InferenceRequest)
+            await server.send(Waiting(request_id=request.request_id, position=0))
+            await server.send(result_for(request))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(enclave)
+            assert (await client.request(infer(1))).request_id == 1
+
+
+async def test_error_reply_is_peer_error_and_the_channel_stays_open(
+    stream_pair: StreamPair,
+) -> None:
+    async with channel_pair(stream_pair) as (client, server):
+
+        async def enclave() -> None:
+            first = await server.receive()
+            assert isinstance(first, InferenceRequest)
+            await server.send(
+                Error(code=ErrorCode.NO_INFERENCES, message="none left", request_id=1)
+            )
+            second = await server.receive()
+            assert isinstance(second, ModelInfoRequest)
+            await server.send(
+                ModelInfo(request_id=2, models=(), inferences_left=0, state=EnclaveState.SERVING)
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(enclave)
+            with pytest.raises(PeerError, match="none left") as info:
+                await client.request(infer(client.next_request_id()))
+            assert info.value.code is ErrorCode.NO_INFERENCES
+            assert info.value.request_id == 1
+            info_reply = await client.request(ModelInfoRequest(request_id=client.next_request_id()))
+            assert info_reply.state is EnclaveState.SERVING
+
+
+async def test_a_cancelled_request_drops_its_late_reply(
+    stream_pair: StreamPair, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with channel_pair(stream_pair) as (client, server):
+        with trio.move_on_after(1):
+            await client.request(infer(1))
+        request = await server.receive()
+        assert isinstance(request, InferenceRequest)
+        await server.send(Waiting(request_id=1, position=0))
+        await server.send(result_for(request))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_requests, server, 1)
+            assert (await client.request(infer(2))).request_id == 2
+        with trio.move_on_after(5) as scope:  # the late reply was not handed to receive()
+            await client.receive()
+        assert scope.cancelled_caught
+
+
+async def test_duplicate_request_id_is_refused_locally(stream_pair: StreamPair) -> None:
+    async with channel_pair(stream_pair) as (client, server), trio.open_nursery() as nursery:
+        nursery.start_soon(client.request, infer(3))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(LocalProtocolError, match="already in flight"):
+            await client.request(infer(3))
+        await serve_requests(server, 1)
+
+
+async def test_send_before_hello_is_a_local_error(stream_pair: StreamPair) -> None:
+    async with channel_pair(stream_pair, handshake=False) as (client, server):
+        with pytest.raises(LocalProtocolError, match="not allowed in state await_hello"):
+            await client.send(infer(1))
+        await shake_hands(client, server)  # nothing was sent: the channel is intact
+
+
+async def test_on_waiting_error_is_raised_by_request(stream_pair: StreamPair) -> None:
+    class Boom(Exception):
+        pass
+
+    def explode(waiting: Waiting) -> None:
+        raise Boom(waiting.position)
+
+    async with channel_pair(stream_pair) as (client, server):
+
+        async def enclave() -> None:
+            request = await server.receive()
+            assert isinstance(request, InferenceRequest)
+            await server.send(Waiting(request_id=1, position=4))
+            await server.send(result_for(request))  # dropped: request 1 was given up
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(enclave)
+            with pytest.raises(Boom):
+                await client.request(infer(1), on_waiting=explode)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_requests, server, 1)
+            assert (await client.request(infer(2))).request_id == 2
+
+
+async def test_an_error_in_the_block_propagates_unwrapped(stream_pair: StreamPair) -> None:
+    client_stream, _server_stream = stream_pair()
+    with pytest.raises(KeyError, match="mine"):
+        async with open_channel(client_stream, Link.CONSUMER, Side.CLIENT):
+            raise KeyError("mine")
+    with pytest.raises(trio.ClosedResourceError):
+        await client_stream.send_all(b"x")  # the stream was closed
+
+
+async def test_a_tensor_payload_is_written_as_its_own_buffer(stream_pair: StreamPair) -> None:
+    array = np.arange(3 * 480 * 480, dtype=np.float32).reshape(1, 3, 480, 480)  # 2.76 MB
+    client_stream, server_stream = stream_pair()
+    recording = RecordingStream(client_stream)
+    async with (
+        open_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
+        open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server,
+    ):
+        await shake_hands(client, server)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_requests, server, 1)
+            request = InferenceRequest(
+                request_id=1, model="m", inputs=(Tensor.from_numpy("x", array),)
+            )
+            result = await client.request(request)
+    assert np.array_equal(result.outputs[0].to_numpy(), array * 2)
+    header_write, payload_write = recording.writes[-2:]
+    assert header_write < 200
+    assert payload_write == array.nbytes == 2_764_800
