@@ -363,6 +363,34 @@ class Ledger:
 
         return await self._run(body, write=False)
 
+    async def last_grant(self, borrower: str, instance_id: str) -> Grant | None:
+        """The instance's newest grant record (its ``cumulative`` is the instance's
+        granted total), or ``None`` if it was never granted anything: what a new link
+        re-sends so the enclave catches up (links.md, step 4)."""
+        _check_name(borrower, "borrower")
+        _check_name(instance_id, "instance_id")
+
+        def body(conn: sqlite3.Connection) -> Grant | None:
+            row = conn.execute(
+                "SELECT grant_id, borrower, instance_id, units, cumulative, at FROM grants "
+                "WHERE borrower=? AND instance_id=? ORDER BY cumulative DESC LIMIT 1",
+                (borrower, instance_id),
+            ).fetchone()
+            return None if row is None else Grant(*row)
+
+        return await self._run(body, write=False)
+
+    async def served_total(self, borrower: str, instance_id: str) -> int:
+        """The instance's recorded served total (0 if it never reported)."""
+        _check_name(borrower, "borrower")
+        _check_name(instance_id, "instance_id")
+
+        def body(conn: sqlite3.Connection) -> int:
+            row = conn.execute(_SERVED_AND_GRANTED, (borrower, instance_id)).fetchone()
+            return int(row[0])
+
+        return await self._run(body, write=False)
+
     async def integrity_check(self) -> None:
         """Run SQLite's ``PRAGMA integrity_check`` (after a crash, before serving).
 

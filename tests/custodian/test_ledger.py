@@ -345,3 +345,20 @@ async def test_block_refuses_bad_arguments(ledger: Ledger) -> None:
     with pytest.raises(LedgerInputError, match="reason"):
         await ledger.set_blocked("acme", True, "line\nbreak")
     assert not (await ledger.balance("acme")).blocked
+
+
+async def test_last_grant_and_served_total_of_an_instance(ledger: Ledger) -> None:
+    assert await ledger.last_grant("acme", "i-1") is None
+    assert await ledger.served_total("acme", "i-1") == 0
+    await ledger.supply("acme", 10)
+    await ledger.record_grant("acme", "i-1", 3)
+    await ledger.record_grant("acme", "i-2", 2)
+    second = await ledger.record_grant("acme", "i-1", 4)
+    last = await ledger.last_grant("acme", "i-1")
+    assert last == second
+    assert last is not None
+    assert (last.units, last.cumulative) == (4, 7)
+    await ledger.record_usage("acme", "i-1", 5, 1)
+    await ledger.record_usage("acme", "i-1", 2, 2)  # stale: the maximum stands
+    assert await ledger.served_total("acme", "i-1") == 5
+    assert await ledger.served_total("acme", "i-2") == 0

@@ -1,0 +1,152 @@
+"""Which enclave instances are linked now, one per license, and the admin API's hooks.
+
+Theory of operation
+-------------------
+A license may have one live enclave instance at a time (docs/links.md, step 2). A
+session *claims* its license after the license check and *releases* it when it ends:
+
+* no live session for the license: the claim succeeds;
+* a live session of *another* instance: :class:`DuplicateInstance`; the caller sends
+  ``error(duplicate_instance)`` and closes, and the first instance keeps serving;
+* a live session of the *same* instance: that instance dialled again, so its old link is
+  dead even if no missed heartbeat has said so yet (an enclave process holds one link, and
+  its instance id is chosen inside the enclave). The old session is closed, and the claim
+  waits for it to end before succeeding, so the two never act on the ledger for one
+  instance at the same time.
+
+The registry is also how the admin API reaches the links: :class:`SessionHooks` wakes
+every live session of the borrower when units are supplied or the borrower is blocked or
+unblocked; each session then reads the ledger and acts (the hook itself does no I/O).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final, Protocol
+
+import trio
+
+from drm_custodian.ledger import Balance
+from drm_wire.errors import DrmError
+
+__all__ = [
+    "DEFAULT_BLOCK_REASON",
+    "SUPERSEDE_TIMEOUT",
+    "DuplicateInstance",
+    "LiveSession",
+    "Registry",
+    "SessionHooks",
+]
+
+#: How long a reconnecting instance waits for its old session to end. Closing a session
+#: is a cancellation plus a forceful close: milliseconds. A bound keeps a stuck old
+#: session from holding the new one forever.
+SUPERSEDE_TIMEOUT: Final = 5.0
+
+#: What a block message says when the daemon does not know the operator's reason (the
+#: block was made before this process started).
+DEFAULT_BLOCK_REASON: Final = "blocked by the model owner"
+
+
+class DuplicateInstance(DrmError):
+    """Another instance already holds this license on a live link."""
+
+
+class LiveSession(Protocol):
+    """What the registry needs of a session."""
+
+    @property
+    def borrower(self) -> str: ...
+    @property
+    def license_id(self) -> str: ...
+    @property
+    def instance_id(self) -> str: ...
+    @property
+    def finished(self) -> trio.Event: ...
+    def wake(self) -> None:
+        """Re-read the ledger soon: push a block, an unblock or a grant if one is due."""
+
+    def close(self) -> None:
+        """End the session now (its link is closed as it unwinds)."""
+
+
+class Registry:
+    """The live sessions, by license."""
+
+    def __init__(self) -> None:
+        self._by_license: dict[str, LiveSession] = {}
+        self._block_reasons: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<Registry live={len(self._by_license)}>"
+
+    async def claim(self, session: LiveSession) -> None:
+        """Make ``session`` the live one for its license.
+
+        Raises:
+            DuplicateInstance: another instance holds the license.
+            trio.TooSlowError: an old session of the same instance did not end in time.
+        """
+        while (current := self._by_license.get(session.license_id)) is not None:
+            if current is session:
+                return
+            if current.instance_id != session.instance_id:
+                raise DuplicateInstance("another enclave instance holds this license")
+            current.close()
+            with trio.fail_after(SUPERSEDE_TIMEOUT):
+                await current.finished.wait()
+            if self._by_license.get(session.license_id) is current:
+                del self._by_license[session.license_id]
+        self._by_license[session.license_id] = session
+
+    def release(self, session: LiveSession) -> None:
+        """Forget ``session`` if it is the live one (idempotent)."""
+        if self._by_license.get(session.license_id) is session:
+            del self._by_license[session.license_id]
+
+    def sessions(self, borrower: str) -> Iterator[LiveSession]:
+        """The live sessions of ``borrower``."""
+        return iter([s for s in self._by_license.values() if s.borrower == borrower])
+
+    def count(self, borrower: str) -> int:
+        return sum(1 for s in self._by_license.values() if s.borrower == borrower)
+
+    def close_all(self) -> None:
+        """Close every live session (shutdown)."""
+        for session in list(self._by_license.values()):
+            session.close()
+
+    def set_block_reason(self, borrower: str, reason: str) -> None:
+        self._block_reasons[borrower] = reason
+
+    def block_reason(self, borrower: str) -> str:
+        """The operator's reason for the borrower's block, as far as this process knows."""
+        return self._block_reasons.get(borrower) or DEFAULT_BLOCK_REASON
+
+    def wake(self, borrower: str) -> None:
+        for session in self.sessions(borrower):
+            session.wake()
+
+
+class SessionHooks:
+    """The daemon's :class:`~drm_custodian.admin.AdminHooks`: wakes the borrower's sessions.
+
+    The admin API calls these after its ledger commit; each wakes sessions and returns at
+    once, as the admin API asks of its hooks.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def on_supplied(self, borrower: str, balance: Balance) -> None:
+        self._registry.wake(borrower)
+
+    async def on_blocked(self, borrower: str, reason: str) -> None:
+        self._registry.set_block_reason(borrower, reason)
+        self._registry.wake(borrower)
+
+    async def on_unblocked(self, borrower: str) -> None:
+        self._registry.wake(borrower)
+
+    def instances(self, borrower: str) -> int:
+        return self._registry.count(borrower)

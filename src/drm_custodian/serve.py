@@ -1,0 +1,307 @@
+"""The custodian daemon's process structure: one nursery tree, started by :func:`serve`.
+
+Theory of operation
+-------------------
+::
+
+    serve()                          ledger opened first, closed last (shielded)
+      admin nursery                  serve_admin (hypercorn) with SessionHooks
+        session nursery              one task per enclave connection (handle_connection)
+          listen nursery             trio.serve_tcp(handler_nursery=session nursery)
+
+``task_status.started(BoundAddresses)`` reports the bound ports (port 0 works for both),
+after the ``custodian_listening`` log line that process-level tests wait for.
+
+Shutdown is a trigger: when ``shutdown_trigger`` returns (``__main__`` wires it to
+SIGTERM/SIGINT), the tree is taken down inside out, in this order: stop accepting (the
+listen nursery is cancelled); close every enclave link (each session is cancelled and
+closes its TLS stream with close_notify, so its enclave trips its kill switch at once;
+whatever is left after :data:`LINK_CLOSE_TIMEOUT`, e.g. a connection still in its
+handshake, is cut); stop the admin server
+(hypercorn's graceful shutdown, under :data:`ADMIN_STOP_TIMEOUT`); close the ledger; log
+``custodian_stopped``. Cancelling :func:`serve` from outside takes the same tree down
+all at once, and the ledger is still closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+import structlog
+import trio
+from cryptography.hazmat.primitives import serialization
+
+from drm_custodian._state_files import read_checked
+from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
+from drm_custodian.ledger import IdempotencyConflict, Ledger
+from drm_custodian.registry import Registry, SessionHooks
+from drm_custodian.session import (
+    ModelFile,
+    SessionConfig,
+    SessionContext,
+    handle_connection,
+)
+from drm_custodian.state import CustodianState
+from drm_wire.attestation.policy import Policy
+from drm_wire.errors import ConfigError
+from drm_wire.limits import MAX_GRANT_UNITS, MAX_MODEL_BYTES
+from drm_wire.net._tls_context import PrivateKey
+from drm_wire.net.ratls import custodian_server_context
+
+__all__ = [
+    "ADMIN_STOP_TIMEOUT",
+    "DEFAULT_ENCLAVE_PORT",
+    "LINK_CLOSE_TIMEOUT",
+    "BoundAddresses",
+    "ServeConfig",
+    "initial_supply_key",
+    "read_model_file",
+    "serve",
+]
+
+log = structlog.get_logger(__name__)
+
+#: The original demo's enclave-link port.
+DEFAULT_ENCLAVE_PORT: Final = 7000
+#: Longest wait for the admin server's graceful stop (hypercorn's own is 3 s).
+ADMIN_STOP_TIMEOUT: Final = 5.0
+#: Longest wait for the enclave links to close gracefully at shutdown; connections still
+#: in their handshake are cut then. TLS's own close_notify budget is 1 s.
+LINK_CLOSE_TIMEOUT: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeConfig:
+    """Everything :func:`serve` needs; models are already in memory.
+
+    Attributes:
+        state: the loaded state directory.
+        models: the models lent to every enclave, in order (non-empty).
+        policy: the enclaves accepted.
+        address, port: the enclave link's listening address; port 0 picks one.
+        admin_address, admin_port: the admin API's (loopback only); port 0 picks one.
+        initial_inferences: supplied once, at the first start with this state directory.
+        borrower: the account the admin API acts on; by default the state's only borrower.
+        session: per-link tunables (lease size, heartbeats, timeouts).
+    """
+
+    state: CustodianState
+    models: Sequence[ModelFile]
+    policy: Policy
+    address: str = "127.0.0.1"
+    port: int = DEFAULT_ENCLAVE_PORT
+    admin_address: str = "127.0.0.1"
+    admin_port: int = DEFAULT_ADMIN_PORT
+    initial_inferences: int = 0
+    borrower: str | None = None
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("at least one model is needed", key="models")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ConfigError("two models have the same name", key="models")
+        for key in ("port", "admin_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError("must be a port number (0 picks a free one)", key=key)
+        if not 0 <= self.initial_inferences <= MAX_GRANT_UNITS:
+            raise ConfigError(f"must be between 0 and {MAX_GRANT_UNITS}", key="initial_inferences")
+
+    def admin_borrower(self) -> str:
+        """The borrower the admin API manages.
+
+        Raises:
+            ConfigError: none was given and the state has more than one.
+        """
+        borrowers = self.state.borrowers
+        if self.borrower is not None:
+            if self.borrower not in borrowers:
+                raise ConfigError("no license for this borrower", key="borrower")
+            return self.borrower
+        if len(borrowers) != 1:
+            raise ConfigError("several borrowers: name the one to manage", key="borrower")
+        return next(iter(borrowers))
+
+
+@dataclass(frozen=True, slots=True)
+class BoundAddresses:
+    """Where :func:`serve` listens: ``(host, port)`` of the enclave link and the admin API."""
+
+    enclave: tuple[str, int]
+    admin: tuple[str, int]
+
+
+def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
+    """Read a model into memory; its wire name is the file name without ``.onnx``.
+
+    Blocking: call it before ``trio.run`` or in a worker thread.
+
+    Raises:
+        ConfigError: not a readable regular file, empty, or over ``MAX_MODEL_BYTES``.
+    """
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError("not a regular file", path=str(file))
+            if st.st_size > MAX_MODEL_BYTES:
+                raise ConfigError(
+                    f"{st.st_size} bytes: larger than the {MAX_MODEL_BYTES}-byte limit",
+                    path=str(file),
+                )
+            data = handle.read(MAX_MODEL_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read model: {exc.strerror}", path=str(file)) from exc
+    name = file.name.removesuffix(".onnx") or file.name
+    try:
+        return ModelFile.from_bytes(name, data)
+    except ValueError as exc:
+        raise ConfigError(str(exc), path=str(file)) from exc
+
+
+def initial_supply_key(state: CustodianState) -> str:
+    """The idempotency key of ``--initial-inferences``: one per state directory.
+
+    Derived from the custodian CA, which is unique to the state directory and survives a
+    move of it, so a restart (with any N) never supplies again.
+    """
+    der = state.ca_cert.public_bytes(serialization.Encoding.DER)
+    return f"initial-supply-{hashlib.sha256(der).hexdigest()[:32]}"
+
+
+def _load_server_key(state: CustodianState) -> PrivateKey:
+    key = serialization.load_pem_private_key(
+        read_checked(state.server_key_path, secret=True), password=None
+    )
+    if not isinstance(key, PrivateKey):  # load_state_dir checked it matches the certificate
+        raise ConfigError("unsupported server key type", path=str(state.server_key_path))
+    return key
+
+
+async def _initial_supply(ledger: Ledger, state: CustodianState, borrower: str, units: int) -> None:
+    if units == 0:
+        return
+    key = initial_supply_key(state)
+    try:
+        result = await ledger.supply(borrower, units, idempotency_key=key)
+    except IdempotencyConflict:
+        log.warning("initial_supply_skipped", reason="made at an earlier start with another N")
+        return
+    if result.replayed:
+        log.info("initial_supply_skipped", reason="made at an earlier start", units=result.units)
+    else:
+        log.info("initial_supply", borrower=borrower, units=units)
+
+
+def _host_port(address: object) -> tuple[str, int]:
+    assert isinstance(address, tuple)
+    return str(address[0]), int(address[1])
+
+
+def _format(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    config: ServeConfig,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the custodian until ``shutdown_trigger`` returns (or forever, until cancelled).
+
+    Raises:
+        ConfigError: bad configuration (borrower, key, admin address).
+        OSError: a port could not be bound.
+        LedgerStorageError: the ledger could not be opened.
+    """
+    state = config.state
+    borrower = config.admin_borrower()
+    private_key = await trio.to_thread.run_sync(_load_server_key, state)
+    tls_context = custodian_server_context(state.server_cert, private_key, config.policy)
+    ledger = await Ledger.open(state.ledger_path)
+    try:
+        await ledger.integrity_check()
+        await _initial_supply(ledger, state, borrower, config.initial_inferences)
+        registry = Registry()
+        ctx = SessionContext(
+            state=state,
+            ledger=ledger,
+            models=tuple(config.models),
+            tls_context=tls_context,
+            registry=registry,
+            config=config.session,
+        )
+        app = AdminApp(
+            ledger=ledger, hooks=SessionHooks(registry), token=state.admin_token, borrower=borrower
+        )
+
+        async def handler(stream: trio.SocketStream) -> None:
+            try:
+                peer = _format(_host_port(stream.socket.getpeername()))
+            except OSError:
+                peer = "unknown"
+            await handle_connection(stream, ctx, peer=peer)
+
+        admin_stop = trio.Event()
+        async with trio.open_nursery() as admin_nursery:
+            admin_bound: list[tuple[str, int]] = await admin_nursery.start(
+                partial(
+                    serve_admin,
+                    app,
+                    certfile=state.server_cert_path,
+                    keyfile=state.server_key_path,
+                    host=config.admin_address,
+                    port=config.admin_port,
+                    shutdown_trigger=admin_stop.wait,
+                )
+            )
+            async with trio.open_nursery() as session_nursery:
+                async with trio.open_nursery() as listen_nursery:
+                    listeners: list[trio.SocketListener] = await listen_nursery.start(
+                        partial(
+                            trio.serve_tcp,
+                            handler,
+                            config.port,
+                            host=config.address,
+                            handler_nursery=session_nursery,
+                        )
+                    )
+                    bound = BoundAddresses(
+                        enclave=_host_port(listeners[0].socket.getsockname()),
+                        admin=admin_bound[0],
+                    )
+                    log.info(
+                        "custodian_listening",
+                        enclave_address=_format(bound.enclave),
+                        admin_address=_format(bound.admin),
+                        borrower=borrower,
+                        models=[m.name for m in config.models],
+                        lease=config.session.lease,
+                    )
+                    task_status.started(bound)
+                    if shutdown_trigger is None:
+                        await trio.sleep_forever()
+                    await shutdown_trigger()
+                    log.info("custodian_stopping")
+                    listen_nursery.cancel_scope.cancel()  # 1. stop accepting
+                # 2. close every enclave link (with close_notify, so each enclave sees a clean
+                # end at once), then cut whatever is left (connections still handshaking).
+                registry.close_all()
+                session_nursery.cancel_scope.deadline = trio.current_time() + LINK_CLOSE_TIMEOUT
+            admin_stop.set()  # 3. the admin server
+            admin_nursery.cancel_scope.deadline = trio.current_time() + ADMIN_STOP_TIMEOUT
+    finally:
+        with trio.CancelScope(shield=True):
+            await ledger.aclose()  # 4. the ledger
+        log.info("custodian_stopped")

@@ -1,0 +1,588 @@
+"""One enclave link, custodian side: attestation, license, model transfer, grants, usage.
+
+Theory of operation
+-------------------
+:func:`handle_connection` is the per-connection boundary: it binds the log context
+(``peer``, ``conn_id``, ``role``), completes the TLS handshake, in which the enclave's
+RA-TLS certificate is verified against the policy (a refused enclave never gets a byte),
+then runs an :class:`EnclaveSession` over a :class:`~drm_wire.net.channel.MessageChannel`.
+Whatever ends the link (a clean close, a dead peer, a protocol error, a bug) is logged
+there and closes this one connection; the daemon lives on.
+
+The steps follow docs/links.md:
+
+1. ``hello`` / ``welcome``; the license in the hello is checked (a bad one gets a uniform
+   ``error(attestation_failed)``); the license is claimed in the :class:`Registry` (a
+   second instance gets ``error(duplicate_instance)``).
+2. Three tasks run in the session's nursery until one of them ends the link:
+
+   * the *receiver* owns ``channel.receive()``, under a deadline of
+     ``heartbeat_interval * heartbeat_misses``: any message is a sign of life, none for
+     that long and the link is dead. It records usage reports (ledger first, then
+     ``usage_ack`` with the report's own seq and total) and hands ``model_loaded`` to
+     the transfer;
+   * the *heartbeat* task sends ``heartbeat`` every interval;
+   * the *main* task streams each model (``model_begin``, chunks of a memoryview over the
+     bytes held in memory, ``model_end``) and waits for its ``model_loaded`` (name and
+     digest must match) before the next; then re-syncs (``block`` if the borrower is
+     blocked, else the instance's last grant again, else a first grant or ``unblock``)
+     and becomes the *grant pump*.
+
+3. The pump is the only task that grants or blocks, so decisions never interleave: it
+   sleeps until woken (by the admin hooks, by a usage report, by a refused grant), reads
+   the borrower's balance, pushes ``block``/``unblock`` when the blocked state changed,
+   and asks :func:`~drm_custodian.grants.plan_grant` for a top-up, which it commits to the
+   ledger before sending (invariant I6).
+
+Every send is under ``send_timeout`` and every wait on the peer under a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import structlog
+import trio
+from OpenSSL import SSL
+
+from drm_custodian.grants import DEFAULT_LEASE, check_lease, plan_grant
+from drm_custodian.ledger import GrantRefused, Ledger
+from drm_custodian.registry import DuplicateInstance, Registry
+from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
+from drm_wire.attestation.identity import VerifiedEnclave
+from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError, RemoteProtocolError
+from drm_wire.limits import (
+    HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_MISSES,
+    HELLO_TIMEOUT,
+    MAX_MODEL_BYTES,
+    MODEL_CHUNK_BYTES,
+)
+from drm_wire.messages import (
+    Block,
+    Error,
+    Grant,
+    Heartbeat,
+    Message,
+    ModelBegin,
+    ModelChunk,
+    ModelEnd,
+    ModelLoaded,
+    Unblock,
+    UsageAck,
+    UsageReport,
+)
+from drm_wire.net.channel import (
+    ERROR_FRAME_TIMEOUT,
+    ChannelError,
+    MessageChannel,
+    open_channel,
+)
+from drm_wire.net.tls import PeerVerificationError, accept_tls
+from drm_wire.protocol import Link, Side
+from drm_wire.tensors import check_name
+
+__all__ = [
+    "MODEL_LOADED_TIMEOUT",
+    "SEND_TIMEOUT",
+    "SOFTWARE",
+    "EnclaveSession",
+    "LinkDead",
+    "ModelFile",
+    "SessionConfig",
+    "SessionContext",
+    "handle_connection",
+]
+
+log = structlog.get_logger(__name__)
+
+SOFTWARE: Final = "drm-custodian/1"
+#: One message to the enclave, a 4 MiB model chunk included. 30 s is 140 KB/s: any link
+#: an enclave could use does better, and a peer that stops reading is cut off.
+SEND_TIMEOUT: Final = 30.0
+#: From ``model_end`` to ``model_loaded``: the enclave checks the digest and builds an
+#: onnxruntime session from memory, seconds for a 2 GB model on a slow enclave.
+MODEL_LOADED_TIMEOUT: Final = 120.0
+#: The instance id an enclave chooses: 32 hex characters (docs/links.md, step 2).
+_INSTANCE_ID_RE: Final = re.compile(r"[0-9a-fA-F]{32}", re.ASCII)
+#: A license id as ``init`` makes them; anything else is not logged (it may be a secret).
+_LICENSE_ID_RE: Final = re.compile(r"lic_[0-9a-f]{32}", re.ASCII)
+#: What every refused license is told: nothing that tells ids and secrets apart.
+_LICENSE_REFUSED: Final = "attestation failed"
+_CONN_IDS = itertools.count(1)
+
+
+class LinkDead(Exception):
+    """The enclave sent nothing for ``heartbeat_interval * heartbeat_misses`` seconds."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelFile:
+    """A model to lend, held in memory: its name on the wire, bytes and SHA-256."""
+
+    name: str
+    data: bytes = field(repr=False)
+    sha256: bytes = field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> ModelFile:
+        """Raises: ValueError: empty, larger than ``MAX_MODEL_BYTES``, or a bad name."""
+        if not data or len(data) > MAX_MODEL_BYTES:
+            raise ValueError(f"a model must be 1 to {MAX_MODEL_BYTES} bytes")
+        try:
+            check_name(name)
+        except LocalProtocolError as exc:
+            raise ValueError(f"{name!r} is not a valid model name") from exc
+        return cls(name, data, hashlib.sha256(data).digest())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionConfig:
+    """Tunables of every enclave session (tests shorten the timeouts)."""
+
+    lease: int = DEFAULT_LEASE
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_misses: int = HEARTBEAT_MISSES
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    hello_timeout: float = HELLO_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
+    model_loaded_timeout: float = MODEL_LOADED_TIMEOUT
+
+    def __post_init__(self) -> None:
+        check_lease(self.lease)
+        if self.heartbeat_misses < 1:
+            raise ValueError("heartbeat_misses must be at least 1")
+        for name in ("heartbeat_interval", "handshake_timeout", "hello_timeout",
+                     "send_timeout", "model_loaded_timeout"):  # fmt: skip
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def dead_after(self) -> float:
+        """Silence after which the link is dead."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionContext:
+    """What every session shares: made once by :func:`~drm_custodian.serve.serve`."""
+
+    state: CustodianState
+    ledger: Ledger
+    models: Sequence[ModelFile]
+    tls_context: SSL.Context
+    registry: Registry
+    config: SessionConfig = field(default_factory=SessionConfig)
+
+
+# --- the per-connection boundary -------------------------------------------------------
+
+#: How a link ends in the ordinary course of things: logged as a fact, not a crash.
+_ENDINGS: Final = (
+    ChannelError,
+    RemoteProtocolError,
+    PeerError,
+    PeerVerificationError,
+    LinkDead,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (what a nursery raised)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, peer: str) -> None:
+    """Serve one enclave connection until it ends; never raises (but Cancelled).
+
+    Args:
+        transport: the accepted TCP stream (TLS is done here).
+        ctx: what the sessions share.
+        peer: the remote address, for the log.
+    """
+    with structlog.contextvars.bound_contextvars(
+        peer=peer, conn_id=next(_CONN_IDS), role="enclave"
+    ):
+        try:
+            await _serve_connection(transport, ctx)
+        except Exception as exc:  # noqa: BLE001 - the per-connection boundary; _log_end logs it
+            _log_end(exc)
+        except BaseExceptionGroup as group:
+            # A failure that met a cancellation (shutdown): log the failure, let the
+            # cancellation (or KeyboardInterrupt) go on.
+            errors, others = group.split(Exception)
+            if errors is not None:
+                _log_end(errors)
+            if others is not None:
+                raise others from None
+        finally:
+            await trio.aclose_forcefully(transport)
+
+
+def _log_end(exc: Exception) -> None:
+    error = _sole(exc)
+    if isinstance(error, _ENDINGS):
+        log.info("enclave_disconnected", reason=type(error).__name__, detail=str(error)[:300])
+    else:
+        log.exception("enclave_session_failed")
+
+
+async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:
+    cfg = ctx.config
+    try:
+        stream = await accept_tls(
+            transport, ctx.tls_context, handshake_timeout=cfg.handshake_timeout
+        )
+    except PeerVerificationError as exc:
+        # Refused inside the handshake: the enclave got no application byte (I3).
+        log.warning("enclave_refused", reason=str(exc.__cause__ or exc)[:300])
+        return
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        # No client certificate, no common TLS version, a peer that hung up or stalled.
+        log.info("enclave_handshake_failed", reason=str(exc.__cause__ or exc)[:300])
+        return
+    identity = stream.peer_identity_as(VerifiedEnclave)
+    log.info(
+        "enclave_attested",
+        mr_enclave=identity.mr_enclave.hex(),
+        mr_signer=identity.mr_signer.hex(),
+        isv_svn=identity.isv_svn,
+        simulated=identity.simulated,
+        debug=identity.debug,
+        tcb_status=identity.tcb_status.value if identity.tcb_status else None,
+    )
+    if identity.simulated:
+        log.warning("insecure_simulated_enclave", mr_enclave=identity.mr_enclave.hex())
+    async with open_channel(stream, Link.CUSTODIAN, Side.SERVER) as channel:
+        hello = await channel.accept_hello(software=SOFTWARE, hello_timeout=cfg.hello_timeout)
+        instance_id = hello.instance_id or ""
+        if not _INSTANCE_ID_RE.fullmatch(instance_id):
+            log.warning("enclave_bad_instance_id")
+            await _last_words(channel, ErrorCode.PROTOCOL_ERROR, "instance_id: 32 hex characters")
+            return
+        try:
+            license_id, _, secret = (hello.license or "").partition(":")
+            record = ctx.state.verify_license(license_id, secret)
+        except LicenseRejected:
+            shown = license_id if _LICENSE_ID_RE.fullmatch(license_id) else "<malformed>"
+            log.warning("enclave_license_refused", license_id=shown)
+            await _last_words(channel, ErrorCode.ATTESTATION_FAILED, _LICENSE_REFUSED)
+            return
+        with structlog.contextvars.bound_contextvars(
+            borrower=record.borrower, instance=instance_id
+        ):
+            session = EnclaveSession(ctx, channel, identity, record, instance_id)
+            try:
+                await ctx.registry.claim(session)
+            except DuplicateInstance:
+                log.warning("enclave_duplicate_instance", license_id=record.license_id)
+                await _last_words(
+                    channel, ErrorCode.DUPLICATE_INSTANCE, "another instance holds this license"
+                )
+                return
+            try:
+                await session.run()
+            finally:
+                ctx.registry.release(session)
+                session.finished.set()
+
+
+async def _last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:
+    """Tell the peer why the link closes (best effort, bounded)."""
+    # Already gone (the channel ended): nobody left to tell.
+    with (
+        trio.move_on_after(ERROR_FRAME_TIMEOUT),
+        contextlib.suppress(ChannelError, RemoteProtocolError, PeerError),
+    ):
+        await channel.send(Error(code=code, message=message))
+
+
+# --- the session ---------------------------------------------------------------------------
+
+
+class EnclaveSession:
+    """One licensed, attested enclave instance on one link (see the module docstring)."""
+
+    def __init__(
+        self,
+        ctx: SessionContext,
+        channel: MessageChannel,
+        identity: VerifiedEnclave,
+        record: LicenseRecord,
+        instance_id: str,
+    ) -> None:
+        self._ctx = ctx
+        self._cfg = ctx.config
+        self._ledger = ctx.ledger
+        self._channel = channel
+        self.identity = identity
+        self._record = record
+        self._instance_id = instance_id
+        self._finished = trio.Event()
+        self._cancel_scope = trio.CancelScope()
+        self._wakeup = trio.Event()
+        #: The ledger's view of this instance, kept current by this session alone.
+        self.granted_total = 0
+        self.served_total = 0
+        #: Whether the enclave was last told ``block``.
+        self.told_blocked = False
+        #: All models delivered; grants and blocks may flow.
+        self.ready = False
+        self._expect_loaded = 0
+        self._loaded_send, self._loaded = trio.open_memory_channel[ModelLoaded](1)
+
+    def __repr__(self) -> str:
+        return (
+            f"<EnclaveSession {self.borrower} {self._instance_id[:8]} ready={self.ready} "
+            f"granted={self.granted_total} served={self.served_total}>"
+        )
+
+    # LiveSession
+    @property
+    def borrower(self) -> str:
+        return self._record.borrower
+
+    @property
+    def license_id(self) -> str:
+        return self._record.license_id
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def finished(self) -> trio.Event:
+        return self._finished
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def close(self) -> None:
+        log.info("enclave_session_closing")
+        self._cancel_scope.cancel()
+
+    # --- running ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the link until it ends.
+
+        Raises:
+            LinkDead, ChannelError, RemoteProtocolError, PeerError, trio.TooSlowError:
+                the link ended (see the module docstring); the caller logs it.
+        """
+        log.info("enclave_linked")
+        with self._cancel_scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receive_loop)
+                    nursery.start_soon(self._heartbeats)
+                    nursery.start_soon(self._deliver_then_pump)
+            except BaseExceptionGroup as group:
+                ours, _ = group.split(RemoteProtocolError)
+                if ours is not None:
+                    error = _sole(ours)
+                    if isinstance(error, RemoteProtocolError):
+                        await _last_words(self._channel, error.code, error.message[:200])
+                raise
+        if self._cancel_scope.cancelled_caught:
+            log.info("enclave_session_closed")
+
+    async def _send(self, message: Message) -> None:
+        with trio.fail_after(self._cfg.send_timeout):
+            await self._channel.send(message)
+
+    async def _heartbeats(self) -> None:
+        for seq in itertools.count(1):
+            await self._send(Heartbeat(seq=seq))
+            await trio.sleep(self._cfg.heartbeat_interval)
+
+    async def _receive_loop(self) -> None:
+        dead_after = self._cfg.dead_after
+        while True:
+            try:
+                with trio.fail_after(dead_after):
+                    message = await self._channel.receive()
+            except trio.TooSlowError:
+                log.warning("enclave_link_dead", silent_for=dead_after)
+                raise LinkDead(f"no message from the enclave for {dead_after} s") from None
+            if isinstance(message, Heartbeat):
+                continue
+            if isinstance(message, UsageReport):
+                await self._on_usage(message)
+            elif isinstance(message, ModelLoaded):
+                if self._expect_loaded == 0:
+                    raise RemoteProtocolError("model_loaded for no model sent", field="type")
+                self._expect_loaded -= 1
+                self._loaded_send.send_nowait(message)
+            else:  # the state machine lets nothing else from an enclave through
+                raise RemoteProtocolError(f"unexpected {message.TYPE}", field="type")
+
+    # --- model transfer ----------------------------------------------------------------
+
+    async def _deliver_then_pump(self) -> None:
+        for model in self._ctx.models:
+            await self._deliver(model)
+        await self._resync()
+        self.ready = True
+        while True:
+            await self._sync()
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    async def _deliver(self, model: ModelFile) -> None:
+        size = len(model.data)
+        log.info("model_transfer_started", model=model.name, size=size, sha256=model.sha256.hex())
+        started = trio.current_time()
+        await self._send(ModelBegin(name=model.name, size=size, sha256=model.sha256))
+        view = memoryview(model.data)
+        next_tenth = 1
+        for offset in range(0, size, MODEL_CHUNK_BYTES):
+            done = min(offset + MODEL_CHUNK_BYTES, size)
+            await self._send(ModelChunk(offset=offset, data=view[offset:done]))
+            if done * 10 >= next_tenth * size:
+                next_tenth = done * 10 // size + 1
+                log.info(
+                    "model_transfer_progress",
+                    model=model.name,
+                    sent=done,
+                    size=size,
+                    percent=done * 100 // size,
+                )
+        self._expect_loaded += 1  # before model_end: the answer may come back at once
+        await self._send(ModelEnd(name=model.name))
+        with trio.fail_after(self._cfg.model_loaded_timeout):
+            loaded = await self._loaded.receive()
+        if loaded.name != model.name or not hmac.compare_digest(loaded.sha256, model.sha256):
+            log.error(
+                "model_loaded_mismatch",
+                model=model.name,
+                got_name=loaded.name[:64],
+                got_sha256=loaded.sha256.hex(),
+            )
+            raise RemoteProtocolError("model_loaded does not match the model sent", field="sha256")
+        log.info(
+            "model_delivered",
+            model=model.name,
+            size=size,
+            seconds=round(trio.current_time() - started, 3),
+        )
+
+    # --- grants, blocks and usage -------------------------------------------------------
+
+    async def _resync(self) -> None:
+        """After every model is loaded: ``block``, or the instance's last grant again.
+
+        An instance never granted anything has no grant to re-send (a grant carries at
+        least one unit): it gets its first grant if supply allows, else ``unblock``, so
+        every new link hears one of ``block``, ``grant`` or ``unblock`` after its models
+        (the enclave resumes serving, or parks requests, only once it has).
+        """
+        borrower, instance = self.borrower, self._instance_id
+        last = await self._ledger.last_grant(borrower, instance)
+        self.served_total = await self._ledger.served_total(borrower, instance)
+        self.granted_total = last.cumulative if last is not None else 0
+        balance = await self._ledger.balance(borrower)
+        if balance.blocked:
+            await self._push_block()
+        elif last is not None:
+            await self._send(
+                Grant(grant_id=last.grant_id, units=last.units, granted_total=last.cumulative)
+            )
+            log.info("grant_resynced", granted_total=last.cumulative, grant_id=last.grant_id)
+        elif not await self._sync():
+            await self._send(Unblock())
+            log.info("unblock_resynced")
+
+    async def _push_block(self) -> None:
+        reason = self._ctx.registry.block_reason(self.borrower)
+        await self._send(Block(reason=reason))
+        self.told_blocked = True
+        log.info("block_pushed", reason=reason)
+
+    async def _sync(self) -> bool:
+        """Push a block, an unblock or a grant if the ledger says one is due.
+
+        Returns:
+            Whether a message was sent.
+        """
+        borrower = self.borrower
+        balance = await self._ledger.balance(borrower)
+        if balance.blocked:
+            if self.told_blocked:
+                return False
+            await self._push_block()
+            return True
+        sent = self.told_blocked
+        if self.told_blocked:
+            await self._send(Unblock())
+            self.told_blocked = False
+            log.info("unblock_pushed")
+        units = plan_grant(
+            remaining=balance.remaining,
+            granted_total=self.granted_total,
+            served_total=self.served_total,
+            lease=self._cfg.lease,
+        )
+        if units == 0:
+            if balance.remaining == 0 and self.granted_total <= self.served_total:
+                log.info("quota_exhausted", granted_total=self.granted_total)
+            return sent
+        try:
+            grant = await self._ledger.record_grant(borrower, self._instance_id, units)
+        except GrantRefused as exc:
+            # Another instance took the supply, or a block landed: look again.
+            log.info("grant_refused", reason=type(exc).__name__, remaining=exc.remaining)
+            self.wake()
+            return sent
+        self.granted_total = grant.cumulative
+        await self._send(
+            Grant(grant_id=grant.grant_id, units=grant.units, granted_total=grant.cumulative)
+        )
+        log.info(
+            "grant_pushed",
+            units=grant.units,
+            granted_total=grant.cumulative,
+            grant_id=grant.grant_id,
+            remaining=balance.remaining - grant.units,
+        )
+        return True
+
+    async def _on_usage(self, report: UsageReport) -> None:
+        borrower = self.borrower
+        result = await self._ledger.record_usage(
+            borrower, self._instance_id, report.served_total, report.seq
+        )
+        self.served_total = result.served_total
+        if result.over_grant:
+            log.error(
+                "enclave_over_grant",
+                served_total=result.served_total,
+                granted_total=result.granted,
+            )
+        # Durable now: acknowledge with the report's own numbers (the enclave checks them).
+        await self._send(UsageAck(seq=report.seq, served_total=report.served_total))
+        balance = await self._ledger.balance(borrower)
+        log.info(
+            "consumption_report",
+            borrower=borrower,
+            instance=self._instance_id,
+            served=result.served_total,
+            borrower_served=balance.served,
+            remaining=max(balance.supplied - balance.served, 0),
+            seq=report.seq,
+        )
+        if self.ready:
+            self.wake()

@@ -1,0 +1,240 @@
+"""``python -m drm_custodian``: init, serve, supply, usage and SIGTERM as real processes.
+
+The daemon's JSON log lines on stderr are how the test learns the port-0 ports
+(``custodian_listening``). Error paths that stop before ``trio.run`` are checked in
+process through :func:`drm_custodian.cli.main`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from drm_custodian.cli import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from drm_custodian.serve import read_model_file
+from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.attestation.policy import Policy
+from drm_wire.errors import ConfigError
+from drm_wire.limits import MAX_MODEL_BYTES
+from tests.models import tiny_model
+
+MR_ENCLAVE = hashlib.sha256(b"drm custodian cli tests: enclave").digest()
+#: Start-up (imports, key loading, two listeners) plus a margin for a loaded machine.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Files:
+    state: Path
+    model: Path
+    policy: Path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    root = tmp_path_factory.mktemp("cli")
+    platform = SimulatedPlatform.create(root / "platform")
+    policy = Policy(
+        mr_enclave=(MR_ENCLAVE,),
+        isv_prod_id=0,
+        accept_without_collateral=True,
+        simulation_root=platform.root_certificate,
+        simulation_root_path=str(platform.root_certificate_path),
+    )
+    policy.write(root / "policy.toml")
+    (root / "tiny.onnx").write_bytes(tiny_model())
+    return Files(root / "state", root / "tiny.onnx", root / "policy.toml")
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(START_TIMEOUT):
+        return await trio.run_process(
+            [sys.executable, "-m", "drm_custodian", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
+@dataclass
+class Daemon:
+    process: trio.Process
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    listening: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def admin_port(self) -> str:
+        event = next(e for e in self.lines if e.get("event") == "custodian_listening")
+        return str(event["admin_address"]).rpartition(":")[2]
+
+    async def read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = {"event": "not_json", "line": line.decode(errors="replace")}
+                self.lines.append(event)
+                if event.get("event") == "custodian_listening":
+                    self.listening.set()
+
+
+@asynccontextmanager
+async def daemon(files: Files, *extra: str) -> AsyncIterator[Daemon]:
+    """``serve`` as a real process; yields once it logged ``custodian_listening``."""
+    args = ["--state-dir", str(files.state), "--upload", str(files.model)]
+    args += ["--policy", str(files.policy), "--port", "0", "--admin-port", "0", *extra]
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "drm_custodian", "serve", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    running = Daemon(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.read_stderr)
+            with trio.fail_after(START_TIMEOUT):
+                await running.listening.wait()
+            yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def stop(running: Daemon) -> int:
+    started = trio.current_time()
+    running.process.send_signal(signal.SIGTERM)
+    with trio.fail_after(STOP_TIMEOUT):
+        status = await running.process.wait()
+    print(f"stopped in {trio.current_time() - started:.2f} s")
+    return status
+
+
+@pytest.mark.slow
+async def test_init_serve_supply_usage_and_sigterm(files: Files) -> None:
+    made = await run_cli("init", "--state-dir", str(files.state), "--borrower", "acme")
+    assert made.returncode == EXIT_OK, made.stderr
+    out = made.stdout.decode()
+    assert str(files.state / "ca.pem") in out
+    assert str(files.state / "handoff" / "acme.license.json") in out
+
+    again = await run_cli("init", "--state-dir", str(files.state))
+    assert again.returncode == EXIT_CONFIG
+    assert b"already initialised" in again.stderr
+
+    async with daemon(files, "--initial-inferences", "3") as running:
+        port = running.admin_port
+        supplied = await run_cli(
+            "supply", "5", "--state-dir", str(files.state), "--admin-port", port
+        )
+        assert supplied.returncode == EXIT_OK, supplied.stderr
+        usage = await run_cli(
+            "usage", "--json", "--state-dir", str(files.state), "--admin-port", port
+        )
+        assert usage.returncode == EXIT_OK, usage.stderr
+        doc = json.loads(usage.stdout)
+        assert doc["borrower"] == "acme"
+        assert (doc["supplied"], doc["remaining"], doc["instances"]) == (8, 8, 0)
+        blocked = await run_cli("block", "--reason", "audit", "--state-dir", str(files.state),
+                                "--admin-port", port)  # fmt: skip
+        assert blocked.returncode == EXIT_OK
+        assert b"blocked    True" in blocked.stdout
+        assert await stop(running) == 0
+    events = [e.get("event") for e in running.lines]
+    assert events.index("custodian_stopping") < events.index("custodian_stopped")
+
+    # A restart with the same --initial-inferences does not supply again.
+    async with daemon(files, "--initial-inferences", "3") as running:
+        port = running.admin_port
+        usage = await run_cli(
+            "usage", "--json", "--state-dir", str(files.state), "--admin-port", port
+        )
+        assert json.loads(usage.stdout)["supplied"] == 8
+        assert await stop(running) == 0
+    assert any(e.get("event") == "initial_supply_skipped" for e in running.lines)
+
+    down = await run_cli("usage", "--state-dir", str(files.state), "--admin-port", port)
+    assert down.returncode == EXIT_UNREACHABLE
+
+
+def test_serve_refuses_a_missing_model_before_listening(files: Files, tmp_path: Path) -> None:
+    err = io.StringIO()
+    state = tmp_path / "state"
+    assert main(["init", "--state-dir", str(state)], stdout=io.StringIO()) == EXIT_OK
+    status = main(
+        ["serve", "--state-dir", str(state), "--upload", str(tmp_path / "missing.onnx"),
+         "--policy", str(files.policy)],
+        stderr=err,
+    )  # fmt: skip
+    assert status == EXIT_CONFIG
+    assert "missing.onnx" in err.getvalue()
+
+
+def test_serve_refuses_a_bad_policy(files: Files, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert main(["init", "--state-dir", str(state)], stdout=io.StringIO()) == EXIT_OK
+    bad = tmp_path / "policy.toml"
+    bad.write_text("[enclave]\nisv_prod_id = 0\n")
+    err = io.StringIO()
+    status = main(
+        ["serve", "--state-dir", str(state), "--upload", str(files.model), "--policy", str(bad)],
+        stderr=err,
+    )
+    assert status == EXIT_CONFIG
+    assert "mr_enclave" in err.getvalue()
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert main(["init", "--state-dir", str(state)], stdout=io.StringIO()) == EXIT_OK
+    before = (state / "ca.pem").read_bytes()
+    err = io.StringIO()
+    assert main(["init", "--state-dir", str(state)], stderr=err) == EXIT_CONFIG
+    assert "nothing was changed" in err.getvalue()
+    assert (state / "ca.pem").read_bytes() == before
+
+
+def test_model_files_are_bounded(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.onnx"
+    with huge.open("wb") as handle:  # sparse: no disk is used
+        handle.truncate(MAX_MODEL_BYTES + 1)
+    with pytest.raises(ConfigError, match="larger than"):
+        read_model_file(huge)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigError, match="1 to"):
+        read_model_file(empty)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_model_file(os.devnull)
+    model = tmp_path / "tiny.onnx"
+    model.write_bytes(tiny_model())
+    loaded = read_model_file(model)
+    assert loaded.name == "tiny"
+    assert loaded.sha256 == hashlib.sha256(tiny_model()).digest()
+
+
+def test_bad_counts_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["supply", "0", "--state-dir", "x"], ["supply", "-1", "--state-dir", "x"]):
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        assert caught.value.code == EXIT_CONFIG
+    assert "at least 1" in capsys.readouterr().err

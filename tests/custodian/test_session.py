@@ -1,0 +1,568 @@
+"""The enclave link, custodian side: a real ``serve()`` on loopback and a fake enclave.
+
+The fake enclave is made of the same drm_wire pieces the real one uses: a simulated SGX
+platform, an RA-TLS certificate from ``make_enclave_identity('simulated')``, the
+``enclave_client_context`` pinning the custodian CA, ``open_channel`` and ``hello`` with
+the license from the custodian's ``init``. Waits are bounded by ``TIMEOUT``; the heartbeat
+test shortens the custodian's heartbeat instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from drm_custodian.admin_client import AdminClient
+from drm_custodian.ledger import Balance, Ledger
+from drm_custodian.serve import BoundAddresses, ServeConfig, serve
+from drm_custodian.session import ModelFile, SessionConfig
+from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
+from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity
+from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.ratls import RatlsCredentials
+from drm_wire.errors import ErrorCode, PeerError
+from drm_wire.limits import MODEL_CHUNK_BYTES
+from drm_wire.messages import (
+    Block,
+    Grant,
+    Heartbeat,
+    Message,
+    ModelBegin,
+    ModelChunk,
+    ModelEnd,
+    ModelLoaded,
+    PeerRole,
+    Unblock,
+    UsageAck,
+    UsageReport,
+)
+from drm_wire.net.channel import ChannelError, MessageChannel, open_channel
+from drm_wire.net.ratls import enclave_client_context
+from drm_wire.net.tls import client_context, open_tls_client
+from drm_wire.protocol import Link, Side
+from tests.models import CANARY, big_model, canary_model, tiny_model, two_input_model
+
+MR_ENCLAVE = hashlib.sha256(b"drm custodian session tests: enclave").digest()
+OTHER_MR_ENCLAVE = hashlib.sha256(b"a modified enclave").digest()
+MR_SIGNER = hashlib.sha256(b"drm custodian session tests: signer").digest()
+#: Generous for loopback; only a bug waits this long.
+TIMEOUT = 10.0
+BORROWER = "borrower"
+
+M = TypeVar("M", bound=Message)
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> SimulatedPlatform:
+    return SimulatedPlatform.create(tmp_path_factory.mktemp("sim") / "platform")
+
+
+def _credentials(platform: SimulatedPlatform, mr_enclave: bytes = MR_ENCLAVE) -> RatlsCredentials:
+    simulation = SimulatedEnclave(platform, mr_enclave=mr_enclave, mr_signer=MR_SIGNER)
+    return make_enclave_identity("simulated", simulation=simulation)
+
+
+@pytest.fixture(scope="module")
+def credentials(platform: SimulatedPlatform) -> RatlsCredentials:
+    return _credentials(platform)
+
+
+@pytest.fixture(scope="module")
+def policy(platform: SimulatedPlatform) -> Policy:
+    return Policy(
+        mr_enclave=(MR_ENCLAVE,),
+        isv_prod_id=0,
+        accept_without_collateral=True,
+        simulation_root=platform.root_certificate,
+        simulation_root_path=str(platform.root_certificate_path),
+    )
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[ModelFile, ...]:
+    return (
+        ModelFile.from_bytes("tiny", tiny_model()),
+        ModelFile.from_bytes("two_input", two_input_model()),
+    )
+
+
+@dataclass
+class Custodian:
+    """A running ``serve()`` and what a test needs to talk to it."""
+
+    bound: BoundAddresses
+    state: CustodianState
+    license: str
+    ledger: Ledger  # a second connection to the daemon's ledger file, for reading
+    credentials: RatlsCredentials
+    models: Sequence[ModelFile]
+    stop: trio.Event  # the shutdown trigger: what SIGTERM sets in the daemon
+    stopped: trio.Event
+
+    @property
+    def admin(self) -> AdminClient:
+        return AdminClient.from_state(self.state, port=self.bound.admin[1])
+
+    async def admin_call(self, call: Callable[[AdminClient], Any]) -> Any:
+        return await trio.to_thread.run_sync(call, self.admin)
+
+    async def balance(self) -> Balance:
+        return await self.ledger.balance(BORROWER)
+
+    @asynccontextmanager
+    async def link(
+        self,
+        *,
+        instance_id: str | None = None,
+        license: str | None = None,
+        credentials: RatlsCredentials | None = None,
+        heartbeat: bool = True,
+    ) -> AsyncIterator[MessageChannel]:
+        """A fake enclave's link: TLS with RA-TLS, hello, and heartbeats every 0.2 s.
+
+        ``license=""`` sends a hello without any license.
+        """
+        context = enclave_client_context(credentials or self.credentials, self.state.ca_cert)
+        stream = await open_tls_client("127.0.0.1", self.bound.enclave[1], context)
+        async with open_channel(stream, Link.CUSTODIAN, Side.CLIENT) as channel:
+            await channel.hello(
+                role=PeerRole.ENCLAVE,
+                software="fake-enclave/0",
+                license=self.license if license is None else (license or None),
+                instance_id=instance_id or secrets.token_hex(16),
+            )
+            async with trio.open_nursery() as nursery:
+                if heartbeat:
+                    nursery.start_soon(_beat, channel)
+                yield channel
+                nursery.cancel_scope.cancel()
+
+
+async def _beat(channel: MessageChannel) -> None:
+    seq = 0
+    while True:
+        seq += 1
+        try:
+            await channel.send(Heartbeat(seq=seq))
+        except (ChannelError, PeerError):
+            return
+        await trio.sleep(0.2)
+
+
+CustodianFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_custodian(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    credentials: RatlsCredentials,
+    policy: Policy,
+    models: tuple[ModelFile, ...],
+) -> AsyncIterator[CustodianFactory]:
+    made = await init_state_dir(tmp_path / "state", borrower=BORROWER)
+    state = load_state_dir(made.path)
+    handoff = json.loads(made.license_path.read_text())
+    license = f"{handoff['license_id']}:{handoff['secret']}"
+    ledgers: list[Ledger] = []
+    started: list[Custodian] = []
+
+    async def start(
+        *,
+        initial_inferences: int = 0,
+        session: SessionConfig | None = None,
+        models: Sequence[ModelFile] = models,
+    ) -> Custodian:
+        config = ServeConfig(
+            state=state,
+            models=models,
+            policy=policy,
+            port=0,
+            admin_port=0,
+            initial_inferences=initial_inferences,
+            session=session or SessionConfig(),
+        )
+        stop, stopped = trio.Event(), trio.Event()
+
+        async def run(task_status: trio.TaskStatus[BoundAddresses]) -> None:
+            try:
+                await serve(config, shutdown_trigger=stop.wait, task_status=task_status)
+            finally:
+                stopped.set()
+
+        bound: BoundAddresses = await nursery.start(run)
+        ledger = await Ledger.open(state.ledger_path)
+        ledgers.append(ledger)
+        custodian = Custodian(bound, state, license, ledger, credentials, models, stop, stopped)
+        started.append(custodian)
+        return custodian
+
+    yield start
+    for custodian in started:
+        custodian.stop.set()
+        with trio.fail_after(TIMEOUT):
+            await custodian.stopped.wait()
+    for ledger in ledgers:
+        await ledger.aclose()
+
+
+# --- the fake enclave's side of the protocol --------------------------------------------------
+
+
+async def receive(channel: MessageChannel, kind: type[M]) -> M:
+    """The next message that is not a heartbeat; it must be a ``kind``."""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            message = await channel.receive()
+            if not isinstance(message, Heartbeat):
+                assert isinstance(message, kind), message
+                return message
+
+
+async def take_model(channel: MessageChannel) -> tuple[ModelBegin, bytes, int]:
+    """Receive one model transfer; return its begin, bytes and chunk count (no answer)."""
+    begin = await receive(channel, ModelBegin)
+    data = bytearray()
+    chunks = 0
+    while True:
+        message = await receive(channel, Message)
+        if isinstance(message, ModelEnd):
+            assert message.name == begin.name
+            return begin, bytes(data), chunks
+        assert isinstance(message, ModelChunk)
+        assert message.offset == len(data)
+        data += message.data
+        chunks += 1
+
+
+async def load_models(channel: MessageChannel, count: int) -> list[tuple[str, bytes]]:
+    """Receive ``count`` models, checking each, and answer ``model_loaded`` for each."""
+    received = []
+    for _ in range(count):
+        begin, data, _chunks = await take_model(channel)
+        assert len(data) == begin.size
+        assert hashlib.sha256(data).digest() == begin.sha256
+        await channel.send(ModelLoaded(name=begin.name, sha256=begin.sha256))
+        received.append((begin.name, data))
+    return received
+
+
+async def drain(channel: MessageChannel) -> None:
+    """Take messages until the channel ends (bounded by ``TIMEOUT``)."""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            await channel.receive()
+
+
+async def report(channel: MessageChannel, seq: int, served_total: int) -> UsageAck:
+    await channel.send(UsageReport(seq=seq, served_total=served_total))
+    return await receive(channel, UsageAck)
+
+
+# --- tests ---------------------------------------------------------------------------------
+
+
+async def test_models_delivered_in_order_then_the_initial_supply_is_granted(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    async with custodian.link() as channel:
+        received = await load_models(channel, 2)
+        assert received == [(m.name, m.data) for m in custodian.models]
+        grant = await receive(channel, Grant)
+        assert (grant.units, grant.granted_total) == (5, 5)
+    assert (await custodian.balance()).granted == 5
+
+
+async def test_a_large_model_goes_in_chunks_and_its_bytes_are_never_logged(
+    start_custodian: CustodianFactory,
+) -> None:
+    big = ModelFile.from_bytes("big", big_model(mb=9))
+    canary = ModelFile.from_bytes("canary", canary_model())
+    custodian = await start_custodian(models=(canary, big))
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            begin, data, chunks = await take_model(channel)
+            await channel.send(ModelLoaded(name=begin.name, sha256=begin.sha256))
+            assert data == canary.data
+            begin, data, chunks = await take_model(channel)
+            await channel.send(ModelLoaded(name=begin.name, sha256=begin.sha256))
+            assert data == big.data
+            assert chunks == -(-len(big.data) // MODEL_CHUNK_BYTES) >= 3
+            await receive_until_quiet(channel)
+    progress = [e["percent"] for e in logs if e["event"] == "model_transfer_progress"]
+    assert progress
+    assert progress[-1] == 100
+    assert [e["model"] for e in logs if e["event"] == "model_delivered"] == ["canary", "big"]
+    text = repr(logs)
+    assert CANARY.hex() not in text
+    assert repr(CANARY)[2:-1] not in text
+
+
+async def receive_until_quiet(channel: MessageChannel, quiet: float = 0.3) -> list[Message]:
+    """Whatever non-heartbeat messages arrive until none has for ``quiet`` seconds."""
+    got: list[Message] = []
+    while True:
+        with trio.move_on_after(quiet) as scope:
+            message = await channel.receive()
+        if scope.cancelled_caught:
+            return got
+        if not isinstance(message, Heartbeat):
+            got.append(message)
+
+
+async def test_nothing_follows_a_model_until_model_loaded(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    async with custodian.link() as channel:
+        begin, _, _ = await take_model(channel)
+        assert await receive_until_quiet(channel) == []  # no next model, no grant yet
+        await channel.send(ModelLoaded(name=begin.name, sha256=begin.sha256))
+        await load_models(channel, 1)
+        assert isinstance(await receive(channel, Grant), Grant)
+
+
+async def test_a_wrong_digest_closes_that_link_and_the_daemon_lives_on(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            begin, _, _ = await take_model(channel)
+            await channel.send(ModelLoaded(name=begin.name, sha256=bytes(32)))
+            with pytest.raises(PeerError) as caught:
+                await receive(channel, Grant)
+            assert caught.value.code is ErrorCode.PROTOCOL_ERROR
+    assert any(e["event"] == "model_loaded_mismatch" for e in logs)
+    async with custodian.link() as channel:  # the next enclave is served as usual
+        await load_models(channel, 2)
+        assert (await receive(channel, Grant)).granted_total == 5
+
+
+async def test_supply_through_the_admin_api_pushes_a_grant(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian()
+    async with custodian.link() as channel:
+        await load_models(channel, 2)
+        # Nothing supplied, no grant to re-send: unblock is the enclave's signal to serve
+        # (parking requests until a grant comes).
+        assert await receive_until_quiet(channel) == [Unblock()]
+        doc = await custodian.admin_call(lambda admin: admin.supply(7))
+        assert doc["instances"] == 1
+        grant = await receive(channel, Grant)
+        assert (grant.units, grant.granted_total) == (7, 7)
+
+
+async def test_usage_is_recorded_acked_and_topped_up(start_custodian: CustodianFactory) -> None:
+    custodian = await start_custodian(initial_inferences=100, session=SessionConfig(lease=10))
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            await load_models(channel, 2)
+            assert (await receive(channel, Grant)).granted_total == 10
+            ack = await report(channel, 1, 3)
+            assert (ack.seq, ack.served_total) == (1, 3)
+            assert (await custodian.balance()).served == 3
+            assert await receive_until_quiet(channel) == []  # 7 outstanding: no top-up
+            await report(channel, 2, 6)
+            grant = await receive(channel, Grant)  # 4 outstanding < 5: up to a lease
+            assert (grant.units, grant.granted_total) == (6, 16)
+            replayed = await report(channel, 1, 3)  # a stale report changes nothing
+            assert (replayed.seq, replayed.served_total) == (1, 3)
+    balance = await custodian.balance()
+    assert (balance.supplied, balance.granted, balance.served) == (100, 16, 6)
+    lines = [e for e in logs if e["event"] == "consumption_report"]
+    assert lines[1]["served"] == 6
+    assert lines[1]["remaining"] == 94
+    assert lines[1]["borrower"] == BORROWER
+    assert len(lines[1]["instance"]) == 32
+
+
+async def test_over_grant_is_flagged(start_custodian: CustodianFactory) -> None:
+    custodian = await start_custodian(initial_inferences=2)
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            await load_models(channel, 2)
+            await receive(channel, Grant)
+            await report(channel, 1, 5)
+    assert any(e["event"] == "enclave_over_grant" and e["log_level"] == "error" for e in logs)
+
+
+async def test_a_second_instance_is_refused_and_the_first_keeps_serving(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    async with custodian.link() as first:
+        await load_models(first, 2)
+        await receive(first, Grant)
+        async with custodian.link() as second:
+            with pytest.raises(PeerError) as caught:
+                await receive(second, ModelBegin)
+            assert caught.value.code is ErrorCode.DUPLICATE_INSTANCE
+        assert (await report(first, 1, 1)).served_total == 1
+
+
+async def test_the_same_instance_reconnecting_replaces_its_old_link_and_is_resynced(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    instance = secrets.token_hex(16)
+    async with custodian.link(instance_id=instance) as old:
+        await load_models(old, 2)
+        assert (await receive(old, Grant)).granted_total == 5
+        await report(old, 1, 2)
+        async with custodian.link(instance_id=instance) as new:
+            await load_models(new, 2)
+            resync = await receive(new, Grant)  # the last grant again, nothing new
+            assert (resync.units, resync.granted_total) == (5, 5)
+            with pytest.raises(ChannelError):
+                await receive(old, Grant)
+    assert (await custodian.balance()).granted == 5
+
+
+@pytest.mark.parametrize("presented", ["wrong", "lic_0123456789abcdef0123456789abcdef:x", ""])
+async def test_a_bad_license_is_refused_uniformly(
+    start_custodian: CustodianFactory, presented: str
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    if presented == "wrong":
+        presented = custodian.license.partition(":")[0] + ":not-the-secret"
+    async with custodian.link(license=presented) as channel:
+        with pytest.raises(PeerError) as caught:
+            await receive(channel, ModelBegin)
+    assert caught.value.code is ErrorCode.ATTESTATION_FAILED
+    assert caught.value.detail == "attestation failed"
+
+
+async def test_a_bad_instance_id_is_refused(start_custodian: CustodianFactory) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    async with custodian.link(instance_id="not-hex") as channel:
+        with pytest.raises(PeerError) as caught:
+            await receive(channel, ModelBegin)
+    assert caught.value.code is ErrorCode.PROTOCOL_ERROR
+
+
+async def test_a_license_without_an_id_is_refused_and_not_logged(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    secret = custodian.license.partition(":")[2]
+    with capture_logs() as logs:
+        async with custodian.link(license=secret) as channel:
+            with pytest.raises(PeerError) as caught:
+                await receive(channel, ModelBegin)
+    assert caught.value.code is ErrorCode.ATTESTATION_FAILED
+    assert secret not in repr(logs)
+    assert any(e.get("license_id") == "<malformed>" for e in logs)
+
+
+async def test_a_client_without_a_certificate_fails_the_handshake(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    context = client_context(ca_certificates=[custodian.state.ca_cert])
+    with capture_logs() as logs:
+        stream = await open_tls_client("127.0.0.1", custodian.bound.enclave[1], context)
+        with pytest.raises(trio.BrokenResourceError), trio.fail_after(TIMEOUT):
+            await stream.receive_some()
+        await stream.aclose()
+        async with custodian.link() as channel:  # the daemon serves the next one
+            await load_models(channel, 2)
+    assert any(e["event"] == "enclave_handshake_failed" for e in logs)
+
+
+async def test_an_enclave_outside_the_policy_never_gets_a_model_byte(
+    start_custodian: CustodianFactory, platform: SimulatedPlatform
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    modified = _credentials(platform, OTHER_MR_ENCLAVE)
+    got: list[Message] = []
+    with (
+        capture_logs() as logs,
+        pytest.raises((ChannelError, trio.BrokenResourceError, PeerError)),
+    ):
+        async with custodian.link(credentials=modified) as channel:
+            got.extend(await receive_until_quiet(channel))
+    assert got == []
+    refused = [e for e in logs if e["event"] == "enclave_refused"]
+    assert refused
+    assert "MRENCLAVE" in refused[0]["reason"]
+    assert not any(e["event"] == "model_transfer_started" for e in logs)
+
+
+async def test_a_silent_enclave_is_declared_dead(start_custodian: CustodianFactory) -> None:
+    fast = SessionConfig(heartbeat_interval=0.05, heartbeat_misses=3)
+    custodian = await start_custodian(initial_inferences=5, session=fast)
+    with capture_logs() as logs:
+        async with custodian.link(heartbeat=False) as channel:
+            with pytest.raises(ChannelError):
+                await drain(channel)  # the model comes, but we never say a word
+    assert any(e["event"] == "enclave_link_dead" for e in logs)
+    assert (await custodian.admin_call(lambda admin: admin.usage()))["instances"] == 0
+
+
+async def test_the_custodian_sends_heartbeats(start_custodian: CustodianFactory) -> None:
+    fast = SessionConfig(heartbeat_interval=0.05, heartbeat_misses=100)
+    custodian = await start_custodian(initial_inferences=5, session=fast)
+    async with custodian.link() as channel:
+        beats = 0
+        with trio.fail_after(TIMEOUT):
+            while beats < 5:
+                beats += isinstance(await channel.receive(), Heartbeat)
+
+
+async def test_block_and_unblock_are_pushed(start_custodian: CustodianFactory) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    async with custodian.link() as channel:
+        await load_models(channel, 2)
+        await receive(channel, Grant)
+        await custodian.admin_call(lambda admin: admin.block("maintenance"))
+        assert (await receive(channel, Block)).reason == "maintenance"
+        await custodian.admin_call(lambda admin: admin.supply(10))
+        assert await receive_until_quiet(channel) == []  # blocked: no grant
+        await custodian.admin_call(lambda admin: admin.unblock())
+        assert isinstance(await receive(channel, Unblock), Unblock)
+        assert (await receive(channel, Grant)).granted_total == 15
+
+
+async def test_a_blocked_borrower_gets_block_after_the_models(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    await custodian.admin_call(lambda admin: admin.block(""))
+    async with custodian.link() as channel:
+        await load_models(channel, 2)
+        block = await receive(channel, Block)
+        assert block.reason  # a default reason when the operator gave none
+        assert await receive_until_quiet(channel) == []
+    assert (await custodian.balance()).granted == 0
+
+
+async def test_shutdown_closes_the_links(start_custodian: CustodianFactory) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            await load_models(channel, 2)
+            await receive(channel, Grant)
+            custodian.stop.set()  # what SIGTERM does in the daemon
+            with pytest.raises(ChannelError):
+                await receive(channel, Grant)
+        with trio.fail_after(TIMEOUT):
+            await custodian.stopped.wait()
+    events = [e["event"] for e in logs]
+    assert events.index("custodian_stopping") < events.index("custodian_stopped")

@@ -1,0 +1,89 @@
+"""The registry of live sessions: one instance per license, supersede, hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+
+from drm_custodian.ledger import Balance
+from drm_custodian.registry import (
+    DEFAULT_BLOCK_REASON,
+    DuplicateInstance,
+    Registry,
+    SessionHooks,
+)
+
+
+@dataclass(eq=False)
+class FakeSession:
+    borrower: str
+    license_id: str
+    instance_id: str
+    finished: trio.Event = field(default_factory=trio.Event)
+    woken: int = 0
+    closed: bool = False
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+BALANCE = Balance(supplied=1, granted=0, served=0, in_doubt=0, remaining=1, blocked=False)
+
+
+async def test_one_instance_per_license() -> None:
+    registry = Registry()
+    first = FakeSession("acme", "lic_a", "1" * 32)
+    await registry.claim(first)
+    with pytest.raises(DuplicateInstance):
+        await registry.claim(FakeSession("acme", "lic_a", "2" * 32))
+    assert not first.closed
+    await registry.claim(FakeSession("acme", "lic_b", "2" * 32))  # another license is fine
+    assert registry.count("acme") == 2
+
+
+async def test_the_same_instance_supersedes_its_old_session(nursery: trio.Nursery) -> None:
+    registry = Registry()
+    old = FakeSession("acme", "lic_a", "1" * 32)
+    new = FakeSession("acme", "lic_a", "1" * 32)
+    await registry.claim(old)
+    claimed = trio.Event()
+
+    async def claim_new() -> None:
+        await registry.claim(new)
+        claimed.set()
+
+    nursery.start_soon(claim_new)
+    await trio.testing.wait_all_tasks_blocked()
+    assert old.closed
+    assert not claimed.is_set()  # waits for the old one to end
+    registry.release(old)
+    old.finished.set()
+    with trio.fail_after(1):
+        await claimed.wait()
+    assert list(registry.sessions("acme")) == [new]
+    registry.release(old)  # a late release of the old one changes nothing
+    assert registry.count("acme") == 1
+
+
+async def test_hooks_wake_the_borrowers_sessions_only() -> None:
+    registry = Registry()
+    mine, theirs = FakeSession("acme", "lic_a", "1" * 32), FakeSession("other", "lic_b", "2" * 32)
+    await registry.claim(mine)
+    await registry.claim(theirs)
+    hooks = SessionHooks(registry)
+    await hooks.on_supplied("acme", BALANCE)
+    await hooks.on_blocked("acme", "audit")
+    await hooks.on_unblocked("acme")
+    assert (mine.woken, theirs.woken) == (3, 0)
+    assert registry.block_reason("acme") == "audit"
+    assert registry.block_reason("other") == DEFAULT_BLOCK_REASON
+    assert hooks.instances("acme") == 1
+    registry.close_all()
+    assert mine.closed
+    assert theirs.closed
