@@ -1,0 +1,381 @@
+"""The enclave's link to its custodian: dial, attest, receive models and grants, report usage.
+
+Theory of operation
+-------------------
+:class:`CustodianLink` feeds the shared :class:`~.runtime.EnclaveRuntime` (quota,
+accounting, models; the consumer server reads it). It dials the custodian forever
+(exponential backoff, jittered, capped), verifies it against the pinned CA inside the TLS
+handshake (``enclave_client_context``), says ``hello`` with the license and this process's
+instance id, then runs one *session* per connection (``docs/links.md``, custodian link):
+
+* the receive loop, under a liveness deadline of ``heartbeat_interval * heartbeat_misses``
+  (any message counts): model transfers (a :class:`~.model_receiver.ModelReceiver` per
+  ``model_begin``; on ``model_end`` a task loads the session off the event loop and answers
+  ``model_loaded``), grants, usage acknowledgements, ``block``/``unblock``, heartbeats;
+* a heartbeat sender (every ``heartbeat_interval``);
+* a reporter that sends :meth:`Accounting.next_report` whenever the served total changes
+  or an acknowledgement frees the one report in flight.
+
+Kill switch: the quota starts suspended (``CUSTODIAN_UNREACHABLE``). The moment a session
+ends, for whatever reason (EOF, error, missed heartbeats, a protocol error, shutdown), the
+task that saw it calls :meth:`EnclaveRuntime.link_lost` *before* anything else awaits, so
+parked and new requests fail at once. On a new verified link, the quota resumes only once
+the link is *synced*: hello done, every model transfer finished loading, and the
+custodian's first ``grant`` (its re-sent total), ``unblock`` or ``block`` received.
+Grants are totals (:meth:`Accounting.on_grant`), so the re-sent one adds nothing twice.
+
+Models stay in memory across reconnects. The custodian re-streams them on every link
+(the contract); a re-streamed model whose SHA-256 matches the loaded one is checked
+(size and digest) and confirmed without creating a new session.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import secrets
+from dataclasses import dataclass
+from typing import Final
+
+import structlog
+import trio
+from OpenSSL import SSL
+
+from drm_wire.errors import DrmError, ErrorCode, RemoteProtocolError
+from drm_wire.limits import HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES
+from drm_wire.messages import (
+    Block,
+    Error,
+    Grant,
+    Heartbeat,
+    Message,
+    ModelBegin,
+    ModelChunk,
+    ModelEnd,
+    ModelLoaded,
+    PeerRole,
+    Unblock,
+    UsageAck,
+)
+from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
+from drm_wire.net.ratls import VerifiedCustodian
+from drm_wire.net.tls import TLSStream, open_tls_client
+from drm_wire.protocol import Connection, Link, Side
+
+from .identity import License
+from .model_host import HostedModel, ModelError, load_model
+from .model_receiver import ModelReceiver
+from .runtime import EnclaveRuntime
+
+__all__ = [
+    "SOFTWARE",
+    "CustodianLink",
+    "LinkLost",
+    "LinkTiming",
+    "backoff_delay",
+]
+
+#: What we announce in ``hello``.
+SOFTWARE: Final = "drm-enclave/0.1"
+
+_log = structlog.get_logger("drm_enclave.custodian_link")
+_random = secrets.SystemRandom()
+
+
+class LinkLost(DrmError):
+    """The custodian sent nothing for ``heartbeat_interval * heartbeat_misses`` seconds."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkTiming:
+    """The custodian link's timings (seconds); tests shrink them.
+
+    Attributes:
+        heartbeat_interval: how often we send a heartbeat.
+        heartbeat_misses: intervals without any message before the link is dead.
+        backoff_initial: the first redial delay (before jitter).
+        backoff_max: the cap on the redial delay: a custodian that comes back is
+            re-joined within this long.
+        handshake_timeout: TCP connect, and separately the TLS handshake.
+    """
+
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+    heartbeat_misses: int = HEARTBEAT_MISSES
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+    @property
+    def dead_after(self) -> float:
+        """Silence after which the link is declared dead."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+
+def backoff_delay(failures: int, timing: LinkTiming) -> float:
+    """Delay before redial number ``failures + 1``: exponential, capped, in [cap/2, cap]."""
+    ceiling = min(timing.backoff_max, timing.backoff_initial * 2 ** min(failures, 32))
+    return _random.uniform(ceiling / 2, ceiling)
+
+
+#: What ends a session or a dial attempt; anything else is a bug and propagates.
+_LINK_ERRORS: Final = (
+    DrmError,  # channel ended, peer error, protocol error, verification, bad model
+    OSError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    SSL.Error,
+)
+
+
+class CustodianLink:
+    """Keeps the enclave linked to its custodian; :meth:`run` never returns.
+
+    Args:
+        runtime: the shared state to feed.
+        host, port: the custodian's enclave-link address.
+        context: from ``enclave_client_context`` (our RA-TLS cert, the pinned CA).
+        license: the borrower's license.
+        instance_id: 32 hex characters, fixed for the process.
+        intra_op_threads: onnxruntime threads per session.
+        timing: heartbeats, backoff and handshake deadline.
+    """
+
+    def __init__(
+        self,
+        runtime: EnclaveRuntime,
+        *,
+        host: str,
+        port: int,
+        context: SSL.Context,
+        license: License,
+        instance_id: str,
+        intra_op_threads: int = 1,
+        timing: LinkTiming | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._host = host
+        self._port = port
+        self._context = context
+        self._license = license
+        self._instance_id = instance_id
+        self._threads = intra_op_threads
+        self._timing = timing or LinkTiming()
+        #: The transfer under way, and the SHA-256 its model_begin announced.
+        self._receiver: tuple[ModelReceiver, bytes] | None = None
+        self._established = False
+
+    def __repr__(self) -> str:
+        return f"<CustodianLink {self._host}:{self._port} {self._runtime.state.value}>"
+
+    async def run(self) -> None:
+        """Dial, run a session, and redial with backoff, until cancelled."""
+        failures = 0
+        for attempt in itertools.count(1):
+            with structlog.contextvars.bound_contextvars(
+                peer=f"{self._host}:{self._port}", conn_id=attempt, role="custodian"
+            ):
+                await self._attempt(_log)
+                failures = 0 if self._established else failures + 1
+                delay = backoff_delay(failures, self._timing)
+                _log.info("custodian_redial", delay=round(delay, 3), failures=failures)
+            await trio.sleep(delay)
+
+    async def _attempt(self, log: structlog.typing.FilteringBoundLogger) -> None:
+        """One dial and, if it verifies, one session; every way it can end is logged."""
+        self._established = False
+        try:
+            stream = await open_tls_client(
+                self._host,
+                self._port,
+                self._context,
+                handshake_timeout=self._timing.handshake_timeout,
+            )
+            await self._session(stream, log)
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(_LINK_ERRORS)
+            self._runtime.link_lost()
+            if rest is not None:
+                raise rest from None
+            assert matched is not None
+            _log_failure(log, _first(matched))
+        except _LINK_ERRORS as exc:
+            self._runtime.link_lost()
+            _log_failure(log, exc)
+        finally:
+            self._runtime.link_lost()
+            self._receiver = None
+
+    async def _session(self, stream: TLSStream, log: structlog.typing.FilteringBoundLogger) -> None:
+        custodian = stream.peer_identity_as(VerifiedCustodian)
+        async with open_channel(stream, Link.CUSTODIAN, Side.CLIENT) as channel:
+            try:
+                welcome = await channel.hello(
+                    role=PeerRole.ENCLAVE,
+                    software=SOFTWARE,
+                    license=self._license.hello_value(),
+                    instance_id=self._instance_id,
+                    hello_timeout=self._timing.handshake_timeout,
+                )
+                self._runtime.link_connected()
+                self._established = True
+                log.info(
+                    "custodian_connected",
+                    custodian_subject=custodian.certificate.subject.rfc4514_string(),
+                    version=welcome.version,
+                    custodian_software=welcome.software,
+                    instance_id=self._instance_id,
+                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeats, channel)
+                    nursery.start_soon(self._reports, channel, log)
+                    await self._receive_loop(channel, nursery, log)
+            finally:
+                self._runtime.link_lost()  # before the channel's (bounded) close
+
+    # --- the session's tasks ----------------------------------------------------------
+
+    async def _receive_loop(
+        self,
+        channel: MessageChannel,
+        nursery: trio.Nursery,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        while True:
+            try:
+                with trio.move_on_after(self._timing.dead_after) as deadline:
+                    message = await channel.receive()
+            except BaseException:
+                self._runtime.link_lost()
+                raise
+            if deadline.cancelled_caught:
+                self._runtime.link_lost()
+                raise LinkLost(f"no message from the custodian for {self._timing.dead_after} s")
+            try:
+                self._dispatch(message, channel, nursery, log)
+            except RemoteProtocolError as exc:
+                self._runtime.link_lost()
+                with trio.move_on_after(ERROR_FRAME_TIMEOUT):
+                    await channel.send(Connection.error_for(exc))
+                raise
+
+    def _dispatch(
+        self,
+        message: Message,
+        channel: MessageChannel,
+        nursery: trio.Nursery,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        runtime = self._runtime
+        if isinstance(message, Heartbeat):
+            return
+        if isinstance(message, ModelChunk):
+            assert self._receiver is not None  # the state machine orders begin < chunk
+            self._receiver[0].add(message)
+        elif isinstance(message, ModelBegin):
+            self._receiver = (ModelReceiver(message), message.sha256)
+            log.info("model_receiving", model=message.name, size=message.size)
+        elif isinstance(message, ModelEnd):
+            assert self._receiver is not None
+            (receiver, sha256), self._receiver = self._receiver, None
+            buffer = receiver.finish(message)  # size and digest checked
+            runtime.load_started()
+            nursery.start_soon(self._load, channel, receiver, sha256, buffer, log)
+        elif isinstance(message, Grant):
+            added = runtime.on_grant(message)
+            log.info(
+                "grant_applied",
+                grant_id=message.grant_id,
+                granted_total=message.granted_total,
+                added=added,
+                inferences_left=runtime.quota.available,
+            )
+        elif isinstance(message, UsageAck):
+            runtime.on_ack(message)
+            log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
+        elif isinstance(message, Block):
+            runtime.on_block()
+        elif isinstance(message, Unblock):
+            runtime.on_unblock()
+        else:  # pragma: no cover - the state machine lets nothing else through
+            raise RemoteProtocolError(f"{message.TYPE} is not for the enclave", field="type")
+
+    async def _load(
+        self,
+        channel: MessageChannel,
+        receiver: ModelReceiver,
+        sha256: bytes,
+        buffer: memoryview,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        name = receiver.name
+        loaded = self._runtime.models.get(name)
+        model: HostedModel | None = None
+        try:
+            if loaded is None or loaded.description.sha256 != sha256:
+                threads = self._threads
+                try:
+                    model = await trio.to_thread.run_sync(
+                        functools.partial(load_model, name, buffer, intra_op_threads=threads),
+                        abandon_on_cancel=True,
+                    )
+                except ModelError as exc:
+                    self._runtime.link_lost()
+                    log.error("model_load_failed", model=name, error=str(exc))
+                    with trio.move_on_after(ERROR_FRAME_TIMEOUT):
+                        await channel.send(
+                            Error(code=ErrorCode.INTERNAL, message="the model could not be loaded")
+                        )
+                    raise
+        finally:
+            receiver.release()  # the buffer goes when this task's view does
+        try:
+            await channel.send(ModelLoaded(name=name, sha256=sha256))
+        except BaseException:
+            self._runtime.link_lost()
+            raise
+        self._runtime.load_finished(model)
+        log.info("model_loaded", model=name, sha256=sha256.hex(), reused=model is None)
+
+    async def _heartbeats(self, channel: MessageChannel) -> None:
+        seq = 0
+        try:
+            while True:
+                await channel.send(Heartbeat(seq=seq))
+                seq += 1
+                await trio.sleep(self._timing.heartbeat_interval)
+        except BaseException:
+            self._runtime.link_lost()
+            raise
+
+    async def _reports(
+        self, channel: MessageChannel, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        try:
+            while True:
+                report = self._runtime.accounting.next_report()
+                if report is not None:
+                    await channel.send(report)
+                    log.debug("usage_reported", seq=report.seq, served_total=report.served_total)
+                await self._runtime.wait_usage_changed()
+        except BaseException:
+            self._runtime.link_lost()
+            raise
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _log_failure(log: structlog.typing.FilteringBoundLogger, exc: BaseException) -> None:
+    # The message of our own and the stream's errors never holds secrets (errors.py).
+    cause = exc.__cause__
+    log.warning(
+        "custodian_link_failed",
+        error_type=type(exc).__name__,
+        error=str(exc)[:300],
+        cause=None if cause is None else f"{type(cause).__name__}: {str(cause)[:200]}",
+    )

@@ -1,0 +1,202 @@
+"""The enclave's shared state: quota, accounting, models, and where the custodian link stands.
+
+Theory of operation
+-------------------
+The custodian link (:mod:`drm_enclave.custodian_link`) is the only writer: it reports a
+new link (:meth:`EnclaveRuntime.link_connected`), model loads, grants, blocks and
+acknowledgements, and the loss of the link (:meth:`EnclaveRuntime.link_lost`). The
+consumer server (:mod:`drm_enclave.consumer_server`) reads the models, the quota and the
+state, and reports every committed inference with :meth:`EnclaveRuntime.served`, which
+wakes the link's usage reporter.
+
+States, as ``model_info`` shows them::
+
+    CUSTODIAN_UNREACHABLE --hello done--> LOADING --models loaded + re-sync--> SERVING
+          ^                                  |                                 |  ^
+          |                                  +---------- block ------> BLOCKED -+  | unblock
+          +--------------------- link lost (any state) ----------------------------+
+
+The quota is suspended (``CUSTODIAN_UNREACHABLE``) in every state but ``SERVING``
+(``BLOCKED`` while blocked), so nothing is served until a verified link has re-synced.
+The *re-sync* is the custodian's first ``grant`` (its last total again), ``unblock`` or
+``block`` after hello, once no model load is pending. A grant never lifts a block.
+
+Single trio thread: every method runs on the event loop, and none awaits except the
+``wait_*`` helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+import trio
+
+from drm_wire.errors import ErrorCode
+from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.messages import EnclaveState, Grant, UsageAck
+
+from .accounting import Accounting
+from .model_host import HostedModel
+from .quota import Quota
+
+__all__ = ["EnclaveRuntime"]
+
+_log = structlog.get_logger("drm_enclave.runtime")
+
+
+class EnclaveRuntime:
+    """What the custodian link and the consumer server share. Single trio thread only.
+
+    Attributes:
+        quota: the inference quota; suspended until a link is synced.
+        accounting: granted/served totals and the usage-report sequence.
+        models: loaded models by name.
+    """
+
+    def __init__(self, *, max_parked: int | None = None) -> None:
+        self.quota = Quota() if max_parked is None else Quota(max_parked=max_parked)
+        self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
+        self.accounting = Accounting()
+        self.models: dict[str, HostedModel] = {}
+        self._link_up = False
+        self._synced = False
+        self._blocked = False
+        self._loads_pending = 0
+        self._announced = False
+        self._stopping = False
+        self._usage_changed = trio.Event()
+        self._state_changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<EnclaveRuntime {self.state.value} models={sorted(self.models)} "
+            f"{self.quota!r} {self.accounting!r}>"
+        )
+
+    # --- read side (consumer server) ----------------------------------------------
+
+    @property
+    def state(self) -> EnclaveState:
+        """What ``model_info`` tells consumers."""
+        if not self._link_up:
+            return EnclaveState.CUSTODIAN_UNREACHABLE
+        if self._blocked:
+            return EnclaveState.BLOCKED
+        if self._stopping:
+            return EnclaveState.CUSTODIAN_UNREACHABLE
+        if self.quota.suspended is None:
+            return EnclaveState.SERVING
+        return EnclaveState.LOADING
+
+    @property
+    def link_up(self) -> bool:
+        """Whether a verified custodian link has said hello (synced or not)."""
+        return self._link_up
+
+    def served(self) -> None:
+        """One lease was committed: count it and wake the reporter."""
+        self.accounting.served(1)
+        self._usage_changed.set()
+        self._changed()
+
+    async def wait_usage_changed(self) -> None:
+        """Return once :meth:`served` or an acknowledgement happened since the last call."""
+        await self._usage_changed.wait()
+        self._usage_changed = trio.Event()
+
+    async def wait_for(self, predicate: Callable[[EnclaveRuntime], bool]) -> None:
+        """Wait until ``predicate(self)`` holds (checked after every state change)."""
+        while not predicate(self):
+            await self._state_changed.wait()
+
+    def _changed(self) -> None:
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    def begin_shutdown(self) -> None:
+        """Stop serving for good (the daemon is stopping); the link may still flush usage."""
+        self._stopping = True
+        failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
+        _log.info("enclave_draining", failed_parked=failed, unreported=self.accounting.unreported)
+        self._changed()
+
+    # --- write side (custodian link) -------------------------------------------------
+
+    def link_lost(self) -> None:
+        """KILL SWITCH: no verified custodian link; fail parked and new requests at once."""
+        if self.quota.suspended is not ErrorCode.CUSTODIAN_UNREACHABLE:
+            failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
+            _log.warning("custodian_link_down", failed_parked=failed)
+        self._link_up = self._synced = self._blocked = self._announced = False
+        self._loads_pending = 0
+        self._changed()
+
+    def link_connected(self) -> None:
+        """Hello done on a new verified link: loading until the custodian re-syncs."""
+        self.accounting.link_restarted()
+        self._link_up = True
+        self._synced = self._blocked = self._announced = False
+        self._loads_pending = 0
+        self._changed()
+
+    def load_started(self) -> None:
+        self._loads_pending += 1
+
+    def load_finished(self, model: HostedModel | None) -> None:
+        """A transfer was loaded (or matched the loaded model, ``None``)."""
+        if model is not None:
+            self.models[model.description.name] = model
+        self._loads_pending -= 1
+        self._maybe_resume()
+
+    def on_grant(self, grant: Grant) -> int:
+        """Apply a grant (a total); return the units it added."""
+        added = self.accounting.on_grant(grant)
+        remaining = added
+        while remaining > 0:
+            step = min(remaining, MAX_GRANT_UNITS)
+            self.quota.grant(step)
+            remaining -= step
+        self._synced = True  # a grant never lifts a block: only unblock (or a new link) does
+        self._maybe_resume()
+        return added
+
+    def on_block(self) -> None:
+        self._synced = self._blocked = True
+        failed = self.quota.suspend(ErrorCode.BLOCKED)
+        _log.warning("custodian_blocked", failed_parked=failed)
+        self._maybe_resume()
+
+    def on_unblock(self) -> None:
+        self._synced = True
+        was_blocked, self._blocked = self._blocked, False
+        if was_blocked:
+            _log.info("custodian_unblocked")
+        self._maybe_resume()
+
+    def on_ack(self, ack: UsageAck) -> None:
+        self.accounting.on_ack(ack)
+        self._usage_changed.set()
+        self._changed()
+
+    def _maybe_resume(self) -> None:
+        if not (self._link_up and self._synced and self._loads_pending == 0):
+            self._changed()
+            return
+        if self._blocked:
+            if self.quota.suspended is not ErrorCode.BLOCKED:
+                self.quota.suspend(ErrorCode.BLOCKED)
+        elif self.quota.suspended is not None and not self._stopping:
+            self.quota.resume()
+        if not self._announced:
+            self._announced = True
+            _log.info(
+                "custodian_link_up",
+                state=self.state.value,
+                models=sorted(self.models),
+                inferences_left=self.quota.available,
+                granted_total=self.accounting.granted_total,
+                served_total=self.accounting.served_total,
+            )
+        self._changed()

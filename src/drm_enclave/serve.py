@@ -1,0 +1,202 @@
+"""The enclave daemon's process structure: one nursery tree, started by :func:`serve`.
+
+::
+
+    serve                                  (task_status.started(consumer address))
+    ├── consumer listener                  trio.serve_listeners(handler_nursery=handlers)
+    │   └── handlers: one task per consumer connection
+    │       └── requests: one task per inference in flight
+    └── custodian link                     dial / session / redial, forever
+        └── session: receive loop, heartbeats, reporter, model loaders
+
+The consumer port opens first, so a consumer can connect (and learn the state) at once;
+every request fails with ``custodian_unreachable`` until the custodian link is synced.
+
+Shutdown is a trigger (``shutdown_trigger``; ``__main__`` wires it to SIGTERM/SIGINT), then
+a drain under one deadline (:attr:`EnclaveConfig.shutdown_grace`):
+
+1. the kill switch falls for good (:meth:`EnclaveRuntime.begin_shutdown`): parked and new
+   requests fail with ``custodian_unreachable``, a clear answer rather than a cut
+   connection; the consumer port stops accepting;
+2. inferences already running finish and their results are sent;
+3. while the custodian link is up, the reporter sends the last usage report and the
+   custodian acknowledges it, so every inference served is in its ledger (invariant 2);
+4. then everything is cancelled: the link closes, connections close.
+
+Cancelling :func:`serve` from outside skips the drain: the link's ``finally`` still throws
+the kill switch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import trio
+from cryptography import x509
+
+from drm_wire.attestation.gramine import Backend
+from drm_wire.errors import ConfigError
+from drm_wire.net.ratls import enclave_client_context, enclave_server_context
+
+from .consumer_server import ConsumerLimits, ConsumerServer
+from .custodian_link import CustodianLink, LinkTiming
+from .identity import EnclaveIdentity, License, make_identity
+from .runtime import EnclaveRuntime
+
+__all__ = ["DEFAULT_CONSUMER_PORT", "EnclaveConfig", "serve"]
+
+#: The consumer port of DESIGN section 2.
+DEFAULT_CONSUMER_PORT = 9924
+
+_log = structlog.get_logger("drm_enclave.serve")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnclaveConfig:
+    """Everything :func:`serve` needs; :mod:`drm_enclave.cli` builds it from flags and files.
+
+    Attributes:
+        custodian_host, custodian_port: where the custodian's enclave link listens.
+        custodian_ca_pem: the pinned custodian CA, exactly as read from its file (it is
+            part of the simulated measurement).
+        license: the borrower's license.
+        listen_host, listen_port: the consumer port (0: any free port).
+        attestation: ``auto``, ``gramine`` or ``simulated``.
+        simulation_dir: the INSECURE simulated platform's directory, if any.
+        intra_op_threads: onnxruntime threads per session.
+        instance_id: 32 hex characters, fixed for the process.
+        timing, limits: link timings and consumer caps.
+        shutdown_grace: seconds a shutdown waits for running inferences and the last usage
+            acknowledgement before cutting everything.
+    """
+
+    custodian_host: str
+    custodian_port: int
+    custodian_ca_pem: bytes
+    license: License
+    listen_host: str = "127.0.0.1"
+    listen_port: int = DEFAULT_CONSUMER_PORT
+    attestation: Backend = "auto"
+    simulation_dir: Path | None = None
+    intra_op_threads: int = 1
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    timing: LinkTiming = field(default_factory=LinkTiming)
+    limits: ConsumerLimits = field(default_factory=ConsumerLimits)
+    shutdown_grace: float = 10.0
+
+    def custodian_ca(self) -> x509.Certificate:
+        """The pinned CA, parsed.
+
+        Raises:
+            ConfigError: the file is not one PEM certificate.
+        """
+        try:
+            return x509.load_pem_x509_certificate(self.custodian_ca_pem)
+        except ValueError as exc:
+            raise ConfigError("the custodian CA is not a PEM certificate") from exc
+
+
+async def serve(
+    config: EnclaveConfig,
+    *,
+    runtime: EnclaveRuntime | None = None,
+    identity: EnclaveIdentity | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the enclave daemon until ``shutdown_trigger`` returns (then drain), or cancelled.
+
+    Args:
+        config: the daemon's configuration.
+        runtime: the shared state to use (tests pass one to observe it); a fresh one
+            by default.
+        identity: RA-TLS credentials to use; by default made from ``config.attestation``.
+        shutdown_trigger: awaited once serving; when it returns, the daemon drains and
+            :func:`serve` returns. ``None``: run until cancelled.
+        task_status: receives the bound consumer address ``(host, port)`` once the
+            consumer port is listening.
+
+    Raises:
+        ConfigError: the CA, the attestation backend or the simulated platform is unusable.
+        OSError: the consumer port cannot be bound.
+    """
+    ca = config.custodian_ca()
+    if identity is None:
+        identity = make_identity(
+            config.attestation,
+            custodian_ca_pem=config.custodian_ca_pem,
+            simulation_dir=config.simulation_dir,
+        )
+    try:
+        client_context = enclave_client_context(identity.credentials, ca)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="custodian_ca") from exc
+    server_context = enclave_server_context(identity.credentials)
+    runtime = runtime if runtime is not None else EnclaveRuntime()
+    consumers = ConsumerServer(runtime, server_context, config.limits)
+    link = CustodianLink(
+        runtime,
+        host=config.custodian_host,
+        port=config.custodian_port,
+        context=client_context,
+        license=config.license,
+        instance_id=config.instance_id,
+        intra_op_threads=config.intra_op_threads,
+        timing=config.timing,
+    )
+    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    host, port = listeners[0].socket.getsockname()[:2]
+    async with trio.open_nursery() as nursery:
+        handlers = await nursery.start(_handler_nursery)
+        accepting = trio.CancelScope()
+        nursery.start_soon(_accept, accepting, consumers, listeners, handlers)
+        _log.info(
+            "enclave_serving",
+            consumer_address=f"{_host_for_url(host)}:{port}",
+            mr_enclave=identity.mr_enclave.hex(),
+            simulated=identity.simulated,
+            custodian=f"{config.custodian_host}:{config.custodian_port}",
+            license_id=config.license.license_id,
+            instance_id=config.instance_id,
+        )
+        task_status.started((host, port))
+        nursery.start_soon(link.run)
+        if shutdown_trigger is None:
+            return  # the nursery runs until cancelled
+        await shutdown_trigger()
+        runtime.begin_shutdown()
+        accepting.cancel()
+        with trio.move_on_after(config.shutdown_grace) as grace:
+            await consumers.wait_idle()
+            await runtime.wait_for(lambda r: r.accounting.unreported == 0 or not r.link_up)
+        _log.info(
+            "enclave_drained",
+            timed_out=grace.cancelled_caught,
+            in_flight=consumers.requests,
+            unreported=runtime.accounting.unreported,
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def _accept(
+    scope: trio.CancelScope,
+    consumers: ConsumerServer,
+    listeners: list[trio.SocketListener],
+    handlers: trio.Nursery,
+) -> None:
+    with scope:
+        await trio.serve_listeners(consumers.handle, listeners, handler_nursery=handlers)
+
+
+async def _handler_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    async with trio.open_nursery() as handlers:
+        task_status.started(handlers)
+        await trio.sleep_forever()
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,236 @@
+"""``python -m drm_enclave``: ``measure`` writes a policy; ``serve`` runs and stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from drm_enclave.cli import load_license, parse_address
+from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.attestation.measurement import simulated_mr_enclave, simulated_mr_signer
+from drm_wire.attestation.policy import Policy
+from drm_wire.errors import ConfigError
+from drm_wire.messages import EnclaveState, ModelLoaded, UsageReport
+from tests.enclave.enclave_fakes import (
+    HOST,
+    LICENSE,
+    TIMEOUT,
+    FakeCustodian,
+    consumer,
+    enclave_policy,
+    shared_pki,
+)
+from tests.models import tiny_model
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "drm_enclave", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _license_file(path: Path) -> Path:
+    doc = {
+        "format": "drm-license",
+        "version": 1,
+        "borrower": LICENSE.borrower,
+        "license_id": LICENSE.license_id,
+        "secret": LICENSE.secret,
+    }
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+def test_measure_writes_a_policy_that_loads(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(shared_pki().ca_pem)
+    out = tmp_path / "policies" / "enclave-policy.toml"
+    out.parent.mkdir()
+    done = _run(
+        "measure",
+        "--custodian-ca",
+        str(ca),
+        "--simulation-dir",
+        str(tmp_path / "sim"),
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    expected = simulated_mr_enclave(custodian_ca=ca.read_bytes())
+    assert f"MRENCLAVE {expected.hex()}" in done.stdout
+    assert f"MRSIGNER  {simulated_mr_signer().hex()}" in done.stdout
+    assert "insecure_simulation_mode" in done.stderr  # the loud warning
+    policy = Policy.load(out)
+    assert policy.mr_enclave == (expected,)
+    assert policy.mr_signer == simulated_mr_signer()
+    assert policy.allow_debug is False
+    assert policy.accept_without_collateral is True
+    platform = SimulatedPlatform.load(tmp_path / "sim")
+    assert policy.simulation_root == platform.root_certificate
+    assert policy.simulation_root_path == "../sim/sim-root.pem"  # relative to the policy
+
+
+def test_measure_depends_on_the_pinned_ca(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(shared_pki().ca_pem)
+    first = _run("measure", "--custodian-ca", str(ca))
+    ca.write_bytes(shared_pki().ca_pem + b"\n")
+    second = _run("measure", "--custodian-ca", str(ca))
+    assert first.returncode == second.returncode == 0
+    assert first.stdout.splitlines()[0] != second.stdout.splitlines()[0]
+
+
+def test_measure_out_needs_a_simulation_dir(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(shared_pki().ca_pem)
+    done = _run("measure", "--custodian-ca", str(ca), "--out", str(tmp_path / "p.toml"))
+    assert done.returncode == 2
+    assert not (tmp_path / "p.toml").exists()
+
+
+def test_serve_with_missing_files_exits_2(tmp_path: Path) -> None:
+    done = _run(
+        "serve",
+        "--custodian",
+        "127.0.0.1:1",
+        "--custodian-ca",
+        str(tmp_path / "missing.pem"),
+        "--license",
+        str(tmp_path / "missing.json"),
+    )
+    assert done.returncode == 2
+    assert "configuration_error" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7000", ("127.0.0.1", 7000)),
+        ("localhost:0", ("localhost", 0)),
+        ("[::1]:9924", ("::1", 9924)),
+    ],
+)
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["7000", ":7000", "host:", "host:x", "host:70000"])
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        parse_address(text)
+
+
+def test_load_license(tmp_path: Path) -> None:
+    license = load_license(_license_file(tmp_path / "l.json"))
+    assert license == LICENSE
+    assert license.hello_value() == f"{LICENSE.license_id}:{LICENSE.secret}"
+    assert LICENSE.secret not in repr(license)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"format": "other", "borrower": "a", "license_id": "l", "secret": "s"},
+        {"format": "drm-license", "borrower": "a", "license_id": "l"},
+        {"format": "drm-license", "borrower": "a", "license_id": "l:x", "secret": "s"},
+        ["not", "a", "map"],
+    ],
+)
+def test_load_license_refuses(tmp_path: Path, doc: Any) -> None:
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ConfigError):
+        load_license(path)
+
+
+class _StderrLines:
+    """JSON log lines of a child process, read as they come."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self.seen: list[dict[str, Any]] = []
+
+    async def until(self, event: str) -> dict[str, Any]:
+        with trio.fail_after(TIMEOUT * 2):
+            while True:
+                for entry in self.seen:
+                    if entry.get("event") == event:
+                        self.seen.remove(entry)
+                        return entry
+                chunk = await self._stream.receive_some()
+                assert chunk, f"the enclave exited before logging {event}"
+                self._buffer += chunk
+                *lines, self._buffer = self._buffer.split(b"\n")
+                self.seen += [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_serve_process_links_serves_and_stops_cleanly(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    pki = shared_pki()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca_pem)
+    sim_dir = tmp_path / "sim"
+    platform = SimulatedPlatform.create(sim_dir)
+    policy = enclave_policy(pki, platform)
+    custodian = FakeCustodian(pki, policy, heartbeat_interval=0.5)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(custodian.serve)
+        command = [
+            sys.executable, "-m", "drm_enclave", "serve",
+            "--custodian", f"{HOST}:{port}",
+            "--custodian-ca", str(ca),
+            "--license", str(_license_file(tmp_path / "license.json")),
+            "--listen", f"{HOST}:0",
+            "--attestation", "simulated",
+            "--simulation-dir", str(sim_dir),
+        ]  # fmt: skip
+        process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+        try:
+            assert process.stderr is not None
+            logs = _StderrLines(process.stderr)
+            ready = await logs.until("enclave_serving")
+            assert ready["simulated"] is True
+            assert ready["mr_enclave"] == policy.mr_enclave[0].hex()
+            host, _, consumer_port = ready["consumer_address"].rpartition(":")
+
+            session = await custodian.session()
+            assert session.hello.license == LICENSE.hello_value()
+            await session.send_model("tiny", tiny_model())
+            await session.next(ModelLoaded)
+            await session.grant(2, 2)
+            await logs.until("custodian_link_up")
+            async with consumer((host, int(consumer_port)), policy) as client:
+                assert (await client.info()).state is EnclaveState.SERVING
+                assert (await client.infer()).inferences_left == 1
+            report = await session.next(UsageReport)
+            await session.ack(report.seq, report.served_total)
+
+            process.send_signal(stop)
+            with trio.fail_after(TIMEOUT):
+                code = await process.wait()
+            assert code == 0
+            drained = await logs.until("enclave_drained")
+            assert drained["timed_out"] is False
+            assert drained["unreported"] == 0
+            await logs.until("enclave_stopped")
+            assert not any(LICENSE.secret in json.dumps(entry) for entry in logs.seen)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,161 @@
+"""``serve()`` set-up: bound address, refused configurations, the runtime's state rules."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+
+from drm_enclave.custodian_link import LinkTiming, backoff_delay
+from drm_enclave.runtime import EnclaveRuntime
+from drm_enclave.serve import serve
+from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.errors import ConfigError, ErrorCode, PeerError, QuotaError
+from drm_wire.messages import EnclaveState, Grant, ModelLoaded, UsageReport
+from tests.enclave.enclave_fakes import (
+    HOST,
+    TIMEOUT,
+    FakeCustodian,
+    consumer,
+    enclave_config,
+    enclave_policy,
+    shared_pki,
+)
+from tests.models import tiny_model
+
+
+async def test_serve_reports_its_bound_port(tmp_path: Path) -> None:
+    config = enclave_config(shared_pki(), 1, tmp_path / "sim")  # no custodian there
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(functools.partial(serve, config))
+        assert host == HOST
+        assert port > 0
+        stream = await trio.open_tcp_stream(host, port)  # the consumer port is open
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_refuses_a_leaf_pinned_as_ca(tmp_path: Path) -> None:
+    pki = shared_pki()
+    leaf_pem = pki.server_cert.public_bytes(serialization.Encoding.PEM)
+    config = enclave_config(pki, 1, tmp_path / "sim", custodian_ca_pem=leaf_pem)
+    with pytest.raises(ConfigError, match="not a CA"):
+        await serve(config)
+
+
+async def test_serve_refuses_garbage_as_ca(tmp_path: Path) -> None:
+    config = enclave_config(shared_pki(), 1, tmp_path / "sim", custodian_ca_pem=b"junk")
+    with pytest.raises(ConfigError):
+        await serve(config)
+
+
+async def test_serve_never_runs_unattested(tmp_path: Path) -> None:
+    config = enclave_config(shared_pki(), 1, None, attestation="auto")
+    with pytest.raises(ConfigError):
+        await serve(config)
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    timing = LinkTiming(backoff_initial=0.1, backoff_max=5.0)
+    delays = [backoff_delay(n, timing) for n in range(40)]
+    assert all(0 < d <= 5.0 for d in delays)
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(d >= 2.5 for d in delays[10:])
+
+
+def test_runtime_starts_suspended_and_resumes_only_when_synced() -> None:
+    runtime = EnclaveRuntime()
+    assert _state(runtime) is EnclaveState.CUSTODIAN_UNREACHABLE
+    assert runtime.quota.suspended is ErrorCode.CUSTODIAN_UNREACHABLE
+    runtime.link_connected()
+    assert _state(runtime) is EnclaveState.LOADING
+    runtime.load_started()
+    runtime.on_grant(Grant(grant_id=1, units=2, granted_total=2))
+    assert _state(runtime) is EnclaveState.LOADING  # a load is still pending
+    runtime.load_finished(None)
+    assert _state(runtime) is EnclaveState.SERVING
+    assert runtime.quota.available == 2
+    # A replayed grant adds nothing; a big jump in the total is applied in full.
+    assert runtime.on_grant(Grant(grant_id=2, units=2, granted_total=2)) == 0
+    assert runtime.on_grant(Grant(grant_id=3, units=1, granted_total=2_000_002)) == 2_000_000
+    assert runtime.quota.available == 2_000_002
+    runtime.on_block()
+    assert _state(runtime) is EnclaveState.BLOCKED
+    runtime.link_lost()
+    assert _state(runtime) is EnclaveState.CUSTODIAN_UNREACHABLE
+    assert runtime.quota.suspended is ErrorCode.CUSTODIAN_UNREACHABLE
+
+
+async def test_runtime_kill_switch_fails_new_requests() -> None:
+    runtime = EnclaveRuntime()
+    runtime.link_connected()
+    runtime.on_unblock()
+    assert _state(runtime) is EnclaveState.SERVING
+    runtime.link_lost()
+    with pytest.raises(QuotaError) as caught:
+        await runtime.quota.acquire(None)
+    assert caught.value.code is ErrorCode.CUSTODIAN_UNREACHABLE
+
+
+def _state(runtime: EnclaveRuntime) -> EnclaveState:
+    return runtime.state  # a call, so mypy does not narrow the property across steps
+
+
+async def test_shutdown_drains_parked_requests_and_flushes_usage(tmp_path: Path) -> None:
+    stop = trio.Event()
+    stopped = trio.Event()
+    pki = shared_pki()
+    sim_dir = tmp_path / "sim"
+    platform = SimulatedPlatform.create(sim_dir)
+    policy = enclave_policy(pki, platform)
+    custodian = FakeCustodian(pki, policy)
+    runtime = EnclaveRuntime()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(custodian.serve)
+        config = enclave_config(pki, port, sim_dir)
+
+        async def run_enclave(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+            await serve(
+                config, runtime=runtime, shutdown_trigger=stop.wait, task_status=task_status
+            )
+            stopped.set()
+
+        address = await nursery.start(run_enclave)
+        session = await custodian.session()
+        await session.send_model("tiny", tiny_model())
+        await session.next(ModelLoaded)
+        await session.grant(2, 2)
+        with trio.fail_after(TIMEOUT):
+            await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+        async with consumer(address, policy) as client:
+            await client.infer()
+            first = await session.next(UsageReport)  # left unacknowledged for now
+            await client.infer()  # none left now: the next one parks...
+            parked = trio.Event()
+            errors: list[PeerError] = []
+
+            async def park() -> None:
+                try:
+                    await client.infer(wait=None, parked=parked)
+                except PeerError as exc:
+                    errors.append(exc)
+
+            async with trio.open_nursery() as requests:
+                requests.start_soon(park)
+                with trio.fail_after(TIMEOUT):
+                    await parked.wait()
+                stop.set()  # ... and fails with a clear error when the daemon stops
+            assert errors[0].code is ErrorCode.CUSTODIAN_UNREACHABLE
+        # The daemon waits for the custodian to acknowledge everything it served.
+        assert not stopped.is_set()
+        await session.ack(first.seq, first.served_total)
+        last = await session.next(UsageReport)
+        assert last.served_total == 2
+        await session.ack(last.seq, last.served_total)
+        with trio.fail_after(TIMEOUT):
+            await stopped.wait()
+        assert runtime.accounting.unreported == 0
+        nursery.cancel_scope.cancel()
