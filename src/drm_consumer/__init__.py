@@ -1,3 +1,52 @@
-"""The end user's client: verifies the enclave, sends inputs, reads predictions."""
+"""The end user's client: verifies the enclave, sends inputs, reads predictions.
+
+``async with Client.connect(host, policy=policy) as client`` for trio programs;
+:func:`query` for a blocking one-shot call. Errors are the classes of
+:mod:`drm_consumer.errors`, all under :class:`~drm_wire.errors.DrmError`.
+"""
 
 from __future__ import annotations
+
+from drm_consumer.client import (
+    CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    Client,
+    EnclaveInfo,
+    InferenceOutcome,
+    Inputs,
+)
+from drm_consumer.errors import (
+    AttestationRefused,
+    BadRequest,
+    Blocked,
+    Busy,
+    ConnectionFailed,
+    ConsumerError,
+    CustodianUnreachable,
+    InferenceFailed,
+    ModelNotFound,
+    NoInferencesLeft,
+    RequestFailed,
+)
+from drm_consumer.sync import query
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_PORT",
+    "AttestationRefused",
+    "BadRequest",
+    "Blocked",
+    "Busy",
+    "Client",
+    "ConnectionFailed",
+    "ConsumerError",
+    "CustodianUnreachable",
+    "EnclaveInfo",
+    "InferenceFailed",
+    "InferenceOutcome",
+    "Inputs",
+    "ModelNotFound",
+    "NoInferencesLeft",
+    "RequestFailed",
+    "query",
+]

@@ -1,0 +1,107 @@
+"""The harness itself, against stand-in daemons (tiny Python scripts), so that a broken
+harness is told apart from a broken daemon."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.daemons import (
+    DaemonError,
+    parse_address,
+    python_command,
+    run_command,
+    start_daemon,
+)
+
+#: A stand-in daemon: logs JSON lines like drm_wire.logs does, then waits for SIGTERM.
+_DAEMON = textwrap.dedent(
+    """
+    import json, signal, sys
+    def log(**event): print(json.dumps(event), file=sys.stderr, flush=True)
+    if "--ignore-term" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: (log(event="stopping"), sys.exit(0)))
+    print("not json", file=sys.stderr, flush=True)
+    log(event="custodian_listening", enclave_address="127.0.0.1:1", admin_address="[::1]:2")
+    if "--exit" in sys.argv:
+        sys.exit(3)
+    log(event="ready")
+    signal.pause()
+    """
+)
+
+
+def _script(tmp_path: Path) -> Path:
+    path = tmp_path / "standin.py"
+    path.write_text(_DAEMON, encoding="utf-8")
+    return path
+
+
+def test_wait_for_returns_the_event_and_stop_is_clean(tmp_path: Path) -> None:
+    daemon = start_daemon("standin", [sys.executable, str(_script(tmp_path))], cwd=tmp_path)
+    try:
+        event = daemon.wait_for("custodian_listening", timeout=30)
+        assert parse_address(event["enclave_address"]) == ("127.0.0.1", 1)
+        assert parse_address(event["admin_address"]) == ("::1", 2)
+        daemon.wait_for("ready", timeout=30)
+        assert {"_raw": "not json"} in daemon.events
+    finally:
+        assert daemon.stop() == 0
+    assert daemon.find("stopping") is not None
+
+
+def test_a_daemon_that_exits_fails_the_wait_with_its_log(tmp_path: Path) -> None:
+    daemon = start_daemon(
+        "standin", [sys.executable, str(_script(tmp_path)), "--exit"], cwd=tmp_path
+    )
+    try:
+        with pytest.raises(DaemonError, match="exited with 3") as info:
+            daemon.wait_for("ready", timeout=30)
+        assert "custodian_listening" in str(info.value)
+    finally:
+        daemon.stop()
+
+
+def test_a_missing_event_times_out_with_the_log(tmp_path: Path) -> None:
+    daemon = start_daemon("standin", [sys.executable, str(_script(tmp_path))], cwd=tmp_path)
+    try:
+        daemon.wait_for("ready", timeout=30)
+        with pytest.raises(DaemonError, match=r"within 0\.2 s") as info:
+            daemon.wait_for("never_logged", timeout=0.2)
+        assert "not json" in str(info.value)
+    finally:
+        daemon.stop()
+
+
+def test_stop_kills_a_daemon_that_ignores_sigterm(tmp_path: Path) -> None:
+    daemon = start_daemon(
+        "standin", [sys.executable, str(_script(tmp_path)), "--ignore-term"], cwd=tmp_path
+    )
+    daemon.wait_for("ready", timeout=30)
+    assert daemon.stop(timeout=0.5) == -signal.SIGKILL
+
+
+def test_run_command_reports_failure_with_output(tmp_path: Path) -> None:
+    ok = run_command(
+        [
+            sys.executable,
+            "-c",
+            "import sys, json; print(json.dumps({'event': 'x'}), file=sys.stderr)",
+        ],
+        cwd=tmp_path,
+    )
+    assert ok.events() == [{"event": "x"}]
+    with pytest.raises(DaemonError, match="exited with 2"):
+        run_command([sys.executable, "-c", "import sys; print('why'); sys.exit(2)"], cwd=tmp_path)
+    assert python_command("drm_custodian", "init", tmp_path)[1:] == [
+        "-m",
+        "drm_custodian",
+        "init",
+        str(tmp_path),
+    ]
