@@ -1,0 +1,295 @@
+"""Baselines for ``bench/e2e.py``, each served from its own spawned process.
+
+* :func:`grpc_server_main`: a grpcio server over TLS (self-signed ECDSA P-256, made here
+  with ``cryptography``) with a generic handler on raw bytes (no protoc). Its one method
+  unpacks a msgpack request ``{model, inputs: [{name, shape, dtype, data}]}``, runs the
+  same onnxruntime session the enclave would (``drm_enclave.model_host.session_options``,
+  same intra-op threads) and answers the outputs packed the same way.
+* :func:`bulk_server_main`: a ``drm_wire.net.tls.TLSStream`` server that, on a command
+  ``b"B" + u64 count``, writes ``count`` bytes in 4 MiB ``send_all`` calls (the model
+  transfer's chunk size and direction: server to client).
+
+Each server reports its port through a pipe, then runs until terminated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import multiprocessing
+import struct
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgpack
+import numpy as np
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from drm_wire.limits import MODEL_CHUNK_BYTES
+from drm_wire.net.tls import TLSStream, client_context, server_context
+
+HOST = "127.0.0.1"
+SERVICE = "bench.Inference"
+METHOD = "Run"
+
+
+@dataclass(frozen=True)
+class Pems:
+    """PEM bytes of the CA certificate, the server leaf and its key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
+def make_pems() -> Pems:
+    """ECDSA P-256 CA and a server leaf for localhost / 127.0.0.1."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(
+        subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        build("bench-ca", name("bench-ca"), ca_key)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    san = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+    )
+    leaf = (
+        build("bench-server", ca.subject, key)
+        .add_extension(san, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return Pems(
+        ca=ca.public_bytes(pem),
+        cert=leaf.public_bytes(pem),
+        key=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+
+
+# --- the msgpack-ish inference request ------------------------------------------------
+
+
+def pack_request(model: str, inputs: dict[str, np.ndarray[Any, Any]]) -> bytes:
+    """The request grpcio carries: model name and tensors as shape, dtype and raw bytes."""
+    tensors = [
+        {"name": k, "shape": list(v.shape), "dtype": v.dtype.str, "data": v.tobytes()}
+        for k, v in inputs.items()
+    ]
+    data: bytes = msgpack.packb({"op": "infer", "model": model, "inputs": tensors})
+    return data
+
+
+def _arrays(tensors: list[dict[str, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+    return {
+        t["name"]: np.frombuffer(t["data"], dtype=np.dtype(t["dtype"])).reshape(t["shape"])
+        for t in tensors
+    }
+
+
+def unpack_reply(data: bytes) -> dict[str, np.ndarray[Any, Any]]:
+    """The outputs of a reply made by the grpcio server."""
+    return _arrays(msgpack.unpackb(data)["outputs"])
+
+
+# --- grpcio server ----------------------------------------------------------------------
+
+
+def grpc_server_main(model: bytes, threads: int, pems: Pems, pipe: Connection) -> None:
+    """Entry point of the spawned grpcio server process."""
+    import grpc
+    import onnxruntime as ort
+
+    from drm_enclave.model_host import session_options
+
+    session = ort.InferenceSession(
+        model, session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+
+    def run(request: bytes, context: object) -> bytes:
+        message = msgpack.unpackb(request)
+        outputs = session.run(names, _arrays(message["inputs"]))
+        reply = [
+            {"name": n, "shape": list(a.shape), "dtype": a.dtype.str, "data": a.tobytes()}
+            for n, a in zip(names, outputs, strict=True)
+        ]
+        data: bytes = msgpack.packb({"outputs": reply})
+        return data
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(run)}
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        options=[("grpc.max_receive_message_length", 64 << 20)],
+    )
+    server.add_generic_rpc_handlers((handler,))
+    credentials = grpc.ssl_server_credentials([(pems.key, pems.cert)])
+    port = server.add_secure_port(f"{HOST}:0", credentials)
+    server.start()
+    pipe.send(port)
+    server.wait_for_termination()
+
+
+class GrpcClient:
+    """A grpcio TLS channel to :func:`grpc_server_main` and its one unary method."""
+
+    def __init__(self, port: int, pems: Pems) -> None:
+        import grpc
+
+        credentials = grpc.ssl_channel_credentials(root_certificates=pems.ca)
+        self.channel = grpc.secure_channel(
+            f"{HOST}:{port}",
+            credentials,
+            options=[
+                ("grpc.ssl_target_name_override", "localhost"),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
+        self.call: Callable[[bytes], bytes] = self.channel.unary_unary(f"/{SERVICE}/{METHOD}")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# --- raw bulk over drm_wire's TLSStream ----------------------------------------------------
+
+
+async def _bulk_serve(pems: Pems, pipe: Connection) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = load_pem_private_key(pems.key, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    context = server_context(certificate=x509.load_pem_x509_certificate(pems.cert), private_key=key)
+    listeners = await trio.open_tcp_listeners(0, host=HOST)
+    pipe.send(listeners[0].socket.getsockname()[1])
+    chunk = memoryview(np.random.default_rng(0).bytes(MODEL_CHUNK_BYTES))
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = TLSStream(tcp, context, server_side=True)
+        await stream.do_handshake()
+        buffer = b""
+        while True:
+            while len(buffer) < 9:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                buffer += data
+            count = struct.unpack(">Q", buffer[1:9])[0]
+            buffer = buffer[9:]
+            while count > 0:
+                part = chunk[: min(count, len(chunk))]
+                await stream.send_all(part)
+                count -= len(part)
+
+    await trio.serve_listeners(handler, listeners)
+
+
+def bulk_server_main(pems: Pems, pipe: Connection) -> None:
+    """Entry point of the spawned bulk TLS server process."""
+    trio.run(_bulk_serve, pems, pipe)
+
+
+async def bulk_mbps(port: int, pems: Pems, size: int, runs: int) -> list[float]:
+    """MB/s (10**6 B/s) of ``runs`` transfers of ``size`` bytes, server to this client."""
+    context = client_context(ca_certificates=[x509.load_pem_x509_certificate(pems.ca)])
+    tcp = await trio.open_tcp_stream(HOST, port)
+    stream = TLSStream(tcp, context, server_side=False, server_hostname="localhost")
+    await stream.do_handshake()
+    rates = []
+    try:
+        for run in range(runs + 1):  # run 0 warms up (16 MiB, not recorded)
+            want = 16 << 20 if run == 0 else size
+            start = time.perf_counter()
+            await stream.send_all(b"B" + struct.pack(">Q", want))
+            got = 0
+            while got < want:
+                data = await stream.receive_some()
+                if not data:
+                    raise EOFError("bulk server closed")
+                got += len(data)
+            if run:
+                rates.append(size / (time.perf_counter() - start) / 1e6)
+    finally:
+        await stream.aclose()
+    return rates
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def spawn_server(target: Callable[..., None], *args: object) -> tuple[BaseProcess, int]:
+    """Start ``target(*args, pipe)`` in a spawned process; return it and the port it sent."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(*args, child), daemon=True)
+    process.start()
+    if not parent.poll(60):
+        process.terminate()
+        raise RuntimeError(f"{target.__name__} did not report its port")
+    port: int = parent.recv()
+    return process, port
+
+
+def admin_worker_main(supply: Callable[[int], object], pipe: Connection) -> None:
+    """Entry point of a spawned operator process: on ``n`` from the pipe, ``supply(n)``.
+
+    Answers ``(t0, t1)``: ``time.time()`` just before the call and when it returned. A
+    separate process, so the HTTPS call does not hold the consumer process's GIL while
+    the parked request it wakes comes back.
+    """
+    pipe.send("ready")
+    while (units := pipe.recv()) is not None:
+        t0 = time.time()
+        supply(units)
+        pipe.send((t0, time.time()))
+
+
+def spawn_worker(target: Callable[..., None], *args: object) -> tuple[BaseProcess, Connection]:
+    """Start ``target(*args, pipe)`` in a spawned process; return it and our pipe end."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=target, args=(*args, child), daemon=True)
+    process.start()
+    if not parent.poll(60):
+        process.terminate()
+        raise RuntimeError(f"{target.__name__} did not start")
+    parent.recv()
+    return process, parent
+
+
+def stop_server(process: BaseProcess) -> None:
+    """Terminate a server from :func:`spawn_server` and reap it."""
+    process.terminate()
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join(10)

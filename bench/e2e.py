@@ -1,0 +1,929 @@
+"""End-to-end benchmark: the full DRM path, real daemons, against its baselines in one run.
+
+Run with ``python bench/e2e.py`` from the repository root (about a minute on 2 cores;
+``--quick`` for a smoke run of a few seconds' worth of samples; ``--dir DIR`` puts the
+state directories, whose ledger fsyncs set the durable-commit figures, on DIR's disk).
+
+The daemons run as subprocesses exactly as ``tests/e2e`` starts them (``init``,
+``measure``, ``custodian serve``, ``enclave serve`` on port 0, readiness from their JSON
+logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
+``drm_consumer.Client`` in this process. Two deployments:
+
+* A: tiny + COVID-Net-shaped CNN uploaded, 1,000,000 inferences supplied:
+  1. tiny model ``client.infer`` round trip p50/p99 vs a grpcio TLS unary call whose server
+     (another process) runs the same onnxruntime session on the same msgpack-ish request;
+  2. CNN p50 vs raw in-process ``session.run`` (same session options and intra-op
+     threads), and 8 concurrent consumers' throughput vs raw onnxruntime throughput (as
+     many threads calling ``run`` as the enclave's own limit allows: cores // threads);
+  6. custodian ingest: many consumers drive the tiny model flat out while ``/usage`` is
+     polled; durably recorded inferences per second from the ``served`` deltas, and usage
+     reports per second from the custodian's ``consumption_report`` log lines, vs
+     ``Ledger.record_usage`` alone on the same disk (one report per transaction).
+* B: tiny + a 200 MB model uploaded, nothing supplied:
+  4. model delivery timed from the daemons' log timestamps (custodian ``model_transfer_*``,
+     enclave ``model_receiving`` / ``model_loaded`` / ``custodian_link_up``), MB/s vs raw
+     bulk over ``drm_wire.net.tls.TLSStream`` (another process, 4 MiB writes, same
+     direction), and the enclave's peak RSS (``VmHWM``) as a multiple of the model size;
+  3. grant wake-up: a request parked (the enclave said ``waiting``), then
+     ``POST /supply_inferences`` of 1 -> the request returns; p50. Broken down with log
+     timestamps: supply committed (``admin_supply``), grant committed and sent
+     (``grant_pushed``), applied in the enclave (``grant_applied``);
+  5. kill switch: SIGKILL the custodian, then ``infer(wait=0)`` in a tight loop until the
+     enclave refuses with ``custodian_unreachable``.
+
+Log timestamps are the daemons' wall clocks (structlog ISO, µs) and are compared with this
+process's ``time.time()`` on the same machine; each is taken after the logged action,
+so an interval that ends at the consumer and starts at a log line is a slight
+underestimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
+
+from tests.e2e.daemons import (
+    AdminApi,
+    Daemon,
+    DaemonError,
+    LogEvent,
+    parse_address,
+    python_command,
+    run_command,
+    start_daemon,
+)
+from tests.models import big_model, covidnet_like_model, tiny_model
+
+import _e2e_baselines as base
+from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
+from drm_custodian.ledger import Ledger
+from drm_enclave.model_host import session_options
+from drm_wire.attestation.policy import Policy
+
+LOOPBACK = "127.0.0.1"
+MAX_SUPPLY = 1_000_000
+
+
+@dataclass(frozen=True)
+class Sizes:
+    tiny_requests: int
+    cnn_requests: int
+    cnn_per_consumer: int
+    consumers: int
+    ingest_seconds: float
+    ingest_connections: int
+    ingest_tasks: int
+    wake_samples: int
+    big_mb: float
+    bulk_runs: int
+    ledger_reports: int
+
+
+FULL = Sizes(2000, 30, 6, 8, 8.0, 16, 4, 20, 200.0, 3, 300)
+QUICK = Sizes(300, 8, 2, 8, 3.0, 8, 4, 5, 50.0, 1, 60)
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
+
+
+def log_time(event: LogEvent) -> float:
+    """A daemon log line's timestamp as POSIX seconds."""
+    stamp = str(event["timestamp"]).replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(stamp).timestamp()
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    what: str
+    drm: str
+    baseline: str
+    ratio: str = ""
+    target: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(
+        self,
+        section: str,
+        what: str,
+        drm: str,
+        baseline: str = "",
+        ratio: float | None = None,
+        target: str = "",
+        met: bool | None = None,
+    ) -> None:
+        verdict = "" if met is None else ("met" if met else "NOT met")
+        ratio_text = "" if ratio is None else f"{ratio:.2f}x"
+        self.rows.append(Row(section, what, drm, baseline, ratio_text, target, verdict))
+
+    def print(self) -> None:
+        print("| # | measure | DRM | baseline | ratio | target | verdict |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in self.rows:
+            print(
+                f"| {r.section} | {r.what} | {r.drm} | {r.baseline} | {r.ratio} | "
+                f"{r.target} | {r.verdict} |"
+            )
+        if self.notes:
+            print()
+            for note in self.notes:
+                print(f"- {note}")
+
+
+# --- deployments ---------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    workdir: Path
+    custodian: Daemon
+    enclave: Daemon
+    admin: AdminApi
+    policy: Policy
+    port: int
+    enclave_started: float
+    custodian_started: float
+
+
+def deploy(
+    workdir: Path,
+    models: dict[str, bytes],
+    initial: int,
+    threads: int,
+    daemons: list[Daemon],
+    on_enclave_start: Callable[[int], None] | None = None,
+) -> Deployment:
+    """init, measure, custodian serve (``models`` in order), enclave serve; wait for link up."""
+    workdir.mkdir(parents=True)
+    state, simulation, policy = workdir / "state", workdir / "sim", workdir / "policy.toml"
+    uploads: list[str | os.PathLike[str]] = []
+    for name, data in models.items():
+        path = workdir / f"{name}.onnx"
+        path.write_bytes(data)
+        uploads += ["--upload", path]
+    run_command(python_command("drm_custodian", "init", "--state-dir", state), cwd=workdir)
+    ca, license_path = state / "ca.pem", state / "handoff" / "borrower.license.json"
+    run_command(
+        python_command(
+            "drm_enclave", "measure",
+            "--custodian-ca", ca, "--simulation-dir", simulation, "--out", policy,
+        ),
+        cwd=workdir,
+    )  # fmt: skip
+    custodian_started = time.time()
+    custodian = start_daemon(
+        "custodian",
+        python_command(
+            "drm_custodian", "serve", "--state-dir", state, *uploads, "--policy", policy,
+            "--initial-inferences", str(initial), "--port", "0", "--admin-port", "0",
+        ),
+        cwd=workdir,
+    )  # fmt: skip
+    daemons.append(custodian)
+    listening = custodian.wait_for("custodian_listening")
+    _, enclave_port = parse_address(listening["enclave_address"])
+    _, admin_port = parse_address(listening["admin_address"])
+    enclave_started = time.time()
+    enclave = start_daemon(
+        "enclave",
+        python_command(
+            "drm_enclave", "serve",
+            "--custodian", f"{LOOPBACK}:{enclave_port}",
+            "--custodian-ca", ca, "--license", license_path,
+            "--attestation", "simulated", "--simulation-dir", simulation,
+            "--listen", f"{LOOPBACK}:0", "--intra-op-threads", str(threads),
+        ),
+        cwd=workdir,
+    )  # fmt: skip
+    daemons.append(enclave)
+    if on_enclave_start is not None:
+        on_enclave_start(enclave.process.pid)
+    try:
+        serving = enclave.wait_for("enclave_serving")
+        enclave.wait_for("custodian_link_up", timeout=180)
+    except DaemonError as exc:
+        raise DaemonError(f"{exc}\n--- custodian log ---\n{custodian.log_text()}") from None
+    return Deployment(
+        workdir=workdir,
+        custodian=custodian,
+        enclave=enclave,
+        admin=AdminApi.from_state_dir(state, f"{LOOPBACK}:{admin_port}"),
+        policy=Policy.load(policy),
+        port=parse_address(serving["consumer_address"])[1],
+        enclave_started=enclave_started,
+        custodian_started=custodian_started,
+    )
+
+
+@contextmanager
+def running(daemons: list[Daemon]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+
+
+def proc_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+class RssSampler:
+    """Samples a process's VmRSS every few ms in a thread: (time.time(), KiB)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, pid: int) -> None:
+        def loop() -> None:
+            while not self.stop.is_set():
+                try:
+                    self.samples.append((time.time(), proc_kib(pid, "VmRSS")))
+                except (OSError, KeyError):
+                    return
+                time.sleep(0.005)
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(5)
+
+
+# --- section 1 and 2: inference latency and throughput ----------------------------------
+
+
+def tiny_x(i: int) -> dict[str, np.ndarray[Any, Any]]:
+    return {"x": np.full((1, 4), (i % 7) * 0.25, dtype=np.float32)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def tiny_latencies(
+    d: Deployment, grpc: base.GrpcClient, grpc_pid: int, sizes: Sizes, cpu: dict[str, float]
+) -> tuple[list[float], list[float]]:
+    """Alternating blocks of DRM and grpcio round trips (after a warm-up of each).
+
+    ``cpu`` receives the CPU seconds each process used during the timed blocks: the
+    client (this process), the enclave and the custodian for DRM, the client and the
+    grpcio server for grpcio.
+    """
+    pids = {
+        "drm": {"enclave": d.enclave.process.pid, "custodian": d.custodian.process.pid},
+        "grpc": {"server": grpc_pid},
+    }
+    blocks = 4
+    per_block = sizes.tiny_requests // blocks
+    inputs = [tiny_x(i) for i in range(8)]
+    requests = [base.pack_request("tiny", x) for x in inputs]
+    drm: list[float] = []
+    rpc: list[float] = []
+    async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+        for i in range(200):
+            await client.infer("tiny", inputs[i % 8])
+            base.unpack_reply(grpc.call(requests[i % 8]))
+        for block in range(blocks):
+            order = ("drm", "grpc") if block % 2 == 0 else ("grpc", "drm")
+            for which in order:
+                before = {k: cpu_seconds(p) for k, p in pids[which].items()}
+                client_before = time.process_time()
+                for i in range(per_block):
+                    if which == "drm":
+                        t0 = time.perf_counter()
+                        await client.infer("tiny", inputs[i % 8])
+                        drm.append(time.perf_counter() - t0)
+                    else:
+                        t0 = time.perf_counter()
+                        base.unpack_reply(grpc.call(requests[i % 8]))
+                        rpc.append(time.perf_counter() - t0)
+                for k, p in pids[which].items():
+                    key = f"{which} {k}"
+                    cpu[key] = cpu.get(key, 0.0) + cpu_seconds(p) - before[k]
+                key = f"{which} client"
+                cpu[key] = cpu.get(key, 0.0) + time.process_time() - client_before
+    return drm, rpc
+
+
+def cnn_input() -> dict[str, np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(3)
+    return {"input": rng.random((1, 480, 480, 3), dtype=np.float32)}
+
+
+async def cnn_drm(d: Deployment, sizes: Sizes) -> tuple[list[float], float]:
+    """Sequential p50 samples on one consumer, then concurrent consumers' requests/s."""
+    x = cnn_input()
+    samples = []
+    async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+        for _ in range(3):
+            await client.infer("covid", x)
+        for _ in range(sizes.cnn_requests):
+            t0 = time.perf_counter()
+            await client.infer("covid", x)
+            samples.append(time.perf_counter() - t0)
+
+    async def consumer(client: Client, ready: trio.Event) -> None:
+        await ready.wait()
+        for _ in range(sizes.cnn_per_consumer):
+            await client.infer("covid", x)
+
+    async with trio.open_nursery() as nursery:
+        clients = []
+        for _ in range(sizes.consumers):
+            clients.append(await nursery.start(_client_task, d))
+        ready = trio.Event()
+        async with trio.open_nursery() as workers:
+            for client, _done in clients:
+                workers.start_soon(consumer, client, ready)
+            start = time.perf_counter()
+            ready.set()
+        elapsed = time.perf_counter() - start
+        for _client, done in clients:
+            done.set()
+    return samples, sizes.consumers * sizes.cnn_per_consumer / elapsed
+
+
+async def _client_task(d: Deployment, *, task_status: trio.TaskStatus[Any]) -> None:
+    """Hold one connected client until told to close it."""
+    done = trio.Event()
+    async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+        task_status.started((client, done))
+        await done.wait()
+
+
+def cnn_raw(model: bytes, threads: int, sizes: Sizes) -> tuple[list[float], float, int]:
+    """Raw ``session.run``: sequential p50 samples, then requests/s with parallel callers."""
+    session = ort.InferenceSession(
+        model, session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    x = cnn_input()
+    for _ in range(3):
+        session.run(None, x)
+    samples = []
+    for _ in range(sizes.cnn_requests):
+        t0 = time.perf_counter()
+        session.run(None, x)
+        samples.append(time.perf_counter() - t0)
+    parallel = max(1, (os.cpu_count() or 1) // threads)  # the enclave's own run limit
+    total = sizes.consumers * sizes.cnn_per_consumer
+    counts = [total // parallel + (1 if i < total % parallel else 0) for i in range(parallel)]
+
+    def worker(n: int) -> None:
+        for _ in range(n):
+            session.run(None, x)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in counts]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return samples, total / (time.perf_counter() - start), parallel
+
+
+# --- section 6: ingest ---------------------------------------------------------------------
+
+
+async def drive_usage(
+    d: Deployment, sizes: Sizes
+) -> tuple[list[tuple[float, int]], int, float, float]:
+    """Tiny inferences flat out from many consumers while ``/usage`` is polled."""
+    polls: list[tuple[float, int]] = []
+    stop_polling = threading.Event()
+
+    def poll() -> None:
+        while not stop_polling.is_set():
+            served = int(d.admin.usage()["served"])
+            polls.append((time.time(), served))
+            stop_polling.wait(0.25)
+
+    done = 0
+    x = tiny_x(1)
+
+    async def hammer(client: Client, deadline: float) -> None:
+        nonlocal done
+        while trio.current_time() < deadline:
+            await client.infer("tiny", x)
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        clients = [await nursery.start(_client_task, d) for _ in range(sizes.ingest_connections)]
+        poller = threading.Thread(target=poll, daemon=True)
+        started = time.time()
+        deadline = trio.current_time() + sizes.ingest_seconds
+        poller.start()
+        async with trio.open_nursery() as workers:
+            for client, _ in clients:
+                for _ in range(sizes.ingest_tasks):
+                    workers.start_soon(hammer, client, deadline)
+        ended = time.time()
+        await trio.sleep(0.6)  # let the last reports land, for the poll after the end
+        stop_polling.set()
+        await trio.to_thread.run_sync(poller.join)
+        for _, close in clients:
+            close.set()
+    return polls, done, started, ended
+
+
+async def ledger_reports_per_s(path: Path, reports: int) -> float:
+    """``Ledger.record_usage`` awaited in a loop, one report per transaction (bench/ledger.py)."""
+    ledger = await Ledger.open(path)
+    await ledger.supply("acme", 1_000_000)
+    await ledger.record_grant("acme", "inst", 1_000_000)
+    start = time.perf_counter()
+    for seq in range(1, reports + 1):
+        await ledger.record_usage("acme", "inst", seq, seq)
+    elapsed = time.perf_counter() - start
+    await ledger.aclose()
+    return reports / elapsed
+
+
+# --- section 3 and 5: wake-up and kill switch ----------------------------------------------
+
+
+@dataclass
+class Wake:
+    total: float  # POST sent -> parked request returned
+    post: float  # POST sent -> HTTP answer
+    committed: float  # POST sent -> admin_supply logged (supply durable)
+    pushed: float  # POST sent -> grant_pushed logged (grant durable, sent)
+    push_to_resume: float  # grant_pushed logged -> request returned
+    applied_to_resume: float  # grant_applied logged -> request returned
+
+
+async def wake_ups(d: Deployment, samples: int) -> list[Wake]:
+    """Park a request, have an operator process POST a supply of 1, time the wake-up."""
+    worker, operator = base.spawn_worker(base.admin_worker_main, d.admin.supply)
+    try:
+        return await _wake_ups(d, samples, operator)
+    finally:
+        operator.send(None)
+        worker.join(10)
+        base.stop_server(worker)
+
+
+async def _wake_ups(d: Deployment, samples: int, operator: Connection) -> list[Wake]:
+    results = []
+    x = tiny_x(2)
+    async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+        for i in range(samples + 1):  # sample 0 warms up
+            parked = trio.Event()
+            resumed: list[float] = []
+
+            async def parked_request(ev: trio.Event = parked, out: list[float] = resumed) -> None:
+                await client.infer("tiny", x, on_waiting=lambda _pos: ev.set())
+                out.append(time.time())
+
+            def supply() -> tuple[float, float]:
+                operator.send(1)
+                times: tuple[float, float] = operator.recv()
+                return times
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(parked_request)
+                    await parked.wait()
+                    await trio.sleep(0.02)  # quiet: nothing in flight but the parked request
+                    c_mark, e_mark = len(d.custodian.events), len(d.enclave.events)
+                    t0, t_post = await trio.to_thread.run_sync(supply)
+            committed = d.custodian.wait_for("admin_supply", after=c_mark, timeout=10)
+            pushed = d.custodian.wait_for("grant_pushed", after=c_mark, timeout=10)
+            applied = d.enclave.wait_for("grant_applied", after=e_mark, timeout=10)
+            if i == 0:
+                continue
+            t1 = resumed[0]
+            results.append(
+                Wake(
+                    total=t1 - t0,
+                    post=t_post - t0,
+                    committed=log_time(committed) - t0,
+                    pushed=log_time(pushed) - t0,
+                    push_to_resume=t1 - log_time(pushed),
+                    applied_to_resume=t1 - log_time(applied),
+                )
+            )
+    return results
+
+
+async def kill_switch(d: Deployment) -> tuple[float, int, str]:
+    """SIGKILL the custodian; seconds until ``infer(wait=0)`` is refused, calls, error."""
+    x = tiny_x(3)
+    async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+        for _ in range(3000):  # the grant follows the supply: poll for it, bounded
+            if (await client.info()).inferences_left >= 1000:
+                break
+            await trio.sleep(0.01)
+        for _ in range(50):
+            await client.infer("tiny", x, wait=0)
+        calls = 0
+        start = time.perf_counter()
+        os.kill(d.custodian.process.pid, signal.SIGKILL)
+        while time.perf_counter() - start < 5.0:
+            try:
+                await client.infer("tiny", x, wait=0)
+            except CustodianUnreachable:
+                return time.perf_counter() - start, calls, "custodian_unreachable"
+            except NoInferencesLeft:
+                return time.perf_counter() - start, calls, "no_inferences (unexpected)"
+            calls += 1
+        return float("inf"), calls, "still serving after 5 s"
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat, idle and iowait out)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    """CPU seconds of this process and its reaped children (the daemons, the servers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def machine_facts(threads: int) -> list[str]:
+    load = os.getloadavg()
+    return [
+        f"python {platform.python_version()}, onnxruntime {ort.__version__}, trio "
+        f"{trio.__version__}, numpy {np.__version__}",
+        f"cores: {os.cpu_count()} ({platform.machine()}, {platform.processor() or '?'}); "
+        f"enclave --intra-op-threads {threads}",
+        f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
+    parser.add_argument("--dir", type=Path, default=None, help="where state directories go")
+    parser.add_argument("--threads", type=int, default=1, help="enclave intra-op threads")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    threads: int = args.threads
+    began = time.perf_counter()
+    busy_before, own_before = machine_busy_seconds(), own_seconds()
+    facts = machine_facts(threads)
+    for line in facts:
+        progress(line)
+    report = Report()
+    pems = base.make_pems()
+    tiny, cnn = tiny_model(), covidnet_like_model()
+
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-", dir=args.dir) as tmp:
+        root = Path(tmp)
+        grpc_proc, grpc_port = base.spawn_server(base.grpc_server_main, tiny, threads, pems)
+        grpc_pid = grpc_proc.pid
+        assert grpc_pid is not None
+        try:
+            # === deployment A ===
+            progress("deployment A: tiny + covid, 1,000,000 supplied")
+            daemons_a: list[Daemon] = []
+            with running(daemons_a):
+                a = deploy(root / "a", {"tiny": tiny, "covid": cnn}, MAX_SUPPLY, threads, daemons_a)
+                progress(f"section 1: tiny, {sizes.tiny_requests} DRM + grpcio requests")
+                grpc = base.GrpcClient(grpc_port, pems)
+                try:
+                    cpu: dict[str, float] = {}
+                    drm, rpc = trio.run(tiny_latencies, a, grpc, grpc_pid, sizes, cpu)
+                finally:
+                    grpc.close()
+                ratio = statistics.median(drm) / statistics.median(rpc)
+                report.add(
+                    "1",
+                    f"tiny infer round trip p50 ({len(drm)} req)",
+                    ms(statistics.median(drm)),
+                    f"grpcio TLS unary {ms(statistics.median(rpc))}",
+                    ratio,
+                    "<= 0.5x",
+                    ratio <= 0.5,
+                )
+                report.add(
+                    "1",
+                    "tiny infer round trip p99",
+                    ms(pct(drm, 0.99)),
+                    f"grpcio TLS unary {ms(pct(rpc, 0.99))}",
+                    pct(drm, 0.99) / pct(rpc, 0.99),
+                )
+                report.add(
+                    "1",
+                    "  CPU per tiny request: client + enclave + custodian",
+                    " + ".join(
+                        f"{cpu[f'drm {k}'] / len(drm) * 1e6:.0f}"
+                        for k in ("client", "enclave", "custodian")
+                    )
+                    + " µs",
+                    "grpcio client + server "
+                    + " + ".join(
+                        f"{cpu[f'grpc {k}'] / len(rpc) * 1e6:.0f}" for k in ("client", "server")
+                    )
+                    + " µs",
+                    sum(v for k, v in cpu.items() if k.startswith("drm"))
+                    / len(drm)
+                    / (sum(v for k, v in cpu.items() if k.startswith("grpc")) / len(rpc)),
+                )
+                progress(f"section 2: covid, {sizes.cnn_requests} sequential + concurrency")
+                # raw, DRM, raw: the raw baseline brackets the DRM run in time, so drifting
+                # load from elsewhere on the machine hits both alike
+                raw_1, rate_1, parallel = cnn_raw(cnn, threads, sizes)
+                cnn_samples, cnn_rate = trio.run(cnn_drm, a, sizes)
+                raw_2, rate_2, _ = cnn_raw(cnn, threads, sizes)
+                raw_samples, raw_rate = raw_1 + raw_2, (rate_1 + rate_2) / 2
+                ratio = statistics.median(cnn_samples) / statistics.median(raw_samples)
+                report.add(
+                    "2",
+                    f"CNN 1x480x480x3 p50 ({len(cnn_samples)} req, 1 consumer)",
+                    ms(statistics.median(cnn_samples)),
+                    f"raw session.run in-process {ms(statistics.median(raw_samples))} "
+                    f"(runs before and after)",
+                    ratio,
+                    "<= 1.25x",
+                    ratio <= 1.25,
+                )
+                ratio = cnn_rate / raw_rate
+                report.add(
+                    "2",
+                    f"CNN throughput, {sizes.consumers} consumers x {sizes.cnn_per_consumer} req",
+                    f"{cnn_rate:.1f} req/s",
+                    f"raw ORT, {parallel} thread(s) calling run: {raw_rate:.1f} req/s "
+                    f"(mean of {rate_1:.1f} before, {rate_2:.1f} after)",
+                    ratio,
+                    ">= 0.85x",
+                    ratio >= 0.85,
+                )
+                progress(f"section 6: ingest for {sizes.ingest_seconds} s")
+                polls, done, started, ended = trio.run(drive_usage, a, sizes)
+                reports = [
+                    e
+                    for e in a.custodian.events
+                    if e.get("event") == "consumption_report" and started <= log_time(e) <= ended
+                ]
+            ledger_rate = trio.run(ledger_reports_per_s, root / "ledger.db", sizes.ledger_reports)
+            window = [(t, s) for t, s in polls if started + 1.0 <= t <= ended]
+            (t_a, s_a), (t_b, s_b) = window[0], window[-1]
+            ingest = (s_b - s_a) / (t_b - t_a) if t_b > t_a else float("nan")
+            report_rate = len(reports) / (ended - started)
+            per_report = (int(reports[-1]["served"]) - int(reports[0]["served"])) / max(
+                1, len(reports) - 1
+            )
+            report.add(
+                "6",
+                f"custodian ingest, {sizes.ingest_connections} conns x {sizes.ingest_tasks} "
+                "in flight (served deltas of /usage)",
+                f"{ingest:,.0f} inferences/s durable",
+                f"consumers completed {done / (ended - started):,.0f}/s",
+                ingest / (done / (ended - started)),
+                ">= 10,000/s (bench/ledger.py target)",
+                ingest >= 10_000,
+            )
+            report.add(
+                "6",
+                "usage reports recorded (consumption_report lines)",
+                f"{report_rate:,.0f} reports/s, ~{per_report:.1f} inferences each",
+                f"Ledger.record_usage alone, 1/tx: {ledger_rate:,.0f} reports/s",
+                report_rate / ledger_rate,
+            )
+        finally:
+            base.stop_server(grpc_proc)
+
+        # === raw bulk, then deployment B ===
+        progress(f"section 4: raw TLSStream bulk, {sizes.bulk_runs} x {sizes.big_mb:.0f} MB")
+        big = big_model(sizes.big_mb)
+        bulk_proc, bulk_port = base.spawn_server(base.bulk_server_main, pems)
+        try:
+            bulk = trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
+        finally:
+            base.stop_server(bulk_proc)
+        progress(f"deployment B: tiny + big ({len(big) / 1e6:.0f} MB), nothing supplied")
+        sampler = RssSampler()
+        daemons_b: list[Daemon] = []
+        with running(daemons_b):
+            try:
+                b = deploy(root / "b", {"tiny": tiny, "big": big}, 0, threads, daemons_b,
+                           sampler.start)  # fmt: skip
+                hwm = proc_kib(b.enclave.process.pid, "VmHWM") * 1024
+            finally:
+                sampler.close()
+            delivery_rows(report, b, big, bulk, hwm, sampler)
+            progress(f"section 3: {sizes.wake_samples} grant wake-ups")
+            wakes = trio.run(wake_ups, b, sizes.wake_samples)
+            p50 = statistics.median(w.total for w in wakes)
+            report.add(
+                "3",
+                f"POST /supply_inferences -> parked request returns, p50 ({len(wakes)} samples)",
+                ms(p50),
+                f"p99 {ms(pct([w.total for w in wakes], 0.99))}",
+                None,
+                "<= 10 ms",
+                p50 <= 0.010,
+            )
+            for what, values in (
+                ("  of which: POST -> supply committed (admin_supply log)",
+                 [w.committed for w in wakes]),
+                ("  POST -> grant committed + sent (grant_pushed log)", [w.pushed for w in wakes]),
+                ("  POST -> HTTP 200 at the operator", [w.post for w in wakes]),
+            ):  # fmt: skip
+                report.add("3", what, ms(statistics.median(values)), "p50")
+            gets = []
+            for _ in range(len(wakes)):
+                t0 = time.perf_counter()
+                b.admin.usage()
+                gets.append(time.perf_counter() - t0)
+            report.add(
+                "3",
+                "  for scale: GET /usage (new HTTPS connection, no commit)",
+                ms(statistics.median(gets)),
+                "p50",
+            )
+            applied = [w.applied_to_resume for w in wakes]
+            low = statistics.median(applied)
+            report.add(
+                "3",
+                "custodian push -> parked request returns, p50: lower bound = enclave "
+                "grant_applied log -> request returns (tiny run + reply included)",
+                f">= {ms(low)}",
+                f"research: ~118 µs one-way grant; p99 here {ms(pct(applied, 0.99))}",
+                low / 118e-6,
+                "<= ~135 µs (anchors)",
+                False if low > 135e-6 else None,  # only a lower bound can fail it
+            )
+            pushed = [w.push_to_resume for w in wakes]
+            later = sum(1 for w in wakes if w.push_to_resume < w.applied_to_resume)
+            report.add(
+                "3",
+                "  custodian grant_pushed log -> request returns, p50 (not a push latency)",
+                ms(statistics.median(pushed)),
+                f"grant_pushed stamped after grant_applied in {later}/{len(wakes)} samples",
+            )
+            progress("section 5: kill switch")
+            b.admin.supply(MAX_SUPPLY)
+            refused_after, calls, outcome = trio.run(kill_switch, b)
+            report.add(
+                "5",
+                "SIGKILL custodian -> enclave refuses infer(wait=0)",
+                ms(refused_after),
+                f"{calls} calls served after the kill; answer: {outcome}",
+                None,
+                "<= 100 ms",
+                refused_after <= 0.100,
+            )
+    total = time.perf_counter() - began
+    end_load = os.getloadavg()
+    others = (machine_busy_seconds() - busy_before) - (own_seconds() - own_before)
+    cores = os.cpu_count() or 1
+    print(f"e2e bench{' --quick' if args.quick else ''}: the full DRM path vs its baselines")
+    for line in facts:
+        print(line)
+    print(
+        f"load average at end: {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}; "
+        f"wall time {total:.0f} s"
+    )
+    share = (
+        f"{others:.1f} core-s = {100 * others / (total * cores):.0f}% of the {cores} cores"
+        if others >= 0.5
+        else "~0 (below the accounting error of about 0.5 core-s)"
+    )
+    print(f"CPU used by other processes (and hypervisor steal) during the run: {share}\n")
+    report.notes += [
+        "one run; this process is the consumer and shares the cores with the enclave and the "
+        "custodian (and grpcio's server in row 1): figures are single-run, not medians",
+        "row 1 alternates blocks of DRM and grpcio requests; its CPU row is CPU seconds per "
+        "request from /proc/<pid>/stat (10 ms ticks) over the timed blocks",
+        "row 3: log timestamps are taken after the logged action; the custodian stamps "
+        "grant_pushed when its task resumes after the send, often after the enclave has "
+        "applied the grant, so the push itself is not measured: only a lower bound is",
+        "row 2 throughput: the 8 consumers run in this process, so their encoding and TLS "
+        "(2.76 MB per request) share the 2 cores with the enclave; the raw baseline has no "
+        "client",
+        "row 4: RSS sampled every 5 ms from /proc; the enclave also holds the tiny model",
+        "row 6: the ratio is durable ingest / consumer completions (1.00x: the ledger keeps "
+        "pace with serving); the 10,000/s target is bench/ledger.py's, for the ledger alone",
+    ]
+    report.print()
+
+
+def need(daemon: Daemon, event: str, **fields: object) -> LogEvent:
+    """A logged event that must be there (the daemon is past the point that logs it)."""
+    for entry in list(daemon.events):
+        if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+            return entry
+    raise DaemonError(f"{daemon.name} did not log {event} {fields}\n{daemon.log_text()}")
+
+
+def delivery_rows(
+    report: Report,
+    d: Deployment,
+    model: bytes,
+    bulk: list[float],
+    hwm: int,
+    sampler: RssSampler,
+) -> None:
+    size = len(model)
+    c, e = d.custodian, d.enclave
+    started = need(c, "model_transfer_started", model="big")
+    sent = [x for x in c.events if x.get("event") == "model_transfer_progress"]
+    sent_all = next(x for x in sent if x.get("model") == "big" and x.get("percent") == 100)
+    delivered = need(c, "model_delivered", model="big")
+    receiving = need(e, "model_receiving", model="big")
+    loaded = need(e, "model_loaded", model="big")
+    connected = need(e, "custodian_connected")
+    link_up = need(e, "custodian_link_up")
+    transfer = log_time(sent_all) - log_time(started)
+    load = log_time(loaded) - log_time(sent_all)
+    mbps = size / transfer / 1e6
+    raw = statistics.median(bulk)
+    report.add(
+        "4",
+        f"{size / 1e6:.0f} MB model: transfer (model_transfer_started -> last chunk sent)",
+        f"{transfer * 1e3:.0f} ms = {mbps:.0f} MB/s",
+        f"raw TLSStream bulk {raw:.0f} MB/s (median of {len(bulk)})",
+        mbps / raw,
+        ">= 0.5x raw bulk (anchors)",
+        mbps / raw >= 0.5,
+    )
+    report.add(
+        "4",
+        "  of which: model_transfer_started -> enclave model_receiving (receiver set up)",
+        f"{(log_time(receiving) - log_time(started)) * 1e3:.0f} ms",
+        "the enclave logs model_receiving once its receiver exists",
+    )
+    report.add(
+        "4",
+        "  last chunk sent -> enclave model_loaded (digest + session creation)",
+        f"{load * 1e3:.0f} ms",
+        f"custodian model_delivered: {delivered['seconds']} s",
+    )
+    report.add(
+        "4",
+        "  enclave start -> custodian_connected -> custodian_link_up",
+        f"{(log_time(link_up) - d.enclave_started) * 1e3:.0f} ms total",
+        f"connected after {(log_time(connected) - d.enclave_started) * 1e3:.0f} ms; "
+        f"custodian start -> link up {(log_time(link_up) - d.custodian_started) * 1e3:.0f} ms",
+    )
+    before = [kib for t, kib in sampler.samples if t <= log_time(started)]
+    baseline = (before[-1] if before else 0) * 1024
+    report.add(
+        "4",
+        "enclave peak RSS (VmHWM at link up) / model size",
+        f"{hwm / 2**20:.0f} MiB = {hwm / size:.2f}x",
+        f"above its RSS when the transfer started ({baseline / 2**20:.0f} MiB): "
+        f"{(hwm - baseline) / size:.2f}x",
+        None,
+        "<= 2.5x",
+        hwm / size <= 2.5,
+    )
+
+
+if __name__ == "__main__":
+    main()
