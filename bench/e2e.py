@@ -75,6 +75,7 @@ from tests.e2e.daemons import (
 from tests.models import big_model, covidnet_like_model, tiny_model
 
 import _e2e_baselines as base
+from _certs import make_pems
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
 from drm_enclave.model_host import session_options
@@ -618,7 +619,7 @@ def main() -> None:
     for line in facts:
         progress(line)
     report = Report()
-    pems = base.make_pems()
+    pems = make_pems()
     tiny, cnn = tiny_model(), covidnet_like_model()
 
     with tempfile.TemporaryDirectory(prefix="e2e-bench-", dir=args.dir) as tmp:
