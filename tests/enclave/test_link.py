@@ -8,6 +8,8 @@ consumer. Nothing sleeps: the tests wait on messages or on the runtime's state.
 from __future__ import annotations
 
 import hashlib
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +33,33 @@ from drm_wire.tensors import Tensor
 from tests.enclave.enclave_fakes import (
     LICENSE,
     TIMEOUT,
+    FakeConsumer,
     make_pki,
     running_enclave,
 )
 from tests.models import random_bytes, tiny_model
+
+
+async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], object]) -> PeerError:
+    """Park one request, run ``action`` (sync or async), and return the error it gets."""
+    parked = trio.Event()
+    errors: list[PeerError] = []
+
+    async def parked_request() -> None:
+        try:
+            await consumer.infer(wait=None, parked=parked)
+        except PeerError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked_request)
+        with trio.fail_after(TIMEOUT):
+            await parked.wait()
+        result = action()
+        if inspect.isawaitable(result):
+            await result
+    (error,) = errors
+    return error
 
 
 async def test_model_delivered_then_grant_means_serving(tmp_path: Path) -> None:
@@ -145,21 +170,8 @@ async def test_custodian_gone_fails_parked_and_new_requests_at_once(tmp_path: Pa
         session = await rig.link(granted_total=1)
         async with rig.consumer() as consumer:
             await consumer.infer()
-            parked = trio.Event()
-            errors: list[PeerError] = []
-
-            async def parked_request() -> None:
-                try:
-                    await consumer.infer(wait=None, parked=parked)
-                except PeerError as exc:
-                    errors.append(exc)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(parked_request)
-                with trio.fail_after(TIMEOUT):
-                    await parked.wait()
-                session.close()
-            assert errors[0].code is ErrorCode.CUSTODIAN_UNREACHABLE
+            error = await fail_a_parked_request(consumer, session.close)
+            assert error.code is ErrorCode.CUSTODIAN_UNREACHABLE
             with pytest.raises(PeerError) as caught:
                 await consumer.infer(wait=None)
             assert caught.value.code is ErrorCode.CUSTODIAN_UNREACHABLE
@@ -201,21 +213,8 @@ async def test_block_and_unblock(tmp_path: Path) -> None:
         session = await rig.link(granted_total=1)
         async with rig.consumer() as consumer:
             await consumer.infer()
-            parked = trio.Event()
-            errors: list[PeerError] = []
-
-            async def parked_request() -> None:
-                try:
-                    await consumer.infer(wait=None, parked=parked)
-                except PeerError as exc:
-                    errors.append(exc)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(parked_request)
-                with trio.fail_after(TIMEOUT):
-                    await parked.wait()
-                await session.block()
-            assert errors[0].code is ErrorCode.BLOCKED
+            error = await fail_a_parked_request(consumer, session.block)
+            assert error.code is ErrorCode.BLOCKED
             assert (await consumer.info()).state is EnclaveState.BLOCKED
             # A grant while blocked is kept, but does not lift the block.
             await session.grant(1, 2)
