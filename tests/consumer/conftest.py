@@ -13,6 +13,7 @@ from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls import RatlsCredentials
 from tests.consumer.fake_enclave import FakeEnclave
+from tests.simulation import simulation_policy
 
 MR_ENCLAVE = hashlib.sha256(b"drm consumer test enclave").digest()
 MR_SIGNER = hashlib.sha256(b"drm consumer test signer").digest()
@@ -30,13 +31,7 @@ def credentials(platform: SimulatedPlatform) -> RatlsCredentials:
 
 
 def make_policy(platform: SimulatedPlatform, *, mr_enclave: bytes = MR_ENCLAVE) -> Policy:
-    return Policy(
-        mr_enclave=(mr_enclave,),
-        isv_prod_id=0,
-        accept_without_collateral=True,
-        simulation_root=platform.root_certificate,
-        simulation_root_path=str(platform.root_certificate_path),
-    )
+    return simulation_policy(platform, mr_enclave)
 
 
 @pytest.fixture(scope="session")

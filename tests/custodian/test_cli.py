@@ -26,10 +26,10 @@ import trio
 from drm_custodian.cli import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
 from drm_custodian.serve import read_model_file
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_MODEL_BYTES
 from tests.models import tiny_model
+from tests.simulation import simulation_policy
 
 MR_ENCLAVE = hashlib.sha256(b"drm custodian cli tests: enclave").digest()
 #: Start-up (imports, key loading, two listeners) plus a margin for a loaded machine.
@@ -48,13 +48,7 @@ class Files:
 def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     root = tmp_path_factory.mktemp("cli")
     platform = SimulatedPlatform.create(root / "platform")
-    policy = Policy(
-        mr_enclave=(MR_ENCLAVE,),
-        isv_prod_id=0,
-        accept_without_collateral=True,
-        simulation_root=platform.root_certificate,
-        simulation_root_path=str(platform.root_certificate_path),
-    )
+    policy = simulation_policy(platform, MR_ENCLAVE)
     policy.write(root / "policy.toml")
     (root / "tiny.onnx").write_bytes(tiny_model())
     return Files(root / "state", root / "tiny.onnx", root / "policy.toml")

@@ -52,6 +52,7 @@ from drm_wire.net.ratls import enclave_client_context
 from drm_wire.net.tls import client_context, open_tls_client
 from drm_wire.protocol import Link, Side
 from tests.models import CANARY, big_model, canary_model, tiny_model, two_input_model
+from tests.simulation import simulation_policy
 
 MR_ENCLAVE = hashlib.sha256(b"drm custodian session tests: enclave").digest()
 OTHER_MR_ENCLAVE = hashlib.sha256(b"a modified enclave").digest()
@@ -83,13 +84,7 @@ def credentials(platform: SimulatedPlatform) -> RatlsCredentials:
 
 @pytest.fixture(scope="module")
 def policy(platform: SimulatedPlatform) -> Policy:
-    return Policy(
-        mr_enclave=(MR_ENCLAVE,),
-        isv_prod_id=0,
-        accept_without_collateral=True,
-        simulation_root=platform.root_certificate,
-        simulation_root_path=str(platform.root_certificate_path),
-    )
+    return simulation_policy(platform, MR_ENCLAVE)
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,7 @@ from drm_wire.net.tls import (
     server_context,
 )
 from tests.net.certs import Identity, make_ca
+from tests.simulation import simulation_policy
 
 HOST = "127.0.0.1"
 MR_ENCLAVE = hashlib.sha256(b"drm test enclave").digest()
@@ -87,13 +88,7 @@ def enclave(platform: SimulatedPlatform) -> RatlsCredentials:
 
 @pytest.fixture(scope="session")
 def policy(platform: SimulatedPlatform) -> Policy:
-    return Policy(
-        mr_enclave=(MR_ENCLAVE,),
-        isv_prod_id=0,
-        accept_without_collateral=True,
-        simulation_root=platform.root_certificate,
-        simulation_root_path=str(platform.root_certificate_path),
-    )
+    return simulation_policy(platform, MR_ENCLAVE)
 
 
 @pytest.fixture(scope="session")

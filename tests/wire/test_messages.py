@@ -145,3 +145,29 @@ def test_payload_on_a_message_without_one_is_rejected() -> None:
     frame = Frame({"type": "heartbeat", "seq": 1}, memoryview(b"xyz"))
     with pytest.raises(RemoteProtocolError, match="carries no payload"):
         m.from_frame(frame)
+
+
+def test_grant_units_wait_and_model_count_at_their_limits_and_past() -> None:
+    from drm_wire.limits import MAX_GRANT_UNITS, MAX_MODELS, MAX_WAIT_SECONDS
+
+    m.Grant(grant_id=1, units=MAX_GRANT_UNITS, granted_total=MAX_GRANT_UNITS)
+    with pytest.raises(LocalProtocolError) as info:
+        m.Grant(grant_id=1, units=MAX_GRANT_UNITS + 1, granted_total=MAX_GRANT_UNITS + 1)
+    assert info.value.limit == MAX_GRANT_UNITS
+    m.InferenceRequest(request_id=1, model="m", inputs=(), wait=MAX_WAIT_SECONDS)
+    with pytest.raises(LocalProtocolError):
+        m.InferenceRequest(request_id=1, model="m", inputs=(), wait=MAX_WAIT_SECONDS + 1.0)
+    model = m.ModelDescription(name="m", sha256=b"\0" * 32, inputs=(), outputs=())
+    info_at = m.ModelInfo(
+        request_id=1, models=(model,) * MAX_MODELS, inferences_left=0, state=m.EnclaveState.SERVING
+    )
+    (decoded,) = decode_all(encode(info_at))
+    assert isinstance(decoded, m.ModelInfo)
+    assert len(decoded.models) == MAX_MODELS
+    with pytest.raises(LocalProtocolError):
+        m.ModelInfo(
+            request_id=1,
+            models=(model,) * (MAX_MODELS + 1),
+            inferences_left=0,
+            state=m.EnclaveState.SERVING,
+        )
