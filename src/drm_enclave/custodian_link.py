@@ -97,6 +97,12 @@ class LinkTiming:
         backoff_max: the cap on the redial delay: a custodian that comes back is
             re-joined within this long.
         handshake_timeout: TCP connect, and separately the TLS handshake.
+        report_spacing: the least time between two usage reports. The first report after
+            a quiet spell goes at once; under steady load one report carries what was served
+            in this interval, so the custodian commits (and fsyncs) tens of times a second
+            instead of once per inference. It delays what the custodian sees by at most this
+            much; it must stay far below the time a half lease lasts (refills are planned
+            from reports): 500 units at 2,000 inferences a second is 250 ms.
     """
 
     heartbeat_interval: float = HEARTBEAT_INTERVAL
@@ -104,6 +110,7 @@ class LinkTiming:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    report_spacing: float = 0.01
 
     @property
     def dead_after(self) -> float:
@@ -351,12 +358,15 @@ class CustodianLink:
     async def _reports(
         self, channel: MessageChannel, log: structlog.typing.FilteringBoundLogger
     ) -> None:
+        next_allowed = trio.current_time()
         try:
             while True:
+                await trio.sleep_until(next_allowed)
                 report = self._runtime.accounting.next_report()
                 if report is not None:
                     await channel.send(report)
                     log.debug("usage_reported", seq=report.seq, served_total=report.served_total)
+                    next_allowed = trio.current_time() + self._timing.report_spacing
                 await self._runtime.wait_usage_changed()
         except BaseException:
             self._runtime.link_lost()
