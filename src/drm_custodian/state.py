@@ -3,7 +3,7 @@
 Layout (made by :func:`init_state_dir`, read back by :func:`load_state_dir`)::
 
     <state>/                  0700
-      ca.pem                  0644  custodian CA (ECDSA P-384, CA:TRUE, pathlen 0); enclaves pin it
+      ca.pem                  0644  custodian CA (ECDSA P-256, CA:TRUE, pathlen 0); enclaves pin it
       ca.key                  0600  its key; only needed to issue a new server certificate
       server.pem              0644  TLS server certificate, signed by the CA (admin API and
                                     enclave link both present it)
@@ -60,6 +60,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from drm_custodian._state_files import check_dir, check_file, load_json, read_checked
 from drm_custodian._state_pki import (
+    CA_CURVES,
+    CURVE,
     key_pem,
     make_ca,
     make_server_cert,
@@ -276,9 +278,9 @@ def _prepare_dir(root: Path) -> None:
 
 def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> LicenseRecord:
     _prepare_dir(root)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_key = ec.generate_private_key(CURVE())
     ca_cert = make_ca(ca_key, now)
-    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_key = ec.generate_private_key(CURVE())
     server_cert = make_server_cert(server_key, ca_key, ca_cert, hostname, now)
     secret = secrets.token_urlsafe(_TOKEN_BYTES)
     record = LicenseRecord(
@@ -426,8 +428,8 @@ def _check_ca(cert: x509.Certificate, path: Path) -> None:
     public = cert.public_key()
     if not constraints.ca:
         raise ConfigError("not a CA certificate", path=str(path))
-    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp384r1":
-        raise ConfigError("CA key is not ECDSA P-384", path=str(path))
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name not in CA_CURVES:
+        raise ConfigError("CA key is not ECDSA P-256 or P-384", path=str(path))
     try:
         cert.verify_directly_issued_by(cert)
     except (ValueError, TypeError, InvalidSignature) as exc:

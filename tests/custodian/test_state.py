@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from drm_custodian._state_pki import key_pem, make_ca, make_server_cert
 from drm_custodian.ledger import Ledger
 from drm_custodian.state import (
     InitResult,
@@ -70,6 +72,28 @@ async def test_init_makes_every_file_with_its_mode(made: InitResult) -> None:
     assert made.license_path.parent == root / "handoff"
 
 
+async def test_a_directory_made_with_p384_keys_still_loads(made: InitResult) -> None:
+    # Before P-256, init made P-384 keys signed with SHA-384: those directories stay valid.
+    now = dt.datetime.now(dt.UTC)
+    ca_key, server_key = (
+        ec.generate_private_key(ec.SECP384R1()),
+        ec.generate_private_key(ec.SECP384R1()),
+    )
+    ca = make_ca(ca_key, now)
+    server = make_server_cert(server_key, ca_key, ca, "localhost", now)
+    pems = {
+        "ca.pem": ca.public_bytes(serialization.Encoding.PEM),
+        "ca.key": key_pem(ca_key),
+        "server.pem": server.public_bytes(serialization.Encoding.PEM),
+        "server.key": key_pem(server_key),
+    }
+    for name, data in pems.items():
+        (made.path / name).write_bytes(data)
+    state = load_state_dir(made.path)
+    assert state.ca_cert == ca
+    assert state.server_cert == server
+
+
 async def test_certificates_are_as_specified(made: InitResult) -> None:
     ca = x509.load_pem_x509_certificate((made.path / "ca.pem").read_bytes())
     server = x509.load_pem_x509_certificate((made.path / "server.pem").read_bytes())
@@ -77,7 +101,9 @@ async def test_certificates_are_as_specified(made: InitResult) -> None:
     assert (constraints.ca, constraints.path_length) == (True, 0)
     ca_key = ca.public_key()
     assert isinstance(ca_key, ec.EllipticCurvePublicKey)
-    assert ca_key.curve.name == "secp384r1"
+    assert ca_key.curve.name == "secp256r1"  # fast handshakes: see _state_pki
+    assert isinstance(ca.signature_hash_algorithm, hashes.SHA256)
+    assert isinstance(server.signature_hash_algorithm, hashes.SHA256)
     ca.verify_directly_issued_by(ca)
     server.verify_directly_issued_by(ca)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
