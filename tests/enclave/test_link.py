@@ -7,6 +7,7 @@ consumer. Nothing sleeps: the tests wait on messages or on the runtime's state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from drm_wire.messages import (
 )
 from drm_wire.tensors import Tensor
 from tests.enclave.enclave_fakes import (
+    FAST_TIMING,
     LICENSE,
     TIMEOUT,
     FakeConsumer,
@@ -143,6 +145,25 @@ async def test_usage_reports_are_cumulative_and_acks_applied(tmp_path: Path) -> 
             with trio.fail_after(TIMEOUT):
                 await rig.runtime.wait_for(lambda r: r.accounting.acked_total == 3)
             assert rig.runtime.accounting.unreported == 0
+
+
+async def test_reports_are_spaced_so_a_busy_enclave_batches_them(tmp_path: Path) -> None:
+    spacing = 1.0
+    timing = dataclasses.replace(FAST_TIMING, report_spacing=spacing)
+    async with running_enclave(tmp_path, timing=timing) as rig:
+        session = await rig.link(granted_total=5)
+        async with rig.consumer() as consumer:
+            await consumer.infer()
+            first = await session.next(UsageReport)  # the first after a quiet spell: at once
+            sent_first = trio.current_time()
+            await session.ack(first.seq, first.served_total)
+            await consumer.infer()
+            await consumer.infer()
+            second = await session.next(UsageReport)
+            # Not before the spacing (less the first report's delivery time), and carrying
+            # both inferences served meanwhile: without the spacing it would carry one.
+            assert trio.current_time() - sent_first >= spacing / 2
+            assert (second.seq, second.served_total) == (2, 3)
 
 
 async def test_bad_input_is_refused_before_any_quota(tmp_path: Path) -> None:
