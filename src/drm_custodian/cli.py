@@ -6,17 +6,21 @@ state directory's CA, with its admin token). Everything blocking (reading the st
 policy and the models) happens before ``trio.run``, so a bad file is a clear error and
 exit status 2 before anything listens.
 
+``serve`` takes its options from flags, from a TOML file (``--config``), or both: a flag
+wins over the file, the file over the default (:mod:`drm_wire.config_file`).
+``check-config`` checks the same options and every file they name without starting.
+
 The daemon stops cleanly on SIGTERM or SIGINT (see :mod:`drm_custodian.serve` for the
-order) and tells systemd when it is ready and when it stops, if ``NOTIFY_SOCKET`` is set.
+order). Under systemd (``Type=notify``) it sends ``READY=1`` once both the enclave link
+and the admin API listen, ``STATUS=`` lines, ``STOPPING=1`` on a signal, and watchdog
+pings (:mod:`drm_wire.sd_notify`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -28,12 +32,20 @@ import trio
 from drm_custodian.admin import DEFAULT_ADMIN_PORT
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.grants import DEFAULT_LEASE, check_lease
-from drm_custodian.serve import DEFAULT_ENCLAVE_PORT, ServeConfig, read_model_file, serve
+from drm_custodian.serve import (
+    DEFAULT_ENCLAVE_PORT,
+    BoundAddresses,
+    ServeConfig,
+    read_model_file,
+    serve,
+)
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
 from drm_wire.attestation.policy import Policy
+from drm_wire.config_file import ConfigSchema, Kind
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.sd_notify import Notifier
 
 __all__ = [
     "EXIT_API_ERROR",
@@ -105,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, *, state_dir: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help_text,
@@ -113,28 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sub.add_argument("--state-dir", required=True, metavar="DIR", help="state directory")
+        if state_dir:
+            sub.add_argument("--state-dir", required=True, metavar="DIR", help="state directory")
         return sub
 
     init = command("init", "create a state directory: CA, server certificate, token, license")
     init.add_argument("--hostname", default="localhost", help="name enclaves dial (SAN)")
     init.add_argument("--borrower", default="borrower", help="the first borrower's name")
 
-    run = command("serve", "run the daemon: the enclave link and the admin API")
-    run.add_argument("--upload", action="append", required=True, metavar="MODEL.onnx",
-                     help="a model to lend (repeatable; its name is the file name without "
-                     ".onnx)")  # fmt: skip
-    run.add_argument("--policy", required=True, metavar="ENCLAVE_POLICY.toml",
-                     help="the enclaves accepted")  # fmt: skip
-    run.add_argument("--address", default="127.0.0.1", help="enclave link address")
-    run.add_argument("--port", type=_port, default=DEFAULT_ENCLAVE_PORT,
-                     help="enclave link port (0: any free port)")  # fmt: skip
-    run.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT,
-                     help="admin API port on 127.0.0.1 (0: any free port)")  # fmt: skip
-    run.add_argument("--initial-inferences", type=_count, default=0, metavar="N",
-                     help="supply N inferences at the first start (never again)")  # fmt: skip
-    run.add_argument("--lease", type=_lease, default=DEFAULT_LEASE, metavar="N",
-                     help="most inferences lent to one enclave at a time")  # fmt: skip
+    run = command("serve", "run the daemon: the enclave link and the admin API", state_dir=False)
+    run.set_defaults(schema=serve_options(run))
+    check = command(
+        "check-config",
+        "check serve's options and the files they name without starting; print a summary",
+        state_dir=False,
+    )
+    check.set_defaults(schema=serve_options(check, config_required=True))
 
     def admin_command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = command(name, help_text)
@@ -152,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False) -> ConfigSchema:
+    """``serve``'s options, each also a key of its ``--config`` file (flag > file > default)."""
+    schema = ConfigSchema(sub, config_required=config_required)
+    schema.add("--state-dir", Kind.PATH, required=True, metavar="DIR", help="state directory")
+    schema.add("--upload", Kind.PATHS, required=True, metavar="MODEL.onnx",
+               help="a model to lend (repeatable; named as the file without .onnx)")  # fmt: skip
+    schema.add("--policy", Kind.PATH, required=True, metavar="ENCLAVE_POLICY.toml",
+               help="the enclaves accepted")  # fmt: skip
+    schema.add("--address", Kind.STRING, default="127.0.0.1", help="enclave link address")
+    schema.add("--port", Kind.INTEGER, type=_port, default=DEFAULT_ENCLAVE_PORT,
+               help="enclave link port (0: any free port)")  # fmt: skip
+    schema.add("--admin-port", Kind.INTEGER, type=_port, default=DEFAULT_ADMIN_PORT,
+               help="admin API port on 127.0.0.1 (0: any free port)")  # fmt: skip
+    schema.add("--initial-inferences", Kind.INTEGER, type=_count, default=0, metavar="N",
+               help="supply N inferences at the first start (never again)")  # fmt: skip
+    schema.add("--lease", Kind.INTEGER, type=_lease, default=DEFAULT_LEASE, metavar="N",
+               help="most inferences lent to one enclave at a time")  # fmt: skip
+    return schema
+
+
 def main(
     argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
@@ -162,7 +188,9 @@ def main(
         if args.command == "init":
             return _init(args, out)
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args.schema.resolve(args))
+        if args.command == "check-config":
+            return _check_config(args.schema.resolve(args), out)
         return _admin(args, out)
     except ConfigError as exc:
         print(f"error: {exc}", file=err)
@@ -191,12 +219,11 @@ def _init(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _serve(args: argparse.Namespace) -> int:
-    state = load_state_dir(args.state_dir)
-    models = [read_model_file(path) for path in args.upload]
-    config = ServeConfig(
-        state=state,
-        models=models,
+def _serve_config(args: argparse.Namespace) -> ServeConfig:
+    """Read every file the options name and check the whole configuration (blocking)."""
+    return ServeConfig(
+        state=load_state_dir(args.state_dir),
+        models=[read_model_file(path) for path in args.upload],
         policy=Policy.load(args.policy),
         address=args.address,
         port=args.port,
@@ -204,6 +231,10 @@ def _serve(args: argparse.Namespace) -> int:
         initial_inferences=args.initial_inferences,
         session=SessionConfig(lease=args.lease),
     )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _serve_config(args)
     status = EXIT_OK
     try:
         trio.run(run_daemon, config)
@@ -214,8 +245,28 @@ def _serve(args: argparse.Namespace) -> int:
     return status
 
 
-async def run_daemon(config: ServeConfig) -> None:
-    """:func:`serve` until SIGTERM or SIGINT, with systemd readiness notifications."""
+def _check_config(args: argparse.Namespace, out: TextIO) -> int:
+    config = _serve_config(args)
+    borrower = config.admin_borrower()
+    print(f"configuration OK: {args.config}", file=out)
+    for key, origin in args.origins.items():
+        value = getattr(args, key)
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        print(f"  {key} = {shown}  ({origin.value})", file=out)
+    print(f"  borrower managed: {borrower}", file=out)
+    for model in config.models:
+        print(f"  model {model.name}: {len(model.data)} bytes, sha256 {model.sha256.hex()}",
+              file=out)  # fmt: skip
+    return EXIT_OK
+
+
+async def run_daemon(config: ServeConfig, notifier: Notifier | None = None) -> None:
+    """:func:`serve` until SIGTERM or SIGINT, with systemd notifications.
+
+    ``READY=1`` follows ``serve``'s ``started``, which comes once both the enclave link and
+    the admin API listen.
+    """
+    notifier = notifier or Notifier.from_environment()
     stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
 
@@ -226,26 +277,27 @@ async def run_daemon(config: ServeConfig) -> None:
                 return
 
         async with trio.open_nursery() as nursery:
+
+            async def run(*, task_status: trio.TaskStatus[BoundAddresses]) -> None:
+                await serve(config, shutdown_trigger=stop.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the watchdog pings end with the daemon
+
             nursery.start_soon(watch)
-            await nursery.start(partial(serve, config, shutdown_trigger=stop.wait))
-            _sd_notify("READY=1")
+            nursery.start_soon(notifier.watchdog)
+            notifier.status("starting: opening the ledger")
+            bound: BoundAddresses = await nursery.start(run)
+            notifier.ready(
+                f"serving {len(config.models)} model(s): enclave link on "
+                f"{_format(bound.enclave)}, admin API on {_format(bound.admin)}"
+            )
             await stop.wait()
-            _sd_notify("STOPPING=1")
+            notifier.stopping("stopping: closing enclave links")
             nursery.cancel_scope.deadline = trio.current_time() + 30.0  # a last resort
 
 
-def _sd_notify(message: str) -> None:
-    """Tell systemd (``Type=notify``) about readiness; does nothing outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as exc:
-        log.warning("sd_notify_failed", error=str(exc))
+def _format(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _admin(args: argparse.Namespace, out: TextIO) -> int:

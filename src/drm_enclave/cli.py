@@ -1,12 +1,22 @@
 """``python -m drm_enclave``: the enclave daemon (``serve``) and its measurement (``measure``).
 
-``serve`` runs until SIGTERM or SIGINT, then shuts down cleanly and exits 0. Its readiness
-is the ``enclave_serving`` log event (JSON on stderr, with ``consumer_address``; the way
-tests learn a port-0 address) and, under systemd, ``READY=1`` on ``$NOTIFY_SOCKET``.
-``custodian_link_up`` follows once the custodian link is attested, loaded and synced.
+``serve`` runs until SIGTERM or SIGINT, then shuts down cleanly and exits 0. It logs
+``enclave_serving`` (JSON on stderr, with ``consumer_address``; the way tests learn a
+port-0 address) once the consumer port listens, and ``custodian_link_up`` once the
+custodian link is attested, the models loaded and the quota synced. Under systemd
+(``Type=notify``) ``READY=1`` is sent only then, never by an enclave that cannot reach its
+custodian; ``STATUS=`` lines follow each phase, ``STOPPING=1`` a signal, and watchdog
+pings come from the event loop (:mod:`drm_wire.sd_notify`).
+
+``serve`` takes its options from flags, from a TOML file (``--config``), or both: a flag
+wins over the file, the file over the default (:mod:`drm_wire.config_file`), so options
+a Gramine manifest fixes in argv cannot be overridden by a host-provided file.
+``check-config`` checks the same options and the files they name without starting.
 
 ``measure`` prints this build's simulated MRENCLAVE and MRSIGNER and writes the policy
-file (``--out``) that the custodian and consumers load to accept it.
+file (``--out``) that the custodian and consumers load to accept it. With ``--sigstruct``
+(the JSON of ``gramine-sgx-sigstruct-view`` for a signed SGX build, see ``gramine/``) it
+prints and pins that build's real measurements instead (:mod:`drm_enclave.sigstruct`).
 
 Exit status: 0 success (or a clean shutdown), 2 bad usage or configuration.
 """
@@ -16,9 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +35,16 @@ from typing import Final, TextIO
 import structlog
 import trio
 
+from drm_wire.attestation.collateral import TcbStatus
+from drm_wire.config_file import ConfigSchema, Kind
 from drm_wire.errors import ConfigError
+from drm_wire.messages import EnclaveState
+from drm_wire.sd_notify import Notifier
 
 from .identity import License, simulated_measurement, simulation_policy, warn_simulation
+from .runtime import EnclaveRuntime
 from .serve import DEFAULT_CONSUMER_PORT, EnclaveConfig, serve
+from .sigstruct import measure_sigstruct
 
 __all__ = ["EXIT_OK", "EXIT_USAGE", "load_license", "main", "parse_address"]
 
@@ -39,6 +53,8 @@ EXIT_USAGE: Final = 2
 LICENSE_FORMAT: Final = "drm-license"
 #: A license file is a few hundred bytes; refuse to read anything much larger.
 _MAX_LICENSE_BYTES: Final = 64 * 1024
+#: onnxruntime intra-op threads per session.
+_MAX_THREADS: Final = 64
 
 _log = structlog.get_logger("drm_enclave.cli")
 
@@ -65,6 +81,13 @@ def _address(text: str) -> tuple[str, int]:
         return parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _threads(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= _MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {_MAX_THREADS}")
+    return value
 
 
 def load_license(path: Path) -> License:
@@ -107,27 +130,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("serve", help="run the enclave daemon")
-    run.add_argument("--custodian", type=_address, required=True, metavar="HOST:PORT")
-    run.add_argument("--custodian-ca", type=Path, required=True, metavar="CA.pem",
-                     help="the pinned custodian CA certificate")  # fmt: skip
-    run.add_argument("--license", type=Path, required=True, metavar="FILE",
-                     help="the license file the custodian's init wrote")  # fmt: skip
-    run.add_argument("--listen", type=_address, default=("127.0.0.1", DEFAULT_CONSUMER_PORT),
-                     metavar="HOST:PORT", help="consumer port (default 127.0.0.1:9924; port 0 "
-                     "picks a free one)")  # fmt: skip
-    run.add_argument("--attestation", choices=("auto", "gramine", "simulated"), default="auto")
-    run.add_argument("--simulation-dir", type=Path, metavar="DIR",
-                     help="INSECURE simulated SGX platform (created on first use)")  # fmt: skip
-    run.add_argument("--intra-op-threads", type=int, default=1, metavar="N")
+    serving = "run the enclave daemon until SIGTERM or SIGINT"
+    run = commands.add_parser("serve", help=serving, description=serving)
+    run.set_defaults(schema=serve_options(run))
+    checks = "check serve's options and the files they name without starting; print a summary"
+    check = commands.add_parser("check-config", help=checks, description=checks)
+    check.set_defaults(schema=serve_options(check, config_required=True))
 
-    measure = commands.add_parser("measure", help="print this build's simulated measurements")
+    measure = commands.add_parser("measure", help="print this build's measurements")
     measure.add_argument("--custodian-ca", type=Path, required=True, metavar="CA.pem")
     measure.add_argument("--simulation-dir", type=Path, metavar="DIR",
                          help="simulated platform whose root the policy trusts")  # fmt: skip
+    measure.add_argument("--sigstruct", type=Path, metavar="FILE.json",
+                         help="a signed SGX build: gramine-sgx-sigstruct-view "
+                         "--output-format=json of its .sig")  # fmt: skip
+    measure.add_argument("--manifest", type=Path, metavar="FILE.manifest.sgx",
+                         help="with --sigstruct: check that the signed manifest measured "
+                         "this CA")  # fmt: skip
+    measure.add_argument("--accept-tcb-status", action="append", type=TcbStatus,
+                         choices=list(TcbStatus), metavar="STATUS",
+                         help="with --sigstruct: an accepted Intel TCB status (repeatable; "
+                         "default UpToDate)")  # fmt: skip
     measure.add_argument("--out", type=Path, metavar="POLICY.toml",
-                         help="write the policy file (needs --simulation-dir)")  # fmt: skip
+                         help="write the policy file (needs --simulation-dir or "
+                         "--sigstruct)")  # fmt: skip
     return parser
+
+
+def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False) -> ConfigSchema:
+    """``serve``'s options, each also a key of its ``--config`` file (flag > file > default)."""
+    schema = ConfigSchema(sub, config_required=config_required)
+    schema.add("--custodian", Kind.STRING, type=_address, required=True, metavar="HOST:PORT",
+               help="the custodian's enclave link")  # fmt: skip
+    schema.add("--custodian-ca", Kind.PATH, required=True, metavar="CA.pem",
+               help="the pinned custodian CA certificate")  # fmt: skip
+    schema.add("--license", Kind.PATH, required=True, metavar="FILE",
+               help="the license file the custodian's init wrote")  # fmt: skip
+    schema.add("--listen", Kind.STRING, type=_address, metavar="HOST:PORT",
+               default=f"127.0.0.1:{DEFAULT_CONSUMER_PORT}",
+               help="consumer port (port 0 picks a free one)")  # fmt: skip
+    schema.add("--attestation", Kind.STRING, choices=("auto", "gramine", "simulated"),
+               default="auto", help="the attestation backend")  # fmt: skip
+    schema.add("--simulation-dir", Kind.PATH, metavar="DIR",
+               help="INSECURE simulated SGX platform (created on first use)")  # fmt: skip
+    schema.add("--intra-op-threads", Kind.INTEGER, type=_threads, default=1, metavar="N",
+               help="onnxruntime threads per model session")  # fmt: skip
+    return schema
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
@@ -137,16 +185,32 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     try:
         if args.command == "measure":
             return _measure(args, out or sys.stdout)
-        return _serve(args)
+        if args.command == "check-config":
+            return _check_config(args.schema.resolve(args), out or sys.stdout)
+        return _serve(args.schema.resolve(args))
     except ConfigError as exc:
         _log.error("configuration_error", error=str(exc))
         return EXIT_USAGE
 
 
 def _measure(args: argparse.Namespace, out: TextIO) -> int:
+    if args.sigstruct is not None:
+        if args.simulation_dir is not None:
+            raise ConfigError("--sigstruct and --simulation-dir exclude each other")
+        measure_sigstruct(
+            args.sigstruct,
+            args.custodian_ca,
+            out,
+            manifest=args.manifest,
+            policy_path=args.out,
+            tcb_statuses=args.accept_tcb_status or (TcbStatus.UP_TO_DATE,),
+        )
+        return EXIT_OK
+    if args.manifest is not None or args.accept_tcb_status:
+        raise ConfigError("--manifest and --accept-tcb-status need --sigstruct")
     ca_pem = _read_ca(args.custodian_ca)
     if args.out is not None and args.simulation_dir is None:
-        raise ConfigError("--out needs --simulation-dir (the root the policy trusts)")
+        raise ConfigError("--out needs --simulation-dir or --sigstruct (what the policy trusts)")
     measurement = simulated_measurement(ca_pem)
     warn_simulation(mr_enclave=measurement.mr_enclave.hex())
     print(f"MRENCLAVE {measurement.mr_enclave.hex()}  (SIMULATED)", file=out)
@@ -158,11 +222,10 @@ def _measure(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _enclave_config(args: argparse.Namespace) -> EnclaveConfig:
+    """Read the files the options name and check the whole configuration (blocking)."""
     if args.attestation == "simulated" and args.simulation_dir is None:
-        raise ConfigError("--attestation simulated needs --simulation-dir")
-    if not 1 <= args.intra_op_threads <= 64:
-        raise ConfigError("--intra-op-threads must be from 1 to 64")
+        raise ConfigError("--attestation simulated needs --simulation-dir", key="simulation_dir")
     (custodian_host, custodian_port), (listen_host, listen_port) = args.custodian, args.listen
     config = EnclaveConfig(
         custodian_host=custodian_host,
@@ -175,24 +238,61 @@ def _serve(args: argparse.Namespace) -> int:
         simulation_dir=args.simulation_dir,
         intra_op_threads=args.intra_op_threads,
     )
-    return trio.run(_serve_until_signal, config)
+    try:
+        config.custodian_ca()
+    except ConfigError as exc:
+        raise ConfigError(str(exc), path=str(args.custodian_ca)) from exc
+    return config
 
 
-async def _serve_until_signal(config: EnclaveConfig) -> int:
+def _check_config(args: argparse.Namespace, out: TextIO) -> int:
+    config = _enclave_config(args)
+    print(f"configuration OK: {args.config}", file=out)
+    for key, origin in args.origins.items():
+        value = getattr(args, key)
+        shown = _host_port(value) if isinstance(value, tuple) else value
+        print(f"  {key} = {shown}  ({origin.value})", file=out)
+    subject = config.custodian_ca().subject.rfc4514_string()
+    print(f"  custodian CA: {subject}", file=out)
+    print(f"  license: {config.license.license_id} (borrower {config.license.borrower})",
+          file=out)  # fmt: skip
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _enclave_config(args)
+    return trio.run(_serve_until_signal, config, Notifier.from_environment())
+
+
+async def _serve_until_signal(config: EnclaveConfig, notifier: Notifier) -> int:
+    runtime = EnclaveRuntime()
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            stopping = trio.Event()
 
             async def stop_requested() -> None:
                 async for signum in signals:
                     _log.info("enclave_stopping", signal=signal.Signals(signum).name)
-                    _sd_notify(b"STOPPING=1")
+                    stopping.set()
+                    notifier.stopping("stopping: draining requests, reporting usage")
                     return
 
             async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    functools.partial(serve, config, shutdown_trigger=stop_requested)
+                nursery.start_soon(notifier.watchdog)
+
+                async def run(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+                    await serve(
+                        config,
+                        runtime=runtime,
+                        shutdown_trigger=stop_requested,
+                        task_status=task_status,
+                    )
+                    nursery.cancel_scope.cancel()  # the watchdog and the phase reporter
+
+                consumer_address = await nursery.start(run)
+                nursery.start_soon(
+                    _report_phases, runtime, notifier, config, consumer_address, stopping
                 )
-                _sd_notify(b"READY=1")
     except BaseExceptionGroup as group:
         startup, rest = group.split((ConfigError, OSError))
         if rest is not None or startup is None:
@@ -204,14 +304,61 @@ async def _serve_until_signal(config: EnclaveConfig) -> int:
     return EXIT_OK
 
 
-def _sd_notify(state: bytes) -> None:
-    """systemd readiness (``Type=notify``); a no-op outside systemd."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    address = "\0" + target[1:] if target.startswith("@") else target
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state, address)
-    except OSError as exc:
-        _log.warning("sd_notify_failed", error=str(exc))
+_Phase = tuple[bool, EnclaveState, int, bool]
+
+
+def _phase(runtime: EnclaveRuntime) -> _Phase:
+    """What the STATUS line depends on: link up, state, models loaded, ready."""
+    state = runtime.state
+    # Ready: attested to the custodian, the models loaded, the quota synced (or blocked).
+    ready = runtime.link_up and bool(runtime.models) and state is not EnclaveState.LOADING
+    return runtime.link_up, state, len(runtime.models), ready
+
+
+def _phase_changed(seen: _Phase, runtime: EnclaveRuntime) -> bool:
+    return _phase(runtime) != seen
+
+
+async def _report_phases(
+    runtime: EnclaveRuntime,
+    notifier: Notifier,
+    config: EnclaveConfig,
+    consumer_address: tuple[str, int],
+    stopping: trio.Event,
+) -> None:
+    """STATUS= at each phase of the custodian link; READY=1 the first time it is ready.
+
+    The consumer port already listens (this starts after ``serve``'s ``started``), so
+    READY=1 means: listening for consumers AND attested with the models loaded. An
+    enclave that never reaches its custodian never sends it.
+    """
+    custodian = _host_port((config.custodian_host, config.custodian_port))
+    listening = _host_port(consumer_address)
+    announced = False
+    shown = ""
+    while not stopping.is_set():
+        phase = link_up, state, models, ready = _phase(runtime)
+        if not link_up:
+            text = (
+                f"custodian link lost; retrying {custodian}"
+                if announced
+                else f"dialing custodian {custodian}"
+            )
+        elif not ready:
+            text = f"receiving model(s) from custodian {custodian}"
+        elif state is EnclaveState.BLOCKED:
+            text = f"blocked by the custodian; serving nothing on {listening}"
+        else:
+            text = f"serving {models} model(s) on {listening}"
+        if ready and not announced:
+            announced = True
+            notifier.ready(text)
+        elif text != shown:
+            notifier.status(text)
+        shown = text
+        await runtime.wait_for(functools.partial(_phase_changed, phase))
+
+
+def _host_port(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
