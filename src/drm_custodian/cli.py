@@ -22,7 +22,7 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Final, TextIO
 
@@ -239,7 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         trio.run(run_daemon, config)
     except* (OSError, DrmError) as group:
-        for exc in group.exceptions:
+        for exc in _leaves(group):  # not "1 sub-exception": say the port is taken
             log.error("custodian_failed", error=str(exc), kind=type(exc).__name__)
         status = EXIT_FAILED
     return status
@@ -316,3 +316,12 @@ def _admin(args: argparse.Namespace, out: TextIO) -> int:
     else:
         print(format_usage(doc), file=out)
     return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions inside ``group`` and its nested groups (nurseries nest them)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import trio
 
-from drm_custodian.cli import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, main
+from drm_custodian.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, main
 from drm_custodian.serve import read_model_file
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError
@@ -195,6 +196,26 @@ def test_serve_refuses_a_bad_policy(files: Files, tmp_path: Path) -> None:
     )
     assert status == EXIT_CONFIG
     assert "mr_enclave" in err.getvalue()
+
+
+async def test_serve_says_which_port_is_taken(files: Files, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    assert (await run_cli("init", "--state-dir", str(state))).returncode == EXIT_OK
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = await run_cli(
+            "serve", "--state-dir", str(state), "--upload", str(files.model),
+            "--policy", str(files.policy), "--port", "0", "--admin-port", str(port),
+        )  # fmt: skip
+    assert done.returncode == EXIT_FAILED
+    failures = [
+        json.loads(line) for line in done.stderr.splitlines() if b"custodian_failed" in line
+    ]
+    # The OS error itself, not "Exceptions from Trio nursery (1 sub-exception)".
+    assert [f["kind"] for f in failures] == ["OSError"], done.stderr
+    assert "address already in use" in failures[0]["error"].lower()
 
 
 def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
