@@ -34,11 +34,18 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check, ruff format --check, and mypy --strict over src, tests, bench and this file."""
+    """ruff check, ruff format --check, mypy --strict over src, tests, bench, demo, this file."""
     _install(session, "lint")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
-    session.run("mypy", "src", "tests", "bench", "noxfile.py")
+    session.run("mypy", "src", "tests", "bench", "demo", "noxfile.py")
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """The whole lending story on this machine, narrated; ``-- --help`` lists its options."""
+    _install(session, "demo")
+    session.run("python", "demo/run.py", *session.posargs)
 
 
 @nox.session(default=False)
