@@ -103,13 +103,16 @@ def _loopback(address: str) -> str:
     return f"{LOOPBACK}:{port}"
 
 
-def deploy(workdir: Path, daemons: list[Daemon]) -> Deployment:
-    """Run init, measure and both daemons in ``workdir``; started daemons go in ``daemons``."""
+def deploy(workdir: Path, daemons: list[Daemon], *, model_bytes: bytes | None = None) -> Deployment:
+    """Run init, measure and both daemons in ``workdir``; started daemons go in ``daemons``.
+
+    The custodian lends ``model_bytes`` (the tiny model by default) as ``tiny``.
+    """
     state = workdir / "custodian-state"
     simulation = workdir / "simulated-platform"
     policy = workdir / "policy.toml"
     model = workdir / "tiny.onnx"
-    model.write_bytes(tiny_model())
+    model.write_bytes(tiny_model() if model_bytes is None else model_bytes)
 
     run_command(python_command("drm_custodian", "init", "--state-dir", state), cwd=workdir)
     ca, license_path = state / CA_FILE, state / LICENSE_FILE

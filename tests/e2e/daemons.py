@@ -218,6 +218,20 @@ class Daemon:
             text += "\n--- stdout ---\n" + "\n".join(out)
         return text
 
+    def wait_for_line(self, prefix: str, *, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Block until a stderr line that is not JSON starts with ``prefix``.
+
+        Raises:
+            DaemonError: the deadline passed first. The message carries the log.
+        """
+
+        def seen() -> bool:
+            return any(e.get("_raw", "").startswith(prefix) for e in self.events)
+
+        with self._changed:
+            if not self._changed.wait_for(seen, timeout=timeout):
+                raise DaemonError(f"{self.name} did not write {prefix!r}\n{self.log_text()}")
+
     def find(self, event: str, *, after: int = 0, **fields: object) -> LogEvent | None:
         """The first logged ``event`` (from index ``after``) whose fields match, or ``None``."""
         with self._changed:
