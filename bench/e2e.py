@@ -610,9 +610,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few samples: a smoke run")
     parser.add_argument("--dir", type=Path, default=None, help="where state directories go")
     parser.add_argument("--threads", type=int, default=1, help="enclave intra-op threads")
+    parser.add_argument(
+        "--only", choices=["delivery"], default=None, help="run one part: delivery = section 4"
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     threads: int = args.threads
+    if args.only == "delivery":
+        delivery_only(sizes, threads, args.dir)
+        return
     began = time.perf_counter()
     busy_before, own_before = machine_busy_seconds(), own_seconds()
     facts = machine_facts(threads)
@@ -854,6 +860,46 @@ def main() -> None:
     report.print()
 
 
+def delivery_only(sizes: Sizes, threads: int, where: Path | None) -> None:
+    """Section 4 alone: raw bulk, deployment B up to link up, raw bulk again; its rows.
+
+    The raw bulk runs bracket the model transfer in time (as section 2's raw runs do), so
+    load that drifts in from elsewhere on the machine weighs on both alike.
+    """
+    for line in machine_facts(threads):
+        progress(line)
+    report = Report()
+    pems = make_pems()
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-", dir=where) as tmp:
+        big = big_model(sizes.big_mb)
+        bulk_proc, bulk_port = base.spawn_server(base.bulk_server_main, pems)
+        try:
+            progress(f"section 4: raw TLSStream bulk, {sizes.bulk_runs} x {len(big) / 1e6:.0f} MB")
+            bulk = trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
+            progress(f"deployment B: tiny + big ({len(big) / 1e6:.0f} MB), nothing supplied")
+            sampler = RssSampler()
+            daemons: list[Daemon] = []
+            with running(daemons):
+                try:
+                    b = deploy(Path(tmp) / "b", {"tiny": tiny_model(), "big": big}, 0, threads,
+                               daemons, sampler.start)  # fmt: skip
+                    hwm = proc_kib(b.enclave.process.pid, "VmHWM") * 1024
+                finally:
+                    sampler.close()
+                progress(f"raw TLSStream bulk again, {sizes.bulk_runs} x")
+                bulk += trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
+                delivery_rows(report, b, big, bulk, hwm, sampler)
+        finally:
+            base.stop_server(bulk_proc)
+    print(f"e2e bench --only delivery{' --quick' if sizes is QUICK else ''}")
+    report.notes += [
+        "row 4: one model transfer; the raw bulk median is of runs before and after it "
+        f"({', '.join(f'{r:.0f}' for r in bulk)} MB/s)",
+        "row 4: RSS sampled every 5 ms from /proc; the enclave also holds the tiny model",
+    ]
+    report.print()
+
+
 def need(daemon: Daemon, event: str, **fields: object) -> LogEvent:
     """A logged event that must be there (the daemon is past the point that logs it)."""
     for entry in list(daemon.events):
@@ -890,8 +936,8 @@ def delivery_rows(
         f"{transfer * 1e3:.0f} ms = {mbps:.0f} MB/s",
         f"raw TLSStream bulk {raw:.0f} MB/s (median of {len(bulk)})",
         mbps / raw,
-        ">= 0.5x raw bulk (anchors)",
-        mbps / raw >= 0.5,
+        ">= 0.6x raw bulk",
+        mbps / raw >= 0.6,
     )
     report.add(
         "4",

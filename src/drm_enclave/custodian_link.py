@@ -323,7 +323,9 @@ class CustodianLink:
                 threads = self._threads
                 try:
                     model = await trio.to_thread.run_sync(
-                        functools.partial(load_model, name, buffer, intra_op_threads=threads),
+                        functools.partial(  # finish() checked the digest: not twice
+                            load_model, name, buffer, intra_op_threads=threads, sha256=sha256
+                        ),
                         abandon_on_cancel=True,
                     )
                 except ModelError as exc:

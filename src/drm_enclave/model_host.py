@@ -16,11 +16,12 @@ Theory of operation
    No custom-op library is ever registered with onnxruntime, so such a node could only
    fail later; refusing it here gives a clear error.
 
-Then it creates the session from bytes, in memory, with :func:`session_options` (M06): no
-optimised-model file, no profiling, and ORT's log severity at FATAL, because its ERROR
-lines name the failing node (measured with ORT 1.32: severity 3 still prints
-``Name:'<node>'``). onnxruntime's telemetry is switched off before it is imported (see
-the comment at the import: its on-disk event queue holds error messages naming nodes).
+Then it creates the session in memory (*Memory* below says how the weights get there),
+with :func:`session_options` (M06): no optimised-model file, no profiling, and ORT's log
+severity at FATAL, because its ERROR lines name the failing node (measured with ORT
+1.32: severity 3 still prints ``Name:'<node>'``). onnxruntime's telemetry is switched off
+before it is imported (see the comment at the import: its on-disk event queue holds error
+messages naming nodes).
 Anything onnxruntime refuses becomes :class:`ModelError` ("invalid model: ...", M01) and
 the process carries on with no model.
 
@@ -64,11 +65,28 @@ measured off the loop, and small models stop paying the hop after their first re
 is checked before the run, and the task yields after it so a pipelining consumer cannot
 monopolise the loop.)
 
-Memory (same bench, 200 MB model): assembling it costs +1.00x its size; ``load_model``
-peaks at +4.0x (the receiver's buffer, the ``bytes`` copy onnxruntime's Python API
-requires, its parsed protobuf and its weights) and settles at +2.05x while the caller
-still holds the buffer, +1x once it drops it. onnxruntime's wrapper would keep the
-``bytes`` copy for the session's lifetime; :func:`load_model` drops that reference.
+Memory: weights read in place, copied once
+------------------------------------------
+Handing onnxruntime the model as ``bytes`` costs three copies on top of the receiver's
+buffer: the ``bytes`` object its Python API requires, the parsed protobuf (every
+``raw_data`` is a ``std::string``) and the session's own tensors; a 200 MB model peaked at
++4.0x its size. So :func:`load_model` cuts the model with
+:func:`~drm_enclave.model_scan.split_weights`: onnxruntime parses a skeleton of a few KiB
+in which each large raw initializer of the main graph is a placeholder, and receives the
+weights through ``SessionOptions.add_external_initializers`` as numpy arrays over the
+caller's buffer (no copy). onnxruntime copies them once into its own tensors while it
+loads the skeleton and keeps no reference to them afterwards (its documented contract,
+checked by this module's tests: the buffer is overwritten after loading and the outputs
+do not change). A placeholder's data is marked external, at a location that is not a
+path, and is replaced by name before onnxruntime could resolve it; a model that arrives
+with external data of its own is still refused by the scan (M02).
+
+Measured on the 200 MB bench model (``bench/e2e.py --only delivery``; RSS above the
+process's own before the transfer): receiving +1.00x, loading peaks at +2.02x (buffer +
+onnxruntime's tensors; it was +4.0x), +1x once the caller drops the buffer, which
+:meth:`~drm_enclave.model_receiver.ModelReceiver.finish` leaves to the returned view.
+Weights totalling :data:`NO_PREPACK_BYTES` or more also switch off onnxruntime's weight
+prepacking, whose packed copy of each MatMul weight was another +0.33x at peak there.
 """
 
 from __future__ import annotations
@@ -101,12 +119,13 @@ from drm_wire.limits import MAX_MODEL_BYTES, MAX_TENSOR_RANK, MAX_TENSORS
 from drm_wire.messages import ModelDescription, TensorSpec
 from drm_wire.tensors import DTYPES, Tensor, check_name
 
-from .model_scan import ALLOWED_DOMAINS, ModelError, _name, scan_model
+from .model_scan import _ITEMSIZE, ALLOWED_DOMAINS, ModelError, _name, scan_model, split_weights
 
 __all__ = [
     "ALLOWED_DOMAINS",
     "INLINE_BUDGET",
     "INLINE_FAST",
+    "NO_PREPACK_BYTES",
     "BadInputError",
     "HostedModel",
     "InferenceError",
@@ -120,6 +139,13 @@ __all__ = [
 INLINE_FAST: Final = 0.0005
 #: A run that takes longer than this sends runs of that size and larger back to a thread.
 INLINE_BUDGET: Final = 0.001
+
+#: Split weights totalling at least this many bytes turn onnxruntime's weight prepacking
+#: off: prepacking a MatMul weight allocates its packed copy while the original is still
+#: there (+1 weight at peak: +64 MiB on the 200 MB bench model), and for a large model the
+#: peak, which sizes the enclave, matters more than the gain of prepacking (none measured
+#: at batch 1 on that model). Smaller models, the covidnet-like CNN included, keep it.
+NO_PREPACK_BYTES: Final = 64 * 1024 * 1024
 
 #: ORT's log severity: 4 = FATAL. At 3 (ERROR) a failed run still logs the node's name.
 ORT_LOG_SEVERITY: Final = 4
@@ -204,15 +230,24 @@ def _spec(arg: Any, what: str) -> tuple[TensorSpec, tuple[str | None, ...]]:
 
 
 def load_model(
-    name: str, data: bytes | bytearray | memoryview, *, intra_op_threads: int = 1
+    name: str,
+    data: bytes | bytearray | memoryview,
+    *,
+    intra_op_threads: int = 1,
+    sha256: bytes | None = None,
 ) -> HostedModel:
     """Check the model's bytes, then create an in-memory onnxruntime session for them.
 
     Args:
         name: the model's name (as in :class:`~drm_wire.messages.ModelBegin`).
-        data: the serialized ``ModelProto``. Only read; a ``bytes`` object is used as is,
-            anything else is copied once into the ``bytes`` onnxruntime's API requires.
+        data: the serialized ``ModelProto``. Only read, and not referenced once this
+            returns: large weights are read in place (onnxruntime copies them once, see
+            *Memory*); a model without any goes to onnxruntime as ``bytes`` (a ``bytes``
+            object as is, anything else copied once).
         intra_op_threads: onnxruntime's intra-op thread count (1 to 64).
+        sha256: the model's SHA-256 when the caller has already checked it (the custodian
+            link's :class:`~drm_enclave.model_receiver.ModelReceiver` does), to spare a
+            second pass over the bytes; computed here otherwise.
 
     Raises:
         ModelError: empty, too large, malformed, external data, an unregistered operator
@@ -228,29 +263,12 @@ def load_model(
         raise ModelError("empty")
     if view.nbytes > MAX_MODEL_BYTES:
         raise ModelError(f"{view.nbytes} bytes is over the limit of {MAX_MODEL_BYTES}")
+    if sha256 is not None and (type(sha256) is not bytes or len(sha256) != 32):
+        raise ValueError("sha256 must be 32 bytes")
     scan_model(view)
-    sha256 = hashlib.sha256(view).digest()
-    model_bytes = data if type(data) is bytes else bytes(view)
-    ort.set_default_logger_severity(ORT_LOG_SEVERITY)  # the process-wide logger too
-    ort.disable_telemetry_events()
-    try:
-        # enable_fallback=0: on a failure the wrapper would otherwise print the error
-        # (node names included) to stdout and try again.
-        session = ort.InferenceSession(
-            model_bytes,
-            session_options(intra_op_threads),
-            providers=["CPUExecutionProvider"],
-            enable_fallback=0,
-        )
-    except _ORT_ERRORS as exc:
-        # ORT's message names nodes and initializers (M06): keep only its status category,
-        # and do not chain it into tracebacks that the log would print.
-        raise ModelError(f"onnxruntime refused it ({_ort_category(exc)})") from None
-    finally:
-        del model_bytes
-    # The wrapper keeps the bytes only to re-create the session on a provider fallback,
-    # which is disabled: drop that second full copy of the weights.
-    session._model_bytes = None
+    if sha256 is None:
+        sha256 = hashlib.sha256(view).digest()
+    session = _create_session(data, view, session_options(intra_op_threads))
     inputs = [_spec(arg, "input") for arg in session.get_inputs()]
     outputs = [_spec(arg, "output") for arg in session.get_outputs()]
     if not inputs or len(inputs) > MAX_TENSORS or not outputs or len(outputs) > MAX_TENSORS:
@@ -263,6 +281,57 @@ def load_model(
     )
     symbols = {spec.name: sym for spec, sym in inputs}
     return HostedModel(session, description, symbols, intra_op_threads)
+
+
+def _create_session(
+    data: bytes | bytearray | memoryview, view: memoryview, options: ort.SessionOptions
+) -> ort.InferenceSession:
+    """An onnxruntime session for a scanned model, its large weights read in place.
+
+    The weights :func:`split_weights` finds go to onnxruntime as external initializers:
+    numpy arrays over ``view`` (no copy) that it copies once into its own tensors, while
+    it parses only the skeleton. Neither ``view`` nor the arrays are referenced by the
+    session afterwards (onnxruntime's ``AddExternalInitializers`` contract), so the
+    caller's buffer can be freed once this returns.
+    """
+    split = split_weights(view)
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    if split is None:
+        model_bytes = data if type(data) is bytes else bytes(view)
+    else:
+        model_bytes = split.skeleton
+        for weight in split.weights:
+            size = _ITEMSIZE[weight.data_type]
+            array = np.frombuffer(
+                view, dtype=np.dtype(f"<u{size}" if size > 1 else "u1"),
+                count=(weight.end - weight.start) // size, offset=weight.start,
+            ).reshape(weight.dims)  # fmt: skip
+            names.append(weight.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, weight.data_type))
+        options.add_external_initializers(names, values)
+        if sum(weight.end - weight.start for weight in split.weights) >= NO_PREPACK_BYTES:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)  # the process-wide logger too
+    ort.disable_telemetry_events()
+    try:
+        # enable_fallback=0: on a failure the wrapper would otherwise print the error
+        # (node names included) to stdout and try again.
+        session = ort.InferenceSession(
+            model_bytes, options, providers=["CPUExecutionProvider"], enable_fallback=0
+        )
+    except _ORT_ERRORS as exc:
+        # ORT's message names nodes and initializers (M06): keep only its status category,
+        # and do not chain it into tracebacks that the log would print.
+        raise ModelError(f"onnxruntime refused it ({_ort_category(exc)})") from None
+    finally:
+        del model_bytes, values
+    # The wrapper keeps the bytes and the options it was given only to re-create the
+    # session on a provider fallback, which is disabled: drop the bytes (a full copy of a
+    # model without split weights) and the options (they point into the caller's buffer).
+    session._model_bytes = None
+    session._sess_options_initial = None
+    return session
 
 
 @final

@@ -6,16 +6,33 @@ CVE-2022-25882 and CVE-2024-27318), and operators from domains the CPU build doe
 implement (M03: they would need a custom-op library). The walk reads tags, varints and
 lengths only and skips weights by their length, so it costs well under a millisecond even
 for a 200 MB model, and it needs no ``onnx`` package inside the enclave.
+
+The same walk also splits a model for loading (:func:`split_weights`): the large raw
+initializers of the main graph stay where they arrived, in the receiver's buffer, and a
+small *skeleton* (the model with each of them replaced by a placeholder) is all that
+onnxruntime parses. See :mod:`drm_enclave.model_host` for why (peak memory).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Final
 
 from drm_wire.errors import DrmError, ErrorCode
 
-__all__ = ["ALLOWED_DOMAINS", "MAX_GRAPH_DEPTH", "ModelError", "scan_model"]
+__all__ = [
+    "ALLOWED_DOMAINS",
+    "MAX_GRAPH_DEPTH",
+    "MIN_SPLIT_BYTES",
+    "PLACEHOLDER_LOCATION",
+    "ModelError",
+    "SplitModel",
+    "Weight",
+    "scan_model",
+    "split_weights",
+]
 
 #: Operator domains onnxruntime's CPU build implements and a model may use: the ONNX
 #: standard ("" and its alias "ai.onnx"), ONNX-ML, and Microsoft's contrib ops.
@@ -58,14 +75,21 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int
     Raises:
         ModelError: malformed wire format (bad tag, overlong varint, truncated value).
     """
+    for number, wire_type, _, a, b in _spans(buf, pos, end):
+        yield number, wire_type, a, b
+
+
+def _spans(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """:func:`_fields`, plus where each field starts (its tag): ``(field, wt, tag, a, b)``."""
     while pos < end:
+        tag = pos
         key, pos = _varint(buf, pos, end)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise ModelError("malformed protobuf (field number 0)")
         if wire_type == _VARINT:
             value, pos = _varint(buf, pos, end)
-            yield number, wire_type, value, pos
+            yield number, wire_type, tag, value, pos
             continue
         if wire_type == _LEN:
             length, pos = _varint(buf, pos, end)
@@ -76,7 +100,7 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int
             raise ModelError(f"malformed protobuf (wire type {wire_type})")
         if pos > end:
             raise ModelError("malformed protobuf (a field runs past the end: truncated?)")
-        yield number, wire_type, start, pos
+        yield number, wire_type, tag, start, pos
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -193,3 +217,152 @@ def scan_model(buf: memoryview) -> None:
                 f"operator {_name(op)} from domain {_name(domain)} is not registered "
                 "(custom operators are refused)"
             )
+
+
+# --- splitting the weights off ----------------------------------------------------------
+
+#: Raw initializers at least this large are left in the receiver's buffer and handed to
+#: onnxruntime as external initializers; smaller ones stay in the skeleton. They must:
+#: onnxruntime's shape inference reads constants such as a ``Reshape`` shape or
+#: ``Unsqueeze`` axes from the model and refuses external ones (its own rule of thumb:
+#: such constants are under 128 bytes); and copying small tensors costs little anyway.
+MIN_SPLIT_BYTES: Final = 64 * 1024
+
+#: The ``location`` of every placeholder. onnxruntime's ``AddExternalInitializers``
+#: replaces a placeholder by name before it could ever resolve a location (strace shows no
+#: file access for it: ``tests/enclave/test_model_files.py``); the name is not a path.
+PLACEHOLDER_LOCATION: Final = "drm-enclave:in-memory"
+
+#: ``TensorProto.DataType`` -> bytes per element, for the fixed-size types a raw
+#: initializer can hold (float, uint8, int8, uint16, int16, int32, int64, bool, float16,
+#: double, uint32, uint64, bfloat16).
+_ITEMSIZE: Final = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
+                    16: 2}  # fmt: skip
+#: TensorProto fields that hold data other than ``raw_data`` (9), or a segment (3).
+_OTHER_DATA: Final = frozenset({3, 4, 5, 6, 7, 10, 11})
+
+
+@dataclass(frozen=True, slots=True)
+class Weight:
+    """One initializer left in place: ``buf[start:end]`` is its little-endian raw data."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class SplitModel:
+    """A scanned model cut in two: the skeleton onnxruntime parses, and the weights."""
+
+    skeleton: bytes
+    weights: tuple[Weight, ...]
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return _encode_varint(number << 3 | wire_type)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(number: int, value: bytes) -> bytes:
+    return _key(number, _LEN) + _encode_varint(len(value)) + value
+
+
+#: Appended to a tensor in place of its raw data: ``data_location = EXTERNAL`` and an
+#: ``external_data`` entry ``location = PLACEHOLDER_LOCATION``.
+_PLACEHOLDER_TAIL: Final = (
+    _len_field(13, _len_field(1, b"location") + _len_field(2, PLACEHOLDER_LOCATION.encode()))
+    + _key(14, _VARINT)
+    + _encode_varint(1)
+)
+
+
+def _weight(buf: memoryview, a: int, b: int, min_bytes: int) -> tuple[bytes, Weight] | None:
+    """The placeholder and the weight for the ``TensorProto`` at ``buf[a:b]``, or ``None``
+    if it is not a plain raw tensor of at least ``min_bytes`` (then it stays embedded)."""
+    name: str | None = None
+    data_type = 0
+    dims: list[int] = []
+    raw: tuple[int, int] | None = None
+    kept: list[memoryview] = []
+    for number, wire_type, tag, start, end in _spans(buf, a, b):
+        if number == 9 and wire_type == _LEN and raw is None:
+            raw = (start, end)
+            continue
+        kept.append(buf[tag:end])
+        if number in _OTHER_DATA or number == 9:
+            return None
+        if number == 1 and wire_type == _VARINT:
+            dims.append(start)
+        elif number == 1 and wire_type == _LEN:
+            pos = start
+            while pos < end:
+                dim, pos = _varint(buf, pos, end)
+                dims.append(dim)
+        elif number == 2 and wire_type == _VARINT:
+            data_type = start
+        elif number == 8 and wire_type == _LEN and name is None:
+            try:  # (onnxruntime gets names as UTF-8 strings; an odd one stays embedded)
+                name = bytes(buf[start:end]).decode("utf-8", "strict") if end > start else None
+            except UnicodeDecodeError:
+                return None
+        elif number in (1, 2, 8):  # an odd encoding, or a repeated singular field
+            return None
+    itemsize = _ITEMSIZE.get(data_type)
+    if name is None or raw is None or itemsize is None or any(d >= 2**63 for d in dims):
+        return None
+    start, end = raw
+    if end - start < min_bytes or math.prod(dims) * itemsize != end - start:
+        return None
+    placeholder = b"".join(kept) + _PLACEHOLDER_TAIL
+    return placeholder, Weight(name, data_type, tuple(dims), start, end)
+
+
+def split_weights(buf: memoryview, min_bytes: int = MIN_SPLIT_BYTES) -> SplitModel | None:
+    """Cut a model that :func:`scan_model` accepted into a skeleton and its large weights.
+
+    Every initializer of the main graph that is a plain ``raw_data`` tensor of a
+    fixed-size type, at least ``min_bytes`` long, is replaced in the skeleton by a
+    placeholder (same name, type and dims; data marked external, at
+    :data:`PLACEHOLDER_LOCATION`) and listed in :attr:`SplitModel.weights`. Everything
+    else (subgraphs, functions, small or typed tensors) is copied into the skeleton
+    unchanged, field by field.
+
+    Returns:
+        ``None`` when there is nothing to split (no such weight, or two of them share a
+        name): the model is then loaded as it is.
+
+    Raises:
+        ModelError: a wire format too broken to walk (never after ``scan_model``).
+    """
+    pieces: list[bytes | memoryview] = []
+    weights: list[Weight] = []
+    for number, wire_type, tag, a, b in _spans(buf, 0, buf.nbytes):
+        if number != 7 or wire_type != _LEN:  # not ModelProto.graph: copied as is
+            pieces.append(buf[tag:b])
+            continue
+        graph: list[bytes | memoryview] = []
+        for number2, wire_type2, tag2, a2, b2 in _spans(buf, a, b):
+            cut = None
+            if number2 == 5 and wire_type2 == _LEN:  # GraphProto.initializer
+                cut = _weight(buf, a2, b2, min_bytes)
+            if cut is None:
+                graph.append(buf[tag2:b2])
+            else:
+                graph.append(_len_field(5, cut[0]))
+                weights.append(cut[1])
+        pieces.append(_len_field(7, b"".join(graph)))
+    names = [weight.name for weight in weights]
+    if not weights or len(set(names)) != len(names):  # duplicates: onnxruntime judges
+        return None
+    return SplitModel(b"".join(pieces), tuple(weights))

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from drm_enclave.model_receiver import ModelReceiver
+from drm_enclave.model_scan import PLACEHOLDER_LOCATION
 from drm_wire.messages import ModelEnd
 from drm_wire.tensors import Tensor
 from tests import models
@@ -110,6 +111,9 @@ def test_strace_sees_no_file_written(tmp_path: Path) -> None:
     assert {p.name for p in tmp_path.iterdir()} == {"trace.txt"}
     assert models.CANARY not in trace.read_bytes()
     assert "DeveloperTools" not in trace.read_text()  # onnxruntime's telemetry queue
+    # The big model's weights were split off (placeholders in place): no placeholder's
+    # location was ever looked up as a file (read, stat or open).
+    assert PLACEHOLDER_LOCATION not in trace.read_text()
 
 
 _TELEMETRY_SCRIPT = """

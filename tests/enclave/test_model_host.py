@@ -117,6 +117,13 @@ def test_bad_arguments() -> None:
         load_model("", models.tiny_model())
     with pytest.raises(ValueError, match="intra_op_threads"):
         load_model("m", models.tiny_model(), intra_op_threads=0)
+    with pytest.raises(ValueError, match="sha256 must be 32 bytes"):
+        load_model("m", models.tiny_model(), sha256=bytes(31))
+
+
+def test_known_digest_is_used_as_given() -> None:
+    known = hashlib.sha256(models.tiny_model()).digest()
+    assert load_model("m", models.tiny_model(), sha256=known).description.sha256 == known
 
 
 # --- M02: external data --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import tracemalloc
 
 import pytest
@@ -51,7 +52,7 @@ def test_happy_path(chunk_size: int) -> None:
     assert model.readonly
     assert model.nbytes == len(DATA)
     assert model == DATA
-    assert type(model.obj) is bytearray  # a view of the one preallocated buffer, no copy
+    assert type(model.obj) is mmap.mmap  # a view of the one preallocated buffer, no copy
     assert "DONE" in repr(receiver)
     assert receiver.name == "big"
     assert receiver.size == len(DATA)
@@ -75,7 +76,9 @@ def test_one_buffer_no_accumulated_copies() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < len(DATA) + 256 * KiB  # the buffer itself, and nothing the size of a chunk
+    # The buffer is an mmap (not traced here; its cost is in test_model_memory.py), and
+    # nothing the size of a chunk is allocated on the way.
+    assert peak < 256 * KiB
 
 
 def refused(receiver: ModelReceiver, part: ModelChunk, match: str) -> RemoteProtocolError:
