@@ -12,6 +12,7 @@ import datetime
 import functools
 import hashlib
 import ipaddress
+import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,20 @@ FAST_TIMING = LinkTiming(
     heartbeat_interval=0.1, heartbeat_misses=6, backoff_initial=0.01, backoff_max=0.05
 )
 LICENSE = License("acme", "lic_" + "ab" * 16, "s3cret-value-never-logged")
+
+
+def write_license(path: Path) -> Path:
+    """Write :data:`LICENSE` as the license file ``drm_custodian init`` hands out."""
+    doc = {
+        "format": "drm-license",
+        "version": 1,
+        "borrower": LICENSE.borrower,
+        "license_id": LICENSE.license_id,
+        "secret": LICENSE.secret,
+    }
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
 
 M = TypeVar("M", bound=Message)
 

@@ -26,6 +26,7 @@ from tests.enclave.enclave_fakes import (
     consumer,
     enclave_policy,
     shared_pki,
+    write_license,
 )
 from tests.models import tiny_model
 
@@ -38,18 +39,6 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def _license_file(path: Path) -> Path:
-    doc = {
-        "format": "drm-license",
-        "version": 1,
-        "borrower": LICENSE.borrower,
-        "license_id": LICENSE.license_id,
-        "secret": LICENSE.secret,
-    }
-    path.write_text(json.dumps(doc), encoding="utf-8")
-    return path
 
 
 def test_measure_writes_a_policy_that_loads(tmp_path: Path) -> None:
@@ -132,7 +121,7 @@ def test_parse_address_refuses(text: str) -> None:
 
 
 def test_load_license(tmp_path: Path) -> None:
-    license = load_license(_license_file(tmp_path / "l.json"))
+    license = load_license(write_license(tmp_path / "l.json"))
     assert license == LICENSE
     assert license.hello_value() == f"{LICENSE.license_id}:{LICENSE.secret}"
     assert LICENSE.secret not in repr(license)
@@ -194,7 +183,7 @@ async def test_serve_process_links_serves_and_stops_cleanly(
             sys.executable, "-m", "drm_enclave", "serve",
             "--custodian", f"{HOST}:{port}",
             "--custodian-ca", str(ca),
-            "--license", str(_license_file(tmp_path / "license.json")),
+            "--license", str(write_license(tmp_path / "license.json")),
             "--listen", f"{HOST}:0",
             "--attestation", "simulated",
             "--simulation-dir", str(sim_dir),

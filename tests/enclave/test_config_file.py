@@ -10,7 +10,6 @@ started from a configuration file alone against a fake custodian.
 from __future__ import annotations
 
 import io
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,14 @@ from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.messages import ModelLoaded
 from tests.e2e.daemons import python_command, start_daemon
-from tests.enclave.enclave_fakes import HOST, LICENSE, FakeCustodian, enclave_policy, shared_pki
+from tests.enclave.enclave_fakes import (
+    HOST,
+    LICENSE,
+    FakeCustodian,
+    enclave_policy,
+    shared_pki,
+    write_license,
+)
 from tests.models import tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
@@ -42,16 +48,7 @@ class Files:
 def files(tmp_path: Path) -> Files:
     ca = tmp_path / "ca.pem"
     ca.write_bytes(shared_pki().ca_pem)
-    license = tmp_path / "borrower.license.json"
-    doc = {
-        "format": "drm-license",
-        "version": 1,
-        "borrower": LICENSE.borrower,
-        "license_id": LICENSE.license_id,
-        "secret": LICENSE.secret,
-    }
-    license.write_text(json.dumps(doc), encoding="utf-8")
-    return Files(tmp_path, ca, license)
+    return Files(tmp_path, ca, write_license(tmp_path / "borrower.license.json"))
 
 
 def _config(files: Files, *lines: str, name: str = "enclave.toml") -> Path:
