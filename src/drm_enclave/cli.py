@@ -36,7 +36,7 @@ import structlog
 import trio
 
 from drm_wire.attestation.collateral import TcbStatus
-from drm_wire.config_file import ConfigSchema, Kind
+from drm_wire.config_file import ConfigSchema, Kind, read_bounded
 from drm_wire.errors import ConfigError
 from drm_wire.messages import EnclaveState
 from drm_wire.sd_notify import Notifier
@@ -53,6 +53,8 @@ EXIT_USAGE: Final = 2
 LICENSE_FORMAT: Final = "drm-license"
 #: A license file is a few hundred bytes; refuse to read anything much larger.
 _MAX_LICENSE_BYTES: Final = 64 * 1024
+#: A CA certificate in PEM is a kilobyte or two.
+_MAX_CA_BYTES: Final = 64 * 1024
 #: onnxruntime intra-op threads per session.
 _MAX_THREADS: Final = 64
 
@@ -96,13 +98,7 @@ def load_license(path: Path) -> License:
     Raises:
         ConfigError: unreadable, not JSON, another format, or a missing field.
     """
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(_MAX_LICENSE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read license: {exc.strerror}", path=str(path)) from exc
-    if len(raw) > _MAX_LICENSE_BYTES:
-        raise ConfigError("license file is too large", path=str(path))
+    raw = read_bounded(path, max_bytes=_MAX_LICENSE_BYTES, what="the license")
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -117,10 +113,7 @@ def load_license(path: Path) -> License:
 
 
 def _read_ca(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the custodian CA: {exc.strerror}", path=str(path)) from exc
+    return read_bounded(path, max_bytes=_MAX_CA_BYTES, what="the custodian CA")
 
 
 def _parser() -> argparse.ArgumentParser:

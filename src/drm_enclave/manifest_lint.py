@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
+from drm_wire.config_file import read_bounded
 from drm_wire.errors import ConfigError
 
 __all__ = [
@@ -75,13 +76,7 @@ def load_manifest(path: Path) -> dict[str, Any]:
     Raises:
         ConfigError: unreadable, too large, not UTF-8 or not TOML.
     """
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read manifest: {exc.strerror}", path=str(path)) from exc
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise ConfigError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes", path=str(path))
+    raw = read_bounded(path, max_bytes=MAX_MANIFEST_BYTES, what="the manifest")
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -47,6 +47,7 @@ from cryptography import x509
 
 from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.attestation.policy import Policy
+from drm_wire.config_file import read_bounded
 from drm_wire.errors import ConfigError
 
 from .manifest_lint import argv_option, host_path, load_manifest, trusted_entries
@@ -254,8 +255,9 @@ def measure_sigstruct(
     Raises:
         ConfigError: an unreadable or invalid input (the message names file and key).
     """
-    view = parse_sigstruct_view(_read(sigstruct, MAX_SIGSTRUCT_BYTES), source=str(sigstruct))
-    ca_pem = _read(custodian_ca, 1024 * 1024)
+    raw = read_bounded(sigstruct, max_bytes=MAX_SIGSTRUCT_BYTES, what="the sigstruct JSON")
+    view = parse_sigstruct_view(raw, source=str(sigstruct))
+    ca_pem = read_bounded(custodian_ca, max_bytes=1024 * 1024, what="the custodian CA")
     policy = hardware_policy(view, ca_pem, tcb_statuses=tcb_statuses)
     if manifest is not None:
         check_ca_measured(load_manifest(manifest), ca_pem)
@@ -266,17 +268,6 @@ def measure_sigstruct(
         policy.write(policy_path)
         print(f"policy written to {policy_path}", file=out)
     return policy
-
-
-def _read(path: Path, limit: int) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(limit + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", path=str(path)) from exc
-    if len(raw) > limit:
-        raise ConfigError(f"larger than {limit} bytes", path=str(path))
-    return raw
 
 
 def _load_ca(pem: bytes) -> x509.Certificate:

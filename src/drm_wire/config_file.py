@@ -38,7 +38,15 @@ from typing import Any, Final
 
 from drm_wire.errors import ConfigError
 
-__all__ = ["MAX_CONFIG_BYTES", "ConfigSchema", "Kind", "Origin", "load_config", "read_toml"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "ConfigSchema",
+    "Kind",
+    "Origin",
+    "load_config",
+    "read_bounded",
+    "read_toml",
+]
 
 #: A daemon's configuration is a dozen short lines; anything near this is not one.
 MAX_CONFIG_BYTES: Final = 64 * 1024
@@ -69,33 +77,47 @@ class _Option:
     required: bool
 
 
+def read_bounded(path: Path, *, max_bytes: int, what: str) -> bytes:
+    """Read a small file that crossed a trust boundary, refusing anything unexpected.
+
+    The file is opened without blocking (a FIFO cannot hang start-up) and must be a
+    regular file of at most ``max_bytes`` bytes. ``what`` names it in errors ("the
+    config file", "the license", ...).
+
+    Raises:
+        ConfigError: unreadable, not a regular file, or too large; naming ``path``.
+    """
+    where = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", path=where) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{what} is not a regular file", path=where)
+        raw = b""
+        while len(raw) <= max_bytes and (chunk := os.read(fd, max_bytes + 1 - len(raw))):
+            raw += chunk
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}", path=where) from exc
+    finally:
+        os.close(fd)
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{what} is larger than {max_bytes} bytes", path=where)
+    return raw
+
+
 def read_toml(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     """Read one TOML document, refusing what no configuration file looks like.
 
-    The file is opened without blocking (a FIFO cannot hang start-up) and must be a
-    regular file of at most ``max_bytes`` bytes of UTF-8.
+    The file goes through :func:`read_bounded` and must be UTF-8.
 
     Raises:
         ConfigError: unreadable, not a regular file, too large, not UTF-8, not TOML
             (a key given twice included), or nested too deeply to parse.
     """
     where = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file: {exc.strerror}", path=where) from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError("the config file is not a regular file", path=where)
-        raw = b""
-        while len(raw) <= max_bytes and (chunk := os.read(fd, max_bytes + 1 - len(raw))):
-            raw += chunk
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config file: {exc.strerror}", path=where) from exc
-    finally:
-        os.close(fd)
-    if len(raw) > max_bytes:
-        raise ConfigError(f"the config file is larger than {max_bytes} bytes", path=where)
+    raw = read_bounded(path, max_bytes=max_bytes, what="the config file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -550,9 +550,12 @@ def test_load_manifest_refuses_oversized_and_missing_files(
     path.write_bytes(b"#" * 1025)
     with pytest.raises(ConfigError) as caught:
         manifest_lint.load_manifest(path)
-    assert str(caught.value) == f"manifest is larger than 1024 bytes (in {path})"
+    assert str(caught.value) == f"the manifest is larger than 1024 bytes (in {path})"
+    with pytest.raises(ConfigError) as caught:
+        manifest_lint.load_manifest(tmp_path)
+    assert str(caught.value) == f"the manifest is not a regular file (in {tmp_path})"
     with pytest.raises(ConfigError) as caught:
         manifest_lint.load_manifest(tmp_path / "absent")
     assert str(caught.value) == (
-        f"cannot read manifest: No such file or directory (in {tmp_path / 'absent'})"
+        f"cannot read the manifest: No such file or directory (in {tmp_path / 'absent'})"
     )

@@ -311,7 +311,7 @@ def test_measure_refuses_a_missing_file(tmp_path: Path, ca_pem: bytes) -> None:
     with pytest.raises(ConfigError) as caught:
         measure_sigstruct(tmp_path / "absent.json", ca, io.StringIO())
     assert str(caught.value) == (
-        f"cannot read: No such file or directory (in {tmp_path / 'absent.json'})"
+        f"cannot read the sigstruct JSON: No such file or directory (in {tmp_path / 'absent.json'})"
     )
 
 

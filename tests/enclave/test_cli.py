@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -141,6 +142,23 @@ def test_load_license_refuses(tmp_path: Path, doc: Any) -> None:
     path.write_text(json.dumps(doc), encoding="utf-8")
     with pytest.raises(ConfigError):
         load_license(path)
+
+
+def test_load_license_refuses_files_that_are_no_license(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes to it: reading it would hang start-up
+    huge = tmp_path / "huge.json"
+    huge.write_bytes(b" " * (64 * 1024 + 1))
+    absent = tmp_path / "absent"
+    cases = {
+        fifo: f"the license is not a regular file (in {fifo})",
+        huge: f"the license is larger than {64 * 1024} bytes (in {huge})",
+        absent: f"cannot read the license: No such file or directory (in {absent})",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            load_license(path)
+        assert str(caught.value) == message
 
 
 class _StderrLines:
