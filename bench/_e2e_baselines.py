@@ -14,13 +14,18 @@ Each server reports its port through a pipe, then runs until terminated.
 
 from __future__ import annotations
 
+import http.client
 import multiprocessing
+import os
+import ssl
 import struct
 import time
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -214,6 +219,39 @@ def admin_worker_main(supply: Callable[[int], object], pipe: Connection) -> None
         t0 = time.time()
         supply(units)
         pipe.send((t0, time.time()))
+
+
+@dataclass
+class KeptAliveSupply:
+    """``POST /supply_inferences`` over one HTTPS connection kept open between calls.
+
+    What an operator's automation (a billing system, say) does, unlike ``curl``, which
+    opens a connection and does a TLS handshake per call. Picklable until first called,
+    so :func:`spawn_worker` can hand it to the operator process.
+    """
+
+    host: str
+    port: int
+    token: str = field(repr=False)
+    ca_path: Path
+    _conn: http.client.HTTPSConnection | None = field(default=None, repr=False)
+
+    def __call__(self, units: int) -> None:
+        if self._conn is None:
+            context = ssl.create_default_context(cafile=os.fspath(self.ca_path))
+            self._conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=30, context=context
+            )
+        headers = {
+            "Authorization": f"Bearer {self.token}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        body = f"number_inferences={units}".encode("ascii")
+        self._conn.request("POST", "/supply_inferences", body=body, headers=headers)
+        response = self._conn.getresponse()
+        answer = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"supply_inferences answered {response.status}: {answer!r}")
 
 
 def spawn_worker(target: Callable[..., None], *args: object) -> tuple[BaseProcess, Connection]:
