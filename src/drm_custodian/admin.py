@@ -107,7 +107,7 @@ KEEP_ALIVE_TIMEOUT: Final = 5.0
 class AdminHooks(Protocol):
     """What the admin API tells the daemon, and asks it. Implemented by the daemon."""
 
-    async def on_supplied(self, borrower: str, balance: Balance) -> None:
+    async def on_supplied(self, borrower: str) -> None:
         """Units were supplied (or a retried supply replayed): push grants now."""
 
     async def on_blocked(self, borrower: str, reason: str) -> None:
@@ -127,8 +127,8 @@ class RecordingHooks:
     connected: int = 0
     calls: list[tuple[str, str, object]] = field(default_factory=list)
 
-    async def on_supplied(self, borrower: str, balance: Balance) -> None:
-        self.calls.append(("supplied", borrower, balance))
+    async def on_supplied(self, borrower: str) -> None:
+        self.calls.append(("supplied", borrower, None))
 
     async def on_blocked(self, borrower: str, reason: str) -> None:
         self.calls.append(("blocked", borrower, reason))
@@ -325,7 +325,9 @@ class AdminApp:
             result = await self._ledger.supply(self._borrower, units, idempotency_key=key)
         except IdempotencyConflict as exc:
             raise HttpError(422, "idempotency_conflict", str(exc), field="Idempotency-Key") from exc
-        balance = await self._ledger.balance(self._borrower)
+        # The balance came with the commit: the links' grant is the ledger's next
+        # transaction, not queued behind another read for this answer.
+        balance = result.balance
         log.info(
             "admin_supply",
             client=request.client,
@@ -337,7 +339,7 @@ class AdminApp:
             supplied=balance.supplied,
             remaining=balance.remaining,
         )
-        await self._hooks.on_supplied(self._borrower, balance)
+        await self._hooks.on_supplied(self._borrower)
         doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
         return json_response(200, {**doc, "added": units, "replayed": result.replayed})
 

@@ -9,8 +9,9 @@ total for a crash to leave half-updated.
 
 * ``supplies``: operator top-ups; a retry with the same idempotency key counts once (D04).
 * ``grants``: units lent to one enclave instance, with its new cumulative total (P4).
-  :meth:`Ledger.record_grant` returns only once the row is durable and the caller sends
-  the grant after that (I6); a grant whose send fails stays charged (P2: it is a loan).
+  :meth:`Ledger.record_grant` and :meth:`Ledger.grant_due` (the balance read and the
+  grant in one transaction) return only once the row is durable and the caller sends the
+  grant after that (I6); a grant whose send fails stays charged (P2: it is a loan).
 * ``usage``: an instance's cumulative served count. A row is written only when the count
   grows, so a duplicated, replayed or reordered report changes nothing. A count above the
   instance's grants is recorded (it *was* served) but flagged: I2 broke somewhere.
@@ -247,13 +248,17 @@ class Ledger:
                 if row is not None:
                     if (row[1], row[2]) != (borrower, units):
                         raise IdempotencyConflict("idempotency key reused for a different supply")
-                    return SupplyResult(row[0], borrower, units, idempotency_key, row[3], True)
+                    balance = _balance(conn, borrower)
+                    return SupplyResult(
+                        row[0], borrower, units, idempotency_key, row[3], balance, replayed=True
+                    )
             cur = conn.execute(
                 "INSERT INTO supplies (borrower, units, idempotency_key, at) VALUES (?, ?, ?, ?)",
                 (borrower, units, idempotency_key, at),
             )
             assert cur.lastrowid is not None
-            return SupplyResult(cur.lastrowid, borrower, units, idempotency_key, at)
+            balance = _balance(conn, borrower)
+            return SupplyResult(cur.lastrowid, borrower, units, idempotency_key, at, balance)
 
         return await self._run(body)
 
@@ -269,23 +274,46 @@ class Ledger:
         _check_name(instance_id, "instance_id")
         _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
         at = self._clock()
-
-        def body(conn: sqlite3.Connection) -> Grant:
-            supplied, granted, *_, blocked = conn.execute(_BALANCE, {"b": borrower}).fetchone()
-            remaining = supplied - granted
-            if blocked:
-                raise BorrowerBlocked("borrower is blocked", borrower=borrower, remaining=remaining)
-            if units > remaining:
-                msg = f"{units} units asked, {remaining} remaining"
-                raise InsufficientSupply(msg, borrower=borrower, remaining=remaining)
-            cumulative = conn.execute(_GRANTED_TO, (borrower, instance_id)).fetchone()[0] + units
-            cur = conn.execute(
-                "INSERT INTO grants (borrower, instance_id, units, cumulative, at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (borrower, instance_id, units, cumulative, at),
+        return await self._run(
+            lambda conn: _insert_grant(
+                conn, borrower, _balance(conn, borrower), instance_id, units, at
             )
-            assert cur.lastrowid is not None
-            return Grant(cur.lastrowid, borrower, instance_id, units, cumulative, at)
+        )
+
+    async def grant_due(
+        self, borrower: str, instance_id: str, plan: Callable[[Balance], int]
+    ) -> tuple[Balance, Grant | None]:
+        """Read the balance and commit the grant ``plan`` asks for, in one transaction.
+
+        What a link does whenever something changed: one trip to the ledger thread instead
+        of a balance read and then :meth:`record_grant` (each trip waits for the event
+        loop, which an admin call's HTTP answer keeps busy), and no window between the two
+        in which another writer could change the balance. ``plan`` runs in the ledger's
+        thread, inside the transaction: a pure function of the balance, returning the
+        units to grant (0 for none). Nothing is granted to a blocked borrower.
+
+        Returns:
+            The balance before the grant, and the durable grant (send it now, I6) or
+            ``None``.
+
+        Raises:
+            LedgerInputError: bad borrower or instance id, or ``plan`` asked for units
+                out of range.
+            InsufficientSupply: ``plan`` asked for more than the balance it was shown.
+        """
+        _check_name(borrower, "borrower")
+        _check_name(instance_id, "instance_id")
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> tuple[Balance, Grant | None]:
+            balance = _balance(conn, borrower)
+            if balance.blocked:
+                return balance, None
+            units = plan(balance)
+            if units == 0:
+                return balance, None
+            _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
+            return balance, _insert_grant(conn, borrower, balance, instance_id, units, at)
 
         return await self._run(body)
 
@@ -354,14 +382,7 @@ class Ledger:
     async def balance(self, borrower: str) -> Balance:
         """The borrower's balance, from one SQL statement (a consistent snapshot)."""
         _check_name(borrower, "borrower")
-
-        def body(conn: sqlite3.Connection) -> Balance:
-            supplied, granted, served, in_doubt, blocked = conn.execute(
-                _BALANCE, {"b": borrower}
-            ).fetchone()
-            return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked))
-
-        return await self._run(body, write=False)
+        return await self._run(lambda conn: _balance(conn, borrower), write=False)
 
     async def last_grant(self, borrower: str, instance_id: str) -> Grant | None:
         """The instance's newest grant record (its ``cumulative`` is the instance's
@@ -427,3 +448,34 @@ def _apply_usage(conn: sqlite3.Connection, report: UsageReport, at: float) -> Us
             (*key, current, report.seq, int(current > granted), at),
         )
     return UsageResult(*key, current, granted, advanced, current > granted)
+
+
+def _balance(conn: sqlite3.Connection, borrower: str) -> Balance:
+    supplied, granted, served, in_doubt, blocked = conn.execute(
+        _BALANCE, {"b": borrower}
+    ).fetchone()
+    return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked))
+
+
+def _insert_grant(
+    conn: sqlite3.Connection,
+    borrower: str,
+    balance: Balance,
+    instance_id: str,
+    units: int,
+    at: float,
+) -> Grant:
+    """Insert a grant of ``units`` against ``balance`` (read in this same transaction)."""
+    remaining = balance.remaining
+    if balance.blocked:
+        raise BorrowerBlocked("borrower is blocked", borrower=borrower, remaining=remaining)
+    if units > remaining:
+        msg = f"{units} units asked, {remaining} remaining"
+        raise InsufficientSupply(msg, borrower=borrower, remaining=remaining)
+    cumulative = conn.execute(_GRANTED_TO, (borrower, instance_id)).fetchone()[0] + units
+    cur = conn.execute(
+        "INSERT INTO grants (borrower, instance_id, units, cumulative, at) VALUES (?, ?, ?, ?, ?)",
+        (borrower, instance_id, units, cumulative, at),
+    )
+    assert cur.lastrowid is not None
+    return Grant(cur.lastrowid, borrower, instance_id, units, cumulative, at)

@@ -61,13 +61,17 @@ class BorrowerBlocked(GrantRefused):
 
 @dataclass(frozen=True, slots=True)
 class SupplyResult:
-    """A committed top-up. ``replayed`` is true when a retry returned the original record."""
+    """A committed top-up. ``replayed`` is true when a retry returned the original record.
+
+    ``balance`` is the borrower's balance read in the same transaction, just after it.
+    """
 
     supply_id: int
     borrower: str
     units: int
     idempotency_key: str | None
     at: float
+    balance: Balance = field(compare=False)
     replayed: bool = field(default=False, compare=False)
 
 

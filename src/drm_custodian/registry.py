@@ -26,7 +26,6 @@ from typing import Final, Protocol
 
 import trio
 
-from drm_custodian.ledger import Balance
 from drm_wire.errors import DrmError
 
 __all__ = [
@@ -138,7 +137,7 @@ class SessionHooks:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    async def on_supplied(self, borrower: str, balance: Balance) -> None:
+    async def on_supplied(self, borrower: str) -> None:
         self._registry.wake(borrower)
 
     async def on_blocked(self, borrower: str, reason: str) -> None:

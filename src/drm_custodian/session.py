@@ -40,6 +40,7 @@ Every send is under ``send_timeout`` and every wait on the peer under a deadline
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import itertools
@@ -53,7 +54,7 @@ import trio
 from OpenSSL import SSL
 
 from drm_custodian.grants import DEFAULT_LEASE, check_lease, plan_grant
-from drm_custodian.ledger import GrantRefused, Ledger
+from drm_custodian.ledger import Balance, Ledger
 from drm_custodian.registry import DuplicateInstance, Registry
 from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
 from drm_wire.attestation.identity import VerifiedEnclave
@@ -518,8 +519,14 @@ class EnclaveSession:
         Returns:
             Whether a message was sent.
         """
-        borrower = self.borrower
-        balance = await self._ledger.balance(borrower)
+        plan = functools.partial(
+            _plan,
+            granted_total=self.granted_total,
+            served_total=self.served_total,
+            lease=self._cfg.lease,
+        )
+        # The balance and the grant in one ledger transaction (one trip to its thread).
+        balance, grant = await self._ledger.grant_due(self.borrower, self._instance_id, plan)
         if balance.blocked:
             if self.told_blocked:
                 return False
@@ -530,22 +537,9 @@ class EnclaveSession:
             await self._send(Unblock())
             self.told_blocked = False
             log.info("unblock_pushed")
-        units = plan_grant(
-            remaining=balance.remaining,
-            granted_total=self.granted_total,
-            served_total=self.served_total,
-            lease=self._cfg.lease,
-        )
-        if units == 0:
+        if grant is None:
             if balance.remaining == 0 and self.granted_total <= self.served_total:
                 log.info("quota_exhausted", granted_total=self.granted_total)
-            return sent
-        try:
-            grant = await self._ledger.record_grant(borrower, self._instance_id, units)
-        except GrantRefused as exc:
-            # Another instance took the supply, or a block landed: look again.
-            log.info("grant_refused", reason=type(exc).__name__, remaining=exc.remaining)
-            self.wake()
             return sent
         self.granted_total = grant.cumulative
         await self._send(
@@ -586,3 +580,13 @@ class EnclaveSession:
         )
         if self.ready:
             self.wake()
+
+
+def _plan(balance: Balance, *, granted_total: int, served_total: int, lease: int) -> int:
+    """The units to grant an instance now (run by the ledger inside its transaction)."""
+    return plan_grant(
+        remaining=balance.remaining,
+        granted_total=granted_total,
+        served_total=served_total,
+        lease=lease,
+    )

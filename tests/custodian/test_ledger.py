@@ -125,7 +125,8 @@ async def test_supply_adds_to_the_balance(ledger: Ledger) -> None:
     first = await ledger.supply("acme", 10)
     second = await ledger.supply("acme", 5)
     assert second.supply_id > first.supply_id
-    assert await ledger.balance("acme") == Balance(15, 0, 0, 0, 15, False)
+    assert first.balance == Balance(10, 0, 0, 0, 10, False)  # read in the same transaction
+    assert await ledger.balance("acme") == second.balance == Balance(15, 0, 0, 0, 15, False)
     assert await ledger.balance("other") == Balance(0, 0, 0, 0, 0, False)
 
 
@@ -136,6 +137,7 @@ async def test_retried_supply_with_the_same_key_counts_once(ledger: Ledger) -> N
     assert retried.replayed
     assert not original.replayed
     assert retried.at == original.at  # the original record, not a new one
+    assert retried.balance.supplied == original.balance.supplied == 10
     assert (await ledger.balance("acme")).supplied == 10
 
 
@@ -177,6 +179,45 @@ async def test_a_grant_beyond_remaining_is_refused_and_changes_nothing(ledger: L
     assert (caught.value.borrower, caught.value.remaining) == ("acme", 2)
     assert (await ledger.balance("acme")).granted == 8
     assert (await ledger.record_grant("acme", INSTANCE, 2)).cumulative == 10
+
+
+async def test_grant_due_reads_and_grants_in_one_call(ledger: Ledger) -> None:
+    await ledger.supply("acme", 10)
+    seen: list[Balance] = []
+
+    def plan(balance: Balance) -> int:
+        seen.append(balance)
+        return min(balance.remaining, 4)
+
+    balance, grant = await ledger.grant_due("acme", INSTANCE, plan)
+    assert seen == [balance] == [Balance(10, 0, 0, 0, 10, False)]
+    assert grant is not None
+    assert (grant.units, grant.cumulative) == (4, 4)
+    assert (await ledger.balance("acme")).granted == 4
+
+    balance, grant = await ledger.grant_due("acme", INSTANCE, lambda _: 0)  # nothing due
+    assert (balance.granted, grant) == (4, None)
+    assert (await ledger.balance("acme")).granted == 4
+
+
+async def test_grant_due_grants_nothing_to_a_blocked_borrower(ledger: Ledger) -> None:
+    await ledger.supply("acme", 10)
+    await ledger.set_blocked("acme", True, "audit")
+
+    def plan(balance: Balance) -> int:
+        raise AssertionError("a blocked borrower's grant is not even planned")
+
+    balance, grant = await ledger.grant_due("acme", INSTANCE, plan)
+    assert (balance.blocked, balance.remaining, grant) == (True, 10, None)
+
+
+async def test_grant_due_refuses_a_plan_beyond_the_balance(ledger: Ledger) -> None:
+    await ledger.supply("acme", 3)
+    with pytest.raises(InsufficientSupply):
+        await ledger.grant_due("acme", INSTANCE, lambda balance: balance.remaining + 1)
+    with pytest.raises(LedgerInputError):
+        await ledger.grant_due("acme", INSTANCE, lambda _: -1)
+    assert (await ledger.balance("acme")).granted == 0
 
 
 async def test_a_grant_with_no_supply_is_refused(ledger: Ledger) -> None:

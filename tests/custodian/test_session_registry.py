@@ -8,7 +8,6 @@ import pytest
 import trio
 import trio.testing
 
-from drm_custodian.ledger import Balance
 from drm_custodian.registry import (
     DEFAULT_BLOCK_REASON,
     DuplicateInstance,
@@ -31,9 +30,6 @@ class FakeSession:
 
     def close(self) -> None:
         self.closed = True
-
-
-BALANCE = Balance(supplied=1, granted=0, served=0, in_doubt=0, remaining=1, blocked=False)
 
 
 async def test_one_instance_per_license() -> None:
@@ -77,7 +73,7 @@ async def test_hooks_wake_the_borrowers_sessions_only() -> None:
     await registry.claim(mine)
     await registry.claim(theirs)
     hooks = SessionHooks(registry)
-    await hooks.on_supplied("acme", BALANCE)
+    await hooks.on_supplied("acme")
     await hooks.on_blocked("acme", "audit")
     await hooks.on_unblocked("acme")
     assert (mine.woken, theirs.woken) == (3, 0)
