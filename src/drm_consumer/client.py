@@ -47,6 +47,7 @@ from drm_wire.messages import (
     PeerRole,
     Waiting,
 )
+from drm_wire.net.address import format_address
 from drm_wire.net.channel import MessageChannel, open_channel
 from drm_wire.net.ratls import consumer_client_context
 from drm_wire.net.tls import open_tls_client
@@ -173,7 +174,7 @@ class Client:
                 was sent.
             ConnectionFailed: TCP, TLS or the hello failed or timed out.
         """
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = format_address(host, port)
         what = f"connecting to {address}"
         context = consumer_client_context(policy, collateral=collateral)
         with map_errors(what):

@@ -79,6 +79,7 @@ from drm_custodian.ledger import (
 )
 from drm_wire.errors import ConfigError
 from drm_wire.limits import HANDSHAKE_TIMEOUT
+from drm_wire.net.address import format_address
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -399,7 +400,7 @@ def hypercorn_config(
 ) -> Config:
     """The hypercorn configuration :func:`serve_admin` uses, with every limit spelled out."""
     config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.bind = [format_address(host, port)]
     config.certfile = os.fspath(certfile)
     config.keyfile = os.fspath(keyfile)
     # HTTP/1.1 only: curl and the CLI need nothing more, and h2 brings its own DoS surface.

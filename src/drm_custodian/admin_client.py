@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 from drm_custodian.admin import DEFAULT_ADMIN_PORT
 from drm_custodian.state import CustodianState
 from drm_wire.errors import DrmError
+from drm_wire.net.address import format_address
 
 #: Connect, send and receive, each. The server answers in milliseconds.
 DEFAULT_TIMEOUT: Final = 10.0
@@ -69,8 +70,7 @@ class AdminClient:
         cls, state: CustodianState, *, host: str = "127.0.0.1", port: int = DEFAULT_ADMIN_PORT
     ) -> AdminClient:
         """A client for the custodian whose state directory this is (same machine)."""
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return cls(f"https://{netloc}", state.admin_token, state.ca_cert_path)
+        return cls(f"https://{format_address(host, port)}", state.admin_token, state.ca_cert_path)
 
     def supply(self, units: int, *, idempotency_key: str | None = None) -> dict[str, object]:
         """Add ``units`` inferences; returns the new usage document."""

@@ -45,6 +45,7 @@ from drm_wire.attestation.policy import Policy
 from drm_wire.config_file import ConfigSchema, Kind
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.net.address import format_address
 from drm_wire.sd_notify import Notifier
 
 __all__ = [
@@ -288,16 +289,11 @@ async def run_daemon(config: ServeConfig, notifier: Notifier | None = None) -> N
             bound: BoundAddresses = await nursery.start(run)
             notifier.ready(
                 f"serving {len(config.models)} model(s): enclave link on "
-                f"{_format(bound.enclave)}, admin API on {_format(bound.admin)}"
+                f"{format_address(*bound.enclave)}, admin API on {format_address(*bound.admin)}"
             )
             await stop.wait()
             notifier.stopping("stopping: closing enclave links")
             nursery.cancel_scope.deadline = trio.current_time() + 30.0  # a last resort
-
-
-def _format(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _admin(args: argparse.Namespace, out: TextIO) -> int:

@@ -53,6 +53,7 @@ from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_GRANT_UNITS, MAX_MODEL_BYTES
 from drm_wire.net._tls_context import PrivateKey
+from drm_wire.net.address import format_address
 from drm_wire.net.ratls import custodian_server_context
 
 __all__ = [
@@ -207,11 +208,6 @@ def _host_port(address: object) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
-def _format(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def serve(
     config: ServeConfig,
     *,
@@ -248,7 +244,7 @@ async def serve(
 
         async def handler(stream: trio.SocketStream) -> None:
             try:
-                peer = _format(_host_port(stream.socket.getpeername()))
+                peer = format_address(*_host_port(stream.socket.getpeername()))
             except OSError:
                 peer = "unknown"
             await handle_connection(stream, ctx, peer=peer)
@@ -283,8 +279,8 @@ async def serve(
                     )
                     log.info(
                         "custodian_listening",
-                        enclave_address=_format(bound.enclave),
-                        admin_address=_format(bound.admin),
+                        enclave_address=format_address(*bound.enclave),
+                        admin_address=format_address(*bound.admin),
                         borrower=borrower,
                         models=[m.name for m in config.models],
                         lease=config.session.lease,

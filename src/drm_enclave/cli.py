@@ -39,6 +39,7 @@ from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.config_file import ConfigSchema, Kind, read_bounded
 from drm_wire.errors import ConfigError
 from drm_wire.messages import EnclaveState
+from drm_wire.net.address import format_address, parse_address
 from drm_wire.sd_notify import Notifier
 
 from .identity import License, simulated_measurement, simulation_policy, warn_simulation
@@ -59,23 +60,6 @@ _MAX_CA_BYTES: Final = 64 * 1024
 _MAX_THREADS: Final = 64
 
 _log = structlog.get_logger("drm_enclave.cli")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` to ``(host, port)``; port 0 is allowed.
-
-    Raises:
-        ValueError: not of that form, or the port is out of range.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range")
-    return host, port
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -243,7 +227,7 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     print(f"configuration OK: {args.config}", file=out)
     for key, origin in args.origins.items():
         value = getattr(args, key)
-        shown = _host_port(value) if isinstance(value, tuple) else value
+        shown = format_address(*value) if isinstance(value, tuple) else value
         print(f"  {key} = {shown}  ({origin.value})", file=out)
     subject = config.custodian_ca().subject.rfc4514_string()
     print(f"  custodian CA: {subject}", file=out)
@@ -325,8 +309,8 @@ async def _report_phases(
     READY=1 means: listening for consumers AND attested with the models loaded. An
     enclave that never reaches its custodian never sends it.
     """
-    custodian = _host_port((config.custodian_host, config.custodian_port))
-    listening = _host_port(consumer_address)
+    custodian = format_address(config.custodian_host, config.custodian_port)
+    listening = format_address(*consumer_address)
     announced = False
     shown = ""
     while not stopping.is_set():
@@ -350,8 +334,3 @@ async def _report_phases(
             notifier.status(text)
         shown = text
         await runtime.wait_for(functools.partial(_phase_changed, phase))
-
-
-def _host_port(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
