@@ -249,11 +249,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = _serve_config(args)
     borrower = config.admin_borrower()
-    print(f"configuration OK: {args.config}", file=out)
-    for key, origin in args.origins.items():
-        value = getattr(args, key)
-        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
-        print(f"  {key} = {shown}  ({origin.value})", file=out)
+    for line in ConfigSchema.summary(args, _show):
+        print(line, file=out)
     print(f"  borrower managed: {borrower}", file=out)
     for model in config.models:
         print(f"  model {model.name}: {len(model.data)} bytes, sha256 {model.sha256.hex()}",
@@ -312,6 +309,10 @@ def _admin(args: argparse.Namespace, out: TextIO) -> int:
     else:
         print(format_usage(doc), file=out)
     return EXIT_OK
+
+
+def _show(value: object) -> object:
+    return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

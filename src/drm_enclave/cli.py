@@ -224,11 +224,8 @@ def _enclave_config(args: argparse.Namespace) -> EnclaveConfig:
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     config = _enclave_config(args)
-    print(f"configuration OK: {args.config}", file=out)
-    for key, origin in args.origins.items():
-        value = getattr(args, key)
-        shown = format_address(*value) if isinstance(value, tuple) else value
-        print(f"  {key} = {shown}  ({origin.value})", file=out)
+    for line in ConfigSchema.summary(args, _show):
+        print(line, file=out)
     subject = config.custodian_ca().subject.rfc4514_string()
     print(f"  custodian CA: {subject}", file=out)
     print(f"  license: {config.license.license_id} (borrower {config.license.borrower})",
@@ -279,6 +276,10 @@ async def _serve_until_signal(config: EnclaveConfig, notifier: Notifier) -> int:
         return EXIT_USAGE
     _log.info("enclave_stopped")
     return EXIT_OK
+
+
+def _show(value: object) -> object:
+    return format_address(*value) if isinstance(value, tuple) else value
 
 
 _Phase = tuple[bool, EnclaveState, int, bool]

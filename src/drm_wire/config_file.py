@@ -236,6 +236,15 @@ class ConfigSchema:
         merged.origins = origins
         return merged
 
+    @staticmethod
+    def summary(resolved: argparse.Namespace, show: Callable[[object], object] = str) -> list[str]:
+        """What ``check-config`` prints of a :meth:`resolve` result: each value and where
+        it came from, shown by ``show`` (a daemon knows how its values read best)."""
+        lines = [f"configuration OK: {resolved.config}"]
+        for key, origin in resolved.origins.items():
+            lines.append(f"  {key} = {show(getattr(resolved, key))}  ({origin.value})")
+        return lines
+
     def convert(self, key: str, value: object, path: Path, base: Path) -> object:
         """Check one file value's type and convert it as its flag would be.
 
