@@ -119,7 +119,7 @@ from drm_wire.limits import MAX_MODEL_BYTES, MAX_TENSOR_RANK, MAX_TENSORS
 from drm_wire.messages import ModelDescription, TensorSpec
 from drm_wire.tensors import DTYPES, Tensor, check_name
 
-from .model_scan import _ITEMSIZE, ALLOWED_DOMAINS, ModelError, _name, scan_model, split_weights
+from .model_scan import ALLOWED_DOMAINS, ModelError, _name, scan_model, split_weights
 
 __all__ = [
     "ALLOWED_DOMAINS",
@@ -302,7 +302,7 @@ def _create_session(
     else:
         model_bytes = split.skeleton
         for weight in split.weights:
-            size = _ITEMSIZE[weight.data_type]
+            size = weight.itemsize
             array = np.frombuffer(
                 view, dtype=np.dtype(f"<u{size}" if size > 1 else "u1"),
                 count=(weight.end - weight.start) // size, offset=weight.start,

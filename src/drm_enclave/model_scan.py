@@ -252,6 +252,11 @@ class Weight:
     start: int
     end: int
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of :attr:`data_type` (a fixed-size type, by construction)."""
+        return _ITEMSIZE[self.data_type]
+
 
 @dataclass(frozen=True, slots=True)
 class SplitModel:
