@@ -89,6 +89,17 @@ def test_measure_out_needs_a_simulation_dir(tmp_path: Path) -> None:
     assert not (tmp_path / "p.toml").exists()
 
 
+def test_a_ca_file_past_64_kib_is_refused(tmp_path: Path) -> None:
+    pem = shared_pki().ca_pem
+    at_limit, past = tmp_path / "at.pem", tmp_path / "past.pem"
+    at_limit.write_bytes(pem + b"\n" * (64 * 1024 - len(pem)))  # trailing blank lines parse
+    past.write_bytes(pem + b"\n" * (64 * 1024 - len(pem) + 1))
+    assert _run("measure", "--custodian-ca", str(at_limit)).returncode == 0
+    done = _run("measure", "--custodian-ca", str(past))
+    assert done.returncode == 2
+    assert f"the custodian CA is larger than {64 * 1024} bytes" in done.stderr
+
+
 def test_serve_with_missing_files_exits_2(tmp_path: Path) -> None:
     done = _run(
         "serve",

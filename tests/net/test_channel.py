@@ -29,7 +29,7 @@ from drm_wire.messages import (
     UsageReport,
     Waiting,
 )
-from drm_wire.net.channel import ChannelClosed, MessageChannel, open_channel
+from drm_wire.net.channel import JOIN_BELOW, ChannelClosed, MessageChannel, open_channel
 from drm_wire.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Link, Side
 from drm_wire.tensors import Tensor
 from tests.net.channel_fakes import (
@@ -276,3 +276,33 @@ async def test_a_tensor_payload_is_written_as_its_own_buffer(stream_pair: Stream
     header_write, payload_write = recording.writes[-2:]
     assert header_write < 200
     assert payload_write == array.nbytes == 2_764_800
+
+
+async def test_frames_up_to_join_below_go_out_as_one_write(stream_pair: StreamPair) -> None:
+    """A small frame is one buffer (one TLS record, one wake-up of the peer); from
+    ``JOIN_BELOW + 1`` bytes on, the header and the payload go as they are."""
+    client_stream, server_stream = stream_pair()
+    recording = RecordingStream(client_stream)
+
+    async def writes_for(payload_bytes: int) -> list[int]:
+        array = np.zeros(payload_bytes, dtype=np.uint8)
+        request = InferenceRequest(
+            request_id=client.next_request_id(),
+            model="m",
+            inputs=(Tensor.from_numpy("x", array),),
+        )
+        before = len(recording.writes)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_requests, server, 1)
+            await client.request(request)
+        return recording.writes[before:]
+
+    async with (
+        open_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
+        open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server,
+    ):
+        await shake_hands(client, server)
+        (probe,) = await writes_for(JOIN_BELOW - 1024)
+        header = probe - (JOIN_BELOW - 1024)
+        assert await writes_for(JOIN_BELOW - header) == [JOIN_BELOW]
+        assert await writes_for(JOIN_BELOW - header + 1) == [header, JOIN_BELOW - header + 1]
