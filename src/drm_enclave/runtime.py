@@ -95,10 +95,15 @@ class EnclaveRuntime:
         return self._link_up
 
     def served(self) -> None:
-        """One lease was committed: count it and wake the reporter."""
+        """One lease was committed: count it and wake the usage reporter.
+
+        Only the usage reporter: the state does not change with a served inference, and
+        waking every :meth:`wait_for` (the systemd phase reporter, the drain) on the hot
+        path would cost each inference a scheduler pass for nothing. The drain waits for
+        ``unreported == 0``, which only an acknowledgement (:meth:`on_ack`) can bring.
+        """
         self.accounting.served(1)
         self._usage_changed.set()
-        self._changed()
 
     async def wait_usage_changed(self) -> None:
         """Return once :meth:`served` or an acknowledgement happened since the last call."""
