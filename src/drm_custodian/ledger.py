@@ -4,8 +4,7 @@ Theory of operation
 -------------------
 The ledger backs invariants I1 (no over-issue), I4 (exact, monotone usage) and I6 (grants
 are written ahead). Four tables only ever receive INSERTs (triggers refuse UPDATE and
-DELETE); every balance is derived from them in one SQL statement, so there is no stored
-total for a crash to leave half-updated.
+DELETE), and every balance is derived from them.
 
 * ``supplies``: operator top-ups; a retry with the same idempotency key counts once (D04).
 * ``grants``: units lent to one enclave instance, with its new cumulative total (P4).
@@ -16,6 +15,16 @@ total for a crash to leave half-updated.
   grows, so a duplicated, replayed or reordered report changes nothing. A count above the
   instance's grants is recorded (it *was* served) but flagged: I2 broke somewhere.
 * ``blocks``: block/unblock history; the newest row wins.
+
+Totals: a daemon that runs for months writes a usage row up to a hundred times a second,
+so a balance summed over the records would cost more with every hour (20 ms at 100,000
+rows, and it is read on every report). Two small tables hold the running totals instead:
+``borrower_totals`` (supplied) and ``instance_totals`` (an instance's granted and served
+totals). Triggers on the record tables keep them, inside the very transaction that inserts
+the record, so a crash cannot leave a total half-updated, and no code path can forget them.
+A balance reads one row per borrower and one per instance it ever had.
+:meth:`Ledger.integrity_check` recomputes every total from the records and refuses a file
+where one differs. Schema version 1 files (records only) gain the totals on open.
 
 Durability: WAL with ``synchronous=FULL``, so a returned COMMIT survives a process crash
 and a power cut (WAL + ``NORMAL`` may lose the last commits on power loss). Each write is
@@ -86,8 +95,9 @@ __all__ = [
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
-#: Version of the table layout below; a file with another version is refused, not guessed at.
-SCHEMA_VERSION: Final = 1
+#: Version of the table layout below; version 1 files are upgraded on open (they lack the
+#: totals), any other version is refused, not guessed at.
+SCHEMA_VERSION: Final = 2
 #: Block reasons are operator prose; a paragraph is plenty.
 MAX_REASON_LEN: Final = 1024
 #: Usage reports in one batch transaction: bounds the time the single writer is held.
@@ -95,7 +105,8 @@ MAX_BATCH: Final = 10_000
 #: How long a write waits for a lock held by another process (a CLI) before failing.
 _BUSY_TIMEOUT: Final = 5.0
 
-_SCHEMA: Final = [
+#: Version 1: the append-only records.
+_RECORDS_SCHEMA: Final = [
     """CREATE TABLE supplies (id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
         units INTEGER NOT NULL CHECK (units > 0), idempotency_key TEXT UNIQUE, at REAL NOT NULL)""",
     """CREATE TABLE grants (grant_id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
@@ -116,23 +127,63 @@ _SCHEMA: Final = [
     for op in ("UPDATE", "DELETE")
 ]
 
-_GRANTED_TO = "SELECT COALESCE(MAX(cumulative), 0) FROM grants WHERE borrower=? AND instance_id=?"
-_SERVED_AND_GRANTED = """SELECT
-    (SELECT COALESCE(MAX(served_total), 0) FROM usage WHERE borrower=?1 AND instance_id=?2),
-    (SELECT COALESCE(MAX(cumulative), 0) FROM grants WHERE borrower=?1 AND instance_id=?2)"""
-# Supplied, granted, served (sum over instances of the max report), in doubt (sum over
-# instances of granted - served, never negative), blocked: one statement, one snapshot.
+#: Version 2: running totals, kept by triggers in the inserting transaction (see above).
+#: Grants and usage rows only ever raise an instance's totals (``cumulative`` and
+#: ``served_total`` grow per instance), so MAX keeps a replayed row harmless.
+_TOTALS_SCHEMA: Final = [
+    """CREATE TABLE borrower_totals (borrower TEXT PRIMARY KEY,
+        supplied INTEGER NOT NULL) WITHOUT ROWID""",
+    """CREATE TABLE instance_totals (borrower TEXT NOT NULL, instance_id TEXT NOT NULL,
+        granted INTEGER NOT NULL, served INTEGER NOT NULL,
+        PRIMARY KEY (borrower, instance_id)) WITHOUT ROWID""",
+    """CREATE TRIGGER supplies_total AFTER INSERT ON supplies BEGIN
+        INSERT INTO borrower_totals VALUES (NEW.borrower, NEW.units)
+        ON CONFLICT (borrower) DO UPDATE SET supplied = supplied + NEW.units; END""",
+    """CREATE TRIGGER grants_total AFTER INSERT ON grants BEGIN
+        INSERT INTO instance_totals VALUES (NEW.borrower, NEW.instance_id, NEW.cumulative, 0)
+        ON CONFLICT (borrower, instance_id)
+        DO UPDATE SET granted = MAX(granted, NEW.cumulative); END""",
+    """CREATE TRIGGER usage_total AFTER INSERT ON usage BEGIN
+        INSERT INTO instance_totals VALUES (NEW.borrower, NEW.instance_id, 0, NEW.served_total)
+        ON CONFLICT (borrower, instance_id)
+        DO UPDATE SET served = MAX(served, NEW.served_total); END""",
+]
+
+#: Each totals table as the records define it: what the triggers must agree with.
+_TOTALS_FROM_RECORDS: Final = {
+    "borrower_totals": "SELECT borrower, SUM(units) FROM supplies GROUP BY borrower",
+    "instance_totals": """SELECT borrower, instance_id, MAX(granted), MAX(served) FROM (
+        SELECT borrower, instance_id, MAX(cumulative) AS granted, 0 AS served
+            FROM grants GROUP BY borrower, instance_id
+        UNION ALL
+        SELECT borrower, instance_id, 0, MAX(served_total)
+            FROM usage GROUP BY borrower, instance_id)
+        GROUP BY borrower, instance_id""",
+}
+#: Rows on one side only, both ways: the stored totals that the records do not give, and
+#: the totals the records give that are not stored.
+_TOTALS_DIFFER: Final = {
+    table: (
+        f"SELECT 'stored', * FROM (SELECT * FROM {table} EXCEPT {records}) UNION ALL "  # noqa: S608 (constants)
+        f"SELECT 'due', * FROM ({records} EXCEPT SELECT * FROM {table}) LIMIT 5"
+    )
+    for table, records in _TOTALS_FROM_RECORDS.items()
+}
+#: Granted is both the sum of the grants' units and the newest ``cumulative``.
+_GRANT_UNITS_MISMATCH: Final = """SELECT borrower, instance_id FROM grants
+    GROUP BY borrower, instance_id HAVING SUM(units) != MAX(cumulative) LIMIT 5"""
+
+# An instance's totals (0 and 0 for an instance never seen: the aggregate over no row).
+_SERVED_AND_GRANTED = """SELECT COALESCE(MAX(served), 0), COALESCE(MAX(granted), 0)
+    FROM instance_totals WHERE borrower=? AND instance_id=?"""
+# Supplied, granted, served (sum over instances), in doubt (sum over instances of granted -
+# served, never negative), blocked: one statement, one snapshot, read from the totals.
 _BALANCE: Final = """SELECT
-    (SELECT COALESCE(SUM(units), 0) FROM supplies WHERE borrower=:b),
-    (SELECT COALESCE(SUM(units), 0) FROM grants WHERE borrower=:b),
-    (SELECT COALESCE(SUM(n), 0) FROM (SELECT MAX(served_total) AS n FROM usage
-        WHERE borrower=:b GROUP BY instance_id)),
-    (SELECT COALESCE(SUM(MAX(g.n - COALESCE(u.n, 0), 0)), 0)
-        FROM (SELECT instance_id, MAX(cumulative) AS n FROM grants
-            WHERE borrower=:b GROUP BY instance_id) AS g
-        LEFT JOIN (SELECT instance_id, MAX(served_total) AS n FROM usage
-            WHERE borrower=:b GROUP BY instance_id) AS u USING (instance_id)),
-    (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1)"""
+    COALESCE((SELECT supplied FROM borrower_totals WHERE borrower=:b), 0),
+    COALESCE(SUM(granted), 0), COALESCE(SUM(served), 0),
+    COALESCE(SUM(MAX(granted - served, 0)), 0),
+    (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1)
+    FROM instance_totals WHERE borrower=:b"""
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -159,11 +210,35 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
-        for statement in _SCHEMA:
+        for statement in _RECORDS_SCHEMA + _TOTALS_SCHEMA:
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+    elif row[0] == 1:
+        _add_totals(conn)
     elif row[0] != SCHEMA_VERSION:
         raise LedgerStorageError(f"ledger schema version {row[0]}, expected {SCHEMA_VERSION}")
+
+
+def _add_totals(conn: sqlite3.Connection) -> None:
+    """Upgrade a version 1 file: create the totals and fill them from the records (one
+    transaction with the version bump, so an interrupted upgrade leaves version 1)."""
+    for statement in _TOTALS_SCHEMA:
+        conn.execute(statement)
+    for table, query in _TOTALS_FROM_RECORDS.items():
+        conn.execute(f"INSERT INTO {table} {query}")
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+    log.info("ledger_upgraded", from_version=1, to_version=SCHEMA_VERSION)
+
+
+def _totals_mismatch(conn: sqlite3.Connection) -> list[str]:
+    """Where the stored totals differ from the records (empty when they agree)."""
+    problems = [
+        f"grants of {borrower}/{instance} do not add up to their cumulative total"
+        for borrower, instance in conn.execute(_GRANT_UNITS_MISMATCH)
+    ]
+    for table, query in _TOTALS_DIFFER.items():
+        problems += [f"{table}: {row[0]} {row[1:]!r}" for row in conn.execute(query)]
+    return problems
 
 
 def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -350,7 +425,9 @@ class Ledger:
         at = self._clock()
 
         def body(conn: sqlite3.Connection) -> list[UsageResult]:
-            return [_apply_usage(conn, report, at) for report in reports]
+            applied = [_apply_usage(conn, report, at) for report in reports]
+            balances = {borrower: _balance(conn, borrower) for borrower, *_ in applied}
+            return [UsageResult(*fields, balances[fields[0]]) for fields in applied]
 
         results = await self._run(body)
         for result in results:
@@ -423,6 +500,9 @@ class Ledger:
         )
         if rows != [("ok",)]:
             raise LedgerStorageError(f"integrity_check failed: {rows[:5]!r}")
+        problems = await self._run(_totals_mismatch, write=False)
+        if problems:
+            raise LedgerStorageError(f"ledger totals do not match its records: {problems[:5]}")
 
     async def aclose(self) -> None:
         """Close the connection (after any call in progress); later calls raise
@@ -436,7 +516,10 @@ class Ledger:
         await trio.to_thread.run_sync(close, limiter=self._limiter)
 
 
-def _apply_usage(conn: sqlite3.Connection, report: UsageReport, at: float) -> UsageResult:
+def _apply_usage(
+    conn: sqlite3.Connection, report: UsageReport, at: float
+) -> tuple[str, str, int, int, bool, bool]:
+    """Insert the report if it advances the count: a :class:`UsageResult`, less the balance."""
     key = (report.borrower, report.instance_id)
     current, granted = conn.execute(_SERVED_AND_GRANTED, key).fetchone()
     advanced = report.served_total > current
@@ -447,7 +530,7 @@ def _apply_usage(conn: sqlite3.Connection, report: UsageReport, at: float) -> Us
             "VALUES (?, ?, ?, ?, ?, ?)",
             (*key, current, report.seq, int(current > granted), at),
         )
-    return UsageResult(*key, current, granted, advanced, current > granted)
+    return (*key, current, granted, advanced, current > granted)
 
 
 def _balance(conn: sqlite3.Connection, borrower: str) -> Balance:
@@ -472,7 +555,7 @@ def _insert_grant(
     if units > remaining:
         msg = f"{units} units asked, {remaining} remaining"
         raise InsufficientSupply(msg, borrower=borrower, remaining=remaining)
-    cumulative = conn.execute(_GRANTED_TO, (borrower, instance_id)).fetchone()[0] + units
+    cumulative = conn.execute(_SERVED_AND_GRANTED, (borrower, instance_id)).fetchone()[1] + units
     cur = conn.execute(
         "INSERT INTO grants (borrower, instance_id, units, cumulative, at) VALUES (?, ?, ?, ?, ?)",
         (borrower, instance_id, units, cumulative, at),

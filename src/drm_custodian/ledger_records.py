@@ -113,6 +113,10 @@ class UsageResult:
     granted: int  #: cumulative units granted to the instance
     advanced: bool  #: this report raised ``served_total`` (false: a duplicate or stale one)
     over_grant: bool  #: ``served_total > granted``: a broken invariant, to investigate
+    #: The borrower's balance when the transaction that recorded the report (and, in a
+    #: batch, every report with it) committed: what a link logs and plans its next grant
+    #: from, without a second trip to the ledger.
+    balance: Balance
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ import hashlib
 import hmac
 import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -519,14 +519,10 @@ class EnclaveSession:
         Returns:
             Whether a message was sent.
         """
-        plan = functools.partial(
-            _plan,
-            granted_total=self.granted_total,
-            served_total=self.served_total,
-            lease=self._cfg.lease,
-        )
         # The balance and the grant in one ledger transaction (one trip to its thread).
-        balance, grant = await self._ledger.grant_due(self.borrower, self._instance_id, plan)
+        balance, grant = await self._ledger.grant_due(
+            self.borrower, self._instance_id, self._plan()
+        )
         if balance.blocked:
             if self.told_blocked:
                 return False
@@ -568,7 +564,7 @@ class EnclaveSession:
             )
         # Durable now: acknowledge with the report's own numbers (the enclave checks them).
         await self._send(UsageAck(seq=report.seq, served_total=report.served_total))
-        balance = await self._ledger.balance(borrower)
+        balance = result.balance
         log.info(
             "consumption_report",
             borrower=borrower,
@@ -578,8 +574,24 @@ class EnclaveSession:
             remaining=max(balance.supplied - balance.served, 0),
             seq=report.seq,
         )
-        if self.ready:
+        # Wake the pump only when this report calls for a message (a grant, a block or an
+        # unblock) or ends the quota: a busy enclave reports tens of times a second, and a
+        # ledger trip for nothing would cost every one of them.
+        exhausted = balance.remaining == 0 and self.granted_total <= self.served_total
+        if self.ready and (
+            balance.blocked != self.told_blocked or exhausted or self._plan()(balance) > 0
+        ):
             self.wake()
+
+    def _plan(self) -> Callable[[Balance], int]:
+        """The grant rule with this link's totals as they are now (the ledger runs it in
+        its thread, inside the transaction that reads the balance)."""
+        return functools.partial(
+            _plan,
+            granted_total=self.granted_total,
+            served_total=self.served_total,
+            lease=self._cfg.lease,
+        )
 
 
 def _plan(balance: Balance, *, granted_total: int, served_total: int, lease: int) -> int:
