@@ -65,8 +65,8 @@ measured off the loop, and small models stop paying the hop after their first re
 is checked before the run, and the task yields after it so a pipelining consumer cannot
 monopolise the loop.)
 
-Memory: weights read in place, copied once
-------------------------------------------
+Memory: weights read in place, copied at most once
+--------------------------------------------------
 Handing onnxruntime the model as ``bytes`` costs three copies on top of the receiver's
 buffer: the ``bytes`` object its Python API requires, the parsed protobuf (every
 ``raw_data`` is a ``std::string``) and the session's own tensors; a 200 MB model peaked at
@@ -81,12 +81,33 @@ do not change). A placeholder's data is marked external, at a location that is n
 path, and is replaced by name before onnxruntime could resolve it; a model that arrives
 with external data of its own is still refused by the scan (M02).
 
+That copy is the second copy of a large model, and onnxruntime 1.32 offers no way around
+it for an initializer: ``add_external_initializers`` and
+``add_external_initializers_from_files_in_memory`` both copy (documented, and measured:
++1.00x and +1.33x at peak on the bench model); ``add_initializer`` would use our buffer
+as is, but only for an initializer the model itself holds, and a placeholder without its
+data fails onnxruntime's checks (no such file; wrong element count), while an ORT
+in-memory address in the model is refused outright. Hence, for large models
+(:data:`IN_PLACE_BYTES`), the weights that only feed ``MatMul`` or ``Gemm``
+(:data:`~drm_enclave.model_scan.FEED_OPS`) are declared as *graph inputs* of the skeleton
+instead, and :class:`HostedModel` feeds them to every run as numpy arrays over the
+caller's buffer, which onnxruntime reads in place (CPU tensors are not copied in). The
+buffer is then the model's only copy: it lives as long as the :class:`HostedModel`. The
+cost is what onnxruntime can no longer do with a constant weight: prepack it (already off
+at that size, below) or fold it into a graph rewrite, which is why only MatMul/Gemm weights
+qualify (a Conv weight, which layout and BatchNorm rewrites need constant, stays an
+initializer). Only a read-only buffer is read for good (``bytes``, or the receiver's view:
+the receiver keeps no reference to the mapping under it), so the bytes hashed are the
+bytes run; a writable one (``bytearray``) takes the copying path.
+
 Measured on the 200 MB bench model (``bench/e2e.py --only delivery``; RSS above the
-process's own before the transfer): receiving +1.00x, loading peaks at +2.02x (buffer +
-onnxruntime's tensors; it was +4.0x), +1x once the caller drops the buffer, which
-:meth:`~drm_enclave.model_receiver.ModelReceiver.finish` leaves to the returned view.
-Weights totalling :data:`NO_PREPACK_BYTES` or more also switch off onnxruntime's weight
-prepacking, whose packed copy of each MatMul weight was another +0.33x at peak there.
+process's own before the transfer, ~85 MiB): receiving +1.00x; loading peaked at +2.03x
+(buffer + onnxruntime's tensors; 2.47x in all) with the weights copied, and peaks at
++1.07x (1.52x in all) fed in place; last chunk -> ``model_loaded`` went from ~1.2 s to
+~10-20 ms. ``session.run`` of that model is unchanged (p50 10.05 ms copied, 10.01 ms fed,
+300 runs each, interleaved in one process). Weights totalling :data:`NO_PREPACK_BYTES` or more also
+switch off onnxruntime's weight prepacking, whose packed copy of each MatMul weight was
+another +0.33x at peak there.
 """
 
 from __future__ import annotations
@@ -125,6 +146,7 @@ __all__ = [
     "ALLOWED_DOMAINS",
     "INLINE_BUDGET",
     "INLINE_FAST",
+    "IN_PLACE_BYTES",
     "NO_PREPACK_BYTES",
     "BadInputError",
     "HostedModel",
@@ -146,6 +168,11 @@ INLINE_BUDGET: Final = 0.001
 #: peak, which sizes the enclave, matters more than the gain of prepacking (none measured
 #: at batch 1 on that model). Smaller models, the covidnet-like CNN included, keep it.
 NO_PREPACK_BYTES: Final = 64 * 1024 * 1024
+
+#: Split weights that only feed MatMul/Gemm (:data:`~drm_enclave.model_scan.FEED_OPS`)
+#: and total at least this many bytes are given to onnxruntime as graph inputs read in
+#: place, fed to every run, rather than as initializers it copies: see *Memory*.
+IN_PLACE_BYTES: Final = NO_PREPACK_BYTES
 
 #: ORT's log severity: 4 = FATAL. At 3 (ERROR) a failed run still logs the node's name.
 ORT_LOG_SEVERITY: Final = 4
@@ -240,9 +267,10 @@ def load_model(
 
     Args:
         name: the model's name (as in :class:`~drm_wire.messages.ModelBegin`).
-        data: the serialized ``ModelProto``. Only read, and not referenced once this
-            returns: large weights are read in place (onnxruntime copies them once, see
-            *Memory*); a model without any goes to onnxruntime as ``bytes`` (a ``bytes``
+        data: the serialized ``ModelProto``. Only read. Large weights are read in place:
+            copied once by onnxruntime, or, for a large model in a read-only buffer, fed
+            from ``data`` at every run, which the returned model then keeps alive (see
+            *Memory*). A model without any goes to onnxruntime as ``bytes`` (a ``bytes``
             object as is, anything else copied once).
         intra_op_threads: onnxruntime's intra-op thread count (1 to 64).
         sha256: the model's SHA-256 when the caller has already checked it (the custodian
@@ -268,8 +296,8 @@ def load_model(
     scan_model(view)
     if sha256 is None:
         sha256 = hashlib.sha256(view).digest()
-    session = _create_session(data, view, session_options(intra_op_threads))
-    inputs = [_spec(arg, "input") for arg in session.get_inputs()]
+    session, weights = _create_session(data, view, session_options(intra_op_threads))
+    inputs = [_spec(arg, "input") for arg in session.get_inputs() if arg.name not in weights]
     outputs = [_spec(arg, "output") for arg in session.get_outputs()]
     if not inputs or len(inputs) > MAX_TENSORS or not outputs or len(outputs) > MAX_TENSORS:
         raise ModelError(f"needs 1 to {MAX_TENSORS} inputs and outputs")
@@ -280,27 +308,37 @@ def load_model(
         outputs=tuple(spec for spec, _ in outputs),
     )
     symbols = {spec.name: sym for spec, sym in inputs}
-    return HostedModel(session, description, symbols, intra_op_threads)
+    return HostedModel(session, description, symbols, intra_op_threads, weights)
 
 
 def _create_session(
     data: bytes | bytearray | memoryview, view: memoryview, options: ort.SessionOptions
-) -> ort.InferenceSession:
-    """An onnxruntime session for a scanned model, its large weights read in place.
+) -> tuple[ort.InferenceSession, dict[str, np.ndarray[Any, Any]]]:
+    """An onnxruntime session for a scanned model, its large weights read in place; and
+    the weights it takes as inputs at every run (arrays over ``view``), if any.
 
     The weights :func:`split_weights` finds go to onnxruntime as external initializers:
     numpy arrays over ``view`` (no copy) that it copies once into its own tensors, while
     it parses only the skeleton. Neither ``view`` nor the arrays are referenced by the
-    session afterwards (onnxruntime's ``AddExternalInitializers`` contract), so the
-    caller's buffer can be freed once this returns.
+    session afterwards (onnxruntime's ``AddExternalInitializers`` contract). Weights that
+    :func:`split_weights` declares as graph inputs (:data:`IN_PLACE_BYTES`; a read-only
+    ``view`` only) are returned instead, as arrays over ``view``: they keep the caller's
+    buffer alive, as the model's only copy of them.
     """
-    split = split_weights(view)
+    # Fed for good only from a buffer no one can write: what was hashed is what runs.
+    split = split_weights(view, feed_bytes=IN_PLACE_BYTES if view.readonly else None)
     names: list[str] = []
     values: list[ort.OrtValue] = []
+    weights: dict[str, np.ndarray[Any, Any]] = {}
     if split is None:
         model_bytes = data if type(data) is bytes else bytes(view)
     else:
         model_bytes = split.skeleton
+        for weight in split.inputs:
+            dtype = np.dtype(weight.feed_dtype)
+            weights[weight.name] = np.frombuffer(
+                view, dtype=dtype, count=weight.nbytes // dtype.itemsize, offset=weight.start
+            ).reshape(weight.dims)
         for weight in split.weights:
             size = weight.itemsize
             array = np.frombuffer(
@@ -309,8 +347,9 @@ def _create_session(
             ).reshape(weight.dims)  # fmt: skip
             names.append(weight.name)
             values.append(ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, weight.data_type))
-        options.add_external_initializers(names, values)
-        if sum(weight.end - weight.start for weight in split.weights) >= NO_PREPACK_BYTES:
+        if names:
+            options.add_external_initializers(names, values)
+        if sum(w.nbytes for w in (*split.weights, *split.inputs)) >= NO_PREPACK_BYTES:
             options.add_session_config_entry("session.disable_prepacking", "1")
     ort.set_default_logger_severity(ORT_LOG_SEVERITY)  # the process-wide logger too
     ort.disable_telemetry_events()
@@ -331,7 +370,7 @@ def _create_session(
     # model without split weights) and the options (they point into the caller's buffer).
     session._model_bytes = None
     session._sess_options_initial = None
-    return session
+    return session, weights
 
 
 @final
@@ -343,7 +382,7 @@ class HostedModel:
     """
 
     __slots__ = ("_description", "_inline_max", "_inputs", "_limiter", "_outputs", "_session",
-                 "_symbols", "_threads")  # fmt: skip
+                 "_symbols", "_threads", "_weights")  # fmt: skip
 
     def __init__(
         self,
@@ -351,8 +390,12 @@ class HostedModel:
         description: ModelDescription,
         symbols: dict[str, tuple[str | None, ...]],
         intra_op_threads: int,
+        weights: dict[str, np.ndarray[Any, Any]] | None = None,
     ) -> None:
         self._session = session
+        #: Weights the session takes as inputs, fed to every run (see *Memory*). They are
+        #: not in the description, so a request naming one is refused as unknown.
+        self._weights = weights or {}
         self._description = description
         self._inputs = {spec.name: spec for spec in description.inputs}
         self._outputs = [spec.name for spec in description.outputs]
@@ -453,6 +496,8 @@ class HostedModel:
         return self._run(self._feeds(tensors))
 
     def _run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> tuple[Tensor, ...]:
+        if self._weights:
+            feeds = feeds | self._weights  # after _feeds: a request cannot name a weight
         try:
             arrays = self._session.run(self._outputs, feeds)
         except _ORT_ERRORS as exc:

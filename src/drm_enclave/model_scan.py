@@ -9,8 +9,9 @@ for a 200 MB model, and it needs no ``onnx`` package inside the enclave.
 
 The same walk also splits a model for loading (:func:`split_weights`): the large raw
 initializers of the main graph stay where they arrived, in the receiver's buffer, and a
-small *skeleton* (the model with each of them replaced by a placeholder) is all that
-onnxruntime parses. See :mod:`drm_enclave.model_host` for why (peak memory).
+small *skeleton* (the model with each of them replaced by a placeholder, or declared as a
+graph input instead) is all that onnxruntime parses. See :mod:`drm_enclave.model_host` for
+why (peak memory).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from drm_wire.errors import DrmError, ErrorCode
 
 __all__ = [
     "ALLOWED_DOMAINS",
+    "FEED_OPS",
     "MAX_GRAPH_DEPTH",
     "MIN_SPLIT_BYTES",
     "PLACEHOLDER_LOCATION",
@@ -238,6 +240,18 @@ PLACEHOLDER_LOCATION: Final = "drm-enclave:in-memory"
 #: double, uint32, uint64, bfloat16).
 _ITEMSIZE: Final = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
                     16: 2}  # fmt: skip
+#: ``TensorProto.DataType`` -> numpy type string, for the types a weight may be fed in as a
+#: graph input (:data:`FEED_OPS` compute in them): float, float16, double.
+_FEED_DTYPES: Final = {1: "<f4", 10: "<f2", 11: "<f8"}
+
+#: Operators (domain, op_type) whose weight operand onnxruntime reads as fast from a graph
+#: input as from an initializer: a MatMul's or Gemm's weight is only ever multiplied (no
+#: graph rewrite depends on it being constant, and prepacking is off for such large models
+#: anyway). A weight whose every consumer in the main graph is one of these may be fed in
+#: place (``feed_bytes`` of :func:`split_weights`); others (a Conv's weight, which
+#: onnxruntime's layout and BatchNorm rewrites need constant) stay initializers.
+FEED_OPS: Final = frozenset((domain, op) for domain in ("", "ai.onnx") for op in ("MatMul", "Gemm"))
+
 #: TensorProto fields that hold data other than ``raw_data`` (9), or a segment (3).
 _OTHER_DATA: Final = frozenset({3, 4, 5, 6, 7, 10, 11})
 
@@ -257,13 +271,31 @@ class Weight:
         """Bytes per element of :attr:`data_type` (a fixed-size type, by construction)."""
         return _ITEMSIZE[self.data_type]
 
+    @property
+    def nbytes(self) -> int:
+        """The raw data's length."""
+        return self.end - self.start
+
+    @property
+    def feed_dtype(self) -> str | None:
+        """numpy's type string for a weight that may be fed as a graph input, else None."""
+        return _FEED_DTYPES.get(self.data_type)
+
 
 @dataclass(frozen=True, slots=True)
 class SplitModel:
-    """A scanned model cut in two: the skeleton onnxruntime parses, and the weights."""
+    """A scanned model cut in two: the skeleton onnxruntime parses, and the weights.
+
+    Attributes:
+        skeleton: the model without the weights' data.
+        weights: initializers replaced by a placeholder (for external initializers).
+        inputs: initializers the skeleton declares as graph inputs instead, to be fed at
+            every run straight from the buffer (empty unless ``feed_bytes`` was given).
+    """
 
     skeleton: bytes
     weights: tuple[Weight, ...]
+    inputs: tuple[Weight, ...] = ()
 
 
 def _key(number: int, wire_type: int) -> bytes:
@@ -333,7 +365,50 @@ def _weight(buf: memoryview, a: int, b: int, min_bytes: int) -> tuple[bytes, Wei
     return placeholder, Weight(name, data_type, tuple(dims), start, end)
 
 
-def split_weights(buf: memoryview, min_bytes: int = MIN_SPLIT_BYTES) -> SplitModel | None:
+def _graph_input(weight: Weight) -> bytes:
+    """A ``GraphProto.input`` entry (``ValueInfoProto``) with the weight's name, type, dims."""
+    dims = b"".join(_len_field(1, _key(1, _VARINT) + _encode_varint(d)) for d in weight.dims)
+    tensor_type = _key(1, _VARINT) + _encode_varint(weight.data_type) + _len_field(2, dims)
+    value_info = _len_field(1, weight.name.encode()) + _len_field(2, _len_field(1, tensor_type))
+    return _len_field(11, value_info)
+
+
+def _main_graph_uses(buf: memoryview) -> tuple[dict[str, set[tuple[str, str]]], set[str]]:
+    """Each name's consumers ``(domain, op_type)`` among the main graph's nodes, and the
+    names of its declared inputs and outputs."""
+    uses: dict[str, set[tuple[str, str]]] = {}
+    declared: set[str] = set()
+    for number, wire_type, a, b in _fields(buf, 0, buf.nbytes):
+        if number != 7 or wire_type != _LEN:
+            continue
+        for number2, wire_type2, a2, b2 in _fields(buf, a, b):
+            if wire_type2 != _LEN:
+                continue
+            if number2 in (11, 12):  # GraphProto.input, .output: ValueInfoProto.name = 1
+                for number3, wire_type3, a3, b3 in _fields(buf, a2, b2):
+                    if number3 == 1 and wire_type3 == _LEN:
+                        declared.add(bytes(buf[a3:b3]).decode("utf-8", "replace"))
+            elif number2 == 1:  # GraphProto.node
+                op = domain = ""
+                names: list[str] = []
+                for number3, wire_type3, a3, b3 in _fields(buf, a2, b2):
+                    if wire_type3 != _LEN:
+                        continue
+                    text = bytes(buf[a3:b3]).decode("utf-8", "replace")
+                    if number3 == 1:  # NodeProto.input
+                        names.append(text)
+                    elif number3 == 4:
+                        op = text
+                    elif number3 == 7:
+                        domain = text
+                for name in names:
+                    uses.setdefault(name, set()).add((domain, op))
+    return uses, declared
+
+
+def split_weights(
+    buf: memoryview, min_bytes: int = MIN_SPLIT_BYTES, *, feed_bytes: int | None = None
+) -> SplitModel | None:
     """Cut a model that :func:`scan_model` accepted into a skeleton and its large weights.
 
     Every initializer of the main graph that is a plain ``raw_data`` tensor of a
@@ -343,6 +418,11 @@ def split_weights(buf: memoryview, min_bytes: int = MIN_SPLIT_BYTES) -> SplitMod
     else (subgraphs, functions, small or typed tensors) is copied into the skeleton
     unchanged, field by field.
 
+    With ``feed_bytes``, the weights consumed only by :data:`FEED_OPS` (in a float type,
+    not declared as graph inputs or outputs already) become graph inputs of the skeleton
+    instead, listed in :attr:`SplitModel.inputs`, provided they total at least
+    ``feed_bytes``: onnxruntime then never copies them (see :mod:`drm_enclave.model_host`).
+
     Returns:
         ``None`` when there is nothing to split (no such weight, or two of them share a
         name): the model is then loaded as it is.
@@ -350,24 +430,48 @@ def split_weights(buf: memoryview, min_bytes: int = MIN_SPLIT_BYTES) -> SplitMod
     Raises:
         ModelError: a wire format too broken to walk (never after ``scan_model``).
     """
+    found: dict[int, tuple[bytes, Weight]] = {}  # by the offset of the initializer's tag
+    for number, wire_type, _, a, b in _spans(buf, 0, buf.nbytes):
+        if number == 7 and wire_type == _LEN:  # ModelProto.graph
+            for number2, wire_type2, tag2, a2, b2 in _spans(buf, a, b):
+                if number2 == 5 and wire_type2 == _LEN:  # GraphProto.initializer
+                    cut = _weight(buf, a2, b2, min_bytes)
+                    if cut is not None:
+                        found[tag2] = cut
+    names = [weight.name for _, weight in found.values()]
+    if not found or len(set(names)) != len(names):  # duplicates: onnxruntime judges
+        return None
+    fed: set[str] = set()
+    if feed_bytes is not None:
+        uses, declared = _main_graph_uses(buf)
+        fed = {
+            weight.name
+            for _, weight in found.values()
+            if weight.feed_dtype is not None
+            and weight.name not in declared
+            and uses.get(weight.name)
+            and uses[weight.name] <= FEED_OPS
+        }
+        if sum(w.nbytes for _, w in found.values() if w.name in fed) < feed_bytes:
+            fed = set()
     pieces: list[bytes | memoryview] = []
-    weights: list[Weight] = []
     for number, wire_type, tag, a, b in _spans(buf, 0, buf.nbytes):
         if number != 7 or wire_type != _LEN:  # not ModelProto.graph: copied as is
             pieces.append(buf[tag:b])
             continue
         graph: list[bytes | memoryview] = []
-        for number2, wire_type2, tag2, a2, b2 in _spans(buf, a, b):
-            cut = None
-            if number2 == 5 and wire_type2 == _LEN:  # GraphProto.initializer
-                cut = _weight(buf, a2, b2, min_bytes)
+        for _, _, tag2, _, b2 in _spans(buf, a, b):
+            cut = found.get(tag2)
             if cut is None:
                 graph.append(buf[tag2:b2])
+            elif cut[1].name in fed:
+                graph.append(_graph_input(cut[1]))
             else:
                 graph.append(_len_field(5, cut[0]))
-                weights.append(cut[1])
         pieces.append(_len_field(7, b"".join(graph)))
-    names = [weight.name for weight in weights]
-    if not weights or len(set(names)) != len(names):  # duplicates: onnxruntime judges
-        return None
-    return SplitModel(b"".join(pieces), tuple(weights))
+    weights = tuple(weight for _, weight in found.values())
+    return SplitModel(
+        b"".join(pieces),
+        tuple(w for w in weights if w.name not in fed),
+        tuple(w for w in weights if w.name in fed),
+    )

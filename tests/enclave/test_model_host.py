@@ -266,6 +266,28 @@ def test_m04_bad_input_never_reaches_the_session(
         two.run((t("a", A),))
 
 
+def test_m04_weights_fed_in_place_cannot_be_supplied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large model's MatMul weights are graph inputs of its session (see the module's
+    *Memory*): they are not in the description, and a request cannot name, so replace,
+    one of them."""
+    monkeypatch.setattr(model_host, "IN_PLACE_BYTES", 1)
+    hosted = load_model("big", models.big_model(2.0, layers=1))
+    (spec,) = hosted.description.inputs
+    assert spec.name == "x"
+    assert {arg.name for arg in hosted._session.get_inputs()} == {"x", "w0"}
+    dim = spec.shape[1]
+    assert dim is not None
+    x = np.ones((1, dim), np.float32)
+    w0 = np.zeros((dim, dim), np.float32)
+    with pytest.raises(BadInputError, match="got 2"):
+        hosted.run((t("x", x), t("w0", w0)))
+    with pytest.raises(BadInputError, match="unknown input 'w0'"):
+        hosted.run((t("w0", w0),))
+    (y,) = hosted.run((t("x", x),))
+    assert np.isfinite(y.to_numpy()).all()
+    assert not np.allclose(y.to_numpy(), 1 / dim)  # not the output of w0 = 0
+
+
 # --- M06: session options and ORT's log ----------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""Splitting a model's weights off (``split_weights``): what is cut, what stays, and that
-onnxruntime computes the same outputs from the skeleton plus the weights."""
+"""Splitting a model's weights off (``split_weights``): what is cut, what stays, which
+weights become graph inputs fed in place, and that onnxruntime computes the same outputs
+from the skeleton plus the weights."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from drm_enclave.model_scan import (
+    FEED_OPS,
     MIN_SPLIT_BYTES,
     PLACEHOLDER_LOCATION,
     ModelError,
@@ -31,10 +33,19 @@ CPU = ["CPUExecutionProvider"]
 BIG = models.big_model(8.0)  # three float32 weights of ~2.7 MB
 
 
-def split(data: bytes, min_bytes: int = MIN_SPLIT_BYTES) -> SplitModel | None:
+def split(
+    data: bytes, min_bytes: int = MIN_SPLIT_BYTES, feed_bytes: int | None = None
+) -> SplitModel | None:
     view = memoryview(data)
     scan_model(view)
-    return split_weights(view, min_bytes)
+    return split_weights(view, min_bytes, feed_bytes=feed_bytes)
+
+
+def cut(data: bytes, min_bytes: int = MIN_SPLIT_BYTES, feed_bytes: int | None = None) -> SplitModel:
+    """:func:`split` of a model that has something to split."""
+    result = split(data, min_bytes, feed_bytes)
+    assert result is not None
+    return result
 
 
 def test_big_model_weights_stay_in_place() -> None:
@@ -61,6 +72,64 @@ def test_big_model_weights_stay_in_place() -> None:
     for proto in (skeleton, original):
         del proto.graph.initializer[:]
     assert skeleton == original
+
+
+def test_big_model_weights_fed_as_graph_inputs() -> None:
+    result = cut(BIG, feed_bytes=1)
+    assert result.weights == ()
+    assert result.inputs == cut(BIG).weights
+    original = onnx.load_model_from_string(BIG)
+    skeleton = onnx.load_model_from_string(result.skeleton)
+    assert not skeleton.graph.initializer
+    declared = {i.name: i.type.tensor_type for i in skeleton.graph.input}
+    for tensor in original.graph.initializer:
+        assert declared[tensor.name].elem_type == tensor.data_type
+        assert [d.dim_value for d in declared[tensor.name].shape.dim] == list(tensor.dims)
+    # Everything but the initializers, now inputs, is unchanged.
+    for proto in (skeleton, original):
+        del proto.graph.initializer[:]
+    weights = [i for i in skeleton.graph.input if i.name.startswith("w")]
+    for weight in weights:
+        skeleton.graph.input.remove(weight)
+    assert skeleton == original
+
+
+def test_fed_only_when_they_total_feed_bytes() -> None:
+    total = sum(w.nbytes for w in cut(BIG).weights)
+    assert len(cut(BIG, feed_bytes=total).inputs) == 3
+    below = cut(BIG, feed_bytes=total + 1)
+    assert below.inputs == ()
+    assert below == cut(BIG)
+
+
+def test_only_weights_of_matmul_and_gemm_are_fed() -> None:
+    """A Conv's weight stays an initializer: onnxruntime's layout and BatchNorm rewrites
+    need it constant. The Gemm weights and bias of the same model are fed (fc2_b is under
+    128 bytes)."""
+    assert ("", "Gemm") in FEED_OPS
+    result = cut(models.covidnet_like_model(), min_bytes=128, feed_bytes=1)
+    assert {w.name for w in result.inputs} == {"fc1_w", "fc1_b", "fc2_w"}
+    assert len(result.weights) == 9
+    assert all(w.name.startswith("conv") for w in result.weights)
+
+
+def test_declared_input_or_other_type_not_fed() -> None:
+    def model(w: TensorProto, declared: bool) -> bytes:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", w.data_type, [1, 4])]
+            + ([helper.make_tensor_value_info("w", w.data_type, [4, 4])] if declared else []),
+            [helper.make_tensor_value_info("y", w.data_type, [1, 4])],
+            [w],
+        )
+        return models._model(graph)
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    assert len(cut(model(w, False), min_bytes=1, feed_bytes=1).inputs) == 1
+    assert not cut(model(w, True), min_bytes=1, feed_bytes=1).inputs
+    w32 = numpy_helper.from_array(np.ones((4, 4), np.int32), "w")
+    assert not cut(model(w32, False), min_bytes=1, feed_bytes=1).inputs
 
 
 def test_shape_constants_must_stay_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,10 +218,11 @@ MODELS: dict[str, Callable[[], bytes]] = {
 }
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["copied", "in-place"])
 @pytest.mark.parametrize("min_bytes", [128, MIN_SPLIT_BYTES])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_split_load_matches_plain_onnxruntime(
-    name: str, min_bytes: int, monkeypatch: pytest.MonkeyPatch
+    name: str, min_bytes: int, in_place: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = MODELS[name]()
     reference = ort.InferenceSession(data, providers=CPU)
@@ -161,7 +231,11 @@ def test_split_load_matches_plain_onnxruntime(
     monkeypatch.setattr(
         model_host, "split_weights", functools.partial(split_weights, min_bytes=min_bytes)
     )
-    hosted = model_host.load_model("m", bytearray(data))
+    if in_place:  # every MatMul/Gemm weight of min_bytes or more fed as an input
+        monkeypatch.setattr(model_host, "IN_PLACE_BYTES", 1)
+    # (only a read-only buffer is fed in place: bytes here, bytearray otherwise)
+    hosted = model_host.load_model("m", data if in_place else bytearray(data))
+    assert [spec.name for spec in hosted.description.inputs] == list(feeds)
     outputs = hosted.run([Tensor.from_numpy(k, v) for k, v in feeds.items()])
     for got, want in zip(outputs, expected, strict=True):
         np.testing.assert_allclose(got.to_numpy(), want, rtol=1e-5, atol=1e-6)
