@@ -72,10 +72,12 @@ from drm_custodian._admin_http import (
 from drm_custodian.ledger import (
     MAX_REASON_LEN,
     Balance,
+    GrantPlan,
     IdempotencyConflict,
     Ledger,
     LedgerInputError,
     LedgerStorageError,
+    SupplyResult,
 )
 from drm_wire.errors import ConfigError
 from drm_wire.limits import HANDSHAKE_TIMEOUT
@@ -108,8 +110,12 @@ KEEP_ALIVE_TIMEOUT: Final = 5.0
 class AdminHooks(Protocol):
     """What the admin API tells the daemon, and asks it. Implemented by the daemon."""
 
-    async def on_supplied(self, borrower: str) -> None:
-        """Units were supplied (or a retried supply replayed): push grants now."""
+    def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
+        """The instances a supply should grant to in its own transaction, with their rules."""
+
+    async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
+        """Units were supplied (or a retried supply replayed): send ``result.grants``, and
+        let any instance without one look at the ledger."""
 
     async def on_blocked(self, borrower: str, reason: str) -> None:
         """The borrower was blocked: stop its instances."""
@@ -128,7 +134,10 @@ class RecordingHooks:
     connected: int = 0
     calls: list[tuple[str, str, object]] = field(default_factory=list)
 
-    async def on_supplied(self, borrower: str) -> None:
+    def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
+        return []
+
+    async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
         self.calls.append(("supplied", borrower, None))
 
     async def on_blocked(self, borrower: str, reason: str) -> None:
@@ -322,12 +331,18 @@ class AdminApp:
             )
         fields, is_form = await read_fields(request, allowed={"number_inferences"}, required=True)
         units = parse_count(fields.get("number_inferences"), text=is_form)
+        # The linked instances' grants are committed with the supply (one fsync) and
+        # handed to their links before this answer is written.
         try:
-            result = await self._ledger.supply(self._borrower, units, idempotency_key=key)
+            result = await self._ledger.supply(
+                self._borrower,
+                units,
+                idempotency_key=key,
+                grant_to=self._hooks.grant_plans(self._borrower),
+            )
         except IdempotencyConflict as exc:
             raise HttpError(422, "idempotency_conflict", str(exc), field="Idempotency-Key") from exc
-        # The balance came with the commit: the links' grant is the ledger's next
-        # transaction, not queued behind another read for this answer.
+        await self._hooks.on_supplied(self._borrower, result)
         balance = result.balance
         log.info(
             "admin_supply",
@@ -339,8 +354,8 @@ class AdminApp:
             supplied_before=balance.supplied - (0 if result.replayed else units),
             supplied=balance.supplied,
             remaining=balance.remaining,
+            granted_now=sum(grant.units for grant in result.grants),
         )
-        await self._hooks.on_supplied(self._borrower)
         doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
         return json_response(200, {**doc, "added": units, "replayed": result.replayed})
 

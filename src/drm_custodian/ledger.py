@@ -8,9 +8,10 @@ DELETE), and every balance is derived from them.
 
 * ``supplies``: operator top-ups; a retry with the same idempotency key counts once (D04).
 * ``grants``: units lent to one enclave instance, with its new cumulative total (P4).
-  :meth:`Ledger.record_grant` and :meth:`Ledger.grant_due` (the balance read and the
-  grant in one transaction) return only once the row is durable and the caller sends the
-  grant after that (I6); a grant whose send fails stays charged (P2: it is a loan).
+  :meth:`Ledger.record_grant`, :meth:`Ledger.grant_due` (the balance read and the grant
+  in one transaction) and :meth:`Ledger.supply` (a top-up and the grants it makes due, in
+  one transaction and one fsync) return only once the rows are durable, and the caller
+  sends the grants after that (I6); a grant whose send fails stays charged (P2: a loan).
 * ``usage``: an instance's cumulative served count. A row is written only when the count
   grows, so a duplicated, replayed or reordered report changes nothing. A count above the
   instance's grants is recorded (it *was* served) but flagged: I2 broke somewhere.
@@ -80,6 +81,7 @@ __all__ = [
     "Balance",
     "BorrowerBlocked",
     "Grant",
+    "GrantPlan",
     "GrantRefused",
     "IdempotencyConflict",
     "InsufficientSupply",
@@ -94,6 +96,11 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
+
+#: The units to grant an instance now, from the borrower's balance and the instance's
+#: granted and served totals (0 for none): a pure function the ledger runs in its thread,
+#: inside the transaction that read those figures.
+GrantPlan = Callable[[Balance, int, int], int]
 
 #: Version of the table layout below; version 1 files are upgraded on open (they lack the
 #: totals), any other version is refused, not guessed at.
@@ -300,40 +307,68 @@ class Ledger:
             raise LedgerStorageError(f"ledger call failed: {exc}") from exc
 
     async def supply(
-        self, borrower: str, units: int, *, idempotency_key: str | None = None
+        self,
+        borrower: str,
+        units: int,
+        *,
+        idempotency_key: str | None = None,
+        grant_to: Sequence[tuple[str, GrantPlan]] = (),
     ) -> SupplyResult:
-        """Record an operator top-up (also for a blocked borrower: blocking stops grants).
+        """Record an operator top-up (also for a blocked borrower: blocking stops grants),
+        and in the same transaction the grants it makes due to the instances in
+        ``grant_to`` (instance id, plan), each planned against the balance left by the
+        ones before it.
+
+        The admin API names the linked instances: a parked request then waits for one
+        durable commit (one fsync) instead of two, the supply's and then its link's grant.
 
         Raises:
-            LedgerInputError: bad borrower, units or key.
+            LedgerInputError: bad borrower, units, key or instance id, or a plan asked for
+                units out of range.
             IdempotencyConflict: the key was already used for a different supply.
+            InsufficientSupply: a plan asked for more than the balance it was shown.
         """
         _check_name(borrower, "borrower")
         _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
         if idempotency_key is not None:
             _check_name(idempotency_key, "idempotency_key")
+        for instance_id, _ in grant_to:
+            _check_name(instance_id, "instance_id")
         at = self._clock()
 
         def body(conn: sqlite3.Connection) -> SupplyResult:
+            row = None
             if idempotency_key is not None:
                 row = conn.execute(
                     "SELECT id, borrower, units, at FROM supplies WHERE idempotency_key=?",
                     (idempotency_key,),
                 ).fetchone()
-                if row is not None:
-                    if (row[1], row[2]) != (borrower, units):
-                        raise IdempotencyConflict("idempotency key reused for a different supply")
-                    balance = _balance(conn, borrower)
-                    return SupplyResult(
-                        row[0], borrower, units, idempotency_key, row[3], balance, replayed=True
-                    )
-            cur = conn.execute(
-                "INSERT INTO supplies (borrower, units, idempotency_key, at) VALUES (?, ?, ?, ?)",
-                (borrower, units, idempotency_key, at),
+                if row is not None and (row[1], row[2]) != (borrower, units):
+                    raise IdempotencyConflict("idempotency key reused for a different supply")
+            replayed = row is not None
+            if row is None:
+                cur = conn.execute(
+                    "INSERT INTO supplies (borrower, units, idempotency_key, at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (borrower, units, idempotency_key, at),
+                )
+                assert cur.lastrowid is not None
+                row = (cur.lastrowid, borrower, units, at)
+            grants = []
+            for instance_id, plan in grant_to:
+                _, grant = _grant_planned(conn, borrower, instance_id, plan, at)
+                if grant is not None:
+                    grants.append(grant)
+            return SupplyResult(
+                row[0],
+                borrower,
+                units,
+                idempotency_key,
+                row[3],
+                _balance(conn, borrower),
+                replayed=replayed,
+                grants=tuple(grants),
             )
-            assert cur.lastrowid is not None
-            balance = _balance(conn, borrower)
-            return SupplyResult(cur.lastrowid, borrower, units, idempotency_key, at, balance)
 
         return await self._run(body)
 
@@ -356,16 +391,16 @@ class Ledger:
         )
 
     async def grant_due(
-        self, borrower: str, instance_id: str, plan: Callable[[Balance], int]
+        self, borrower: str, instance_id: str, plan: GrantPlan
     ) -> tuple[Balance, Grant | None]:
         """Read the balance and commit the grant ``plan`` asks for, in one transaction.
 
         What a link does whenever something changed: one trip to the ledger thread instead
         of a balance read and then :meth:`record_grant` (each trip waits for the event
         loop, which an admin call's HTTP answer keeps busy), and no window between the two
-        in which another writer could change the balance. ``plan`` runs in the ledger's
-        thread, inside the transaction: a pure function of the balance, returning the
-        units to grant (0 for none). Nothing is granted to a blocked borrower.
+        in which another writer could change the balance. ``plan`` (see :data:`GrantPlan`)
+        sees the balance and the instance's totals as this transaction reads them.
+        Nothing is granted to a blocked borrower.
 
         Returns:
             The balance before the grant, and the durable grant (send it now, I6) or
@@ -380,17 +415,7 @@ class Ledger:
         _check_name(instance_id, "instance_id")
         at = self._clock()
 
-        def body(conn: sqlite3.Connection) -> tuple[Balance, Grant | None]:
-            balance = _balance(conn, borrower)
-            if balance.blocked:
-                return balance, None
-            units = plan(balance)
-            if units == 0:
-                return balance, None
-            _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
-            return balance, _insert_grant(conn, borrower, balance, instance_id, units, at)
-
-        return await self._run(body)
+        return await self._run(lambda conn: _grant_planned(conn, borrower, instance_id, plan, at))
 
     async def record_usage(
         self, borrower: str, instance_id: str, served_total: int, seq: int
@@ -538,6 +563,21 @@ def _balance(conn: sqlite3.Connection, borrower: str) -> Balance:
         _BALANCE, {"b": borrower}
     ).fetchone()
     return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked))
+
+
+def _grant_planned(
+    conn: sqlite3.Connection, borrower: str, instance_id: str, plan: GrantPlan, at: float
+) -> tuple[Balance, Grant | None]:
+    """The balance, and the grant ``plan`` asks for given it and the instance's totals."""
+    balance = _balance(conn, borrower)
+    if balance.blocked:
+        return balance, None
+    served, granted = conn.execute(_SERVED_AND_GRANTED, (borrower, instance_id)).fetchone()
+    units = plan(balance, granted, served)
+    if units == 0:
+        return balance, None
+    _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)
+    return balance, _insert_grant(conn, borrower, balance, instance_id, units, at)
 
 
 def _insert_grant(

@@ -63,7 +63,9 @@ class BorrowerBlocked(GrantRefused):
 class SupplyResult:
     """A committed top-up. ``replayed`` is true when a retry returned the original record.
 
-    ``balance`` is the borrower's balance read in the same transaction, just after it.
+    ``grants`` are those committed in the same transaction for the instances the caller
+    named (send each now, I6); ``balance`` is the borrower's balance read in that
+    transaction, after the supply and those grants.
     """
 
     supply_id: int
@@ -73,6 +75,7 @@ class SupplyResult:
     at: float
     balance: Balance = field(compare=False)
     replayed: bool = field(default=False, compare=False)
+    grants: tuple[Grant, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

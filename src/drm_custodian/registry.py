@@ -14,9 +14,11 @@ session *claims* its license after the license check and *releases* it when it e
   waits for it to end before succeeding, so the two never act on the ledger for one
   instance at the same time.
 
-The registry is also how the admin API reaches the links: :class:`SessionHooks` wakes
-every live session of the borrower when units are supplied or the borrower is blocked or
-unblocked; each session then reads the ledger and acts (the hook itself does no I/O).
+The registry is also how the admin API reaches the links: :class:`SessionHooks` names
+the borrower's ready sessions and their grant rule, so that a supply commits their grants
+in its own transaction, then hands each session its grant; it wakes every live session of
+the borrower when the borrower is blocked or unblocked, and any that a supply did not
+grant to; each session then reads the ledger and acts (the hooks themselves do no I/O).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Final, Protocol
 
 import trio
 
+from drm_custodian.ledger import Grant, GrantPlan, SupplyResult
 from drm_wire.errors import DrmError
 
 __all__ = [
@@ -62,8 +65,17 @@ class LiveSession(Protocol):
     def instance_id(self) -> str: ...
     @property
     def finished(self) -> trio.Event: ...
+    @property
+    def ready(self) -> bool:
+        """Its models are delivered: grants may flow."""
+
+    @property
+    def grant_plan(self) -> GrantPlan: ...
     def wake(self) -> None:
         """Re-read the ledger soon: push a block, an unblock or a grant if one is due."""
+
+    def grant_committed(self, grant: Grant, remaining: int) -> None:
+        """Send ``grant``, already durable, soon (``remaining``: the supply left after it)."""
 
     def close(self) -> None:
         """End the session now (its link is closed as it unwinds)."""
@@ -137,8 +149,18 @@ class SessionHooks:
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    async def on_supplied(self, borrower: str) -> None:
-        self._registry.wake(borrower)
+    def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
+        return [(s.instance_id, s.grant_plan) for s in self._registry.sessions(borrower) if s.ready]
+
+    async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
+        granted = {grant.instance_id: grant for grant in result.grants}
+        remaining = result.balance.remaining
+        for session in self._registry.sessions(borrower):
+            grant = granted.get(session.instance_id)
+            if grant is None:  # not ready when the plans were taken, say: let it look
+                session.wake()
+            else:
+                session.grant_committed(grant, remaining)
 
     async def on_blocked(self, borrower: str, reason: str) -> None:
         self._registry.set_block_reason(borrower, reason)

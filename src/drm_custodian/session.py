@@ -28,11 +28,15 @@ The steps follow docs/links.md:
      blocked, else the instance's last grant again, else a first grant or ``unblock``)
      and becomes the *grant pump*.
 
-3. The pump is the only task that grants or blocks, so decisions never interleave: it
-   sleeps until woken (by the admin hooks, by a usage report, by a refused grant), reads
-   the borrower's balance, pushes ``block``/``unblock`` when the blocked state changed,
-   and asks :func:`~drm_custodian.grants.plan_grant` for a top-up, which it commits to the
-   ledger before sending (invariant I6).
+3. The pump is the only task that sends grants, blocks and unblocks, so they never
+   interleave: it sleeps until woken (by the admin hooks, by a usage report, by a refused
+   grant), reads the borrower's balance, pushes ``block``/``unblock`` when the blocked
+   state changed, and asks :func:`~drm_custodian.grants.plan_grant` for a top-up, which it
+   commits to the ledger before sending (invariant I6). A supply through the admin API
+   commits the grants it makes due in its own transaction (one fsync where a parked
+   request used to wait for two) and hands them to the pump, which sends them as they
+   are: grants carry the instance's cumulative total, so a grant overtaken by a newer one
+   is simply not sent.
 
 Every send is under ``send_timeout`` and every wait on the peer under a deadline.
 """
@@ -45,7 +49,7 @@ import hashlib
 import hmac
 import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -54,7 +58,8 @@ import trio
 from OpenSSL import SSL
 
 from drm_custodian.grants import DEFAULT_LEASE, check_lease, plan_grant
-from drm_custodian.ledger import Balance, Ledger
+from drm_custodian.ledger import Balance, GrantPlan, Ledger
+from drm_custodian.ledger import Grant as LedgerGrant
 from drm_custodian.registry import DuplicateInstance, Registry
 from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
 from drm_wire.attestation.identity import VerifiedEnclave
@@ -335,6 +340,11 @@ class EnclaveSession:
         self._finished = trio.Event()
         self._cancel_scope = trio.CancelScope()
         self._wakeup = trio.Event()
+        #: Woken to read the ledger (not only to send a grant committed elsewhere).
+        self._sync_due = True
+        #: The newest grant committed by a supply for this instance, not yet sent, and the
+        #: supply it leaves the borrower after it.
+        self._committed: tuple[LedgerGrant, int] | None = None
         #: The ledger's view of this instance, kept current by this session alone.
         self.granted_total = 0
         self.served_total = 0
@@ -369,6 +379,18 @@ class EnclaveSession:
         return self._finished
 
     def wake(self) -> None:
+        self._sync_due = True
+        self._wakeup.set()
+
+    @property
+    def grant_plan(self) -> GrantPlan:
+        """The grant rule for this link, for a ledger transaction to run (a supply's)."""
+        return functools.partial(_plan, lease=self._cfg.lease)
+
+    def grant_committed(self, grant: LedgerGrant, remaining: int) -> None:
+        """Send ``grant``, committed by someone else's transaction, as soon as possible."""
+        if self._committed is None or grant.cumulative > self._committed[0].cumulative:
+            self._committed = (grant, remaining)
         self._wakeup.set()
 
     def close(self) -> None:
@@ -439,7 +461,12 @@ class EnclaveSession:
         await self._resync()
         self.ready = True
         while True:
-            await self._sync()
+            if self._committed is not None:
+                (grant, remaining), self._committed = self._committed, None
+                await self._push_grant(grant, remaining)
+            if self._sync_due:
+                self._sync_due = False
+                await self._sync()
             await self._wakeup.wait()
             self._wakeup = trio.Event()
 
@@ -521,7 +548,7 @@ class EnclaveSession:
         """
         # The balance and the grant in one ledger transaction (one trip to its thread).
         balance, grant = await self._ledger.grant_due(
-            self.borrower, self._instance_id, self._plan()
+            self.borrower, self._instance_id, self.grant_plan
         )
         if balance.blocked:
             if self.told_blocked:
@@ -537,6 +564,13 @@ class EnclaveSession:
             if balance.remaining == 0 and self.granted_total <= self.served_total:
                 log.info("quota_exhausted", granted_total=self.granted_total)
             return sent
+        await self._push_grant(grant, balance.remaining - grant.units)
+        return True
+
+    async def _push_grant(self, grant: LedgerGrant, remaining: int) -> None:
+        """Send a durable grant, unless a newer one (a higher total) went out already."""
+        if grant.cumulative <= self.granted_total:
+            return
         self.granted_total = grant.cumulative
         await self._send(
             Grant(grant_id=grant.grant_id, units=grant.units, granted_total=grant.cumulative)
@@ -546,9 +580,8 @@ class EnclaveSession:
             units=grant.units,
             granted_total=grant.cumulative,
             grant_id=grant.grant_id,
-            remaining=balance.remaining - grant.units,
+            remaining=remaining,
         )
-        return True
 
     async def _on_usage(self, report: UsageReport) -> None:
         borrower = self.borrower
@@ -578,24 +611,13 @@ class EnclaveSession:
         # unblock) or ends the quota: a busy enclave reports tens of times a second, and a
         # ledger trip for nothing would cost every one of them.
         exhausted = balance.remaining == 0 and self.granted_total <= self.served_total
-        if self.ready and (
-            balance.blocked != self.told_blocked or exhausted or self._plan()(balance) > 0
-        ):
+        due = self.grant_plan(balance, self.granted_total, self.served_total) > 0
+        if self.ready and (balance.blocked != self.told_blocked or exhausted or due):
             self.wake()
 
-    def _plan(self) -> Callable[[Balance], int]:
-        """The grant rule with this link's totals as they are now (the ledger runs it in
-        its thread, inside the transaction that reads the balance)."""
-        return functools.partial(
-            _plan,
-            granted_total=self.granted_total,
-            served_total=self.served_total,
-            lease=self._cfg.lease,
-        )
 
-
-def _plan(balance: Balance, *, granted_total: int, served_total: int, lease: int) -> int:
-    """The units to grant an instance now (run by the ledger inside its transaction)."""
+def _plan(balance: Balance, granted_total: int, served_total: int, *, lease: int) -> int:
+    """The units to grant an instance now (a :data:`GrantPlan` once ``lease`` is bound)."""
     return plan_grant(
         remaining=balance.remaining,
         granted_total=granted_total,

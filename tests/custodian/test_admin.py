@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from drm_custodian.admin import AdminApp, RecordingHooks, hypercorn_config, serve_admin
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
-from drm_custodian.ledger import BorrowerBlocked
+from drm_custodian.ledger import BorrowerBlocked, SupplyResult
 from drm_custodian.state import init_state_dir
 from drm_wire.errors import ConfigError
 
@@ -174,8 +174,8 @@ async def test_logs_name_the_client_and_never_the_token(server: Server) -> None:
 
 async def test_hook_failure_answers_500_but_the_supply_stands(server: Server) -> None:
     class Boom(RecordingHooks):
-        async def on_supplied(self, borrower: str) -> None:
-            await super().on_supplied(borrower)
+        async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
+            await super().on_supplied(borrower, result)
             if len(self.calls) == 1:
                 raise RuntimeError("push failed")
 

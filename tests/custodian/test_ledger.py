@@ -281,28 +281,82 @@ async def test_a_grant_beyond_remaining_is_refused_and_changes_nothing(ledger: L
 
 async def test_grant_due_reads_and_grants_in_one_call(ledger: Ledger) -> None:
     await ledger.supply("acme", 10)
-    seen: list[Balance] = []
+    seen: list[tuple[Balance, int, int]] = []
 
-    def plan(balance: Balance) -> int:
-        seen.append(balance)
+    def plan(balance: Balance, granted: int, served: int) -> int:
+        seen.append((balance, granted, served))
         return min(balance.remaining, 4)
 
     balance, grant = await ledger.grant_due("acme", INSTANCE, plan)
-    assert seen == [balance] == [Balance(10, 0, 0, 0, 10, False)]
+    assert seen == [(balance, 0, 0)] == [(Balance(10, 0, 0, 0, 10, False), 0, 0)]
     assert grant is not None
     assert (grant.units, grant.cumulative) == (4, 4)
     assert (await ledger.balance("acme")).granted == 4
 
-    balance, grant = await ledger.grant_due("acme", INSTANCE, lambda _: 0)  # nothing due
-    assert (balance.granted, grant) == (4, None)
-    assert (await ledger.balance("acme")).granted == 4
+    await ledger.record_usage("acme", INSTANCE, 3, 1)
+    balance, grant = await ledger.grant_due("acme", INSTANCE, plan)  # sees its totals
+    assert seen[-1] == (Balance(10, 4, 3, 1, 6, False), 4, 3)
+    assert grant is not None
+    assert grant.cumulative == 8
+
+    balance, grant = await ledger.grant_due("acme", INSTANCE, lambda *_: 0)  # nothing due
+    assert (balance.granted, grant) == (8, None)
+    assert (await ledger.balance("acme")).granted == 8
+
+
+async def test_a_supply_grants_the_named_instances_in_its_own_transaction(
+    ledger: Ledger,
+) -> None:
+    await ledger.supply("acme", 4)
+    await ledger.record_grant("acme", INSTANCE, 4)
+    await ledger.record_usage("acme", INSTANCE, 4, 1)
+    seen: list[tuple[int, int, int]] = []
+
+    def plan(balance: Balance, granted: int, served: int) -> int:
+        seen.append((balance.remaining, granted, served))
+        return min(balance.remaining, 6)
+
+    other = "b" * 64
+    result = await ledger.supply("acme", 10, grant_to=[(INSTANCE, plan), (other, plan)])
+    assert seen == [(10, 4, 4), (4, 0, 0)]  # each plan sees what the one before left
+    assert [(g.instance_id, g.units, g.cumulative) for g in result.grants] == [
+        (INSTANCE, 6, 10),
+        (other, 4, 4),
+    ]
+    assert result.balance == Balance(14, 14, 4, 10, 0, False) == await ledger.balance("acme")
+    await ledger.integrity_check()
+
+    again = await ledger.supply("acme", 2, idempotency_key="k", grant_to=[(other, plan)])
+    retried = await ledger.supply("acme", 2, idempotency_key="k", grant_to=[(other, plan)])
+    assert (again.replayed, retried.replayed) == (False, True)
+    assert [g.cumulative for g in again.grants] == [6]
+    assert retried.grants == ()  # planned again, but nothing is left to grant
+    assert (await ledger.balance("acme")).supplied == 16
+
+
+async def test_a_supply_whose_plan_fails_records_nothing(ledger: Ledger) -> None:
+    with pytest.raises(InsufficientSupply):
+        await ledger.supply("acme", 5, grant_to=[(INSTANCE, lambda balance, *_: 6)])
+    with pytest.raises(LedgerInputError, match="instance_id"):
+        await ledger.supply("acme", 5, grant_to=[("", lambda *_: 1)])
+    assert await ledger.balance("acme") == Balance(0, 0, 0, 0, 0, False)
+
+
+async def test_a_supply_to_a_blocked_borrower_plans_no_grant(ledger: Ledger) -> None:
+    await ledger.set_blocked("acme", True, "audit")
+
+    def plan(balance: Balance, granted: int, served: int) -> int:
+        raise AssertionError("a blocked borrower's grant is not even planned")
+
+    result = await ledger.supply("acme", 5, grant_to=[(INSTANCE, plan)])
+    assert (result.grants, result.balance.remaining) == ((), 5)
 
 
 async def test_grant_due_grants_nothing_to_a_blocked_borrower(ledger: Ledger) -> None:
     await ledger.supply("acme", 10)
     await ledger.set_blocked("acme", True, "audit")
 
-    def plan(balance: Balance) -> int:
+    def plan(balance: Balance, granted: int, served: int) -> int:
         raise AssertionError("a blocked borrower's grant is not even planned")
 
     balance, grant = await ledger.grant_due("acme", INSTANCE, plan)
@@ -312,9 +366,9 @@ async def test_grant_due_grants_nothing_to_a_blocked_borrower(ledger: Ledger) ->
 async def test_grant_due_refuses_a_plan_beyond_the_balance(ledger: Ledger) -> None:
     await ledger.supply("acme", 3)
     with pytest.raises(InsufficientSupply):
-        await ledger.grant_due("acme", INSTANCE, lambda balance: balance.remaining + 1)
+        await ledger.grant_due("acme", INSTANCE, lambda balance, *_: balance.remaining + 1)
     with pytest.raises(LedgerInputError):
-        await ledger.grant_due("acme", INSTANCE, lambda _: -1)
+        await ledger.grant_due("acme", INSTANCE, lambda *_: -1)
     assert (await ledger.balance("acme")).granted == 0
 
 

@@ -358,10 +358,14 @@ async def test_supply_through_the_admin_api_pushes_a_grant(
         # Nothing supplied, no grant to re-send: unblock is the enclave's signal to serve
         # (parking requests until a grant comes).
         assert await receive_until_quiet(channel) == [Unblock()]
-        doc = await custodian.admin_call(lambda admin: admin.supply(7))
-        assert doc["instances"] == 1
+        with capture_logs() as logs:
+            doc = await custodian.admin_call(lambda admin: admin.supply(7))
+        # The grant was committed with the supply (one transaction): the answer shows it.
+        assert (doc["instances"], doc["granted"], doc["remaining"]) == (1, 7, 0)
+        assert [e["granted_now"] for e in logs if e["event"] == "admin_supply"] == [7]
         grant = await receive(channel, Grant)
         assert (grant.units, grant.granted_total) == (7, 7)
+        assert await receive_until_quiet(channel) == []  # sent once
 
 
 async def test_usage_is_recorded_acked_and_topped_up(start_custodian: CustodianFactory) -> None:

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from drm_custodian.ledger import Balance, Grant, Ledger
 from drm_custodian.registry import (
     DEFAULT_BLOCK_REASON,
     DuplicateInstance,
@@ -24,12 +25,41 @@ class FakeSession:
     finished: trio.Event = field(default_factory=trio.Event)
     woken: int = 0
     closed: bool = False
+    ready: bool = True
+    committed: list[tuple[Grant, int]] = field(default_factory=list)
+
+    @staticmethod
+    def grant_plan(balance: Balance, granted: int, served: int) -> int:
+        return 1
 
     def wake(self) -> None:
         self.woken += 1
 
+    def grant_committed(self, grant: Grant, remaining: int) -> None:
+        self.committed.append((grant, remaining))
+
     def close(self) -> None:
         self.closed = True
+
+
+async def test_a_supply_grants_ready_sessions_and_wakes_the_rest(ledger: Ledger) -> None:
+    registry = Registry()
+    ready = FakeSession("acme", "lic_a", "1" * 32)
+    loading = FakeSession("acme", "lic_b", "2" * 32, ready=False)
+    theirs = FakeSession("other", "lic_c", "3" * 32)
+    for session in (ready, loading, theirs):
+        await registry.claim(session)
+    hooks = SessionHooks(registry)
+    plans = hooks.grant_plans("acme")
+    assert [instance for instance, _ in plans] == [ready.instance_id]  # the ready one only
+
+    result = await ledger.supply("acme", 5, grant_to=plans)
+    await hooks.on_supplied("acme", result)
+    assert [(g.instance_id, g.units, left) for g, left in ready.committed] == [
+        (ready.instance_id, 1, 4)
+    ]
+    assert (ready.woken, loading.woken, theirs.woken) == (0, 1, 0)
+    assert loading.committed == theirs.committed == []
 
 
 async def test_one_instance_per_license() -> None:
@@ -73,10 +103,9 @@ async def test_hooks_wake_the_borrowers_sessions_only() -> None:
     await registry.claim(mine)
     await registry.claim(theirs)
     hooks = SessionHooks(registry)
-    await hooks.on_supplied("acme")
     await hooks.on_blocked("acme", "audit")
     await hooks.on_unblocked("acme")
-    assert (mine.woken, theirs.woken) == (3, 0)
+    assert (mine.woken, theirs.woken) == (2, 0)
     assert registry.block_reason("acme") == "audit"
     assert registry.block_reason("other") == DEFAULT_BLOCK_REASON
     assert hooks.instances("acme") == 1
