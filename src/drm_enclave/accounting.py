@@ -19,9 +19,26 @@ One report is in flight at a time. When it is acknowledged (after the custodian'
 commit), the next one carries whatever was served meanwhile, which batches naturally
 under load. After a reconnect, :meth:`Accounting.link_restarted` forgets the report in
 flight, so the next :meth:`Accounting.next_report` resends the current total.
+
+When to report (:meth:`Accounting.report_due_at`). Every report is a durable commit and a
+ledger row at the custodian, so reports are as rare as the custodian's needs allow:
+
+* *at once* after a quiet ``period`` (a lone inference is seen at once);
+* *urgently*, ``spacing`` after the last one, once the inferences served since the last
+  acknowledgement reach half of what the custodian believes is outstanding
+  (``granted_total - acked_total``): the custodian refills from reports, a lease at a
+  time once less than half a lease is outstanding, so it hears in time to refill while a
+  quarter of the lease is still in hand; and when draining (:meth:`Accounting.flush`);
+* otherwise once a ``period`` after the last one: the custodian's view lags by at most that.
+
+A busy instance thus reports a few times per lease and at least once a period, not once per
+``spacing``: 2,000 inferences a second with a lease of 1,000 make ~5 reports a second
+where they made ~80 (each a ledger row, ~1.7 GB a day at that rate).
 """
 
 from __future__ import annotations
+
+import math
 
 from drm_wire.errors import RemoteProtocolError
 from drm_wire.messages import Grant, UsageAck, UsageReport
@@ -32,7 +49,8 @@ __all__ = ["Accounting"]
 class Accounting:
     """Granted and served totals of one enclave instance, and its report sequence."""
 
-    __slots__ = ("_acked_total", "_in_flight", "_next_seq", "granted_total", "served_total")
+    __slots__ = ("_acked_total", "_flush", "_in_flight", "_last_sent_at", "_next_seq",
+                 "granted_total", "served_total")  # fmt: skip
 
     def __init__(self) -> None:
         #: Inferences the custodian has granted this instance, in total.
@@ -42,6 +60,9 @@ class Accounting:
         self._acked_total = 0
         self._next_seq = 1
         self._in_flight: UsageReport | None = None
+        #: When the last report was sent (the caller's clock): -inf, never.
+        self._last_sent_at = -math.inf
+        self._flush = False
 
     def __repr__(self) -> str:
         return (
@@ -71,21 +92,49 @@ class Accounting:
         self.granted_total = grant.granted_total
         return added
 
-    def served(self, count: int = 1) -> None:
-        """Record ``count`` inferences as served (after each one has run)."""
+    def served(self, count: int = 1) -> bool:
+        """Record ``count`` inferences as served (after each one has run).
+
+        Returns:
+            Whether :meth:`report_due_at` may have moved: the first unreported inference,
+            or the one that makes a report urgent. Other inferences change nothing the
+            reporter waits for, so the hot path need not wake it.
+        """
         if count < 0:
             raise ValueError("count must not be negative")
         if self.served_total + count > self.granted_total:
             raise RuntimeError("served more than granted: the quota must prevent this")
+        was_urgent = self._urgent()
+        before = self.served_total
         self.served_total += count
+        return count > 0 and (before == self._acked_total or self._urgent() != was_urgent)
 
-    def next_report(self) -> UsageReport | None:
-        """The report to send now, if one is due and none is in flight."""
+    def _urgent(self) -> bool:
+        unreported = self.served_total - self._acked_total
+        return unreported > 0 and 2 * unreported >= self.granted_total - self._acked_total
+
+    def flush(self) -> None:
+        """Draining: report what is left at the spacing, not the period."""
+        self._flush = True
+
+    def report_due_at(self, *, spacing: float, period: float) -> float | None:
+        """When the next report is due (on the clock :meth:`next_report` was given), or
+        ``None`` while there is nothing to report or a report is in flight. See the module
+        docstring."""
+        if self._in_flight is not None or self.served_total == self._acked_total:
+            return None
+        soon = self._flush or self._urgent()
+        return self._last_sent_at + (spacing if soon else period)
+
+    def next_report(self, now: float = -math.inf) -> UsageReport | None:
+        """The report to send now (sent at ``now``), if there is something to report and
+        none is in flight; whether it is due yet is :meth:`report_due_at`'s call."""
         if self._in_flight is not None or self.served_total == self._acked_total:
             return None
         report = UsageReport(seq=self._next_seq, served_total=self.served_total)
         self._next_seq += 1
         self._in_flight = report
+        self._last_sent_at = now
         return report
 
     def on_ack(self, ack: UsageAck) -> None:
@@ -111,5 +160,6 @@ class Accounting:
         self._in_flight = None
 
     def link_restarted(self) -> None:
-        """A new custodian link: the report in flight may be lost, so send it again."""
+        """A new custodian link: the report in flight may be lost, so send it again, at once."""
         self._in_flight = None
+        self._last_sent_at = -math.inf

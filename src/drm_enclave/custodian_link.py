@@ -13,8 +13,9 @@ instance id, then runs one *session* per connection (``docs/links.md``, custodia
   ``model_begin``; on ``model_end`` a task loads the session off the event loop and answers
   ``model_loaded``), grants, usage acknowledgements, ``block``/``unblock``, heartbeats;
 * a heartbeat sender (every ``heartbeat_interval``);
-* a reporter that sends :meth:`Accounting.next_report` whenever the served total changes
-  or an acknowledgement frees the one report in flight.
+* a reporter that sends :meth:`Accounting.next_report` when
+  :meth:`Accounting.report_due_at` says a report is due (at once after a quiet period,
+  soon when the custodian needs it to refill, else once a period).
 
 Kill switch: the quota starts suspended (``CUSTODIAN_UNREACHABLE``). The moment a session
 ends, for whatever reason (EOF, error, missed heartbeats, a protocol error, shutdown), the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Final
@@ -97,12 +99,14 @@ class LinkTiming:
         backoff_max: the cap on the redial delay: a custodian that comes back is
             re-joined within this long.
         handshake_timeout: TCP connect, and separately the TLS handshake.
-        report_spacing: the least time between two usage reports. The first report after
-            a quiet spell goes at once; under steady load one report carries what was served
-            in this interval, so the custodian commits (and fsyncs) tens of times a second
-            instead of once per inference. It delays what the custodian sees by at most this
-            much; it must stay far below the time a half lease lasts (refills are planned
-            from reports): 500 units at 2,000 inferences a second is 250 ms.
+        report_spacing: the least time between two usage reports, urgent ones included
+            (see :mod:`~drm_enclave.accounting`): an urgent report waits this long after
+            the last one, so under load one report carries what was served meanwhile. It
+            must stay far below the time a quarter lease lasts (refills are planned from
+            reports): 250 units at 2,000 inferences a second is 125 ms.
+        report_period: the longest the custodian's view of usage lags while the instance
+            serves and nothing is urgent, and the quiet time after which a report goes at
+            once. One report (a ledger row) per period at most, besides urgent ones.
     """
 
     heartbeat_interval: float = HEARTBEAT_INTERVAL
@@ -111,6 +115,7 @@ class LinkTiming:
     backoff_max: float = 5.0
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     report_spacing: float = 0.01
+    report_period: float = 1.0
 
     @property
     def dead_after(self) -> float:
@@ -360,16 +365,21 @@ class CustodianLink:
     async def _reports(
         self, channel: MessageChannel, log: structlog.typing.FilteringBoundLogger
     ) -> None:
-        next_allowed = trio.current_time()
+        accounting, timing = self._runtime.accounting, self._timing
         try:
             while True:
-                await trio.sleep_until(next_allowed)
-                report = self._runtime.accounting.next_report()
-                if report is not None:
+                due = accounting.report_due_at(
+                    spacing=timing.report_spacing, period=timing.report_period
+                )
+                now = trio.current_time()
+                if due is not None and due <= now:
+                    report = accounting.next_report(now)
+                    assert report is not None  # due: something to report, none in flight
                     await channel.send(report)
                     log.debug("usage_reported", seq=report.seq, served_total=report.served_total)
-                    next_allowed = trio.current_time() + self._timing.report_spacing
-                await self._runtime.wait_usage_changed()
+                    continue
+                with trio.move_on_at(math.inf if due is None else due):
+                    await self._runtime.wait_usage_changed()
         except BaseException:
             self._runtime.link_lost()
             raise

@@ -95,18 +95,21 @@ class EnclaveRuntime:
         return self._link_up
 
     def served(self) -> None:
-        """One lease was committed: count it and wake the usage reporter.
+        """One lease was committed: count it, and wake the usage reporter if that moves
+        its schedule (:meth:`Accounting.served`).
 
-        Only the usage reporter: the state does not change with a served inference, and
-        waking every :meth:`wait_for` (the systemd phase reporter, the drain) on the hot
-        path would cost each inference a scheduler pass for nothing. The drain waits for
-        ``unreported == 0``, which only an acknowledgement (:meth:`on_ack`) can bring.
+        Only the usage reporter, and only then: the state does not change with a served
+        inference, and waking every :meth:`wait_for` (the systemd phase reporter, the
+        drain) or the reporter on the hot path would cost each inference a scheduler pass
+        for nothing. The drain waits for ``unreported == 0``, which only an
+        acknowledgement (:meth:`on_ack`) can bring.
         """
-        self.accounting.served(1)
-        self._usage_changed.set()
+        if self.accounting.served(1):
+            self._usage_changed.set()
 
     async def wait_usage_changed(self) -> None:
-        """Return once :meth:`served` or an acknowledgement happened since the last call."""
+        """Return once the report schedule may have moved since the last call (an
+        inference that matters to it, an acknowledgement, a new link, draining)."""
         await self._usage_changed.wait()
         self._usage_changed = trio.Event()
 
@@ -122,6 +125,8 @@ class EnclaveRuntime:
     def begin_shutdown(self) -> None:
         """Stop serving for good (the daemon is stopping); the link may still flush usage."""
         self._stopping = True
+        self.accounting.flush()
+        self._usage_changed.set()
         failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
         _log.info("enclave_draining", failed_parked=failed, unreported=self.accounting.unreported)
         self._changed()

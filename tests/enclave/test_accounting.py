@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -43,6 +44,50 @@ def test_reports_are_cumulative_one_in_flight_and_batch() -> None:
     assert second is not None
     assert (second.seq, second.served_total) == (2, 4)  # batched
     assert accounting.unreported == 3
+
+
+SPACING, PERIOD = 0.01, 1.0
+
+
+def due(accounting: Accounting) -> float | None:
+    return accounting.report_due_at(spacing=SPACING, period=PERIOD)
+
+
+def test_reports_go_at_once_after_quiet_then_per_period_unless_urgent() -> None:
+    accounting = Accounting()
+    accounting.on_grant(grant(100, 100))
+    assert due(accounting) is None  # nothing served
+    assert accounting.served() is True  # the first unreported: the reporter must look
+    assert due(accounting) == -math.inf  # quiet so far: at once
+    first = accounting.next_report(now=50.0)
+    assert first is not None
+    assert due(accounting) is None  # in flight
+    accounting.on_ack(UsageAck(seq=first.seq, served_total=first.served_total))
+    assert accounting.served() is True
+    assert [accounting.served() for _ in range(47)] == [False] * 47  # nothing moves
+    assert due(accounting) == 50.0 + PERIOD  # 48 of the 99 outstanding: not urgent
+    assert accounting.served() is False  # 49 of 99: still less than half
+    assert due(accounting) == 50.0 + PERIOD
+    assert accounting.served() is True  # 50 of 99: half
+    assert due(accounting) == 50.0 + SPACING  # urgent: the custodian must refill soon
+    second = accounting.next_report(now=50.5)
+    assert second is not None
+    assert second.served_total == 51
+
+
+def test_a_draining_or_reconnected_instance_reports_soon() -> None:
+    accounting = Accounting()
+    accounting.on_grant(grant(100, 100))
+    accounting.served()
+    report = accounting.next_report(now=7.0)
+    assert report is not None
+    accounting.on_ack(UsageAck(seq=report.seq, served_total=report.served_total))
+    accounting.served()
+    assert due(accounting) == 7.0 + PERIOD
+    accounting.flush()
+    assert due(accounting) == 7.0 + SPACING
+    accounting.link_restarted()
+    assert due(accounting) == -math.inf
 
 
 def test_reconnect_resends_the_current_total() -> None:

@@ -147,11 +147,11 @@ async def test_usage_reports_are_cumulative_and_acks_applied(tmp_path: Path) -> 
             assert rig.runtime.accounting.unreported == 0
 
 
-async def test_reports_are_spaced_so_a_busy_enclave_batches_them(tmp_path: Path) -> None:
-    spacing = 1.0
-    timing = dataclasses.replace(FAST_TIMING, report_spacing=spacing)
+async def test_reports_wait_a_period_unless_the_custodian_needs_one(tmp_path: Path) -> None:
+    period = 1.0
+    timing = dataclasses.replace(FAST_TIMING, report_period=period)
     async with running_enclave(tmp_path, timing=timing) as rig:
-        session = await rig.link(granted_total=5)
+        session = await rig.link(granted_total=20)
         async with rig.consumer() as consumer:
             await consumer.infer()
             first = await session.next(UsageReport)  # the first after a quiet spell: at once
@@ -160,10 +160,17 @@ async def test_reports_are_spaced_so_a_busy_enclave_batches_them(tmp_path: Path)
             await consumer.infer()
             await consumer.infer()
             second = await session.next(UsageReport)
-            # Not before the spacing (less the first report's delivery time), and carrying
-            # both inferences served meanwhile: without the spacing it would carry one.
-            assert trio.current_time() - sent_first >= spacing / 2
+            # Not before the period (less the first report's delivery time), carrying both
+            # inferences served meanwhile.
+            assert trio.current_time() - sent_first >= period / 2
             assert (second.seq, second.served_total) == (2, 3)
+            await session.ack(second.seq, second.served_total)
+            sent_second = trio.current_time()
+            for _ in range(9):  # 9 of the 17 outstanding: more than half
+                await consumer.infer()
+            third = await session.next(UsageReport)  # urgent: long before the period
+            assert trio.current_time() - sent_second < period / 2
+            assert (third.seq, third.served_total) == (3, 12)
 
 
 async def test_bad_input_is_refused_before_any_quota(tmp_path: Path) -> None:
