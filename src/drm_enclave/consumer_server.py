@@ -10,9 +10,14 @@ verifies it inside the handshake, before sending any data), accepts the consumer
 then reads requests in one loop:
 
 * ``model_info_request`` is answered inline (it only reads the runtime);
-* ``infer`` becomes a task in the connection's request nursery, at most
+* ``infer`` is answered inline too when it needs no wait: refused outright, or a unit of
+  quota is free and its model is known to run fast enough to stay on the loop
+  (:meth:`HostedModel.runs_inline`). On this machine a task per request cost a tiny
+  model's round trip about a third of its time (a spawn and two more passes of the
+  scheduler), for nothing: the run would block the loop just the same inside a task;
+* any other ``infer`` becomes a task in the connection's request nursery, at most
   ``max_in_flight`` at once (past that: ``Error(busy)`` for that request), so one
-  connection may have many requests in flight, parked on quota or running.
+  connection may have many requests in flight, parked on quota or running in a thread.
 
 One inference, in order: the model must be loaded (``model_not_found``; while the enclave
 is suspended with no such model, the suspension code), the tensors must match its inputs
@@ -52,6 +57,7 @@ from drm_wire.messages import (
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
 from drm_wire.net.tls import accept_tls
 from drm_wire.protocol import Link, Side
+from drm_wire.tensors import Tensor
 
 from .custodian_link import SOFTWARE
 from .model_host import BadInputError, HostedModel, InferenceError
@@ -200,6 +206,9 @@ class ConsumerServer:
             if isinstance(message, ModelInfoRequest):
                 await channel.send(self._model_info(message.request_id))
             elif isinstance(message, InferenceRequest):
+                if (reply := self._answer_now(message, log)) is not None:
+                    await self._send_reply(channel, reply)
+                    continue
                 if in_flight.value >= self._limits.max_in_flight:
                     log.info("request_refused_busy", request_id=message.request_id)
                     await channel.send(
@@ -216,6 +225,65 @@ class ConsumerServer:
                     self._idle = trio.Event()
                 requests.start_soon(self._infer_task, channel, requests, message, in_flight, log)
             # The consumer state machine lets nothing else through.
+
+    async def _send_reply(self, channel: MessageChannel, reply: InferenceResult | Error) -> None:
+        """Send a fast-path reply, counted as in flight for :meth:`wait_idle` meanwhile."""
+        self._running += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        try:
+            await channel.send(reply)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    def _answer_now(
+        self, request: InferenceRequest, log: structlog.typing.FilteringBoundLogger
+    ) -> InferenceResult | Error | None:
+        """The reply to ``request`` if it needs no wait, else ``None`` (a task serves it).
+
+        No wait: it is refused before any quota (the model, the inputs, a suspension), or
+        a unit is free now and its model runs inline. Nothing here is a schedule point.
+        """
+        checked = self._checked(request, log)
+        if not isinstance(checked, HostedModel):
+            return checked
+        if not checked.runs_inline(request.inputs):
+            return None
+        try:
+            lease = self._runtime.quota.try_acquire()
+        except QuotaError as exc:
+            return _refused(log, request, exc.code, str(exc))
+        if lease is None:
+            return None  # park (or refuse, per its wait) in a task
+        try:
+            outputs = checked.run_inline(request.inputs)
+        except (InferenceError, BadInputError) as exc:
+            return self._failed(lease, request, exc, log)
+        except BaseException:
+            lease.release()
+            raise
+        return self._served(lease, request, outputs, log)
+
+    def _checked(
+        self, request: InferenceRequest, log: structlog.typing.FilteringBoundLogger
+    ) -> HostedModel | Error:
+        """The request's model with its inputs checked, or the refusal (no quota taken)."""
+        runtime = self._runtime
+        model = runtime.models.get(request.model)
+        if model is None:
+            suspended = runtime.quota.suspended
+            if suspended is not None and not runtime.models:
+                return _refused(log, request, suspended, "the enclave is not serving")
+            return _refused(
+                log, request, ErrorCode.MODEL_NOT_FOUND, "no model of that name is loaded"
+            )
+        try:
+            model.check_inputs(request.inputs)
+        except BadInputError as exc:
+            return _refused(log, request, ErrorCode.BAD_REQUEST, str(exc))
+        return model
 
     def _model_info(self, request_id: int) -> ModelInfo:
         runtime = self._runtime
@@ -254,31 +322,17 @@ class ConsumerServer:
         request: InferenceRequest,
         log: structlog.typing.FilteringBoundLogger,
     ) -> InferenceResult | Error:
-        runtime = self._runtime
-        request_id = request.request_id
-
-        def fail(code: ErrorCode, message: str) -> Error:
-            log.info("inference_refused", code=code.value)
-            return Error(code=code, message=message, request_id=request_id)
-
-        model = runtime.models.get(request.model)
-        if model is None:
-            suspended = runtime.quota.suspended
-            if suspended is not None and not runtime.models:
-                return fail(suspended, "the enclave is not serving")
-            return fail(ErrorCode.MODEL_NOT_FOUND, "no model of that name is loaded")
+        model = self._checked(request, log)
+        if not isinstance(model, HostedModel):
+            return model
+        waiting = _WaitingNotice(channel, request.request_id)
         try:
-            model.check_inputs(request.inputs)
-        except BadInputError as exc:
-            return fail(ErrorCode.BAD_REQUEST, str(exc))
-        waiting = _WaitingNotice(channel, request_id)
-        try:
-            lease = await runtime.quota.acquire(
+            lease = await self._runtime.quota.acquire(
                 request.wait, on_parked=lambda position: waiting.parked(requests, position)
             )
         except QuotaError as exc:
             waiting.done = True
-            return fail(exc.code, str(exc))
+            return _refused(log, request, exc.code, str(exc))
         waiting.done = True
         return await self._run(lease, model, request, log)
 
@@ -292,18 +346,53 @@ class ConsumerServer:
         try:
             outputs = await model.run_async(request.inputs)
         except (InferenceError, BadInputError) as exc:
-            lease.release()
-            log.info("inference_failed", error=str(exc))
-            code = ErrorCode.INFERENCE_FAILED if isinstance(exc, InferenceError) else exc.code
-            return Error(code=code, message=str(exc), request_id=request.request_id)
+            return self._failed(lease, request, exc, log)
         except BaseException:
             lease.release()
             raise
+        return self._served(lease, request, outputs, log)
+
+    def _failed(
+        self,
+        lease: Lease,
+        request: InferenceRequest,
+        exc: InferenceError | BadInputError,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> Error:
+        lease.release()
+        log.info("inference_failed", request_id=request.request_id, error=str(exc))
+        code = ErrorCode.INFERENCE_FAILED if isinstance(exc, InferenceError) else exc.code
+        return Error(code=code, message=str(exc), request_id=request.request_id)
+
+    def _served(
+        self,
+        lease: Lease,
+        request: InferenceRequest,
+        outputs: tuple[Tensor, ...],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> InferenceResult:
         lease.commit()  # the output exists: the unit is served, whatever happens next
         self._runtime.served()
         left = self._runtime.quota.available
-        log.debug("inference_served", inferences_left=left)  # per request: debug only
+        # per request: debug only
+        log.debug("inference_served", request_id=request.request_id, inferences_left=left)
         return InferenceResult(request_id=request.request_id, outputs=outputs, inferences_left=left)
+
+
+def _refused(
+    log: structlog.typing.FilteringBoundLogger,
+    request: InferenceRequest,
+    code: ErrorCode,
+    message: str,
+) -> Error:
+    """A refusal before any quota was taken (logged with the request's id and model)."""
+    log.info(
+        "inference_refused",
+        request_id=request.request_id,
+        model=request.model[:64],
+        code=code.value,
+    )
+    return Error(code=code, message=message, request_id=request.request_id)
 
 
 class _Counter:

@@ -531,6 +531,24 @@ class HostedModel:
         elif elapsed > INLINE_BUDGET:
             self._inline_max = min(self._inline_max, size - 1)
 
+    def runs_inline(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether a run of these inputs is known to be fast enough to stay on the loop
+        (what :meth:`run_async` would decide; the inputs are not checked here)."""
+        return sum(tensor.data.nbytes for tensor in tensors) <= self._inline_max
+
+    def run_inline(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """:meth:`run` on the event loop, observed for the inline policy like
+        :meth:`run_async`: for a caller that asked :meth:`runs_inline` first and has no
+        schedule point to spare.
+
+        Raises:
+            BadInputError, InferenceError: as :meth:`run`.
+        """
+        feeds = self._feeds(tensors)
+        outputs, elapsed = self._timed_run(feeds)
+        self._observe(sum(array.nbytes for array in feeds.values()), elapsed)
+        return outputs
+
     async def run_async(
         self, tensors: Sequence[Tensor], *, inline: bool | None = None
     ) -> tuple[Tensor, ...]:

@@ -231,6 +231,27 @@ class Quota:
             raise QuotaError(self._suspended, "inferences are suspended")
         return Lease(self, _LEASE_KEY)
 
+    def try_acquire(self) -> Lease | None:
+        """Take one unit if one is free now, without parking or a schedule point.
+
+        For a caller that will not wait anyway (the consumer server's inline fast path).
+        A free unit means nobody is parked (a grant wakes the parked first), so this
+        never jumps the queue.
+
+        Returns:
+            The lease, or ``None`` when no unit is free.
+
+        Raises:
+            QuotaError: the suspension code (``CUSTODIAN_UNREACHABLE``, ``BLOCKED``).
+        """
+        if self._suspended is not None:
+            raise QuotaError(self._suspended, "inferences are suspended")
+        if self._available == 0:
+            return None
+        self._available -= 1
+        self._in_use += 1
+        return Lease(self, _LEASE_KEY)
+
     async def acquire(
         self, wait: float | None = None, *, on_parked: Callable[[int], object] | None = None
     ) -> Lease:

@@ -6,14 +6,23 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from structlog.testing import capture_logs
 
+from drm_enclave import model_host
 from drm_enclave.consumer_server import ConsumerLimits
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.framing import encode_frame
-from drm_wire.messages import EnclaveState, Hello, InferenceResult, PeerRole, UsageReport
+from drm_wire.messages import (
+    EnclaveState,
+    Hello,
+    InferenceResult,
+    PeerRole,
+    UsageReport,
+    Waiting,
+)
 from drm_wire.net.channel import ChannelError
-from tests.enclave.enclave_fakes import HOST, TIMEOUT, running_enclave
+from tests.enclave.enclave_fakes import HOST, TIMEOUT, running_enclave, tiny_input
 from tests.models import SECRET_NODE_NAME, failing_model
 
 
@@ -37,6 +46,50 @@ async def test_many_requests_in_flight_on_one_connection(tmp_path: Path) -> None
             assert caught.value.code is ErrorCode.NO_INFERENCES
         report = await session.next(UsageReport)
         assert 1 <= report.served_total <= 10
+
+
+async def test_inline_answers_then_parked_requests_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests answered on the fast path (a unit free, the model known fast) and those
+    parked in tasks share one queue: the burst past the quota parks, and a grant serves
+    the parked requests oldest first."""
+    # Generous thresholds, so a loaded test machine cannot make a tiny run look slow.
+    monkeypatch.setattr(model_host, "INLINE_FAST", 1.0)
+    monkeypatch.setattr(model_host, "INLINE_BUDGET", 2.0)
+    async with running_enclave(tmp_path) as rig:
+        session = await rig.link(granted_total=3)
+        async with rig.consumer() as consumer:
+            await consumer.infer()  # measured: the tiny model runs inline from now on
+            assert rig.runtime.models["tiny"].runs_inline(tiny_input())
+            served: list[int] = []
+            waiting: list[Waiting] = []
+            parked = [trio.Event() for _ in range(6)]
+            done = [trio.Event() for _ in range(6)]
+
+            async def one(i: int) -> None:
+                await consumer.infer(wait=None, waiting=waiting, parked=parked[i])
+                served.append(i)
+                done[i].set()
+
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for i in range(6):
+                        nursery.start_soon(one, i)
+                        await trio.testing.wait_all_tasks_blocked()
+                    for i in (0, 1):
+                        await done[i].wait()  # a unit free: answered at once
+                    for i in (2, 3, 4, 5):
+                        await parked[i].wait()
+                    assert sorted(served) == [0, 1]
+                    await session.grant(2, 5)
+                    await done[2].wait()
+                    await done[3].wait()
+                    assert sorted(served) == [0, 1, 2, 3]  # the two oldest parked went first
+                    await session.grant(3, 7)
+            assert sorted(served) == [0, 1, 2, 3, 4, 5]
+            assert sorted(w.position for w in waiting) == [1, 2, 3, 4]
+            assert rig.runtime.accounting.served_total == 7
 
 
 async def test_in_flight_cap_answers_busy(tmp_path: Path) -> None:

@@ -431,6 +431,24 @@ async def test_run_async_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_allclose(first.to_numpy(), hosted.run(small)[0].to_numpy())
 
 
+async def test_run_inline_follows_and_feeds_the_same_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_host, "INLINE_FAST", 1.0)
+    monkeypatch.setattr(model_host, "INLINE_BUDGET", 2.0)
+    hosted = load_model("tiny", models.tiny_model())
+    small, large = (t("x", x_batch(1)),), (t("x", x_batch(64)),)
+    assert not hosted.runs_inline(small)  # never measured
+    (y,) = hosted.run_inline(small)  # a caller may run it anyway; the run is observed
+    assert hosted.runs_inline(small)
+    assert not hosted.runs_inline(large)
+    np.testing.assert_array_equal(y.to_numpy(), hosted.run(small)[0].to_numpy())
+    hosted._observe(4, 3.0)  # one slow run sends that size (and larger) back to a thread
+    assert not hosted.runs_inline(small)
+    with pytest.raises(BadInputError):
+        hosted.run_inline((t("x", np.zeros((1, 5), dtype=np.float32)),))
+
+
 @pytest.mark.parametrize("inline", [True, False])
 async def test_run_async_forced_paths_agree(tiny: HostedModel, inline: bool) -> None:
     x = x_batch(4)

@@ -110,6 +110,34 @@ async def test_a_lease_ends_once(quota: Quota) -> None:
     assert_balanced(quota)
 
 
+def test_try_acquire_takes_a_free_unit_or_nothing(quota: Quota) -> None:
+    assert quota.try_acquire() is None  # nothing granted: no lease, nothing parked
+    assert (quota.available, quota.in_use, quota.parked) == (0, 0, 0)
+    quota.grant(1)
+    lease = quota.try_acquire()
+    assert lease is not None
+    assert (quota.available, quota.in_use) == (0, 1)
+    lease.commit()
+    assert quota.served_total == 1
+    assert_balanced(quota)
+    quota.grant(1)
+    quota.suspend(ErrorCode.BLOCKED)
+    with pytest.raises(QuotaError) as caught:
+        quota.try_acquire()
+    assert caught.value.code is ErrorCode.BLOCKED
+    assert quota.in_use == 0
+
+
+async def test_try_acquire_never_jumps_the_queue(quota: Quota) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(quota.acquire)
+        await trio.testing.wait_all_tasks_blocked()
+        assert quota.parked == 1
+        quota.grant(1)  # the unit goes to the parked request, not to a newcomer
+        assert quota.try_acquire() is None
+    assert (quota.in_use, quota.parked) == (1, 0)
+
+
 def test_leases_cannot_be_forged(quota: Quota) -> None:
     with pytest.raises(TypeError):
         Lease(quota, object())
