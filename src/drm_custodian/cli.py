@@ -45,6 +45,7 @@ from drm_wire.attestation.policy import Policy
 from drm_wire.config_file import ConfigSchema, Kind
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.logs import LOG_LEVELS, set_log_level
 from drm_wire.net.address import format_address
 from drm_wire.sd_notify import Notifier
 
@@ -176,6 +177,8 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="supply N inferences at the first start (never again)")  # fmt: skip
     schema.add("--lease", Kind.INTEGER, type=_lease, default=DEFAULT_LEASE, metavar="N",
                help="most inferences lent to one enclave at a time")  # fmt: skip
+    schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
+               help="lowest level logged (debug adds per-request events)")  # fmt: skip
     return schema
 
 
@@ -235,6 +238,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    set_log_level(args.log_level)  # first: loggers keep the level of their first use
     config = _serve_config(args)
     status = EXIT_OK
     try:

@@ -572,6 +572,8 @@ class EnclaveSession:
         if grant.cumulative <= self.granted_total:
             return
         self.granted_total = grant.cumulative
+        # debug: the moment the push starts (grant_pushed is stamped after the send)
+        log.debug("grant_sending", grant_id=grant.grant_id, granted_total=grant.cumulative)
         await self._send(
             Grant(grant_id=grant.grant_id, units=grant.units, granted_total=grant.cumulative)
         )

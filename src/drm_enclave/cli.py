@@ -38,6 +38,7 @@ import trio
 from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.config_file import ConfigSchema, Kind, read_bounded
 from drm_wire.errors import ConfigError
+from drm_wire.logs import LOG_LEVELS, set_log_level
 from drm_wire.messages import EnclaveState
 from drm_wire.net.address import format_address, parse_address
 from drm_wire.sd_notify import Notifier
@@ -152,6 +153,8 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="INSECURE simulated SGX platform (created on first use)")  # fmt: skip
     schema.add("--intra-op-threads", Kind.INTEGER, type=_threads, default=1, metavar="N",
                help="onnxruntime threads per model session")  # fmt: skip
+    schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
+               help="lowest level logged (debug adds per-request events)")  # fmt: skip
     return schema
 
 
@@ -234,6 +237,7 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    set_log_level(args.log_level)  # first: loggers keep the level of their first use
     config = _enclave_config(args)
     return trio.run(_serve_until_signal, config, Notifier.from_environment())
 

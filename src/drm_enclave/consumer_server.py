@@ -334,6 +334,8 @@ class ConsumerServer:
             waiting.done = True
             return _refused(log, request, exc.code, str(exc))
         waiting.done = True
+        if waiting.position:  # debug: the end of a grant wake-up, as the enclave sees it
+            log.debug("parked_request_resumed", position=waiting.position)
         return await self._run(lease, model, request, log)
 
     async def _run(
@@ -405,15 +407,17 @@ class _Counter:
 class _WaitingNotice:
     """Sends one ``waiting`` for a parked request, unless its final reply went first."""
 
-    __slots__ = ("channel", "done", "request_id")
+    __slots__ = ("channel", "done", "position", "request_id")
 
     def __init__(self, channel: MessageChannel, request_id: int) -> None:
         self.channel = channel
         self.request_id = request_id
         self.done = False
+        self.position = 0  # where it parked (1-based); 0: it did not park
 
     def parked(self, requests: trio.Nursery, position: int) -> None:
         # Called synchronously by Quota.acquire: it must not block, so a task sends it.
+        self.position = position
         requests.start_soon(self._send, position)
 
     async def _send(self, position: int) -> None:

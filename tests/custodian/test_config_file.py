@@ -27,7 +27,7 @@ from tests.simulation import simulation_policy
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "custodian.toml"
 MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
-KEYS = "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease"
+KEYS = "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease, log_level"
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         "  admin_port = 6000  (default)",
         "  initial_inferences = 0  (default)",
         "  lease = 50  (config file)",
+        "  log_level = info  (default)",
         "  borrower managed: acme",
         f"  model tiny: {len(tiny_model())} bytes, sha256 {sha}",
     ]

@@ -103,10 +103,17 @@ def _loopback(address: str) -> str:
     return f"{LOOPBACK}:{port}"
 
 
-def deploy(workdir: Path, daemons: list[Daemon], *, model_bytes: bytes | None = None) -> Deployment:
+def deploy(
+    workdir: Path,
+    daemons: list[Daemon],
+    *,
+    model_bytes: bytes | None = None,
+    log_level: str = "info",
+) -> Deployment:
     """Run init, measure and both daemons in ``workdir``; started daemons go in ``daemons``.
 
-    The custodian lends ``model_bytes`` (the tiny model by default) as ``tiny``.
+    The custodian lends ``model_bytes`` (the tiny model by default) as ``tiny``; both
+    daemons log at ``log_level``.
     """
     state = workdir / "custodian-state"
     simulation = workdir / "simulated-platform"
@@ -133,7 +140,7 @@ def deploy(workdir: Path, daemons: list[Daemon], *, model_bytes: bytes | None = 
             "drm_custodian", "serve",
             "--state-dir", state, "--upload", model, "--policy", policy,
             "--initial-inferences", str(INITIAL_INFERENCES),
-            "--port", "0", "--admin-port", "0",
+            "--port", "0", "--admin-port", "0", "--log-level", log_level,
         ),
         cwd=workdir,
     )  # fmt: skip
@@ -146,7 +153,7 @@ def deploy(workdir: Path, daemons: list[Daemon], *, model_bytes: bytes | None = 
             "--custodian", _loopback(listening["enclave_address"]),
             "--custodian-ca", ca, "--license", license_path,
             "--attestation", "simulated", "--simulation-dir", simulation,
-            "--listen", f"{LOOPBACK}:0",
+            "--listen", f"{LOOPBACK}:0", "--log-level", log_level,
         ),
         cwd=workdir,
     )  # fmt: skip

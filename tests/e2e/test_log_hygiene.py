@@ -71,13 +71,14 @@ WRONG_TOKEN: Final = "wrong-token-3f9c1d7e5a2b4c6d8e0f1a3b5c7d9e1f"
 
 @pytest.fixture
 def canary_deployment(tmp_path: Path) -> Iterator[Deployment]:
-    """The e2e deployment, lending the canary model instead of the tiny one."""
+    """The e2e deployment, lending the canary model instead of the tiny one, and logging
+    at debug level: per-request events must be as clean as the rest."""
     missing = e2e.daemons_missing()
     if missing is not None:
         pytest.skip(missing)
     daemons: list[Daemon] = []
     try:
-        yield e2e.deploy(tmp_path, daemons, model_bytes=models.canary_model())
+        yield e2e.deploy(tmp_path, daemons, model_bytes=models.canary_model(), log_level="debug")
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
@@ -308,6 +309,8 @@ def test_a_lending_session_leaves_clean_logs(canary_deployment: Deployment) -> N
         "custodian_listening", "enclave_serving", "custodian_link_up", "admin_supply",
         "admin_auth_failed", "custodian_blocked", "custodian_unblocked",
         "enclave_refused",
+        # debug level (--log-level debug): per-request and per-report events
+        "inference_served", "usage_reported", "grant_sending", "parked_request_resumed",
     } <= names  # fmt: skip
     secrets = forbidden(d)
     assert_scan_finds_planted_secrets(secrets)

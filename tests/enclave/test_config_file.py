@@ -34,7 +34,10 @@ from tests.enclave.enclave_fakes import (
 from tests.models import tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
-KEYS = "custodian, custodian_ca, license, listen, attestation, simulation_dir, intra_op_threads"
+KEYS = (
+    "custodian, custodian_ca, license, listen, attestation, simulation_dir, intra_op_threads, "
+    "log_level"
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def test_check_config_reports_every_value_and_where_it_came_from(files: Files) -
         "  attestation = simulated  (config file)",
         f"  simulation_dir = {files.root / 'sim'}  (config file)",
         "  intra_op_threads = 2  (command line)",
+        "  log_level = info  (default)",
         f"  custodian CA: {shared_pki().ca_cert.subject.rfc4514_string()}",
         f"  license: {LICENSE.license_id} (borrower {LICENSE.borrower})",
     ]
@@ -118,6 +122,8 @@ def test_the_command_line_beats_a_host_provided_file(files: Files, tmp_path: Pat
         ('attestation = "sgx"',
          "must be one of: auto, gramine, simulated; got 'sgx' (in {f} at 'attestation')"),
         ("intra_op_threads = 0", "must be from 1 to 64 (in {f} at 'intra_op_threads')"),
+        ('log_level = "verbose"',
+         "must be one of: debug, info, warning, error; got 'verbose' (in {f} at 'log_level')"),
         ('intra_op_threads = "2"',
          "must be an integer, not a string (in {f} at 'intra_op_threads')"),
         ("simulation_dir = true",
