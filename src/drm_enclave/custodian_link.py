@@ -286,9 +286,12 @@ class CustodianLink:
             self._receiver[0].add(message)
         elif isinstance(message, ModelBegin):
             self._receiver = (ModelReceiver(message), message.sha256)
+            # Chunks are decrypted straight into their place in the model buffer.
+            channel.set_payload_sink(ModelChunk.payload_sink(self._receiver[0].place))
             log.info("model_receiving", model=message.name, size=message.size)
         elif isinstance(message, ModelEnd):
             assert self._receiver is not None
+            channel.set_payload_sink(None)
             (receiver, sha256), self._receiver = self._receiver, None
             buffer = receiver.finish(message)  # size and digest checked
             runtime.load_started()

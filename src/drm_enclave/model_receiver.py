@@ -8,7 +8,7 @@ whose offsets tile ``[0, size)`` in order, then ``model_end`` (name). A
 rest; it does no I/O (the custodian link moves the bytes) and never touches the disk.
 
 Memory: the receiver maps ONE anonymous, private buffer of the announced size up front
-(``mmap``: memory only, no file) and copies each chunk into place, so the model costs its
+(``mmap``: memory only, no file) and each chunk lands in place, so the model costs its
 size once, not a list of chunks plus a ``b"".join`` copy. The mapping's pages are the
 kernel's zero pages until a chunk lands in them: nothing is zero-filled up front (a
 ``bytearray`` of 200 MB memsets it, ~0.2-0.3 s with the event loop stalled), and RSS grows
@@ -24,11 +24,33 @@ keeps no reference, so the model's memory goes as soon as the last view (and num
 over it does; :func:`drm_enclave.model_host.load_model` needs it only while onnxruntime
 copies the weights.
 
+Receiving in place: :meth:`ModelReceiver.place` is the link's payload sink
+(:meth:`~drm_wire.net.channel.MessageChannel.set_payload_sink`): it hands out the slice of
+the buffer a chunk announces, so the chunk is decrypted straight into its place and
+:meth:`~ModelReceiver.add` has nothing to copy (before, every 4 MiB chunk was copied three
+times on the event loop: out of the TLS records, into the frame decoder's buffer, into
+the model buffer). Slices are handed out only past everything handed out or received so
+far and within the model, so they never overlap each other nor bytes already hashed;
+``add`` still checks every chunk for order and size, whatever buffer it arrived in, so a
+chunk placed where it does not belong fails the transfer as before. A chunk that arrives
+elsewhere (the first one may, while the link has not yet set the sink) is copied.
+
 Integrity: each chunk, once in place, goes into an incremental SHA-256 computed by a
 worker thread (:class:`_Hasher`; ``hashlib`` releases the GIL for large updates), so the
 event loop only copies bytes while the digest keeps pace on another core, and
 :meth:`ModelReceiver.finish` waits for the last few updates, then compares. Measured on
 the 200 MB bench model, hashing on the loop cost ~3 ms of every 4 MiB chunk's ~18 ms.
+
+Page faults: the first write to each 4 KiB page of the buffer costs a fault and the
+kernel's zeroing of the page, ~0.18 s of CPU per 200 MB on the development VM (huge pages
+unavailable there), which on the event loop was the largest cost of a transfer once the
+copies were gone. A :class:`_Prefaulter` thread makes the pages present
+(``MADV_POPULATE_WRITE``, which does not touch their contents, so it cannot race with a
+chunk landing) a bounded window ahead of the bytes received, on another core while the
+loop decrypts. The window keeps the doc's promise above: a custodian that announces more
+than it sends makes us commit at most :data:`PREFAULT_AHEAD` more than it sent. Where the
+call is unavailable (not Linux, kernels before 5.14, a library OS), pages fault on first
+write as before.
 
 States: ``RECEIVING`` until :meth:`~ModelReceiver.finish` succeeds (``DONE``); any error
 moves to ``FAILED`` for good, and the buffer is released. Every refusal is a
@@ -38,19 +60,52 @@ the custodian broke the transfer protocol, so the link closes and the daemon liv
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import mmap
 import queue
+import sys
 import threading
 import weakref
+from collections.abc import Callable
 from enum import Enum
-from typing import final
+from typing import Final, final
 
 from drm_wire.errors import ErrorCode, RemoteProtocolError
+from drm_wire.limits import MiB
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
 
-__all__ = ["ModelReceiver", "ReceiverState"]
+__all__ = ["PREFAULT_AHEAD", "ModelReceiver", "ReceiverState"]
+
+#: How far past the bytes received the buffer's pages are made present in advance: eight
+#: chunks, so the prefaulter stays ahead of a loop that receives a chunk every ~10 ms.
+PREFAULT_AHEAD: Final = 32 * MiB
+#: Pages made present per ``madvise`` call: small enough that the loop rarely waits for
+#: the page it writes, large enough that the calls cost nothing next to the faults.
+_PREFAULT_STEP: Final = 2 * MiB
+#: Linux's ``MADV_POPULATE_WRITE`` (5.14+); Python 3.11's ``mmap`` lacks the constant.
+_MADV_POPULATE_WRITE: Final = 23
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` through ctypes, which releases the GIL around the call.
+
+    ``mmap.madvise`` holds the GIL while the kernel populates pages, which would stall the
+    event loop as long as the faults it is meant to spare it.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADVISE: Final = _load_madvise()
 
 
 class ReceiverState(Enum):
@@ -104,6 +159,102 @@ class _Hasher:
 
 
 @final
+class _Prefaulter:
+    """Makes the pages of a buffer present ahead of the writer, in a thread of its own.
+
+    It never goes past the limit :meth:`advance` sets, and stops at the end of the buffer,
+    at :meth:`stop`, or at the first failed call (the kernel does not support it): the
+    pages it has not reached fault in on first write, as they would without it.
+    """
+
+    __slots__ = (
+        "_address",
+        "_buffer",
+        "_changed",
+        "_done",
+        "_ended",
+        "_limit",
+        "_size",
+        "_stopped",
+        "_thread",
+    )
+
+    def __init__(self, buffer: mmap.mmap, size: int) -> None:
+        # The thread holds the mapping, so its address stays valid until the thread ends.
+        self._buffer: mmap.mmap | None = buffer
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        self._size = size
+        self._limit = min(size, PREFAULT_AHEAD)
+        self._done = 0
+        self._stopped = False
+        self._ended = False
+        self._changed = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        if _MADVISE is None:
+            self._ended = True
+            self._buffer = None
+            return
+        self._thread = threading.Thread(target=self._run, name="model-prefault", daemon=True)
+        self._thread.start()
+
+    def advance(self, received: int) -> None:
+        """``received`` bytes are in: allow pages up to :data:`PREFAULT_AHEAD` past them."""
+        # Whole pages only: madvise wants a page-aligned start for the next step.
+        ahead = (received + PREFAULT_AHEAD) // mmap.PAGESIZE * mmap.PAGESIZE
+        limit = min(self._size, ahead)
+        if limit > self._limit:
+            with self._changed:
+                self._limit = limit
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        """End the thread soon (without waiting for it)."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+    def join(self) -> None:
+        """Stop, and wait until the thread no longer uses the buffer."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
+
+    def wait_populated(self, nbytes: int, timeout: float) -> int:
+        """Wait until ``nbytes`` are present or the thread ended; return how many are.
+
+        For tests: the count never exceeds the limit :meth:`advance` set.
+        """
+        with self._changed:
+            self._changed.wait_for(lambda: self._done >= nbytes or self._ended, timeout)
+            return self._done
+
+    def _run(self) -> None:
+        madvise = _MADVISE
+        assert madvise is not None
+        done = 0
+        try:
+            while True:
+                with self._changed:
+                    self._done = done
+                    self._changed.notify_all()
+                    while not self._stopped and done >= self._limit:
+                        if done >= self._size:
+                            return
+                        self._changed.wait()
+                    if self._stopped:
+                        return
+                    end = min(self._limit, done + _PREFAULT_STEP)
+                if madvise(self._address + done, end - done, _MADV_POPULATE_WRITE) != 0:
+                    return  # unsupported here: the writer's faults do the work
+                done = end
+        finally:
+            self._buffer = None
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+
+@final
 class ModelReceiver:
     """Assembles one model transfer into a single preallocated buffer.
 
@@ -114,7 +265,17 @@ class ModelReceiver:
         model = receiver.finish(end) # memoryview of exactly begin.size bytes
     """
 
-    __slots__ = ("__weakref__", "_begin", "_buffer", "_hash", "_received", "_state")
+    __slots__ = (
+        "__weakref__",
+        "_begin",
+        "_buffer",
+        "_hash",
+        "_placed",
+        "_placed_end",
+        "_prefault",
+        "_received",
+        "_state",
+    )
 
     def __init__(self, begin: ModelBegin) -> None:
         if type(begin) is not ModelBegin:
@@ -126,8 +287,14 @@ class ModelReceiver:
         # A receiver dropped mid-transfer (the link went away) must not leave its thread
         # waiting forever, holding views of the buffer.
         weakref.finalize(self, self._hash.stop)
+        self._prefault = _Prefaulter(self._buffer, begin.size)
+        weakref.finalize(self, self._prefault.stop)
         self._received = 0
         self._state = ReceiverState.RECEIVING
+        #: Slices handed out by :meth:`place` and not yet added, by offset.
+        self._placed: dict[int, memoryview] = {}
+        #: Where the last slice handed out ends; none starts before it.
+        self._placed_end = 0
 
     def __repr__(self) -> str:
         return (
@@ -171,7 +338,9 @@ class ModelReceiver:
     ) -> RemoteProtocolError:
         self._state = ReceiverState.FAILED
         self._buffer = None  # a refused transfer keeps no model bytes around
+        self._placed.clear()
         self._hash.stop()
+        self._prefault.stop()
         return RemoteProtocolError(
             message, code=code, field=field, limit=limit, got=got, state="receiving"
         )
@@ -183,8 +352,33 @@ class ModelReceiver:
             )
         return self._buffer
 
+    def place(self, offset: int, nbytes: int) -> memoryview | None:
+        """Where the chunk announced at ``offset`` with ``nbytes`` should be received.
+
+        Returns:
+            A writable view of ``[offset, offset + nbytes)`` of the buffer, or ``None``
+            (receive it elsewhere; :meth:`add` copies it) when the range is not within the
+            model, starts before a range already handed out or received, or the transfer
+            is not receiving. ``None`` is no verdict: :meth:`add` judges the chunk.
+        """
+        buffer = self._buffer
+        end = offset + nbytes
+        if (
+            buffer is None
+            or self._state is not ReceiverState.RECEIVING
+            or nbytes <= 0
+            or offset < max(self._placed_end, self._received)
+            or end > self._begin.size
+        ):
+            return None
+        with memoryview(buffer) as whole:
+            target = whole[offset:end]
+        self._placed[offset] = target
+        self._placed_end = end
+        return target
+
     def add(self, chunk: ModelChunk) -> None:
-        """Copy one chunk into place and hash it.
+        """Copy one chunk into place (unless it was received there) and hash it.
 
         Raises:
             RemoteProtocolError: the chunk does not start where the previous one ended
@@ -212,13 +406,20 @@ class ModelReceiver:
                 limit=self._begin.size,
                 got=end,
             )
-        if data.format != "B" or data.ndim != 1:
-            data = data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
-        # memoryview slice assignment is one memcpy, with no temporary copy of the chunk.
-        with memoryview(buffer) as target:
-            target[self._received : end] = data
-            self._hash.update(target[self._received : end])
+        placed = self._placed.pop(chunk.offset, None)
+        if placed is not None and placed is data:
+            # Received in place by way of place(): the bytes are where they belong. The
+            # hasher gets a view of its own, as it releases the views it is given.
+            self._hash.update(placed[:])
+        else:
+            if data.format != "B" or data.ndim != 1:
+                data = data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
+            # memoryview slice assignment is one memcpy, with no temporary copy of the chunk.
+            with memoryview(buffer) as target:
+                target[self._received : end] = data
+                self._hash.update(target[self._received : end])
         self._received = end
+        self._prefault.advance(end)
 
     def finish(self, end: ModelEnd) -> memoryview:
         """Check that the whole model arrived intact; return it.
@@ -246,6 +447,7 @@ class ModelReceiver:
                 limit=self._begin.size,
                 got=self._received,
             )
+        self._prefault.join()  # done by now: the model's pages are all present
         digest = self._hash.digest()
         if not hmac.compare_digest(digest, self._begin.sha256):
             raise self._fail(
@@ -255,6 +457,7 @@ class ModelReceiver:
             )
         self._state = ReceiverState.DONE
         self._buffer = None
+        self._placed.clear()
         with memoryview(buffer) as view:
             return view.toreadonly()
 
@@ -265,6 +468,8 @@ class ModelReceiver:
         unfinished transfer failed; the memory goes when no view over it is alive.
         """
         self._buffer = None
+        self._placed.clear()
         if self._state is ReceiverState.RECEIVING:
             self._state = ReceiverState.FAILED
             self._hash.stop()
+            self._prefault.stop()

@@ -26,6 +26,20 @@ bytes are copied straight into it (the one copy of a payload on receive); the co
 frame hands out a ``memoryview`` of that buffer, which numpy can wrap without copying.
 When the whole payload is already buffered by the time its header is decoded, the buffer
 itself becomes the payload's storage and only the bytes after it are copied out.
+
+Two additions spare the bulk path (model chunks, 4 MiB each) its copies:
+
+* *Receiving into the payload.* While a payload is being received,
+  :meth:`FrameDecoder.payload_buffer` hands out the unfilled rest of it, so the I/O layer
+  can decrypt straight into it (``TLSStream.receive_into``) and report the count with
+  :meth:`FrameDecoder.payload_filled`, instead of producing ``bytes`` that
+  ``receive_data`` then copies. Header bytes still travel through ``receive_data``.
+* *Payload sinks.* A :data:`PayloadSink` set with :meth:`FrameDecoder.set_payload_sink`
+  sees each decoded header before its payload is read and may return the buffer the
+  payload is to land in (a model chunk's place in the model buffer), which then becomes
+  the frame's payload: the payload is written once, where it is used. The sink only
+  chooses where bytes go: the decoder checks the buffer's size, and the message layer
+  still validates the frame as usual.
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ from .codec import Header, HeaderDecoder, pack_header
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .limits import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, PREFIX_BYTES
 
-__all__ = ["PAYLOAD_KEY", "Buffer", "Frame", "FrameDecoder", "encode_frame"]
+__all__ = ["PAYLOAD_KEY", "Buffer", "Frame", "FrameDecoder", "PayloadSink", "encode_frame"]
 
 #: The header key that announces a raw payload and its length.
 PAYLOAD_KEY: Final = "payload_len"
@@ -49,6 +63,12 @@ Buffer = bytes | bytearray | memoryview
 #: Given a decoded header, the largest payload it may announce. The protocol layer maps
 #: message types to caps; a message type that carries no bulk data gets 0.
 PayloadLimit = Callable[[Header], int]
+
+#: Given a decoded header (``payload_len`` removed) and its payload length, already checked
+#: against the :data:`PayloadLimit`: a writable, contiguous byte ``memoryview`` of exactly
+#: that length for the payload to be received into, or ``None`` for a buffer of the
+#: decoder's own. Called before any payload byte is stored.
+PayloadSink = Callable[[Header, int], memoryview | None]
 
 
 def _default_payload_limit(header: Header) -> int:
@@ -121,6 +141,7 @@ class FrameDecoder:
         "_header_decoder",
         "_payload",
         "_payload_limit",
+        "_sink",
     )
 
     def __init__(self, payload_limit: PayloadLimit = _default_payload_limit) -> None:
@@ -128,9 +149,10 @@ class FrameDecoder:
         self._header_decoder = HeaderDecoder()
         self._buffer = bytearray()
         self._header: Header | None = None
-        self._payload: bytearray | None = None
+        self._payload: memoryview | None = None
         self._filled = 0
         self._eof = False
+        self._sink: PayloadSink | None = None
 
     def __repr__(self) -> str:
         state = "payload" if self._payload is not None else "header"
@@ -145,6 +167,41 @@ class FrameDecoder:
     def mid_frame(self) -> bool:
         """Whether part of a frame has been received but not all of it."""
         return bool(self._buffer) or self._payload is not None
+
+    def set_payload_sink(self, sink: PayloadSink | None) -> None:
+        """Offer each later payload to ``sink`` first (``None``: always use own buffers).
+
+        A frame whose header is already decoded keeps the buffer it has.
+        """
+        self._sink = sink
+
+    def payload_buffer(self) -> memoryview | None:
+        """The unfilled rest of the payload being received, or ``None`` if none is due.
+
+        Write received bytes to its start, then call :meth:`payload_filled`. Anything the
+        peer sends after the payload must not go here: the view is exactly as long as the
+        bytes still due.
+        """
+        payload = self._payload
+        if payload is None or self._eof or self._filled == len(payload):
+            return None
+        return payload[self._filled :]
+
+    def payload_filled(self, nbytes: int) -> None:
+        """Record that ``nbytes`` were written at the start of :meth:`payload_buffer`.
+
+        Raises:
+            RuntimeError: no payload is being received, or ``nbytes`` is not between 1 and
+                the bytes still due (a bug in the caller).
+        """
+        payload = self._payload
+        if payload is None or self._eof:
+            raise RuntimeError("payload_filled while no payload is being received")
+        if not 0 < nbytes <= len(payload) - self._filled:
+            raise RuntimeError(
+                f"payload_filled({nbytes}) with {len(payload) - self._filled} bytes due"
+            )
+        self._filled += nbytes
 
     def receive_data(self, data: Buffer) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side.
@@ -211,19 +268,42 @@ class FrameDecoder:
                 limit=limit,
                 got=payload_len,
             )
-        if len(buffer) >= payload_len:
-            # The whole payload is already buffered: hand the buffer itself over as the
-            # payload's storage and keep only what follows, instead of copying megabytes.
-            rest = buffer[payload_len:]
-            del buffer[payload_len:]
-            self._buffer = rest
-            return Frame(header, memoryview(buffer))
-        payload = bytearray(payload_len)
-        take = len(buffer)
-        payload[:take] = buffer
-        buffer.clear()
+        payload = self._sink_buffer(header, payload_len) if self._sink is not None else None
+        if payload is None:
+            if len(buffer) >= payload_len:
+                # The whole payload is already buffered: hand the buffer itself over as the
+                # payload's storage and keep only what follows, instead of copying megabytes.
+                rest = buffer[payload_len:]
+                del buffer[payload_len:]
+                self._buffer = rest
+                return Frame(header, memoryview(buffer))
+            payload = memoryview(bytearray(payload_len))
+        take = min(len(buffer), payload_len)
+        if take:
+            with memoryview(buffer) as buffered:
+                payload[:take] = buffered[:take]
+            del buffer[:take]
         self._header, self._payload, self._filled = header, payload, take
-        return None
+        return self._finish_payload()
+
+    def _sink_buffer(self, header: Header, payload_len: int) -> memoryview | None:
+        assert self._sink is not None
+        target = self._sink(header, payload_len)
+        if target is None:
+            return None
+        if (
+            type(target) is not memoryview
+            or target.readonly
+            or target.format != "B"
+            or target.ndim != 1
+            or not target.contiguous
+            or target.nbytes != payload_len
+        ):
+            raise TypeError(
+                f"a payload sink must return None or a writable byte memoryview of "
+                f"{payload_len} bytes, not {target!r}"
+            )
+        return target
 
     def _finish_payload(self) -> Frame | None:
         payload = self._payload
@@ -231,6 +311,6 @@ class FrameDecoder:
         assert self._header is not None
         if self._filled < len(payload):
             return None
-        frame = Frame(self._header, memoryview(payload))
+        frame = Frame(self._header, payload)
         self._header, self._payload, self._filled = None, None, 0
         return frame

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Final, TypeVar, dataclass_transform
 
 from .codec import Header
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .framing import Buffer, Frame
+from .framing import Buffer, Frame, PayloadSink
 from .limits import (
     MAX_BIN_LEN,
     MAX_CONTAINER_LEN,
@@ -400,6 +400,23 @@ class ModelChunk(Message):
 
     def to_wire(self) -> tuple[Header, list[Buffer]]:
         return {TYPE_KEY: self.TYPE, "offset": self.offset}, [self.data]
+
+    @classmethod
+    def payload_sink(cls, place: Callable[[int, int], memoryview | None]) -> PayloadSink:
+        """A payload sink that asks ``place(offset, nbytes)`` where a chunk's bytes go.
+
+        Frames of other types, and chunk headers whose ``offset`` is not an int, are left
+        to the decoder's own buffers (and to the usual validation, which refuses the
+        latter). ``place`` sees the header's values unchecked: it must range-check them.
+        """
+
+        def sink(header: Header, payload_len: int) -> memoryview | None:
+            offset = header.get("offset")
+            if header.get(TYPE_KEY) != cls.TYPE or type(offset) is not int:
+                return None
+            return place(offset, payload_len)
+
+        return sink
 
     @classmethod
     def _from_header(cls, header: Header, payload: memoryview) -> ModelChunk:

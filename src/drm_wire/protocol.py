@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Final
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .framing import Buffer, FrameDecoder, encode_frame
+from .framing import Buffer, FrameDecoder, PayloadSink, encode_frame
 from .messages import (
     Block,
     Error,
@@ -230,6 +230,23 @@ class Connection:
     def receive_data(self, data: Buffer) -> None:
         """Feed bytes from the transport; ``b""`` means the peer closed its side."""
         self._decoder.receive_data(data)
+
+    def set_payload_sink(self, sink: PayloadSink | None) -> None:
+        """See :meth:`FrameDecoder.set_payload_sink <drm_wire.framing.FrameDecoder>`."""
+        self._decoder.set_payload_sink(sink)
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where received payload bytes may go directly; see :meth:`payload_filled`.
+
+        The unfilled rest of the payload being received (``None`` between payloads): fill
+        its start and report the count with :meth:`payload_filled` instead of calling
+        :meth:`receive_data`, which spares a copy of bulk payloads.
+        """
+        return self._decoder.payload_buffer()
+
+    def payload_filled(self, nbytes: int) -> None:
+        """Record ``nbytes`` written at the start of :meth:`payload_buffer`."""
+        self._decoder.payload_filled(nbytes)
 
     def next_message(self) -> Message | NeedData | Closed:
         """The next message from the peer, ``NEED_DATA``, or ``CLOSED`` at a clean EOF.

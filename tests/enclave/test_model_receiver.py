@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import threading
 import tracemalloc
 
 import pytest
 
+from drm_enclave import model_receiver
 from drm_enclave.model_host import load_model
-from drm_enclave.model_receiver import ModelReceiver, ReceiverState
+from drm_enclave.model_receiver import PREFAULT_AHEAD, ModelReceiver, ReceiverState, _Prefaulter
 from drm_wire.errors import ErrorCode, RemoteProtocolError
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
@@ -196,3 +198,162 @@ def test_release_mid_transfer() -> None:
 def test_needs_a_model_begin() -> None:
     with pytest.raises(TypeError):
         ModelReceiver(ModelEnd(name="big"))  # type: ignore[arg-type]
+
+
+# --- receiving in place (ModelReceiver.place) -----------------------------------------------
+
+
+def placed(receiver: ModelReceiver, part: ModelChunk) -> ModelChunk:
+    """What the link does: receive ``part``'s bytes where ``place`` says, if it says."""
+    target = receiver.place(part.offset, part.data.nbytes)
+    if target is None:
+        return part
+    target[:] = part.data
+    return ModelChunk(offset=part.offset, data=target)
+
+
+def test_chunks_received_in_place() -> None:
+    parts = chunks()
+    tracemalloc.start()
+    try:
+        receiver = ModelReceiver(begin())
+        for part in parts:
+            chunk = placed(receiver, part)
+            assert chunk.data.obj is not DATA  # it was received into the model buffer
+            receiver.add(chunk)
+        model = receiver.finish(ModelEnd(name="big"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert model == DATA
+    assert peak < 256 * KiB
+
+
+def test_place_hands_out_only_fresh_ranges_within_the_model() -> None:
+    receiver = ModelReceiver(begin())
+    size = len(DATA)
+    assert receiver.place(size - 10, 11) is None  # past the end
+    assert receiver.place(0, 0) is None
+    assert receiver.place(0, -1) is None
+    first = receiver.place(0, 1000)
+    assert first is not None
+    assert (first.nbytes, first.readonly) == (1000, False)
+    assert receiver.place(0, 1000) is None  # handed out already
+    assert receiver.place(999, 10) is None  # overlaps it
+    assert receiver.place(5000, 10) is not None  # a gap is no verdict: add() judges
+    assert receiver.place(1000, 10) is None  # before the last range handed out
+    assert receiver.state is ReceiverState.RECEIVING
+
+
+def test_place_after_the_transfer_ended() -> None:
+    receiver = ModelReceiver(begin())
+    feed(receiver, chunks())
+    receiver.finish(ModelEnd(name="big"))
+    assert receiver.place(0, 10) is None
+    failed = ModelReceiver(begin())
+    refused(failed, chunks()[1], "expected 0")
+    assert failed.place(0, 10) is None
+    released = ModelReceiver(begin())
+    released.release()
+    assert released.place(0, 10) is None
+
+
+def test_a_chunk_copied_then_the_next_ones_in_place() -> None:
+    """The link sets the sink only once model_begin is handled: the reader may be ahead."""
+    parts = chunks()
+    assert len(parts) == 2
+    receiver = ModelReceiver(begin())
+    ahead = placed(receiver, parts[1])  # decoded before chunk 0 was added
+    assert ahead.data.obj is not DATA
+    receiver.add(parts[0])  # copied
+    receiver.add(ahead)
+    assert receiver.finish(ModelEnd(name="big")) == DATA
+
+
+def test_a_chunk_placed_over_one_not_yet_added_fails_the_transfer() -> None:
+    """A hostile offset can only win a range nobody else writes: add() then refuses it."""
+    parts = chunks()
+    receiver = ModelReceiver(begin())
+    half = MODEL_CHUNK_BYTES // 2
+    hostile = placed(receiver, ModelChunk(offset=half, data=parts[0].data))
+    receiver.add(parts[0])
+    refused(receiver, hostile, rf"offset {half}, expected {MODEL_CHUNK_BYTES}")
+    assert receiver.place(2 * MODEL_CHUNK_BYTES, 10) is None
+
+
+def test_a_placed_range_is_hashed_as_received() -> None:
+    corrupt = bytearray(DATA)
+    corrupt[MODEL_CHUNK_BYTES + 5] ^= 1
+    receiver = ModelReceiver(begin())
+    feed(receiver, [placed(receiver, part) for part in chunks(bytes(corrupt))])
+    finish_refused(receiver, ModelEnd(name="big"), "SHA-256 does not match")
+
+
+# --- prefaulting ----------------------------------------------------------------------------
+
+
+def mapping_rss(view: memoryview) -> int:
+    """Resident bytes of the mapping that holds ``view`` (Linux /proc/self/smaps)."""
+    import ctypes
+
+    start = ctypes.addressof(ctypes.c_char.from_buffer(view.obj))
+    inside = False
+    with open("/proc/self/smaps", encoding="ascii") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= start < high
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+def test_prefaulter_stays_a_window_ahead_and_keeps_contents() -> None:
+    size = 3 * PREFAULT_AHEAD
+    buffer = mmap.mmap(-1, size)
+    marker = PREFAULT_AHEAD - 4096 + 7
+    buffer[marker] = 0xAB  # written before the prefaulter gets there
+    prefaulter = _Prefaulter(buffer, size)
+    try:
+        if prefaulter.wait_populated(PREFAULT_AHEAD, timeout=30) == 0:
+            pytest.skip("MADV_POPULATE_WRITE is not available here")
+        assert prefaulter.wait_populated(PREFAULT_AHEAD, timeout=30) == PREFAULT_AHEAD
+        view = memoryview(buffer)
+        assert PREFAULT_AHEAD <= mapping_rss(view) < PREFAULT_AHEAD + 4 * KiB * 16
+        assert buffer[marker] == 0xAB
+        prefaulter.advance(mmap.PAGESIZE + 1)
+        ahead = mmap.PAGESIZE + PREFAULT_AHEAD  # a window past it, in whole pages
+        assert prefaulter.wait_populated(ahead, timeout=30) == ahead
+        prefaulter.advance(size - 1)
+        assert prefaulter.wait_populated(size, timeout=30) == size  # capped at the end
+        assert mapping_rss(view) == size
+        view.release()
+    finally:
+        prefaulter.join()
+
+
+def test_prefaulter_stops_when_asked() -> None:
+    buffer = mmap.mmap(-1, 2 * PREFAULT_AHEAD)
+    prefaulter = _Prefaulter(buffer, 2 * PREFAULT_AHEAD)
+    prefaulter.join()
+    assert prefaulter.wait_populated(2 * PREFAULT_AHEAD, timeout=0) <= PREFAULT_AHEAD
+
+
+def test_receiver_threads_end_with_the_transfer() -> None:
+    receiver = ModelReceiver(begin())
+    feed(receiver, chunks())
+    receiver.finish(ModelEnd(name="big"))
+    assert not any(t.name == "model-prefault" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("madvise", [None, lambda address, length, advice: -1])
+def test_without_prefaulting_pages_fault_in_as_before(
+    monkeypatch: pytest.MonkeyPatch, madvise: object
+) -> None:
+    """No madvise (not Linux, a library OS) or a kernel that refuses the advice."""
+    monkeypatch.setattr(model_receiver, "_MADVISE", madvise)
+    receiver = ModelReceiver(begin())
+    assert receiver._prefault.wait_populated(1, timeout=30) == 0
+    feed(receiver, [placed(receiver, part) for part in chunks()])
+    assert receiver.finish(ModelEnd(name="big")) == DATA

@@ -12,7 +12,12 @@ caller. trio-websocket's ``open_websocket`` makes the same choice.)
 
 *Receiving.* The reader alone calls ``receive_some``. It feeds the bytes to the connection
 and pulls messages until ``NEED_DATA``, and only then reads again, so the decoder never
-holds more than one read's worth of bytes beyond the frame being decoded. A reply to a
+holds more than one read's worth of bytes beyond the frame being decoded. While a payload
+is being received and the stream can decrypt in place (``receive_into``, as
+:class:`~drm_wire.net.tls.TLSStream` does), the reader reads straight into the payload's
+buffer, which :meth:`MessageChannel.set_payload_sink` lets the application choose (the
+enclave puts each model chunk where it belongs in the model): a 4 MiB chunk is then
+written once instead of being copied three times on its way. A reply to a
 :meth:`MessageChannel.request` goes to that request (``Waiting`` to its ``on_waiting``
 callback); every other message goes into a memory channel of :data:`RECEIVE_BUFFER`
 slots that :meth:`MessageChannel.receive` reads. When it is full, the reader stops
@@ -44,7 +49,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Final, NoReturn, overload
+from typing import Final, NoReturn, Protocol, overload, runtime_checkable
 
 import trio
 
@@ -55,6 +60,7 @@ from drm_wire.errors import (
     PeerError,
     RemoteProtocolError,
 )
+from drm_wire.framing import PayloadSink
 from drm_wire.limits import HELLO_TIMEOUT
 from drm_wire.messages import (
     Error,
@@ -115,6 +121,15 @@ _REPLY_TO: Final[dict[type[Message], type[InferenceResult] | type[ModelInfo]]] =
 }
 
 WaitingCallback = Callable[[Waiting], object]
+
+
+@runtime_checkable
+class ReceivesInto(Protocol):
+    """A stream that can receive into a caller's buffer (see ``TLSStream.receive_into``)."""
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Fill the start of ``buffer``; return the count, or 0 at the end of the stream."""
+        ...
 
 
 class ChannelError(DrmError):
@@ -190,6 +205,7 @@ class MessageChannel:
         self._ids = itertools.count(1)
         self._failure: _Failure | None = None
         self._failure_cause: BaseException | None = None
+        self._receive_into = stream.receive_into if isinstance(stream, ReceivesInto) else None
 
     def __repr__(self) -> str:
         state = "open" if self._failure is None else type(self._failure).__name__
@@ -340,6 +356,16 @@ class MessageChannel:
         except ChannelClosed:
             raise StopAsyncIteration from None
 
+    def set_payload_sink(self, sink: PayloadSink | None) -> None:
+        """Let ``sink`` choose where the payloads of later frames are received.
+
+        For bulk data whose final place is known from the header (a model chunk's offset
+        in the model buffer): the payload is then written there directly, and the message
+        carries a view of it. ``None`` restores the channel's own buffers. See
+        :data:`~drm_wire.framing.PayloadSink`.
+        """
+        self._conn.set_payload_sink(sink)
+
     # --- version negotiation ----------------------------------------------------------
 
     async def hello(
@@ -454,10 +480,16 @@ class MessageChannel:
     async def _read_messages(self) -> _Failure:
         """Decode and dispatch messages until the connection ends; return how it ended."""
         conn = self._conn
+        receive_into = self._receive_into
         while True:
             event = conn.next_message()
             if isinstance(event, NeedData):
-                conn.receive_data(await self._stream.receive_some())
+                if receive_into is None or (target := conn.payload_buffer()) is None:
+                    conn.receive_data(await self._stream.receive_some())
+                elif count := await receive_into(target):
+                    conn.payload_filled(count)
+                else:
+                    conn.receive_data(b"")  # the end of the stream, mid-payload
             elif isinstance(event, Closed):
                 return ChannelClosed("the peer closed the connection")
             else:
