@@ -49,6 +49,7 @@ import hashlib
 import hmac
 import itertools
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -303,7 +304,7 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
                 await session.run()
             finally:
                 ctx.registry.release(session)
-                session.finished.set()
+                session.finish()
 
 
 async def _last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:
@@ -345,6 +346,10 @@ class EnclaveSession:
         #: The newest grant committed by a supply for this instance, not yet sent, and the
         #: supply it leaves the borrower after it.
         self._committed: tuple[LedgerGrant, int] | None = None
+        #: The granted total the enclave has been sent (``granted_total`` is set before
+        #: the send), and an event set each time it grows or the session ends.
+        self._sent_total = 0
+        self._sent = trio.Event()
         #: The ledger's view of this instance, kept current by this session alone.
         self.granted_total = 0
         self.served_total = 0
@@ -386,6 +391,21 @@ class EnclaveSession:
     def grant_plan(self) -> GrantPlan:
         """The grant rule for this link, for a ledger transaction to run (a supply's)."""
         return functools.partial(_plan, lease=self._cfg.lease)
+
+    def finish(self) -> None:
+        """The session has ended: say so to whoever waits on it."""
+        self._finished.set()
+        self._sent_changed()
+
+    async def wait_sent(self, granted_total: int) -> None:
+        """Return once a grant bringing the instance to ``granted_total`` (or beyond) is
+        on the wire, or the session has ended."""
+        while self._sent_total < granted_total and not self._finished.is_set():
+            await self._sent.wait()
+
+    def _sent_changed(self) -> None:
+        self._sent.set()
+        self._sent = trio.Event()
 
     def grant_committed(self, grant: LedgerGrant, remaining: int) -> None:
         """Send ``grant``, committed by someone else's transaction, as soon as possible."""
@@ -572,17 +592,21 @@ class EnclaveSession:
         if grant.cumulative <= self.granted_total:
             return
         self.granted_total = grant.cumulative
-        # debug: the moment the push starts (grant_pushed is stamped after the send)
-        log.debug("grant_sending", grant_id=grant.grant_id, granted_total=grant.cumulative)
+        # When the push started, for the log below: its own timestamp comes after the send
+        # and after whatever ran in between (a log line before the send would delay it).
+        send_started = time.time()
         await self._send(
             Grant(grant_id=grant.grant_id, units=grant.units, granted_total=grant.cumulative)
         )
+        self._sent_total = max(self._sent_total, grant.cumulative)
+        self._sent_changed()
         log.info(
             "grant_pushed",
             units=grant.units,
             granted_total=grant.cumulative,
             grant_id=grant.grant_id,
             remaining=remaining,
+            send_started=round(send_started, 6),
         )
 
     async def _on_usage(self, report: UsageReport) -> None:

@@ -27,6 +27,7 @@ class FakeSession:
     closed: bool = False
     ready: bool = True
     committed: list[tuple[Grant, int]] = field(default_factory=list)
+    waited_for: list[int] = field(default_factory=list)
 
     @staticmethod
     def grant_plan(balance: Balance, granted: int, served: int) -> int:
@@ -37,6 +38,9 @@ class FakeSession:
 
     def grant_committed(self, grant: Grant, remaining: int) -> None:
         self.committed.append((grant, remaining))
+
+    async def wait_sent(self, granted_total: int) -> None:
+        self.waited_for.append(granted_total)
 
     def close(self) -> None:
         self.closed = True
@@ -58,6 +62,7 @@ async def test_a_supply_grants_ready_sessions_and_wakes_the_rest(ledger: Ledger)
     assert [(g.instance_id, g.units, left) for g, left in ready.committed] == [
         (ready.instance_id, 1, 4)
     ]
+    assert ready.waited_for == [1]  # the answer waits until that grant is on the wire
     assert (ready.woken, loading.woken, theirs.woken) == (0, 1, 0)
     assert loading.committed == theirs.committed == []
 

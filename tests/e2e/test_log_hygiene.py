@@ -310,7 +310,7 @@ def test_a_lending_session_leaves_clean_logs(canary_deployment: Deployment) -> N
         "admin_auth_failed", "custodian_blocked", "custodian_unblocked",
         "enclave_refused",
         # debug level (--log-level debug): per-request and per-report events
-        "inference_served", "usage_reported", "grant_sending", "parked_request_resumed",
+        "inference_served", "usage_reported", "parked_request_resumed", "admin_request",
     } <= names  # fmt: skip
     secrets = forbidden(d)
     assert_scan_finds_planted_secrets(secrets)
