@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -100,6 +102,40 @@ def test_one_send_encrypts_many_records(client_ctx: SSL.Context) -> None:
     lib = tls._SSL_READ[1]
     mode = lib.SSL_set_mode(stream._conn._ssl, 0)  # adds nothing; returns the mode
     assert mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE == 0
+
+
+def _kernel_cap(name: str) -> int:
+    return int(Path(f"/proc/sys/net/core/{name}").read_text())
+
+
+async def test_both_sides_ask_for_large_socket_buffers(
+    serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    """Large tensors go out in few steps: both ends ask for SOCKET_BUFFER_BYTES (Linux
+    doubles what it grants, capped by net.core.wmem_max / rmem_max)."""
+    want = {
+        socket.SO_SNDBUF: min(tls.SOCKET_BUFFER_BYTES, _kernel_cap("wmem_max")),
+        socket.SO_RCVBUF: min(tls.SOCKET_BUFFER_BYTES, _kernel_cap("rmem_max")),
+    }
+    granted: list[dict[int, int]] = []
+
+    def sizes(stream: TLSStream) -> dict[int, int]:
+        sock = stream.transport_stream.socket  # type: ignore[attr-defined]
+        return {option: sock.getsockopt(socket.SOL_SOCKET, option) for option in want}
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        async with await accept_tls(tcp, server_ctx) as stream:
+            granted.append(sizes(stream))
+            await stream.send_all(b"ok")
+
+    port = await serve(handler)
+    async with await open_tls_client(LOOPBACK, port, client_ctx) as client:
+        granted.append(sizes(client))
+        assert await client.receive_some() == b"ok"
+    assert len(granted) == 2
+    for side in granted:
+        for option, size in want.items():
+            assert side[option] >= size
 
 
 async def test_ragged_eof_is_broken_resource(

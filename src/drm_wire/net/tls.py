@@ -53,7 +53,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import operator
-from typing import Any, NoReturn, TypeVar
+import socket
+from typing import Any, Final, NoReturn, TypeVar
 
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -71,6 +72,7 @@ from drm_wire.net._tls_context import (
 )
 
 __all__ = [
+    "SOCKET_BUFFER_BYTES",
     "PeerVerificationError",
     "PeerVerifier",
     "TLSStream",
@@ -654,6 +656,7 @@ async def open_tls_client(
         ) from None
     if server_hostname is None and isinstance(host, str):
         server_hostname = host
+    _bulk_buffers(tcp)
     stream = TLSStream(
         tcp,
         context,
@@ -680,6 +683,7 @@ async def accept_tls(
     Raises:
         See :meth:`TLSStream.do_handshake`.
     """
+    _bulk_buffers(transport_stream)
     stream = TLSStream(
         transport_stream,
         context,
@@ -689,6 +693,23 @@ async def accept_tls(
     )
     await _handshake_or_close(stream)
     return stream
+
+
+#: Kernel buffers asked for on each side of a TLS connection (the kernel caps them at
+#: ``net.core.wmem_max`` / ``rmem_max``). With the defaults a 2.76 MB tensor went out in
+#: many small steps, each waking the peer, until autotuning grew the buffers, if it did:
+#: a 2.76 MB request and a 100 B answer took 4-7.5 ms here, and 3.7-4.4 ms with these.
+SOCKET_BUFFER_BYTES: Final = 4 * 1024 * KiB
+
+
+def _bulk_buffers(transport_stream: trio.abc.Stream) -> None:
+    """Ask for :data:`SOCKET_BUFFER_BYTES` on a TCP transport (nothing for other streams)."""
+    sock = getattr(transport_stream, "socket", None)
+    if sock is None or sock.type != socket.SOCK_STREAM:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):  # a tuning, not a requirement
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
 
 
 async def _handshake_or_close(stream: TLSStream) -> None:
