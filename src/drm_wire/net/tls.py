@@ -54,6 +54,7 @@ import contextlib
 import enum
 import operator
 import socket
+from collections.abc import Callable
 from typing import Any, Final, NoReturn, TypeVar
 
 import trio
@@ -410,12 +411,7 @@ class TLSStream(trio.abc.Stream):
             PeerVerificationError, trio.TooSlowError: see :meth:`do_handshake`.
         """
         with self._send_conflict:
-            self._check_status()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
-            if not self._handshake_done:
-                await self.do_handshake()
-                yielded = True
+            yielded = await self._start()
             view = memoryview(data)
             if view.itemsize != 1 or view.ndim != 1:
                 view = view.cast("B")
@@ -469,20 +465,7 @@ class TLSStream(trio.abc.Stream):
                 max_bytes = operator.index(max_bytes)
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
-            self._check_status()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
-            if not self._handshake_done:
-                await self.do_handshake()
-                yielded = True
-            while True:
-                data = b"" if self._got_close_notify else self._drain(max_bytes)
-                if data is not None:
-                    if not yielded:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return data
-                await self._fill()
-                yielded = True
+            return await self._receive(lambda: self._drain(max_bytes), b"")
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Decrypt into the start of ``buffer``; return the count, or 0 after close_notify.
@@ -504,20 +487,30 @@ class TLSStream(trio.abc.Stream):
                 raise TypeError("receive_into needs a contiguous memoryview of bytes")
             if not buffer.nbytes:
                 raise ValueError("receive_into needs a non-empty buffer")
-            self._check_status()
-            await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
-            if not self._handshake_done:
-                await self.do_handshake()
-                yielded = True
-            while True:
-                count = 0 if self._got_close_notify else self._drain_into(buffer)
-                if count is not None:
-                    if not yielded:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return count
-                await self._fill()
-                yielded = True
+            return await self._receive(lambda: self._drain_into(buffer), 0)
+
+    async def _start(self) -> bool:
+        """What every send and receive starts with: the status, a cancellation point, the
+        handshake if it is not done. Returns whether that already yielded (a handshake)."""
+        self._check_status()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._handshake_done:
+            return False
+        await self.do_handshake()
+        return True
+
+    async def _receive(self, drain: Callable[[], T | None], closed: T) -> T:
+        """Both receive methods' loop: ``drain`` what OpenSSL holds, else feed it and retry;
+        ``closed`` once close_notify came. Exactly one schedule point either way."""
+        yielded = await self._start()
+        while True:
+            got = closed if self._got_close_notify else drain()
+            if got is not None:
+                if not yielded:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return got
+            await self._fill()
+            yielded = True
 
     def _drain_into(self, buffer: memoryview) -> int | None:
         """Decrypt buffered records into ``buffer``; ``None`` if OpenSSL needs input first.
@@ -545,51 +538,47 @@ class TLSStream(trio.abc.Stream):
             # The record count was not kept up: the next drain asks OpenSSL instead.
             records.trusted = False
         while total < size:
-            if records.none_buffered() and not conn.pending():
-                break  # OpenSSL could only say "want read"
-            try:
-                got = conn.recv_into(buffer[total:], min(size - total, _RECORD))
-            except SSL.WantReadError:
-                records.drained()
+            got = self._record(conn.recv_into, buffer[total:], min(size - total, _RECORD))
+            if got is None:
                 break
-            except SSL.ZeroReturnError:
-                self._got_close_notify = True
-                break
-            except SSL.Error as exc:
-                raise self._fail(f"TLS receive failed: {describe(exc)}") from exc
             total += got
-            if not conn.pending():
-                records.returned_one()
         if not total:
             return 0 if self._got_close_notify else None
         return total
 
     def _drain(self, max_bytes: int) -> bytes | None:
         """Decrypt buffered records; ``None`` if OpenSSL needs more input first."""
-        conn = self._conn
-        records = self._records
         chunks: list[bytes] = []
         total = 0
         while total < max_bytes:
-            if records.none_buffered() and not conn.pending():
-                break  # OpenSSL could only say "want read"
-            try:
-                chunk = conn.recv(min(max_bytes - total, _RECORD))
-            except SSL.WantReadError:
-                records.drained()
+            chunk = self._record(self._conn.recv, min(max_bytes - total, _RECORD))
+            if chunk is None:
                 break
-            except SSL.ZeroReturnError:
-                self._got_close_notify = True
-                break
-            except SSL.Error as exc:
-                raise self._fail(f"TLS receive failed: {describe(exc)}") from exc
             chunks.append(chunk)
             total += len(chunk)
-            if not conn.pending():
-                records.returned_one()
         if not chunks:
             return b"" if self._got_close_notify else None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _record(self, read: Callable[..., T], *args: object) -> T | None:
+        """One ``read`` of a record at most, with the bookkeeping both drains share;
+        ``None`` when there is nothing more for now (want read, or close_notify came)."""
+        conn, records = self._conn, self._records
+        if records.none_buffered() and not conn.pending():
+            return None  # OpenSSL could only say "want read"
+        try:
+            got = read(*args)
+        except SSL.WantReadError:
+            records.drained()
+            return None
+        except SSL.ZeroReturnError:
+            self._got_close_notify = True
+            return None
+        except SSL.Error as exc:
+            raise self._fail(f"TLS receive failed: {describe(exc)}") from exc
+        if not conn.pending():
+            records.returned_one()
+        return got
 
     async def aclose(self) -> None:
         """Send close_notify (best effort, bounded), then close the transport.
