@@ -21,8 +21,9 @@ announced size at once and stalls the event loop while doing it.)
 
 Ownership: :meth:`ModelReceiver.finish` hands the buffer over to the view it returns and
 keeps no reference, so the model's memory goes as soon as the last view (and numpy array)
-over it does; :func:`drm_enclave.model_host.load_model` needs it only while onnxruntime
-copies the weights.
+over it does. :func:`drm_enclave.model_host.load_model` needs it only while onnxruntime
+copies the weights, except for a large model whose MatMul/Gemm weights it feeds from this
+buffer at every run: then the loaded model keeps the buffer (its only copy of them).
 
 Receiving in place: :meth:`ModelReceiver.place` is the link's payload sink
 (:meth:`~drm_wire.net.channel.MessageChannel.set_payload_sink`): it hands out the slice of
