@@ -30,6 +30,11 @@ logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
      (``grant_pushed``), applied in the enclave (``grant_applied``);
   5. kill switch: SIGKILL the custodian, then ``infer(wait=0)`` in a tight loop until the
      enclave refuses with ``custodian_unreachable``.
+* C: tiny only, the enclave dialling the custodian through a ``FaultProxy``
+  (``tests/e2e/faults.py``):
+  5. silent partition: the proxy stops forwarding both ways (nothing closed); the enclave's
+     state is polled until it says ``custodian_unreachable`` (due within the heartbeat
+     timeout), then an ``infer(wait=0)`` must be refused.
 
 Log timestamps are the daemons' wall clocks (structlog ISO, µs) and are compared with this
 process's ``time.time()`` on the same machine; each is taken after the logged action,
@@ -72,17 +77,22 @@ from tests.e2e.daemons import (
     run_command,
     start_daemon,
 )
+from tests.e2e.faults import FaultProxy, fault_proxy
 from tests.models import big_model, covidnet_like_model, tiny_model
 
 import _e2e_baselines as base
 from _certs import make_pems
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
+from drm_enclave.custodian_link import LinkTiming
 from drm_enclave.model_host import session_options
 from drm_wire.attestation.policy import Policy
+from drm_wire.messages import EnclaveState
 
 LOOPBACK = "127.0.0.1"
 MAX_SUPPLY = 1_000_000
+#: The enclave declares its custodian link dead after this much silence.
+DEAD_AFTER = LinkTiming().dead_after
 
 
 @dataclass(frozen=True)
@@ -193,10 +203,13 @@ def deploy(
     daemons: list[Daemon],
     on_enclave_start: Callable[[int], None] | None = None,
     log_level: str = "info",
+    custodian_address: Callable[[int], str] | None = None,
 ) -> Deployment:
     """init, measure, custodian serve (``models`` in order), enclave serve; wait for link up.
 
-    ``log_level`` ``debug`` adds the per-request events section 3 times the push with.
+    ``log_level`` ``debug`` adds the per-request events section 3 times the push with;
+    ``custodian_address`` maps the custodian's enclave port to what the enclave dials (a
+    proxy, for section 5's partition).
     """
     workdir.mkdir(parents=True)
     state, simulation, policy = workdir / "state", workdir / "sim", workdir / "policy.toml"
@@ -228,12 +241,17 @@ def deploy(
     listening = custodian.wait_for("custodian_listening")
     _, enclave_port = parse_address(listening["enclave_address"])
     _, admin_port = parse_address(listening["admin_address"])
+    dial = (
+        f"{LOOPBACK}:{enclave_port}"
+        if custodian_address is None
+        else custodian_address(enclave_port)
+    )
     enclave_started = time.time()
     enclave = start_daemon(
         "enclave",
         python_command(
             "drm_enclave", "serve",
-            "--custodian", f"{LOOPBACK}:{enclave_port}",
+            "--custodian", dial,
             "--custodian-ca", ca, "--license", license_path,
             "--attestation", "simulated", "--simulation-dir", simulation,
             "--listen", f"{LOOPBACK}:0", "--intra-op-threads", str(threads),
@@ -570,26 +588,98 @@ async def _wake_ups(d: Deployment, samples: int, operator: Connection) -> list[W
 
 async def kill_switch(d: Deployment) -> tuple[float, int, str]:
     """SIGKILL the custodian; seconds until ``infer(wait=0)`` is refused, calls, error."""
-    x = tiny_x(3)
     async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
         for _ in range(3000):  # the grant follows the supply: poll for it, bounded
             if (await client.info()).inferences_left >= 1000:
                 break
             await trio.sleep(0.01)
-        for _ in range(50):
+        return await _refused_after(
+            client, lambda: os.kill(d.custodian.process.pid, signal.SIGKILL), limit=5.0
+        )
+
+
+async def _refused_after(
+    client: Client, cut: Callable[[], None], *, limit: float
+) -> tuple[float, int, str]:
+    """Serve 50 requests, ``cut()`` the link, then ``infer(wait=0)`` in a tight loop until
+    the enclave refuses: seconds after the cut, calls served meanwhile, the answer."""
+    x = tiny_x(3)
+    for _ in range(50):
+        await client.infer("tiny", x, wait=0)
+    calls = 0
+    start = time.perf_counter()
+    cut()
+    while time.perf_counter() - start < limit:
+        try:
             await client.infer("tiny", x, wait=0)
-        calls = 0
-        start = time.perf_counter()
-        os.kill(d.custodian.process.pid, signal.SIGKILL)
-        while time.perf_counter() - start < 5.0:
+        except CustodianUnreachable:
+            return time.perf_counter() - start, calls, "custodian_unreachable"
+        except NoInferencesLeft:
+            return time.perf_counter() - start, calls, "no_inferences (unexpected)"
+        calls += 1
+    return float("inf"), calls, f"still serving after {limit:.0f} s"
+
+
+async def _unreachable_after(
+    client: Client, cut: Callable[[], None], limit: float
+) -> tuple[float, int, str]:
+    """As :func:`_refused_after`, for a cut that takes seconds to notice: the quota would
+    run out first under a tight loop of inferences, so the enclave's state is polled (every
+    millisecond) and one inference is asked once it says so."""
+    x = tiny_x(3)
+    for _ in range(50):
+        await client.infer("tiny", x, wait=0)
+    polls = 0
+    start = time.perf_counter()
+    cut()
+    while time.perf_counter() - start < limit:
+        if (await client.info()).state is EnclaveState.CUSTODIAN_UNREACHABLE:
+            elapsed = time.perf_counter() - start
             try:
                 await client.infer("tiny", x, wait=0)
             except CustodianUnreachable:
-                return time.perf_counter() - start, calls, "custodian_unreachable"
-            except NoInferencesLeft:
-                return time.perf_counter() - start, calls, "no_inferences (unexpected)"
-            calls += 1
-        return float("inf"), calls, "still serving after 5 s"
+                return elapsed, polls, "custodian_unreachable"
+            return elapsed, polls, "the state said unreachable, but it served (unexpected)"
+        polls += 1
+        await trio.sleep(0.001)
+    return float("inf"), polls, f"still serving after {limit:.0f} s"
+
+
+async def partition_switch(workdir: Path, threads: int) -> tuple[float, int, str]:
+    """Deployment C (tiny), the enclave dialling the custodian through a :class:`FaultProxy`;
+    a silent partition (nothing forwarded, nothing closed); as :func:`kill_switch`."""
+    daemons: list[Daemon] = []
+    async with trio.open_nursery() as nursery:
+
+        async def proxy_task(target: int, *, task_status: trio.TaskStatus[FaultProxy]) -> None:
+            async with fault_proxy(target) as proxy:
+                task_status.started(proxy)
+                await trio.sleep_forever()
+
+        proxies: list[FaultProxy] = []
+
+        def via_proxy(port: int) -> str:
+            proxies.append(trio.from_thread.run(nursery.start, proxy_task, port))
+            return f"{LOOPBACK}:{proxies[0].port}"
+
+        try:
+            d = await trio.to_thread.run_sync(
+                lambda: deploy(
+                    workdir,
+                    {"tiny": tiny_model()},
+                    1000,
+                    threads,
+                    daemons,
+                    custodian_address=via_proxy,
+                )
+            )
+            async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+                result = await _unreachable_after(client, proxies[0].partition, DEAD_AFTER + 5.0)
+        finally:
+            for daemon in reversed(daemons):
+                await trio.to_thread.run_sync(daemon.stop)
+            nursery.cancel_scope.cancel()
+    return result
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -844,6 +934,17 @@ def main() -> None:
                 None,
                 "<= 100 ms",
                 refused_after <= 0.100,
+            )
+            progress(f"section 5: silent partition (refusal due within {DEAD_AFTER:.0f} s)")
+            refused_after, calls, outcome = trio.run(partition_switch, root / "c", threads)
+            report.add(
+                "5",
+                "silent partition (a proxy stops forwarding) -> enclave refuses infer(wait=0)",
+                ms(refused_after),
+                f"state polled {calls} times meanwhile; then infer(wait=0): {outcome}",
+                None,
+                f"<= heartbeat timeout {DEAD_AFTER:.0f} s (+50 ms to notice)",
+                refused_after <= DEAD_AFTER + 0.05,
             )
     total = time.perf_counter() - began
     end_load = os.getloadavg()
