@@ -263,6 +263,9 @@ class CustodianLink:
             if deadline.cancelled_caught:
                 self._runtime.link_lost()
                 raise LinkLost(f"no message from the custodian for {self._timing.dead_after} s")
+            if isinstance(message, Grant):
+                await self._apply_grant(message, log)
+                continue
             try:
                 self._dispatch(message, channel, nursery, log)
             except RemoteProtocolError as exc:
@@ -270,6 +273,27 @@ class CustodianLink:
                 with trio.move_on_after(ERROR_FRAME_TIMEOUT):
                     await channel.send(Connection.error_for(exc))
                 raise
+
+    async def _apply_grant(self, grant: Grant, log: structlog.typing.FilteringBoundLogger) -> None:
+        """Apply a grant, and log it once the requests it woke have run.
+
+        A log line is a write and wakes whoever reads the log: on a parked request's path
+        it cost the push a tenth of a millisecond here. Two schedule points let every
+        request the grant woke take its unit first (trio may run this task before or after
+        them within a pass of the scheduler).
+        """
+        runtime = self._runtime
+        added = runtime.on_grant(grant)
+        left = runtime.quota.available
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        log.info(
+            "grant_applied",
+            grant_id=grant.grant_id,
+            granted_total=grant.granted_total,
+            added=added,
+            inferences_left=left,
+        )
 
     def _dispatch(
         self,
@@ -296,15 +320,6 @@ class CustodianLink:
             buffer = receiver.finish(message)  # size and digest checked
             runtime.load_started()
             nursery.start_soon(self._load, channel, receiver, sha256, buffer, log)
-        elif isinstance(message, Grant):
-            added = runtime.on_grant(message)
-            log.info(
-                "grant_applied",
-                grant_id=message.grant_id,
-                granted_total=message.granted_total,
-                added=added,
-                inferences_left=runtime.quota.available,
-            )
         elif isinstance(message, UsageAck):
             runtime.on_ack(message)
             log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
