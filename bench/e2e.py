@@ -599,50 +599,36 @@ async def kill_switch(d: Deployment) -> tuple[float, int, str]:
 
 
 async def _refused_after(
-    client: Client, cut: Callable[[], None], *, limit: float
+    client: Client, cut: Callable[[], None], *, limit: float, poll_state: bool = False
 ) -> tuple[float, int, str]:
     """Serve 50 requests, ``cut()`` the link, then ``infer(wait=0)`` in a tight loop until
-    the enclave refuses: seconds after the cut, calls served meanwhile, the answer."""
+    the enclave refuses: seconds after the cut, calls (or polls) meanwhile, the answer.
+
+    ``poll_state``: for a cut that takes seconds to notice, under which a tight loop would
+    use up the quota first: poll the enclave's state every millisecond instead, and ask
+    for one inference once it says ``custodian_unreachable``.
+    """
     x = tiny_x(3)
     for _ in range(50):
         await client.infer("tiny", x, wait=0)
-    calls = 0
+    count = 0
     start = time.perf_counter()
     cut()
     while time.perf_counter() - start < limit:
+        if poll_state and (await client.info()).state is not EnclaveState.CUSTODIAN_UNREACHABLE:
+            count += 1
+            await trio.sleep(0.001)
+            continue
         try:
             await client.infer("tiny", x, wait=0)
         except CustodianUnreachable:
-            return time.perf_counter() - start, calls, "custodian_unreachable"
+            return time.perf_counter() - start, count, "custodian_unreachable"
         except NoInferencesLeft:
-            return time.perf_counter() - start, calls, "no_inferences (unexpected)"
-        calls += 1
-    return float("inf"), calls, f"still serving after {limit:.0f} s"
-
-
-async def _unreachable_after(
-    client: Client, cut: Callable[[], None], limit: float
-) -> tuple[float, int, str]:
-    """As :func:`_refused_after`, for a cut that takes seconds to notice: the quota would
-    run out first under a tight loop of inferences, so the enclave's state is polled (every
-    millisecond) and one inference is asked once it says so."""
-    x = tiny_x(3)
-    for _ in range(50):
-        await client.infer("tiny", x, wait=0)
-    polls = 0
-    start = time.perf_counter()
-    cut()
-    while time.perf_counter() - start < limit:
-        if (await client.info()).state is EnclaveState.CUSTODIAN_UNREACHABLE:
-            elapsed = time.perf_counter() - start
-            try:
-                await client.infer("tiny", x, wait=0)
-            except CustodianUnreachable:
-                return elapsed, polls, "custodian_unreachable"
-            return elapsed, polls, "the state said unreachable, but it served (unexpected)"
-        polls += 1
-        await trio.sleep(0.001)
-    return float("inf"), polls, f"still serving after {limit:.0f} s"
+            return time.perf_counter() - start, count, "no_inferences (unexpected)"
+        if poll_state:
+            return time.perf_counter() - start, count, "said unreachable, then served (unexpected)"
+        count += 1
+    return float("inf"), count, f"still serving after {limit:.0f} s"
 
 
 async def partition_switch(workdir: Path, threads: int) -> tuple[float, int, str]:
@@ -674,7 +660,9 @@ async def partition_switch(workdir: Path, threads: int) -> tuple[float, int, str
                 )
             )
             async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
-                result = await _unreachable_after(client, proxies[0].partition, DEAD_AFTER + 5.0)
+                result = await _refused_after(
+                    client, proxies[0].partition, limit=DEAD_AFTER + 5.0, poll_state=True
+                )
         finally:
             for daemon in reversed(daemons):
                 await trio.to_thread.run_sync(daemon.stop)
