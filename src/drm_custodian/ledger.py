@@ -193,8 +193,15 @@ _BALANCE: Final = """SELECT
     FROM instance_totals WHERE borrower=:b"""
 
 
+#: The totals' triggers use UPSERT (``INSERT ... ON CONFLICT DO UPDATE``), new in 3.24.
+MIN_SQLITE: Final = (3, 24, 0)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     """Open the database, enforce WAL + FULL, and create or check the schema."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        need = ".".join(map(str, MIN_SQLITE))
+        raise LedgerStorageError(f"SQLite {sqlite3.sqlite_version} is too old: needs {need}+")
     # isolation_level=None: the module issues no implicit BEGIN; we write our own.
     conn = sqlite3.connect(
         path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False

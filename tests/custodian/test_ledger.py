@@ -172,6 +172,16 @@ async def test_a_balance_reads_the_totals_never_the_records(ledger_path: Path) -
         assert records not in plan
 
 
+async def test_open_refuses_an_sqlite_too_old_for_the_totals(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 23, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.23.1")
+    with pytest.raises(LedgerStorageError, match=r"SQLite 3\.23\.1 is too old: needs 3\.24\.0\+"):
+        await Ledger.open(ledger_path)
+    assert not await trio.Path(ledger_path).exists()  # nothing was created
+
+
 async def test_open_maps_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
     path = tmp_path / "junk.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
