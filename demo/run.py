@@ -35,15 +35,14 @@ from covidnet import DEFAULT_WEIGHTS_MB
 from processes import Deviation, Shell
 from story import INTRO, STEPS, Demo
 
+from drm_wire.net.address import port_argument
+
 EXIT_OK: Final = 0
 EXIT_DEVIATION: Final = 1
 EXIT_INTERRUPTED: Final = 130
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
-    return int(text)
+_port = port_argument(zero=True)
 
 
 def _seconds(text: str) -> float:

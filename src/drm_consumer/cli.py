@@ -55,6 +55,7 @@ from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_WAIT_SECONDS
 from drm_wire.messages import EnclaveState, ModelDescription
+from drm_wire.net.address import port_argument
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -123,10 +124,7 @@ class _Failure(Exception):
 # --- arguments -------------------------------------------------------------------------
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
-    return int(text)
+_port = port_argument(zero=False)
 
 
 def _seconds(text: str) -> float:

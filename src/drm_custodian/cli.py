@@ -46,7 +46,7 @@ from drm_wire.config_file import ConfigSchema, Kind
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.logs import LOG_LEVELS, set_log_level
-from drm_wire.net.address import format_address
+from drm_wire.net.address import format_address, port_argument
 from drm_wire.sd_notify import Notifier
 
 __all__ = [
@@ -80,6 +80,9 @@ exit status:
 """
 
 
+_port = port_argument(zero=True)
+
+
 def _count(text: str) -> int:
     value = int(text)
     if not 0 <= value <= MAX_GRANT_UNITS:
@@ -99,13 +102,6 @@ def _lease(text: str) -> int:
         return check_lease(int(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be 0-65535 (0 picks a free port)")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,7 +118,7 @@ def test_the_command_line_beats_a_host_provided_file(files: Files, tmp_path: Pat
         ("bogus = 1", f"unknown key; allowed: {KEYS} (in {{f}} at 'bogus')"),
         ('custodian = "nohost"', "expected HOST:PORT, got 'nohost' (in {f} at 'custodian')"),
         ("custodian = 7000", "must be a string, not an integer (in {f} at 'custodian')"),
-        ('listen = "127.0.0.1:70000"', "port 70000 is out of range (in {f} at 'listen')"),
+        ('listen = "127.0.0.1:70000"', "port 70000 is out of range (0-65535) (in {f} at 'listen')"),
         ('attestation = "sgx"',
          "must be one of: auto, gramine, simulated; got 'sgx' (in {f} at 'attestation')"),
         ("intra_op_threads = 0", "must be from 1 to 64 (in {f} at 'intra_op_threads')"),
