@@ -11,6 +11,7 @@ import trio.testing
 from drm_custodian.ledger import Balance, Grant, Ledger
 from drm_custodian.registry import (
     DEFAULT_BLOCK_REASON,
+    GRANT_SEND_WAIT,
     DuplicateInstance,
     Registry,
     SessionHooks,
@@ -65,6 +66,24 @@ async def test_a_supply_grants_ready_sessions_and_wakes_the_rest(ledger: Ledger)
     assert ready.waited_for == [1]  # the answer waits until that grant is on the wire
     assert (ready.woken, loading.woken, theirs.woken) == (0, 1, 0)
     assert loading.committed == theirs.committed == []
+
+
+async def test_a_supply_answer_waits_for_a_stuck_link_no_longer_than_the_limit(
+    ledger: Ledger, autojump_clock: trio.testing.MockClock
+) -> None:
+    class Stuck(FakeSession):
+        async def wait_sent(self, granted_total: int) -> None:
+            await trio.sleep_forever()  # its pump never gets the grant out
+
+    registry = Registry()
+    stuck = Stuck("acme", "lic_a", "1" * 32)
+    await registry.claim(stuck)
+    hooks = SessionHooks(registry)
+    result = await ledger.supply("acme", 5, grant_to=hooks.grant_plans("acme"))
+    start = trio.current_time()
+    await hooks.on_supplied("acme", result)
+    assert trio.current_time() - start == GRANT_SEND_WAIT
+    assert len(stuck.committed) == 1  # handed over all the same: it stays charged (P2)
 
 
 async def test_one_instance_per_license() -> None:
