@@ -43,15 +43,20 @@ event loop only copies bytes while the digest keeps pace on another core, and
 the 200 MB bench model, hashing on the loop cost ~3 ms of every 4 MiB chunk's ~18 ms.
 
 Page faults: the first write to each 4 KiB page of the buffer costs a fault and the
-kernel's zeroing of the page, ~0.18 s of CPU per 200 MB on the development VM (huge pages
-unavailable there), which on the event loop was the largest cost of a transfer once the
-copies were gone. A :class:`_Prefaulter` thread makes the pages present
-(``MADV_POPULATE_WRITE``, which does not touch their contents, so it cannot race with a
-chunk landing) a bounded window ahead of the bytes received, on another core while the
-loop decrypts. The window keeps the doc's promise above: a custodian that announces more
-than it sends makes us commit at most :data:`PREFAULT_AHEAD` more than it sent. Where the
-call is unavailable (not Linux, kernels before 5.14, a library OS), pages fault on first
-write as before.
+kernel's zeroing of the page, which on the event loop was the largest cost of a transfer
+once the copies were gone. The mapping must be ``MAP_PRIVATE``: ``mmap.mmap(-1, n)`` is
+``MAP_SHARED`` by default, i.e. shared memory (shmem, kept in the page cache), whose pages
+cost ~1.7x as much to make present (populating 200 MB: ~165 ms against ~95 ms on the
+development VM; the transfer took ~670 ms against ~540). Huge pages (``MADV_HUGEPAGE``)
+were measured too and left out: the kernel's compaction to find them made transfers
+slower (650-765 ms) and their cost unpredictable.
+
+A :class:`_Prefaulter` thread makes the pages present (``MADV_POPULATE_WRITE``, which
+does not touch their contents, so it cannot race with a chunk landing) a bounded window
+ahead of the bytes received, on another core while the loop decrypts. The window keeps
+the doc's promise above: a custodian that announces more than it sends makes us commit at
+most :data:`PREFAULT_AHEAD` more than it sent. Where the call is unavailable (not Linux,
+kernels before 5.14, a library OS), pages fault on first write as before.
 
 States: ``RECEIVING`` until :meth:`~ModelReceiver.finish` succeeds (``DONE``); any error
 moves to ``FAILED`` for good, and the buffer is released. Every refusal is a
@@ -282,8 +287,9 @@ class ModelReceiver:
         if type(begin) is not ModelBegin:
             raise TypeError("ModelReceiver needs a ModelBegin")
         self._begin = begin
-        # Anonymous and private: never backed by a file; pages appear as chunks land.
-        self._buffer: mmap.mmap | None = mmap.mmap(-1, begin.size)
+        # Anonymous and private (not mmap's default MAP_SHARED, see "Page faults" above):
+        # never backed by a file; pages appear as chunks land.
+        self._buffer: mmap.mmap | None = mmap.mmap(-1, begin.size, flags=mmap.MAP_PRIVATE)
         self._hash = _Hasher()
         # A receiver dropped mid-transfer (the link went away) must not leave its thread
         # waiting forever, holding views of the buffer.

@@ -292,26 +292,49 @@ def test_a_placed_range_is_hashed_as_received() -> None:
 # --- prefaulting ----------------------------------------------------------------------------
 
 
-def mapping_rss(view: memoryview) -> int:
-    """Resident bytes of the mapping that holds ``view`` (Linux /proc/self/smaps)."""
+def smaps_entry(view: memoryview) -> tuple[str, dict[str, str]]:
+    """The permissions (e.g. ``rw-p``) and fields of the mapping that holds ``view``
+    (Linux /proc/self/smaps)."""
     import ctypes
 
     start = ctypes.addressof(ctypes.c_char.from_buffer(view.obj))
-    inside = False
+    perms: str | None = None
+    fields: dict[str, str] = {}
     with open("/proc/self/smaps", encoding="ascii") as smaps:
         for line in smaps:
-            head = line.split()[0]
+            head, *rest = line.split()
             if "-" in head and not head.endswith(":"):
+                if perms is not None:
+                    break
                 low, high = (int(part, 16) for part in head.split("-"))
-                inside = low <= start < high
-            elif inside and head == "Rss:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError("mapping not found")
+                if low <= start < high:
+                    perms = rest[0]
+            elif perms is not None:
+                fields[head.rstrip(":")] = " ".join(rest)
+    if perms is None:
+        raise AssertionError("mapping not found")
+    return perms, fields
+
+
+def mapping_rss(view: memoryview) -> int:
+    """Resident bytes of the mapping that holds ``view``."""
+    return int(smaps_entry(view)[1]["Rss"].split()[0]) * 1024
+
+
+def test_the_buffer_is_private_memory() -> None:
+    """``mmap.mmap(-1, n)`` is MAP_SHARED (shmem) unless told: its pages cost ~1.7x."""
+    receiver = ModelReceiver(begin())
+    view = receiver.place(0, MODEL_CHUNK_BYTES)
+    assert view is not None
+    perms, _ = smaps_entry(view)
+    assert perms == "rw-p"
+    view.release()
+    receiver.release()
 
 
 def test_prefaulter_stays_a_window_ahead_and_keeps_contents() -> None:
     size = 3 * PREFAULT_AHEAD
-    buffer = mmap.mmap(-1, size)
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     marker = PREFAULT_AHEAD - 4096 + 7
     buffer[marker] = 0xAB  # written before the prefaulter gets there
     prefaulter = _Prefaulter(buffer, size)
@@ -334,7 +357,7 @@ def test_prefaulter_stays_a_window_ahead_and_keeps_contents() -> None:
 
 
 def test_prefaulter_stops_when_asked() -> None:
-    buffer = mmap.mmap(-1, 2 * PREFAULT_AHEAD)
+    buffer = mmap.mmap(-1, 2 * PREFAULT_AHEAD, flags=mmap.MAP_PRIVATE)
     prefaulter = _Prefaulter(buffer, 2 * PREFAULT_AHEAD)
     prefaulter.join()
     assert prefaulter.wait_populated(2 * PREFAULT_AHEAD, timeout=0) <= PREFAULT_AHEAD
