@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +18,7 @@ from drm_custodian.registry import (
     Registry,
     SessionHooks,
 )
+from drm_custodian.session import EnclaveSession, SessionConfig
 
 
 @dataclass(eq=False)
@@ -136,3 +139,27 @@ async def test_hooks_wake_the_borrowers_sessions_only() -> None:
     registry.close_all()
     assert mine.closed
     assert theirs.closed
+
+
+async def test_an_ended_session_releases_a_supply_answer_that_waits_on_it(
+    nursery: trio.Nursery,
+) -> None:
+    """A link that ends before its grant went out must not hold the admin answer until
+    ``GRANT_SEND_WAIT``: ``finish`` (the session's end) releases ``wait_sent`` at once.
+    Only the session's own state is involved, so its collaborators are left out."""
+    unused: Any = None
+    context: Any = SimpleNamespace(config=SessionConfig(), ledger=unused)
+    session = EnclaveSession(context, unused, unused, unused, "1" * 32)
+    released = trio.Event()
+
+    async def answer() -> None:
+        await session.wait_sent(5)
+        released.set()
+
+    nursery.start_soon(answer)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not released.is_set()  # nothing sent, the session lives: it waits
+    session.finish()
+    with trio.fail_after(1):
+        await released.wait()
+    await session.wait_sent(10)  # and an ended session never makes anyone wait again
