@@ -104,6 +104,31 @@ def test_one_send_encrypts_many_records(client_ctx: SSL.Context) -> None:
     assert mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE == 0
 
 
+async def test_without_the_private_handles_sends_go_a_record_at_a_time(
+    serve: Callable[[Handler], Awaitable[int]],
+    client_ctx: SSL.Context,
+    server_ctx: SSL.Context,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where pyOpenSSL's private handles are gone (a future release), partial-write mode
+    stays on and each ``Connection.send`` encrypts one record: slower, every byte intact."""
+    assert tls._SSL_READ is not None
+    lib = tls._SSL_READ[1]
+    monkeypatch.setattr(tls, "_SSL_READ", None)
+    size = 1024 * 1024 + 5
+    data = _pattern(size, 3)
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        async with await accept_tls(tcp, server_ctx) as stream:
+            await stream.send_all(data)
+
+    port = await serve(handler)
+    async with await open_tls_client(LOOPBACK, port, client_ctx) as client:
+        mode = lib.SSL_set_mode(client._conn._ssl, 0)  # adds nothing; returns the mode
+        assert mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+        assert await _receive_exactly(client, size) == data
+
+
 async def test_both_sides_ask_for_large_socket_buffers_where_the_kernel_allows(
     serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:
