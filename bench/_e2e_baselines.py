@@ -8,12 +8,18 @@
 * :func:`bulk_server_main`: a ``drm_wire.net.tls.TLSStream`` server that, on a command
   ``b"B" + u64 count``, writes ``count`` bytes in 4 MiB ``send_all`` calls (the model
   transfer's chunk size and direction: server to client).
+* :func:`layers_server_main`: the layers under the tiny round trip, without the DRM
+  (:func:`layer_latencies` times them): a ``TLSStream`` answering 100 bytes with 100
+  bytes, and a ``MessageChannel`` answering ``infer`` with its inputs (model ``echo``)
+  or with the enclave's own ``HostedModel.run`` on the event loop (model ``tiny``): the
+  DRM path but for quota, accounting and the consumer server's dispatch.
 
 Each server reports its port through a pipe, then runs until terminated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import multiprocessing
 import os
@@ -36,7 +42,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from _certs import Pems
 from drm_wire.limits import MODEL_CHUNK_BYTES
+from drm_wire.messages import InferenceRequest, InferenceResult, PeerRole
+from drm_wire.net.channel import open_channel
 from drm_wire.net.tls import TLSStream, client_context, server_context
+from drm_wire.protocol import Link, Side
+from drm_wire.tensors import Tensor
 
 HOST = "127.0.0.1"
 SERVICE = "bench.Inference"
@@ -131,12 +141,24 @@ class GrpcClient:
 # --- raw bulk over drm_wire's TLSStream ----------------------------------------------------
 
 
-async def _bulk_serve(pems: Pems, pipe: Connection) -> None:
+def _server_context(pems: Pems) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     key = load_pem_private_key(pems.key, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    context = server_context(certificate=x509.load_pem_x509_certificate(pems.cert), private_key=key)
+    return server_context(certificate=x509.load_pem_x509_certificate(pems.cert), private_key=key)
+
+
+async def _open_client(port: int, pems: Pems) -> TLSStream:
+    context = client_context(ca_certificates=[x509.load_pem_x509_certificate(pems.ca)])
+    tcp = await trio.open_tcp_stream(HOST, port)
+    stream = TLSStream(tcp, context, server_side=False, server_hostname="localhost")
+    await stream.do_handshake()
+    return stream
+
+
+async def _bulk_serve(pems: Pems, pipe: Connection) -> None:
+    context = _server_context(pems)
     listeners = await trio.open_tcp_listeners(0, host=HOST)
     pipe.send(listeners[0].socket.getsockname()[1])
     chunk = memoryview(np.random.default_rng(0).bytes(MODEL_CHUNK_BYTES))
@@ -168,10 +190,7 @@ def bulk_server_main(pems: Pems, pipe: Connection) -> None:
 
 async def bulk_mbps(port: int, pems: Pems, size: int, runs: int) -> list[float]:
     """MB/s (10**6 B/s) of ``runs`` transfers of ``size`` bytes, server to this client."""
-    context = client_context(ca_certificates=[x509.load_pem_x509_certificate(pems.ca)])
-    tcp = await trio.open_tcp_stream(HOST, port)
-    stream = TLSStream(tcp, context, server_side=False, server_hostname="localhost")
-    await stream.do_handshake()
+    stream = await _open_client(port, pems)
     rates = []
     try:
         for run in range(runs + 1):  # run 0 warms up (16 MiB, not recorded)
@@ -189,6 +208,114 @@ async def bulk_mbps(port: int, pems: Pems, size: int, runs: int) -> list[float]:
     finally:
         await stream.aclose()
     return rates
+
+
+# --- the layers under the tiny round trip ------------------------------------------------
+
+#: Bytes each way of the raw TLS round trip (the tiny model's frames are ~100 B).
+RAW_ROUND_TRIP_BYTES = 100
+
+
+async def _receive_exactly(stream: TLSStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = await stream.receive_some(size - len(data))
+        if not more:
+            raise EOFError("the peer closed")
+        data += more
+    return data
+
+
+async def _layers_serve(model: bytes, threads: int, pems: Pems, pipe: Connection) -> None:
+    from drm_enclave.model_host import load_model
+
+    hosted = load_model("tiny", model, intra_op_threads=threads)
+    context = _server_context(pems)
+    listeners = await trio.open_tcp_listeners(0, host=HOST)
+    pipe.send(listeners[0].socket.getsockname()[1])
+
+    def answer(request: InferenceRequest) -> InferenceResult:
+        # The enclave's own checks and run (HostedModel.run), without quota or accounting.
+        outputs = request.inputs if request.model == "echo" else hosted.run(request.inputs)
+        return InferenceResult(request_id=request.request_id, outputs=outputs, inferences_left=1)
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = TLSStream(tcp, context, server_side=True)
+        await stream.do_handshake()
+        mode = await _receive_exactly(stream, 1)  # the client waits for our b"k"
+        await stream.send_all(b"k")
+        if mode == b"R":
+            reply = b"r" * RAW_ROUND_TRIP_BYTES
+            async with stream:
+                with contextlib.suppress(EOFError):  # the client is done
+                    while True:
+                        await _receive_exactly(stream, RAW_ROUND_TRIP_BYTES)
+                        await stream.send_all(reply)
+            return
+        async with open_channel(stream, Link.CONSUMER, Side.SERVER) as channel:
+            await channel.accept_hello(software="bench-layers/1")
+            async for message in channel:
+                assert isinstance(message, InferenceRequest)
+                await channel.send(answer(message))
+
+    await trio.serve_listeners(handler, listeners)
+
+
+def layers_server_main(model: bytes, threads: int, pems: Pems, pipe: Connection) -> None:
+    """Entry point of the spawned layers server process (the tiny model's session)."""
+    trio.run(_layers_serve, model, threads, pems, pipe)
+
+
+async def _mode(port: int, pems: Pems, mode: bytes) -> TLSStream:
+    stream = await _open_client(port, pems)
+    await stream.send_all(mode)
+    if await _receive_exactly(stream, 1) != b"k":
+        raise RuntimeError("the layers server did not take the mode")
+    return stream
+
+
+async def layer_latencies(
+    port: int, pems: Pems, inputs: list[dict[str, np.ndarray[Any, Any]]], samples: int
+) -> dict[str, list[float]]:
+    """Round-trip seconds of each layer, in alternating blocks after a warm-up.
+
+    ``raw``: 100 bytes each way over ``TLSStream``; ``channel``: an ``infer`` message and
+    its result over ``MessageChannel`` (codec, framing, the reader task), answered with
+    its inputs; ``model``: the same, answered by the tiny model's ``HostedModel.run``.
+    """
+    raw = await _mode(port, pems, b"R")
+    out = b"q" * RAW_ROUND_TRIP_BYTES
+    times: dict[str, list[float]] = {"raw": [], "channel": [], "model": []}
+    async with open_channel(await _mode(port, pems, b"C"), Link.CONSUMER, Side.CLIENT) as chan:
+        await chan.hello(role=PeerRole.CONSUMER, software="bench-layers/1")
+
+        async def infer(model: str, i: int) -> None:
+            tensors = tuple(Tensor.from_numpy(k, v) for k, v in inputs[i % len(inputs)].items())
+            request = InferenceRequest(
+                request_id=chan.next_request_id(), model=model, inputs=tensors
+            )
+            result = await chan.request(request)
+            for tensor in result.outputs:
+                tensor.to_numpy()
+
+        async def one(layer: str, i: int) -> None:
+            if layer == "raw":
+                await raw.send_all(out)
+                await _receive_exactly(raw, RAW_ROUND_TRIP_BYTES)
+            else:
+                await infer("echo" if layer == "channel" else "tiny", i)
+
+        blocks = 4
+        for block in range(blocks + 1):  # block 0 warms up
+            order = list(times) if block % 2 else list(times)[::-1]
+            for layer in order:
+                for i in range(200 if block == 0 else samples // blocks):
+                    t0 = time.perf_counter()
+                    await one(layer, i)
+                    if block:
+                        times[layer].append(time.perf_counter() - t0)
+    await raw.aclose()
+    return times
 
 
 # --- processes ----------------------------------------------------------------------------

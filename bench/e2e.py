@@ -12,6 +12,9 @@ logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
 * A: tiny + COVID-Net-shaped CNN uploaded, 1,000,000 inferences supplied:
   1. tiny model ``client.infer`` round trip p50/p99 vs a grpcio TLS unary call whose server
      (another process) runs the same onnxruntime session on the same msgpack-ish request;
+     then the layers under the DRM path, each a round trip to another process without
+     the DRM: a bare ``TLSStream`` exchange, a ``MessageChannel`` infer answered with its
+     inputs, and the same answered by the enclave's ``HostedModel.run`` of the tiny model;
   2. CNN p50 vs raw in-process ``session.run`` (same session options and intra-op
      threads), and 8 concurrent consumers' throughput vs raw onnxruntime throughput (as
      many threads calling ``run`` as the enclave's own limit allows: cores // threads);
@@ -724,6 +727,7 @@ def main() -> None:
         grpc_proc, grpc_port = base.spawn_server(base.grpc_server_main, tiny, threads, pems)
         grpc_pid = grpc_proc.pid
         assert grpc_pid is not None
+        layers_proc, layers_port = base.spawn_server(base.layers_server_main, tiny, threads, pems)
         try:
             # === deployment A ===
             progress("deployment A: tiny + covid, 1,000,000 supplied")
@@ -771,6 +775,19 @@ def main() -> None:
                     / len(drm)
                     / (sum(v for k, v in cpu.items() if k.startswith("grpc")) / len(rpc)),
                 )
+                progress(f"section 1: the layers under it, {sizes.tiny_requests} x 3")
+                inputs = [tiny_x(i) for i in range(8)]
+                layers = trio.run(
+                    base.layer_latencies, layers_port, pems, inputs, sizes.tiny_requests
+                )
+                rpc_p50 = statistics.median(rpc)
+                for key, what in (
+                    ("raw", "  layers, p50: a TLSStream round trip, 100 B each way"),
+                    ("channel", "  + MessageChannel: infer answered with its inputs, no model"),
+                    ("model", "  + HostedModel.run of the tiny model (all but quota and dispatch)"),
+                ):
+                    p50 = statistics.median(layers[key])
+                    report.add("1", what, ms(p50), f"grpcio TLS unary {ms(rpc_p50)}", p50 / rpc_p50)
                 progress(f"section 2: covid, {sizes.cnn_requests} sequential + concurrency")
                 # raw, DRM, raw: the raw baseline brackets the DRM run in time, so drifting
                 # load from elsewhere on the machine hits both alike
@@ -834,6 +851,7 @@ def main() -> None:
             )
         finally:
             base.stop_server(grpc_proc)
+            base.stop_server(layers_proc)
 
         # === raw bulk, then deployment B ===
         progress(f"section 4: raw TLSStream bulk, {sizes.bulk_runs} x {sizes.big_mb:.0f} MB")
