@@ -7,7 +7,8 @@ nursery of ``trio.serve_listeners``. It binds ``peer``, ``conn_id`` and ``role``
 log line of the connection, refuses the connection with ``Error(busy)`` past
 ``max_connections``, completes the TLS handshake with our RA-TLS certificate (the consumer
 verifies it inside the handshake, before sending any data), accepts the consumer's hello,
-then reads requests in one loop:
+then handles each request in the channel's reader task (``MessageChannel.set_handler``:
+no hand-over to another task per request):
 
 * ``model_info_request`` is answered inline (it only reads the runtime);
 * ``infer`` is answered inline too when it needs no wait: refused outright, or a unit of
@@ -36,6 +37,7 @@ Logs never hold tensors: requests are logged by id, model and outcome only.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Final
@@ -50,6 +52,7 @@ from drm_wire.messages import (
     Error,
     InferenceRequest,
     InferenceResult,
+    Message,
     ModelInfo,
     ModelInfoRequest,
     Waiting,
@@ -173,58 +176,58 @@ class ConsumerServer:
                         Error(code=ErrorCode.BUSY, message="too many connections; retry later")
                     )
                 return
-            hello = await channel.accept_hello(
-                software=SOFTWARE, hello_timeout=limits.hello_timeout
-            )
-            log.info("consumer_connected", software=hello.software[:64], version=channel.version)
             async with trio.open_nursery() as requests:
-                reason = await self._requests(channel, requests, log)
+                # Requests are dispatched in the channel's reader task (set_handler).
+                channel.set_handler(
+                    functools.partial(
+                        self._dispatch,
+                        channel=channel,
+                        requests=requests,
+                        in_flight=_Counter(),
+                        log=log,
+                    )
+                )
+                hello = await channel.accept_hello(
+                    software=SOFTWARE, hello_timeout=limits.hello_timeout
+                )
+                log.info(
+                    "consumer_connected", software=hello.software[:64], version=channel.version
+                )
+                reason = await _until_ended(channel)
                 requests.cancel_scope.cancel()  # the consumer left: nobody takes replies
             log.info("consumer_disconnected", reason=reason)
 
-    async def _requests(
+    async def _dispatch(
         self,
+        message: Message,
         channel: MessageChannel,
         requests: trio.Nursery,
-        log: structlog.typing.FilteringBoundLogger,
-    ) -> str:
-        """Read and dispatch requests until the connection ends; return how it ended."""
-        try:
-            await self._dispatch_requests(channel, requests, log)
-        except _CONNECTION_ENDED as exc:  # e.g. a protocol error: the peer was told why
-            return f"{type(exc).__name__}: {str(exc)[:200]}"
-        return "closed"
-
-    async def _dispatch_requests(
-        self,
-        channel: MessageChannel,
-        requests: trio.Nursery,
+        in_flight: _Counter,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        in_flight = _Counter()
-        async for message in channel:
-            if isinstance(message, ModelInfoRequest):
-                await channel.send(self._model_info(message.request_id))
-            elif isinstance(message, InferenceRequest):
-                if (reply := self._answer_now(message, log)) is not None:
-                    await self._send_reply(channel, reply)
-                    continue
-                if in_flight.value >= self._limits.max_in_flight:
-                    log.info("request_refused_busy", request_id=message.request_id)
-                    await channel.send(
-                        Error(
-                            code=ErrorCode.BUSY,
-                            message="too many requests in flight on this connection",
-                            request_id=message.request_id,
-                        )
+        """One request, in the channel's reader task: answered now, or handed to a task."""
+        if isinstance(message, ModelInfoRequest):
+            await channel.send(self._model_info(message.request_id))
+        elif isinstance(message, InferenceRequest):
+            if (reply := self._answer_now(message, log)) is not None:
+                await self._send_reply(channel, reply)
+                return
+            if in_flight.value >= self._limits.max_in_flight:
+                log.info("request_refused_busy", request_id=message.request_id)
+                await channel.send(
+                    Error(
+                        code=ErrorCode.BUSY,
+                        message="too many requests in flight on this connection",
+                        request_id=message.request_id,
                     )
-                    continue
-                in_flight.value += 1
-                self._running += 1
-                if self._idle.is_set():
-                    self._idle = trio.Event()
-                requests.start_soon(self._infer_task, channel, requests, message, in_flight, log)
-            # The consumer state machine lets nothing else through.
+                )
+                return
+            in_flight.value += 1
+            self._running += 1
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            requests.start_soon(self._infer_task, channel, requests, message, in_flight, log)
+        # The consumer state machine lets nothing else through.
 
     async def _send_reply(self, channel: MessageChannel, reply: InferenceResult | Error) -> None:
         """Send a fast-path reply, counted as in flight for :meth:`wait_idle` meanwhile."""
@@ -402,6 +405,15 @@ class _Counter:
 
     def __init__(self) -> None:
         self.value = 0
+
+
+async def _until_ended(channel: MessageChannel) -> str:
+    """Wait until the connection ends; return how it ended."""
+    try:
+        await channel.wait_ended()
+    except _CONNECTION_ENDED as exc:  # e.g. a protocol error: the peer was told why
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return "closed"
 
 
 class _WaitingNotice:

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError
+from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError, RemoteProtocolError
 from drm_wire.messages import (
     EnclaveState,
     Error,
@@ -23,18 +23,27 @@ from drm_wire.messages import (
     Hello,
     InferenceRequest,
     InferenceResult,
+    Message,
     ModelInfo,
     ModelInfoRequest,
     PeerRole,
     UsageReport,
     Waiting,
+    Welcome,
 )
-from drm_wire.net.channel import JOIN_BELOW, ChannelClosed, MessageChannel, open_channel
+from drm_wire.net.channel import (
+    JOIN_BELOW,
+    ChannelBroken,
+    ChannelClosed,
+    MessageChannel,
+    open_channel,
+)
 from drm_wire.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Link, Side
 from drm_wire.tensors import Tensor
 from tests.net.channel_fakes import (
     CLIENT_SOFTWARE,
     SERVER_SOFTWARE,
+    RawPeer,
     RecordingStream,
     StreamPair,
     channel_pair,
@@ -306,3 +315,78 @@ async def test_frames_up_to_join_below_go_out_as_one_write(stream_pair: StreamPa
         header = probe - (JOIN_BELOW - 1024)
         assert await writes_for(JOIN_BELOW - header) == [JOIN_BELOW]
         assert await writes_for(JOIN_BELOW - header + 1) == [header, JOIN_BELOW - header + 1]
+
+
+# --- a handler in the reader task (set_handler) ------------------------------------------
+
+
+async def test_a_handler_gets_every_message_after_the_hello_in_order(
+    stream_pair: StreamPair,
+) -> None:
+    client_stream, server_stream = stream_pair()
+    handled: list[int] = []
+    async with open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server:
+
+        async def handle(message: Message) -> None:
+            assert isinstance(message, InferenceRequest)
+            handled.append(message.request_id)
+            await trio.testing.wait_all_tasks_blocked()  # nothing else is read meanwhile
+            assert handled[-1] == message.request_id
+            await server.send(result_for(message))
+
+        server.set_handler(handle)
+        async with open_channel(client_stream, Link.CONSUMER, Side.CLIENT) as client:
+            _, hello = await shake_hands(client, server)  # the hello still goes to receive
+            assert hello.software == CLIENT_SOFTWARE
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(client.request, infer(client.next_request_id(), i))
+                    await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):
+            await server.wait_ended()  # the client left cleanly: it returns
+    assert handled == [1, 2, 3, 4, 5]
+
+
+async def test_wait_ended_raises_how_the_channel_ended(
+    stream_pair: StreamPair, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def ignore(message: Message) -> None:
+        await trio.lowlevel.checkpoint()
+
+    client_stream, server_stream = stream_pair()
+    raw = RawPeer(client_stream, Link.CONSUMER, Side.CLIENT)
+    async with open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server:
+        server.set_handler(ignore)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raw.hello_as_client)
+            await server.accept_hello(software=SERVER_SOFTWARE)
+        await raw.send_unchecked(Welcome(version=PROTOCOL_VERSION, software="not the client's"))
+        with trio.fail_after(10), pytest.raises(RemoteProtocolError):
+            await server.wait_ended()
+
+
+async def test_a_handler_that_fails_ends_the_channel(stream_pair: StreamPair) -> None:
+    async def handle(message: Message) -> None:
+        raise LocalProtocolError("the handler broke a rule")
+
+    async with channel_pair(stream_pair) as (client, server):
+        server.set_handler(handle)
+        await client.send(infer(client.next_request_id()))
+        with trio.fail_after(1), pytest.raises(ChannelBroken, match="the handler broke a rule"):
+            await server.wait_ended()
+
+
+async def test_a_bug_in_a_handler_propagates_out_of_open_channel(stream_pair: StreamPair) -> None:
+    async def handle(message: Message) -> None:
+        raise KeyError("a bug")
+
+    async def run() -> None:
+        async with channel_pair(stream_pair) as (client, server):
+            server.set_handler(handle)
+            await client.send(infer(client.next_request_id()))
+            with trio.fail_after(1):
+                await server.wait_ended()
+
+    with pytest.raises(ExceptionGroup) as info:
+        await run()
+    assert info.group_contains(KeyError, match="a bug")
