@@ -46,10 +46,12 @@ Page faults: the first write to each 4 KiB page of the buffer costs a fault and 
 kernel's zeroing of the page, which on the event loop was the largest cost of a transfer
 once the copies were gone. The mapping must be ``MAP_PRIVATE``: ``mmap.mmap(-1, n)`` is
 ``MAP_SHARED`` by default, i.e. shared memory (shmem, kept in the page cache), whose pages
-cost ~1.7x as much to make present (populating 200 MB: ~165 ms against ~95 ms on the
-development VM; the transfer took ~670 ms against ~540). Huge pages (``MADV_HUGEPAGE``)
-were measured too and left out: the kernel's compaction to find them made transfers
-slower (650-765 ms) and their cost unpredictable.
+cost ~1.7x as much to make present (populating 200 MB: ~165 ms of CPU against ~80-100 ms
+on the development VM). That CPU is the prefault thread's, off the event loop: in
+interleaved runs of ``bench/e2e.py --only delivery`` the transfer time did not move
+measurably (641-745 ms either way), but on a busy host it is CPU the loop does not get.
+Huge pages (``MADV_HUGEPAGE``) were measured too and left out: the kernel's compaction
+to find them made transfers slower (650-765 ms) and their cost unpredictable.
 
 A :class:`_Prefaulter` thread makes the pages present (``MADV_POPULATE_WRITE``, which
 does not touch their contents, so it cannot race with a chunk landing) a bounded window

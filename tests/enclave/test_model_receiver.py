@@ -322,7 +322,7 @@ def mapping_rss(view: memoryview) -> int:
 
 
 def test_the_buffer_is_private_memory() -> None:
-    """``mmap.mmap(-1, n)`` is MAP_SHARED (shmem) unless told: its pages cost ~1.7x."""
+    """``mmap.mmap(-1, n)`` is MAP_SHARED (shmem) unless told: its pages cost ~1.7x CPU."""
     receiver = ModelReceiver(begin())
     view = receiver.place(0, MODEL_CHUNK_BYTES)
     assert view is not None
