@@ -7,6 +7,7 @@ every write waits for the peer's read, so any missing concurrency deadlocks).
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -35,6 +36,7 @@ from drm_wire.net.channel import (
     JOIN_BELOW,
     ChannelBroken,
     ChannelClosed,
+    ChannelError,
     MessageChannel,
     open_channel,
 )
@@ -371,7 +373,9 @@ async def test_a_handler_that_fails_ends_the_channel(stream_pair: StreamPair) ->
 
     async with channel_pair(stream_pair) as (client, server):
         server.set_handler(handle)
-        await client.send(infer(client.next_request_id()))
+        # On a lockstep pair the server may close before the send returns: either is fine.
+        with contextlib.suppress(ChannelError):
+            await client.send(infer(client.next_request_id()))
         with trio.fail_after(1), pytest.raises(ChannelBroken, match="the handler broke a rule"):
             await server.wait_ended()
 
@@ -383,7 +387,8 @@ async def test_a_bug_in_a_handler_propagates_out_of_open_channel(stream_pair: St
     async def run() -> None:
         async with channel_pair(stream_pair) as (client, server):
             server.set_handler(handle)
-            await client.send(infer(client.next_request_id()))
+            with contextlib.suppress(ChannelError):
+                await client.send(infer(client.next_request_id()))
             with trio.fail_after(1):
                 await server.wait_ended()
 
