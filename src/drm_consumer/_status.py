@@ -1,7 +1,7 @@
 """The live "waiting for inferences" status line of ``python -m drm_consumer query``.
 
-:meth:`WaitStatus.waiting` is the client's ``on_waiting`` callback: it runs in the
-connection's reader task, so it only records the queue position and wakes the ticker.
+:meth:`WaitStatus.waiting` is the client's ``on_waiting`` callback: it runs in the task
+reading the connection, so it only records the queue position and wakes the ticker.
 :meth:`WaitStatus.run` is the ticker task: once the enclave first says the request is
 parked, it redraws the line with the elapsed time. On a terminal the line is rewritten in
 place (``\\r``) several times a second; on a pipe or file it degrades to plain lines: one

@@ -7,8 +7,10 @@ handshake with :func:`~drm_wire.net.ratls.consumer_client_context`, whose verify
 checks the enclave's RA-TLS certificate against the caller's :class:`Policy`: an enclave
 that does not satisfy it fails the handshake, so not one byte of the caller's data is
 ever written to it (:class:`~drm_consumer.errors.AttestationRefused`). Only then does it
-open a :class:`~drm_wire.net.channel.MessageChannel` (whose reader task lives as long as
-the ``async with`` block) and exchange ``hello`` / ``welcome`` as a consumer.
+open a :class:`~drm_wire.net.channel.MessageChannel` for the ``async with`` block and
+exchange ``hello`` / ``welcome`` as a consumer. The channel reads on demand: the task
+waiting for a reply reads the connection itself (one task at a time), as the enclave
+speaks only to answer; this spares each reply a hand-over between tasks.
 
 Each :meth:`Client.infer` and :meth:`Client.info` is one request with its own id on that
 channel; the channel matches replies to requests, so any number of tasks may call them at
@@ -185,7 +187,7 @@ class Client:
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        async with open_channel(stream, Link.CONSUMER, Side.CLIENT) as channel:
+        async with open_channel(stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True) as channel:
             with map_errors(what):
                 await channel.hello(
                     role=PeerRole.CONSUMER, software=SOFTWARE, hello_timeout=connect_timeout
@@ -230,9 +232,9 @@ class Client:
                 more, ``0`` fails at once with ``NoInferencesLeft``, ``N`` waits at most N
                 seconds.
             on_waiting: called with the request's position in the queue each time the
-                enclave says it is parked. It runs in the connection's reader task, so it
-                must not block; an exception from it abandons the request and is raised
-                here as itself.
+                enclave says it is parked. It runs in whichever task is reading the
+                connection at the time, so it must not block; an exception from it
+                abandons the request and is raised here as itself.
 
         Returns:
             The outputs and the inferences left after this one.

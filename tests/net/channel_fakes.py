@@ -151,12 +151,16 @@ async def shake_hands(client: MessageChannel, server: MessageChannel) -> tuple[W
 
 @asynccontextmanager
 async def channel_pair(
-    make_pair: StreamPair, link: Link = Link.CONSUMER, *, handshake: bool = True
+    make_pair: StreamPair,
+    link: Link = Link.CONSUMER,
+    *,
+    handshake: bool = True,
+    read_on_demand: bool = False,
 ) -> AsyncIterator[tuple[MessageChannel, MessageChannel]]:
     """Client and server channels over a fresh stream pair, hello done unless told not to."""
     client_stream, server_stream = make_pair()
     async with (
-        open_channel(client_stream, link, Side.CLIENT) as client,
+        open_channel(client_stream, link, Side.CLIENT, read_on_demand=read_on_demand) as client,
         open_channel(server_stream, link, Side.SERVER) as server,
     ):
         if handshake:

@@ -64,6 +64,13 @@ def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
     return make
 
 
+@pytest.fixture(params=[False, True], ids=["reader_task", "on_demand"])
+def read_on_demand(request: pytest.FixtureRequest) -> bool:
+    """How the client channel reads: its reader task, or the requesting tasks themselves."""
+    on_demand: bool = request.param
+    return on_demand
+
+
 async def serve_requests(server: MessageChannel, count: int, *, seed: int = 0) -> None:
     """Fake enclave: take ``count`` requests, then answer them in a shuffled order."""
     requests: list[InferenceRequest] = []
@@ -125,7 +132,9 @@ async def test_messages_both_ways_then_clean_close(stream_pair: StreamPair) -> N
             await server.send(Heartbeat(seq=10))
 
 
-async def test_hundred_requests_in_flight_answered_out_of_order(stream_pair: StreamPair) -> None:
+async def test_hundred_requests_in_flight_answered_out_of_order(
+    stream_pair: StreamPair, read_on_demand: bool
+) -> None:
     count = 100
     results: dict[int, InferenceResult] = {}
 
@@ -134,16 +143,21 @@ async def test_hundred_requests_in_flight_answered_out_of_order(stream_pair: Str
         results[request.request_id] = await client.request(request)
         assert results[request.request_id].outputs[0].to_numpy().tolist() == [2 * value] * 4
 
-    async with channel_pair(stream_pair) as (client, server), trio.open_nursery() as nursery:
+    async with (
+        channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server),
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(serve_requests, server, count)
         for i in range(count):
             nursery.start_soon(ask, client, float(i))
     assert sorted(results) == list(range(1, count + 1))
 
 
-async def test_waiting_goes_to_the_callback_then_the_result(stream_pair: StreamPair) -> None:
+async def test_waiting_goes_to_the_callback_then_the_result(
+    stream_pair: StreamPair, read_on_demand: bool
+) -> None:
     waits: list[Waiting] = []
-    async with channel_pair(stream_pair) as (client, server):
+    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
 
         async def enclave() -> None:
             request = await server.receive()
@@ -160,8 +174,10 @@ async def test_waiting_goes_to_the_callback_then_the_result(stream_pair: StreamP
     assert result.outputs[0].to_numpy().tolist() == [3.0] * 4
 
 
-async def test_waiting_without_callback_is_ignored(stream_pair: StreamPair) -> None:
-    async with channel_pair(stream_pair) as (client, server):
+async def test_waiting_without_callback_is_ignored(
+    stream_pair: StreamPair, read_on_demand: bool
+) -> None:
+    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
 
         async def enclave() -> None:
             request = await server.receive()
@@ -176,8 +192,9 @@ async def test_waiting_without_callback_is_ignored(stream_pair: StreamPair) -> N
 
 async def test_error_reply_is_peer_error_and_the_channel_stays_open(
     stream_pair: StreamPair,
+    read_on_demand: bool,
 ) -> None:
-    async with channel_pair(stream_pair) as (client, server):
+    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
 
         async def enclave() -> None:
             first = await server.receive()
@@ -202,25 +219,36 @@ async def test_error_reply_is_peer_error_and_the_channel_stays_open(
 
 
 async def test_a_cancelled_request_drops_its_late_reply(
-    stream_pair: StreamPair, autojump_clock: trio.testing.MockClock
+    stream_pair: StreamPair, read_on_demand: bool, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with channel_pair(stream_pair) as (client, server):
+    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
         with trio.move_on_after(1):
             await client.request(infer(1))
         request = await server.receive()
         assert isinstance(request, InferenceRequest)
-        await server.send(Waiting(request_id=1, position=0))
-        await server.send(result_for(request))
+
+        async def late_reply_then_serve() -> None:
+            # Concurrent with request 2: a client that reads on demand reads nothing
+            # while no request waits, and a lockstep write waits for a read.
+            await server.send(Waiting(request_id=1, position=0))
+            await server.send(result_for(request))
+            await serve_requests(server, 1)
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_requests, server, 1)
+            nursery.start_soon(late_reply_then_serve)
             assert (await client.request(infer(2))).request_id == 2
         with trio.move_on_after(5) as scope:  # the late reply was not handed to receive()
             await client.receive()
         assert scope.cancelled_caught
 
 
-async def test_duplicate_request_id_is_refused_locally(stream_pair: StreamPair) -> None:
-    async with channel_pair(stream_pair) as (client, server), trio.open_nursery() as nursery:
+async def test_duplicate_request_id_is_refused_locally(
+    stream_pair: StreamPair, read_on_demand: bool
+) -> None:
+    async with (
+        channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server),
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(client.request, infer(3))
         await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(LocalProtocolError, match="already in flight"):
@@ -235,27 +263,34 @@ async def test_send_before_hello_is_a_local_error(stream_pair: StreamPair) -> No
         await shake_hands(client, server)  # nothing was sent: the channel is intact
 
 
-async def test_on_waiting_error_is_raised_by_request(stream_pair: StreamPair) -> None:
+async def test_on_waiting_error_is_raised_by_request(
+    stream_pair: StreamPair, read_on_demand: bool
+) -> None:
     class Boom(Exception):
         pass
 
     def explode(waiting: Waiting) -> None:
         raise Boom(waiting.position)
 
-    async with channel_pair(stream_pair) as (client, server):
+    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
+        requests: list[InferenceRequest] = []
 
         async def enclave() -> None:
             request = await server.receive()
             assert isinstance(request, InferenceRequest)
+            requests.append(request)
             await server.send(Waiting(request_id=1, position=4))
-            await server.send(result_for(request))  # dropped: request 1 was given up
+
+        async def late_reply_then_serve() -> None:  # concurrent with request 2: see above
+            await server.send(result_for(requests[0]))  # dropped: request 1 was given up
+            await serve_requests(server, 1)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(enclave)
             with pytest.raises(Boom):
                 await client.request(infer(1), on_waiting=explode)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_requests, server, 1)
+            nursery.start_soon(late_reply_then_serve)
             assert (await client.request(infer(2))).request_id == 2
 
 
@@ -395,3 +430,46 @@ async def test_a_bug_in_a_handler_propagates_out_of_open_channel(stream_pair: St
     with pytest.raises(ExceptionGroup) as info:
         await run()
     assert info.group_contains(KeyError, match="a bug")
+
+
+# --- reading on demand -----------------------------------------------------------------
+
+
+async def test_on_demand_a_reply_read_by_another_task_returns_at_once(
+    stream_pair: StreamPair,
+) -> None:
+    """Request 1 holds the read turn; the reply to request 2 comes first: request 2 must
+    return while request 1 still waits (the turn ends at any finished request)."""
+    order: list[int] = []
+    async with channel_pair(stream_pair, read_on_demand=True) as (client, server):
+
+        async def ask(request_id: int) -> None:
+            await client.request(infer(request_id))
+            order.append(request_id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(ask, 2)
+            first, second = await server.receive(), await server.receive()
+            assert isinstance(first, InferenceRequest)
+            assert isinstance(second, InferenceRequest)
+            await server.send(result_for(second))
+            with trio.fail_after(1):
+                while order != [2]:
+                    await trio.testing.wait_all_tasks_blocked()
+            await server.send(result_for(first))
+    assert order == [2, 1]
+
+
+async def test_on_demand_an_idle_client_learns_of_a_close_at_its_next_request(
+    stream_pair: StreamPair,
+) -> None:
+    async with channel_pair(stream_pair, read_on_demand=True) as (client, server):
+        await server.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert "open" in repr(client)  # nothing read: it cannot know yet
+        with pytest.raises(ChannelError):
+            await client.request(infer(client.next_request_id()))
+        with pytest.raises(ChannelError):  # and every later request fails the same way
+            await client.request(infer(client.next_request_id()))
