@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from _certs import Pems
 from drm_wire.limits import MODEL_CHUNK_BYTES
-from drm_wire.messages import InferenceRequest, InferenceResult, PeerRole
+from drm_wire.messages import InferenceRequest, InferenceResult, Message, PeerRole
 from drm_wire.net.channel import open_channel
 from drm_wire.net.tls import TLSStream, client_context, server_context
 from drm_wire.protocol import Link, Side
@@ -253,10 +253,14 @@ async def _layers_serve(model: bytes, threads: int, pems: Pems, pipe: Connection
                         await stream.send_all(reply)
             return
         async with open_channel(stream, Link.CONSUMER, Side.SERVER) as channel:
-            await channel.accept_hello(software="bench-layers/1")
-            async for message in channel:
+
+            async def handle(message: Message) -> None:  # in the reader task, as the enclave
                 assert isinstance(message, InferenceRequest)
                 await channel.send(answer(message))
+
+            channel.set_handler(handle)
+            await channel.accept_hello(software="bench-layers/1")
+            await channel.wait_ended()
 
     await trio.serve_listeners(handler, listeners)
 
@@ -280,13 +284,15 @@ async def layer_latencies(
     """Round-trip seconds of each layer, in alternating blocks after a warm-up.
 
     ``raw``: 100 bytes each way over ``TLSStream``; ``channel``: an ``infer`` message and
-    its result over ``MessageChannel`` (codec, framing, the reader task), answered with
-    its inputs; ``model``: the same, answered by the tiny model's ``HostedModel.run``.
+    its result over ``MessageChannel`` (codec, framing; read as the DRM path reads: on
+    demand here, by a handler in the server's reader task), answered with its inputs;
+    ``model``: the same, answered by the tiny model's ``HostedModel.run``.
     """
     raw = await _mode(port, pems, b"R")
     out = b"q" * RAW_ROUND_TRIP_BYTES
     times: dict[str, list[float]] = {"raw": [], "channel": [], "model": []}
-    async with open_channel(await _mode(port, pems, b"C"), Link.CONSUMER, Side.CLIENT) as chan:
+    stream = await _mode(port, pems, b"C")
+    async with open_channel(stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True) as chan:
         await chan.hello(role=PeerRole.CONSUMER, software="bench-layers/1")
 
         async def infer(model: str, i: int) -> None:
