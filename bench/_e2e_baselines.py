@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from _certs import Pems
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import InferenceRequest, InferenceResult, Message, PeerRole
-from drm_wire.net.channel import open_channel
+from drm_wire.net.channel import ChannelClosed, open_channel
 from drm_wire.net.tls import TLSStream, client_context, server_context
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -260,7 +260,8 @@ async def _layers_serve(model: bytes, threads: int, pems: Pems, pipe: Connection
 
             channel.set_handler(handle)
             await channel.accept_hello(software="bench-layers/1")
-            await channel.wait_ended()
+            with contextlib.suppress(ChannelClosed):  # the client is done
+                await channel.wait_ended()
 
     await trio.serve_listeners(handler, listeners)
 

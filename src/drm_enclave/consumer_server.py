@@ -57,7 +57,7 @@ from drm_wire.messages import (
     ModelInfoRequest,
     Waiting,
 )
-from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
+from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelClosed, MessageChannel, open_channel
 from drm_wire.net.tls import accept_tls
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -411,9 +411,10 @@ async def _until_ended(channel: MessageChannel) -> str:
     """Wait until the connection ends; return how it ended."""
     try:
         await channel.wait_ended()
+    except ChannelClosed:
+        return "closed"
     except _CONNECTION_ENDED as exc:  # e.g. a protocol error: the peer was told why
         return f"{type(exc).__name__}: {str(exc)[:200]}"
-    return "closed"
 
 
 class _WaitingNotice:

@@ -8,10 +8,13 @@ accounting, models; the consumer server reads it). It dials the custodian foreve
 handshake (``enclave_client_context``), says ``hello`` with the license and this process's
 instance id, then runs one *session* per connection (``docs/links.md``, custodian link):
 
-* the receive loop, under a liveness deadline of ``heartbeat_interval * heartbeat_misses``
-  (any message counts): model transfers (a :class:`~.model_receiver.ModelReceiver` per
-  ``model_begin``; on ``model_end`` a task loads the session off the event loop and answers
-  ``model_loaded``), grants, usage acknowledgements, ``block``/``unblock``, heartbeats;
+* a handler in the channel's reader task (``MessageChannel.set_handler``, so a grant
+  wakes parked requests without a hand-over to another task): model transfers (a
+  :class:`~.model_receiver.ModelReceiver` per ``model_begin``; on ``model_end`` a task
+  loads the session off the event loop and answers ``model_loaded``), grants, usage
+  acknowledgements, ``block``/``unblock``, heartbeats;
+* a watchdog: the link is dead after ``heartbeat_interval * heartbeat_misses`` without
+  any message;
 * a heartbeat sender (every ``heartbeat_interval``);
 * a reporter that sends :meth:`Accounting.next_report` when
   :meth:`Accounting.report_due_at` says a report is due (at once after a quiet period,
@@ -62,7 +65,7 @@ from drm_wire.messages import (
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
 from drm_wire.net.ratls import VerifiedCustodian
 from drm_wire.net.tls import TLSStream, open_tls_client
-from drm_wire.protocol import Connection, Link, Side
+from drm_wire.protocol import Link, Side
 
 from .identity import License
 from .model_host import HostedModel, ModelError, load_model
@@ -176,6 +179,8 @@ class CustodianLink:
         #: The transfer under way, and the SHA-256 its model_begin announced.
         self._receiver: tuple[ModelReceiver, bytes] | None = None
         self._established = False
+        #: When the session last heard from the custodian (trio's clock), for _watchdog.
+        self._heard_at = 0.0
 
     def __repr__(self) -> str:
         return f"<CustodianLink {self._host}:{self._port} {self._runtime.state.value}>"
@@ -222,57 +227,74 @@ class CustodianLink:
         custodian = stream.peer_identity_as(VerifiedCustodian)
         async with open_channel(stream, Link.CUSTODIAN, Side.CLIENT) as channel:
             try:
-                welcome = await channel.hello(
-                    role=PeerRole.ENCLAVE,
-                    software=SOFTWARE,
-                    license=self._license.hello_value(),
-                    instance_id=self._instance_id,
-                    hello_timeout=self._timing.handshake_timeout,
-                )
-                self._runtime.link_connected()
-                self._established = True
-                log.info(
-                    "custodian_connected",
-                    custodian_subject=custodian.certificate.subject.rfc4514_string(),
-                    version=welcome.version,
-                    custodian_software=welcome.software,
-                    instance_id=self._instance_id,
-                )
                 async with trio.open_nursery() as nursery:
+                    connected = trio.Event()
+                    channel.set_handler(
+                        functools.partial(
+                            self._handle,
+                            channel=channel,
+                            nursery=nursery,
+                            connected=connected,
+                            log=log,
+                        )
+                    )
+                    welcome = await channel.hello(
+                        role=PeerRole.ENCLAVE,
+                        software=SOFTWARE,
+                        license=self._license.hello_value(),
+                        instance_id=self._instance_id,
+                        hello_timeout=self._timing.handshake_timeout,
+                    )
+                    self._runtime.link_connected()
+                    self._established = True
+                    log.info(
+                        "custodian_connected",
+                        custodian_subject=custodian.certificate.subject.rfc4514_string(),
+                        version=welcome.version,
+                        custodian_software=welcome.software,
+                        instance_id=self._instance_id,
+                    )
+                    self._heard_at = trio.current_time()
+                    connected.set()
                     nursery.start_soon(self._heartbeats, channel)
                     nursery.start_soon(self._reports, channel, log)
-                    await self._receive_loop(channel, nursery, log)
+                    nursery.start_soon(self._watchdog)
+                    await channel.wait_ended()  # raises how it ended
             finally:
                 self._runtime.link_lost()  # before the channel's (bounded) close
 
     # --- the session's tasks ----------------------------------------------------------
 
-    async def _receive_loop(
+    async def _watchdog(self) -> None:
+        """Declare the link dead after ``dead_after`` seconds without any message."""
+        dead_after = self._timing.dead_after
+        # A deadline that every message moves: sleeping to it costs nothing per message.
+        while (due := self._heard_at + dead_after) > trio.current_time():  # noqa: ASYNC110
+            await trio.sleep_until(due)
+        self._runtime.link_lost()
+        raise LinkLost(f"no message from the custodian for {dead_after} s")
+
+    async def _handle(
         self,
+        message: Message,
+        *,
         channel: MessageChannel,
         nursery: trio.Nursery,
+        connected: trio.Event,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        while True:
-            try:
-                with trio.move_on_after(self._timing.dead_after) as deadline:
-                    message = await channel.receive()
-            except BaseException:
-                self._runtime.link_lost()
-                raise
-            if deadline.cancelled_caught:
-                self._runtime.link_lost()
-                raise LinkLost(f"no message from the custodian for {self._timing.dead_after} s")
-            if isinstance(message, Grant):
-                await self._apply_grant(message, log)
-                continue
-            try:
-                self._dispatch(message, channel, nursery, log)
-            except RemoteProtocolError as exc:
-                self._runtime.link_lost()
-                with trio.move_on_after(ERROR_FRAME_TIMEOUT):
-                    await channel.send(Connection.error_for(exc))
-                raise
+        """One message from the custodian, in the channel's reader task."""
+        if not connected.is_set():  # came with the welcome: after the session's bookkeeping
+            await connected.wait()
+        self._heard_at = trio.current_time()
+        if isinstance(message, Grant):
+            await self._apply_grant(message, log)
+            return
+        try:
+            self._dispatch(message, channel, nursery, log)
+        except RemoteProtocolError:
+            self._runtime.link_lost()  # at once; the reader then tells the custodian why
+            raise
 
     async def _apply_grant(self, grant: Grant, log: structlog.typing.FilteringBoundLogger) -> None:
         """Apply a grant, and log it once the requests it woke have run.

@@ -379,8 +379,8 @@ async def test_a_handler_gets_every_message_after_the_hello_in_order(
                 for i in range(5):
                     nursery.start_soon(client.request, infer(client.next_request_id(), i))
                     await trio.testing.wait_all_tasks_blocked()
-        with trio.fail_after(1):
-            await server.wait_ended()  # the client left cleanly: it returns
+        with trio.fail_after(1), pytest.raises(ChannelClosed, match="peer closed"):
+            await server.wait_ended()  # the client left cleanly
     assert handled == [1, 2, 3, 4, 5]
 
 
@@ -473,3 +473,31 @@ async def test_on_demand_an_idle_client_learns_of_a_close_at_its_next_request(
             await client.request(infer(client.next_request_id()))
         with pytest.raises(ChannelError):  # and every later request fails the same way
             await client.request(infer(client.next_request_id()))
+
+
+async def test_a_client_handler_leaves_the_welcome_to_hello(stream_pair: StreamPair) -> None:
+    """The custodian link's client side: what follows the welcome goes to the handler."""
+    client_stream, server_stream = stream_pair()
+    handled: list[Message] = []
+
+    async def handle(message: Message) -> None:
+        handled.append(message)
+
+    async with (
+        open_channel(client_stream, Link.CUSTODIAN, Side.CLIENT) as client,
+        open_channel(server_stream, Link.CUSTODIAN, Side.SERVER) as server,
+    ):
+        client.set_handler(handle)
+
+        async def custodian() -> None:
+            await server.accept_hello(software=SERVER_SOFTWARE)
+            await server.send(Grant(grant_id=1, units=5, granted_total=5))  # right behind
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(custodian)
+            welcome = await client.hello(role=PeerRole.ENCLAVE, software=CLIENT_SOFTWARE)
+        assert welcome.software == SERVER_SOFTWARE
+        with trio.fail_after(1):
+            while not handled:
+                await trio.testing.wait_all_tasks_blocked()
+    assert handled == [Grant(grant_id=1, units=5, granted_total=5)]

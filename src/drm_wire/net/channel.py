@@ -22,7 +22,7 @@ written once instead of being copied three times on its way. A reply to a
 callback); every other message goes into a memory channel of :data:`RECEIVE_BUFFER`
 slots that :meth:`MessageChannel.receive` reads. When it is full, the reader stops
 reading, the stream's buffers fill, and the peer's writes block: backpressure reaches TCP.
-A server may instead :meth:`~MessageChannel.set_handler`: once the hello exchange is done,
+Instead, :meth:`~MessageChannel.set_handler` may be used: once the hello exchange is done,
 the reader awaits the handler with each such message, in order, and reads on when it
 returns. That spares every message a hand-over to another task (a trip through the
 memory channel and one more pass of the scheduler: ~60-90 µs of a ~650 µs round trip of
@@ -399,21 +399,21 @@ class MessageChannel:
         """Have the reader task await ``handler`` with each message, instead of queueing it
         for :meth:`receive`, once the hello exchange is done.
 
-        Call it before the exchange (the hello itself still goes through :meth:`receive`),
-        then wait for the end with :meth:`wait_ended`. The handler runs in the reader
-        task, so nothing more is read until it returns: it should send its reply or start
-        a task, not wait for anything else. An exception it raises ends the channel as if
-        the stream had raised it (a ``DrmError`` breaks the channel; anything else
-        propagates out of :func:`open_channel`).
+        Call it before the exchange (``hello``, ``welcome`` and ``refusal`` still go
+        through :meth:`receive`), then wait for the end with :meth:`wait_ended`. The
+        handler runs in the reader task, so nothing more is read until it returns: it
+        should send its reply or start a task, not wait for anything else. An exception
+        it raises ends the channel as if the stream had raised it (a
+        ``RemoteProtocolError`` is sent to the peer, another ``DrmError`` breaks the
+        channel; anything else propagates out of :func:`open_channel`).
         """
         self._handler = handler
 
-    async def wait_ended(self) -> None:
-        """Wait until the channel ends: return at a clean close, else raise how it ended
-        (see :meth:`receive`)."""
+    async def wait_ended(self) -> NoReturn:
+        """Wait until the channel ends, then raise how it ended, as :meth:`receive` would
+        (a clean close is :class:`ChannelClosed`)."""
         await self._ended.wait()
-        if not isinstance(self._failure, ChannelClosed):
-            self._raise_failure()
+        self._raise_failure()
 
     def set_payload_sink(self, sink: PayloadSink | None) -> None:
         """Let ``sink`` choose where the payloads of later frames are received.
@@ -596,7 +596,11 @@ class MessageChannel:
                 if not isinstance(message, Waiting):
                     self._abandoned.discard(request_id)
                 return None
-        if self._handler is not None and self._conn.version is not None:
+        if (
+            self._handler is not None
+            and self._conn.version is not None
+            and not isinstance(message, Welcome)  # hello() takes it (the client's side)
+        ):
             await self._handler(message)
             return None
         try:
