@@ -501,3 +501,29 @@ async def test_a_client_handler_leaves_the_welcome_to_hello(stream_pair: StreamP
             while not handled:
                 await trio.testing.wait_all_tasks_blocked()
     assert handled == [Grant(grant_id=1, units=5, granted_total=5)]
+
+
+async def test_on_demand_a_cancelled_reader_hands_the_turn_on(stream_pair: StreamPair) -> None:
+    results: list[InferenceResult] = []
+    async with channel_pair(stream_pair, read_on_demand=True) as (client, server):
+        reader = trio.CancelScope()
+
+        async def ask_and_read() -> None:
+            with reader:
+                await client.request(infer(1))
+
+        async def ask_and_wait() -> None:
+            results.append(await client.request(infer(2)))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask_and_read)
+                await trio.testing.wait_all_tasks_blocked()  # request 1 has the turn
+                nursery.start_soon(ask_and_wait)
+                await trio.testing.wait_all_tasks_blocked()  # request 2 waits for it
+                _, second = await server.receive(), await server.receive()
+                assert isinstance(second, InferenceRequest)
+                reader.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                await server.send(result_for(second))  # lockstep: someone must read it
+    assert [result.request_id for result in results] == [2]

@@ -33,11 +33,12 @@ same: while the handler runs, nothing is read.
 counterpart, for a link whose server speaks only to answer (the consumer link: the
 state machine lets nothing else through after the welcome). There is no reader task:
 the task waiting for a reply, or in :meth:`MessageChannel.receive`, reads the stream
-itself, one task at a time (a FIFO lock), and stops as soon as any request is finished,
-so that a task whose reply another task read goes on at once. A reply is then not handed
-from the reader task to the requester: ~55-140 µs less per round trip of a tiny request
-on the development VM (and ~60 µs less client CPU). An idle connection reads nothing, so
-a peer that closes it is noticed by the next request, which fails as it would have.
+itself, one task at a time. The others wait to be woken, either by their reply (read by
+the reading task) or by the turn, which a reader hands to the longest waiting task that
+is not done once its own reply came (or it was cancelled). A reply is then not handed
+from a reader task to the requester: ~55-140 µs less per round trip of a tiny request on
+the development VM (and ~60 µs less client CPU). An idle connection reads nothing, so a
+peer that closes it is noticed by the next request, which fails as it would have.
 
 *Sending.* Writes are serialised by one ``trio.Lock`` (FIFO, so concurrent requests go
 out in call order) and each buffer that ``Connection.send`` returns is written as is: the
@@ -191,10 +192,23 @@ def _copy(error: _Failure) -> _Failure:
     return type(error)(*error.args)
 
 
+class _Waiter:
+    """A task reading on demand: it is done when ``until()``, else it wants the read turn.
+
+    ``wake`` is set when it may be done, or when the turn is passed to it.
+    """
+
+    __slots__ = ("until", "wake")
+
+    def __init__(self, until: Callable[[], bool]) -> None:
+        self.until = until
+        self.wake = trio.Event()
+
+
 class _Pending:
     """One request waiting for its reply."""
 
-    __slots__ = ("callback_error", "done", "expects", "on_waiting", "reply")
+    __slots__ = ("callback_error", "done", "expects", "on_waiting", "reply", "waiter")
 
     def __init__(
         self, expects: type[InferenceResult] | type[ModelInfo], on_waiting: WaitingCallback | None
@@ -204,6 +218,7 @@ class _Pending:
         self.done = trio.Event()
         self.reply: InferenceResult | ModelInfo | Error | None = None
         self.callback_error: Exception | None = None
+        self.waiter = _Waiter(self.done.is_set)
 
 
 class MessageChannel:
@@ -229,10 +244,9 @@ class MessageChannel:
         self._ended = trio.Event()
         self._handler: MessageHandler | None = None
         self._on_demand = read_on_demand
-        #: Reading on demand: whose turn it is to read, and how many requests have
-        #: finished so far (a reader stops when that moves, see _until_reply).
-        self._read_turn = trio.Lock()
-        self._finished = 0
+        #: Reading on demand: whether a task is reading, and the others that wait (FIFO).
+        self._reading = False
+        self._waiters: list[_Waiter] = []
         self._receive_into = stream.receive_into if isinstance(stream, ReceivesInto) else None
 
     def __repr__(self) -> str:
@@ -344,8 +358,7 @@ class MessageChannel:
             await self.send(message)
             sent = True
             if self._on_demand:
-                while not pending.done.is_set():
-                    await self._read_on_demand(self._until_reply(pending))
+                await self._read_on_demand(pending.waiter)
             else:
                 await pending.done.wait()
         except BaseException:
@@ -381,7 +394,7 @@ class MessageChannel:
                 try:
                     return self._inbox.receive_nowait()
                 except trio.WouldBlock:
-                    await self._read_on_demand(self._until_received)
+                    await self._read_on_demand(_Waiter(self._until_received))
         except (trio.EndOfChannel, trio.ClosedResourceError):
             self._raise_failure()
 
@@ -562,22 +575,37 @@ class MessageChannel:
                 if until is not None and until():
                     return None
 
-    async def _read_on_demand(self, until: Callable[[], bool]) -> None:
-        """Take the read turn and read until ``until()`` or the channel ends."""
-        try:
-            self._read_turn.acquire_nowait()  # as in send(): the read below is a checkpoint
-        except trio.WouldBlock:
-            await self._read_turn.acquire()
-        try:
-            if not until() and self._failure is None:
-                await self._read_loop(until)
-        finally:
-            self._read_turn.release()
+    async def _read_on_demand(self, waiter: _Waiter) -> None:
+        """Until ``waiter.until()`` or the channel fails: read if no task does, else wait
+        to be woken (done, or handed the turn). A reader reads until its own condition
+        holds, then hands the turn to the longest waiting task that is not done."""
+        while not waiter.until() and self._failure is None:
+            if not self._reading:
+                self._reading = True
+                try:
+                    await self._read_loop(waiter.until)
+                finally:
+                    self._reading = False
+                    self._pass_turn()
+                continue
+            self._waiters.append(waiter)
+            try:
+                await waiter.wake.wait()
+            except BaseException:
+                self._waiters.remove(waiter)
+                self._pass_turn()  # cancelled: had the turn come to us meanwhile, pass it on
+                raise
+            self._waiters.remove(waiter)
+            waiter.wake = trio.Event()
 
-    def _until_reply(self, pending: _Pending) -> Callable[[], bool]:
-        # Any finished request ends the turn: its task may be queued for the turn.
-        finished = self._finished
-        return lambda: pending.done.is_set() or self._finished != finished
+    def _pass_turn(self) -> None:
+        """Wake the longest waiting task that is not done, unless a task is reading."""
+        if self._reading:
+            return
+        for waiter in self._waiters:
+            if not waiter.until():
+                waiter.wake.set()
+                return
 
     def _until_received(self) -> bool:
         return self._inbox.statistics().current_buffer_used > 0
@@ -641,8 +669,8 @@ class MessageChannel:
                 state=self._conn.state.value,
             )
         del self._pending[request_id]
-        self._finished += 1
         pending.done.set()
+        pending.waiter.wake.set()
 
     # --- failure ----------------------------------------------------------------------
 
@@ -652,6 +680,8 @@ class MessageChannel:
             return
         self._failure, self._failure_cause = error, cause
         self._ended.set()
+        for waiter in self._waiters:
+            waiter.wake.set()
         self._inbox_send.close()
         for pending in self._pending.values():
             pending.done.set()
