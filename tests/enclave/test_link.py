@@ -285,6 +285,22 @@ async def test_silent_custodian_trips_the_kill_switch(tmp_path: Path) -> None:
     assert any(entry["error_type"] == "LinkLost" for entry in failures)
 
 
+async def test_messages_keep_the_link_alive_past_the_deadline(tmp_path: Path) -> None:
+    """The watchdog's deadline moves with every message: with the custodian's heartbeats
+    flowing, three deadlines pass (timed by the enclave's own heartbeats) and the link
+    stays up."""
+    beats = round(3 * FAST_TIMING.dead_after / FAST_TIMING.heartbeat_interval)
+    with capture_logs() as logs:
+        async with running_enclave(tmp_path) as rig:
+            session = await rig.link(granted_total=1)
+            seen = 0
+            with trio.fail_after(TIMEOUT):
+                while seen < beats:
+                    seen += isinstance(await session.channel.receive(), Heartbeat)
+            assert rig.runtime.state is EnclaveState.SERVING
+    assert not [entry for entry in logs if entry["event"] == "custodian_link_failed"]
+
+
 async def test_enclave_sends_heartbeats(tmp_path: Path) -> None:
     async with running_enclave(tmp_path) as rig:
         session = await rig.custodian.session()
