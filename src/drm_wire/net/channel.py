@@ -1,4 +1,4 @@
-"""Typed messages over a ``trio.abc.Stream``: one reader task, one locked writer.
+"""Typed messages over a ``trio.abc.Stream``: one reader at a time, one locked writer.
 
 Theory of operation
 -------------------
@@ -8,7 +8,8 @@ stream (a :class:`~drm_wire.net.tls.TLSStream` in production, memory streams in 
 the reader task in a nursery of its own, so the reader cannot outlive the stream nor the
 channel be used without its reader. (``run(task_status)`` for ``nursery.start`` was the
 alternative; it would leave closing the stream, and failing what waits on it, to every
-caller. trio-websocket's ``open_websocket`` makes the same choice.)
+caller. trio-websocket's ``open_websocket`` makes the same choice.) A client may read on
+demand instead, without a reader task (see *Reading on demand* below).
 
 *Receiving.* The reader alone calls ``receive_some``. It feeds the bytes to the connection
 and pulls messages until ``NEED_DATA``, and only then reads again, so the decoder never
