@@ -120,7 +120,7 @@ def configure_logging(
         escape_control_characters,
     ]
     if json:
-        processors.append(structlog.processors.dict_tracebacks)
+        processors.append(_TRACEBACKS)
     processors.append(renderer)
     structlog.configure(
         processors=processors,
@@ -128,6 +128,15 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
+
+
+#: Tracebacks as dicts, *without* frame locals. structlog's ``dict_tracebacks`` shows
+#: them (the first 80 characters of each), and they are rendered after
+#: :func:`redact_secrets` has run, so an exception logged in a frame holding a license,
+#: a token or a key would print it. File, line and function are kept.
+_TRACEBACKS: Final = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def set_log_level(level: str) -> None:

@@ -48,3 +48,26 @@ def test_json_configuration_writes_one_redacted_line_per_event() -> None:
     assert record["chunk"] == "<redacted: 4096 bytes>"
     assert record["reason"] == "a\\x0ab"
     assert record["level"] == "info"
+
+
+def test_a_logged_traceback_shows_no_frame_locals() -> None:
+    """Locals are rendered after redact_secrets ran: a secret in a frame would print."""
+    stream = io.StringIO()
+    configure_logging(json=True, stream=stream)
+    try:
+        log = structlog.get_logger()
+        license_secret = "s3cret-license-value"
+        try:
+            raise ValueError("the failure's own message")
+        except ValueError:
+            log.exception("session_failed")
+        del license_secret
+    finally:
+        structlog.reset_defaults()
+    (line,) = stream.getvalue().splitlines()
+    assert "s3cret" not in line
+    record = json.loads(line)
+    (trace,) = record["exception"]
+    assert trace["exc_type"] == "ValueError"
+    assert trace["frames"][-1]["name"] == "test_a_logged_traceback_shows_no_frame_locals"
+    assert "locals" not in trace["frames"][-1]
