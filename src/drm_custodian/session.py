@@ -240,11 +240,28 @@ async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, 
 
 
 def _log_end(exc: Exception) -> None:
-    error = _sole(exc)
-    if isinstance(error, _ENDINGS):
+    error = _ending(exc)
+    if error is not None:
         log.info("enclave_disconnected", reason=type(error).__name__, detail=str(error)[:300])
     else:
         log.exception("enclave_session_failed")
+
+
+def _ending(exc: BaseException) -> BaseException | None:
+    """The first exception that ended a session, if all of them are ordinary endings.
+
+    Several tasks of a session may see the link go at once (the receive loop and a send,
+    say), and their nursery then raises a group of them: still a disconnect, not a bug.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc if isinstance(exc, _ENDINGS) else None
+    endings, rest = exc.split(_ENDINGS)
+    if endings is None or rest is not None:
+        return None
+    first: BaseException = endings
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:
