@@ -64,7 +64,13 @@ from drm_custodian.ledger import Grant as LedgerGrant
 from drm_custodian.registry import DuplicateInstance, Registry
 from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
 from drm_wire.attestation.identity import VerifiedEnclave
-from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError, RemoteProtocolError
+from drm_wire.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    PeerError,
+    RemoteProtocolError,
+    first_leaf,
+)
 from drm_wire.limits import (
     HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL,
@@ -258,10 +264,7 @@ def _ending(exc: BaseException) -> BaseException | None:
     endings, rest = exc.split(_ENDINGS)
     if endings is None or rest is not None:
         return None
-    first: BaseException = endings
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
+    return first_leaf(endings)
 
 
 async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:

@@ -46,7 +46,7 @@ import structlog
 import trio
 from OpenSSL import SSL
 
-from drm_wire.errors import DrmError, ErrorCode, RemoteProtocolError
+from drm_wire.errors import DrmError, ErrorCode, RemoteProtocolError, first_leaf
 from drm_wire.limits import HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES
 from drm_wire.messages import (
     Block,
@@ -215,7 +215,7 @@ class CustodianLink:
             if rest is not None:
                 raise rest from None
             assert matched is not None
-            _log_failure(log, _first(matched))
+            _log_failure(log, first_leaf(matched))
         except _LINK_ERRORS as exc:
             self._runtime.link_lost()
             _log_failure(log, exc)
@@ -423,13 +423,6 @@ class CustodianLink:
         except BaseException:
             self._runtime.link_lost()
             raise
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _log_failure(log: structlog.typing.FilteringBoundLogger, exc: BaseException) -> None:

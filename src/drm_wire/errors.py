@@ -160,3 +160,11 @@ class ConfigError(DrmError):
         super().__init__(f"{message} ({where})" if where else message)
         self.path = path
         self.key = key
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside ``exc`` if it is a (nested) exception group, else ``exc``:
+    the one to name when several tasks of a nursery failed the same way."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
