@@ -223,23 +223,27 @@ class ConsumerServer:
                 )
                 return
             in_flight.value += 1
-            self._running += 1
-            if self._idle.is_set():
-                self._idle = trio.Event()
+            self._request_started()
             requests.start_soon(self._infer_task, channel, requests, message, in_flight, log)
         # The consumer state machine lets nothing else through.
 
     async def _send_reply(self, channel: MessageChannel, reply: InferenceResult | Error) -> None:
         """Send a fast-path reply, counted as in flight for :meth:`wait_idle` meanwhile."""
-        self._running += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
+        self._request_started()
         try:
             await channel.send(reply)
         finally:
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
+            self._request_ended()
+
+    def _request_started(self) -> None:
+        self._running += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _request_ended(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
 
     def _answer_now(
         self, request: InferenceRequest, log: structlog.typing.FilteringBoundLogger
@@ -314,9 +318,7 @@ class ConsumerServer:
             log.debug("reply_not_sent", reason=type(exc).__name__)
         finally:
             in_flight.value -= 1
-            self._running -= 1
-            if self._running == 0:
-                self._idle.set()
+            self._request_ended()
 
     async def _infer(
         self,
