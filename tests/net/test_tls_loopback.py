@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -235,3 +236,110 @@ async def test_peer_drops_tcp_during_handshake(
     port = await serve(handler)
     with pytest.raises(trio.BrokenResourceError, match="during the TLS handshake"):
         await open_tls_client(LOOPBACK, port, client_ctx)
+
+
+# --- the socket path: TLSStream reads and writes a SocketStream's socket itself ----------
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two connected TCP streams on loopback, without a server task."""
+    listener = trio.socket.socket()
+    try:
+        await listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        client = await trio.open_tcp_stream(LOOPBACK, listener.getsockname()[1])
+        accepted, _ = await listener.accept()
+    finally:
+        listener.close()
+    return client, trio.SocketStream(accepted)
+
+
+async def test_check_two_way_stream_over_tcp(
+    client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    # trio's generic checks (one schedule point per call, closing, conflicts) on the path
+    # that skips the SocketStream's own methods.
+    async def stream_maker() -> tuple[TLSStream, TLSStream]:
+        client_tcp, server_tcp = await _tcp_pair()
+        return (
+            TLSStream(client_tcp, client_ctx, server_side=False),
+            TLSStream(server_tcp, server_ctx, server_side=True),
+        )
+
+    await trio.testing.check_two_way_stream(stream_maker, None)
+
+
+async def test_a_socket_transport_is_read_and_written_directly(
+    client_ctx: SSL.Context, server_ctx: SSL.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*args: object) -> None:
+        raise AssertionError("the SocketStream's own methods were called")
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", refuse)
+    monkeypatch.setattr(trio.SocketStream, "receive_some", refuse)
+    client_tcp, server_tcp = await _tcp_pair()
+    client = TLSStream(client_tcp, client_ctx, server_side=False)
+    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    data = _pattern(3 << 20, 7)  # more than the kernel buffers: the sender waits
+    async with client, server, trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, data)
+        assert await _receive_exactly(server, len(data)) == data
+        await server.send_all(b"back")
+        assert await client.receive_some() == b"back"
+
+
+async def test_closing_under_a_parked_sender_sends_no_close_notify_mid_record(
+    client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    client_tcp, server_tcp = await _tcp_pair()
+    client = TLSStream(client_tcp, client_ctx, server_side=False)
+    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    await handshake_both_over_tcp(client, server)
+    outcome: list[BaseException] = []
+
+    async def sender() -> None:
+        try:
+            await client.send_all(_pattern(16 << 20, 1))  # parks: the server does not read
+        except trio.ClosedResourceError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        await client.aclose()  # from another task, with a record half-written
+    assert len(outcome) == 1  # the parked sender learns of the close
+    # The server reads what arrived, then the end: a ragged EOF, not a record broken by a
+    # close_notify written into the middle of it.
+    with pytest.raises(trio.BrokenResourceError, match="ragged EOF"):
+        await _receive_to_the_end(server)
+    await server.aclose()
+
+
+async def test_a_reset_peer_breaks_a_sender(
+    client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    client_tcp, server_tcp = await _tcp_pair()
+    client = TLSStream(client_tcp, client_ctx, server_side=False)
+    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    await handshake_both_over_tcp(client, server)
+    server_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await server_tcp.aclose()  # linger 0: the kernel answers with a reset
+    with pytest.raises(trio.BrokenResourceError, match="TLS transport failed while sending"):
+        await _send_until_it_fails(client)
+    await client.aclose()
+
+
+async def _receive_to_the_end(stream: TLSStream) -> None:
+    while await stream.receive_some():
+        pass
+
+
+async def _send_until_it_fails(stream: TLSStream) -> None:
+    for _ in range(64):  # the first writes may land before the reset is seen
+        await stream.send_all(b"x" * 65536)
+
+
+async def handshake_both_over_tcp(client: TLSStream, server: TLSStream) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)

@@ -46,6 +46,11 @@ class ConflictDetector:
         self._held = False
         self._message = message
 
+    @property
+    def held(self) -> bool:
+        """Whether a task is inside the guarded section now."""
+        return self._held
+
     def __enter__(self) -> None:
         if self._held:
             raise trio.BusyResourceError(self._message)
