@@ -143,33 +143,30 @@ _SCALAR_TYPES: frozenset[type] = frozenset(_SCALARS)
 def _check_tree(root: dict[Any, Any]) -> None:
     """Require str keys, allowed value types, and nesting within MAX_NESTING.
 
-    Iterative, so hostile depth cannot reach Python's recursion limit. Most headers are
-    one flat map, so the top level is checked without the work-list machinery.
+    Recursive, but never deeper than MAX_NESTING calls: the depth is checked before each
+    descent, so hostile depth cannot reach Python's recursion limit.
     """
-    pending: list[tuple[object, int]] = []
-    for key, value in root.items():
+    _check_map(root, 1)
+
+
+def _check_map(node: dict[Any, Any], depth: int) -> None:
+    for key, value in node.items():
         if type(key) is not str:
             raise RemoteProtocolError("header keys must be strings")
         if type(value) not in _SCALAR_TYPES:
-            _push(pending, value, 2)
-    while pending:
-        node, depth = pending.pop()
-        if type(node) is dict:
-            if not all(type(key) is str for key in node):
-                raise RemoteProtocolError("header keys must be strings")
-            values: Any = node.values()
-        else:
-            values = node
-        for value in values:
-            if type(value) not in _SCALAR_TYPES:
-                _push(pending, value, depth + 1)
+            _check_container(value, depth + 1)
 
 
-def _push(pending: list[tuple[object, int]], value: object, depth: int) -> None:
+def _check_container(value: object, depth: int) -> None:
     if type(value) is not dict and type(value) is not list:
         raise RemoteProtocolError(f"value of type {type(value).__name__} refused")
     if depth > MAX_NESTING:
         raise RemoteProtocolError(
             "header nested too deeply", code=ErrorCode.LIMIT_EXCEEDED, limit=MAX_NESTING, got=depth
         )
-    pending.append((value, depth))
+    if type(value) is dict:
+        _check_map(value, depth)
+        return
+    for item in value:
+        if type(item) not in _SCALAR_TYPES:
+            _check_container(item, depth + 1)

@@ -128,8 +128,11 @@ class Tensor:
         if dtype_name is None:
             raise _fail("dtype not allowed", field="dtype", got=str(array.dtype))
         wanted = DTYPES[dtype_name]
-        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
-        contiguous = np.require(array, dtype=wanted, requirements="C")
+        if array.dtype is wanted and array.flags.c_contiguous:
+            contiguous = array  # the usual case, without np.require's own checks
+        else:
+            # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+            contiguous = np.require(array, dtype=wanted, requirements="C")
         data = memoryview(contiguous.data).cast("B") if contiguous.size else memoryview(b"")
         return cls(name=name, dtype=dtype_name, shape=tuple(contiguous.shape), data=data)
 

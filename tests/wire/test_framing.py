@@ -183,6 +183,33 @@ def test_w10_huge_container_claims_in_a_tiny_frame(body: bytes) -> None:
     rejects(prefixed(body))
 
 
+@pytest.mark.parametrize("wrap", ["list", "map", "both"])
+def test_nesting_cap_counts_maps_and_lists_alike(wrap: str) -> None:
+    def nested(depth: int) -> dict[str, object]:
+        value: object = 1
+        for level in range(depth - 1):
+            as_map = wrap == "map" or (wrap == "both" and level % 2)
+            value = {"k": value} if as_map else [value]
+        return {"type": "heartbeat", "x": value}
+
+    assert codec.unpack_header(codec.pack_header(nested(MAX_NESTING)))
+    rejects(
+        prefixed(codec.pack_header(nested(MAX_NESTING + 1))),
+        "nested too deeply",
+        ErrorCode.LIMIT_EXCEEDED,
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[{b"k": 1}], {"a": {b"k": 1}}, [[0, {"a": [{b"k": 1}]}]]],
+    ids=["map-in-list", "map-in-map", "deep"],
+)
+def test_keys_of_nested_maps_must_be_strings(value: object) -> None:
+    body = msgpack.packb({"type": "heartbeat", "x": value}, use_bin_type=True)
+    rejects(prefixed(body), "header keys must be strings")
+
+
 @pytest.mark.parametrize(
     "body",
     [
