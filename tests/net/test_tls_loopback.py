@@ -254,17 +254,24 @@ async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return client, trio.SocketStream(accepted)
 
 
+async def _tls_over_tcp(
+    client_ctx: SSL.Context, server_ctx: SSL.Context
+) -> tuple[TLSStream, TLSStream]:
+    """A client and a server TLSStream over a loopback TCP pair, not yet handshaken."""
+    client_tcp, server_tcp = await _tcp_pair()
+    return (
+        TLSStream(client_tcp, client_ctx, server_side=False),
+        TLSStream(server_tcp, server_ctx, server_side=True),
+    )
+
+
 async def test_check_two_way_stream_over_tcp(
     client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:
     # trio's generic checks (one schedule point per call, closing, conflicts) on the path
     # that skips the SocketStream's own methods.
     async def stream_maker() -> tuple[TLSStream, TLSStream]:
-        client_tcp, server_tcp = await _tcp_pair()
-        return (
-            TLSStream(client_tcp, client_ctx, server_side=False),
-            TLSStream(server_tcp, server_ctx, server_side=True),
-        )
+        return await _tls_over_tcp(client_ctx, server_ctx)
 
     await trio.testing.check_two_way_stream(stream_maker, None)
 
@@ -277,9 +284,7 @@ async def test_a_socket_transport_is_read_and_written_directly(
 
     monkeypatch.setattr(trio.SocketStream, "send_all", refuse)
     monkeypatch.setattr(trio.SocketStream, "receive_some", refuse)
-    client_tcp, server_tcp = await _tcp_pair()
-    client = TLSStream(client_tcp, client_ctx, server_side=False)
-    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    client, server = await _tls_over_tcp(client_ctx, server_ctx)
     data = _pattern(3 << 20, 7)  # more than the kernel buffers: the sender waits
     async with client, server, trio.open_nursery() as nursery:
         nursery.start_soon(client.send_all, data)
@@ -291,9 +296,7 @@ async def test_a_socket_transport_is_read_and_written_directly(
 async def _transfer_both_ways(
     client_ctx: SSL.Context, server_ctx: SSL.Context, size: int, seed: int
 ) -> None:
-    client_tcp, server_tcp = await _tcp_pair()
-    client = TLSStream(client_tcp, client_ctx, server_side=False)
-    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    client, server = await _tls_over_tcp(client_ctx, server_ctx)
     up, down = _pattern(size, seed), _pattern(size, seed + 1)
     got: dict[str, bytes] = {}
 
@@ -328,9 +331,7 @@ async def test_streams_sharing_a_thread_share_its_receive_buffer_safely(
 async def test_closing_under_a_parked_sender_sends_no_close_notify_mid_record(
     client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:
-    client_tcp, server_tcp = await _tcp_pair()
-    client = TLSStream(client_tcp, client_ctx, server_side=False)
-    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    client, server = await _tls_over_tcp(client_ctx, server_ctx)
     await handshake_both_over_tcp(client, server)
     outcome: list[BaseException] = []
 
@@ -355,10 +356,10 @@ async def test_closing_under_a_parked_sender_sends_no_close_notify_mid_record(
 async def test_a_reset_peer_breaks_a_sender(
     client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:
-    client_tcp, server_tcp = await _tcp_pair()
-    client = TLSStream(client_tcp, client_ctx, server_side=False)
-    server = TLSStream(server_tcp, server_ctx, server_side=True)
+    client, server = await _tls_over_tcp(client_ctx, server_ctx)
     await handshake_both_over_tcp(client, server)
+    server_tcp = server.transport_stream
+    assert isinstance(server_tcp, trio.SocketStream)
     server_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await server_tcp.aclose()  # linger 0: the kernel answers with a reset
     with pytest.raises(trio.BrokenResourceError, match="TLS transport failed while sending"):
