@@ -31,14 +31,14 @@ Waiting on the transport is cancel-safe (nothing is consumed), so a cancelled or
 timed-out receive leaves the stream usable.
 
 *Transport.* Over a ``trio.SocketStream`` (every TCP link) the stream reads and writes
-the socket's descriptor itself (``os.read`` / ``os.write``, waiting in trio with
-``wait_readable`` / ``wait_writable``) instead of calling the transport's ``send_all`` and
-``receive_some``: those wrap each system call in several layers of Python (conflict
-detection, error translation, a context manager per call), about a sixth of the
-instructions of a small message's round trip. The behaviour is the same: one schedule
-point per send, errors become ``trio.BrokenResourceError``, closing the transport wakes a
-waiting task. Any other transport (memory streams in tests) is used through its
-``Stream`` methods.
+the socket's descriptor itself (``os.readv`` into one buffer per thread, ``os.write``;
+waiting in trio with ``wait_readable`` / ``wait_writable``) instead of calling the
+transport's ``send_all`` and ``receive_some``: those wrap each system call in several
+layers of Python (conflict detection, error translation, a context manager per call),
+about a ninth of the instructions of a small message's round trip. The behaviour is the
+same: one schedule point per send, errors become ``trio.BrokenResourceError``, closing
+the transport wakes a waiting task. Any other transport (memory streams in tests) is used
+through its ``Stream`` methods.
 
 *Handshake.* Runs once, on ``do_handshake()`` or the first send/receive, under a lock so
 that a sender and a receiver task can both trigger it, and under ``fail_after
@@ -646,7 +646,7 @@ class TLSStream(trio.abc.Stream):
 
 def _own_socket(transport_stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The socket to read and write directly, if ``transport_stream`` is a plain TCP
-    ``trio.SocketStream`` on a system whose ``os.read`` / ``os.write`` take sockets."""
+    ``trio.SocketStream`` on a system whose ``os.readv`` / ``os.write`` take sockets."""
     if type(transport_stream) is not trio.SocketStream or os.name != "posix":
         return None
     return transport_stream.socket
