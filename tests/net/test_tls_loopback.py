@@ -17,6 +17,7 @@ from OpenSSL import SSL
 from drm_wire.net import tls
 from drm_wire.net.tls import TLSStream, accept_tls, client_context, open_tls_client, server_context
 from tests.net.certs import Identity
+from tests.net.helpers import handshake_both
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 LOOPBACK = "127.0.0.1"
@@ -329,11 +330,19 @@ async def test_streams_sharing_a_thread_share_its_receive_buffer_safely(
 
 
 async def test_closing_under_a_parked_sender_sends_no_close_notify_mid_record(
-    client_ctx: SSL.Context, server_ctx: SSL.Context
+    client_ctx: SSL.Context, server_ctx: SSL.Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, server = await _tls_over_tcp(client_ctx, server_ctx)
-    await handshake_both_over_tcp(client, server)
+    await handshake_both(client, server)
     outcome: list[BaseException] = []
+    writes: list[int] = []  # every transport write the client starts
+    transport_send = TLSStream._transport_send
+
+    async def counted(self: TLSStream, data: bytes) -> None:
+        writes.append(len(data))
+        await transport_send(self, data)
+
+    monkeypatch.setattr(TLSStream, "_transport_send", counted)
 
     async def sender() -> None:
         try:
@@ -344,7 +353,11 @@ async def test_closing_under_a_parked_sender_sends_no_close_notify_mid_record(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender)
         await trio.testing.wait_all_tasks_blocked()
+        started = len(writes)
         await client.aclose()  # from another task, with a record half-written
+    # aclose started no write of its own: a close_notify could have landed mid-record as
+    # soon as the peer made room, before the parked sender ran again.
+    assert len(writes) == started
     assert len(outcome) == 1  # the parked sender learns of the close
     # The server reads what arrived, then the end: a ragged EOF, not a record broken by a
     # close_notify written into the middle of it.
@@ -357,7 +370,7 @@ async def test_a_reset_peer_breaks_a_sender(
     client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:
     client, server = await _tls_over_tcp(client_ctx, server_ctx)
-    await handshake_both_over_tcp(client, server)
+    await handshake_both(client, server)
     server_tcp = server.transport_stream
     assert isinstance(server_tcp, trio.SocketStream)
     server_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -375,9 +388,3 @@ async def _receive_to_the_end(stream: TLSStream) -> None:
 async def _send_until_it_fails(stream: TLSStream) -> None:
     for _ in range(64):  # the first writes may land before the reset is seen
         await stream.send_all(b"x" * 65536)
-
-
-async def handshake_both_over_tcp(client: TLSStream, server: TLSStream) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        nursery.start_soon(server.do_handshake)
