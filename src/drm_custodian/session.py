@@ -211,13 +211,6 @@ _ENDINGS: Final = (
 )
 
 
-def _sole(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member groups (what a nursery raised)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, peer: str) -> None:
     """Serve one enclave connection until it ends; never raises (but Cancelled).
 
@@ -456,7 +449,7 @@ class EnclaveSession:
             except BaseExceptionGroup as group:
                 ours, _ = group.split(RemoteProtocolError)
                 if ours is not None:
-                    error = _sole(ours)
+                    error = first_leaf(ours)  # if several tasks saw one, the first says why
                     if isinstance(error, RemoteProtocolError):
                         await _last_words(self._channel, error.code, error.message[:200])
                 raise
