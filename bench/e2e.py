@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import signal
@@ -87,13 +88,20 @@ import _e2e_baselines as base
 from _certs import make_pems
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
+from drm_enclave.cli import load_license
 from drm_enclave.custodian_link import LinkTiming
 from drm_enclave.model_host import session_options
+from drm_enclave.runtime import EnclaveRuntime
+from drm_enclave.serve import EnclaveConfig
+from drm_enclave.serve import serve as enclave_serve
 from drm_wire.attestation.policy import Policy
+from drm_wire.logs import configure_logging
 from drm_wire.messages import EnclaveState
 
 LOOPBACK = "127.0.0.1"
 MAX_SUPPLY = 1_000_000
+#: Section 6's target: reported inferences recorded durably per second.
+INGEST_TARGET = 10_000
 #: The enclave declares its custodian link dead after this much silence.
 DEAD_AFTER = LinkTiming().dead_after
 
@@ -198,22 +206,35 @@ class Deployment:
     custodian_started: float
 
 
-def deploy(
+@dataclass
+class CustodianSide:
+    """A custodian daemon serving, and the files an enclave needs to reach it."""
+
+    custodian: Daemon
+    state: Path
+    simulation: Path
+    policy_path: Path
+    enclave_port: int
+    admin: AdminApi
+    started: float
+
+    @property
+    def ca(self) -> Path:
+        return self.state / "ca.pem"
+
+    @property
+    def license_path(self) -> Path:
+        return self.state / "handoff" / "borrower.license.json"
+
+
+def start_custodian(
     workdir: Path,
     models: dict[str, bytes],
     initial: int,
-    threads: int,
     daemons: list[Daemon],
-    on_enclave_start: Callable[[int], None] | None = None,
     log_level: str = "info",
-    custodian_address: Callable[[int], str] | None = None,
-) -> Deployment:
-    """init, measure, custodian serve (``models`` in order), enclave serve; wait for link up.
-
-    ``log_level`` ``debug`` adds the per-request events section 3 times the push with;
-    ``custodian_address`` maps the custodian's enclave port to what the enclave dials (a
-    proxy, for section 5's partition).
-    """
+) -> CustodianSide:
+    """init, measure, custodian serve (``models`` in order); wait until it listens."""
     workdir.mkdir(parents=True)
     state, simulation, policy = workdir / "state", workdir / "sim", workdir / "policy.toml"
     uploads: list[str | os.PathLike[str]] = []
@@ -222,15 +243,14 @@ def deploy(
         path.write_bytes(data)
         uploads += ["--upload", path]
     run_command(python_command("drm_custodian", "init", "--state-dir", state), cwd=workdir)
-    ca, license_path = state / "ca.pem", state / "handoff" / "borrower.license.json"
     run_command(
         python_command(
             "drm_enclave", "measure",
-            "--custodian-ca", ca, "--simulation-dir", simulation, "--out", policy,
+            "--custodian-ca", state / "ca.pem", "--simulation-dir", simulation, "--out", policy,
         ),
         cwd=workdir,
     )  # fmt: skip
-    custodian_started = time.time()
+    started = time.time()
     custodian = start_daemon(
         "custodian",
         python_command(
@@ -244,10 +264,31 @@ def deploy(
     listening = custodian.wait_for("custodian_listening")
     _, enclave_port = parse_address(listening["enclave_address"])
     _, admin_port = parse_address(listening["admin_address"])
+    admin = AdminApi.from_state_dir(state, f"{LOOPBACK}:{admin_port}")
+    return CustodianSide(custodian, state, simulation, policy, enclave_port, admin, started)
+
+
+def deploy(
+    workdir: Path,
+    models: dict[str, bytes],
+    initial: int,
+    threads: int,
+    daemons: list[Daemon],
+    on_enclave_start: Callable[[int], None] | None = None,
+    log_level: str = "info",
+    custodian_address: Callable[[int], str] | None = None,
+) -> Deployment:
+    """:func:`start_custodian`, then enclave serve; wait for link up.
+
+    ``log_level`` ``debug`` adds the per-request events section 3 times the push with;
+    ``custodian_address`` maps the custodian's enclave port to what the enclave dials (a
+    proxy, for section 5's partition).
+    """
+    side = start_custodian(workdir, models, initial, daemons, log_level)
     dial = (
-        f"{LOOPBACK}:{enclave_port}"
+        f"{LOOPBACK}:{side.enclave_port}"
         if custodian_address is None
-        else custodian_address(enclave_port)
+        else custodian_address(side.enclave_port)
     )
     enclave_started = time.time()
     enclave = start_daemon(
@@ -255,8 +296,8 @@ def deploy(
         python_command(
             "drm_enclave", "serve",
             "--custodian", dial,
-            "--custodian-ca", ca, "--license", license_path,
-            "--attestation", "simulated", "--simulation-dir", simulation,
+            "--custodian-ca", side.ca, "--license", side.license_path,
+            "--attestation", "simulated", "--simulation-dir", side.simulation,
             "--listen", f"{LOOPBACK}:0", "--intra-op-threads", str(threads),
             "--log-level", log_level,
         ),
@@ -269,16 +310,16 @@ def deploy(
         serving = enclave.wait_for("enclave_serving")
         enclave.wait_for("custodian_link_up", timeout=180)
     except DaemonError as exc:
-        raise DaemonError(f"{exc}\n--- custodian log ---\n{custodian.log_text()}") from None
+        raise DaemonError(f"{exc}\n--- custodian log ---\n{side.custodian.log_text()}") from None
     return Deployment(
         workdir=workdir,
-        custodian=custodian,
+        custodian=side.custodian,
         enclave=enclave,
-        admin=AdminApi.from_state_dir(state, f"{LOOPBACK}:{admin_port}"),
-        policy=Policy.load(policy),
+        admin=side.admin,
+        policy=Policy.load(side.policy_path),
         port=parse_address(serving["consumer_address"])[1],
         enclave_started=enclave_started,
-        custodian_started=custodian_started,
+        custodian_started=side.started,
     )
 
 
@@ -515,6 +556,102 @@ async def ledger_reports_per_s(path: Path, reports: int) -> float:
     return reports / elapsed
 
 
+@dataclass
+class Ingest:
+    offered: float  # inferences/s the synthetic load committed
+    durable: float  # inferences/s the custodian recorded durably (/usage served deltas)
+    dry: int  # times the load found the quota empty and waited for a grant
+    reports: int  # consumption_report lines in the window
+    grants: int  # grant_pushed lines in the window
+    seconds: float
+
+
+async def synthetic_ingest(
+    side: CustodianSide, phases: Sequence[float], seconds: float
+) -> list[Ingest]:
+    """The custodian's ingest without the cost of serving: the enclave runs in this
+    process (``drm_enclave.serve.serve``: its real custodian link, accounting and quota,
+    simulated attestation), and a load loop takes and commits leases the way the consumer
+    server does after each inference (``lease.commit()``, ``runtime.served()``) at each
+    phase's rate (``0``: flat out), while ``/usage`` is polled.
+    """
+    runtime = EnclaveRuntime()
+    config = EnclaveConfig(
+        custodian_host=LOOPBACK,
+        custodian_port=side.enclave_port,
+        custodian_ca_pem=side.ca.read_bytes(),
+        license=load_license(side.license_path),
+        listen_port=0,
+        attestation="simulated",
+        simulation_dir=side.simulation,
+    )
+    results = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(enclave_serve, config, runtime=runtime))
+        with trio.fail_after(60):
+            await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+        for rate in phases:
+            await trio.to_thread.run_sync(side.admin.supply, MAX_SUPPLY)
+            results.append(await _ingest_phase(side, runtime, rate, seconds))
+        nursery.cancel_scope.cancel()
+    return results
+
+
+async def _ingest_phase(
+    side: CustodianSide, runtime: EnclaveRuntime, rate: float, seconds: float
+) -> Ingest:
+    polls: list[tuple[float, int]] = []
+    stop_polling = threading.Event()
+
+    def poll() -> None:
+        while not stop_polling.is_set():
+            polls.append((time.time(), int(side.admin.usage()["served"])))
+            stop_polling.wait(0.25)
+
+    mark = len(side.custodian.events)
+    poller = threading.Thread(target=poll, daemon=True)
+    committed = dry = 0
+    started = time.time()
+    poller.start()
+    begin = trio.current_time()
+    while (now := trio.current_time()) < begin + seconds:
+        due = int((now - begin) * rate) if rate else committed + 256
+        while committed < due:
+            lease = runtime.quota.try_acquire()
+            if lease is None:
+                dry += 1
+                lease = await runtime.quota.acquire()
+            lease.commit()
+            runtime.served()
+            committed += 1
+        if rate:
+            await trio.sleep(0.001)
+        else:
+            await trio.lowlevel.checkpoint()
+    ended = time.time()
+    await trio.sleep(0.6)  # let the last report land, for the poll after the end
+    stop_polling.set()
+    await trio.to_thread.run_sync(poller.join)
+    window = [(t, s) for t, s in polls if started + 1.0 <= t <= ended]
+    (t_a, s_a), (t_b, s_b) = window[0], window[-1]
+
+    def lines(event: str) -> int:
+        return sum(
+            1
+            for e in side.custodian.events[mark:]
+            if e.get("event") == event and started <= log_time(e) <= ended
+        )
+
+    return Ingest(
+        offered=committed / (ended - started),
+        durable=(s_b - s_a) / (t_b - t_a) if t_b > t_a else float("nan"),
+        dry=dry,
+        reports=lines("consumption_report"),
+        grants=lines("grant_pushed"),
+        seconds=ended - started,
+    )
+
+
 # --- section 3 and 5: wake-up and kill switch ----------------------------------------------
 
 
@@ -724,6 +861,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="e2e-bench-", dir=args.dir) as tmp:
         root = Path(tmp)
+        # This process's own logs (the consumer's, section 6's in-process enclave) go to
+        # a file, at the daemons' default level, so they cost what they cost in a daemon.
+        configure_logging(json=True, level="info", stream=(root / "bench.log").open("a"))
         grpc_proc, grpc_port = base.spawn_server(base.grpc_server_main, tiny, threads, pems)
         grpc_pid = grpc_proc.pid
         assert grpc_pid is not None
@@ -834,13 +974,12 @@ def main() -> None:
             )
             report.add(
                 "6",
-                f"custodian ingest, {sizes.ingest_connections} conns x {sizes.ingest_tasks} "
-                "in flight (served deltas of /usage)",
+                f"custodian ingest of real serving, {sizes.ingest_connections} conns x "
+                f"{sizes.ingest_tasks} in flight (served deltas of /usage)",
                 f"{ingest:,.0f} inferences/s durable",
                 f"consumers completed {done / (ended - started):,.0f}/s",
                 ingest / (done / (ended - started)),
-                ">= 10,000/s (bench/ledger.py target)",
-                ingest >= 10_000,
+                "keeps pace (1.00x)",
             )
             report.add(
                 "6",
@@ -849,6 +988,26 @@ def main() -> None:
                 f"Ledger.record_usage alone, 1/tx: {ledger_rate:,.0f} reports/s",
                 report_rate / ledger_rate,
             )
+            progress(f"section 6: synthetic serving, {sizes.ingest_seconds} s a phase")
+            daemons_d: list[Daemon] = []
+            with running(daemons_d):
+                side = start_custodian(root / "d", {"tiny": tiny}, MAX_SUPPLY, daemons_d)
+                phases = trio.run(
+                    synthetic_ingest, side, (INGEST_TARGET * 2, 0), sizes.ingest_seconds
+                )
+            for label, phase in zip(("at 2x the target rate", "flat out"), phases, strict=True):
+                report.add(
+                    "6",
+                    f"custodian ingest, synthetic serving {label} (in-process enclave: real "
+                    "link, accounting, quota; no model runs)",
+                    f"{phase.durable:,.0f} inferences/s durable",
+                    f"committed in the enclave {phase.offered:,.0f}/s; quota ran dry "
+                    f"{phase.dry}x; {phase.reports / phase.seconds:,.0f} reports/s, "
+                    f"{phase.grants / phase.seconds:,.0f} grants/s",
+                    phase.durable / phase.offered,
+                    f">= {INGEST_TARGET:,}/s",
+                    phase.durable >= INGEST_TARGET,
+                )
         finally:
             base.stop_server(grpc_proc)
             base.stop_server(layers_proc)
@@ -982,8 +1141,11 @@ def main() -> None:
         "(2.76 MB per request) share the 2 cores with the enclave; the raw baseline has no "
         "client",
         "row 4: RSS sampled every 5 ms from /proc; the enclave also holds the tiny model",
-        "row 6: the ratio is durable ingest / consumer completions (1.00x: the ledger keeps "
-        "pace with serving); the 10,000/s target is bench/ledger.py's, for the ledger alone",
+        "row 6: serving the tiny model tops out well below 10,000/s on this machine, so "
+        "the first row only shows the ledger keeping pace with it (ratio: durable / "
+        "completed); the synthetic rows take serving out (ratio: durable / committed in "
+        "the enclave), and 'quota ran dry' counts the waits for a grant: flat out, the "
+        "lease (1,000 units) and the report -> grant round trip set the pace",
     ]
     report.print()
 
