@@ -12,7 +12,9 @@
   (:func:`layer_latencies` times them): a ``TLSStream`` answering 100 bytes with 100
   bytes, and a ``MessageChannel`` answering ``infer`` with its inputs (model ``echo``)
   or with the enclave's own ``HostedModel.run`` on the event loop (model ``tiny``): the
-  DRM path but for quota, accounting and the consumer server's dispatch.
+  DRM path but for quota, accounting and the consumer server's dispatch. Also the floor
+  under a grant push (:func:`idle_wakes`): a ``TLSStream`` message to the server while
+  it sits idle, timed to its arrival.
 
 Each server reports its port through a pipe, then runs until terminated.
 """
@@ -244,6 +246,14 @@ async def _layers_serve(model: bytes, threads: int, pems: Pems, pipe: Connection
         await stream.do_handshake()
         mode = await _receive_exactly(stream, 1)  # the client waits for our b"k"
         await stream.send_all(b"k")
+        if mode == b"W":  # arrival times of messages sent while we sat idle
+            async with stream:
+                with contextlib.suppress(EOFError):  # the client is done
+                    while True:
+                        await _receive_exactly(stream, RAW_ROUND_TRIP_BYTES)
+                        arrived = time.time()
+                        await stream.send_all(struct.pack(">d", arrived))
+            return
         if mode == b"R":
             reply = b"r" * RAW_ROUND_TRIP_BYTES
             async with stream:
@@ -323,6 +333,25 @@ async def layer_latencies(
                         times[layer].append(time.perf_counter() - t0)
     await raw.aclose()
     return times
+
+
+async def idle_wakes(port: int, pems: Pems, samples: int, quiet: float) -> list[float]:
+    """One-way seconds of a 100-byte ``TLSStream`` message to the layers server after
+    ``quiet`` seconds of silence: the server's task is parked in ``receive_some`` and its
+    process idle, as the enclave's link reader is when a grant comes. From our
+    ``time.time()`` before ``send_all`` to the server's once the bytes are decrypted."""
+    stream = await _mode(port, pems, b"W")
+    message = b"w" * RAW_ROUND_TRIP_BYTES
+    seconds = []
+    async with stream:
+        for sample in range(samples + 1):  # sample 0 warms up
+            await trio.sleep(quiet)
+            sent = time.time()
+            await stream.send_all(message)
+            (arrived,) = struct.unpack(">d", await _receive_exactly(stream, 8))
+            if sample:
+                seconds.append(arrived - sent)
+    return seconds
 
 
 # --- processes ----------------------------------------------------------------------------
