@@ -131,6 +131,54 @@ async def test_without_the_private_handles_sends_go_a_record_at_a_time(
         assert await _receive_exactly(client, size) == data
 
 
+def _count_bio_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch ``Connection.bio_read`` to record the size of every read that found bytes."""
+    sizes: list[int] = []
+    original = SSL.Connection.bio_read
+
+    def bio_read(conn: SSL.Connection, bufsiz: int) -> bytes:
+        data = original(conn, bufsiz)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr(SSL.Connection, "bio_read", bio_read)
+    return sizes
+
+
+@pytest.mark.parametrize("handles", [True, False], ids=["bio-read-handles", "without"])
+async def test_ciphertext_is_read_from_the_bio_once(
+    serve: Callable[[Handler], Awaitable[int]],
+    client_ctx: SSL.Context,
+    server_ctx: SSL.Context,
+    monkeypatch: pytest.MonkeyPatch,
+    handles: bool,
+) -> None:
+    """The outgoing BIO is read into a buffer that is sent as it is (``bio_read`` would
+    copy it again into ``bytes``). ``bio_read`` then only ever finds the BIO empty; where
+    the private handles are gone it carries everything. Every byte arrives either way."""
+    reads = _count_bio_reads(monkeypatch)
+    if not handles:
+        monkeypatch.setattr(tls, "_BIO_READ", None)
+    size = 3 * 1024 * 1024 + 7
+    data = _pattern(size, 4)
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        async with await accept_tls(tcp, server_ctx) as stream:
+            await stream.send_all(data)
+            assert await _receive_exactly(stream, 1) == b"k"  # the client has it all
+            assert await stream.receive_some() == b""  # then closes (close_notify)
+
+    port = await serve(handler)
+    client = await open_tls_client(LOOPBACK, port, client_ctx)
+    assert await _receive_exactly(client, size) == data
+    await client.send_all(b"k")
+    if handles:
+        assert reads == []  # handshake flights and data alike went the one-copy way
+    else:
+        assert sum(reads) > size  # all of it, record overhead and handshake included
+    await client.aclose()
+
+
 async def test_both_sides_ask_for_large_socket_buffers_where_the_kernel_allows(
     serve: Callable[[Handler], Awaitable[int]], client_ctx: SSL.Context, server_ctx: SSL.Context
 ) -> None:
