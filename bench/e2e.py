@@ -1024,25 +1024,11 @@ def main() -> None:
             base.stop_server(grpc_proc)
             base.stop_server(layers_proc)
 
-        # === raw bulk, then deployment B ===
-        progress(f"section 4: raw TLSStream bulk, {sizes.bulk_runs} x {sizes.big_mb:.0f} MB")
+        # === deployment B, between raw bulk runs ===
         big = big_model(sizes.big_mb)
-        bulk_proc, bulk_port = base.spawn_server(base.bulk_server_main, pems)
-        try:
-            bulk = trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
-        finally:
-            base.stop_server(bulk_proc)
-        progress(f"deployment B: tiny + big ({len(big) / 1e6:.0f} MB), nothing supplied")
-        sampler = RssSampler()
         daemons_b: list[Daemon] = []
         with running(daemons_b):
-            try:
-                b = deploy(root / "b", {"tiny": tiny, "big": big}, 0, threads, daemons_b,
-                           sampler.start, log_level="debug")  # fmt: skip
-                hwm = proc_kib(b.enclave.process.pid, "VmHWM") * 1024
-            finally:
-                sampler.close()
-            delivery_rows(report, b, big, bulk, hwm, sampler)
+            b = deploy_between_bulk(root / "b", tiny, big, threads, daemons_b, pems, sizes, report)
             progress(f"section 3: {sizes.wake_samples} grant wake-ups, twice")
             kept_alive = base.KeptAliveSupply(
                 b.admin.host, b.admin.port, b.admin.token, b.admin.ca_path
@@ -1166,43 +1152,70 @@ def main() -> None:
     report.print()
 
 
-def delivery_only(sizes: Sizes, threads: int, where: Path | None) -> None:
-    """Section 4 alone: raw bulk, deployment B up to link up, raw bulk again; its rows.
+def deploy_between_bulk(
+    workdir: Path,
+    tiny: bytes,
+    big: bytes,
+    threads: int,
+    daemons: list[Daemon],
+    pems: Pems,
+    sizes: Sizes,
+    report: Report,
+) -> Deployment:
+    """Section 4: raw bulk, deployment B (debug logs, for section 3) up to link up, raw
+    bulk again; add its rows and return B, still running.
 
     The raw bulk runs bracket the model transfer in time (as section 2's raw runs do), so
-    load that drifts in from elsewhere on the machine weighs on both alike.
+    load that drifts in from elsewhere on the machine weighs on both alike: after the
+    earlier sections' minute of load, a lone transfer here took 530 ms where the same one
+    on a rested machine took 403 ms.
     """
+    bulk_proc, bulk_port = base.spawn_server(base.bulk_server_main, pems)
+    try:
+        progress(f"section 4: raw TLSStream bulk, {sizes.bulk_runs} x {len(big) / 1e6:.0f} MB")
+        bulk = trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
+        progress(f"deployment B: tiny + big ({len(big) / 1e6:.0f} MB), nothing supplied")
+        sampler = RssSampler()
+        try:
+            b = deploy(workdir, {"tiny": tiny, "big": big}, 0, threads, daemons,
+                       sampler.start, log_level="debug")  # fmt: skip
+            hwm = proc_kib(b.enclave.process.pid, "VmHWM") * 1024
+        finally:
+            sampler.close()
+        progress(f"raw TLSStream bulk again, {sizes.bulk_runs} x")
+        bulk += trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
+    finally:
+        base.stop_server(bulk_proc)
+    delivery_rows(report, b, big, bulk, hwm, sampler)
+    report.notes.append(
+        "row 4: one model transfer; the raw bulk median is of runs before and after it "
+        f"({', '.join(f'{r:.0f}' for r in bulk)} MB/s)"
+    )
+    return b
+
+
+def delivery_only(sizes: Sizes, threads: int, where: Path | None) -> None:
+    """Section 4 alone (:func:`deploy_between_bulk`) and its rows."""
     for line in machine_facts(threads):
         progress(line)
     report = Report()
-    pems = make_pems()
     with tempfile.TemporaryDirectory(prefix="e2e-bench-", dir=where) as tmp:
-        big = big_model(sizes.big_mb)
-        bulk_proc, bulk_port = base.spawn_server(base.bulk_server_main, pems)
-        try:
-            progress(f"section 4: raw TLSStream bulk, {sizes.bulk_runs} x {len(big) / 1e6:.0f} MB")
-            bulk = trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
-            progress(f"deployment B: tiny + big ({len(big) / 1e6:.0f} MB), nothing supplied")
-            sampler = RssSampler()
-            daemons: list[Daemon] = []
-            with running(daemons):
-                try:
-                    b = deploy(Path(tmp) / "b", {"tiny": tiny_model(), "big": big}, 0, threads,
-                               daemons, sampler.start)  # fmt: skip
-                    hwm = proc_kib(b.enclave.process.pid, "VmHWM") * 1024
-                finally:
-                    sampler.close()
-                progress(f"raw TLSStream bulk again, {sizes.bulk_runs} x")
-                bulk += trio.run(base.bulk_mbps, bulk_port, pems, len(big), sizes.bulk_runs)
-                delivery_rows(report, b, big, bulk, hwm, sampler)
-        finally:
-            base.stop_server(bulk_proc)
+        daemons: list[Daemon] = []
+        with running(daemons):
+            deploy_between_bulk(
+                Path(tmp) / "b",
+                tiny_model(),
+                big_model(sizes.big_mb),
+                threads,
+                daemons,
+                make_pems(),
+                sizes,
+                report,
+            )
     print(f"e2e bench --only delivery{' --quick' if sizes is QUICK else ''}")
-    report.notes += [
-        "row 4: one model transfer; the raw bulk median is of runs before and after it "
-        f"({', '.join(f'{r:.0f}' for r in bulk)} MB/s)",
-        "row 4: RSS sampled every 5 ms from /proc; the enclave also holds the tiny model",
-    ]
+    report.notes.append(
+        "row 4: RSS sampled every 5 ms from /proc; the enclave also holds the tiny model"
+    )
     report.print()
 
 
