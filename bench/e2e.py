@@ -79,10 +79,9 @@ from tests.e2e.daemons import (
     LogEvent,
     parse_address,
     python_command,
-    run_command,
     start_daemon,
 )
-from tests.e2e.faults import FaultProxy, fault_proxy
+from tests.e2e.faults import FaultProxy, Lab, fault_proxy
 from tests.models import big_model, covidnet_like_model, tiny_model
 
 import _e2e_baselines as base
@@ -211,23 +210,12 @@ class Deployment:
 
 @dataclass
 class CustodianSide:
-    """A custodian daemon serving, and the files an enclave needs to reach it."""
+    """A custodian daemon serving (a :class:`tests.e2e.faults.Lab`'s), and when it started."""
 
+    lab: Lab
     custodian: Daemon
-    state: Path
-    simulation: Path
-    policy_path: Path
-    enclave_port: int
     admin: AdminApi
     started: float
-
-    @property
-    def ca(self) -> Path:
-        return self.state / "ca.pem"
-
-    @property
-    def license_path(self) -> Path:
-        return self.state / "handoff" / "borrower.license.json"
 
 
 def start_custodian(
@@ -239,36 +227,13 @@ def start_custodian(
 ) -> CustodianSide:
     """init, measure, custodian serve (``models`` in order); wait until it listens."""
     workdir.mkdir(parents=True)
-    state, simulation, policy = workdir / "state", workdir / "sim", workdir / "policy.toml"
-    uploads: list[str | os.PathLike[str]] = []
-    for name, data in models.items():
-        path = workdir / f"{name}.onnx"
-        path.write_bytes(data)
-        uploads += ["--upload", path]
-    run_command(python_command("drm_custodian", "init", "--state-dir", state), cwd=workdir)
-    run_command(
-        python_command(
-            "drm_enclave", "measure",
-            "--custodian-ca", state / "ca.pem", "--simulation-dir", simulation, "--out", policy,
-        ),
-        cwd=workdir,
-    )  # fmt: skip
+    lab = Lab(workdir, daemons)
+    lab.prepare()
+    uploads = [lab.write_model(name, data) for name, data in models.items()]
     started = time.time()
-    custodian = start_daemon(
-        "custodian",
-        python_command(
-            "drm_custodian", "serve", "--state-dir", state, *uploads, "--policy", policy,
-            "--initial-inferences", str(initial), "--port", "0", "--admin-port", "0",
-            "--log-level", log_level,
-        ),
-        cwd=workdir,
-    )  # fmt: skip
-    daemons.append(custodian)
-    listening = custodian.wait_for("custodian_listening")
-    _, enclave_port = parse_address(listening["enclave_address"])
-    _, admin_port = parse_address(listening["admin_address"])
-    admin = AdminApi.from_state_dir(state, f"{LOOPBACK}:{admin_port}")
-    return CustodianSide(custodian, state, simulation, policy, enclave_port, admin, started)
+    custodian = lab.start_custodian(uploads, initial=initial, log_level=log_level)
+    assert lab.admin is not None
+    return CustodianSide(lab, custodian, lab.admin, started)
 
 
 def deploy(
@@ -289,9 +254,9 @@ def deploy(
     """
     side = start_custodian(workdir, models, initial, daemons, log_level)
     dial = (
-        f"{LOOPBACK}:{side.enclave_port}"
+        f"{LOOPBACK}:{side.lab.custodian_port}"
         if custodian_address is None
-        else custodian_address(side.enclave_port)
+        else custodian_address(side.lab.custodian_port)
     )
     enclave_started = time.time()
     enclave = start_daemon(
@@ -299,8 +264,8 @@ def deploy(
         python_command(
             "drm_enclave", "serve",
             "--custodian", dial,
-            "--custodian-ca", side.ca, "--license", side.license_path,
-            "--attestation", "simulated", "--simulation-dir", side.simulation,
+            "--custodian-ca", side.lab.ca_path, "--license", side.lab.license_path,
+            "--attestation", "simulated", "--simulation-dir", side.lab.simulation_dir,
             "--listen", f"{LOOPBACK}:0", "--intra-op-threads", str(threads),
             "--log-level", log_level,
         ),
@@ -319,7 +284,7 @@ def deploy(
         custodian=side.custodian,
         enclave=enclave,
         admin=side.admin,
-        policy=Policy.load(side.policy_path),
+        policy=Policy.load(side.lab.policy_path),
         port=parse_address(serving["consumer_address"])[1],
         enclave_started=enclave_started,
         custodian_started=side.started,
@@ -592,12 +557,12 @@ async def synthetic_ingest(
     runtime = EnclaveRuntime()
     config = EnclaveConfig(
         custodian_host=LOOPBACK,
-        custodian_port=side.enclave_port,
-        custodian_ca_pem=side.ca.read_bytes(),
-        license=load_license(side.license_path),
+        custodian_port=side.lab.custodian_port,
+        custodian_ca_pem=side.lab.ca_path.read_bytes(),
+        license=load_license(side.lab.license_path),
         listen_port=0,
         attestation="simulated",
-        simulation_dir=side.simulation,
+        simulation_dir=side.lab.simulation_dir,
     )
     results = []
     async with trio.open_nursery() as nursery:

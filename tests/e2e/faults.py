@@ -254,7 +254,13 @@ class Lab:
         return path
 
     def start_custodian(
-        self, models: Sequence[Path], *, initial: int, lease: int | None = None, port: int = 0
+        self,
+        models: Sequence[Path],
+        *,
+        initial: int,
+        lease: int | None = None,
+        port: int = 0,
+        log_level: str | None = None,
     ) -> Daemon:
         """Start ``drm_custodian serve``; wait until it listens."""
         argv = python_command(
@@ -265,6 +271,8 @@ class Lab:
             argv += ["--upload", os.fspath(model)]
         if lease is not None:
             argv += ["--lease", str(lease)]
+        if log_level is not None:
+            argv += ["--log-level", log_level]
         return self._run_custodian(argv)
 
     def restart_custodian(self) -> Daemon:
