@@ -1,6 +1,6 @@
 """End-to-end benchmark: the full DRM path, real daemons, against its baselines in one run.
 
-Run with ``python bench/e2e.py`` from the repository root (about a minute on 2 cores;
+Run with ``python bench/e2e.py`` from the repository root (about 80 s on 2 cores;
 ``--quick`` for a smoke run of a few seconds' worth of samples; ``--dir DIR`` puts the
 state directories, whose ledger fsyncs set the durable-commit figures, on DIR's disk).
 
@@ -23,15 +23,22 @@ logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
      polled; durably recorded inferences per second from the ``served`` deltas, and usage
      reports per second from the custodian's ``consumption_report`` log lines, vs
      ``Ledger.record_usage`` alone on the same disk (one report per transaction).
+* D: a custodian only (tiny uploaded), its enclave in this process:
+  6. custodian ingest without the cost of serving: the enclave's real link, accounting and
+     quota, with a loop committing leases at 20,000/s, then flat out (see
+     :func:`synthetic_ingest`); durable inferences per second from ``/usage``.
 * B: tiny + a 200 MB model uploaded, nothing supplied:
   4. model delivery timed from the daemons' log timestamps (custodian ``model_transfer_*``,
      enclave ``model_receiving`` / ``model_loaded`` / ``custodian_link_up``), MB/s vs raw
      bulk over ``drm_wire.net.tls.TLSStream`` (another process, 4 MiB writes, same
-     direction), and the enclave's peak RSS (``VmHWM``) as a multiple of the model size;
+     direction, runs before and after), the median of three transfers (the enclave is
+     restarted twice), and the enclave's peak RSS (``VmHWM``) as a multiple of the model
+     size;
   3. grant wake-up: a request parked (the enclave said ``waiting``), then
      ``POST /supply_inferences`` of 1 -> the request returns; p50. Broken down with log
      timestamps: supply committed (``admin_supply``), grant committed and sent
-     (``grant_pushed``), applied in the enclave (``grant_applied``);
+     (``grant_pushed``), applied in the enclave (``grant_applied``); and custodian push ->
+     parked request resumes against a bare ``TLSStream`` message to an idle process;
   5. kill switch: SIGKILL the custodian, then ``infer(wait=0)`` in a tight loop until the
      enclave refuses with ``custodian_unreachable``.
 * C: tiny only, the enclave dialling the custodian through a ``FaultProxy``
