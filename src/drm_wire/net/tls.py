@@ -666,12 +666,7 @@ class TLSStream(trio.abc.Stream):
         try:
             conn.shutdown()
             with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
-                while True:
-                    try:
-                        out = conn.bio_read(4 * KiB)
-                    except SSL.WantReadError:
-                        break
-                    await self._transport_send(out)
+                await self._flush(0)  # the close_notify record, and anything queued before it
         except (
             SSL.Error,
             trio.BrokenResourceError,
