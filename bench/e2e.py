@@ -489,19 +489,41 @@ def cnn_raw(
 # --- section 6: ingest ---------------------------------------------------------------------
 
 
-async def drive_usage(
-    d: Deployment, sizes: Sizes
-) -> tuple[list[tuple[float, int]], int, float, float]:
-    """Tiny inferences flat out from many consumers while ``/usage`` is polled."""
-    polls: list[tuple[float, int]] = []
-    stop_polling = threading.Event()
+class ServedPoller:
+    """``GET /usage`` every 0.25 s from a thread: when, and the durable ``served`` then."""
 
-    def poll() -> None:
-        while not stop_polling.is_set():
-            served = int(d.admin.usage()["served"])
-            polls.append((time.time(), served))
-            stop_polling.wait(0.25)
+    def __init__(self, admin: AdminApi) -> None:
+        self._admin = admin
+        self._polls: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._polls.append((time.time(), int(self._admin.usage()["served"])))
+            self._stop.wait(0.25)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Poll once more after the last report has landed, then stop."""
+        await trio.sleep(0.6)
+        self._stop.set()
+        await trio.to_thread.run_sync(self._thread.join)
+
+    def rate(self, started: float, ended: float) -> float:
+        """Durable inferences per second between the first and the last poll of
+        ``[started + 1 s, ended]`` (the first second is the load warming up)."""
+        window = [(t, s) for t, s in self._polls if started + 1.0 <= t <= ended]
+        (t_a, s_a), (t_b, s_b) = window[0], window[-1]
+        return (s_b - s_a) / (t_b - t_a) if t_b > t_a else float("nan")
+
+
+async def drive_usage(d: Deployment, sizes: Sizes) -> tuple[float, int, float, float]:
+    """Tiny inferences flat out from many consumers while ``/usage`` is polled; the
+    durable rate, the inferences done, and when the load started and ended."""
+    poller = ServedPoller(d.admin)
     done = 0
     x = tiny_x(1)
 
@@ -513,7 +535,6 @@ async def drive_usage(
 
     async with trio.open_nursery() as nursery:
         clients = [await nursery.start(_client_task, d) for _ in range(sizes.ingest_connections)]
-        poller = threading.Thread(target=poll, daemon=True)
         started = time.time()
         deadline = trio.current_time() + sizes.ingest_seconds
         poller.start()
@@ -522,12 +543,10 @@ async def drive_usage(
                 for _ in range(sizes.ingest_tasks):
                     workers.start_soon(hammer, client, deadline)
         ended = time.time()
-        await trio.sleep(0.6)  # let the last reports land, for the poll after the end
-        stop_polling.set()
-        await trio.to_thread.run_sync(poller.join)
+        await poller.stop()
         for _, close in clients:
             close.set()
-    return polls, done, started, ended
+    return poller.rate(started, ended), done, started, ended
 
 
 async def ledger_reports_per_s(path: Path, reports: int) -> float:
@@ -587,16 +606,8 @@ async def synthetic_ingest(
 async def _ingest_phase(
     side: CustodianSide, runtime: EnclaveRuntime, rate: float, seconds: float
 ) -> Ingest:
-    polls: list[tuple[float, int]] = []
-    stop_polling = threading.Event()
-
-    def poll() -> None:
-        while not stop_polling.is_set():
-            polls.append((time.time(), int(side.admin.usage()["served"])))
-            stop_polling.wait(0.25)
-
+    poller = ServedPoller(side.admin)
     mark = len(side.custodian.events)
-    poller = threading.Thread(target=poll, daemon=True)
     committed = dry = 0
     started = time.time()
     poller.start()
@@ -616,11 +627,7 @@ async def _ingest_phase(
         else:
             await trio.lowlevel.checkpoint()
     ended = time.time()
-    await trio.sleep(0.6)  # let the last report land, for the poll after the end
-    stop_polling.set()
-    await trio.to_thread.run_sync(poller.join)
-    window = [(t, s) for t, s in polls if started + 1.0 <= t <= ended]
-    (t_a, s_a), (t_b, s_b) = window[0], window[-1]
+    await poller.stop()
 
     def lines(event: str) -> int:
         return sum(
@@ -631,7 +638,7 @@ async def _ingest_phase(
 
     return Ingest(
         offered=committed / (ended - started),
-        durable=(s_b - s_a) / (t_b - t_a) if t_b > t_a else float("nan"),
+        durable=poller.rate(started, ended),
         dry=dry,
         reports=lines("consumption_report"),
         grants=lines("grant_pushed"),
@@ -964,16 +971,13 @@ def main() -> None:
                     ratio >= 0.85,
                 )
                 progress(f"section 6: ingest for {sizes.ingest_seconds} s")
-                polls, done, started, ended = trio.run(drive_usage, a, sizes)
+                ingest, done, started, ended = trio.run(drive_usage, a, sizes)
                 reports = [
                     e
                     for e in a.custodian.events
                     if e.get("event") == "consumption_report" and started <= log_time(e) <= ended
                 ]
             ledger_rate = trio.run(ledger_reports_per_s, root / "ledger.db", sizes.ledger_reports)
-            window = [(t, s) for t, s in polls if started + 1.0 <= t <= ended]
-            (t_a, s_a), (t_b, s_b) = window[0], window[-1]
-            ingest = (s_b - s_a) / (t_b - t_a) if t_b > t_a else float("nan")
             report_rate = len(reports) / (ended - started)
             per_report = (int(reports[-1]["served"]) - int(reports[0]["served"])) / max(
                 1, len(reports) - 1
