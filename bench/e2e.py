@@ -404,9 +404,19 @@ def cnn_input() -> dict[str, np.ndarray[Any, Any]]:
     return {"input": rng.random((1, 480, 480, 3), dtype=np.float32)}
 
 
-async def cnn_drm(
-    d: Deployment, sizes: Sizes, session: ort.InferenceSession
-) -> tuple[list[float], list[float], float]:
+@dataclass
+class CnnRun:
+    """Section 2 through the DRM path: sequential samples with their raw neighbours, and
+    the concurrent consumers' rate with the CPU each request cost the two processes."""
+
+    samples: list[float]
+    raw_samples: list[float]
+    rate: float
+    enclave_cpu: float  # seconds per request, the enclave process (all its threads)
+    consumers_cpu: float  # seconds per request, this process (the consumers)
+
+
+async def cnn_drm(d: Deployment, sizes: Sizes, session: ort.InferenceSession) -> CnnRun:
     """Sequential samples on one consumer, each followed by a raw ``session.run`` in this
     process (timed too: the baseline at the same moment, after the same idle wait); then
     concurrent consumers' requests/s."""
@@ -428,20 +438,30 @@ async def cnn_drm(
         for _ in range(sizes.cnn_per_consumer):
             await client.infer("covid", x)
 
+    total = sizes.consumers * sizes.cnn_per_consumer
+    enclave = d.enclave.process.pid
     async with trio.open_nursery() as nursery:
         clients = []
         for _ in range(sizes.consumers):
             clients.append(await nursery.start(_client_task, d))
         ready = trio.Event()
+        enclave_before, own_before = cpu_seconds(enclave), time.process_time()
         async with trio.open_nursery() as workers:
             for client, _done in clients:
                 workers.start_soon(consumer, client, ready)
             start = time.perf_counter()
             ready.set()
         elapsed = time.perf_counter() - start
+        enclave_cpu, own_cpu = cpu_seconds(enclave), time.process_time()
         for _client, done in clients:
             done.set()
-    return samples, raw_samples, sizes.consumers * sizes.cnn_per_consumer / elapsed
+    return CnnRun(
+        samples,
+        raw_samples,
+        total / elapsed,
+        (enclave_cpu - enclave_before) / total,
+        (own_cpu - own_before) / total,
+    )
 
 
 async def _client_task(d: Deployment, *, task_status: trio.TaskStatus[Any]) -> None:
@@ -459,8 +479,9 @@ def cnn_session(model: bytes, threads: int) -> ort.InferenceSession:
 
 def cnn_raw(
     session: ort.InferenceSession, threads: int, sizes: Sizes
-) -> tuple[list[float], float, int]:
-    """Raw ``session.run``: sequential p50 samples, then requests/s with parallel callers."""
+) -> tuple[list[float], float, float, int]:
+    """Raw ``session.run``: sequential p50 samples, then requests/s with parallel callers
+    and the CPU seconds this process spent per run meanwhile (ORT's own threads included)."""
     x = cnn_input()
     for _ in range(3):
         session.run(None, x)
@@ -478,12 +499,13 @@ def cnn_raw(
             session.run(None, x)
 
     workers = [threading.Thread(target=worker, args=(n,)) for n in counts]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    return samples, total / (time.perf_counter() - start), parallel
+    cpu = time.process_time() - cpu
+    return samples, total / (time.perf_counter() - start), cpu / total, parallel
 
 
 # --- section 6: ingest ---------------------------------------------------------------------
@@ -936,10 +958,12 @@ def main() -> None:
                 # raw, DRM, raw: the raw baseline brackets the DRM run in time, so drifting
                 # load from elsewhere on the machine hits both alike
                 session = cnn_session(cnn, threads)
-                raw_1, rate_1, parallel = cnn_raw(session, threads, sizes)
-                cnn_samples, alternate, cnn_rate = trio.run(cnn_drm, a, sizes, session)
-                raw_2, rate_2, _ = cnn_raw(session, threads, sizes)
+                raw_1, rate_1, raw_cpu_1, parallel = cnn_raw(session, threads, sizes)
+                run = trio.run(cnn_drm, a, sizes, session)
+                cnn_samples, alternate, cnn_rate = run.samples, run.raw_samples, run.rate
+                raw_2, rate_2, raw_cpu_2, _ = cnn_raw(session, threads, sizes)
                 raw_samples, raw_rate = raw_1 + raw_2, (rate_1 + rate_2) / 2
+                raw_cpu = (raw_cpu_1 + raw_cpu_2) / 2
                 p50 = statistics.median(cnn_samples)
                 ratio = p50 / statistics.median(alternate)
                 report.add(
@@ -969,6 +993,20 @@ def main() -> None:
                     ratio,
                     ">= 0.85x",
                     ratio >= 0.85,
+                )
+                drm_cpu = run.enclave_cpu + run.consumers_cpu
+                report.add(
+                    "2",
+                    "  CPU per request meanwhile: enclave + consumers",
+                    f"{ms(run.enclave_cpu)} + {ms(run.consumers_cpu)}",
+                    f"raw ORT {ms(raw_cpu)} per run",
+                    drm_cpu / raw_cpu,
+                )
+                report.add(
+                    "2",
+                    "  the throughput that CPU allows on these cores (raw CPU / DRM CPU)",
+                    f"{raw_cpu / drm_cpu:.2f}x",
+                    f"enclave alone (consumers elsewhere): {raw_cpu / run.enclave_cpu:.2f}x",
                 )
                 progress(f"section 6: ingest for {sizes.ingest_seconds} s")
                 ingest, done, started, ended = trio.run(drive_usage, a, sizes)
@@ -1144,7 +1182,8 @@ def main() -> None:
         "their ratio swings more (1.16-1.35x against 1.17-1.21x alternating, 3 runs)",
         "row 2 throughput: the 8 consumers run in this process, so their encoding and TLS "
         "(2.76 MB per request) share the 2 cores with the enclave; the raw baseline has no "
-        "client",
+        "client. With every core busy, throughput / raw cannot beat raw CPU / DRM CPU per "
+        "request: its CPU rows give that ceiling, with and without the consumers' share",
         "row 4: RSS sampled every 5 ms from /proc; the enclave also holds the tiny model",
         "row 6: serving the tiny model tops out well below 10,000/s on this machine, so "
         "the first row only shows the ledger keeping pace with it (ratio: durable / "
