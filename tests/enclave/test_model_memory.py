@@ -162,7 +162,7 @@ _SCRIPT = """
 import hashlib, json, sys
 sys.path.insert(0, sys.argv[1])
 from drm_enclave.model_host import load_model
-from drm_enclave.model_receiver import ModelReceiver
+from drm_enclave.model_receiver import PREFAULT_AHEAD, ModelReceiver
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
 from tests import models
 
@@ -178,6 +178,9 @@ load_model("tiny", models.tiny_model())  # onnxruntime initialised
 chunk = bytearray(4 << 20)
 before = rss()
 hostile = ModelReceiver(ModelBegin(name="huge", size=(1 << 30), sha256=bytes(32)))
+# Its prefault thread makes the window present at once: measure after it has, not
+# whenever the thread happens to have run.
+hostile._prefault.wait_populated(PREFAULT_AHEAD, 30)
 announced = rss() - before
 hostile.release()
 receiver = ModelReceiver(ModelBegin(name="big", size=size, sha256=digest))
@@ -192,7 +195,8 @@ hosted = load_model("big", model)
 del model
 peak = status("VmHWM") - before
 after = rss() - before
-print(json.dumps({"announced": announced, "received": received, "peak": peak, "after": after}))
+print(json.dumps({"announced": announced, "window": PREFAULT_AHEAD, "received": received,
+                  "peak": peak, "after": after}))
 """
 
 
@@ -209,9 +213,12 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     return {key: value / len(data) for key, value in figures.items()}
 
 
-def test_announced_size_costs_nothing_until_bytes_arrive(measured: dict[str, float]) -> None:
-    # 1 GiB announced = 13x this model; a few pages of bookkeeping at most.
-    assert measured["announced"] < 0.05
+def test_announced_size_costs_only_the_prefault_window(measured: dict[str, float]) -> None:
+    # 1 GiB announced = 13x this model: before any byte arrives, the pages made present
+    # ahead (PREFAULT_AHEAD, 0.42x here) and a few pages of bookkeeping at most. (This
+    # read < 0.05x once, which held only when the RSS was read before the prefault thread
+    # had run: a race the test lost now and then.)
+    assert measured["announced"] < measured["window"] + 0.05
 
 
 def test_receiving_costs_the_model_once(measured: dict[str, float]) -> None:
