@@ -21,9 +21,11 @@ hostile "4 GiB follows" costs nothing.
 
 Theory of operation of :class:`FrameDecoder`: bytes arrive through ``receive_data`` in any
 slicing. Header bytes accumulate in one ``bytearray``. Once a header is decoded and a
-payload is announced, a ``bytearray`` of exactly the payload size is allocated and further
-bytes are copied straight into it (the one copy of a payload on receive); the completed
-frame hands out a ``memoryview`` of that buffer, which numpy can wrap without copying.
+payload is announced, a buffer of exactly the payload size is allocated and further bytes
+are copied straight into it (the one copy of a payload on receive); the completed frame
+hands out a ``memoryview`` of that buffer, which numpy can wrap without copying. The buffer
+is not zero-filled first (see :func:`_payload_storage`): no one sees it before every byte
+of it has been received.
 When the whole payload is already buffered by the time its header is decoded, the buffer
 itself becomes the payload's storage and only the bytes after it are copied out.
 
@@ -47,6 +49,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
+
+import numpy as np
 
 from .codec import Header, HeaderDecoder, pack_header
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -73,6 +77,16 @@ PayloadSink = Callable[[Header, int], memoryview | None]
 
 def _default_payload_limit(header: Header) -> int:
     return MAX_PAYLOAD_BYTES
+
+
+def _payload_storage(size: int) -> memoryview:
+    """A writable byte buffer of ``size`` bytes, left uninitialised.
+
+    ``bytearray(size)`` zero-fills what the payload then overwrites: on a 2.76 MB tensor
+    that ``memset`` was ~5% of the enclave's event-loop CPU per request. The decoder hands
+    the buffer out only once all of it is filled, so its old contents are never seen.
+    """
+    return np.empty(size, dtype=np.uint8).data
 
 
 class Frame(NamedTuple):
@@ -277,7 +291,7 @@ class FrameDecoder:
                 del buffer[payload_len:]
                 self._buffer = rest
                 return Frame(header, memoryview(buffer))
-            payload = memoryview(bytearray(payload_len))
+            payload = _payload_storage(payload_len)
         take = min(len(buffer), payload_len)
         if take:
             with memoryview(buffer) as buffered:
