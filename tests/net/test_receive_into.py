@@ -19,7 +19,7 @@ from drm_wire.codec import Header
 from drm_wire.errors import ErrorCode, RemoteProtocolError
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import ModelBegin, ModelChunk
-from drm_wire.net import tls
+from drm_wire.net import _openssl_handles
 from drm_wire.net.channel import ChannelBroken, ReceivesInto
 from drm_wire.net.tls import TLSStream, client_context, server_context
 from drm_wire.protocol import Link
@@ -85,7 +85,7 @@ async def test_receive_into_gets_every_byte_in_order(
     step: int,
 ) -> None:
     if not direct:
-        monkeypatch.setattr(tls, "_SSL_READ", None)  # pyOpenSSL's public recv_into only
+        monkeypatch.setattr(_openssl_handles, "SSL_READ", None)  # pyOpenSSL's public recv_into only
     client, server = tcp_pair
     data = pattern(3 * MODEL_CHUNK_BYTES // 4 + 17)
     async with trio.open_nursery() as nursery:
@@ -147,7 +147,7 @@ async def test_tampered_record_breaks_the_stream(
     contexts: tuple[SSL.Context, SSL.Context], monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     if not direct:
-        monkeypatch.setattr(tls, "_SSL_READ", None)
+        monkeypatch.setattr(_openssl_handles, "SSL_READ", None)
     to_client = trio.testing.MemorySendStream()
     client_in = trio.testing.MemoryReceiveStream()
     c2s_send, c2s_receive = trio.testing.memory_stream_one_way_pair()

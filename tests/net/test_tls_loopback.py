@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
-from drm_wire.net import tls
+from drm_wire.net import _openssl_handles, _socket_io, tls
 from drm_wire.net.tls import TLSStream, accept_tls, client_context, open_tls_client, server_context
 from tests.net.certs import Identity
 from tests.net.helpers import handshake_both
@@ -100,8 +100,8 @@ def test_one_send_encrypts_many_records(client_ctx: SSL.Context) -> None:
     less CPU. The bulk test above checks such writes arrive intact."""
     transport, _ = trio.testing.memory_stream_pair()
     stream = TLSStream(transport, client_ctx, server_side=False, server_hostname="localhost")
-    assert tls._SSL_READ is not None
-    lib = tls._SSL_READ[1]
+    assert _openssl_handles.SSL_READ is not None
+    lib = _openssl_handles.SSL_READ[1]
     mode = lib.SSL_set_mode(stream._conn._ssl, 0)  # adds nothing; returns the mode
     assert mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE == 0
 
@@ -114,9 +114,9 @@ async def test_without_the_private_handles_sends_go_a_record_at_a_time(
 ) -> None:
     """Where pyOpenSSL's private handles are gone (a future release), partial-write mode
     stays on and each ``Connection.send`` encrypts one record: slower, every byte intact."""
-    assert tls._SSL_READ is not None
-    lib = tls._SSL_READ[1]
-    monkeypatch.setattr(tls, "_SSL_READ", None)
+    assert _openssl_handles.SSL_READ is not None
+    lib = _openssl_handles.SSL_READ[1]
+    monkeypatch.setattr(_openssl_handles, "SSL_READ", None)
     size = 1024 * 1024 + 5
     data = _pattern(size, 3)
 
@@ -158,7 +158,7 @@ async def test_ciphertext_is_read_from_the_bio_once(
     the private handles are gone it carries everything. Every byte arrives either way."""
     reads = _count_bio_reads(monkeypatch)
     if not handles:
-        monkeypatch.setattr(tls, "_BIO_READ", None)
+        monkeypatch.setattr(_openssl_handles, "BIO_READ", None)
     size = 3 * 1024 * 1024 + 7
     data = _pattern(size, 4)
 
@@ -220,7 +220,7 @@ def test_a_buffer_is_asked_for_only_where_the_cap_allows_all_of_it(
     path = tmp_path / "rmem_max"
     if cap is not None:
         path.write_text(f"{cap}\n")
-    monkeypatch.setitem(tls._BUFFER_CAPS, socket.SO_RCVBUF, str(path))
+    monkeypatch.setitem(_socket_io._BUFFER_CAPS, socket.SO_RCVBUF, str(path))
     assert tls.socket_buffer_size(socket.SO_RCVBUF) == asked
 
 

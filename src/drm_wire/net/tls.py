@@ -9,14 +9,15 @@ the bytes to the transport). All waiting happens in trio, on the transport; Open
 calls never block. A memory BIO grows as needed, so OpenSSL never says "want write".
 
 *Sending.* pyOpenSSL turns on ``SSL_MODE_ENABLE_PARTIAL_WRITE``, so ``Connection.send``
-would encrypt at most one record (16 KiB) per call; we clear it (:func:`_whole_writes`),
+would encrypt at most one record (16 KiB) per call; we clear it
+(:func:`~drm_wire.net._openssl_handles.whole_writes`),
 so one call encrypts up to ``_FLUSH_BYTES`` as many records: the outgoing BIO is a memory
 BIO that grows as needed, so a whole write never stops half-way. ``send_all`` loops over a
 memoryview of the caller's buffer (no copy of the payload) and, every ``_FLUSH_BYTES`` of
 plaintext, moves the whole outgoing BIO to the transport in one read sized from the
 record overhead, so one large write replaces many small ones. That read lands in a
-buffer which is then sent as it is (:func:`_load_bio_read`): ``bio_read`` would copy
-every ciphertext byte a second time.
+buffer which is then sent as it is (:data:`~drm_wire.net._openssl_handles.BIO_READ`):
+``bio_read`` would copy every ciphertext byte a second time.
 Once bytes are encrypted they are committed: a send that fails or is cancelled after that
 leaves the stream BROKEN (never "maybe sent").
 
@@ -33,14 +34,9 @@ Waiting on the transport is cancel-safe (nothing is consumed), so a cancelled or
 timed-out receive leaves the stream usable.
 
 *Transport.* Over a ``trio.SocketStream`` (every TCP link) the stream reads and writes
-the socket's descriptor itself (``os.readv`` into one buffer per thread, ``os.write``;
-waiting in trio with ``wait_readable`` / ``wait_writable``) instead of calling the
-transport's ``send_all`` and ``receive_some``: those wrap each system call in several
-layers of Python (conflict detection, error translation, a context manager per call),
-about a ninth of the instructions of a small message's round trip. The behaviour is the
-same: one schedule point per send, errors become ``trio.BrokenResourceError``, closing
-the transport wakes a waiting task. Any other transport (memory streams in tests) is used
-through its ``Stream`` methods.
+the socket's descriptor itself, as :mod:`drm_wire.net._socket_io` explains; any other
+transport (memory streams in tests) is used through its ``Stream`` methods. Either way
+transport errors become ``trio.BrokenResourceError``.
 
 *Handshake.* Runs once, on ``do_handshake()`` or the first send/receive, under a lock so
 that a sender and a receiver task can both trigger it, and under ``fail_after
@@ -65,11 +61,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import operator
-import os
-import socket
-import threading
 from collections.abc import Callable
-from typing import Any, Final, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -77,6 +70,9 @@ from OpenSSL import SSL
 
 from drm_wire.errors import DrmError
 from drm_wire.limits import HANDSHAKE_TIMEOUT, KiB
+from drm_wire.net import _openssl_handles as _handles
+from drm_wire.net import _socket_io
+from drm_wire.net._socket_io import SOCKET_BUFFER_BYTES, socket_buffer_size
 from drm_wire.net._ssl_util import ConflictDetector, RecordCounter, describe
 from drm_wire.net._tls_context import (
     PeerVerifier,
@@ -101,60 +97,6 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _load_ssl_read() -> tuple[Any, Any] | None:
-    """pyOpenSSL's cffi handles, for decrypting straight into a caller's buffer.
-
-    ``Connection.recv_into`` decrypts into a temporary buffer and copies from there (its
-    own comment regrets it), which on a 200 MB model transfer cost ~25% of the decryption
-    time. The handles are private to pyOpenSSL, so their absence (a future release) only
-    means the public ``recv_into`` is used.
-    """
-    try:
-        from OpenSSL._util import ffi, lib  # optional and private: see above
-    except ImportError:  # pragma: no cover - depends on the pyOpenSSL release
-        return None
-    needed = ("SSL_read", "SSL_get_error", "SSL_ERROR_WANT_READ")
-    if not all(hasattr(lib, name) for name in needed):  # pragma: no cover
-        return None
-    return ffi, lib
-
-
-_SSL_READ = _load_ssl_read()
-
-
-def _whole_writes(conn: SSL.Connection) -> bool:
-    """Clear ``SSL_MODE_ENABLE_PARTIAL_WRITE`` on ``conn``; return whether it was cleared.
-
-    With it, each ``Connection.send`` encrypts one 16 KiB record: a 2.76 MB tensor took
-    ~170 Python calls to encrypt, and a 200 MB model ~12,800, about a third of the
-    sender's CPU. Without it one call encrypts all it is given. Through the same private
-    handles as above; without them, sends go a record at a time as before.
-    """
-    ssl = getattr(conn, "_ssl", None)
-    if _SSL_READ is None or ssl is None or not hasattr(_SSL_READ[1], "SSL_clear_mode"):
-        return False  # depends on the pyOpenSSL release (tested with the handles hidden)
-    lib = _SSL_READ[1]
-    lib.SSL_clear_mode(ssl, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    return True
-
-
-def _load_bio_read() -> tuple[Any, Any, Callable[[str, int], Any]] | None:
-    """The handles for reading the outgoing BIO into a buffer we then send from.
-
-    ``Connection.bio_read`` reads into a fresh buffer and returns a ``bytes`` copy of it:
-    two copies of every ciphertext byte (a 200 MB model: 400 MB of copying). Reading
-    into an uncleared cffi buffer and sending from a view of it is one. Private handles
-    again, as :func:`_load_ssl_read`: without them ``bio_read`` is used.
-    """
-    if _SSL_READ is None or not hasattr(_SSL_READ[1], "BIO_read"):
-        return None  # pragma: no cover - depends on the pyOpenSSL release
-    ffi, lib = _SSL_READ
-    return ffi, lib, ffi.new_allocator(should_clear_after_alloc=False)
-
-
-_BIO_READ = _load_bio_read()
-
-
 #: Largest plaintext in one TLS record; ``SSL_read`` never returns more.
 _RECORD = 16 * KiB
 #: Ciphertext bytes a TLS 1.3 AEAD record adds: 5 header + 1 content type + 16 tag.
@@ -165,8 +107,8 @@ _FLUSH_BYTES = 256 * KiB
 #: Size hint for flushing a handshake flight: a certificate chain plus signatures fits,
 #: so each flight goes out in one transport write.
 _HANDSHAKE_FLIGHT = 8 * KiB
-#: Default ``receive_some`` size and transport read size: 16 records per call on bulk.
-DEFAULT_RECEIVE_BYTES = 256 * KiB
+#: Default ``receive_some`` size, the transport's read size: 16 records per call on bulk.
+DEFAULT_RECEIVE_BYTES = _socket_io.READ_BYTES
 #: How long ``aclose`` tries to deliver close_notify to a peer that is not reading.
 CLOSE_NOTIFY_TIMEOUT = 1.0
 
@@ -220,7 +162,7 @@ class TLSStream(trio.abc.Stream):
         read_timeout: float | None = None,
     ) -> None:
         self.transport_stream = transport_stream
-        self._socket = _own_socket(transport_stream)
+        self._socket = _socket_io.own_socket(transport_stream)
         self.handshake_timeout = handshake_timeout
         self.read_timeout = read_timeout
         self._server_side = server_side
@@ -231,7 +173,7 @@ class TLSStream(trio.abc.Stream):
         self._got_close_notify = False
         self._peer_check = _PeerCheck()
         self._conn = SSL.Connection(context, None)
-        _whole_writes(self._conn)
+        _handles.whole_writes(self._conn)
         self._conn.set_app_data(self._peer_check)
         if server_side:
             self._conn.set_accept_state()
@@ -310,16 +252,16 @@ class TLSStream(trio.abc.Stream):
             if self._socket is None:
                 await self.transport_stream.send_all(data)
             else:
-                await _socket_send_all(self._socket, data)
+                await _socket_io.send_all(self._socket, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._fail(f"TLS transport failed while sending: {exc!r}") from exc
 
     async def _transport_receive(self) -> tuple[bytes | bytearray | memoryview, bool]:
         """One transport read, and whether it was a schedule point. The bytes are valid
-        until the next schedule point (see :func:`_socket_receive`)."""
+        until the next schedule point (see :func:`~drm_wire.net._socket_io.receive`)."""
         if self._socket is None:
             return await self.transport_stream.receive_some(DEFAULT_RECEIVE_BYTES), True
-        return await _socket_receive(self._socket)
+        return await _socket_io.receive(self._socket)
 
     async def _flush(self, plaintext_bytes: int) -> None:
         """Send the outgoing BIO, expected to hold ``plaintext_bytes`` encrypted."""
@@ -335,14 +277,15 @@ class TLSStream(trio.abc.Stream):
     def _outgoing(self, size: int) -> bytes | memoryview | None:
         """Up to ``size`` bytes of the outgoing BIO; ``None`` if it is empty.
 
-        A view of a new buffer the BIO was read into (:func:`_load_bio_read`), alive as
+        A view of a new buffer the BIO was read into (``BIO_READ``), alive as
         long as the view: a task parked mid-write keeps its own. An empty BIO, or any BIO
         error, goes through ``bio_read``, which raises what pyOpenSSL raises.
         """
         conn = self._conn
         bio = getattr(conn, "_from_ssl", None)
-        if _BIO_READ is not None and bio is not None:
-            ffi, lib, allocate = _BIO_READ
+        handles = _handles.BIO_READ
+        if handles is not None and bio is not None:
+            ffi, lib, allocate = handles
             buffer = allocate("char[]", size)
             count = lib.BIO_read(bio, buffer, size)
             if count > 0:
@@ -586,8 +529,9 @@ class TLSStream(trio.abc.Stream):
         size = buffer.nbytes
         total = 0
         ssl = getattr(conn, "_ssl", None)
-        if _SSL_READ is not None and ssl is not None and not records.none_buffered():
-            ffi, lib = _SSL_READ
+        handles = _handles.SSL_READ
+        if handles is not None and ssl is not None and not records.none_buffered():
+            ffi, lib = handles
             with ffi.from_buffer(buffer, require_writable=True) as target:
                 while total < size:
                     got = lib.SSL_read(ssl, target + total, min(size - total, _RECORD))
@@ -676,82 +620,6 @@ class TLSStream(trio.abc.Stream):
             pass  # peer gone, or a cancelled sender still owns the transport
 
 
-def _own_socket(transport_stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    """The socket to read and write directly, if ``transport_stream`` is a plain TCP
-    ``trio.SocketStream`` on a system whose ``os.readv`` / ``os.write`` take sockets."""
-    if type(transport_stream) is not trio.SocketStream or os.name != "posix":
-        return None
-    return transport_stream.socket
-
-
-async def _socket_send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
-    """Write all of ``data`` to ``sock``, as ``SocketStream.send_all`` does, with one
-    schedule point (the first wait, or a shielded checkpoint if none was needed).
-
-    Raises:
-        trio.ClosedResourceError: the socket is closed, or was closed while we waited.
-        OSError: the write failed (the peer reset the connection, say).
-    """
-    view = memoryview(data)
-    sent = 0
-    waited = False
-    while sent < len(view):
-        fd = sock.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the transport socket was closed")
-        try:
-            sent += os.write(fd, view[sent:])
-        except BlockingIOError:
-            waited = True
-            await trio.lowlevel.wait_writable(sock)
-    if not waited:
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-
-class _ReceiveBuffer(threading.local):
-    """One transport read buffer per thread, shared by every stream the thread runs.
-
-    A read lands here and is copied into OpenSSL's BIO before the task yields, so no
-    two reads ever need it at once. A new ``bytes`` per read instead meant allocating
-    :data:`DEFAULT_RECEIVE_BYTES` and shrinking it to the few hundred bytes a small
-    message takes, which fragments the heap: under 4 consumers reconnecting every 200
-    requests, the enclave's RSS rose 13.2 MB over ~320,000 requests and was still rising;
-    with this buffer 6.5 MB, levelling off. ``malloc_trim`` gave that memory back in both
-    cases: it is free heap, not live objects.
-    """
-
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(DEFAULT_RECEIVE_BYTES))
-
-
-_RECEIVE_BUFFER = _ReceiveBuffer()
-
-
-async def _socket_receive(sock: trio.socket.SocketType) -> tuple[memoryview, bool]:
-    """Read what ``sock`` has (up to :data:`DEFAULT_RECEIVE_BYTES`; empty at EOF),
-    waiting for some if it has nothing; and whether it waited. Not a schedule point unless
-    it waits: the stream's receive methods add the one they promise.
-
-    The bytes are a view of this thread's :class:`_ReceiveBuffer`: use them before the
-    next schedule point.
-
-    Raises:
-        trio.ClosedResourceError: the socket is closed, or was closed while we waited.
-        OSError: the read failed.
-    """
-    view = _RECEIVE_BUFFER.view
-    waited = False
-    while True:
-        fd = sock.fileno()
-        if fd < 0:
-            raise trio.ClosedResourceError("the transport socket was closed")
-        try:
-            return view[: os.readv(fd, (view,))], waited
-        except BlockingIOError:
-            waited = True
-            await trio.lowlevel.wait_readable(sock)
-
-
 async def open_tls_client(
     host: str | bytes,
     port: int,
@@ -780,7 +648,7 @@ async def open_tls_client(
         ) from None
     if server_hostname is None and isinstance(host, str):
         server_hostname = host
-    _bulk_buffers(tcp)
+    _socket_io.bulk_buffers(tcp)
     stream = TLSStream(
         tcp,
         context,
@@ -807,7 +675,7 @@ async def accept_tls(
     Raises:
         See :meth:`TLSStream.do_handshake`.
     """
-    _bulk_buffers(transport_stream)
+    _socket_io.bulk_buffers(transport_stream)
     stream = TLSStream(
         transport_stream,
         context,
@@ -817,46 +685,6 @@ async def accept_tls(
     )
     await _handshake_or_close(stream)
     return stream
-
-
-#: Kernel buffers asked for on each side of a TLS connection. With the defaults a 2.76 MB
-#: tensor went out in many small steps, each waking the peer, until autotuning grew the
-#: buffers, if it did: a 2.76 MB request and a 100 B answer took 4-7.5 ms on loopback here,
-#: and 3.7-4.4 ms with these.
-SOCKET_BUFFER_BYTES: Final = 4 * 1024 * KiB
-
-#: Where Linux caps what a process may ask for. Asking fixes the size and turns TCP's
-#: autotuning off for that buffer, so we only ask where the cap allows the whole amount:
-#: a buffer locked at a small cap (208 KiB on many hosts) would cap a long-haul link's
-#: window far below what autotuning reaches (~6 MiB by default), and the custodian link
-#: carries whole models across sites.
-_BUFFER_CAPS: Final = {
-    socket.SO_SNDBUF: "/proc/sys/net/core/wmem_max",
-    socket.SO_RCVBUF: "/proc/sys/net/core/rmem_max",
-}
-
-
-def socket_buffer_size(option: int) -> int | None:
-    """What to ask for ``option`` (SO_SNDBUF or SO_RCVBUF), or ``None`` to leave the
-    kernel's autotuning alone (the cap is lower, or unknown: not Linux)."""
-    try:
-        with open(_BUFFER_CAPS[option], "rb") as cap_file:
-            cap = int(cap_file.read())
-    except (OSError, ValueError):
-        return None
-    return SOCKET_BUFFER_BYTES if cap >= SOCKET_BUFFER_BYTES else None
-
-
-def _bulk_buffers(transport_stream: trio.abc.Stream) -> None:
-    """Ask for :data:`SOCKET_BUFFER_BYTES` on a TCP transport where the kernel allows it."""
-    sock = getattr(transport_stream, "socket", None)
-    if sock is None or sock.type != socket.SOCK_STREAM:
-        return
-    for option in _BUFFER_CAPS:
-        size = socket_buffer_size(option)
-        if size is not None:
-            with contextlib.suppress(OSError):  # a tuning, not a requirement
-                sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 async def _handshake_or_close(stream: TLSStream) -> None:
