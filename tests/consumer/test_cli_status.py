@@ -23,7 +23,7 @@ def test_format_elapsed(seconds: float, text: str) -> None:
     assert format_elapsed(seconds) == text
 
 
-async def test_nothing_is_shown_without_a_wait() -> None:
+async def test_nothing_is_shown_without_a_wait(autojump_clock: trio.testing.MockClock) -> None:
     stream = Terminal()
     status = WaitStatus(stream, limit=None)
     async with trio.open_nursery() as nursery:
