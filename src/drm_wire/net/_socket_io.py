@@ -77,11 +77,11 @@ class _ReceiveBuffer(threading.local):
 
     A read lands here and is copied into OpenSSL's BIO before the task yields, so no
     two reads ever need it at once. A new ``bytes`` per read instead meant allocating
-    :data:`READ_BYTES` and shrinking it to the few hundred bytes a small
-    message takes, which fragments the heap: under 4 consumers reconnecting every 200
-    requests, the enclave's RSS rose 13.2 MB over ~320,000 requests and was still rising;
-    with this buffer 6.5 MB, levelling off. ``malloc_trim`` gave that memory back in both
-    cases: it is free heap, not live objects.
+    :data:`READ_BYTES` and shrinking it to the few hundred bytes a small message takes,
+    which fragments the heap: under 4 consumers reconnecting every 200 requests, the
+    enclave's RSS rose 13.2 MB over ~320,000 requests and was still rising; with this
+    buffer 6.5 MB, levelling off. ``malloc_trim`` gave that memory back in both cases: it
+    is free heap, not live objects.
     """
 
     def __init__(self) -> None:
@@ -92,9 +92,9 @@ _RECEIVE_BUFFER = _ReceiveBuffer()
 
 
 async def receive(sock: trio.socket.SocketType) -> tuple[memoryview, bool]:
-    """Read what ``sock`` has (up to :data:`READ_BYTES`; empty at EOF),
-    waiting for some if it has nothing; and whether it waited. Not a schedule point unless
-    it waits: the stream's receive methods add the one they promise.
+    """Read what ``sock`` has (up to :data:`READ_BYTES`; empty at EOF), waiting for
+    some if it has nothing; and whether it waited. Not a schedule point unless it waits:
+    the stream's receive methods add the one they promise.
 
     The bytes are a view of this thread's :class:`_ReceiveBuffer`: use them before the
     next schedule point.

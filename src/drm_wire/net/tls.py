@@ -10,9 +10,9 @@ calls never block. A memory BIO grows as needed, so OpenSSL never says "want wri
 
 *Sending.* pyOpenSSL turns on ``SSL_MODE_ENABLE_PARTIAL_WRITE``, so ``Connection.send``
 would encrypt at most one record (16 KiB) per call; we clear it
-(:func:`~drm_wire.net._openssl_handles.whole_writes`),
-so one call encrypts up to ``_FLUSH_BYTES`` as many records: the outgoing BIO is a memory
-BIO that grows as needed, so a whole write never stops half-way. ``send_all`` loops over a
+(:func:`~drm_wire.net._openssl_handles.whole_writes`), so one call encrypts up to
+``_FLUSH_BYTES`` as many records: the outgoing BIO is a memory BIO that grows as needed,
+so a whole write never stops half-way. ``send_all`` loops over a
 memoryview of the caller's buffer (no copy of the payload) and, every ``_FLUSH_BYTES`` of
 plaintext, moves the whole outgoing BIO to the transport in one read sized from the
 record overhead, so one large write replaces many small ones. That read lands in a
