@@ -215,9 +215,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
 
 def test_announced_size_costs_only_the_prefault_window(measured: dict[str, float]) -> None:
     # 1 GiB announced = 13x this model: before any byte arrives, the pages made present
-    # ahead (PREFAULT_AHEAD, 0.42x here) and a few pages of bookkeeping at most. (This
-    # read < 0.05x once, which held only when the RSS was read before the prefault thread
-    # had run: a race the test lost now and then.)
+    # ahead (PREFAULT_AHEAD, 0.42x here) and a few pages of bookkeeping at most. (The
+    # bound was once 0.05x, which held only while the RSS was read before the prefault
+    # thread ran: a race the test lost now and then.)
     assert measured["announced"] < measured["window"] + 0.05
 
 
