@@ -150,6 +150,11 @@ def log_time(event: LogEvent) -> float:
     return datetime.datetime.fromisoformat(stamp).timestamp()
 
 
+def logged_between(daemon: Daemon, event: str, started: float, ended: float) -> list[LogEvent]:
+    """The daemon's ``event`` lines whose timestamps fall in ``[started, ended]``."""
+    return [e for e in daemon.events if e.get("event") == event and started <= log_time(e) <= ended]
+
+
 def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -629,7 +634,6 @@ async def _ingest_phase(
     side: CustodianSide, runtime: EnclaveRuntime, rate: float, seconds: float
 ) -> Ingest:
     poller = ServedPoller(side.admin)
-    mark = len(side.custodian.events)
     committed = dry = 0
     started = time.time()
     poller.start()
@@ -651,19 +655,12 @@ async def _ingest_phase(
     ended = time.time()
     await poller.stop()
 
-    def lines(event: str) -> int:
-        return sum(
-            1
-            for e in side.custodian.events[mark:]
-            if e.get("event") == event and started <= log_time(e) <= ended
-        )
-
     return Ingest(
         offered=committed / (ended - started),
         durable=poller.rate(started, ended),
         dry=dry,
-        reports=lines("consumption_report"),
-        grants=lines("grant_pushed"),
+        reports=len(logged_between(side.custodian, "consumption_report", started, ended)),
+        grants=len(logged_between(side.custodian, "grant_pushed", started, ended)),
         seconds=ended - started,
     )
 
@@ -1010,11 +1007,7 @@ def main() -> None:
                 )
                 progress(f"section 6: ingest for {sizes.ingest_seconds} s")
                 ingest, done, started, ended = trio.run(drive_usage, a, sizes)
-                reports = [
-                    e
-                    for e in a.custodian.events
-                    if e.get("event") == "consumption_report" and started <= log_time(e) <= ended
-                ]
+                reports = logged_between(a.custodian, "consumption_report", started, ended)
             ledger_rate = trio.run(ledger_reports_per_s, root / "ledger.db", sizes.ledger_reports)
             report_rate = len(reports) / (ended - started)
             per_report = (int(reports[-1]["served"]) - int(reports[0]["served"])) / max(
