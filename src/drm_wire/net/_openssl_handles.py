@@ -45,8 +45,8 @@ def _load_ssl_read() -> tuple[Any, Any] | None:
 SSL_READ = _load_ssl_read()
 
 
-def whole_writes(conn: SSL.Connection) -> bool:
-    """Clear ``SSL_MODE_ENABLE_PARTIAL_WRITE`` on ``conn``; return whether it was cleared.
+def whole_writes(conn: SSL.Connection) -> None:
+    """Clear ``SSL_MODE_ENABLE_PARTIAL_WRITE`` on ``conn``, where the handles allow it.
 
     pyOpenSSL turns it on, and with it each ``Connection.send`` encrypts one 16 KiB
     record: a 2.76 MB tensor took ~170 Python calls to encrypt, and a 200 MB model
@@ -55,10 +55,9 @@ def whole_writes(conn: SSL.Connection) -> bool:
     """
     ssl = getattr(conn, "_ssl", None)
     if SSL_READ is None or ssl is None or not hasattr(SSL_READ[1], "SSL_clear_mode"):
-        return False  # depends on the pyOpenSSL release (tested with the handles hidden)
+        return  # depends on the pyOpenSSL release (tested with the handles hidden)
     lib = SSL_READ[1]
     lib.SSL_clear_mode(ssl, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    return True
 
 
 def _load_bio_read() -> tuple[Any, Any, Callable[[str, int], Any]] | None:

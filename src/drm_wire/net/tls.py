@@ -12,10 +12,10 @@ calls never block. A memory BIO grows as needed, so OpenSSL never says "want wri
 would encrypt at most one record (16 KiB) per call; we clear it
 (:func:`~drm_wire.net._openssl_handles.whole_writes`), so one call encrypts up to
 ``_FLUSH_BYTES`` as many records: the outgoing BIO is a memory BIO that grows as needed,
-so a whole write never stops half-way. ``send_all`` loops over a
-memoryview of the caller's buffer (no copy of the payload) and, every ``_FLUSH_BYTES`` of
-plaintext, moves the whole outgoing BIO to the transport in one read sized from the
-record overhead, so one large write replaces many small ones. That read lands in a
+so a whole write never stops half-way. ``send_all`` loops over a memoryview of the
+caller's buffer (no copy of the payload) and, every ``_FLUSH_BYTES`` of plaintext, moves
+the whole outgoing BIO to the transport in one read sized from the record overhead, so
+one large write replaces many small ones. That read lands in a
 buffer which is then sent as it is (:data:`~drm_wire.net._openssl_handles.BIO_READ`):
 ``bio_read`` would copy every ciphertext byte a second time.
 Once bytes are encrypted they are committed: a send that fails or is cancelled after that
@@ -277,8 +277,8 @@ class TLSStream(trio.abc.Stream):
     def _outgoing(self, size: int) -> bytes | memoryview | None:
         """Up to ``size`` bytes of the outgoing BIO; ``None`` if it is empty.
 
-        A view of a new buffer the BIO was read into (``BIO_READ``), alive as
-        long as the view: a task parked mid-write keeps its own. An empty BIO, or any BIO
+        A view of a new buffer the BIO was read into (``BIO_READ``), alive as long as the
+        view: a task parked mid-write keeps its own. An empty BIO, or any BIO
         error, goes through ``bio_read``, which raises what pyOpenSSL raises.
         """
         conn = self._conn
