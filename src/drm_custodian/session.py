@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import hmac
 import itertools
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
@@ -66,7 +65,6 @@ from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
 from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.errors import (
     ErrorCode,
-    LocalProtocolError,
     PeerError,
     RemoteProtocolError,
     first_leaf,
@@ -76,7 +74,6 @@ from drm_wire.limits import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_MISSES,
     HELLO_TIMEOUT,
-    MAX_MODEL_BYTES,
     MODEL_CHUNK_BYTES,
 )
 from drm_wire.messages import (
@@ -101,7 +98,9 @@ from drm_wire.net.channel import (
 )
 from drm_wire.net.tls import PeerVerificationError, accept_tls
 from drm_wire.protocol import Link, Side
-from drm_wire.tensors import check_name
+
+if TYPE_CHECKING:
+    from drm_custodian.serve import ModelFile
 
 __all__ = [
     "MODEL_LOADED_TIMEOUT",
@@ -109,7 +108,6 @@ __all__ = [
     "SOFTWARE",
     "EnclaveSession",
     "LinkDead",
-    "ModelFile",
     "SessionConfig",
     "SessionContext",
     "handle_connection",
@@ -135,26 +133,6 @@ _CONN_IDS = itertools.count(1)
 
 class LinkDead(Exception):
     """The enclave sent nothing for ``heartbeat_interval * heartbeat_misses`` seconds."""
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class ModelFile:
-    """A model to lend, held in memory: its name on the wire, bytes and SHA-256."""
-
-    name: str
-    data: bytes = field(repr=False)
-    sha256: bytes = field(repr=False)
-
-    @classmethod
-    def from_bytes(cls, name: str, data: bytes) -> ModelFile:
-        """Raises: ValueError: empty, larger than ``MAX_MODEL_BYTES``, or a bad name."""
-        if not data or len(data) > MAX_MODEL_BYTES:
-            raise ValueError(f"a model must be 1 to {MAX_MODEL_BYTES} bytes")
-        try:
-            check_name(name)
-        except LocalProtocolError as exc:
-            raise ValueError(f"{name!r} is not a valid model name") from exc
-        return cls(name, data, hashlib.sha256(data).digest())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
