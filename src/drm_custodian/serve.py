@@ -44,9 +44,10 @@ from cryptography.hazmat.primitives import serialization
 
 from drm_custodian._state_files import read_checked
 from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
+from drm_custodian.enclave_link import handle_connection
 from drm_custodian.ledger import IdempotencyConflict, Ledger
 from drm_custodian.registry import Registry, SessionHooks
-from drm_custodian.session import SessionConfig, SessionContext, handle_connection
+from drm_custodian.session import SessionConfig, SessionContext
 from drm_custodian.state import CustodianState
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, LocalProtocolError

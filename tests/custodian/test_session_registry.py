@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from drm_custodian import session as session_module
+from drm_custodian import enclave_link
 from drm_custodian.ledger import Balance, Grant, Ledger
 from drm_custodian.registry import (
     DEFAULT_BLOCK_REASON,
@@ -191,7 +191,7 @@ def test_how_a_session_end_is_logged(error: Exception, event: str) -> None:
         try:
             raise error
         except Exception as exc:
-            session_module._log_end(exc)
+            enclave_link._log_end(exc)
     assert [entry["event"] for entry in logs] == [event]
     if event == "enclave_disconnected":
         assert logs[0]["reason"] == "ChannelClosed"
