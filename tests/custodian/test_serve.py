@@ -1,6 +1,6 @@
 """``serve()``: configuration checks, bound addresses, and the shutdown paths.
 
-Links with enclaves are tested in ``test_session.py``; the real process in ``test_cli.py``.
+Links with enclaves are tested in ``test_enclave_link.py``; the real process in ``test_cli.py``.
 """
 
 from __future__ import annotations
