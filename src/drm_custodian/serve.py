@@ -1,5 +1,9 @@
 """The custodian daemon's process structure: one nursery tree, started by :func:`serve`.
 
+What the daemon lends is held here too: each :class:`ModelFile` is read into memory by
+:func:`read_model_file` before :func:`serve` starts, and streamed from there to every
+enclave.
+
 Theory of operation
 -------------------
 ::
@@ -40,27 +44,25 @@ from cryptography.hazmat.primitives import serialization
 
 from drm_custodian._state_files import read_checked
 from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
+from drm_custodian.enclave_link import handle_connection
 from drm_custodian.ledger import IdempotencyConflict, Ledger
 from drm_custodian.registry import Registry, SessionHooks
-from drm_custodian.session import (
-    ModelFile,
-    SessionConfig,
-    SessionContext,
-    handle_connection,
-)
+from drm_custodian.session import SessionConfig, SessionContext
 from drm_custodian.state import CustodianState
 from drm_wire.attestation.policy import Policy
-from drm_wire.errors import ConfigError
+from drm_wire.errors import ConfigError, LocalProtocolError
 from drm_wire.limits import MAX_GRANT_UNITS, MAX_MODEL_BYTES
 from drm_wire.net._tls_context import PrivateKey
 from drm_wire.net.address import format_address
 from drm_wire.net.ratls import custodian_server_context
+from drm_wire.tensors import check_name
 
 __all__ = [
     "ADMIN_STOP_TIMEOUT",
     "DEFAULT_ENCLAVE_PORT",
     "LINK_CLOSE_TIMEOUT",
     "BoundAddresses",
+    "ModelFile",
     "ServeConfig",
     "initial_supply_key",
     "read_model_file",
@@ -76,6 +78,26 @@ ADMIN_STOP_TIMEOUT: Final = 5.0
 #: Longest wait for the enclave links to close gracefully at shutdown; connections still
 #: in their handshake are cut then. TLS's own close_notify budget is 1 s.
 LINK_CLOSE_TIMEOUT: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelFile:
+    """A model to lend, held in memory: its name on the wire, bytes and SHA-256."""
+
+    name: str
+    data: bytes = field(repr=False)
+    sha256: bytes = field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> ModelFile:
+        """Raises: ValueError: empty, larger than ``MAX_MODEL_BYTES``, or a bad name."""
+        if not data or len(data) > MAX_MODEL_BYTES:
+            raise ValueError(f"a model must be 1 to {MAX_MODEL_BYTES} bytes")
+        try:
+            check_name(name)
+        except LocalProtocolError as exc:
+            raise ValueError(f"{name!r} is not a valid model name") from exc
+        return cls(name, data, hashlib.sha256(data).digest())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,20 +1,16 @@
-"""One enclave link, custodian side: attestation, license, model transfer, grants, usage.
+"""One admitted enclave link, custodian side: model transfer, grants, blocks, usage reports.
+
+:class:`EnclaveSession` is the state of one attested, licensed enclave instance on one
+link. :func:`~drm_custodian.enclave_link.handle_connection` makes and runs it once the
+enclave is admitted; the admin API reaches it through the
+:class:`~drm_custodian.registry.Registry` (as a :class:`~drm_custodian.registry.LiveSession`).
 
 Theory of operation
 -------------------
-:func:`handle_connection` is the per-connection boundary: it binds the log context
-(``peer``, ``conn_id``, ``role``), completes the TLS handshake, in which the enclave's
-RA-TLS certificate is verified against the policy (a refused enclave never gets a byte),
-then runs an :class:`EnclaveSession` over a :class:`~drm_wire.net.channel.MessageChannel`.
-Whatever ends the link (a clean close, a dead peer, a protocol error, a bug) is logged
-there and closes this one connection; the daemon lives on.
+The session takes the link over after ``hello`` and the license check (docs/links.md,
+steps 1 and 2; see :mod:`drm_custodian.enclave_link`) and runs the rest of the steps:
 
-The steps follow docs/links.md:
-
-1. ``hello`` / ``welcome``; the license in the hello is checked (a bad one gets a uniform
-   ``error(attestation_failed)``); the license is claimed in the :class:`Registry` (a
-   second instance gets ``error(duplicate_instance)``).
-2. Three tasks run in the session's nursery until one of them ends the link:
+1. Three tasks run in the session's nursery until one of them ends the link:
 
    * the *receiver* owns ``channel.receive()``, under a deadline of
      ``heartbeat_interval * heartbeat_misses``: any message is a sign of life, none for
@@ -28,7 +24,7 @@ The steps follow docs/links.md:
      blocked, else the instance's last grant again, else a first grant or ``unblock``)
      and becomes the *grant pump*.
 
-3. The pump is the only task that sends grants, blocks and unblocks, so they never
+2. The pump is the only task that sends grants, blocks and unblocks, so they never
    interleave: it sleeps until woken (by the admin hooks, by a usage report, by a refused
    grant), reads the borrower's balance, pushes ``block``/``unblock`` when the blocked
    state changed, and asks :func:`~drm_custodian.grants.plan_grant` for a top-up, which it
@@ -39,20 +35,20 @@ The steps follow docs/links.md:
    is simply not sent.
 
 Every send is under ``send_timeout`` and every wait on the peer under a deadline.
+Whatever ends the link is raised to the caller, which logs it; a protocol error of the
+enclave's is first told to it in an ``error`` (best effort, bounded).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import hmac
 import itertools
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
@@ -61,22 +57,15 @@ from OpenSSL import SSL
 from drm_custodian.grants import DEFAULT_LEASE, check_lease, plan_grant
 from drm_custodian.ledger import Balance, GrantPlan, Ledger
 from drm_custodian.ledger import Grant as LedgerGrant
-from drm_custodian.registry import DuplicateInstance, Registry
-from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
+from drm_custodian.registry import Registry
+from drm_custodian.state import CustodianState, LicenseRecord
 from drm_wire.attestation.identity import VerifiedEnclave
-from drm_wire.errors import (
-    ErrorCode,
-    LocalProtocolError,
-    PeerError,
-    RemoteProtocolError,
-    first_leaf,
-)
+from drm_wire.errors import ErrorCode, PeerError, RemoteProtocolError, first_leaf
 from drm_wire.limits import (
     HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_MISSES,
     HELLO_TIMEOUT,
-    MAX_MODEL_BYTES,
     MODEL_CHUNK_BYTES,
 )
 from drm_wire.messages import (
@@ -93,68 +82,33 @@ from drm_wire.messages import (
     UsageAck,
     UsageReport,
 )
-from drm_wire.net.channel import (
-    ERROR_FRAME_TIMEOUT,
-    ChannelError,
-    MessageChannel,
-    open_channel,
-)
-from drm_wire.net.tls import PeerVerificationError, accept_tls
-from drm_wire.protocol import Link, Side
-from drm_wire.tensors import check_name
+from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelError, MessageChannel
+
+if TYPE_CHECKING:
+    from drm_custodian.serve import ModelFile
 
 __all__ = [
     "MODEL_LOADED_TIMEOUT",
     "SEND_TIMEOUT",
-    "SOFTWARE",
     "EnclaveSession",
     "LinkDead",
-    "ModelFile",
     "SessionConfig",
     "SessionContext",
-    "handle_connection",
+    "send_last_words",
 ]
 
 log = structlog.get_logger(__name__)
 
-SOFTWARE: Final = "drm-custodian/1"
 #: One message to the enclave, a 4 MiB model chunk included. 30 s is 140 KB/s: any link
 #: an enclave could use does better, and a peer that stops reading is cut off.
 SEND_TIMEOUT: Final = 30.0
 #: From ``model_end`` to ``model_loaded``: the enclave checks the digest and builds an
 #: onnxruntime session from memory, seconds for a 2 GB model on a slow enclave.
 MODEL_LOADED_TIMEOUT: Final = 120.0
-#: The instance id an enclave chooses: 32 hex characters (docs/links.md, step 2).
-_INSTANCE_ID_RE: Final = re.compile(r"[0-9a-fA-F]{32}", re.ASCII)
-#: A license id as ``init`` makes them; anything else is not logged (it may be a secret).
-_LICENSE_ID_RE: Final = re.compile(r"lic_[0-9a-f]{32}", re.ASCII)
-#: What every refused license is told: nothing that tells ids and secrets apart.
-_LICENSE_REFUSED: Final = "attestation failed"
-_CONN_IDS = itertools.count(1)
 
 
 class LinkDead(Exception):
     """The enclave sent nothing for ``heartbeat_interval * heartbeat_misses`` seconds."""
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class ModelFile:
-    """A model to lend, held in memory: its name on the wire, bytes and SHA-256."""
-
-    name: str
-    data: bytes = field(repr=False)
-    sha256: bytes = field(repr=False)
-
-    @classmethod
-    def from_bytes(cls, name: str, data: bytes) -> ModelFile:
-        """Raises: ValueError: empty, larger than ``MAX_MODEL_BYTES``, or a bad name."""
-        if not data or len(data) > MAX_MODEL_BYTES:
-            raise ValueError(f"a model must be 1 to {MAX_MODEL_BYTES} bytes")
-        try:
-            check_name(name)
-        except LocalProtocolError as exc:
-            raise ValueError(f"{name!r} is not a valid model name") from exc
-        return cls(name, data, hashlib.sha256(data).digest())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,7 +140,7 @@ class SessionConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionContext:
-    """What every session shares: made once by :func:`~drm_custodian.serve.serve`."""
+    """What every enclave link shares: made once by :func:`~drm_custodian.serve.serve`."""
 
     state: CustodianState
     ledger: Ledger
@@ -196,131 +150,7 @@ class SessionContext:
     config: SessionConfig = field(default_factory=SessionConfig)
 
 
-# --- the per-connection boundary -------------------------------------------------------
-
-#: How a link ends in the ordinary course of things: logged as a fact, not a crash.
-_ENDINGS: Final = (
-    ChannelError,
-    RemoteProtocolError,
-    PeerError,
-    PeerVerificationError,
-    LinkDead,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-)
-
-
-async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, peer: str) -> None:
-    """Serve one enclave connection until it ends; never raises (but Cancelled).
-
-    Args:
-        transport: the accepted TCP stream (TLS is done here).
-        ctx: what the sessions share.
-        peer: the remote address, for the log.
-    """
-    with structlog.contextvars.bound_contextvars(
-        peer=peer, conn_id=next(_CONN_IDS), role="enclave"
-    ):
-        try:
-            await _serve_connection(transport, ctx)
-        except Exception as exc:  # noqa: BLE001 - the per-connection boundary; _log_end logs it
-            _log_end(exc)
-        except BaseExceptionGroup as group:
-            # A failure that met a cancellation (shutdown): log the failure, let the
-            # cancellation (or KeyboardInterrupt) go on.
-            errors, others = group.split(Exception)
-            if errors is not None:
-                _log_end(errors)
-            if others is not None:
-                raise others from None
-        finally:
-            await trio.aclose_forcefully(transport)
-
-
-def _log_end(exc: Exception) -> None:
-    error = _ending(exc)
-    if error is not None:
-        log.info("enclave_disconnected", reason=type(error).__name__, detail=str(error)[:300])
-    else:
-        log.exception("enclave_session_failed")
-
-
-def _ending(exc: BaseException) -> BaseException | None:
-    """The first exception that ended a session, if all of them are ordinary endings.
-
-    Several tasks of a session may see the link go at once (the receive loop and a send,
-    say), and their nursery then raises a group of them: still a disconnect, not a bug.
-    """
-    if not isinstance(exc, BaseExceptionGroup):
-        return exc if isinstance(exc, _ENDINGS) else None
-    endings, rest = exc.split(_ENDINGS)
-    if endings is None or rest is not None:
-        return None
-    return first_leaf(endings)
-
-
-async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:
-    cfg = ctx.config
-    try:
-        stream = await accept_tls(
-            transport, ctx.tls_context, handshake_timeout=cfg.handshake_timeout
-        )
-    except PeerVerificationError as exc:
-        # Refused inside the handshake: the enclave got no application byte (I3).
-        log.warning("enclave_refused", reason=str(exc.__cause__ or exc)[:300])
-        return
-    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-        # No client certificate, no common TLS version, a peer that hung up or stalled.
-        log.info("enclave_handshake_failed", reason=str(exc.__cause__ or exc)[:300])
-        return
-    identity = stream.peer_identity_as(VerifiedEnclave)
-    log.info(
-        "enclave_attested",
-        mr_enclave=identity.mr_enclave.hex(),
-        mr_signer=identity.mr_signer.hex(),
-        isv_svn=identity.isv_svn,
-        simulated=identity.simulated,
-        debug=identity.debug,
-        tcb_status=identity.tcb_status.value if identity.tcb_status else None,
-    )
-    if identity.simulated:
-        log.warning("insecure_simulated_enclave", mr_enclave=identity.mr_enclave.hex())
-    async with open_channel(stream, Link.CUSTODIAN, Side.SERVER) as channel:
-        hello = await channel.accept_hello(software=SOFTWARE, hello_timeout=cfg.hello_timeout)
-        instance_id = hello.instance_id or ""
-        if not _INSTANCE_ID_RE.fullmatch(instance_id):
-            log.warning("enclave_bad_instance_id")
-            await _last_words(channel, ErrorCode.PROTOCOL_ERROR, "instance_id: 32 hex characters")
-            return
-        try:
-            license_id, _, secret = (hello.license or "").partition(":")
-            record = ctx.state.verify_license(license_id, secret)
-        except LicenseRejected:
-            shown = license_id if _LICENSE_ID_RE.fullmatch(license_id) else "<malformed>"
-            log.warning("enclave_license_refused", license_id=shown)
-            await _last_words(channel, ErrorCode.ATTESTATION_FAILED, _LICENSE_REFUSED)
-            return
-        with structlog.contextvars.bound_contextvars(
-            borrower=record.borrower, instance=instance_id
-        ):
-            session = EnclaveSession(ctx, channel, identity, record, instance_id)
-            try:
-                await ctx.registry.claim(session)
-            except DuplicateInstance:
-                log.warning("enclave_duplicate_instance", license_id=record.license_id)
-                await _last_words(
-                    channel, ErrorCode.DUPLICATE_INSTANCE, "another instance holds this license"
-                )
-                return
-            try:
-                await session.run()
-            finally:
-                ctx.registry.release(session)
-                session.finish()
-
-
-async def _last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:
+async def send_last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:
     """Tell the peer why the link closes (best effort, bounded)."""
     # Already gone (the channel ended): nobody left to tell.
     with (
@@ -328,9 +158,6 @@ async def _last_words(channel: MessageChannel, code: ErrorCode, message: str) ->
         contextlib.suppress(ChannelError, RemoteProtocolError, PeerError),
     ):
         await channel.send(Error(code=code, message=message))
-
-
-# --- the session ---------------------------------------------------------------------------
 
 
 class EnclaveSession:
@@ -451,7 +278,7 @@ class EnclaveSession:
                 if ours is not None:
                     error = first_leaf(ours)  # if several tasks saw one, the first says why
                     if isinstance(error, RemoteProtocolError):
-                        await _last_words(self._channel, error.code, error.message[:200])
+                        await send_last_words(self._channel, error.code, error.message[:200])
                 raise
         if self._cancel_scope.cancelled_caught:
             log.info("enclave_session_closed")

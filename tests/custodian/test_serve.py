@@ -1,6 +1,6 @@
 """``serve()``: configuration checks, bound addresses, and the shutdown paths.
 
-Links with enclaves are tested in ``test_session.py``; the real process in ``test_cli.py``.
+Links with enclaves are tested in ``test_enclave_link.py``; the real process in ``test_cli.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from structlog.testing import capture_logs
 
 from drm_custodian.admin_client import AdminClient
 from drm_custodian.ledger import Ledger
-from drm_custodian.serve import BoundAddresses, ServeConfig, initial_supply_key, serve
-from drm_custodian.session import ModelFile
+from drm_custodian.serve import BoundAddresses, ModelFile, ServeConfig, initial_supply_key, serve
 from drm_custodian.state import CustodianState, LicenseRecord, init_state_dir, load_state_dir
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError

@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from structlog.testing import capture_logs
 
-from drm_custodian import session as session_module
 from drm_custodian.ledger import Balance, Grant, Ledger
 from drm_custodian.registry import (
     DEFAULT_BLOCK_REASON,
@@ -21,7 +19,6 @@ from drm_custodian.registry import (
     SessionHooks,
 )
 from drm_custodian.session import EnclaveSession, SessionConfig
-from drm_wire.net.channel import ChannelBroken, ChannelClosed
 
 
 @dataclass(eq=False)
@@ -166,32 +163,3 @@ async def test_an_ended_session_releases_a_supply_answer_that_waits_on_it(
     with trio.fail_after(1):
         await released.wait()
     await session.wait_sent(10)  # and an ended session never makes anyone wait again
-
-
-@pytest.mark.parametrize(
-    ("error", "event"),
-    [
-        (ChannelClosed("the peer closed the connection"), "enclave_disconnected"),
-        (
-            ExceptionGroup(
-                "two tasks saw the link go",
-                [ChannelClosed("the peer closed"), ExceptionGroup("", [ChannelBroken("lost")])],
-            ),
-            "enclave_disconnected",
-        ),
-        (
-            ExceptionGroup("", [ChannelClosed("the peer closed"), KeyError("a bug")]),
-            "enclave_session_failed",
-        ),
-        (KeyError("a bug"), "enclave_session_failed"),
-    ],
-)
-def test_how_a_session_end_is_logged(error: Exception, event: str) -> None:
-    with capture_logs() as logs:
-        try:
-            raise error
-        except Exception as exc:
-            session_module._log_end(exc)
-    assert [entry["event"] for entry in logs] == [event]
-    if event == "enclave_disconnected":
-        assert logs[0]["reason"] == "ChannelClosed"

@@ -4,7 +4,9 @@ The fake enclave is made of the same drm_wire pieces the real one uses: a simula
 platform, an RA-TLS certificate from ``make_enclave_identity('simulated')``, the
 ``enclave_client_context`` pinning the custodian CA, ``open_channel`` and ``hello`` with
 the license from the custodian's ``init``. Waits are bounded by ``TIMEOUT``; the heartbeat
-test shortens the custodian's heartbeat instead of sleeping.
+test shortens the custodian's heartbeat instead of sleeping. The last test gives the
+per-connection boundary's log of a link's end the exceptions a session's tasks raise,
+with no link at all.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from drm_custodian import enclave_link
 from drm_custodian.admin_client import AdminClient
 from drm_custodian.ledger import Balance, Ledger
-from drm_custodian.serve import BoundAddresses, ServeConfig, serve
-from drm_custodian.session import ModelFile, SessionConfig
+from drm_custodian.serve import BoundAddresses, ModelFile, ServeConfig, serve
+from drm_custodian.session import SessionConfig
 from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
 from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
@@ -47,7 +50,13 @@ from drm_wire.messages import (
     UsageAck,
     UsageReport,
 )
-from drm_wire.net.channel import ChannelError, MessageChannel, open_channel
+from drm_wire.net.channel import (
+    ChannelBroken,
+    ChannelClosed,
+    ChannelError,
+    MessageChannel,
+    open_channel,
+)
 from drm_wire.net.ratls import enclave_client_context
 from drm_wire.net.tls import client_context, open_tls_client
 from drm_wire.protocol import Link, Side
@@ -565,3 +574,32 @@ async def test_shutdown_closes_the_links(start_custodian: CustodianFactory) -> N
             await custodian.stopped.wait()
     events = [e["event"] for e in logs]
     assert events.index("custodian_stopping") < events.index("custodian_stopped")
+
+
+@pytest.mark.parametrize(
+    ("error", "event"),
+    [
+        (ChannelClosed("the peer closed the connection"), "enclave_disconnected"),
+        (
+            ExceptionGroup(
+                "two tasks saw the link go",
+                [ChannelClosed("the peer closed"), ExceptionGroup("", [ChannelBroken("lost")])],
+            ),
+            "enclave_disconnected",
+        ),
+        (
+            ExceptionGroup("", [ChannelClosed("the peer closed"), KeyError("a bug")]),
+            "enclave_session_failed",
+        ),
+        (KeyError("a bug"), "enclave_session_failed"),
+    ],
+)
+def test_how_a_session_end_is_logged(error: Exception, event: str) -> None:
+    with capture_logs() as logs:
+        try:
+            raise error
+        except Exception as exc:
+            enclave_link._log_end(exc)
+    assert [entry["event"] for entry in logs] == [event]
+    if event == "enclave_disconnected":
+        assert logs[0]["reason"] == "ChannelClosed"

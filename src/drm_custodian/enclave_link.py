@@ -1,0 +1,179 @@
+"""One enclave connection, custodian side: admission and the per-connection error boundary.
+
+:func:`~drm_custodian.serve.serve` runs :func:`handle_connection` for every TCP stream
+its enclave port accepts; what an admitted enclave then gets (models, grants, blocks) is
+the business of :class:`~drm_custodian.session.EnclaveSession`.
+
+Theory of operation
+-------------------
+:func:`handle_connection` is the per-connection boundary: it binds the log context
+(``peer``, ``conn_id``, ``role``), then admits the enclave in the steps of docs/links.md:
+
+1. TLS, in which the enclave's RA-TLS certificate is verified against the policy (a
+   refused enclave never gets a byte); the verified identity is logged.
+2. ``hello`` / ``welcome`` over a :class:`~drm_wire.net.channel.MessageChannel`; the
+   instance id must be 32 hex characters (else ``error(protocol_error)``); the license in
+   the hello is checked (a bad one gets a uniform ``error(attestation_failed)``); the
+   license is claimed in the :class:`~drm_custodian.registry.Registry` (a second instance
+   gets ``error(duplicate_instance)``).
+
+The admitted enclave's :class:`~drm_custodian.session.EnclaveSession` then runs, with
+``borrower`` and ``instance`` bound to the log context, until the link ends; its claim is
+released and the session marked finished however it ends. Whatever ends the link (a clean
+close, a dead peer, a protocol error, a bug) is logged here and closes this one
+connection; the daemon lives on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Final
+
+import structlog
+import trio
+
+from drm_custodian.registry import DuplicateInstance
+from drm_custodian.session import EnclaveSession, LinkDead, SessionContext, send_last_words
+from drm_custodian.state import LicenseRejected
+from drm_wire.attestation.identity import VerifiedEnclave
+from drm_wire.errors import ErrorCode, PeerError, RemoteProtocolError, first_leaf
+from drm_wire.net.channel import ChannelError, open_channel
+from drm_wire.net.tls import PeerVerificationError, accept_tls
+from drm_wire.protocol import Link, Side
+
+__all__ = ["SOFTWARE", "handle_connection"]
+
+log = structlog.get_logger(__name__)
+
+SOFTWARE: Final = "drm-custodian/1"
+#: The instance id an enclave chooses: 32 hex characters (docs/links.md, step 2).
+_INSTANCE_ID_RE: Final = re.compile(r"[0-9a-fA-F]{32}", re.ASCII)
+#: A license id as ``init`` makes them; anything else is not logged (it may be a secret).
+_LICENSE_ID_RE: Final = re.compile(r"lic_[0-9a-f]{32}", re.ASCII)
+#: What every refused license is told: nothing that tells ids and secrets apart.
+_LICENSE_REFUSED: Final = "attestation failed"
+_CONN_IDS = itertools.count(1)
+
+#: How a link ends in the ordinary course of things: logged as a fact, not a crash.
+_ENDINGS: Final = (
+    ChannelError,
+    RemoteProtocolError,
+    PeerError,
+    PeerVerificationError,
+    LinkDead,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, peer: str) -> None:
+    """Serve one enclave connection until it ends; never raises (but Cancelled).
+
+    Args:
+        transport: the accepted TCP stream (TLS is done here).
+        ctx: what the sessions share.
+        peer: the remote address, for the log.
+    """
+    with structlog.contextvars.bound_contextvars(
+        peer=peer, conn_id=next(_CONN_IDS), role="enclave"
+    ):
+        try:
+            await _serve_connection(transport, ctx)
+        except Exception as exc:  # noqa: BLE001 - the per-connection boundary; _log_end logs it
+            _log_end(exc)
+        except BaseExceptionGroup as group:
+            # A failure that met a cancellation (shutdown): log the failure, let the
+            # cancellation (or KeyboardInterrupt) go on.
+            errors, others = group.split(Exception)
+            if errors is not None:
+                _log_end(errors)
+            if others is not None:
+                raise others from None
+        finally:
+            await trio.aclose_forcefully(transport)
+
+
+def _log_end(exc: Exception) -> None:
+    error = _ending(exc)
+    if error is not None:
+        log.info("enclave_disconnected", reason=type(error).__name__, detail=str(error)[:300])
+    else:
+        log.exception("enclave_session_failed")
+
+
+def _ending(exc: BaseException) -> BaseException | None:
+    """The first exception that ended a session, if all of them are ordinary endings.
+
+    Several tasks of a session may see the link go at once (the receive loop and a send,
+    say), and their nursery then raises a group of them: still a disconnect, not a bug.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc if isinstance(exc, _ENDINGS) else None
+    endings, rest = exc.split(_ENDINGS)
+    if endings is None or rest is not None:
+        return None
+    return first_leaf(endings)
+
+
+async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:
+    cfg = ctx.config
+    try:
+        stream = await accept_tls(
+            transport, ctx.tls_context, handshake_timeout=cfg.handshake_timeout
+        )
+    except PeerVerificationError as exc:
+        # Refused inside the handshake: the enclave got no application byte (I3).
+        log.warning("enclave_refused", reason=str(exc.__cause__ or exc)[:300])
+        return
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        # No client certificate, no common TLS version, a peer that hung up or stalled.
+        log.info("enclave_handshake_failed", reason=str(exc.__cause__ or exc)[:300])
+        return
+    identity = stream.peer_identity_as(VerifiedEnclave)
+    log.info(
+        "enclave_attested",
+        mr_enclave=identity.mr_enclave.hex(),
+        mr_signer=identity.mr_signer.hex(),
+        isv_svn=identity.isv_svn,
+        simulated=identity.simulated,
+        debug=identity.debug,
+        tcb_status=identity.tcb_status.value if identity.tcb_status else None,
+    )
+    if identity.simulated:
+        log.warning("insecure_simulated_enclave", mr_enclave=identity.mr_enclave.hex())
+    async with open_channel(stream, Link.CUSTODIAN, Side.SERVER) as channel:
+        hello = await channel.accept_hello(software=SOFTWARE, hello_timeout=cfg.hello_timeout)
+        instance_id = hello.instance_id or ""
+        if not _INSTANCE_ID_RE.fullmatch(instance_id):
+            log.warning("enclave_bad_instance_id")
+            await send_last_words(
+                channel, ErrorCode.PROTOCOL_ERROR, "instance_id: 32 hex characters"
+            )
+            return
+        try:
+            license_id, _, secret = (hello.license or "").partition(":")
+            record = ctx.state.verify_license(license_id, secret)
+        except LicenseRejected:
+            shown = license_id if _LICENSE_ID_RE.fullmatch(license_id) else "<malformed>"
+            log.warning("enclave_license_refused", license_id=shown)
+            await send_last_words(channel, ErrorCode.ATTESTATION_FAILED, _LICENSE_REFUSED)
+            return
+        with structlog.contextvars.bound_contextvars(
+            borrower=record.borrower, instance=instance_id
+        ):
+            session = EnclaveSession(ctx, channel, identity, record, instance_id)
+            try:
+                await ctx.registry.claim(session)
+            except DuplicateInstance:
+                log.warning("enclave_duplicate_instance", license_id=record.license_id)
+                await send_last_words(
+                    channel, ErrorCode.DUPLICATE_INSTANCE, "another instance holds this license"
+                )
+                return
+            try:
+                await session.run()
+            finally:
+                ctx.registry.release(session)
+                session.finish()
