@@ -32,13 +32,8 @@ import trio
 from drm_custodian.admin import DEFAULT_ADMIN_PORT
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.grants import DEFAULT_LEASE, check_lease
-from drm_custodian.serve import (
-    DEFAULT_ENCLAVE_PORT,
-    BoundAddresses,
-    ServeConfig,
-    read_model_file,
-    serve,
-)
+from drm_custodian.models import read_model_file
+from drm_custodian.serve import DEFAULT_ENCLAVE_PORT, BoundAddresses, ServeConfig, serve
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
 from drm_wire.attestation.policy import Policy

@@ -1,8 +1,7 @@
 """The custodian daemon's process structure: one nursery tree, started by :func:`serve`.
 
-What the daemon lends is held here too: each :class:`ModelFile` is read into memory by
-:func:`read_model_file` before :func:`serve` starts, and streamed from there to every
-enclave.
+What the daemon lends is read into memory (:mod:`drm_custodian.models`) before
+:func:`serve` starts, and streamed from there to every enclave.
 
 Theory of operation
 -------------------
@@ -30,12 +29,9 @@ all at once, and the ledger is still closed.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Final
 
 import structlog
@@ -46,26 +42,24 @@ from drm_custodian._state_files import read_checked
 from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
 from drm_custodian.enclave_link import handle_connection
 from drm_custodian.ledger import IdempotencyConflict, Ledger
+from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry, SessionHooks
 from drm_custodian.session import SessionConfig, SessionContext
 from drm_custodian.state import CustodianState
 from drm_wire.attestation.policy import Policy
-from drm_wire.errors import ConfigError, LocalProtocolError
-from drm_wire.limits import MAX_GRANT_UNITS, MAX_MODEL_BYTES
+from drm_wire.errors import ConfigError
+from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.net._tls_context import PrivateKey
 from drm_wire.net.address import format_address
 from drm_wire.net.ratls import custodian_server_context
-from drm_wire.tensors import check_name
 
 __all__ = [
     "ADMIN_STOP_TIMEOUT",
     "DEFAULT_ENCLAVE_PORT",
     "LINK_CLOSE_TIMEOUT",
     "BoundAddresses",
-    "ModelFile",
     "ServeConfig",
     "initial_supply_key",
-    "read_model_file",
     "serve",
 ]
 
@@ -78,26 +72,6 @@ ADMIN_STOP_TIMEOUT: Final = 5.0
 #: Longest wait for the enclave links to close gracefully at shutdown; connections still
 #: in their handshake are cut then. TLS's own close_notify budget is 1 s.
 LINK_CLOSE_TIMEOUT: Final = 1.0
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class ModelFile:
-    """A model to lend, held in memory: its name on the wire, bytes and SHA-256."""
-
-    name: str
-    data: bytes = field(repr=False)
-    sha256: bytes = field(repr=False)
-
-    @classmethod
-    def from_bytes(cls, name: str, data: bytes) -> ModelFile:
-        """Raises: ValueError: empty, larger than ``MAX_MODEL_BYTES``, or a bad name."""
-        if not data or len(data) > MAX_MODEL_BYTES:
-            raise ValueError(f"a model must be 1 to {MAX_MODEL_BYTES} bytes")
-        try:
-            check_name(name)
-        except LocalProtocolError as exc:
-            raise ValueError(f"{name!r} is not a valid model name") from exc
-        return cls(name, data, hashlib.sha256(data).digest())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,35 +134,6 @@ class BoundAddresses:
 
     enclave: tuple[str, int]
     admin: tuple[str, int]
-
-
-def read_model_file(path: str | os.PathLike[str]) -> ModelFile:
-    """Read a model into memory; its wire name is the file name without ``.onnx``.
-
-    Blocking: call it before ``trio.run`` or in a worker thread.
-
-    Raises:
-        ConfigError: not a readable regular file, empty, or over ``MAX_MODEL_BYTES``.
-    """
-    file = Path(path)
-    try:
-        with file.open("rb") as handle:
-            st = os.fstat(handle.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError("not a regular file", path=str(file))
-            if st.st_size > MAX_MODEL_BYTES:
-                raise ConfigError(
-                    f"{st.st_size} bytes: larger than the {MAX_MODEL_BYTES}-byte limit",
-                    path=str(file),
-                )
-            data = handle.read(MAX_MODEL_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read model: {exc.strerror}", path=str(file)) from exc
-    name = file.name.removesuffix(".onnx") or file.name
-    try:
-        return ModelFile.from_bytes(name, data)
-    except ValueError as exc:
-        raise ConfigError(str(exc), path=str(file)) from exc
 
 
 def initial_supply_key(state: CustodianState) -> str:

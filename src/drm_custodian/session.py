@@ -48,7 +48,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import structlog
 import trio
@@ -57,6 +57,7 @@ from OpenSSL import SSL
 from drm_custodian.grants import DEFAULT_LEASE, check_lease, plan_grant
 from drm_custodian.ledger import Balance, GrantPlan, Ledger
 from drm_custodian.ledger import Grant as LedgerGrant
+from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry
 from drm_custodian.state import CustodianState, LicenseRecord
 from drm_wire.attestation.identity import VerifiedEnclave
@@ -83,9 +84,6 @@ from drm_wire.messages import (
     UsageReport,
 )
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelError, MessageChannel
-
-if TYPE_CHECKING:
-    from drm_custodian.serve import ModelFile
 
 __all__ = [
     "MODEL_LOADED_TIMEOUT",

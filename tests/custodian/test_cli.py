@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from drm_custodian.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, main
-from drm_custodian.serve import read_model_file
+from drm_custodian.models import read_model_file
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_MODEL_BYTES

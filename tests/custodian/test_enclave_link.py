@@ -27,7 +27,8 @@ from structlog.testing import capture_logs
 from drm_custodian import enclave_link
 from drm_custodian.admin_client import AdminClient
 from drm_custodian.ledger import Balance, Ledger
-from drm_custodian.serve import BoundAddresses, ModelFile, ServeConfig, serve
+from drm_custodian.models import ModelFile
+from drm_custodian.serve import BoundAddresses, ServeConfig, serve
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
 from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity

@@ -15,7 +15,8 @@ from structlog.testing import capture_logs
 
 from drm_custodian.admin_client import AdminClient
 from drm_custodian.ledger import Ledger
-from drm_custodian.serve import BoundAddresses, ModelFile, ServeConfig, initial_supply_key, serve
+from drm_custodian.models import ModelFile
+from drm_custodian.serve import BoundAddresses, ServeConfig, initial_supply_key, serve
 from drm_custodian.state import CustodianState, LicenseRecord, init_state_dir, load_state_dir
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
