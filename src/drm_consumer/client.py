@@ -38,8 +38,8 @@ import trio
 
 from drm_consumer.errors import map_errors
 from drm_wire.attestation.collateral import Collateral
-from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.limits import HANDSHAKE_TIMEOUT
 from drm_wire.messages import (
     EnclaveState,

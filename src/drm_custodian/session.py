@@ -63,7 +63,7 @@ from drm_custodian.ledger import Balance, GrantPlan, Ledger
 from drm_custodian.ledger import Grant as LedgerGrant
 from drm_custodian.registry import DuplicateInstance, Registry
 from drm_custodian.state import CustodianState, LicenseRecord, LicenseRejected
-from drm_wire.attestation.identity import VerifiedEnclave
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import (
     ErrorCode,
     LocalProtocolError,

@@ -23,7 +23,6 @@ from OpenSSL import SSL
 
 from drm_wire.attestation import _pck
 from drm_wire.attestation.errors import UntrustedRootError
-from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import (
     DebugEnclaveError,
@@ -35,6 +34,7 @@ from drm_wire.attestation.ratls import (
     RatlsCredentials,
     build_ratls_certificate,
 )
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import clear_chain_cache
 from drm_wire.errors import AttestationError
 from drm_wire.net.ratls import (
