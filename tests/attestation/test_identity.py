@@ -23,7 +23,7 @@ from drm_wire.attestation.policy import (
     SimulationRefusedError,
     TcbStatusError,
 )
-from drm_wire.attestation.ratls import KeyBindingError, build_ratls_certificate
+from drm_wire.attestation.ratls_cert import KeyBindingError, build_ratls_certificate
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import verify_quote
 from drm_wire.errors import AttestationError
@@ -70,7 +70,7 @@ def test_real_gramine_certificate_refusals(gramine_policy: Policy) -> None:
 
 @pytest.mark.parametrize("name", ["rats-tls-cert.pem", "intel-sgxsdk-cert.pem"])
 def test_other_producers_verify(name: str, gramine_policy: Policy) -> None:
-    from drm_wire.attestation.ratls import parse_ratls_certificate
+    from drm_wire.attestation.ratls_cert import parse_ratls_certificate
 
     data = (DATA / "ratls" / name).read_bytes()
     body = verify_quote(parse_ratls_certificate(data).quote, now=REAL_NOW).quote.body

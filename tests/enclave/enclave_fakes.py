@@ -55,7 +55,7 @@ from drm_wire.messages import (
     Waiting,
 )
 from drm_wire.net.channel import MessageChannel, open_channel
-from drm_wire.net.ratls import consumer_client_context, custodian_server_context
+from drm_wire.net.ratls_context import consumer_client_context, custodian_server_context
 from drm_wire.net.tls import accept_tls, open_tls_client
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor

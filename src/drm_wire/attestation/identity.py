@@ -5,7 +5,7 @@ DER and calls :func:`verify_enclave_certificate` (or the callable from
 :func:`make_certificate_verifier`). Steps, each failing with its own
 :class:`~drm_wire.errors.AttestationError` subclass:
 
-1. :func:`~.ratls.parse_ratls_certificate`: tolerant DER, the quote extension(s), and the
+1. :func:`~.ratls_cert.parse_ratls_certificate`: tolerant DER, the quote extension(s), and the
    key binding (``pubkey-hash`` claim and report data), which is never optional;
 2. :func:`~.verify.verify_quote` on every carried quote, with the trust anchors the policy
    names (Intel's root; the simulation root only if the policy file says so);
@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import parse_ratls_certificate
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import verify_quote
 

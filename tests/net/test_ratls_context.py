@@ -29,7 +29,7 @@ from drm_wire.attestation.policy import (
     MeasurementMismatchError,
     Policy,
 )
-from drm_wire.attestation.ratls import (
+from drm_wire.attestation.ratls_cert import (
     CertificateFormatError,
     RatlsCredentials,
     build_ratls_certificate,
@@ -37,7 +37,7 @@ from drm_wire.attestation.ratls import (
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import clear_chain_cache
 from drm_wire.errors import AttestationError
-from drm_wire.net.ratls import (
+from drm_wire.net.ratls_context import (
     VERIFICATION_CACHE,
     CustodianCertificateError,
     VerifiedCustodian,
