@@ -49,8 +49,10 @@ from typing import Final, final
 import outcome
 import trio
 
-from drm_wire.errors import ErrorCode, QuotaError
+from drm_wire.errors import DrmError, ErrorCode
 from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT, MAX_WAIT_SECONDS
+
+__all__ = ["DEFAULT_MAX_PARKED", "Lease", "Quota", "QuotaError"]
 
 #: Parked requests per quota (I12, R03). Each costs a task and a connection; 1,024 is far
 #: above what one enclave serves in the time a grant takes to arrive (~120 µs, research
@@ -59,6 +61,19 @@ DEFAULT_MAX_PARKED: Final = 1024
 
 _KILL_CODES: Final = frozenset({ErrorCode.CUSTODIAN_UNREACHABLE, ErrorCode.BLOCKED})
 _LEASE_KEY: Final = object()
+
+
+class QuotaError(DrmError):
+    """An inference could not take a unit of quota.
+
+    Attributes:
+        code: why, as the consumer is told it (``NO_INFERENCES``, ``BUSY``, or the
+            suspension code: ``CUSTODIAN_UNREACHABLE``, ``BLOCKED``).
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _check_count(value: object, name: str, *, low: int, high: int) -> int:

@@ -10,10 +10,11 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from drm_enclave.custodian_link import LinkTiming, backoff_delay
+from drm_enclave.quota import QuotaError
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import serve
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.errors import ConfigError, ErrorCode, PeerError, QuotaError
+from drm_wire.errors import ConfigError, ErrorCode, PeerError
 from drm_wire.messages import EnclaveState, Grant, ModelLoaded, UsageReport
 from tests.enclave.enclave_fakes import (
     HOST,
