@@ -1,7 +1,7 @@
 """``drm_custodian serve|check-config --config FILE.toml``: keys, precedence, errors, a real run.
 
 The shared rules (file limits, types, path resolution) are pinned in
-``tests/wire/test_config_file.py``; here, the custodian's keys and validators, what
+``tests/daemon/test_config_file.py``; here, the custodian's keys and validators, what
 ``check-config`` reads and reports, the example in ``deploy/config``, and one daemon
 started from a configuration file alone.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from drm_custodian.cli import EXIT_CONFIG, EXIT_OK, main
+from drm_daemon.config_file import MAX_CONFIG_BYTES
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.limits import MAX_GRANT_UNITS
 from tests.e2e.daemons import AdminApi, python_command, start_daemon
 from tests.models import tiny_model

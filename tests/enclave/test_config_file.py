@@ -1,7 +1,7 @@
 """``drm_enclave serve|check-config --config FILE.toml``: keys, precedence, errors, a real run.
 
 The shared rules (file limits, types, path resolution) are pinned in
-``tests/wire/test_config_file.py``; here, the enclave's keys and validators, that flags
+``tests/daemon/test_config_file.py``; here, the enclave's keys and validators, that flags
 beat the file (a Gramine manifest's argv beats a host-provided file), what
 ``check-config`` reads and reports, the example in ``deploy/config``, and one daemon
 started from a configuration file alone against a fake custodian.
@@ -18,9 +18,9 @@ import pytest
 import structlog
 import trio
 
+from drm_daemon.config_file import MAX_CONFIG_BYTES
 from drm_enclave.cli import EXIT_OK, EXIT_USAGE, main
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.messages import ModelLoaded
 from tests.e2e.daemons import python_command, start_daemon
 from tests.enclave.enclave_fakes import (
