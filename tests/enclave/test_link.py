@@ -189,7 +189,7 @@ async def test_bad_input_is_refused_before_any_quota(tmp_path: Path) -> None:
                 await consumer.infer(model="nope")
             assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
             assert rig.runtime.quota.available == 1
-            assert rig.runtime.accounting.served_total == 0
+            assert rig.runtime.quota.served_total == 0
             assert (await consumer.infer()).inferences_left == 0
 
 
@@ -247,7 +247,7 @@ async def test_block_and_unblock(tmp_path: Path) -> None:
             # A grant while blocked is kept, but does not lift the block.
             await session.grant(1, 2)
             with trio.fail_after(TIMEOUT):
-                await rig.runtime.wait_for(lambda r: r.accounting.granted_total == 2)
+                await rig.runtime.wait_for(lambda r: r.quota.granted_total == 2)
             with pytest.raises(PeerError) as caught:
                 await consumer.infer()
             assert caught.value.code is ErrorCode.BLOCKED
