@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,33 +33,11 @@ from tests.enclave.enclave_fakes import (
     FAST_TIMING,
     LICENSE,
     TIMEOUT,
-    FakeConsumer,
+    fail_a_parked_request,
     make_pki,
     running_enclave,
 )
 from tests.models import random_bytes, tiny_model
-
-
-async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], object]) -> PeerError:
-    """Park one request, run ``action`` (sync or async), and return the error it gets."""
-    parked = trio.Event()
-    errors: list[PeerError] = []
-
-    async def parked_request() -> None:
-        try:
-            await consumer.infer(wait=None, parked=parked)
-        except PeerError as exc:
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(parked_request)
-        with trio.fail_after(TIMEOUT):
-            await parked.wait()
-        result = action()
-        if inspect.isawaitable(result):
-            await result
-    (error,) = errors
-    return error
 
 
 async def test_model_delivered_then_grant_means_serving(tmp_path: Path) -> None:
