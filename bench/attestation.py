@@ -14,13 +14,14 @@ Variants (all on :class:`~drm_wire.net.tls.TLSStream`, TLS 1.3, no resumption):
 * plain: ECDSA P-256 server certificate issued by a CA the client pins (OpenSSL chain
   verification), the ordinary TLS baseline; "mutual" adds a CA-issued client certificate
   the server requires and verifies.
-* RA-TLS consumer -> enclave: :func:`~drm_wire.net.ratls.enclave_server_context` (P-384
-  RA-TLS certificate with two simulated quotes) and
-  :func:`~drm_wire.net.ratls.consumer_client_context` (full RA-TLS verification in the
-  verify callback).
-* RA-TLS enclave -> custodian (mutual): :func:`~drm_wire.net.ratls.enclave_client_context`
-  (pinned custodian CA, name checked) and :func:`~drm_wire.net.ratls.custodian_server_context`
-  (the server verifies the enclave's RA-TLS client certificate).
+* RA-TLS consumer -> enclave: :func:`~drm_wire.net.ratls_context.enclave_server_context`
+  (P-384 RA-TLS certificate with two simulated quotes) and
+  :func:`~drm_wire.net.ratls_context.consumer_client_context` (full RA-TLS verification in
+  the verify callback).
+* RA-TLS enclave -> custodian (mutual):
+  :func:`~drm_wire.net.ratls_context.enclave_client_context` (pinned custodian CA, name
+  checked) and :func:`~drm_wire.net.ratls_context.custodian_server_context` (the server
+  verifies the enclave's RA-TLS client certificate).
 * "no result cache": the same, with the verifier's result cache off, so every handshake
   parses the certificate and checks both quotes' signatures (the PCK chain cache stays on).
 * "P-256 RA-TLS key": the consumer variant with a P-256 instead of the product's P-384
@@ -59,9 +60,9 @@ from OpenSSL import SSL
 from drm_wire.attestation.identity import verify_enclave_certificate
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import RatlsCredentials, build_ratls_certificate
+from drm_wire.attestation.ratls_cert import RatlsCredentials, build_ratls_certificate
 from drm_wire.attestation.verify import clear_chain_cache
-from drm_wire.net.ratls import (
+from drm_wire.net.ratls_context import (
     VerificationCache,
     consumer_client_context,
     custodian_server_context,

@@ -95,6 +95,7 @@ import _e2e_baselines as base
 from _certs import Pems, make_pems
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
+from drm_daemon.logs import configure_logging
 from drm_enclave.cli import load_license
 from drm_enclave.custodian_link import LinkTiming
 from drm_enclave.model_host import session_options
@@ -102,7 +103,6 @@ from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig
 from drm_enclave.serve import serve as enclave_serve
 from drm_wire.attestation.policy import Policy
-from drm_wire.logs import configure_logging
 from drm_wire.messages import EnclaveState
 
 LOOPBACK = "127.0.0.1"

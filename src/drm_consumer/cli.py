@@ -50,8 +50,8 @@ from drm_consumer.preprocess import (
     imagenet,
     load_input,
 )
-from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_WAIT_SECONDS
 from drm_wire.messages import EnclaveState, ModelDescription

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 :meth:`Client.connect` is an async context manager. It opens TCP, runs the TLS 1.3
-handshake with :func:`~drm_wire.net.ratls.consumer_client_context`, whose verify callback
-checks the enclave's RA-TLS certificate against the caller's :class:`Policy`: an enclave
-that does not satisfy it fails the handshake, so not one byte of the caller's data is
-ever written to it (:class:`~drm_consumer.errors.AttestationRefused`). Only then does it
+handshake with :func:`~drm_wire.net.ratls_context.consumer_client_context`, whose verify
+callback checks the enclave's RA-TLS certificate against the caller's :class:`Policy`: an
+enclave that does not satisfy it fails the handshake, so not one byte of the caller's data
+is ever written to it (:class:`~drm_consumer.errors.AttestationRefused`). Only then does it
 open a :class:`~drm_wire.net.channel.MessageChannel` for the ``async with`` block and
 exchange ``hello`` / ``welcome`` as a consumer. The channel reads on demand: the task
 waiting for a reply reads the connection itself (one task at a time), as the enclave
@@ -38,8 +38,8 @@ import trio
 
 from drm_consumer.errors import map_errors
 from drm_wire.attestation.collateral import Collateral
-from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.limits import HANDSHAKE_TIMEOUT
 from drm_wire.messages import (
     EnclaveState,
@@ -51,7 +51,7 @@ from drm_wire.messages import (
 )
 from drm_wire.net.address import format_address
 from drm_wire.net.channel import MessageChannel, open_channel
-from drm_wire.net.ratls import consumer_client_context
+from drm_wire.net.ratls_context import consumer_client_context
 from drm_wire.net.tls import open_tls_client
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor

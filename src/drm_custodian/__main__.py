@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from drm_custodian.cli import main
-from drm_wire.logs import configure_logging
+from drm_daemon.logs import configure_logging
 
 
 def run() -> None:

@@ -7,13 +7,13 @@ policy and the models) happens before ``trio.run``, so a bad file is a clear err
 exit status 2 before anything listens.
 
 ``serve`` takes its options from flags, from a TOML file (``--config``), or both: a flag
-wins over the file, the file over the default (:mod:`drm_wire.config_file`).
+wins over the file, the file over the default (:mod:`drm_daemon.config_file`).
 ``check-config`` checks the same options and every file they name without starting.
 
 The daemon stops cleanly on SIGTERM or SIGINT (see :mod:`drm_custodian.serve` for the
 order). Under systemd (``Type=notify``) it sends ``READY=1`` once both the enclave link
 and the admin API listen, ``STATUS=`` lines, ``STOPPING=1`` on a signal, and watchdog
-pings (:mod:`drm_wire.sd_notify`).
+pings (:mod:`drm_daemon.sd_notify`).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from drm_custodian.models import read_model_file
 from drm_custodian.serve import DEFAULT_ENCLAVE_PORT, BoundAddresses, ServeConfig, serve
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
+from drm_daemon.config_file import ConfigSchema, Kind
+from drm_daemon.logs import LOG_LEVELS, set_log_level
+from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.policy import Policy
-from drm_wire.config_file import ConfigSchema, Kind
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
-from drm_wire.logs import LOG_LEVELS, set_log_level
 from drm_wire.net.address import format_address, port_argument
-from drm_wire.sd_notify import Notifier
 
 __all__ = [
     "EXIT_API_ERROR",

@@ -36,7 +36,7 @@ import trio
 from drm_custodian.registry import DuplicateInstance
 from drm_custodian.session import EnclaveSession, LinkDead, SessionContext, send_last_words
 from drm_custodian.state import LicenseRejected
-from drm_wire.attestation.identity import VerifiedEnclave
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ErrorCode, PeerError, RemoteProtocolError, first_leaf
 from drm_wire.net.channel import ChannelError, open_channel
 from drm_wire.net.tls import PeerVerificationError, accept_tls

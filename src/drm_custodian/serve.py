@@ -51,7 +51,7 @@ from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.net._tls_context import PrivateKey
 from drm_wire.net.address import format_address
-from drm_wire.net.ratls import custodian_server_context
+from drm_wire.net.ratls_context import custodian_server_context
 
 __all__ = [
     "ADMIN_STOP_TIMEOUT",

@@ -60,7 +60,7 @@ from drm_custodian.ledger import Grant as LedgerGrant
 from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry
 from drm_custodian.state import CustodianState, LicenseRecord
-from drm_wire.attestation.identity import VerifiedEnclave
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ErrorCode, PeerError, RemoteProtocolError, first_leaf
 from drm_wire.limits import (
     HANDSHAKE_TIMEOUT,

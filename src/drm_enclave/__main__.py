@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from drm_wire.logs import configure_logging
+from drm_daemon.logs import configure_logging
 
 from .cli import main
 

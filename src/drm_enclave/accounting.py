@@ -3,17 +3,20 @@
 Sans-IO: the custodian link feeds it the grants and acknowledgements it receives and sends
 the reports it produces; nothing here waits or touches a socket.
 
-Theory of operation. An enclave *instance* (one process, one random instance id) counts two
+Theory of operation. An enclave *instance* (one process, one random instance id) has two
 monotonic totals: ``granted_total``, the inferences the custodian has granted this
-instance, and ``served_total``, the inferences it has served. Both travel as totals, never
-as increments:
+instance, and ``served_total``, the inferences it has served. The instance's
+:class:`~.quota.Quota` owns both (units enter it only through grants and leave it only
+through committed leases, so one object keeps them in step); :class:`Accounting` keeps
+no count of its own, and reads them there. Both travel as totals, never as increments:
 
 * a :class:`~drm_wire.messages.Grant` carries the instance's new ``granted_total``; the
-  units it adds are the difference to what the instance already has, so a replayed,
-  duplicated or reordered grant adds nothing (invariant 1);
-* a :class:`~drm_wire.messages.UsageReport` carries ``served_total``; the custodian records
-  the largest total it has seen, so a report sent twice (say, resent after a reconnect)
-  counts once (invariant 2).
+  units it adds are the difference to the quota's, so a replayed, duplicated or
+  reordered grant adds nothing (invariant 1); :meth:`Accounting.on_grant` grants that
+  difference to the quota;
+* a :class:`~drm_wire.messages.UsageReport` carries the quota's ``served_total``; the
+  custodian records the largest total it has seen, so a report sent twice (say, resent
+  after a reconnect) counts once (invariant 2).
 
 One report is in flight at a time. When it is acknowledged (after the custodian's durable
 commit), the next one carries whatever was served meanwhile, which batches naturally
@@ -32,8 +35,7 @@ ledger row at the custodian, so reports are as rare as the custodian's needs all
 * otherwise once a ``period`` after the last one: the custodian's view lags by at most that.
 
 A busy instance thus reports a few times per lease and at least once a period, not once per
-``spacing``: 2,000 inferences a second with a lease of 1,000 make ~5 reports a second
-where they made ~80 (each a ledger row, ~1.7 GB a day at that rate).
+``spacing``.
 """
 
 from __future__ import annotations
@@ -41,22 +43,25 @@ from __future__ import annotations
 import math
 
 from drm_wire.errors import RemoteProtocolError
+from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.messages import Grant, UsageAck, UsageReport
+
+from .quota import Quota
 
 __all__ = ["Accounting"]
 
 
 class Accounting:
-    """Granted and served totals of one enclave instance, and its report sequence."""
+    """The usage-report sequence of one enclave instance, over the totals its quota keeps.
 
-    __slots__ = ("_acked_total", "_flush", "_in_flight", "_last_sent_at", "_next_seq",
-                 "granted_total", "served_total")  # fmt: skip
+    Args:
+        quota: the instance's quota, which owns ``granted_total`` and ``served_total``.
+    """
 
-    def __init__(self) -> None:
-        #: Inferences the custodian has granted this instance, in total.
-        self.granted_total = 0
-        #: Inferences this instance has served, in total.
-        self.served_total = 0
+    __slots__ = ("_acked_total", "_flush", "_in_flight", "_last_sent_at", "_next_seq", "_quota")
+
+    def __init__(self, quota: Quota) -> None:
+        self._quota = quota
         self._acked_total = 0
         self._next_seq = 1
         self._in_flight: UsageReport | None = None
@@ -66,8 +71,8 @@ class Accounting:
 
     def __repr__(self) -> str:
         return (
-            f"<Accounting granted={self.granted_total} served={self.served_total} "
-            f"acked={self._acked_total} in_flight={self._in_flight is not None}>"
+            f"<Accounting acked={self._acked_total} unreported={self.unreported} "
+            f"in_flight={self._in_flight is not None}>"
         )
 
     @property
@@ -78,22 +83,27 @@ class Accounting:
     @property
     def unreported(self) -> int:
         """Inferences served but not yet acknowledged by the custodian."""
-        return self.served_total - self._acked_total
+        return self._quota.served_total - self._acked_total
 
     def on_grant(self, grant: Grant) -> int:
-        """Apply a grant; return the units it adds (0 for a replay or a stale grant).
+        """Apply a grant to the quota; return the units it adds (0 for a replay or a stale
+        grant).
 
         The total is what counts: if a grant was lost on a dropped link, the next one's
-        total still brings the instance to what the custodian recorded for it.
+        total still brings the instance to what the custodian recorded for it. The
+        difference may exceed what one :meth:`Quota.grant <.quota.Quota.grant>` takes,
+        so it goes in steps.
         """
-        added = grant.granted_total - self.granted_total
-        if added <= 0:
-            return 0
-        self.granted_total = grant.granted_total
-        return added
+        added = grant.granted_total - self._quota.granted_total
+        remaining = added
+        while remaining > 0:
+            step = min(remaining, MAX_GRANT_UNITS)
+            self._quota.grant(step)
+            remaining -= step
+        return max(added, 0)
 
     def served(self, count: int = 1) -> bool:
-        """Record ``count`` inferences as served (after each one has run).
+        """Note that ``count`` leases were just committed on the quota (which counted them).
 
         Returns:
             Whether :meth:`report_due_at` may have moved: the first unreported inference,
@@ -102,16 +112,15 @@ class Accounting:
         """
         if count < 0:
             raise ValueError("count must not be negative")
-        if self.served_total + count > self.granted_total:
-            raise RuntimeError("served more than granted: the quota must prevent this")
-        was_urgent = self._urgent()
-        before = self.served_total
-        self.served_total += count
-        return count > 0 and (before == self._acked_total or self._urgent() != was_urgent)
+        served = self._quota.served_total
+        before = served - count
+        return count > 0 and (
+            before == self._acked_total or self._urgent(served) != self._urgent(before)
+        )
 
-    def _urgent(self) -> bool:
-        unreported = self.served_total - self._acked_total
-        return unreported > 0 and 2 * unreported >= self.granted_total - self._acked_total
+    def _urgent(self, served: int) -> bool:
+        unreported = served - self._acked_total
+        return unreported > 0 and 2 * unreported >= self._quota.granted_total - self._acked_total
 
     def flush(self) -> None:
         """Draining: report what is left at the spacing, not the period."""
@@ -121,17 +130,19 @@ class Accounting:
         """When the next report is due (on the clock :meth:`next_report` was given), or
         ``None`` while there is nothing to report or a report is in flight. See the module
         docstring."""
-        if self._in_flight is not None or self.served_total == self._acked_total:
+        served = self._quota.served_total
+        if self._in_flight is not None or served == self._acked_total:
             return None
-        soon = self._flush or self._urgent()
+        soon = self._flush or self._urgent(served)
         return self._last_sent_at + (spacing if soon else period)
 
     def next_report(self, now: float = -math.inf) -> UsageReport | None:
         """The report to send now (sent at ``now``), if there is something to report and
         none is in flight; whether it is due yet is :meth:`report_due_at`'s call."""
-        if self._in_flight is not None or self.served_total == self._acked_total:
+        served = self._quota.served_total
+        if self._in_flight is not None or served == self._acked_total:
             return None
-        report = UsageReport(seq=self._next_seq, served_total=self.served_total)
+        report = UsageReport(seq=self._next_seq, served_total=served)
         self._next_seq += 1
         self._in_flight = report
         self._last_sent_at = now

@@ -6,10 +6,10 @@ port-0 address) once the consumer port listens, and ``custodian_link_up`` once t
 custodian link is attested, the models loaded and the quota synced. Under systemd
 (``Type=notify``) ``READY=1`` is sent only then, never by an enclave that cannot reach its
 custodian; ``STATUS=`` lines follow each phase, ``STOPPING=1`` a signal, and watchdog
-pings come from the event loop (:mod:`drm_wire.sd_notify`).
+pings come from the event loop (:mod:`drm_daemon.sd_notify`).
 
 ``serve`` takes its options from flags, from a TOML file (``--config``), or both: a flag
-wins over the file, the file over the default (:mod:`drm_wire.config_file`), so options
+wins over the file, the file over the default (:mod:`drm_daemon.config_file`), so options
 a Gramine manifest fixes in argv cannot be overridden by a host-provided file.
 ``check-config`` checks the same options and the files they name without starting.
 
@@ -35,13 +35,13 @@ from typing import Final, TextIO
 import structlog
 import trio
 
+from drm_daemon.config_file import ConfigSchema, Kind, read_bounded
+from drm_daemon.logs import LOG_LEVELS, set_log_level
+from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.collateral import TcbStatus
-from drm_wire.config_file import ConfigSchema, Kind, read_bounded
 from drm_wire.errors import ConfigError
-from drm_wire.logs import LOG_LEVELS, set_log_level
 from drm_wire.messages import EnclaveState
 from drm_wire.net.address import format_address, parse_address
-from drm_wire.sd_notify import Notifier
 
 from .identity import License, simulated_measurement, simulation_policy, warn_simulation
 from .runtime import EnclaveRuntime

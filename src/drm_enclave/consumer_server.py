@@ -46,7 +46,7 @@ import structlog
 import trio
 from OpenSSL import SSL
 
-from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError, QuotaError
+from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
 from drm_wire.limits import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT
 from drm_wire.messages import (
     Error,
@@ -64,7 +64,7 @@ from drm_wire.tensors import Tensor
 
 from .custodian_link import SOFTWARE
 from .model_host import BadInputError, HostedModel, InferenceError
-from .quota import Lease
+from .quota import Lease, QuotaError
 from .runtime import EnclaveRuntime
 
 __all__ = ["ConsumerLimits", "ConsumerServer"]

@@ -63,7 +63,7 @@ from drm_wire.messages import (
     UsageAck,
 )
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
-from drm_wire.net.ratls import VerifiedCustodian
+from drm_wire.net.ratls_context import VerifiedCustodian
 from drm_wire.net.tls import TLSStream, open_tls_client
 from drm_wire.protocol import Link, Side
 

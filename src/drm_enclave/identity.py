@@ -32,7 +32,7 @@ from drm_wire.attestation.insecure_simulation import ROOT_FILE, SimulatedPlatfor
 from drm_wire.attestation.measurement import simulated_mr_enclave, simulated_mr_signer
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.quote import parse_quote
-from drm_wire.attestation.ratls import RatlsCredentials, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import RatlsCredentials, parse_ratls_certificate
 from drm_wire.errors import ConfigError
 
 __all__ = [

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from drm_wire.config_file import read_bounded
+from drm_daemon.config_file import read_bounded
 from drm_wire.errors import ConfigError
 
 __all__ = [

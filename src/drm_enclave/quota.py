@@ -12,6 +12,11 @@ every instant::
 ``granted_total`` grows only through :meth:`Quota.grant` (and an upward :meth:`Quota.reset`),
 so ``served_total <= granted_total`` (I2) whatever consumers do.
 
+The totals. ``granted_total`` and ``served_total`` are the enclave's own, kept here and
+nowhere else: units enter only here and are served only here, so the law above holds by
+construction. :mod:`.accounting` reads them: it turns the custodian's grants (totals) into
+:meth:`Quota.grant` calls, and reports ``served_total`` to the custodian.
+
 Parking. With no unit available, a request parks in a FIFO (an insertion-ordered dict of
 trio tasks) until a grant arrives. A unit is *handed* to the oldest parked task: it is
 counted ``in_use`` and the task is rescheduled in the same synchronous step, so a grant of
@@ -49,16 +54,31 @@ from typing import Final, final
 import outcome
 import trio
 
-from drm_wire.errors import ErrorCode, QuotaError
+from drm_wire.errors import DrmError, ErrorCode
 from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT, MAX_WAIT_SECONDS
 
+__all__ = ["DEFAULT_MAX_PARKED", "Lease", "Quota", "QuotaError"]
+
 #: Parked requests per quota (I12, R03). Each costs a task and a connection; 1,024 is far
-#: above what one enclave serves in the time a grant takes to arrive (~120 µs, research
-#: note), and small enough that a flood of waiters cannot exhaust memory.
+#: above what one enclave serves in the time a grant takes to arrive, and small enough
+#: that a flood of waiters cannot exhaust memory.
 DEFAULT_MAX_PARKED: Final = 1024
 
 _KILL_CODES: Final = frozenset({ErrorCode.CUSTODIAN_UNREACHABLE, ErrorCode.BLOCKED})
 _LEASE_KEY: Final = object()
+
+
+class QuotaError(DrmError):
+    """An inference could not take a unit of quota.
+
+    Attributes:
+        code: why, as the consumer is told it (``NO_INFERENCES``, ``BUSY``, or the
+            suspension code: ``CUSTODIAN_UNREACHABLE``, ``BLOCKED``).
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _check_count(value: object, name: str, *, low: int, high: int) -> int:
@@ -131,7 +151,8 @@ class Lease:
 
 
 class Quota:
-    """The enclave's inference quota. See the module docstring for the rules.
+    """The enclave's inference quota, and its granted and served totals. See the module
+    docstring for the rules.
 
     Args:
         max_parked: most requests that may wait at once; more get ``BUSY`` (I12).
@@ -164,12 +185,14 @@ class Quota:
 
     @property
     def served_total(self) -> int:
-        """Leases committed, ever: the count reported to the custodian."""
+        """Leases committed, ever: the served total the enclave reports to the custodian
+        (:meth:`Accounting.next_report <.accounting.Accounting.next_report>` reads it)."""
         return self._served_total
 
     @property
     def granted_total(self) -> int:
-        """Units granted, ever (grants plus upward resets)."""
+        """Units granted, ever (grants plus upward resets): what a custodian grant's total
+        is compared with (:meth:`Accounting.on_grant <.accounting.Accounting.on_grant>`)."""
         return self._granted_total
 
     @property

@@ -1,13 +1,16 @@
 """The enclave's shared state: quota, accounting, models, and where the custodian link stands.
 
+The quota owns the granted and served totals; the accounting reports them (and turns the
+custodian's grants into quota grants).
+
 Theory of operation
 -------------------
 The custodian link (:mod:`drm_enclave.custodian_link`) is the only writer: it reports a
 new link (:meth:`EnclaveRuntime.link_connected`), model loads, grants, blocks and
 acknowledgements, and the loss of the link (:meth:`EnclaveRuntime.link_lost`). The
 consumer server (:mod:`drm_enclave.consumer_server`) reads the models, the quota and the
-state, and reports every committed inference with :meth:`EnclaveRuntime.served`, which
-wakes the link's usage reporter.
+state, and calls :meth:`EnclaveRuntime.served` after every committed inference, which
+wakes the link's usage reporter when its schedule moves.
 
 States, as ``model_info`` shows them::
 
@@ -33,7 +36,6 @@ import structlog
 import trio
 
 from drm_wire.errors import ErrorCode
-from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.messages import EnclaveState, Grant, UsageAck
 
 from .accounting import Accounting
@@ -49,15 +51,16 @@ class EnclaveRuntime:
     """What the custodian link and the consumer server share. Single trio thread only.
 
     Attributes:
-        quota: the inference quota; suspended until a link is synced.
-        accounting: granted/served totals and the usage-report sequence.
+        quota: the inference quota, and the granted and served totals; suspended until a
+            link is synced.
+        accounting: the usage-report sequence over the quota's totals.
         models: loaded models by name.
     """
 
     def __init__(self, *, max_parked: int | None = None) -> None:
         self.quota = Quota() if max_parked is None else Quota(max_parked=max_parked)
         self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
-        self.accounting = Accounting()
+        self.accounting = Accounting(self.quota)
         self.models: dict[str, HostedModel] = {}
         self._link_up = False
         self._synced = False
@@ -95,8 +98,8 @@ class EnclaveRuntime:
         return self._link_up
 
     def served(self) -> None:
-        """One lease was committed: count it, and wake the usage reporter if that moves
-        its schedule (:meth:`Accounting.served`).
+        """One lease was just committed (the quota counted it): wake the usage reporter if
+        that moves its schedule (:meth:`Accounting.served`).
 
         Only the usage reporter, and only then: the state does not change with a served
         inference, and waking every :meth:`wait_for` (the systemd phase reporter, the
@@ -163,11 +166,6 @@ class EnclaveRuntime:
     def on_grant(self, grant: Grant) -> int:
         """Apply a grant (a total); return the units it added."""
         added = self.accounting.on_grant(grant)
-        remaining = added
-        while remaining > 0:
-            step = min(remaining, MAX_GRANT_UNITS)
-            self.quota.grant(step)
-            remaining -= step
         self._synced = True  # a grant never lifts a block: only unblock (or a new link) does
         self._maybe_resume()
         return added
@@ -206,7 +204,7 @@ class EnclaveRuntime:
                 state=self.state.value,
                 models=sorted(self.models),
                 inferences_left=self.quota.available,
-                granted_total=self.accounting.granted_total,
-                served_total=self.accounting.served_total,
+                granted_total=self.quota.granted_total,
+                served_total=self.quota.served_total,
             )
         self._changed()

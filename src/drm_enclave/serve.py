@@ -40,7 +40,7 @@ from cryptography import x509
 
 from drm_wire.attestation.gramine import Backend
 from drm_wire.errors import ConfigError
-from drm_wire.net.ratls import enclave_client_context, enclave_server_context
+from drm_wire.net.ratls_context import enclave_client_context, enclave_server_context
 
 from .consumer_server import ConsumerLimits, ConsumerServer
 from .custodian_link import CustodianLink, LinkTiming

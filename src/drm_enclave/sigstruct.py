@@ -45,9 +45,9 @@ from typing import Any, Final, TextIO
 
 from cryptography import x509
 
+from drm_daemon.config_file import read_bounded
 from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.attestation.policy import Policy
-from drm_wire.config_file import read_bounded
 from drm_wire.errors import ConfigError
 
 from .manifest_lint import argv_option, host_path, load_manifest, trusted_entries

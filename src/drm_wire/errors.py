@@ -7,7 +7,7 @@
 * :class:`RemoteProtocolError`: the peer sent something the protocol forbids. The peer is
   told the :attr:`ProtocolError.code` and the connection closes; the daemon lives on.
 * :class:`AttestationError`: evidence did not verify. Subclasses name the failed check.
-* :class:`QuotaError`, :class:`ConfigError`: what their names say.
+* :class:`ConfigError`: a configuration or policy file is invalid.
 
 Errors carry structured fields (``limit``, ``got``, ``field``, ``state``) so logs can show
 them as keys. They never carry secrets: no key bytes, model bytes or tensor payloads.
@@ -137,14 +137,6 @@ class AttestationError(DrmError):
     """
 
     code = ErrorCode.ATTESTATION_FAILED
-
-
-class QuotaError(DrmError):
-    """An inference could not take a unit of quota."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class ConfigError(DrmError):

@@ -24,8 +24,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from enum import StrEnum
-from typing import Any, ClassVar, Final, TypeVar, dataclass_transform
+from enum import Enum, StrEnum
+from types import NoneType, UnionType
+from typing import (
+    Any,
+    ClassVar,
+    Final,
+    TypeVar,
+    Union,
+    dataclass_transform,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from .codec import Header
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -211,7 +222,7 @@ class Message:
         return cls(**header)
 
 
-def _enum_value(value: StrEnum) -> str:
+def _enum_value(value: Enum) -> Any:
     return value.value
 
 
@@ -219,22 +230,36 @@ def _entries(values: tuple[Any, ...]) -> list[Any]:
     return [v.to_wire_entry() if hasattr(v, "to_wire_entry") else v for v in values]
 
 
-def _wire_converter(annotation: str) -> Callable[[Any], Any] | None:
-    # Annotations are strings (PEP 563); the few non-scalar field kinds are easy to spot.
-    if annotation.startswith("tuple["):
+def _wire_converter(hint: Any) -> Callable[[Any], Any] | None:
+    """How a field of the (resolved) type ``hint`` goes on the wire, or ``None``: as it is.
+
+    Tuples become lists of their entries, enum members their values, and ``X | None``
+    converts like ``X`` but for ``None``. The type is what counts, not how the annotation
+    is spelled, so a new enum (or an optional one) is converted like the others.
+    """
+    if get_origin(hint) in (Union, UnionType):
+        kinds = [arg for arg in get_args(hint) if arg is not NoneType]
+        convert = _wire_converter(kinds[0]) if len(kinds) == 1 else None
+        if convert is None:
+            return None
+        return lambda value: None if value is None else convert(value)
+    if get_origin(hint) is tuple:
         return _entries
-    if annotation in {"PeerRole", "ErrorCode", "EnclaveState"}:
+    if isinstance(hint, type) and issubclass(hint, Enum):
         return _enum_value
     return None
+
+
+def _wire_converters(cls: type) -> tuple[tuple[str, Callable[[Any], Any] | None], ...]:
+    """(field name, converter or None) for each field of the dataclass ``cls``, in order."""
+    hints = get_type_hints(cls)  # the annotations are strings (PEP 563): resolve them
+    return tuple((f.name, _wire_converter(hints[f.name])) for f in fields(cls))
 
 
 def _register(cls: type[M]) -> type[M]:
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     cls._ALLOWED = frozenset(names)
-    cls._TO_WIRE = tuple(
-        (f.name, _wire_converter(str(f.type)))
-        for f in fields(cls)  # type: ignore[arg-type]
-    )
+    cls._TO_WIRE = _wire_converters(cls)
     cls._REQUIRED = frozenset(
         f.name
         for f in fields(cls)  # type: ignore[arg-type]

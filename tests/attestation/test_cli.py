@@ -13,7 +13,7 @@ import pytest
 
 from drm_wire.attestation.cli import main
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.attestation.ratls import build_ratls_certificate, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import build_ratls_certificate, parse_ratls_certificate
 
 DATA = Path(__file__).parent.parent / "data"
 CERT = DATA / "ratls" / "gramine-cert.pem"

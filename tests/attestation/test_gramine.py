@@ -16,7 +16,7 @@ from drm_wire.attestation.gramine import (
     make_enclave_identity,
 )
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.attestation.ratls import KeyBindingError, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import KeyBindingError, parse_ratls_certificate
 from drm_wire.attestation.verify import verify_quote
 from drm_wire.errors import ConfigError
 

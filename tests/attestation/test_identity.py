@@ -3,6 +3,8 @@ rats-tls and Intel SGX SDK certificates and on the full simulated round trip."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,11 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from drm_wire.attestation.collateral import Collateral, TcbStatus
 from drm_wire.attestation.errors import CertificateValidityError, UntrustedRootError
-from drm_wire.attestation.identity import (
-    VerifiedEnclave,
-    make_certificate_verifier,
-    verify_enclave_certificate,
-)
+from drm_wire.attestation.identity import make_certificate_verifier, verify_enclave_certificate
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import (
     DebugEnclaveError,
@@ -25,7 +23,8 @@ from drm_wire.attestation.policy import (
     SimulationRefusedError,
     TcbStatusError,
 )
-from drm_wire.attestation.ratls import KeyBindingError, build_ratls_certificate
+from drm_wire.attestation.ratls_cert import KeyBindingError, build_ratls_certificate
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import verify_quote
 from drm_wire.errors import AttestationError
 
@@ -71,7 +70,7 @@ def test_real_gramine_certificate_refusals(gramine_policy: Policy) -> None:
 
 @pytest.mark.parametrize("name", ["rats-tls-cert.pem", "intel-sgxsdk-cert.pem"])
 def test_other_producers_verify(name: str, gramine_policy: Policy) -> None:
-    from drm_wire.attestation.ratls import parse_ratls_certificate
+    from drm_wire.attestation.ratls_cert import parse_ratls_certificate
 
     data = (DATA / "ratls" / name).read_bytes()
     body = verify_quote(parse_ratls_certificate(data).quote, now=REAL_NOW).quote.body
@@ -183,3 +182,21 @@ def test_verified_enclave_cannot_be_forged_or_changed(gramine_policy: Policy) ->
         enclave.mr_enclave = bytes(32)
     with pytest.raises(AttributeError):
         del enclave.debug
+
+
+def test_the_proof_object_depends_on_neither_its_maker_nor_its_user() -> None:
+    """``policy`` makes the proof and ``identity`` hands it out: neither imports the other
+    back, so the proof's module loads alone and ``policy`` loads without ``identity``."""
+    code = (
+        "import sys\n"
+        "import drm_wire.attestation.verified_enclave\n"
+        "loaded = [m for m in ('drm_wire.attestation.policy', 'drm_wire.attestation.identity')"
+        " if m in sys.modules]\n"
+        "import drm_wire.attestation.policy\n"
+        "loaded.append('drm_wire.attestation.identity' in sys.modules)\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[False]"

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drm_wire.attestation import _der
-from drm_wire.attestation.ratls import CertificateFormatError, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import CertificateFormatError, parse_ratls_certificate
 from drm_wire.errors import AttestationError
 
 PEM = (Path(__file__).parent.parent / "data" / "ratls" / "gramine-cert.pem").read_bytes()

@@ -11,7 +11,7 @@ import trio
 from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import RatlsCredentials
+from drm_wire.attestation.ratls_cert import RatlsCredentials
 from tests.consumer.fake_enclave import FakeEnclave
 from tests.simulation import simulation_policy
 

@@ -2,7 +2,7 @@
 
 Everything below the answers is the product's own code: a simulated platform's RA-TLS
 certificate (:func:`~drm_wire.attestation.gramine.make_enclave_identity`),
-:func:`~drm_wire.net.ratls.enclave_server_context`, :func:`~drm_wire.net.tls.accept_tls`
+:func:`~drm_wire.net.ratls_context.enclave_server_context`, :func:`~drm_wire.net.tls.accept_tls`
 over a real loopback socket, and a server-side
 :class:`~drm_wire.net.channel.MessageChannel`. Only the inference is fake: a
 :data:`Behaviour` decides what each ``infer`` gets back, so a test can make the enclave
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from drm_wire.attestation.ratls import RatlsCredentials
+from drm_wire.attestation.ratls_cert import RatlsCredentials
 from drm_wire.errors import DrmError, ErrorCode
 from drm_wire.messages import (
     EnclaveState,
@@ -34,7 +34,7 @@ from drm_wire.messages import (
     Waiting,
 )
 from drm_wire.net.channel import ChannelError, MessageChannel, open_channel
-from drm_wire.net.ratls import enclave_server_context
+from drm_wire.net.ratls_context import enclave_server_context
 from drm_wire.net.tls import accept_tls
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor

@@ -33,7 +33,7 @@ from drm_consumer.cli import (
 )
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import RatlsCredentials
+from drm_wire.attestation.ratls_cert import RatlsCredentials
 from drm_wire.errors import ErrorCode
 from drm_wire.messages import (
     Error,

@@ -1,7 +1,7 @@
 """``drm_custodian serve|check-config --config FILE.toml``: keys, precedence, errors, a real run.
 
 The shared rules (file limits, types, path resolution) are pinned in
-``tests/wire/test_config_file.py``; here, the custodian's keys and validators, what
+``tests/daemon/test_config_file.py``; here, the custodian's keys and validators, what
 ``check-config`` reads and reports, the example in ``deploy/config``, and one daemon
 started from a configuration file alone.
 """
@@ -18,8 +18,8 @@ import pytest
 
 from drm_custodian.cli import EXIT_CONFIG, EXIT_OK, main
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.limits import MAX_GRANT_UNITS
+from tests.daemon.hostile_files import HOSTILE_FILES
 from tests.e2e.daemons import AdminApi, python_command, start_daemon
 from tests.models import tiny_model
 from tests.simulation import simulation_policy
@@ -227,16 +227,7 @@ def test_serve_from_a_config_file_alone(files: Files, tmp_path: Path) -> None:
     assert status == 0
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b'address = "caf\xe9"\n', "the config file is not UTF-8 text (byte 14)"),
-        (b"#" * (MAX_CONFIG_BYTES + 1), f"the config file is larger than {MAX_CONFIG_BYTES} bytes"),
-        (b"port = 1\nport = 2\n", "not valid TOML: Cannot overwrite a value (at line 2, column 9)"),
-        (b"address = " + b"[" * 20_000 + b"]" * 20_000, "not valid TOML: nested too deeply"),
-    ],
-    ids=["not-utf8", "huge", "key-twice", "deep"],
-)
+@pytest.mark.parametrize(("content", "message"), HOSTILE_FILES)
 @pytest.mark.parametrize("command", ["serve", "check-config"])
 def test_hostile_files_are_usage_errors(
     tmp_path: Path, command: str, content: bytes, message: str

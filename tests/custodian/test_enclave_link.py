@@ -34,7 +34,7 @@ from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
 from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import RatlsCredentials
+from drm_wire.attestation.ratls_cert import RatlsCredentials
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import (
@@ -58,7 +58,7 @@ from drm_wire.net.channel import (
     MessageChannel,
     open_channel,
 )
-from drm_wire.net.ratls import enclave_client_context
+from drm_wire.net.ratls_context import enclave_client_context
 from drm_wire.net.tls import client_context, open_tls_client
 from drm_wire.protocol import Link, Side
 from tests.models import CANARY, big_model, canary_model, tiny_model, two_input_model

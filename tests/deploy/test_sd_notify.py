@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from drm_custodian import cli as custodian_cli
+from drm_daemon.sd_notify import Notifier
 from drm_enclave import cli as enclave_cli
 from drm_enclave.identity import License
 from drm_enclave.model_host import HostedModel
@@ -29,7 +30,6 @@ from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.messages import Grant
-from drm_wire.sd_notify import Notifier
 from tests.deploy.notify_socket import Notification, NotifySocket
 from tests.e2e.daemons import Daemon, parse_address, python_command, start_daemon
 from tests.models import tiny_model

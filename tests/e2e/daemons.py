@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Both daemons log one JSON object per line on stderr (``drm_wire.logs``; a pipe is not a
+Both daemons log one JSON object per line on stderr (``drm_daemon.logs``; a pipe is not a
 terminal, so the JSON renderer is chosen). A :class:`Daemon` starts its process with
 stderr (and stdout) on pipes and one reader thread per pipe that parses each line and
 appends it to the daemon's log under a condition variable. :meth:`Daemon.wait_for`

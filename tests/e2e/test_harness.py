@@ -18,7 +18,7 @@ from tests.e2e.daemons import (
     start_daemon,
 )
 
-#: A stand-in daemon: logs JSON lines like drm_wire.logs does, then waits for SIGTERM.
+#: A stand-in daemon: logs JSON lines like drm_daemon.logs does, then waits for SIGTERM.
 _DAEMON = textwrap.dedent(
     """
     import json, signal, sys

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import inspect
 import ipaddress
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from drm_enclave.serve import EnclaveConfig, serve
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.measurement import simulated_mr_enclave, simulated_mr_signer
 from drm_wire.attestation.policy import Policy
+from drm_wire.errors import PeerError
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import (
     Block,
@@ -55,7 +57,7 @@ from drm_wire.messages import (
     Waiting,
 )
 from drm_wire.net.channel import MessageChannel, open_channel
-from drm_wire.net.ratls import consumer_client_context, custodian_server_context
+from drm_wire.net.ratls_context import consumer_client_context, custodian_server_context
 from drm_wire.net.tls import accept_tls, open_tls_client
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -315,6 +317,28 @@ class FakeConsumer:
         )
         with trio.fail_after(TIMEOUT):
             return await self.channel.request(request, on_waiting=on_waiting)
+
+
+async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], object]) -> PeerError:
+    """Park one request, run ``action`` (sync or async), and return the error it gets."""
+    parked = trio.Event()
+    errors: list[PeerError] = []
+
+    async def parked_request() -> None:
+        try:
+            await consumer.infer(wait=None, parked=parked)
+        except PeerError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked_request)
+        with trio.fail_after(TIMEOUT):
+            await parked.wait()
+        result = action()
+        if inspect.isawaitable(result):
+            await result
+    (error,) = errors
+    return error
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Idempotent grants and cumulative usage reports on the enclave side."""
+"""Idempotent grants and cumulative usage reports on the enclave side, over the quota's totals."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drm_enclave.accounting import Accounting
+from drm_enclave.quota import Quota
 from drm_wire.errors import RemoteProtocolError
+from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.messages import Grant, UsageAck
 
 
@@ -18,25 +20,50 @@ def grant(total: int, units: int = 1) -> Grant:
     return Grant(grant_id=total, units=min(units, total), granted_total=total)
 
 
+def fresh() -> tuple[Accounting, Quota]:
+    """An instance's accounting over its quota, which keeps the totals."""
+    quota = Quota()
+    return Accounting(quota), quota
+
+
+def serve(accounting: Accounting, quota: Quota, count: int = 1) -> bool:
+    """Serve ``count`` inferences as the consumer server does: commit a lease on the quota
+    for each, then tell the accounting; return what :meth:`Accounting.served` says."""
+    for _ in range(count):
+        lease = quota.try_acquire()
+        assert lease is not None
+        lease.commit()
+    return accounting.served(count)
+
+
 def test_grants_add_the_difference_and_replays_add_nothing() -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     assert accounting.on_grant(grant(3, 3)) == 3
     assert accounting.on_grant(grant(3, 3)) == 0  # replay
     assert accounting.on_grant(grant(8, 5)) == 5
     assert accounting.on_grant(grant(5, 2)) == 0  # reordered, stale
     assert accounting.on_grant(grant(10, 1)) == 2  # one grant was lost: the total wins
-    assert accounting.granted_total == 10
+    assert quota.granted_total == 10
+    assert quota.available == 10  # the units went to the quota
+
+
+def test_a_grant_adding_more_than_one_quota_grant_takes_goes_in_steps() -> None:
+    accounting, quota = fresh()
+    total = 3 * MAX_GRANT_UNITS + 1  # one grant lost on the way, say
+    big = Grant(grant_id=2, units=MAX_GRANT_UNITS, granted_total=total)
+    assert accounting.on_grant(big) == total
+    assert (quota.granted_total, quota.available) == (total, total)
 
 
 def test_reports_are_cumulative_one_in_flight_and_batch() -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     accounting.on_grant(grant(10, 10))
     assert accounting.next_report() is None  # nothing served
-    accounting.served()
+    serve(accounting, quota)
     first = accounting.next_report()
     assert first is not None
     assert (first.seq, first.served_total) == (1, 1)
-    accounting.served(3)
+    serve(accounting, quota, 3)
     assert accounting.next_report() is None  # one in flight
     accounting.on_ack(UsageAck(seq=1, served_total=1))
     assert accounting.acked_total == 1
@@ -54,21 +81,21 @@ def due(accounting: Accounting) -> float | None:
 
 
 def test_reports_go_at_once_after_quiet_then_per_period_unless_urgent() -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     accounting.on_grant(grant(100, 100))
     assert due(accounting) is None  # nothing served
-    assert accounting.served() is True  # the first unreported: the reporter must look
+    assert serve(accounting, quota) is True  # the first unreported: the reporter must look
     assert due(accounting) == -math.inf  # quiet so far: at once
     first = accounting.next_report(now=50.0)
     assert first is not None
     assert due(accounting) is None  # in flight
     accounting.on_ack(UsageAck(seq=first.seq, served_total=first.served_total))
-    assert accounting.served() is True
-    assert [accounting.served() for _ in range(47)] == [False] * 47  # nothing moves
+    assert serve(accounting, quota) is True
+    assert [serve(accounting, quota) for _ in range(47)] == [False] * 47  # nothing moves
     assert due(accounting) == 50.0 + PERIOD  # 48 of the 99 outstanding: not urgent
-    assert accounting.served() is False  # 49 of 99: still less than half
+    assert serve(accounting, quota) is False  # 49 of 99: still less than half
     assert due(accounting) == 50.0 + PERIOD
-    assert accounting.served() is True  # 50 of 99: half
+    assert serve(accounting, quota) is True  # 50 of 99: half
     assert due(accounting) == 50.0 + SPACING  # urgent: the custodian must refill soon
     second = accounting.next_report(now=50.5)
     assert second is not None
@@ -76,13 +103,13 @@ def test_reports_go_at_once_after_quiet_then_per_period_unless_urgent() -> None:
 
 
 def test_a_draining_or_reconnected_instance_reports_soon() -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     accounting.on_grant(grant(100, 100))
-    accounting.served()
+    serve(accounting, quota)
     report = accounting.next_report(now=7.0)
     assert report is not None
     accounting.on_ack(UsageAck(seq=report.seq, served_total=report.served_total))
-    accounting.served()
+    serve(accounting, quota)
     assert due(accounting) == 7.0 + PERIOD
     accounting.flush()
     assert due(accounting) == 7.0 + SPACING
@@ -91,9 +118,9 @@ def test_a_draining_or_reconnected_instance_reports_soon() -> None:
 
 
 def test_reconnect_resends_the_current_total() -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     accounting.on_grant(grant(5, 5))
-    accounting.served(2)
+    serve(accounting, quota, 2)
     assert accounting.next_report() is not None
     accounting.link_restarted()
     again = accounting.next_report()
@@ -104,24 +131,27 @@ def test_reconnect_resends_the_current_total() -> None:
 
 
 def test_mismatched_or_unexpected_acks_are_protocol_errors() -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     with pytest.raises(RemoteProtocolError):
         accounting.on_ack(UsageAck(seq=1, served_total=0))
     accounting.on_grant(grant(5, 5))
-    accounting.served(2)
+    serve(accounting, quota, 2)
     report = accounting.next_report()
     assert report is not None
     with pytest.raises(RemoteProtocolError, match="does not match"):
         accounting.on_ack(UsageAck(seq=report.seq, served_total=3))
 
 
-def test_serving_beyond_grants_is_a_bug_not_a_count() -> None:
-    accounting = Accounting()
+def test_serving_beyond_grants_cannot_be_counted() -> None:
+    """The quota hands out no unit beyond the grants, and the report reads its count."""
+    accounting, quota = fresh()
     accounting.on_grant(grant(1))
-    accounting.served()
-    with pytest.raises(RuntimeError, match="served more than granted"):
-        accounting.served()
-    assert accounting.served_total == 1
+    serve(accounting, quota)
+    assert quota.try_acquire() is None
+    assert quota.served_total == 1
+    report = accounting.next_report()
+    assert report is not None
+    assert report.served_total == 1
 
 
 @settings(max_examples=200, deadline=None)
@@ -136,15 +166,15 @@ def test_serving_beyond_grants_is_a_bug_not_a_count() -> None:
 def test_totals_never_decrease_and_served_never_exceeds_granted(
     steps: list[tuple[str, int]],
 ) -> None:
-    accounting = Accounting()
+    accounting, quota = fresh()
     in_flight = None
     for action, n in steps:
-        before = (accounting.granted_total, accounting.served_total, accounting.acked_total)
+        before = (quota.granted_total, quota.served_total, accounting.acked_total)
         if action == "grant":
             accounting.on_grant(grant(n, max(n, 1)) if n else grant(1))
         elif action == "serve":
-            room = accounting.granted_total - accounting.served_total
-            accounting.served(min(n, room))
+            room = quota.granted_total - quota.served_total
+            serve(accounting, quota, min(n, room))
         elif action == "report":
             in_flight = accounting.next_report() or in_flight
         elif action == "ack" and in_flight is not None:
@@ -154,6 +184,6 @@ def test_totals_never_decrease_and_served_never_exceeds_granted(
             in_flight = None
         elif action == "restart":
             accounting.link_restarted()
-        after = (accounting.granted_total, accounting.served_total, accounting.acked_total)
+        after = (quota.granted_total, quota.served_total, accounting.acked_total)
         assert all(b <= a for b, a in zip(before, after, strict=True))
-        assert accounting.acked_total <= accounting.served_total <= accounting.granted_total
+        assert accounting.acked_total <= quota.served_total <= quota.granted_total

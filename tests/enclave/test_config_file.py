@@ -1,7 +1,7 @@
 """``drm_enclave serve|check-config --config FILE.toml``: keys, precedence, errors, a real run.
 
 The shared rules (file limits, types, path resolution) are pinned in
-``tests/wire/test_config_file.py``; here, the enclave's keys and validators, that flags
+``tests/daemon/test_config_file.py``; here, the enclave's keys and validators, that flags
 beat the file (a Gramine manifest's argv beats a host-provided file), what
 ``check-config`` reads and reports, the example in ``deploy/config``, and one daemon
 started from a configuration file alone against a fake custodian.
@@ -20,8 +20,8 @@ import trio
 
 from drm_enclave.cli import EXIT_OK, EXIT_USAGE, main
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.messages import ModelLoaded
+from tests.daemon.hostile_files import HOSTILE_FILES
 from tests.e2e.daemons import python_command, start_daemon
 from tests.enclave.enclave_fakes import (
     HOST,
@@ -222,18 +222,7 @@ async def test_serve_from_a_config_file_alone(files: Files) -> None:
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b'listen = "caf\xe9"\n', "the config file is not UTF-8 text (byte 13)"),
-        (b"#" * (MAX_CONFIG_BYTES + 1), f"the config file is larger than {MAX_CONFIG_BYTES} bytes"),
-        (b'license = "a"\nlicense = "b"\n',
-         "not valid TOML: Cannot overwrite a value (at line 2, column 14)"),
-        (b"listen = " + b"{a = " * 5_000 + b"1" + b"}" * 5_000,
-         "not valid TOML: nested too deeply"),
-    ],
-    ids=["not-utf8", "huge", "key-twice", "deep"],
-)  # fmt: skip
+@pytest.mark.parametrize(("content", "message"), HOSTILE_FILES)
 @pytest.mark.parametrize("command", ["serve", "check-config"])
 def test_hostile_files_are_usage_errors(
     tmp_path: Path, command: str, content: bytes, message: str

@@ -39,7 +39,7 @@ async def test_many_requests_in_flight_on_one_connection(tmp_path: Path) -> None
                 for _ in range(10):
                     nursery.start_soon(one)
             assert len(results) == 10
-            assert rig.runtime.accounting.served_total == 10
+            assert rig.runtime.quota.served_total == 10
             assert rig.runtime.quota.available == 0
             with pytest.raises(PeerError) as caught:
                 await consumer.infer()
@@ -89,7 +89,7 @@ async def test_inline_answers_then_parked_requests_keep_their_order(
                     await session.grant(3, 7)
             assert sorted(served) == [0, 1, 2, 3, 4, 5]
             assert sorted(w.position for w in waiting) == [1, 2, 3, 4]
-            assert rig.runtime.accounting.served_total == 7
+            assert rig.runtime.quota.served_total == 7
 
 
 async def test_in_flight_cap_answers_busy(tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ async def test_consumer_leaving_returns_its_parked_unit(tmp_path: Path) -> None:
         async with rig.consumer() as other:
             result = await other.infer(wait=5.0)
         assert result.inferences_left == 0
-        assert rig.runtime.accounting.served_total == 1
+        assert rig.runtime.quota.served_total == 1
 
 
 async def test_failed_inference_costs_nothing_and_leaks_no_node_name(tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ async def test_failed_inference_costs_nothing_and_leaks_no_node_name(tmp_path: P
                 assert caught.value.code is ErrorCode.INFERENCE_FAILED
                 assert SECRET_NODE_NAME not in str(caught.value)
                 assert rig.runtime.quota.available == 1
-                assert rig.runtime.accounting.served_total == 0
+                assert rig.runtime.quota.served_total == 0
     assert SECRET_NODE_NAME not in repr(logs)
 
 

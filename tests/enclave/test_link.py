@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,33 +33,11 @@ from tests.enclave.enclave_fakes import (
     FAST_TIMING,
     LICENSE,
     TIMEOUT,
-    FakeConsumer,
+    fail_a_parked_request,
     make_pki,
     running_enclave,
 )
 from tests.models import random_bytes, tiny_model
-
-
-async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], object]) -> PeerError:
-    """Park one request, run ``action`` (sync or async), and return the error it gets."""
-    parked = trio.Event()
-    errors: list[PeerError] = []
-
-    async def parked_request() -> None:
-        try:
-            await consumer.infer(wait=None, parked=parked)
-        except PeerError as exc:
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(parked_request)
-        with trio.fail_after(TIMEOUT):
-            await parked.wait()
-        result = action()
-        if inspect.isawaitable(result):
-            await result
-    (error,) = errors
-    return error
 
 
 async def test_model_delivered_then_grant_means_serving(tmp_path: Path) -> None:
@@ -189,7 +165,7 @@ async def test_bad_input_is_refused_before_any_quota(tmp_path: Path) -> None:
                 await consumer.infer(model="nope")
             assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
             assert rig.runtime.quota.available == 1
-            assert rig.runtime.accounting.served_total == 0
+            assert rig.runtime.quota.served_total == 0
             assert (await consumer.infer()).inferences_left == 0
 
 
@@ -247,7 +223,7 @@ async def test_block_and_unblock(tmp_path: Path) -> None:
             # A grant while blocked is kept, but does not lift the block.
             await session.grant(1, 2)
             with trio.fail_after(TIMEOUT):
-                await rig.runtime.wait_for(lambda r: r.accounting.granted_total == 2)
+                await rig.runtime.wait_for(lambda r: r.quota.granted_total == 2)
             with pytest.raises(PeerError) as caught:
                 await consumer.infer()
             assert caught.value.code is ErrorCode.BLOCKED

@@ -13,8 +13,8 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
-from drm_enclave.quota import DEFAULT_MAX_PARKED, Lease, Quota
-from drm_wire.errors import ErrorCode, QuotaError
+from drm_enclave.quota import DEFAULT_MAX_PARKED, Lease, Quota, QuotaError
+from drm_wire.errors import ErrorCode
 from drm_wire.limits import MAX_GRANT_UNITS
 
 

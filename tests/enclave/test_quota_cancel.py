@@ -11,8 +11,8 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from drm_enclave.quota import Quota
-from drm_wire.errors import ErrorCode, QuotaError
+from drm_enclave.quota import Quota, QuotaError
+from drm_wire.errors import ErrorCode
 from tests.enclave.test_quota import Consumers, assert_balanced
 
 

@@ -24,8 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
 
-from drm_enclave.quota import Quota
-from drm_wire.errors import ErrorCode, QuotaError
+from drm_enclave.quota import Quota, QuotaError
+from drm_wire.errors import ErrorCode
 
 MAX_PARKED = 4
 

@@ -10,10 +10,11 @@ import trio
 from cryptography.hazmat.primitives import serialization
 
 from drm_enclave.custodian_link import LinkTiming, backoff_delay
+from drm_enclave.quota import QuotaError
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import serve
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.errors import ConfigError, ErrorCode, PeerError, QuotaError
+from drm_wire.errors import ConfigError, ErrorCode
 from drm_wire.messages import EnclaveState, Grant, ModelLoaded, UsageReport
 from tests.enclave.enclave_fakes import (
     HOST,
@@ -22,6 +23,7 @@ from tests.enclave.enclave_fakes import (
     consumer,
     enclave_config,
     enclave_policy,
+    fail_a_parked_request,
     shared_pki,
 )
 from tests.models import tiny_model
@@ -134,21 +136,9 @@ async def test_shutdown_drains_parked_requests_and_flushes_usage(tmp_path: Path)
             await client.infer()
             first = await session.next(UsageReport)  # left unacknowledged for now
             await client.infer()  # none left now: the next one parks...
-            parked = trio.Event()
-            errors: list[PeerError] = []
-
-            async def park() -> None:
-                try:
-                    await client.infer(wait=None, parked=parked)
-                except PeerError as exc:
-                    errors.append(exc)
-
-            async with trio.open_nursery() as requests:
-                requests.start_soon(park)
-                with trio.fail_after(TIMEOUT):
-                    await parked.wait()
-                stop.set()  # ... and fails with a clear error when the daemon stops
-            assert errors[0].code is ErrorCode.CUSTODIAN_UNREACHABLE
+            # ... and fails with a clear error when the daemon stops.
+            error = await fail_a_parked_request(client, stop.set)
+            assert error.code is ErrorCode.CUSTODIAN_UNREACHABLE
         # The daemon waits for the custodian to acknowledge everything it served.
         assert not stopped.is_set()
         await session.ack(first.seq, first.served_total)

@@ -15,11 +15,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from drm_wire.attestation.collateral import Collateral
-from drm_wire.attestation.identity import VerifiedEnclave, verify_enclave_certificate
+from drm_wire.attestation.identity import verify_enclave_certificate
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import RatlsCredentials, build_ratls_certificate
-from drm_wire.net.ratls import VerificationCache, make_cached_certificate_verifier
+from drm_wire.attestation.ratls_cert import RatlsCredentials, build_ratls_certificate
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
+from drm_wire.net.ratls_context import VerificationCache, make_cached_certificate_verifier
 from tests.attestation.dcap_helpers import real_collateral_text
 
 MR_ENCLAVE = hashlib.sha256(b"drm cache test enclave").digest()

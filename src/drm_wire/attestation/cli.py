@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.quote import parse_quote
-from drm_wire.attestation.ratls import RatlsEvidence, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import RatlsEvidence, parse_ratls_certificate
 from drm_wire.attestation.verify import TrustAnchors, verify_quote
 from drm_wire.errors import AttestationError, ConfigError
 

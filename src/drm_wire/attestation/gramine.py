@@ -3,7 +3,7 @@
 Inside ``gramine-sgx`` with ``sgx.remote_attestation = "dcap"``, Gramine's LibOS exposes
 ``/dev/attestation`` (``ratls.md`` section 4): write 64 bytes of report data to
 ``user_report_data``, then read ``quote`` for a fresh DCAP quote over them. That is all
-:func:`~.ratls.build_ratls_certificate` needs to reproduce Gramine's own
+:func:`~.ratls_cert.build_ratls_certificate` needs to reproduce Gramine's own
 ``ra_tls_create_key_and_crt_der`` in pure Python. (The PyPI ``gramine-ratls`` package wraps
 that C function with ctypes; we do not need it, so it is not required.)
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Final, Literal
 
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
-from drm_wire.attestation.ratls import QuoteProvider, RatlsCredentials, build_ratls_certificate
+from drm_wire.attestation.ratls_cert import QuoteProvider, RatlsCredentials, build_ratls_certificate
 from drm_wire.errors import AttestationError, ConfigError
 
 __all__ = [

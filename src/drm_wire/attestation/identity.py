@@ -5,109 +5,29 @@ DER and calls :func:`verify_enclave_certificate` (or the callable from
 :func:`make_certificate_verifier`). Steps, each failing with its own
 :class:`~drm_wire.errors.AttestationError` subclass:
 
-1. :func:`~.ratls.parse_ratls_certificate`: tolerant DER, the quote extension(s), and the
+1. :func:`~.ratls_cert.parse_ratls_certificate`: tolerant DER, the quote extension(s), and the
    key binding (``pubkey-hash`` claim and report data), which is never optional;
 2. :func:`~.verify.verify_quote` on every carried quote, with the trust anchors the policy
    names (Intel's root; the simulation root only if the policy file says so);
 3. :meth:`.policy.Policy.check`: TCB status, attributes, product id, SVN, measurements.
 
-Only then does a :class:`VerifiedEnclave` exist; a function that needs an attested peer
-takes one, so an unverified certificate cannot reach it by mistake (STYLE item 11).
+Only then does a :class:`~.verified_enclave.VerifiedEnclave` exist; a function that needs
+an attested peer takes one, so an unverified certificate cannot reach it by mistake (STYLE
+item 11).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NoReturn, final
 
-from drm_wire.attestation.collateral import Collateral, TcbStatus
-from drm_wire.attestation.ratls import parse_ratls_certificate
-from drm_wire.attestation.verify import VerifiedQuote, verify_quote
+from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.ratls_cert import parse_ratls_certificate
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
+from drm_wire.attestation.verify import verify_quote
 
-if TYPE_CHECKING:
-    from drm_wire.attestation.policy import Policy
-
-__all__ = ["VerifiedEnclave", "make_certificate_verifier", "verify_enclave_certificate"]
-
-_FIELDS = (
-    "mr_enclave",
-    "mr_signer",
-    "isv_prod_id",
-    "isv_svn",
-    "debug",
-    "tcb_status",
-    "simulated",
-    "public_key_spki",
-    "verified_quote",
-)
-
-
-@final
-class VerifiedEnclave:
-    """Proof that an enclave's evidence verified and satisfied a policy.
-
-    Made only by :meth:`Policy.check <drm_wire.attestation.policy.Policy.check>` (and so
-    by :func:`verify_enclave_certificate`); calling the class raises ``TypeError``.
-    Immutable.
-
-    Attributes:
-        mr_enclave, mr_signer: the enclave's measurements (32 bytes each).
-        isv_prod_id, isv_svn: from the enclave's SIGSTRUCT.
-        debug: the DEBUG attribute (only possible when the policy allowed it).
-        tcb_status: Intel's verdict, or ``None`` when no collateral was used.
-        simulated: the quote chains to the simulation root: no security at all.
-        public_key_spki: the bound TLS key (SubjectPublicKeyInfo DER), or ``None`` when a
-            bare quote was checked.
-        verified_quote: the underlying :class:`~.verify.VerifiedQuote`.
-    """
-
-    __slots__ = _FIELDS
-    mr_enclave: bytes
-    mr_signer: bytes
-    isv_prod_id: int
-    isv_svn: int
-    debug: bool
-    tcb_status: TcbStatus | None
-    simulated: bool
-    public_key_spki: bytes | None
-    verified_quote: VerifiedQuote
-
-    def __init__(self) -> None:
-        raise TypeError("VerifiedEnclave is made only by verification (Policy.check)")
-
-    @classmethod
-    def _create(cls, verified: VerifiedQuote, public_key_spki: bytes | None) -> VerifiedEnclave:
-        body = verified.quote.body
-        self = object.__new__(cls)
-        values = {
-            "mr_enclave": body.mr_enclave,
-            "mr_signer": body.mr_signer,
-            "isv_prod_id": body.isv_prod_id,
-            "isv_svn": body.isv_svn,
-            "debug": body.debug,
-            "tcb_status": verified.tcb_status,
-            "simulated": verified.simulated,
-            "public_key_spki": public_key_spki,
-            "verified_quote": verified,
-        }
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-        return self
-
-    def __setattr__(self, name: str, value: object) -> NoReturn:
-        raise AttributeError("VerifiedEnclave is immutable")
-
-    def __delattr__(self, name: str) -> NoReturn:
-        raise AttributeError("VerifiedEnclave is immutable")
-
-    def __repr__(self) -> str:
-        status = self.tcb_status.value if self.tcb_status else "no-collateral"
-        flags = "".join((" SIMULATED" if self.simulated else "", " DEBUG" if self.debug else ""))
-        return (
-            f"<VerifiedEnclave mr_enclave={self.mr_enclave.hex()[:16]}... "
-            f"prod={self.isv_prod_id} svn={self.isv_svn} tcb={status}{flags}>"
-        )
+__all__ = ["make_certificate_verifier", "verify_enclave_certificate"]
 
 
 def verify_enclave_certificate(

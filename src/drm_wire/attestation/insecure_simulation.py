@@ -49,7 +49,7 @@ from drm_wire.attestation.quote import (
     ReportBody,
     build_quote,
 )
-from drm_wire.attestation.ratls import QuoteProvider
+from drm_wire.attestation.ratls_cert import QuoteProvider
 from drm_wire.attestation.verify import TrustAnchors
 from drm_wire.errors import ConfigError
 
@@ -350,7 +350,8 @@ class SimulatedPlatform:
         isv_svn: int = 0,
         debug: bool = False,
     ) -> QuoteProvider:
-        """A ``(report_data) -> quote`` callable for :func:`~.ratls.build_ratls_certificate`."""
+        """A ``(report_data) -> quote`` callable for
+        :func:`~.ratls_cert.build_ratls_certificate`."""
         return functools.partial(
             self.quote,
             mr_enclave=mr_enclave,

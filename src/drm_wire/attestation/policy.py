@@ -40,7 +40,6 @@ from typing import Any, ClassVar, Final, final
 from cryptography import x509
 
 from drm_wire.attestation.collateral import TcbStatus
-from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.attestation.quote import (
     ATTRIBUTE_DEBUG,
     ATTRIBUTE_EINITTOKEN_KEY,
@@ -48,6 +47,7 @@ from drm_wire.attestation.quote import (
     ATTRIBUTE_MODE64BIT,
     ATTRIBUTE_PROVISION_KEY,
 )
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import TrustAnchors, VerifiedQuote
 from drm_wire.errors import AttestationError, ConfigError
 

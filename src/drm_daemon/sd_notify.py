@@ -27,7 +27,7 @@ import trio
 
 __all__ = ["Notifier"]
 
-_log = structlog.get_logger("drm_wire.sd_notify")
+_log = structlog.get_logger("drm_daemon.sd_notify")
 
 #: STATUS= texts are one line for ``systemctl status``; longer ones are cut.
 MAX_STATUS_CHARS: Final = 200

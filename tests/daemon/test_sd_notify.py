@@ -1,4 +1,4 @@
-"""drm_wire.sd_notify: the environment as sd_notify(3) reads it, the datagrams, the pings."""
+"""drm_daemon.sd_notify: the environment as sd_notify(3) reads it, the datagrams, the pings."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import structlog
 import trio
 import trio.testing
 
-from drm_wire.sd_notify import MAX_STATUS_CHARS, Notifier
+from drm_daemon.sd_notify import MAX_STATUS_CHARS, Notifier
 
 
 @pytest.fixture

@@ -23,21 +23,21 @@ from OpenSSL import SSL
 
 from drm_wire.attestation import _pck
 from drm_wire.attestation.errors import UntrustedRootError
-from drm_wire.attestation.identity import VerifiedEnclave
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import (
     DebugEnclaveError,
     MeasurementMismatchError,
     Policy,
 )
-from drm_wire.attestation.ratls import (
+from drm_wire.attestation.ratls_cert import (
     CertificateFormatError,
     RatlsCredentials,
     build_ratls_certificate,
 )
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import clear_chain_cache
 from drm_wire.errors import AttestationError
-from drm_wire.net.ratls import (
+from drm_wire.net.ratls_context import (
     VERIFICATION_CACHE,
     CustodianCertificateError,
     VerifiedCustodian,

@@ -1,4 +1,4 @@
-"""drm_wire.config_file: precedence, path resolution, and every way a file is refused.
+"""drm_daemon.config_file: precedence, path resolution, and every way a file is refused.
 
 A toy command stands in for the daemons: its converters and choices are argparse's, as
 the daemons' are, so these tests pin the shared behaviour once; the daemons' own test
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from drm_wire.config_file import MAX_CONFIG_BYTES, ConfigSchema, Kind, Origin, read_toml
+from drm_daemon.config_file import MAX_CONFIG_BYTES, ConfigSchema, Kind, Origin, read_toml
 from drm_wire.errors import ConfigError
 
 UNKNOWN = "unknown key; allowed: data_dir, model, host, port, mode"

@@ -7,7 +7,7 @@ import json
 
 import structlog
 
-from drm_wire.logs import configure_logging, escape_control_characters, redact_secrets
+from drm_daemon.logs import configure_logging, escape_control_characters, redact_secrets
 
 
 def test_secret_keys_are_redacted_whatever_their_type() -> None:

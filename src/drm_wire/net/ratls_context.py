@@ -78,9 +78,10 @@ from OpenSSL import SSL
 from drm_wire._lru import LruCache
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.errors import CertificateChainError, CertificateValidityError
-from drm_wire.attestation.identity import VerifiedEnclave, make_certificate_verifier
+from drm_wire.attestation.identity import make_certificate_verifier
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls import RatlsCredentials, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import RatlsCredentials, parse_ratls_certificate
+from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import VerifiedQuote, verify_quote
 from drm_wire.errors import DrmError
 from drm_wire.net._tls_context import PrivateKey, client_context, server_context

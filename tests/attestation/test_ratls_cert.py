@@ -20,7 +20,7 @@ from OpenSSL import SSL
 from drm_wire.attestation.errors import QuoteFormatError
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.quote import parse_quote
-from drm_wire.attestation.ratls import (
+from drm_wire.attestation.ratls_cert import (
     LEGACY_QUOTE_OID,
     TCG_EVIDENCE_OID,
     CertificateFormatError,
