@@ -1,8 +1,9 @@
 """MessageChannel over memory and lockstep streams: hello, send/receive, requests.
 
 Rules: no sockets and no sleeps; every timeout runs on ``autojump_clock``; each test
-parametrised over ``stream_pair`` runs on a buffered pair and on a lockstep pair (where
-every write waits for the peer's read, so any missing concurrency deadlocks).
+parametrised over ``stream_pair`` (``conftest.py``) runs on a buffered pair and on a
+lockstep pair (where every write waits for the peer's read, so any missing concurrency
+deadlocks).
 """
 
 from __future__ import annotations
@@ -53,15 +54,6 @@ from tests.net.channel_fakes import (
     result_for,
     shake_hands,
 )
-
-
-@pytest.fixture(
-    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
-    ids=["memory", "lockstep"],
-)
-def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
-    make: StreamPair = request.param
-    return make
 
 
 @pytest.fixture(params=[False, True], ids=["reader_task", "on_demand"])

@@ -41,15 +41,6 @@ from tests.net.channel_fakes import (
 )
 
 
-@pytest.fixture(
-    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
-    ids=["memory", "lockstep"],
-)
-def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
-    make: StreamPair = request.param
-    return make
-
-
 def _infer_header(request_id: int) -> Header:
     return {"type": "infer", "request_id": request_id, "model": "m", "inputs": [], "wait": None}
 
