@@ -54,12 +54,10 @@ once the messages that arrived intact before it have been taken. When the *peer*
 the protocol, the reader first tells it why with an ``Error`` frame (best effort, at most
 :data:`ERROR_FRAME_TIMEOUT`), then makes the failure visible and closes the stream.
 
-What each call raises: a clean end is :class:`ChannelClosed`; a lost or cut stream is
-:class:`ChannelBroken`; a peer that broke the protocol is a
-:class:`~drm_wire.errors.RemoteProtocolError`; an ``Error`` from the peer is a
-:class:`~drm_wire.errors.PeerError`. Each waiter gets its own copy, chained to the cause.
-Nothing here logs: every failure reaches a caller as an exception, and the per-connection
-boundary above logs it once.
+What each call raises, and what the peer is told, is in
+:mod:`drm_wire.net.channel_errors`. Each waiter gets its own copy of the failure, chained
+to the cause. Nothing here logs: every failure reaches a caller as an exception, and the
+per-connection boundary above logs it once.
 """
 
 from __future__ import annotations
@@ -93,6 +91,16 @@ from drm_wire.messages import (
     Waiting,
     Welcome,
 )
+from drm_wire.net.channel_errors import (
+    ERROR_FRAME_TIMEOUT,
+    ChannelBroken,
+    ChannelClosed,
+    ChannelError,
+    Failure,
+    HelloRefused,
+    copy_failure,
+    send_last_words,
+)
 from drm_wire.protocol import (
     SUPPORTED_VERSIONS,
     Closed,
@@ -122,11 +130,6 @@ __all__ = [
 #: offers; past it, the reader stops reading and the peer's writes block in TCP.
 RECEIVE_BUFFER: Final = 1
 
-#: How long a peer that broke the protocol (or missed the hello deadline) gets to take the
-#: ``Error`` frame that says why, before the stream is closed. Short, so that a peer that
-#: stops reading cannot hold the connection open; the same as TLS's close_notify budget.
-ERROR_FRAME_TIMEOUT: Final = 1.0
-
 #: Frames up to this size are joined into one buffer before they are sent. A frame is a
 #: header and a payload; sent apart, a small request costs two TLS records, two
 #: ``send`` system calls and two wake-ups of the peer, which measured as a third of a tiny
@@ -151,46 +154,6 @@ class ReceivesInto(Protocol):
     async def receive_into(self, buffer: memoryview) -> int:
         """Fill the start of ``buffer``; return the count, or 0 at the end of the stream."""
         ...
-
-
-class ChannelError(DrmError):
-    """The channel can carry no more messages. The subclass says how it ended."""
-
-
-class ChannelClosed(ChannelError):
-    """The channel ended cleanly: the peer closed between frames, or we closed it."""
-
-
-class ChannelBroken(ChannelError):
-    """The stream failed, or a send was cut off part-way: bytes may have been lost."""
-
-
-class HelloRefused(PeerError):
-    """The server refused our hello; ``supported_versions`` are the versions it speaks."""
-
-    def __init__(self, code: ErrorCode, message: str, supported_versions: tuple[int, ...]) -> None:
-        super().__init__(code, message)
-        self.supported_versions = supported_versions
-
-
-_Failure = RemoteProtocolError | PeerError | ChannelError
-
-
-def _copy(error: _Failure) -> _Failure:
-    # An exception object is raised in one task only: raising it again elsewhere would
-    # splice that task's frames into its traceback.
-    if isinstance(error, RemoteProtocolError):
-        return RemoteProtocolError(
-            error.message,
-            code=error.code,
-            field=error.field,
-            limit=error.limit,
-            got=error.got,
-            state=error.state,
-        )
-    if isinstance(error, PeerError):
-        return PeerError(error.code, error.detail, error.request_id)
-    return type(error)(*error.args)
 
 
 class _Waiter:
@@ -240,7 +203,7 @@ class MessageChannel:
         #: Requests whose caller gave up after sending: their replies are dropped.
         self._abandoned: set[int] = set()
         self._ids = itertools.count(1)
-        self._failure: _Failure | None = None
+        self._failure: Failure | None = None
         self._failure_cause: BaseException | None = None
         self._ended = trio.Event()
         self._handler: MessageHandler | None = None
@@ -553,7 +516,7 @@ class MessageChannel:
             ended, cause = ChannelBroken(f"the stream failed: {exc}"), exc
         await self._abort(ended, cause)
 
-    async def _read_messages(self, until: Callable[[], bool] | None) -> _Failure | None:
+    async def _read_messages(self, until: Callable[[], bool] | None) -> Failure | None:
         """Decode and dispatch messages until the connection ends (return how it ended)
         or ``until()`` (return ``None``)."""
         conn = self._conn
@@ -611,7 +574,7 @@ class MessageChannel:
     def _until_received(self) -> bool:
         return self._inbox.statistics().current_buffer_used > 0
 
-    async def _dispatch(self, message: Message) -> _Failure | None:
+    async def _dispatch(self, message: Message) -> Failure | None:
         if isinstance(message, Error) and message.request_id is None:
             return PeerError(message.code, message.message)
         if isinstance(message, Waiting | InferenceResult | ModelInfo | Error):
@@ -675,7 +638,7 @@ class MessageChannel:
 
     # --- failure ----------------------------------------------------------------------
 
-    def _fail(self, error: _Failure, cause: BaseException | None) -> None:
+    def _fail(self, error: Failure, cause: BaseException | None) -> None:
         """Record the first failure and wake everything that waits on the channel."""
         if self._failure is not None:
             return
@@ -695,13 +658,13 @@ class MessageChannel:
 
     def _raise_failure(self, note: str | None = None) -> NoReturn:
         assert self._failure is not None
-        error = _copy(self._failure)
+        error = copy_failure(self._failure)
         if note is not None:
             error.add_note(note)
         raise error from self._failure_cause
 
     async def _abort(
-        self, error: _Failure, cause: BaseException | None, *, tell_peer: Error | None = None
+        self, error: Failure, cause: BaseException | None, *, tell_peer: Error | None = None
     ) -> None:
         """Tell the peer why (best effort, bounded), fail the channel, close the stream."""
         if self._failure is not None:
@@ -709,21 +672,10 @@ class MessageChannel:
         if tell_peer is not None:
             with trio.move_on_after(ERROR_FRAME_TIMEOUT):
                 async with self._send_lock:
-                    await self._send_last_words(tell_peer)
+                    if self._failure is None:
+                        await send_last_words(self._conn, self._stream, tell_peer)
         self._fail(error, cause)
         await self._stream.aclose()
-
-    async def _send_last_words(self, message: Error) -> None:
-        if self._failure is not None:
-            return
-        try:
-            for buffer in self._conn.send_error(message):
-                await self._stream.send_all(buffer)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer is gone: there is nobody left to tell
-        except BaseException:
-            self._conn.send_failed()
-            raise
 
 
 @asynccontextmanager
