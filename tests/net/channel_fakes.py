@@ -26,6 +26,7 @@ from drm_wire.messages import (
     Welcome,
 )
 from drm_wire.net.channel import MessageChannel, open_channel
+from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.protocol import SUPPORTED_VERSIONS, Closed, Connection, Link, NeedData, Side
 from drm_wire.tensors import Tensor
 
@@ -156,11 +157,14 @@ async def channel_pair(
     *,
     handshake: bool = True,
     read_on_demand: bool = False,
-) -> AsyncIterator[tuple[MessageChannel, MessageChannel]]:
-    """Client and server channels over a fresh stream pair, hello done unless told not to."""
+) -> AsyncIterator[tuple[RequestChannel, MessageChannel]]:
+    """Client (that can ask) and server channels over a fresh stream pair, hello done unless
+    told not to."""
     client_stream, server_stream = make_pair()
     async with (
-        open_channel(client_stream, link, Side.CLIENT, read_on_demand=read_on_demand) as client,
+        open_request_channel(
+            client_stream, link, Side.CLIENT, read_on_demand=read_on_demand
+        ) as client,
         open_channel(server_stream, link, Side.SERVER) as server,
     ):
         if handshake:
@@ -171,11 +175,11 @@ async def channel_pair(
 @asynccontextmanager
 async def client_and_raw_server(
     make_pair: StreamPair, link: Link = Link.CONSUMER, *, handshake: bool = True
-) -> AsyncIterator[tuple[MessageChannel, RawPeer]]:
-    """A client channel facing a hand-driven server."""
+) -> AsyncIterator[tuple[RequestChannel, RawPeer]]:
+    """A client channel (that can ask) facing a hand-driven server."""
     client_stream, server_stream = make_pair()
     raw = RawPeer(server_stream, link, Side.SERVER)
-    async with open_channel(client_stream, link, Side.CLIENT) as client:
+    async with open_request_channel(client_stream, link, Side.CLIENT) as client:
         if handshake:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(raw.hello_as_server)

@@ -41,6 +41,7 @@ from drm_wire.net.channel import (
     MessageChannel,
     open_channel,
 )
+from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Link, Side
 from drm_wire.tensors import Tensor
 from tests.net.channel_fakes import (
@@ -130,7 +131,7 @@ async def test_hundred_requests_in_flight_answered_out_of_order(
     count = 100
     results: dict[int, InferenceResult] = {}
 
-    async def ask(client: MessageChannel, value: float) -> None:
+    async def ask(client: RequestChannel, value: float) -> None:
         request = infer(client.next_request_id(), value)
         results[request.request_id] = await client.request(request)
         assert results[request.request_id].outputs[0].to_numpy().tolist() == [2 * value] * 4
@@ -300,7 +301,7 @@ async def test_a_tensor_payload_is_written_as_its_own_buffer(stream_pair: Stream
     client_stream, server_stream = stream_pair()
     recording = RecordingStream(client_stream)
     async with (
-        open_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
+        open_request_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
         open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server,
     ):
         await shake_hands(client, server)
@@ -336,7 +337,7 @@ async def test_frames_up_to_join_below_go_out_as_one_write(stream_pair: StreamPa
         return recording.writes[before:]
 
     async with (
-        open_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
+        open_request_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
         open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server,
     ):
         await shake_hands(client, server)
@@ -364,7 +365,7 @@ async def test_a_handler_gets_every_message_after_the_hello_in_order(
             await server.send(result_for(message))
 
         server.set_handler(handle)
-        async with open_channel(client_stream, Link.CONSUMER, Side.CLIENT) as client:
+        async with open_request_channel(client_stream, Link.CONSUMER, Side.CLIENT) as client:
             _, hello = await shake_hands(client, server)  # the hello still goes to receive
             assert hello.software == CLIENT_SOFTWARE
             async with trio.open_nursery() as nursery:
