@@ -8,6 +8,7 @@ from our own parts, not a mock.
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -218,3 +219,15 @@ def result_for(request: InferenceRequest, inferences_left: int = 7) -> Inference
         outputs=(Tensor.from_numpy("y", doubled),),
         inferences_left=inferences_left,
     )
+
+
+async def serve_requests(server: MessageChannel, count: int, *, seed: int = 0) -> None:
+    """Fake enclave: take ``count`` requests, then answer them in a shuffled order."""
+    requests: list[InferenceRequest] = []
+    while len(requests) < count:
+        request = await server.receive()
+        assert isinstance(request, InferenceRequest)
+        requests.append(request)
+    random.Random(seed).shuffle(requests)
+    for request in requests:
+        await server.send(result_for(request))
