@@ -46,6 +46,7 @@ from _certs import Pems
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import InferenceRequest, InferenceResult, Message, PeerRole
 from drm_wire.net.channel import ChannelClosed, open_channel
+from drm_wire.net.request_channel import open_request_channel
 from drm_wire.net.tls import TLSStream, client_context, server_context
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -303,7 +304,9 @@ async def layer_latencies(
     out = b"q" * RAW_ROUND_TRIP_BYTES
     times: dict[str, list[float]] = {"raw": [], "channel": [], "model": []}
     stream = await _mode(port, pems, b"C")
-    async with open_channel(stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True) as chan:
+    async with open_request_channel(
+        stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True
+    ) as chan:
         await chan.hello(role=PeerRole.CONSUMER, software="bench-layers/1")
 
         async def infer(model: str, i: int) -> None:

@@ -7,8 +7,8 @@ handshake with :func:`~drm_wire.net.ratls_context.consumer_client_context`, whos
 callback checks the enclave's RA-TLS certificate against the caller's :class:`Policy`: an
 enclave that does not satisfy it fails the handshake, so not one byte of the caller's data
 is ever written to it (:class:`~drm_consumer.errors.AttestationRefused`). Only then does it
-open a :class:`~drm_wire.net.channel.MessageChannel` for the ``async with`` block and
-exchange ``hello`` / ``welcome`` as a consumer. The channel reads on demand: the task
+open a :class:`~drm_wire.net.request_channel.RequestChannel` for the ``async with`` block
+and exchange ``hello`` / ``welcome`` as a consumer. The channel reads on demand: the task
 waiting for a reply reads the connection itself (one task at a time), as the enclave
 speaks only to answer; this spares each reply a hand-over between tasks.
 
@@ -50,8 +50,8 @@ from drm_wire.messages import (
     Waiting,
 )
 from drm_wire.net.address import format_address
-from drm_wire.net.channel import MessageChannel, open_channel
 from drm_wire.net.ratls_context import consumer_client_context
+from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.net.tls import open_tls_client
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -137,7 +137,7 @@ class Client:
     """
 
     def __init__(
-        self, channel: MessageChannel, attestation: VerifiedEnclave, *, address: str
+        self, channel: RequestChannel, attestation: VerifiedEnclave, *, address: str
     ) -> None:
         """Internal: use :meth:`connect`, which verifies the enclave first."""
         self._channel = channel
@@ -187,7 +187,9 @@ class Client:
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        async with open_channel(stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True) as channel:
+        async with open_request_channel(
+            stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True
+        ) as channel:
             with map_errors(what):
                 await channel.hello(
                     role=PeerRole.CONSUMER, software=SOFTWARE, hello_timeout=connect_timeout

@@ -58,6 +58,7 @@ from drm_wire.messages import (
 )
 from drm_wire.net.channel import MessageChannel, open_channel
 from drm_wire.net.ratls_context import consumer_client_context, custodian_server_context
+from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.net.tls import accept_tls, open_tls_client
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -285,7 +286,7 @@ def tiny_input(rows: int = 1) -> tuple[Tensor, ...]:
 class FakeConsumer:
     """A consumer connection: RA-TLS against the policy, hello, then requests."""
 
-    def __init__(self, channel: MessageChannel) -> None:
+    def __init__(self, channel: RequestChannel) -> None:
         self.channel = channel
 
     async def info(self) -> ModelInfo:
@@ -344,7 +345,7 @@ async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], obj
 @asynccontextmanager
 async def consumer(address: tuple[str, int], policy: Policy) -> AsyncIterator[FakeConsumer]:
     stream = await open_tls_client(address[0], address[1], consumer_client_context(policy))
-    async with open_channel(stream, Link.CONSUMER, Side.CLIENT) as channel:
+    async with open_request_channel(stream, Link.CONSUMER, Side.CLIENT) as channel:
         await channel.hello(role=PeerRole.CONSUMER, software="fake-consumer")
         yield FakeConsumer(channel)
 

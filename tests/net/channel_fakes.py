@@ -8,6 +8,7 @@ from our own parts, not a mock.
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from drm_wire.messages import (
     Welcome,
 )
 from drm_wire.net.channel import MessageChannel, open_channel
+from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.protocol import SUPPORTED_VERSIONS, Closed, Connection, Link, NeedData, Side
 from drm_wire.tensors import Tensor
 
@@ -156,11 +158,14 @@ async def channel_pair(
     *,
     handshake: bool = True,
     read_on_demand: bool = False,
-) -> AsyncIterator[tuple[MessageChannel, MessageChannel]]:
-    """Client and server channels over a fresh stream pair, hello done unless told not to."""
+) -> AsyncIterator[tuple[RequestChannel, MessageChannel]]:
+    """Client (that can ask) and server channels over a fresh stream pair, hello done unless
+    told not to."""
     client_stream, server_stream = make_pair()
     async with (
-        open_channel(client_stream, link, Side.CLIENT, read_on_demand=read_on_demand) as client,
+        open_request_channel(
+            client_stream, link, Side.CLIENT, read_on_demand=read_on_demand
+        ) as client,
         open_channel(server_stream, link, Side.SERVER) as server,
     ):
         if handshake:
@@ -171,11 +176,11 @@ async def channel_pair(
 @asynccontextmanager
 async def client_and_raw_server(
     make_pair: StreamPair, link: Link = Link.CONSUMER, *, handshake: bool = True
-) -> AsyncIterator[tuple[MessageChannel, RawPeer]]:
-    """A client channel facing a hand-driven server."""
+) -> AsyncIterator[tuple[RequestChannel, RawPeer]]:
+    """A client channel (that can ask) facing a hand-driven server."""
     client_stream, server_stream = make_pair()
     raw = RawPeer(server_stream, link, Side.SERVER)
-    async with open_channel(client_stream, link, Side.CLIENT) as client:
+    async with open_request_channel(client_stream, link, Side.CLIENT) as client:
         if handshake:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(raw.hello_as_server)
@@ -214,3 +219,15 @@ def result_for(request: InferenceRequest, inferences_left: int = 7) -> Inference
         outputs=(Tensor.from_numpy("y", doubled),),
         inferences_left=inferences_left,
     )
+
+
+async def serve_requests(server: MessageChannel, count: int, *, seed: int = 0) -> None:
+    """Fake enclave: take ``count`` requests, then answer them in a shuffled order."""
+    requests: list[InferenceRequest] = []
+    while len(requests) < count:
+        request = await server.receive()
+        assert isinstance(request, InferenceRequest)
+        requests.append(request)
+    random.Random(seed).shuffle(requests)
+    for request in requests:
+        await server.send(result_for(request))

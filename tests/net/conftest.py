@@ -1,10 +1,13 @@
-"""Fixtures for the TLS tests: certificates (made once per session) and stream pairs."""
+"""Fixtures for the net tests: certificates (made once per session) and stream pairs."""
 
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from tests.net.certs import Identity, make_ca, make_leaf, make_self_signed
+from tests.net.channel_fakes import StreamPair
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,14 @@ def client_id(ca: Identity) -> Identity:
 @pytest.fixture(scope="session")
 def enclave_id() -> Identity:
     return make_self_signed("drm-test-enclave")
+
+
+@pytest.fixture(
+    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
+    ids=["memory", "lockstep"],
+)
+def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
+    """Makes a plain connected stream pair for the channel tests: a buffered one, and a
+    lockstep one (every write waits for the peer's read, so missing concurrency deadlocks)."""
+    make: StreamPair = request.param
+    return make

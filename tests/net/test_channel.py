@@ -1,35 +1,29 @@
-"""MessageChannel over memory and lockstep streams: hello, send/receive, requests.
+"""MessageChannel over memory and lockstep streams: hello, send/receive, writes, handlers.
 
 Rules: no sockets and no sleeps; every timeout runs on ``autojump_clock``; each test
-parametrised over ``stream_pair`` runs on a buffered pair and on a lockstep pair (where
-every write waits for the peer's read, so any missing concurrency deadlocks).
+parametrised over ``stream_pair`` (``conftest.py``) runs on a buffered pair and on a
+lockstep pair (where every write waits for the peer's read, so any missing concurrency
+deadlocks). Requests and reading on demand are in ``test_request_channel.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
 
-from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError, RemoteProtocolError
+from drm_wire.errors import LocalProtocolError, RemoteProtocolError
 from drm_wire.messages import (
-    EnclaveState,
-    Error,
     Grant,
     Heartbeat,
     Hello,
     InferenceRequest,
-    InferenceResult,
     Message,
-    ModelInfo,
-    ModelInfoRequest,
     PeerRole,
     UsageReport,
-    Waiting,
     Welcome,
 )
 from drm_wire.net.channel import (
@@ -37,9 +31,9 @@ from drm_wire.net.channel import (
     ChannelBroken,
     ChannelClosed,
     ChannelError,
-    MessageChannel,
     open_channel,
 )
+from drm_wire.net.request_channel import open_request_channel
 from drm_wire.protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Link, Side
 from drm_wire.tensors import Tensor
 from tests.net.channel_fakes import (
@@ -51,36 +45,9 @@ from tests.net.channel_fakes import (
     channel_pair,
     infer,
     result_for,
+    serve_requests,
     shake_hands,
 )
-
-
-@pytest.fixture(
-    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
-    ids=["memory", "lockstep"],
-)
-def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
-    make: StreamPair = request.param
-    return make
-
-
-@pytest.fixture(params=[False, True], ids=["reader_task", "on_demand"])
-def read_on_demand(request: pytest.FixtureRequest) -> bool:
-    """How the client channel reads: its reader task, or the requesting tasks themselves."""
-    on_demand: bool = request.param
-    return on_demand
-
-
-async def serve_requests(server: MessageChannel, count: int, *, seed: int = 0) -> None:
-    """Fake enclave: take ``count`` requests, then answer them in a shuffled order."""
-    requests: list[InferenceRequest] = []
-    while len(requests) < count:
-        request = await server.receive()
-        assert isinstance(request, InferenceRequest)
-        requests.append(request)
-    random.Random(seed).shuffle(requests)
-    for request in requests:
-        await server.send(result_for(request))
 
 
 async def test_hello_welcome(stream_pair: StreamPair) -> None:
@@ -132,166 +99,11 @@ async def test_messages_both_ways_then_clean_close(stream_pair: StreamPair) -> N
             await server.send(Heartbeat(seq=10))
 
 
-async def test_hundred_requests_in_flight_answered_out_of_order(
-    stream_pair: StreamPair, read_on_demand: bool
-) -> None:
-    count = 100
-    results: dict[int, InferenceResult] = {}
-
-    async def ask(client: MessageChannel, value: float) -> None:
-        request = infer(client.next_request_id(), value)
-        results[request.request_id] = await client.request(request)
-        assert results[request.request_id].outputs[0].to_numpy().tolist() == [2 * value] * 4
-
-    async with (
-        channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server),
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(serve_requests, server, count)
-        for i in range(count):
-            nursery.start_soon(ask, client, float(i))
-    assert sorted(results) == list(range(1, count + 1))
-
-
-async def test_waiting_goes_to_the_callback_then_the_result(
-    stream_pair: StreamPair, read_on_demand: bool
-) -> None:
-    waits: list[Waiting] = []
-    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
-
-        async def enclave() -> None:
-            request = await server.receive()
-            assert isinstance(request, InferenceRequest)
-            await server.send(Waiting(request_id=request.request_id, position=2))
-            await server.send(Waiting(request_id=request.request_id, position=1))
-            await server.send(result_for(request, inferences_left=0))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(enclave)
-            result = await client.request(infer(5, 1.5), on_waiting=waits.append)
-    assert [w.position for w in waits] == [2, 1]
-    assert result.inferences_left == 0
-    assert result.outputs[0].to_numpy().tolist() == [3.0] * 4
-
-
-async def test_waiting_without_callback_is_ignored(
-    stream_pair: StreamPair, read_on_demand: bool
-) -> None:
-    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
-
-        async def enclave() -> None:
-            request = await server.receive()
-            assert isinstance(request, InferenceRequest)
-            await server.send(Waiting(request_id=request.request_id, position=0))
-            await server.send(result_for(request))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(enclave)
-            assert (await client.request(infer(1))).request_id == 1
-
-
-async def test_error_reply_is_peer_error_and_the_channel_stays_open(
-    stream_pair: StreamPair,
-    read_on_demand: bool,
-) -> None:
-    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
-
-        async def enclave() -> None:
-            first = await server.receive()
-            assert isinstance(first, InferenceRequest)
-            await server.send(
-                Error(code=ErrorCode.NO_INFERENCES, message="none left", request_id=1)
-            )
-            second = await server.receive()
-            assert isinstance(second, ModelInfoRequest)
-            await server.send(
-                ModelInfo(request_id=2, models=(), inferences_left=0, state=EnclaveState.SERVING)
-            )
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(enclave)
-            with pytest.raises(PeerError, match="none left") as info:
-                await client.request(infer(client.next_request_id()))
-            assert info.value.code is ErrorCode.NO_INFERENCES
-            assert info.value.request_id == 1
-            info_reply = await client.request(ModelInfoRequest(request_id=client.next_request_id()))
-            assert info_reply.state is EnclaveState.SERVING
-
-
-async def test_a_cancelled_request_drops_its_late_reply(
-    stream_pair: StreamPair, read_on_demand: bool, autojump_clock: trio.testing.MockClock
-) -> None:
-    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
-        with trio.move_on_after(1):
-            await client.request(infer(1))
-        request = await server.receive()
-        assert isinstance(request, InferenceRequest)
-
-        async def late_reply_then_serve() -> None:
-            # Concurrent with request 2: a client that reads on demand reads nothing
-            # while no request waits, and a lockstep write waits for a read.
-            await server.send(Waiting(request_id=1, position=0))
-            await server.send(result_for(request))
-            await serve_requests(server, 1)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(late_reply_then_serve)
-            assert (await client.request(infer(2))).request_id == 2
-        with trio.move_on_after(5) as scope:  # the late reply was not handed to receive()
-            await client.receive()
-        assert scope.cancelled_caught
-
-
-async def test_duplicate_request_id_is_refused_locally(
-    stream_pair: StreamPair, read_on_demand: bool
-) -> None:
-    async with (
-        channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server),
-        trio.open_nursery() as nursery,
-    ):
-        nursery.start_soon(client.request, infer(3))
-        await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(LocalProtocolError, match="already in flight"):
-            await client.request(infer(3))
-        await serve_requests(server, 1)
-
-
 async def test_send_before_hello_is_a_local_error(stream_pair: StreamPair) -> None:
     async with channel_pair(stream_pair, handshake=False) as (client, server):
         with pytest.raises(LocalProtocolError, match="not allowed in state await_hello"):
             await client.send(infer(1))
         await shake_hands(client, server)  # nothing was sent: the channel is intact
-
-
-async def test_on_waiting_error_is_raised_by_request(
-    stream_pair: StreamPair, read_on_demand: bool
-) -> None:
-    class Boom(Exception):
-        pass
-
-    def explode(waiting: Waiting) -> None:
-        raise Boom(waiting.position)
-
-    async with channel_pair(stream_pair, read_on_demand=read_on_demand) as (client, server):
-        requests: list[InferenceRequest] = []
-
-        async def enclave() -> None:
-            request = await server.receive()
-            assert isinstance(request, InferenceRequest)
-            requests.append(request)
-            await server.send(Waiting(request_id=1, position=4))
-
-        async def late_reply_then_serve() -> None:  # concurrent with request 2: see above
-            await server.send(result_for(requests[0]))  # dropped: request 1 was given up
-            await serve_requests(server, 1)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(enclave)
-            with pytest.raises(Boom):
-                await client.request(infer(1), on_waiting=explode)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(late_reply_then_serve)
-            assert (await client.request(infer(2))).request_id == 2
 
 
 async def test_an_error_in_the_block_propagates_unwrapped(stream_pair: StreamPair) -> None:
@@ -308,7 +120,7 @@ async def test_a_tensor_payload_is_written_as_its_own_buffer(stream_pair: Stream
     client_stream, server_stream = stream_pair()
     recording = RecordingStream(client_stream)
     async with (
-        open_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
+        open_request_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
         open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server,
     ):
         await shake_hands(client, server)
@@ -344,7 +156,7 @@ async def test_frames_up_to_join_below_go_out_as_one_write(stream_pair: StreamPa
         return recording.writes[before:]
 
     async with (
-        open_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
+        open_request_channel(recording, Link.CONSUMER, Side.CLIENT) as client,
         open_channel(server_stream, Link.CONSUMER, Side.SERVER) as server,
     ):
         await shake_hands(client, server)
@@ -372,7 +184,7 @@ async def test_a_handler_gets_every_message_after_the_hello_in_order(
             await server.send(result_for(message))
 
         server.set_handler(handle)
-        async with open_channel(client_stream, Link.CONSUMER, Side.CLIENT) as client:
+        async with open_request_channel(client_stream, Link.CONSUMER, Side.CLIENT) as client:
             _, hello = await shake_hands(client, server)  # the hello still goes to receive
             assert hello.software == CLIENT_SOFTWARE
             async with trio.open_nursery() as nursery:
@@ -432,49 +244,6 @@ async def test_a_bug_in_a_handler_propagates_out_of_open_channel(stream_pair: St
     assert info.group_contains(KeyError, match="a bug")
 
 
-# --- reading on demand -----------------------------------------------------------------
-
-
-async def test_on_demand_a_reply_read_by_another_task_returns_at_once(
-    stream_pair: StreamPair,
-) -> None:
-    """Request 1 holds the read turn; the reply to request 2 comes first: request 2 must
-    return while request 1 still waits (the turn ends at any finished request)."""
-    order: list[int] = []
-    async with channel_pair(stream_pair, read_on_demand=True) as (client, server):
-
-        async def ask(request_id: int) -> None:
-            await client.request(infer(request_id))
-            order.append(request_id)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask, 1)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(ask, 2)
-            first, second = await server.receive(), await server.receive()
-            assert isinstance(first, InferenceRequest)
-            assert isinstance(second, InferenceRequest)
-            await server.send(result_for(second))
-            with trio.fail_after(1):
-                while order != [2]:
-                    await trio.testing.wait_all_tasks_blocked()
-            await server.send(result_for(first))
-    assert order == [2, 1]
-
-
-async def test_on_demand_an_idle_client_learns_of_a_close_at_its_next_request(
-    stream_pair: StreamPair,
-) -> None:
-    async with channel_pair(stream_pair, read_on_demand=True) as (client, server):
-        await server.aclose()
-        await trio.testing.wait_all_tasks_blocked()
-        assert "open" in repr(client)  # nothing read: it cannot know yet
-        with pytest.raises(ChannelError):
-            await client.request(infer(client.next_request_id()))
-        with pytest.raises(ChannelError):  # and every later request fails the same way
-            await client.request(infer(client.next_request_id()))
-
-
 async def test_a_client_handler_leaves_the_welcome_to_hello(stream_pair: StreamPair) -> None:
     """The custodian link's client side: what follows the welcome goes to the handler."""
     client_stream, server_stream = stream_pair()
@@ -501,29 +270,3 @@ async def test_a_client_handler_leaves_the_welcome_to_hello(stream_pair: StreamP
             while not handled:
                 await trio.testing.wait_all_tasks_blocked()
     assert handled == [Grant(grant_id=1, units=5, granted_total=5)]
-
-
-async def test_on_demand_a_cancelled_reader_hands_the_turn_on(stream_pair: StreamPair) -> None:
-    results: list[InferenceResult] = []
-    async with channel_pair(stream_pair, read_on_demand=True) as (client, server):
-        reader = trio.CancelScope()
-
-        async def ask_and_read() -> None:
-            with reader:
-                await client.request(infer(1))
-
-        async def ask_and_wait() -> None:
-            results.append(await client.request(infer(2)))
-
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(ask_and_read)
-                await trio.testing.wait_all_tasks_blocked()  # request 1 has the turn
-                nursery.start_soon(ask_and_wait)
-                await trio.testing.wait_all_tasks_blocked()  # request 2 waits for it
-                _, second = await server.receive(), await server.receive()
-                assert isinstance(second, InferenceRequest)
-                reader.cancel()
-                await trio.testing.wait_all_tasks_blocked()
-                await server.send(result_for(second))  # lockstep: someone must read it
-    assert [result.request_id for result in results] == [2]

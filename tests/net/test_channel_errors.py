@@ -26,8 +26,8 @@ from drm_wire.net.channel import (
     ChannelBroken,
     ChannelClosed,
     MessageChannel,
-    open_channel,
 )
+from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.protocol import Link, Side
 from tests.net.channel_fakes import (
     FailingStream,
@@ -39,15 +39,6 @@ from tests.net.channel_fakes import (
     infer,
     raw_client_and_server,
 )
-
-
-@pytest.fixture(
-    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
-    ids=["memory", "lockstep"],
-)
-def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
-    make: StreamPair = request.param
-    return make
 
 
 def _infer_header(request_id: int) -> Header:
@@ -137,7 +128,7 @@ async def test_a_peer_that_does_not_read_its_error_frame_is_dropped(
 async def test_peer_closing_mid_frame_fails_every_pending_request(stream_pair: StreamPair) -> None:
     failures: list[BaseException] = []
 
-    async def ask(client: MessageChannel, request_id: int) -> None:
+    async def ask(client: RequestChannel, request_id: int) -> None:
         try:
             await client.request(infer(request_id))
         except RemoteProtocolError as exc:
@@ -289,7 +280,7 @@ async def test_a_lost_connection_breaks_the_channel(stream_pair: StreamPair) -> 
     client_stream, server_stream = stream_pair()
     failing = FailingStream(client_stream)
     raw = RawPeer(server_stream, Link.CONSUMER, Side.SERVER)
-    async with open_channel(failing, Link.CONSUMER, Side.CLIENT) as client:
+    async with open_request_channel(failing, Link.CONSUMER, Side.CLIENT) as client:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(raw.hello_as_server)
             await client.hello(role=PeerRole.CONSUMER, software="c")

@@ -20,15 +20,6 @@ from tests.net.channel_fakes import (
 )
 
 
-@pytest.fixture(
-    params=[trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
-    ids=["memory", "lockstep"],
-)
-def stream_pair(request: pytest.FixtureRequest) -> StreamPair:
-    make: StreamPair = request.param
-    return make
-
-
 async def test_server_refuses_a_client_without_a_common_version(stream_pair: StreamPair) -> None:
     answers: list[object] = []
     async with raw_client_and_server(stream_pair, handshake=False) as (raw, server):

@@ -10,6 +10,7 @@ from OpenSSL import SSL
 
 from drm_wire.messages import InferenceRequest, PeerRole
 from drm_wire.net.channel import open_channel
+from drm_wire.net.request_channel import open_request_channel
 from drm_wire.net.tls import accept_tls, client_context, open_tls_client, server_context
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
@@ -43,7 +44,7 @@ async def test_tensor_requests_over_tls_loopback(ca: Identity, server_id: Identi
         listeners = await nursery.start(partial(trio.serve_tcp, enclave, 0, host=LOOPBACK))
         port = listeners[0].socket.getsockname()[1]
         stream = await open_tls_client(LOOPBACK, port, client_ctx)
-        async with open_channel(stream, Link.CONSUMER, Side.CLIENT) as client:
+        async with open_request_channel(stream, Link.CONSUMER, Side.CLIENT) as client:
             welcome = await client.hello(role=PeerRole.CONSUMER, software=CLIENT_SOFTWARE)
             assert welcome.software == SERVER_SOFTWARE
 
