@@ -496,7 +496,7 @@ class Ledger:
     async def last_grant(self, borrower: str, instance_id: str) -> Grant | None:
         """The instance's newest grant record (its ``cumulative`` is the instance's
         granted total), or ``None`` if it was never granted anything: what a new link
-        re-sends so the enclave catches up (links.md, step 4)."""
+        re-sends so the enclave catches up (docs/links.md, step 4)."""
         _check_name(borrower, "borrower")
         _check_name(instance_id, "instance_id")
 

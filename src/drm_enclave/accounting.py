@@ -10,10 +10,10 @@ as increments:
 
 * a :class:`~drm_wire.messages.Grant` carries the instance's new ``granted_total``; the
   units it adds are the difference to what the instance already has, so a replayed,
-  duplicated or reordered grant adds nothing (invariant 1);
+  duplicated or reordered grant adds nothing (P4, I2);
 * a :class:`~drm_wire.messages.UsageReport` carries ``served_total``; the custodian records
   the largest total it has seen, so a report sent twice (say, resent after a reconnect)
-  counts once (invariant 2).
+  counts once (P4, I4).
 
 One report is in flight at a time. When it is acknowledged (after the custodian's durable
 commit), the next one carries whatever was served meanwhile, which batches naturally
