@@ -32,8 +32,8 @@ ledger row at the custodian, so reports are as rare as the custodian's needs all
 * otherwise once a ``period`` after the last one: the custodian's view lags by at most that.
 
 A busy instance thus reports a few times per lease and at least once a period, not once per
-``spacing``: 2,000 inferences a second with a lease of 1,000 make ~5 reports a second
-where they made ~80 (each a ledger row, ~1.7 GB a day at that rate).
+``spacing``: a few ledger rows a second instead of one per ``spacing`` under load
+(figures: docs/production.md, *Measurements behind the design*).
 """
 
 from __future__ import annotations
