@@ -24,7 +24,7 @@ class Pems:
 
 
 def make_pems() -> Pems:
-    """ECDSA P-256 CA and server leaf (SAN localhost, 127.0.0.1), as in the research."""
+    """ECDSA P-256 CA and server leaf (SAN localhost, 127.0.0.1): the custodian's key type."""
     now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:

@@ -9,8 +9,9 @@ Rows (all durable: WAL + ``synchronous=FULL``, one fsync per transaction):
 
 * ingest, one report per transaction: ``Ledger.record_usage`` awaited in a loop, each
   report advancing one instance's cumulative count by ``PER_REPORT`` inferences (``1``:
-  the enclave reports every inference; ``100``: it reports every 100, as DESIGN.md 5
-  allows). Baseline: a raw ``sqlite3`` INSERT + COMMIT per row, same pragmas, same run.
+  the enclave reports every inference; ``100``: it reports every 100, as cumulative
+  reports allow, docs/links.md step 5). Baseline: a raw ``sqlite3`` INSERT + COMMIT per
+  row, same pragmas, same run.
 * ingest, batched: ``Ledger.record_usage_batch`` with ``BATCH`` reports (one per instance)
   per transaction, each advancing by ``BATCH_STEP``. Baseline: raw INSERT of ``BATCH``
   rows + one COMMIT.

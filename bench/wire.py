@@ -2,7 +2,7 @@
 
 Run with ``python bench/wire.py`` (about a minute on 2 cores). The server runs in its
 own (spawned) process on 127.0.0.1, port 0; the client runs here, so each side gets a
-core, as in ``research/anchors-perf.md``. Both stacks use the same ECDSA P-256
+core. Both stacks use the same ECDSA P-256
 certificate and TLS 1.3 only. Every figure is the median of ``RUNS`` runs, with
 [min-max]; rr latencies are per-run p50/p99.
 

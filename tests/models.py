@@ -7,8 +7,8 @@ test session, so the ~32 MB CNN is built once (about a second). The valid models
 * :func:`two_input_model`: ``a`` float32 [N, 4] and ``b`` int64 [N] sharing the dynamic
   dim ``N``; ``y = a * b[:, None]``.
 * :func:`covidnet_like_model`: NHWC [1, 480, 480, 3] -> Transpose -> 5 x (Conv3x3 + Relu +
-  MaxPool) -> FC -> FC 2 -> Softmax, about ``weights_mb`` MB of weights (the shape of
-  research/anchors-perf.md's "cnn").
+  MaxPool) -> FC -> FC 2 -> Softmax, about ``weights_mb`` MB of weights (the shape the
+  benchmarks call "cnn").
 * :func:`big_model`: a MatMul + Relu chain of about ``mb`` MB, for upload tests.
 * :func:`canary_model`: the tiny model plus a :data:`CANARY` initializer, 32 random bytes
   drawn once per process, that tests search for in logs and files (M05).

@@ -65,7 +65,7 @@ __all__ = [
     "Inputs",
 ]
 
-#: The enclave's consumer port (DESIGN section 2).
+#: The enclave's consumer port (docs/links.md, consumer link).
 DEFAULT_PORT: Final = 9924
 #: Bounds the TCP connect, and separately the TLS handshake (attestation included) and
 #: the hello exchange. Verifying a first quote costs a few ECDSA checks; on loopback the

@@ -2,12 +2,13 @@
 
 Both keys are ECDSA P-256 and both certificates are signed with SHA-256: 128-bit security,
 what TLS everywhere uses, and the curve OpenSSL has a fast constant-time implementation of.
-Every admin call (``curl`` opens a new connection) and every enclave link pays a handshake:
-with P-384 that was a signature and two verifications at 0.4 and 1.0 ms each, with P-256
-about 0.3 ms in all. State directories made with P-384 keys still load. The CA is
-``CA:TRUE, pathlen:0`` (it signs server certificates only); the server certificate carries
-the hostname in its SAN (plus 127.0.0.1 and ::1 for ``localhost``) and the serverAuth EKU,
-and is presented on both the admin API and the enclave link.
+Every admin call (``curl`` opens a new connection) and every enclave link pays a handshake,
+one signature and two verifications, each several times cheaper on P-256 than on P-384
+(docs/production.md, *Measurements behind the design*). State directories made with
+P-384 keys still load. The CA is ``CA:TRUE, pathlen:0`` (it signs server certificates
+only); the server certificate carries the hostname in its SAN (plus 127.0.0.1 and ::1 for
+``localhost``) and the serverAuth EKU, and is presented on both the admin API and the
+enclave link.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
             transport, ctx.tls_context, handshake_timeout=cfg.handshake_timeout
         )
     except PeerVerificationError as exc:
-        # Refused inside the handshake: the enclave got no application byte (I3).
+        # Refused inside the handshake: the enclave got no application byte (I8).
         log.warning("enclave_refused", reason=str(exc.__cause__ or exc)[:300])
         return
     except (trio.BrokenResourceError, trio.TooSlowError) as exc:

@@ -18,12 +18,13 @@ DELETE), and every balance is derived from them.
 * ``blocks``: block/unblock history; the newest row wins.
 
 Totals: a daemon that runs for months writes a usage row up to a hundred times a second,
-so a balance summed over the records would cost more with every hour (20 ms at 100,000
-rows, and it is read on every report). Two small tables hold the running totals instead:
-``borrower_totals`` (supplied) and ``instance_totals`` (an instance's granted and served
-totals). Triggers on the record tables keep them, inside the very transaction that inserts
-the record, so a crash cannot leave a total half-updated, and no code path can forget them.
-A balance reads one row per borrower and one per instance it ever had.
+so a balance summed over the records would cost more with every hour, and it is read on
+every report (figures: docs/production.md, *Measurements behind the design*). Two small
+tables hold the running totals instead: ``borrower_totals`` (supplied) and
+``instance_totals`` (an instance's granted and served totals). Triggers on the record
+tables keep them, inside the very transaction that inserts the record, so a crash cannot
+leave a total half-updated, and no code path can forget them. A balance reads one row per
+borrower and one per instance it ever had.
 :meth:`Ledger.integrity_check` recomputes every total from the records and refuses a file
 where one differs. Schema version 1 files (records only) gain the totals on open.
 
@@ -496,7 +497,7 @@ class Ledger:
     async def last_grant(self, borrower: str, instance_id: str) -> Grant | None:
         """The instance's newest grant record (its ``cumulative`` is the instance's
         granted total), or ``None`` if it was never granted anything: what a new link
-        re-sends so the enclave catches up (links.md, step 4)."""
+        re-sends so the enclave catches up (docs/links.md, step 4)."""
         _check_name(borrower, "borrower")
         _check_name(instance_id, "instance_id")
 

@@ -8,7 +8,7 @@ Two processors run before rendering, whatever the format:
 
 * :func:`redact_secrets` replaces the value of any key that names a secret (tokens, keys,
   license secrets, model or tensor bytes) and any binary value longer than a digest, so a
-  careless ``log.info("x", payload=chunk)`` can never put model bytes in a log (invariant 3);
+  careless ``log.info("x", payload=chunk)`` can never put model bytes in a log (I7);
 * :func:`escape_control_characters` escapes control characters in strings, so text from a
   peer (a model name, an error message) cannot forge extra log lines or terminal escapes.
 

@@ -12,11 +12,11 @@ no count of its own, and reads them there. Both travel as totals, never as incre
 
 * a :class:`~drm_wire.messages.Grant` carries the instance's new ``granted_total``; the
   units it adds are the difference to the quota's, so a replayed, duplicated or
-  reordered grant adds nothing (invariant 1); :meth:`Accounting.on_grant` grants that
+  reordered grant adds nothing (P4, I2); :meth:`Accounting.on_grant` grants that
   difference to the quota;
 * a :class:`~drm_wire.messages.UsageReport` carries the quota's ``served_total``; the
   custodian records the largest total it has seen, so a report sent twice (say, resent
-  after a reconnect) counts once (invariant 2).
+  after a reconnect) counts once (P4, I4).
 
 One report is in flight at a time. When it is acknowledged (after the custodian's durable
 commit), the next one carries whatever was served meanwhile, which batches naturally

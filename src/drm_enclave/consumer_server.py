@@ -13,9 +13,9 @@ no hand-over to another task per request):
 * ``model_info_request`` is answered inline (it only reads the runtime);
 * ``infer`` is answered inline too when it needs no wait: refused outright, or a unit of
   quota is free and its model is known to run fast enough to stay on the loop
-  (:meth:`HostedModel.runs_inline`). On this machine a task per request cost a tiny
-  model's round trip about a third of its time (a spawn and two more passes of the
-  scheduler), for nothing: the run would block the loop just the same inside a task;
+  (:meth:`HostedModel.runs_inline`). A task per request costs a spawn and two more
+  passes of the scheduler, a large share of a tiny model's round trip, for nothing: the
+  run would block the loop just the same inside a task;
 * any other ``infer`` becomes a task in the connection's request nursery, at most
   ``max_in_flight`` at once (past that: ``Error(busy)`` for that request), so one
   connection may have many requests in flight, parked on quota or running in a thread.

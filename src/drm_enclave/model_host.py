@@ -18,16 +18,16 @@ Theory of operation
 
 Then it creates the session in memory (*Memory* below says how the weights get there),
 with :func:`session_options` (M06): no optimised-model file, no profiling, and ORT's log
-severity at FATAL, because its ERROR lines name the failing node (measured with ORT
-1.32: severity 3 still prints ``Name:'<node>'``). onnxruntime's telemetry is switched off
+severity at FATAL, because its ERROR lines name the failing node (with ORT 1.32,
+severity 3 still prints ``Name:'<node>'``). onnxruntime's telemetry is switched off
 before it is imported (see the comment at the import: its on-disk event queue holds error
 messages naming nodes).
 Anything onnxruntime refuses becomes :class:`ModelError` ("invalid model: ...", M01) and
 the process carries on with no model.
 
 Graph optimisation is ``ORT_ENABLE_ALL``: every level works in memory, and on the
-covidnet-like CNN it gave the fastest run and session creation (run p50 37.6 ms vs
-46.5 ms at BASIC on a loaded 2-vCPU box; creation 78 vs 91 ms).
+covidnet-like CNN it gave the fastest run and session creation (docs/production.md,
+*Measurements behind the design*).
 
 Why not the ``onnx`` package at runtime
 --------------------------------------
@@ -42,26 +42,17 @@ a test and bench dependency; the tests check the walk against models built with 
 
 Inline or thread (:meth:`HostedModel.run_async`)
 -----------------------------------------------
-Measured with ``python bench/inference.py`` on the 2-vCPU development VM while other
-work shared it (p50 of 3000 tiny / 30 CNN calls, median of 3 runs; 1 intra-op thread):
-
-=================  ==========  ===============  ================  =================
-model              raw run     HostedModel.run  run_async inline  run_async thread
-=================  ==========  ===============  ================  =================
-tiny (batch 1)     17.4 µs     23.2 µs          47.0 µs           239.1 µs
-covidnet-like CNN  27.9 ms     28.8 ms          30.0 ms           30.7 ms
-=================  ==========  ===============  ================  =================
-
-The ``to_thread`` hop costs ~190 µs p50 (~5x the whole inline path of the tiny model;
-research/anchors-perf.md measured ~200 µs per request in a real server too), and about
-0.7 ms (2 %) on the CNN, whose run would otherwise hold the event loop, and with it the
-custodian link, heartbeats and every other consumer, for ~30 ms. So the policy: a run
-goes inline when a run at least as large (in input bytes) was observed to take at most
+A run through ``trio.to_thread.run_sync`` pays a hop to a worker thread and back: several
+times the whole inline path of a tiny model, and a few per cent of a CNN's run, which
+inline would hold the event loop, and with it the custodian link, heartbeats and every
+other consumer, for as long as it runs (``python bench/inference.py`` times each path;
+docs/production.md, *Measurements behind the design*). So the policy: a run goes inline
+when a run at least as large (in input bytes) was observed to take at most
 :data:`INLINE_FAST` (0.5 ms), and through ``trio.to_thread.run_sync`` otherwise; one run
 slower than :data:`INLINE_BUDGET` (1 ms) sends that size and larger back to the thread.
 The loop is never stalled for more than one run past 1 ms, each new input size is first
 measured off the loop, and small models stop paying the hop after their first request.
-(The inline path's extra ~24 µs over ``run`` is its two trio checkpoint halves: cancel
+(The inline path's extra cost over ``run`` is its two trio checkpoint halves: cancel
 is checked before the run, and the task yields after it so a pipelining consumer cannot
 monopolise the loop.)
 
@@ -69,8 +60,8 @@ Memory: weights read in place, copied at most once
 --------------------------------------------------
 Handing onnxruntime the model as ``bytes`` costs three copies on top of the receiver's
 buffer: the ``bytes`` object its Python API requires, the parsed protobuf (every
-``raw_data`` is a ``std::string``) and the session's own tensors; a 200 MB model peaked at
-+4.0x its size. So :func:`load_model` cuts the model with
+``raw_data`` is a ``std::string``) and the session's own tensors, so loading a large
+model peaked at several times its size. So :func:`load_model` cuts the model with
 :func:`~drm_enclave.model_scan.split_weights`: onnxruntime parses a skeleton of a few KiB
 in which each large raw initializer of the main graph is a placeholder, and receives the
 weights through ``SessionOptions.add_external_initializers`` as numpy arrays over the
@@ -83,8 +74,8 @@ with external data of its own is still refused by the scan (M02).
 
 That copy is the second copy of a large model, and onnxruntime 1.32 offers no way around
 it for an initializer: ``add_external_initializers`` and
-``add_external_initializers_from_files_in_memory`` both copy (documented, and measured:
-+1.00x and +1.33x at peak on the bench model); ``add_initializer`` would use our buffer
+``add_external_initializers_from_files_in_memory`` both copy (documented, and seen at the
+peak on the bench model); ``add_initializer`` would use our buffer
 as is, but only for an initializer the model itself holds, and a placeholder without its
 data fails onnxruntime's checks (no such file; wrong element count), while an ORT
 in-memory address in the model is refused outright. Hence, for large models
@@ -100,14 +91,12 @@ initializer). Only a read-only buffer is read for good (``bytes``, or the receiv
 the receiver keeps no reference to the mapping under it), so the bytes hashed are the
 bytes run; a writable one (``bytearray``) takes the copying path.
 
-Measured on the 200 MB bench model (``bench/e2e.py --only delivery``; RSS above the
-process's own before the transfer, ~85 MiB): receiving +1.00x; loading peaked at +2.03x
-(buffer + onnxruntime's tensors; 2.47x in all) with the weights copied, and peaks at
-+1.07x (1.52x in all) fed in place; last chunk -> ``model_loaded`` went from ~1.2 s to
-~10-20 ms. ``session.run`` of that model is unchanged (p50 10.05 ms copied, 10.01 ms fed,
-300 runs each, interleaved in one process). Weights totalling :data:`NO_PREPACK_BYTES` or more also
-switch off onnxruntime's weight prepacking, whose packed copy of each MatMul weight was
-another +0.33x at peak there.
+On the 200 MB bench model (``python bench/e2e.py --only delivery``; figures in
+docs/production.md, *Measurements behind the design*), feeding the weights in place takes
+the peak from about two copies of the model to about one and ends the load far sooner,
+while ``session.run`` of that model takes as long as before. Weights totalling
+:data:`NO_PREPACK_BYTES` or more also switch off onnxruntime's weight prepacking, whose
+packed copy of each MatMul weight adds to the peak.
 """
 
 from __future__ import annotations
@@ -508,7 +497,7 @@ class HostedModel:
             for spec, array in zip(self._description.outputs, arrays, strict=True):
                 if array.flags.c_contiguous and array.dtype == DTYPES[spec.dtype] and array.size:
                     # What ORT returns: the declared dtype, C order. Wrap it without the
-                    # dtype search of Tensor.from_numpy (a third of a tiny model's run).
+                    # dtype lookup and checks of Tensor.from_numpy, on every run's path.
                     data = memoryview(array).cast("B")
                     tensor = Tensor(name=spec.name, dtype=spec.dtype, shape=array.shape, data=data)
                 else:

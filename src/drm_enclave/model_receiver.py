@@ -11,13 +11,13 @@ Memory: the receiver maps ONE anonymous, private buffer of the announced size up
 (``mmap``: memory only, no file) and each chunk lands in place, so the model costs its
 size once, not a list of chunks plus a ``b"".join`` copy. The mapping's pages are the
 kernel's zero pages until a chunk lands in them: nothing is zero-filled up front (a
-``bytearray`` of 200 MB memsets it, ~0.2-0.3 s with the event loop stalled), and RSS grows
-only with the bytes actually received. The announced size is bounded by
+``bytearray`` memsets its whole size with the event loop stalled), and RSS grows only
+with the bytes actually received. The announced size is bounded by
 :data:`~drm_wire.limits.MAX_MODEL_BYTES` (checked by ``ModelBegin`` itself), and the
 custodian that announces it is an authenticated peer; a custodian that announces 2 GiB
-and sends less costs what it sent. (``MAP_POPULATE`` would halve the kernel's cost of
-those pages, ~0.1 s of CPU per 200 MB on the development VM, but it commits the whole
-announced size at once and stalls the event loop while doing it.)
+and sends less costs what it sent. (``MAP_POPULATE`` would make those pages cheaper for
+the kernel, but it commits the whole announced size at once and stalls the event loop
+while doing it.)
 
 Ownership: :meth:`ModelReceiver.finish` hands the buffer over to the view it returns and
 keeps no reference, so the model's memory goes as soon as the last view (and numpy array)
@@ -39,19 +39,20 @@ elsewhere (the first one may, while the link has not yet set the sink) is copied
 Integrity: each chunk, once in place, goes into an incremental SHA-256 computed by a
 worker thread (:class:`_Hasher`; ``hashlib`` releases the GIL for large updates), so the
 event loop only copies bytes while the digest keeps pace on another core, and
-:meth:`ModelReceiver.finish` waits for the last few updates, then compares. Measured on
-the 200 MB bench model, hashing on the loop cost ~3 ms of every 4 MiB chunk's ~18 ms.
+:meth:`ModelReceiver.finish` waits for the last few updates, then compares. On the loop,
+hashing was a sizeable share of each chunk's time (docs/production.md, *Measurements
+behind the design*).
 
 Page faults: the first write to each 4 KiB page of the buffer costs a fault and the
 kernel's zeroing of the page, which on the event loop was the largest cost of a transfer
 once the copies were gone. The mapping must be ``MAP_PRIVATE``: ``mmap.mmap(-1, n)`` is
 ``MAP_SHARED`` by default, i.e. shared memory (shmem, kept in the page cache), whose pages
-cost ~1.7x as much to make present (populating 200 MB: ~165 ms of CPU against ~80-100 ms
-on the development VM). That CPU is the prefault thread's, off the event loop: in
-interleaved runs of ``bench/e2e.py --only delivery`` the transfer time did not move
-measurably (641-745 ms either way), but on a busy host it is CPU the loop does not get.
-Huge pages (``MADV_HUGEPAGE``) were measured too and left out: the kernel's compaction
-to find them made transfers slower (650-765 ms) and their cost unpredictable.
+cost markedly more CPU to make present than private ones. That CPU is the prefault
+thread's, off the event loop, so ``bench/e2e.py --only delivery`` shows no change of the
+transfer time, but on a busy host it is CPU the loop does not get. Huge pages
+(``MADV_HUGEPAGE``) were tried too and left out: the kernel's compaction to find them made
+transfers slower and their cost unpredictable (figures: docs/production.md, *Measurements
+behind the design*).
 
 A :class:`_Prefaulter` thread makes the pages present (``MADV_POPULATE_WRITE``, which
 does not touch their contents, so it cannot race with a chunk landing) a bounded window
@@ -87,7 +88,7 @@ from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
 __all__ = ["PREFAULT_AHEAD", "ModelReceiver", "ReceiverState"]
 
 #: How far past the bytes received the buffer's pages are made present in advance: eight
-#: chunks, so the prefaulter stays ahead of a loop that receives a chunk every ~10 ms.
+#: chunks, so the prefaulter stays ahead of the loop that receives them.
 PREFAULT_AHEAD: Final = 32 * MiB
 #: Pages made present per ``madvise`` call: small enough that the loop rarely waits for
 #: the page it writes, large enough that the calls cost nothing next to the faults.

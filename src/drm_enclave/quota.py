@@ -60,8 +60,8 @@ from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT, MAX_WAIT_SECONDS
 __all__ = ["DEFAULT_MAX_PARKED", "Lease", "Quota", "QuotaError"]
 
 #: Parked requests per quota (I12, R03). Each costs a task and a connection; 1,024 is far
-#: above what one enclave serves in the time a grant takes to arrive, and small enough
-#: that a flood of waiters cannot exhaust memory.
+#: above what one enclave serves while a grant is on its way, and small enough that a
+#: flood of waiters cannot exhaust memory.
 DEFAULT_MAX_PARKED: Final = 1024
 
 _KILL_CODES: Final = frozenset({ErrorCode.CUSTODIAN_UNREACHABLE, ErrorCode.BLOCKED})
@@ -319,7 +319,7 @@ class Quota:
             del self._parked[task]  # still parked, so nothing was handed to us
             return trio.lowlevel.Abort.SUCCEEDED
 
-        if deadline_in is None:  # (no cancel scope: it costs a quarter of the wake-up time)
+        if deadline_in is None:  # (no cancel scope: a sizeable share of a wake-up's cost)
             await trio.lowlevel.wait_task_rescheduled(abort)
             return self._lease_for_woken()  # no checkpoint before the caller has the lease
         with trio.move_on_after(deadline_in):

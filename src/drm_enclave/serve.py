@@ -20,7 +20,7 @@ a drain under one deadline (:attr:`EnclaveConfig.shutdown_grace`):
    connection; the consumer port stops accepting;
 2. inferences already running finish and their results are sent;
 3. while the custodian link is up, the reporter sends the last usage report and the
-   custodian acknowledges it, so every inference served is in its ledger (invariant 2);
+   custodian acknowledges it, so every inference served is in its ledger (I4);
 4. then everything is cancelled: the link closes, connections close.
 
 Cancelling :func:`serve` from outside skips the drain: the link's ``finally`` still throws
@@ -49,7 +49,7 @@ from .runtime import EnclaveRuntime
 
 __all__ = ["DEFAULT_CONSUMER_PORT", "EnclaveConfig", "serve"]
 
-#: The consumer port of DESIGN section 2.
+#: The consumer port (docs/links.md, consumer link).
 DEFAULT_CONSUMER_PORT = 9924
 
 _log = structlog.get_logger("drm_enclave.serve")

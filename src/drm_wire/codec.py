@@ -81,8 +81,8 @@ def pack_header(header: Header) -> bytes:
 class HeaderDecoder:
     """Decodes header maps one at a time, reusing one ``msgpack.Unpacker``.
 
-    Reusing the unpacker saves building one per frame (about a third of the cost of a
-    small frame). After any error the decoder must be dropped: the connection closes.
+    Reusing the unpacker saves building one per frame, a large part of a small frame's
+    cost. After any error the decoder must be dropped: the connection closes.
     """
 
     __slots__ = ("_fed", "_unpacker")

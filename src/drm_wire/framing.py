@@ -8,11 +8,10 @@ Wire layout of one frame::
 
 The header is one msgpack map (see :mod:`drm_wire.codec`). When it carries the key
 ``"payload_len"`` (a non-negative int), exactly that many raw bytes follow it: model chunks
-and tensor data travel there instead of inside the map. Measured on this project's
-benchmark (``bench/wire.py``), wrapping a 2.76 MB tensor in a msgpack ``bin`` costs a pack
-copy, a prefix concatenation copy and an unpack copy; the raw payload costs one copy on
-receive and none on send, because the sender hands the caller's buffer straight to the
-transport.
+and tensor data travel there instead of inside the map. Wrapping a tensor in a msgpack
+``bin`` would cost a pack copy, a prefix concatenation copy and an unpack copy; the raw
+payload costs one copy on receive and none on send, because the sender hands the
+caller's buffer straight to the transport.
 
 Limits are enforced before memory is committed: the header length against
 :data:`~drm_wire.limits.MAX_HEADER_BYTES` as soon as the 4 prefix bytes are in, and the
@@ -82,8 +81,8 @@ def _default_payload_limit(header: Header) -> int:
 def _payload_storage(size: int) -> memoryview:
     """A writable byte buffer of ``size`` bytes, left uninitialised.
 
-    ``bytearray(size)`` zero-fills what the payload then overwrites: on a 2.76 MB tensor
-    that ``memset`` was ~5% of the enclave's event-loop CPU per request. The decoder hands
+    ``bytearray(size)`` zero-fills what the payload then overwrites: a ``memset`` of every
+    request's tensor bytes on the enclave's event loop, for nothing. The decoder hands
     the buffer out only once all of it is filled, so its old contents are never seen.
     """
     return np.empty(size, dtype=np.uint8).data

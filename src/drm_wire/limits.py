@@ -87,8 +87,8 @@ MAX_MODELS: Final = 64
 
 # --- timeouts (seconds) --------------------------------------------------------------
 
-#: TLS handshake, RA-TLS verification included. A loopback handshake takes ~2 ms and a
-#: quote verification tens of ms; 10 s tolerates slow networks but not a stalled peer.
+#: TLS handshake, RA-TLS verification included, which takes a small fraction of this
+#: (``bench/attestation.py``); 10 s tolerates slow networks but not a stalled peer.
 HANDSHAKE_TIMEOUT: Final = 10.0
 
 #: Waiting for the first message (hello) after the handshake.

@@ -46,7 +46,7 @@ DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
 
 
 #: The reverse of :data:`DTYPES`, for :meth:`Tensor.from_numpy` (a search of the list cost
-#: ~5 µs per tensor, more than the rest of the wrapping).
+#: more than the rest of the wrapping).
 _NAMES: Final[Mapping[np.dtype[Any], str]] = {dtype: name for name, dtype in DTYPES.items()}
 
 

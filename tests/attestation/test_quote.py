@@ -31,7 +31,7 @@ from drm_wire.errors import AttestationError
 from .dcap_helpers import real_quote
 
 QUOTE = real_quote()
-# Offsets in the real v3 quote (research note ratls.md section 2).
+# Offsets in the real v3 quote (Intel SGX ECDSA Quote Library API, appendix A).
 SIG_DATA_LEN_AT = 432
 AUTH_LEN_AT = 436 + 576
 CERT_TYPE_AT = AUTH_LEN_AT + 2 + 32

@@ -28,7 +28,7 @@ import trio
 
 from drm_custodian.ledger import Ledger
 
-KILLS = 20  # the research note caps CI crash loops at 20 iterations
+KILLS = 20  # enough random kill points to matter, few enough for every CI run
 SEED = 20261125
 
 CHILD = """

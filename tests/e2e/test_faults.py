@@ -1,4 +1,4 @@
-"""Invariants I1, I2 and I4 (research/threat-model.md) under real process faults.
+"""Invariants I1, I2 and I4 (docs/invariants.md) under real process faults.
 
 The custodian and the enclave run as processes on loopback; the consumer is
 :class:`drm_consumer.Client` in the test process; faults are ``kill -9`` and a TCP fault
@@ -306,7 +306,7 @@ async def test_custodian_killed_before_the_report_lands(lab: Lab) -> None:
 
 
 async def test_silent_partition_stops_serving_within_the_heartbeat_bound(lab: Lab) -> None:
-    """I4 (DESIGN 6.4, N01, N06): a partition that drops nothing and closes nothing; the
+    """I9 and I4 (N01, N06): a partition that drops nothing and closes nothing; the
     enclave refuses with ``custodian_unreachable`` within the heartbeat bound, resumes
     once the partition heals, and the ledger then counts every success exactly once."""
     tiny = lab.write_model("tiny", tiny_model())

@@ -1,4 +1,4 @@
-"""Nothing of the model reaches the disk (I3, M05, M06): receive, load, run, fail to load.
+"""Nothing of the model reaches the disk (I7, M05, M06): receive, load, run, fail to load.
 
 Two levels of evidence: directory listings of the working and temporary directories
 before and after (in-process), and every file-creating or file-writing ``open`` the whole

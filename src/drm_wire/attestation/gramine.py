@@ -1,7 +1,7 @@
 """Gramine attestation backend: quotes from ``/dev/attestation``, and the enclave identity.
 
 Inside ``gramine-sgx`` with ``sgx.remote_attestation = "dcap"``, Gramine's LibOS exposes
-``/dev/attestation`` (``ratls.md`` section 4): write 64 bytes of report data to
+``/dev/attestation`` (Gramine's attestation documentation): write 64 bytes of report data to
 ``user_report_data``, then read ``quote`` for a fresh DCAP quote over them. That is all
 :func:`~.ratls_cert.build_ratls_certificate` needs to reproduce Gramine's own
 ``ra_tls_create_key_and_crt_der`` in pure Python. (The PyPI ``gramine-ratls`` package wraps

@@ -11,9 +11,9 @@ DER and calls :func:`verify_enclave_certificate` (or the callable from
    names (Intel's root; the simulation root only if the policy file says so);
 3. :meth:`.policy.Policy.check`: TCB status, attributes, product id, SVN, measurements.
 
-Only then does a :class:`~.verified_enclave.VerifiedEnclave` exist; a function that needs
-an attested peer takes one, so an unverified certificate cannot reach it by mistake (STYLE
-item 11).
+Only then does a :class:`~.verified_enclave.VerifiedEnclave` exist (it has no public
+constructor); a function that needs an attested peer takes one, so the signature says so
+and an unverified certificate cannot reach it by mistake.
 """
 
 from __future__ import annotations

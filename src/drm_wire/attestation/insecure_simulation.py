@@ -13,7 +13,7 @@ the files in the platform directory can sign any measurement. That is why
   then marks the result ``simulated=True``;
 * the Quoting Enclave vendor id is :data:`SIMULATED_QE_VENDOR_ID`, not Intel's.
 
-The layout is bit-for-bit Intel's (``ratls.md`` section 2), assembled by
+The layout is bit-for-bit Intel's (Intel SGX ECDSA Quote Library API, appendix A), assembled by
 :func:`~drm_wire.attestation.quote.build_quote`: header, report body, quote signature by
 the attestation key over ``quote[0:432]``, attestation key X||Y, QE report whose
 report_data binds SHA-256(attestation key || QE auth data), QE report signature by the

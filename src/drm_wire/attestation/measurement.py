@@ -3,7 +3,7 @@
 On SGX, MRENCLAVE covers the Gramine manifest, whose ``sgx.trusted_files`` hash every file
 of the application, including the enclave's pinned configuration (the custodian CA
 certificate). The simulated measurement mirrors that, so a modified enclave gets a
-different MRENCLAVE in simulation too (DESIGN section 3): SHA-256, domain-separated, over
+different MRENCLAVE in simulation too (README, *Simulation mode*): SHA-256, domain-separated, over
 
 * every installed file of the measured packages (``drm_enclave`` and ``drm_wire`` by
   default, located with importlib), in sorted relative-path order, skipping ``__pycache__``

@@ -1,7 +1,7 @@
 """SGX DCAP ECDSA quotes (v3, and SGX v4): parse and assemble, no cryptography here.
 
-Layout (all integers little-endian; ``docs``: shared research note ``ratls.md`` section 2,
-Intel ``sgx_quote_3.h`` / ``sgx_quote_4.h``, Phala ``dcap-qvl`` ``src/quote.rs``)::
+Layout (all integers little-endian; Intel SGX ECDSA Quote Library API, appendix A, and
+Intel's ``sgx_quote_3.h`` / ``sgx_quote_4.h``; Phala ``dcap-qvl`` ``src/quote.rs``)::
 
     0    header (48)            version, att key type, tee type, qe/pce svn, vendor, user data
     48   report body (384)      the enclave's SGX report (MRENCLAVE, report data...)

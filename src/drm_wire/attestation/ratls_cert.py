@@ -1,7 +1,7 @@
 """RA-TLS certificates in Gramine's format: build them, take them apart, check key binding.
 
 An RA-TLS certificate is a self-signed X.509 certificate whose key is bound to an SGX quote
-carried in an extension (shared note ``ratls.md`` section 1). Two carriers exist and Gramine
+carried in an extension (Gramine's ``tools/sgx/ra-tls``). Two carriers exist and Gramine
 (>= 1.8) emits both, each with its own quote:
 
 * legacy: OID content bytes ``06 09 2A 86 48 86 F8 4D 8A 39 06`` (Gramine's historical

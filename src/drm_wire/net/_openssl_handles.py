@@ -28,8 +28,8 @@ def _load_ssl_read() -> tuple[Any, Any] | None:
     """pyOpenSSL's cffi handles, for decrypting straight into a caller's buffer.
 
     ``Connection.recv_into`` decrypts into a temporary buffer and copies from there (its
-    own comment regrets it), which on a 200 MB model transfer cost ~25% of the decryption
-    time. Without the handles the public ``recv_into`` is used.
+    own comment regrets it), a sizeable share of the decryption time of a model transfer.
+    Without the handles the public ``recv_into`` is used.
     """
     try:
         from OpenSSL._util import ffi, lib  # optional and private: see above
@@ -50,7 +50,7 @@ def whole_writes(conn: SSL.Connection) -> None:
 
     pyOpenSSL turns it on, and with it each ``Connection.send`` encrypts one 16 KiB
     record: a 2.76 MB tensor took ~170 Python calls to encrypt, and a 200 MB model
-    ~12,800, about a third of the sender's CPU. Without it one call encrypts all it is
+    ~12,800, a large share of the sender's CPU. Without it one call encrypts all it is
     given. Without the handles, sends go a record at a time as before.
     """
     ssl = getattr(conn, "_ssl", None)

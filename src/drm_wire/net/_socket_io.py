@@ -78,10 +78,9 @@ class _ReceiveBuffer(threading.local):
     A read lands here and is copied into OpenSSL's BIO before the task yields, so no
     two reads ever need it at once. A new ``bytes`` per read instead meant allocating
     :data:`READ_BYTES` and shrinking it to the few hundred bytes a small message takes,
-    which fragments the heap: under 4 consumers reconnecting every 200 requests, the
-    enclave's RSS rose 13.2 MB over ~320,000 requests and was still rising; with this
-    buffer 6.5 MB, levelling off. ``malloc_trim`` gave that memory back in both cases: it
-    is free heap, not live objects.
+    which fragments the heap: under consumers that reconnect often, the enclave's RSS
+    kept rising; with this buffer it levels off (``bench/soak.py``). ``malloc_trim`` gave
+    that memory back in both cases: it is free heap, not live objects.
     """
 
     def __init__(self) -> None:
@@ -118,8 +117,8 @@ async def receive(sock: trio.socket.SocketType) -> tuple[memoryview, bool]:
 
 #: Kernel buffers asked for on each side of a TLS connection. With the defaults a 2.76 MB
 #: tensor went out in many small steps, each waking the peer, until autotuning grew the
-#: buffers, if it did: a 2.76 MB request and a 100 B answer took 4-7.5 ms on loopback here,
-#: and 3.7-4.4 ms with these.
+#: buffers, if it did; with these, such a request is quicker and its time steadier
+#: (docs/production.md, *Measurements behind the design*).
 SOCKET_BUFFER_BYTES: Final = 4 * 1024 * KiB
 
 #: Where Linux caps what a process may ask for. Asking fixes the size and turns TCP's
