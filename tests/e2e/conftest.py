@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from drm_lab.models import tiny_model
 from drm_wire.attestation.policy import Policy
 from tests.e2e.daemons import (
     AdminApi,
@@ -27,7 +28,6 @@ from tests.e2e.daemons import (
     run_command,
     start_daemon,
 )
-from tests.models import tiny_model
 
 LOOPBACK = "127.0.0.1"
 #: What the custodian grants before any top-up (the brief's scenario).

@@ -32,6 +32,7 @@ from drm_consumer import (
     CustodianUnreachable,
     NoInferencesLeft,
 )
+from drm_lab.models import big_model, tiny_model
 from drm_wire.attestation.policy import Policy
 from drm_wire.messages import EnclaveState, ModelDescription
 from tests.e2e.conftest import daemons_missing
@@ -43,7 +44,6 @@ from tests.e2e.faults import (
     fault_proxy,
     kill9,
 )
-from tests.models import big_model, tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

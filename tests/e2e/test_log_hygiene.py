@@ -1,7 +1,7 @@
 """What operators' logs hold after a whole lending session: structure, and no secrets.
 
 One session with the three programs as real processes on loopback, lending the canary
-model (:func:`tests.models.canary_model`: the tiny model plus 32 random bytes drawn for
+model (:func:`drm_lab.models.canary_model`: the tiny model plus 32 random bytes drawn for
 this test process). The model-level tests (``tests/enclave/test_model_host.py``,
 ``test_model_files.py``) check that loading and running it in-process leaves no trace in
 ORT's output or on disk (M05, M06); this test extends that to the daemons' own logs
@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import tests.e2e.conftest as e2e
-from tests import models
+from drm_lab import models
 from tests.e2e.conftest import Deployment
 from tests.e2e.daemons import (
     STARTUP_TIMEOUT,

@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from drm_enclave.cli import EXIT_OK, EXIT_USAGE, main
+from drm_lab.models import tiny_model
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.messages import ModelLoaded
@@ -31,7 +32,6 @@ from tests.enclave.enclave_fakes import (
     shared_pki,
     write_license,
 )
-from tests.models import tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
 KEYS = (

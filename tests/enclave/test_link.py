@@ -18,6 +18,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from drm_lab.models import random_bytes, tiny_model
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.messages import (
     EnclaveState,
@@ -39,7 +40,6 @@ from tests.enclave.enclave_fakes import (
     make_pki,
     running_enclave,
 )
-from tests.models import random_bytes, tiny_model
 
 
 async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], object]) -> PeerError:
