@@ -91,7 +91,6 @@ from tests.e2e.daemons import (
 from tests.e2e.faults import FaultProxy, Lab, fault_proxy
 
 import _e2e_baselines as base
-from _certs import Pems, make_pems
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
 from drm_enclave.cli import load_license
@@ -100,6 +99,7 @@ from drm_enclave.model_host import session_options
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig
 from drm_enclave.serve import serve as enclave_serve
+from drm_lab.certs import Pems, make_pems
 from drm_lab.models import big_model, covidnet_like_model, tiny_model
 from drm_wire.attestation.policy import Policy
 from drm_wire.logs import configure_logging

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.net.certs import Identity, make_ca, make_leaf, make_self_signed
+from drm_lab.certs import Identity, make_ca, make_leaf, make_self_signed
 
 
 @pytest.fixture(scope="session")
