@@ -79,15 +79,6 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
 
-from tests.e2e.daemons import (
-    AdminApi,
-    Daemon,
-    DaemonError,
-    LogEvent,
-    parse_address,
-    python_command,
-    start_daemon,
-)
 from tests.e2e.faults import FaultProxy, Lab, fault_proxy
 
 import _e2e_baselines as base
@@ -99,8 +90,17 @@ from drm_enclave.model_host import session_options
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig
 from drm_enclave.serve import serve as enclave_serve
+from drm_lab.admin import AdminApi
 from drm_lab.certs import Pems, make_pems
 from drm_lab.models import big_model, covidnet_like_model, tiny_model
+from drm_lab.processes import (
+    Daemon,
+    Deviation,
+    LogEvent,
+    parse_address,
+    python_command,
+    start_daemon,
+)
 from drm_wire.attestation.policy import Policy
 from drm_wire.logs import configure_logging
 from drm_wire.messages import EnclaveState
@@ -290,8 +290,9 @@ def deploy(
     try:
         serving = enclave.wait_for("enclave_serving")
         enclave.wait_for("custodian_link_up", timeout=180)
-    except DaemonError as exc:
-        raise DaemonError(f"{exc}\n--- custodian log ---\n{side.custodian.log_text()}") from None
+    except Deviation as exc:
+        exc.add_note(f"--- custodian log ---\n{side.custodian.log_text()}")
+        raise
     return Deployment(
         workdir=workdir,
         custodian=side.custodian,
@@ -1297,7 +1298,8 @@ def need(daemon: Daemon, event: str, **fields: object) -> LogEvent:
     for entry in list(daemon.events):
         if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
             return entry
-    raise DaemonError(f"{daemon.name} did not log {event} {fields}\n{daemon.log_text()}")
+    expected = f"the {daemon.name} to have logged {event!r} {fields}"
+    raise Deviation(expected, "it has not", daemon.output(), command=daemon.argv)
 
 
 def delivery_rows(

@@ -27,10 +27,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
 
-from tests.e2e.daemons import Daemon
 
 from drm_consumer import Client
 from drm_lab.models import tiny_model
+from drm_lab.processes import Daemon
 from e2e import LOOPBACK, MAX_SUPPLY, Deployment, deploy, proc_kib, running, tiny_x
 
 

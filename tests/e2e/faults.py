@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,11 +26,10 @@ from typing import Final
 
 import trio
 
-from tests.e2e.daemons import (
-    STOP_TIMEOUT,
-    AdminApi,
+from drm_lab.admin import AdminApi
+from drm_lab.processes import (
     Daemon,
-    DaemonError,
+    Deviation,
     parse_address,
     python_command,
     run_command,
@@ -312,9 +310,10 @@ class Lab:
         if link_up:
             try:
                 daemon.wait_for("custodian_link_up")
-            except DaemonError as exc:
+            except Deviation as exc:
                 log = self.custodian.log_text() if self.custodian else ""
-                raise DaemonError(f"{exc}\n--- custodian log ---\n{log}") from None
+                exc.add_note(f"--- custodian log ---\n{log}")
+                raise
         port = parse_address(serving["consumer_address"])[1]
         return Enclave(daemon, port, str(serving["instance_id"]))
 
@@ -337,5 +336,4 @@ class Lab:
 
 def kill9(daemon: Daemon) -> int:
     """SIGKILL ``daemon`` (no clean shutdown of any kind) and reap it; its status."""
-    daemon.process.send_signal(signal.SIGKILL)
-    return daemon.process.wait(STOP_TIMEOUT)
+    return daemon.kill()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemons import (
-    DaemonError,
+from drm_lab.processes import (
+    Deviation,
     parse_address,
     python_command,
     run_command,
@@ -61,7 +61,7 @@ def test_a_daemon_that_exits_fails_the_wait_with_its_log(tmp_path: Path) -> None
         "standin", [sys.executable, str(_script(tmp_path)), "--exit"], cwd=tmp_path
     )
     try:
-        with pytest.raises(DaemonError, match="exited with 3") as info:
+        with pytest.raises(Deviation, match="exited with status 3") as info:
             daemon.wait_for("ready", timeout=30)
         assert "custodian_listening" in str(info.value)
     finally:
@@ -72,7 +72,7 @@ def test_a_missing_event_times_out_with_the_log(tmp_path: Path) -> None:
     daemon = start_daemon("standin", [sys.executable, str(_script(tmp_path))], cwd=tmp_path)
     try:
         daemon.wait_for("ready", timeout=30)
-        with pytest.raises(DaemonError, match=r"within 0\.2 s") as info:
+        with pytest.raises(Deviation, match=r"within 0\.2 s") as info:
             daemon.wait_for("never_logged", timeout=0.2)
         assert "not json" in str(info.value)
     finally:
@@ -97,7 +97,7 @@ def test_run_command_reports_failure_with_output(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert ok.events() == [{"event": "x"}]
-    with pytest.raises(DaemonError, match="exited with 2"):
+    with pytest.raises(Deviation, match="exited with status 2"):
         run_command([sys.executable, "-c", "import sys; print('why'); sys.exit(2)"], cwd=tmp_path)
     assert python_command("drm_custodian", "init", tmp_path)[1:] == [
         "-m",

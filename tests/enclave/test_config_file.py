@@ -20,10 +20,10 @@ import trio
 
 from drm_enclave.cli import EXIT_OK, EXIT_USAGE, main
 from drm_lab.models import tiny_model
+from drm_lab.processes import python_command, start_daemon
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.config_file import MAX_CONFIG_BYTES
 from drm_wire.messages import ModelLoaded
-from tests.e2e.daemons import python_command, start_daemon
 from tests.enclave.enclave_fakes import (
     HOST,
     LICENSE,
