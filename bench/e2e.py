@@ -6,7 +6,7 @@ state directories, whose ledger fsyncs set the durable-commit figures, on DIR's 
 
 The daemons run as subprocesses exactly as ``tests/e2e`` starts them (``init``,
 ``measure``, ``custodian serve``, ``enclave serve`` on port 0, readiness from their JSON
-logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
+logs, helpers imported from :mod:`drm_lab.processes`); the consumer is the real
 ``drm_consumer.Client`` in this process. Two deployments:
 
 * A: tiny + COVID-Net-shaped CNN uploaded, 1,000,000 inferences supplied:
@@ -42,7 +42,7 @@ logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
   5. kill switch: SIGKILL the custodian, then ``infer(wait=0)`` in a tight loop until the
      enclave refuses with ``custodian_unreachable``.
 * C: tiny only, the enclave dialling the custodian through a ``FaultProxy``
-  (``tests/e2e/faults.py``):
+  (:mod:`drm_lab.faults`):
   5. silent partition: the proxy stops forwarding both ways (nothing closed); the enclave's
      state is polled until it says ``custodian_unreachable`` (due within the heartbeat
      timeout), then an ``infer(wait=0)`` must be refused.
@@ -77,10 +77,6 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
-
-from tests.e2e.faults import FaultProxy, Lab, fault_proxy
-
 import _e2e_baselines as base
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
@@ -92,8 +88,11 @@ from drm_enclave.serve import EnclaveConfig
 from drm_enclave.serve import serve as enclave_serve
 from drm_lab.admin import AdminApi
 from drm_lab.certs import Pems, make_pems
+from drm_lab.deployment import Lab
+from drm_lab.faults import FaultProxy, fault_proxy
 from drm_lab.models import big_model, covidnet_like_model, tiny_model
 from drm_lab.processes import (
+    LOOPBACK,
     Daemon,
     Deviation,
     LogEvent,
@@ -105,7 +104,6 @@ from drm_wire.attestation.policy import Policy
 from drm_wire.logs import configure_logging
 from drm_wire.messages import EnclaveState
 
-LOOPBACK = "127.0.0.1"
 MAX_SUPPLY = 1_000_000
 #: Section 3: the silence before each supply (and before each message of its baseline).
 QUIET = 0.02
@@ -223,7 +221,7 @@ class Deployment:
 
 @dataclass
 class CustodianSide:
-    """A custodian daemon serving (a :class:`tests.e2e.faults.Lab`'s), and when it started."""
+    """A custodian daemon serving (a :class:`drm_lab.deployment.Lab`'s), and when it started."""
 
     lab: Lab
     custodian: Daemon
