@@ -84,7 +84,7 @@ class Deviation(AssertionError):
     Attributes:
         expected: what should have happened ("the custodian to start listening").
         happened: what did ("the custodian exited with status 1").
-        output: the program's last lines, at most :data:`LOG_TAIL`.
+        output: the program's output, or its last lines.
     """
 
     def __init__(
@@ -97,7 +97,7 @@ class Deviation(AssertionError):
     ) -> None:
         self.expected = expected
         self.happened = happened
-        self.output = list(output)[-LOG_TAIL:]
+        self.output = list(output)
         message = f"expected {expected}, but {happened}"
         if command:
             message += f"\ncommand: {' '.join(command)}"
@@ -255,10 +255,10 @@ class Daemon:
 
     def _start_readers(self) -> None:
         assert self.process.stdout is not None
-        streams: list[tuple[IO[str], Callable[[str], None]]] = [
-            (self.process.stdout, self._add_line),
-        ]
-        if self.process.stderr is not None:  # stdout apart from the log
+        streams: list[tuple[IO[str], Callable[[str], None]]]
+        if self.process.stderr is None:  # stdout shares stderr's pipe: all of it is the log
+            streams = [(self.process.stdout, self._add_line)]
+        else:
             streams = [
                 (self.process.stderr, self._add_line),
                 (self.process.stdout, self._add_stdout),

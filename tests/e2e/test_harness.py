@@ -105,3 +105,45 @@ def test_run_command_reports_failure_with_output(tmp_path: Path) -> None:
         "init",
         str(tmp_path),
     ]
+
+
+#: A stand-in query: a line on stdout, one on stderr, then waits for SIGTERM.
+_QUERY = textwrap.dedent(
+    """
+    import signal, sys
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("preprocess: picked a model", flush=True)
+    print("No inferences left: waiting", file=sys.stderr, flush=True)
+    signal.pause()
+    """
+)
+
+
+def test_merged_output_keeps_the_order_and_waits_for_lines(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", _QUERY]
+    query = start_daemon("query", argv, cwd=tmp_path, merge_output=True)
+    try:
+        assert query.wait_for_line("No inferences", timeout=30) == "No inferences left: waiting"
+        assert query.wait_for_line(lambda line: "picked" in line, timeout=30).startswith("pre")
+        assert query.lines == ["preprocess: picked a model", "No inferences left: waiting"]
+        assert query.stdout_lines == []
+        assert query.events == [{"_raw": line} for line in query.lines]
+        with pytest.raises(Deviation, match=r"the query to answer, but .* within 0\.2 s") as info:
+            query.wait_for_line("Inferences left", timeout=0.2, expected="the query to answer")
+        assert info.value.output == query.lines
+        query.terminate()
+        assert query.wait_exit(30) == 0
+    finally:
+        query.stop()
+
+
+def test_separate_output_and_the_end_of_it(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", _QUERY.replace("signal.pause()", "sys.exit(4)")]
+    query = start_daemon("query", argv, cwd=tmp_path)
+    try:
+        with pytest.raises(Deviation, match="the query exited with status 4"):
+            query.wait_for_line("Inferences left", timeout=30)
+        assert query.lines == ["No inferences left: waiting"]
+        assert query.stdout_lines == ["preprocess: picked a model"]
+    finally:
+        assert query.stop() == 4
