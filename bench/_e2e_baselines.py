@@ -42,7 +42,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from _certs import Pems
+from drm_lab.certs import Pems
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import InferenceRequest, InferenceResult, Message, PeerRole
 from drm_wire.net.channel import ChannelClosed, open_channel

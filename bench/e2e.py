@@ -6,7 +6,7 @@ state directories, whose ledger fsyncs set the durable-commit figures, on DIR's 
 
 The daemons run as subprocesses exactly as ``tests/e2e`` starts them (``init``,
 ``measure``, ``custodian serve``, ``enclave serve`` on port 0, readiness from their JSON
-logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
+logs, helpers imported from :mod:`drm_lab.processes`); the consumer is the real
 ``drm_consumer.Client`` in this process. Two deployments:
 
 * A: tiny + COVID-Net-shaped CNN uploaded, 1,000,000 inferences supplied:
@@ -42,7 +42,7 @@ logs, helpers imported from ``tests/e2e/daemons.py``); the consumer is the real
   5. kill switch: SIGKILL the custodian, then ``infer(wait=0)`` in a tight loop until the
      enclave refuses with ``custodian_unreachable``.
 * C: tiny only, the enclave dialling the custodian through a ``FaultProxy``
-  (``tests/e2e/faults.py``):
+  (:mod:`drm_lab.faults`):
   5. silent partition: the proxy stops forwarding both ways (nothing closed); the enclave's
      state is polled until it says ``custodian_unreachable`` (due within the heartbeat
      timeout), then an ``infer(wait=0)`` must be refused.
@@ -77,22 +77,7 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
-
-from tests.e2e.daemons import (
-    AdminApi,
-    Daemon,
-    DaemonError,
-    LogEvent,
-    parse_address,
-    python_command,
-    start_daemon,
-)
-from tests.e2e.faults import FaultProxy, Lab, fault_proxy
-from tests.models import big_model, covidnet_like_model, tiny_model
-
 import _e2e_baselines as base
-from _certs import Pems, make_pems
 from drm_consumer import Client, CustodianUnreachable, NoInferencesLeft
 from drm_custodian.ledger import Ledger
 from drm_daemon.logs import configure_logging
@@ -102,10 +87,23 @@ from drm_enclave.model_host import session_options
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig
 from drm_enclave.serve import serve as enclave_serve
+from drm_lab.admin import AdminApi
+from drm_lab.certs import Pems, make_pems
+from drm_lab.deployment import Lab
+from drm_lab.faults import FaultProxy, fault_proxy
+from drm_lab.models import big_model, covidnet_like_model, tiny_model
+from drm_lab.processes import (
+    LOOPBACK,
+    Daemon,
+    Deviation,
+    LogEvent,
+    parse_address,
+    python_command,
+    start_daemon,
+)
 from drm_wire.attestation.policy import Policy
 from drm_wire.messages import EnclaveState
 
-LOOPBACK = "127.0.0.1"
 MAX_SUPPLY = 1_000_000
 #: Section 3: the silence before each supply (and before each message of its baseline).
 QUIET = 0.02
@@ -223,7 +221,7 @@ class Deployment:
 
 @dataclass
 class CustodianSide:
-    """A custodian daemon serving (a :class:`tests.e2e.faults.Lab`'s), and when it started."""
+    """A custodian daemon serving (a :class:`drm_lab.deployment.Lab`'s), and when it started."""
 
     lab: Lab
     custodian: Daemon
@@ -290,8 +288,9 @@ def deploy(
     try:
         serving = enclave.wait_for("enclave_serving")
         enclave.wait_for("custodian_link_up", timeout=180)
-    except DaemonError as exc:
-        raise DaemonError(f"{exc}\n--- custodian log ---\n{side.custodian.log_text()}") from None
+    except Deviation as exc:
+        exc.add_note(f"--- custodian log ---\n{side.custodian.log_text()}")
+        raise
     return Deployment(
         workdir=workdir,
         custodian=side.custodian,
@@ -1297,7 +1296,8 @@ def need(daemon: Daemon, event: str, **fields: object) -> LogEvent:
     for entry in list(daemon.events):
         if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
             return entry
-    raise DaemonError(f"{daemon.name} did not log {event} {fields}\n{daemon.log_text()}")
+    expected = f"the {daemon.name} to have logged {event!r} {fields}"
+    raise Deviation(expected, "it has not", daemon.output(), command=daemon.argv)
 
 
 def delivery_rows(

@@ -1,7 +1,7 @@
 """Model host benchmark: what the host adds to onnxruntime, and what the upload costs.
 
 Run with ``python bench/inference.py`` from the repository root (about a minute on
-2 cores; ``--quick`` for a smoke run). Models come from ``tests/models.py`` (the same
+2 cores; ``--quick`` for a smoke run). Models come from :mod:`drm_lab.models` (the same
 deterministic builders the tests use), all with 1 intra-op thread.
 
 Inference, for the tiny model (Gemm 3x4 + Softmax, batch 1) and the covidnet-like CNN
@@ -39,12 +39,9 @@ import numpy as np
 import onnxruntime as ort
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.models
-
-from tests import models
-
 from drm_enclave.model_host import HostedModel, load_model, session_options
 from drm_enclave.model_receiver import ModelReceiver
+from drm_lab import models
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
 from drm_wire.tensors import Tensor

@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
-
-from tests.e2e.daemons import Daemon
-from tests.models import tiny_model
-
 from drm_consumer import Client
-from e2e import LOOPBACK, MAX_SUPPLY, Deployment, deploy, proc_kib, running, tiny_x
+from drm_lab.models import tiny_model
+from drm_lab.processes import LOOPBACK, Daemon
+from e2e import MAX_SUPPLY, Deployment, deploy, proc_kib, running, tiny_x
 
 
 def open_fds(pid: int) -> int:

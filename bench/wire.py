@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
-from _certs import Pems, make_pems
+from drm_lab.certs import Pems, make_pems
 from drm_wire.net.tls import TLSStream, client_context, server_context
 
 Stack = Literal["ssl", "drm"]

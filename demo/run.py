@@ -32,9 +32,10 @@ from types import FrameType
 from typing import Final, NoReturn
 
 from covidnet import DEFAULT_WEIGHTS_MB
-from processes import Deviation, Shell
 from story import INTRO, STEPS, Demo
 
+from drm_lab.processes import Deviation
+from drm_lab.transcript import TAIL, Shell
 from drm_wire.net.address import port_argument
 
 EXIT_OK: Final = 0
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shell.say(f"  happened: {exc.happened}")
         if exc.output:
             shell.say("  its last lines:")
-            shell.show_output(exc.output)
+            shell.show_output(exc.output[-TAIL:])
         status = EXIT_DEVIATION
     except KeyboardInterrupt:
         shell.say()

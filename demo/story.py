@@ -1,9 +1,9 @@
 """The demo's six steps: what each one runs, says, and checks.
 
 :class:`Demo` has one method per step. Each shows the commands it runs (through
-:class:`~processes.Shell`), narrates in a few lines what they do and why, and checks that
+:class:`~drm_lab.transcript.Shell`), narrates in a few lines what they do and why, and checks that
 what happened is what the narration says: an exit status, a line of output, a daemon's
-log event. The first thing that does not match raises :class:`~processes.Deviation`;
+log event. The first thing that does not match raises :class:`~drm_lab.processes.Deviation`;
 ``run.py`` reports it and stops everything.
 """
 
@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Final
 
 from covidnet import DEFAULT_WEIGHTS_MB, IMAGE_FILE, MODEL_FILE
-from processes import Background, Completed, Deviation, Shell, wrap
+
+from drm_lab.processes import CommandResult, Daemon, Deviation, python_command
+from drm_lab.transcript import Shell, wrap
 
 __all__ = ["INTRO", "STEPS", "Demo"]
 
@@ -55,10 +57,6 @@ shows the protocol at work; it protects nothing. Never trust simulation in produ
 """
 
 
-def _python(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
 def _inferences(count: int) -> str:
     return f"{count} inference" if count == 1 else f"{count} inferences"
 
@@ -82,9 +80,9 @@ class Demo:
     mr_enclave: str = ""
     admin_port: int = 0
     consumer_port: int = 0
-    custodian: Background | None = None
-    enclave: Background | None = None
-    waiting: Background | None = None
+    custodian: Daemon | None = None
+    enclave: Daemon | None = None
+    waiting: Daemon | None = None
 
     # --- narration ------------------------------------------------------------------
 
@@ -107,7 +105,7 @@ class Demo:
         if not condition:
             raise Deviation(expected, happened, output)
 
-    def succeeded(self, done: Completed, what: str) -> None:
+    def succeeded(self, done: CommandResult, what: str) -> None:
         self.expect(
             done.returncode == 0, what, f"it exited with status {done.returncode}", done.lines()
         )
@@ -131,7 +129,7 @@ class Demo:
             "consumer use to accept exactly that build.",
         )
         done = self.shell.run(
-            _python("drm_custodian", "init", "--state-dir", STATE_DIR),
+            python_command("drm_custodian", "init", "--state-dir", STATE_DIR),
             self.timeout,
             show_stderr=False,
         )
@@ -140,7 +138,7 @@ class Demo:
             path = self.shell.workdir / name
             self.expect(path.is_file(), f"init to write {name}", "it is missing")
         done = self.shell.run(
-            _python(
+            python_command(
                 "drm_enclave", "measure", "--custodian-ca", CA_FILE,
                 "--simulation-dir", SIMULATION_DIR, "--out", POLICY_FILE,
             ),
@@ -183,31 +181,35 @@ class Demo:
         link_port, admin_port, consumer_port = self.ports
         self.custodian = custodian = self.shell.start(
             "custodian",
-            _python(
+            python_command(
                 "drm_custodian", "serve", "--state-dir", STATE_DIR, "--upload", MODEL_FILE,
                 "--policy", POLICY_FILE, "--initial-inferences", str(INITIAL_INFERENCES),
                 "--port", str(link_port), "--admin-port", str(admin_port),
             ),
         )  # fmt: skip
-        listening = custodian.wait_event(
-            "custodian_listening", "the custodian to start listening", self.timeout
+        listening = custodian.wait_for(
+            "custodian_listening", expected="the custodian to start listening", timeout=self.timeout
         )
         link, admin = listening["enclave_address"], listening["admin_address"]
         self.admin_port = int(admin.rpartition(":")[2])
         self.note(f"custodian: enclave link on {link}, admin API on {admin}")
         self.enclave = enclave = self.shell.start(
             "enclave",
-            _python(
+            python_command(
                 "drm_enclave", "serve", "--custodian", link, "--custodian-ca", CA_FILE,
                 "--license", LICENSE_FILE, "--attestation", "simulated",
                 "--simulation-dir", SIMULATION_DIR, "--listen", f"{LOOPBACK}:{consumer_port}",
             ),
         )  # fmt: skip
-        serving = enclave.wait_event("enclave_serving", "the enclave to start", self.timeout)
+        serving = enclave.wait_for(
+            "enclave_serving", expected="the enclave to start", timeout=self.timeout
+        )
         self.consumer_port = int(str(serving["consumer_address"]).rpartition(":")[2])
         self.note(f"enclave: consumers welcome on {serving['consumer_address']} (SIMULATED)")
-        attested = custodian.wait_event(
-            "enclave_attested", "the custodian to verify the enclave's attestation", self.timeout
+        attested = custodian.wait_for(
+            "enclave_attested",
+            expected="the custodian to verify the enclave's attestation",
+            timeout=self.timeout,
         )
         self.expect(
             attested.get("mr_enclave") == self.mr_enclave,
@@ -215,14 +217,16 @@ class Demo:
             f"it runs as {attested.get('mr_enclave')}",
         )
         self.note(f"custodian: enclave attested, MRENCLAVE {self.mr_enclave[:16]}... (simulated)")
-        delivered = custodian.wait_event(
-            "model_delivered", "the custodian to send the model", self.timeout
+        delivered = custodian.wait_for(
+            "model_delivered", expected="the custodian to send the model", timeout=self.timeout
         )
         self.note(
             f"custodian: model {delivered.get('model')} sent, "
             f"{int(delivered.get('size', 0)) / 1e6:.1f} MB in {delivered.get('seconds')} s"
         )
-        up = enclave.wait_event("custodian_link_up", "the enclave to load the model", self.timeout)
+        up = enclave.wait_for(
+            "custodian_link_up", expected="the enclave to load the model", timeout=self.timeout
+        )
         self.expect(
             up.get("inferences_left") == INITIAL_INFERENCES and up.get("models") == [MODEL_NAME],
             f"the enclave to serve {MODEL_NAME} with {INITIAL_INFERENCES} inferences",
@@ -231,7 +235,7 @@ class Demo:
         self.ok(f"the enclave serves {MODEL_NAME} with {INITIAL_INFERENCES} inferences left")
 
     def _query_argv(self) -> list[str]:
-        return _python(
+        return python_command(
             "drm_consumer", "query", "--address", LOOPBACK, "--port", str(self.consumer_port),
             "--input", IMAGE_FILE, "--policy", POLICY_FILE,
         )  # fmt: skip
@@ -254,9 +258,7 @@ class Demo:
             )
             self.ok(f"answered; {_inferences(expected)} left")
         self.waiting = waiting = self.shell.start("fourth query", self._query_argv())
-        waiting.wait_line(
-            lambda line: line.startswith(_WAITING), "the fourth query to wait", self.timeout
-        )
+        waiting.wait_for_line(_WAITING, expected="the fourth query to wait", timeout=self.timeout)
         self.shell.show_output(waiting.lines)
         self.expect(waiting.process.poll() is None, "the query to wait", "it exited")
         self.ok("no inferences left: the fourth query waits for the custodian")
@@ -284,7 +286,7 @@ class Demo:
         else:
             self.shell.say(wrap(tokens, "  "))
             self.note("(curl is not installed here: the demo sends the same request from Python)")
-            done = _supply_from_python(self.shell.workdir, self.admin_port, self.timeout)
+            done = _supply_frompython_command(self.shell.workdir, self.admin_port, self.timeout)
             self.shell.show_output(done.lines())
         self.succeeded(done, "the supply call to succeed")
         try:
@@ -300,7 +302,7 @@ class Demo:
         waiting = self.waiting
         assert waiting is not None
         shown = len(waiting.lines)
-        status = waiting.wait_exit("the waiting query to complete", self.timeout)
+        status = waiting.wait_exit(self.timeout, expected="the waiting query to complete")
         self.note("the waiting query:")
         self.shell.show_output(waiting.lines[shown:])
         left = _left("\n".join(waiting.lines))
@@ -322,14 +324,14 @@ class Demo:
         custodian, enclave = self.custodian, self.enclave
         assert custodian is not None
         assert enclave is not None
-        custodian.wait_event(
+        custodian.wait_for(
             "consumption_report",
-            f"the custodian to record {served} inferences",
-            self.timeout,
-            lambda e: int(e.get("borrower_served", 0)) >= served,
+            expected=f"the custodian to record {served} inferences",
+            timeout=self.timeout,
+            check=lambda e: int(e.get("borrower_served", 0)) >= served,
         )
         done = self.shell.run(
-            _python(
+            python_command(
                 "drm_custodian", "usage", "--state-dir", STATE_DIR,
                 "--admin-port", str(self.admin_port),
             ),
@@ -345,10 +347,13 @@ class Demo:
         self.note("unused: charged to the borrower until it is reported served.)")
 
         self.shell.say(f"  $ kill -TERM {custodian.process.pid}    # Ctrl-C in its terminal")
-        status = custodian.terminate("the custodian to stop", self.timeout)
+        custodian.terminate()
+        status = custodian.wait_exit(self.timeout, expected="the custodian to stop")
         self.expect(status == 0, "the custodian to stop cleanly", f"it exited with {status}")
-        enclave.wait_event(
-            "custodian_link_down", "the enclave to notice the custodian is gone", self.timeout
+        enclave.wait_for(
+            "custodian_link_down",
+            expected="the enclave to notice the custodian is gone",
+            timeout=self.timeout,
         )
         self.ok("the custodian stopped; the enclave lost its link")
         done = self.shell.run(self._query_argv(), self.timeout)
@@ -363,11 +368,12 @@ class Demo:
             "no custodian, no inference"
         )
         self.shell.say(f"  $ kill -TERM {enclave.process.pid}    # the enclave, likewise")
-        status = enclave.terminate("the enclave to stop", self.timeout)
+        enclave.terminate()
+        status = enclave.wait_exit(self.timeout, expected="the enclave to stop")
         self.expect(status == 0, "the enclave to stop cleanly", f"it exited with {status}")
 
 
-def _supply_from_python(workdir: Path, port: int, timeout: float) -> Completed:
+def _supply_frompython_command(workdir: Path, port: int, timeout: float) -> CommandResult:
     """The curl call's equivalent: the same HTTPS request, verified with the same CA."""
     token = (workdir / TOKEN_FILE).read_text(encoding="ascii").strip()
     context = ssl.create_default_context(cafile=str(workdir / CA_FILE))
@@ -385,7 +391,7 @@ def _supply_from_python(workdir: Path, port: int, timeout: float) -> Completed:
         response = conn.getresponse()
         body = response.read().decode(errors="replace")
     except OSError as exc:
-        return Completed(1, "", f"the request failed: {exc}")
+        return CommandResult([], 1, "", f"the request failed: {exc}")
     finally:
         conn.close()
-    return Completed(0 if response.status == 200 else 1, body, "")
+    return CommandResult([], 0 if response.status == 200 else 1, body, "")

@@ -44,7 +44,7 @@ from typing import IO, Final
 import pytest
 
 from drm_consumer import cli as consumer_cli
-from tests.e2e.daemons import Daemon, start_daemon
+from drm_lab.processes import Daemon, start_daemon
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 README: Final = ROOT / "README.md"

@@ -26,10 +26,10 @@ import trio
 
 from drm_custodian.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, main
 from drm_custodian.models import read_model_file
+from drm_lab.models import tiny_model
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_MODEL_BYTES
-from tests.models import tiny_model
 from tests.simulation import simulation_policy
 
 MR_ENCLAVE = hashlib.sha256(b"drm custodian cli tests: enclave").digest()

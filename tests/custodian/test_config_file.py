@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from drm_custodian.cli import EXIT_CONFIG, EXIT_OK, main
+from drm_lab.admin import AdminApi
+from drm_lab.models import tiny_model
+from drm_lab.processes import python_command, start_daemon
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.limits import MAX_GRANT_UNITS
 from tests.daemon.hostile_files import HOSTILE_FILES
-from tests.e2e.daemons import AdminApi, python_command, start_daemon
-from tests.models import tiny_model
 from tests.simulation import simulation_policy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "custodian.toml"

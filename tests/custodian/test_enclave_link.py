@@ -31,6 +31,7 @@ from drm_custodian.models import ModelFile
 from drm_custodian.serve import BoundAddresses, ServeConfig, serve
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
+from drm_lab.models import CANARY, big_model, canary_model, tiny_model, two_input_model
 from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
@@ -61,7 +62,6 @@ from drm_wire.net.channel import (
 from drm_wire.net.ratls_context import enclave_client_context
 from drm_wire.net.tls import client_context, open_tls_client
 from drm_wire.protocol import Link, Side
-from tests.models import CANARY, big_model, canary_model, tiny_model, two_input_model
 from tests.simulation import simulation_policy
 
 MR_ENCLAVE = hashlib.sha256(b"drm custodian session tests: enclave").digest()

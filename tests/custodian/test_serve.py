@@ -18,9 +18,9 @@ from drm_custodian.ledger import Ledger
 from drm_custodian.models import ModelFile
 from drm_custodian.serve import BoundAddresses, ServeConfig, initial_supply_key, serve
 from drm_custodian.state import CustodianState, LicenseRecord, init_state_dir, load_state_dir
+from drm_lab.models import tiny_model
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
-from tests.models import tiny_model
 
 POLICY = Policy(mr_enclave=(hashlib.sha256(b"serve tests").digest(),), isv_prod_id=0)
 TINY = ModelFile.from_bytes("tiny", tiny_model())

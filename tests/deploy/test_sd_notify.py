@@ -28,11 +28,11 @@ from drm_enclave.identity import License
 from drm_enclave.model_host import HostedModel
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig
+from drm_lab.models import tiny_model
+from drm_lab.processes import Daemon, parse_address, python_command, start_daemon
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.messages import Grant
 from tests.deploy.notify_socket import Notification, NotifySocket
-from tests.e2e.daemons import Daemon, parse_address, python_command, start_daemon
-from tests.models import tiny_model
 from tests.simulation import simulation_policy
 
 LOOPBACK = "127.0.0.1"

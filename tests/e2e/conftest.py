@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from drm_wire.attestation.policy import Policy
-from tests.e2e.daemons import (
-    AdminApi,
+from drm_lab.admin import AdminApi
+from drm_lab.models import tiny_model
+from drm_lab.processes import (
     Daemon,
-    DaemonError,
+    Deviation,
     parse_address,
     python_command,
     run_command,
     start_daemon,
 )
-from tests.models import tiny_model
+from drm_wire.attestation.policy import Policy
 
 LOOPBACK = "127.0.0.1"
 #: What the custodian grants before any top-up (the brief's scenario).
@@ -161,11 +161,11 @@ def deploy(
     try:
         serving = enclave.wait_for("enclave_serving")
         enclave.wait_for("custodian_link_up")
-    except DaemonError as exc:  # the custodian's side of a failed link says why
-        raise DaemonError(
-            f"{exc}\n{_measurement_note(enclave, policy)}"
-            f"--- custodian log ---\n{custodian.log_text()}"
-        ) from None
+    except Deviation as exc:  # the custodian's side of a failed link says why
+        exc.add_note(
+            f"{_measurement_note(enclave, policy)}--- custodian log ---\n{custodian.log_text()}"
+        )
+        raise
     _, consumer_port = parse_address(serving["consumer_address"])
     return Deployment(
         workdir=workdir,

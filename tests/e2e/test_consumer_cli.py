@@ -31,9 +31,9 @@ from drm_consumer.cli import (
     EXIT_OK,
     EXIT_USAGE,
 )
+from drm_lab.processes import python_command
 from drm_wire.attestation.policy import Policy
 from tests.e2e.conftest import INITIAL_INFERENCES, Deployment
-from tests.e2e.daemons import python_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 
 The custodian and the enclave run as processes on loopback; the consumer is
 :class:`drm_consumer.Client` in the test process; faults are ``kill -9`` and a TCP fault
-proxy (:mod:`tests.e2e.faults`) between the enclave and the custodian. After each fault
+proxy (:mod:`drm_lab.faults`) between the enclave and the custodian. After each fault
 the ledger is read over HTTPS (``GET /usage``) and checked *numerically* against what the
 client saw succeed:
 
@@ -12,12 +12,13 @@ client saw succeed:
 * a dead instance's unreported units stay charged (``in_doubt``) and are never re-granted.
 
 Every wait is bounded: a log event (:meth:`Daemon.wait_for`), a trio event of the proxy,
-or a poll of another process's state (:func:`tests.e2e.faults.eventually`).
+or a poll of another process's state (:func:`eventually`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -32,18 +33,13 @@ from drm_consumer import (
     CustodianUnreachable,
     NoInferencesLeft,
 )
+from drm_lab.deployment import Enclave, Lab
+from drm_lab.faults import fault_proxy
+from drm_lab.models import big_model, tiny_model
+from drm_lab.processes import LOOPBACK
 from drm_wire.attestation.policy import Policy
 from drm_wire.messages import EnclaveState, ModelDescription
 from tests.e2e.conftest import daemons_missing
-from tests.e2e.faults import (
-    LOOPBACK,
-    Enclave,
-    Lab,
-    eventually,
-    fault_proxy,
-    kill9,
-)
-from tests.models import big_model, tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,7 +52,27 @@ DEAD_LINK_BOUND: Final = 6.0
 #: got through at most one heartbeat interval before it.
 DEAD_LINK_EARLIEST: Final = 1.5
 
+#: Bound on any one poll of state that changes in another process.
+POLL_TIMEOUT: Final = 30.0
+POLL_INTERVAL: Final = 0.05
+
 Usage = dict[str, int]
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, *, bound: float = POLL_TIMEOUT
+) -> None:
+    """Poll state owned by another process until ``check`` holds, at most ``bound`` s.
+
+    Another process's state offers no event to wait on, so this polls; the bound makes a
+    regression a failure instead of a hang.
+    """
+    with trio.move_on_after(bound):
+        for _ in itertools.count():
+            if await check():
+                return
+            await trio.sleep(POLL_INTERVAL)
+    raise AssertionError(f"{what} within {bound} s")
 
 
 @pytest.fixture
@@ -171,7 +187,7 @@ async def test_enclave_killed_while_serving_strands_only_its_grant(lab: Lab) -> 
             async with trio.open_nursery() as nursery:
                 for seed in range(WORKERS):
                     nursery.start_soon(worker, seed)
-    assert await trio.to_thread.run_sync(kill9, first.daemon) == -9
+    assert await trio.to_thread.run_sync(first.daemon.kill) == -9
     assert failed == WORKERS - 1, "a request in flight at the kill did not fail"
     assert lab.custodian is not None
     linked = lab.custodian.find("enclave_linked", instance=first.instance_id)
@@ -232,7 +248,7 @@ async def test_custodian_killed_mid_upload_then_restarted(lab: Lab) -> None:
         await _wait_log(enclave.daemon.wait_for, "model_receiving", model="big")
         progress = await _wait_log(custodian.wait_for, "model_transfer_progress", model="big")
         assert progress["percent"] < 100
-        assert await trio.to_thread.run_sync(kill9, custodian) == -9
+        assert await trio.to_thread.run_sync(custodian.kill) == -9
         assert custodian.find("model_delivered") is None, "the upload was not cut"
         assert enclave.daemon.find("model_loaded") is None
 
@@ -282,7 +298,7 @@ async def test_custodian_killed_before_the_report_lands(lab: Lab) -> None:
             await _serve(client, model, 3)
             assert (await _usage(lab))["served"] == 2  # the reports are in the air
             assert lab.custodian is not None
-            assert await trio.to_thread.run_sync(kill9, lab.custodian) == -9
+            assert await trio.to_thread.run_sync(lab.custodian.kill) == -9
 
             proxy.heal()
             seen = len(enclave.daemon.events)

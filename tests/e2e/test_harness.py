@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemons import (
-    DaemonError,
+from drm_lab.processes import (
+    Deviation,
     parse_address,
     python_command,
     run_command,
@@ -61,7 +61,7 @@ def test_a_daemon_that_exits_fails_the_wait_with_its_log(tmp_path: Path) -> None
         "standin", [sys.executable, str(_script(tmp_path)), "--exit"], cwd=tmp_path
     )
     try:
-        with pytest.raises(DaemonError, match="exited with 3") as info:
+        with pytest.raises(Deviation, match="exited with status 3") as info:
             daemon.wait_for("ready", timeout=30)
         assert "custodian_listening" in str(info.value)
     finally:
@@ -72,7 +72,7 @@ def test_a_missing_event_times_out_with_the_log(tmp_path: Path) -> None:
     daemon = start_daemon("standin", [sys.executable, str(_script(tmp_path))], cwd=tmp_path)
     try:
         daemon.wait_for("ready", timeout=30)
-        with pytest.raises(DaemonError, match=r"within 0\.2 s") as info:
+        with pytest.raises(Deviation, match=r"within 0\.2 s") as info:
             daemon.wait_for("never_logged", timeout=0.2)
         assert "not json" in str(info.value)
     finally:
@@ -97,7 +97,7 @@ def test_run_command_reports_failure_with_output(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert ok.events() == [{"event": "x"}]
-    with pytest.raises(DaemonError, match="exited with 2"):
+    with pytest.raises(Deviation, match="exited with status 2"):
         run_command([sys.executable, "-c", "import sys; print('why'); sys.exit(2)"], cwd=tmp_path)
     assert python_command("drm_custodian", "init", tmp_path)[1:] == [
         "-m",
@@ -105,3 +105,45 @@ def test_run_command_reports_failure_with_output(tmp_path: Path) -> None:
         "init",
         str(tmp_path),
     ]
+
+
+#: A stand-in query: a line on stdout, one on stderr, then waits for SIGTERM.
+_QUERY = textwrap.dedent(
+    """
+    import signal, sys
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("preprocess: picked a model", flush=True)
+    print("No inferences left: waiting", file=sys.stderr, flush=True)
+    signal.pause()
+    """
+)
+
+
+def test_merged_output_keeps_the_order_and_waits_for_lines(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", _QUERY]
+    query = start_daemon("query", argv, cwd=tmp_path, merge_output=True)
+    try:
+        assert query.wait_for_line("No inferences", timeout=30) == "No inferences left: waiting"
+        assert query.wait_for_line(lambda line: "picked" in line, timeout=30).startswith("pre")
+        assert query.lines == ["preprocess: picked a model", "No inferences left: waiting"]
+        assert query.stdout_lines == []
+        assert query.events == [{"_raw": line} for line in query.lines]
+        with pytest.raises(Deviation, match=r"the query to answer, but .* within 0\.2 s") as info:
+            query.wait_for_line("Inferences left", timeout=0.2, expected="the query to answer")
+        assert info.value.output == query.lines
+        query.terminate()
+        assert query.wait_exit(30) == 0
+    finally:
+        query.stop()
+
+
+def test_separate_output_and_the_end_of_it(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", _QUERY.replace("signal.pause()", "sys.exit(4)")]
+    query = start_daemon("query", argv, cwd=tmp_path)
+    try:
+        with pytest.raises(Deviation, match="the query exited with status 4"):
+            query.wait_for_line("Inferences left", timeout=30)
+        assert query.lines == ["No inferences left: waiting"]
+        assert query.stdout_lines == ["preprocess: picked a model"]
+    finally:
+        assert query.stop() == 4

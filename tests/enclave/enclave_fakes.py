@@ -31,6 +31,7 @@ from drm_enclave.custodian_link import LinkTiming
 from drm_enclave.identity import License
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import EnclaveConfig, serve
+from drm_lab.models import tiny_model
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.measurement import simulated_mr_enclave, simulated_mr_signer
 from drm_wire.attestation.policy import Policy
@@ -62,7 +63,6 @@ from drm_wire.net.request_channel import RequestChannel, open_request_channel
 from drm_wire.net.tls import accept_tls, open_tls_client
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
-from tests.models import tiny_model
 
 HOST = "127.0.0.1"
 #: Generous bound on any single wait in these tests; only a bug reaches it.

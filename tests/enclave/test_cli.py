@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from drm_enclave.cli import load_license, parse_address
+from drm_lab.models import tiny_model
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.measurement import simulated_mr_enclave, simulated_mr_signer
 from drm_wire.attestation.policy import Policy
@@ -29,7 +30,6 @@ from tests.enclave.enclave_fakes import (
     shared_pki,
     write_license,
 )
-from tests.models import tiny_model
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

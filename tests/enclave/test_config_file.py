@@ -19,10 +19,11 @@ import structlog
 import trio
 
 from drm_enclave.cli import EXIT_OK, EXIT_USAGE, main
+from drm_lab.models import tiny_model
+from drm_lab.processes import python_command, start_daemon
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.messages import ModelLoaded
 from tests.daemon.hostile_files import HOSTILE_FILES
-from tests.e2e.daemons import python_command, start_daemon
 from tests.enclave.enclave_fakes import (
     HOST,
     LICENSE,
@@ -31,7 +32,6 @@ from tests.enclave.enclave_fakes import (
     shared_pki,
     write_license,
 )
-from tests.models import tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
 KEYS = (

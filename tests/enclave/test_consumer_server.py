@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from drm_enclave import model_host
 from drm_enclave.consumer_server import ConsumerLimits
+from drm_lab.models import SECRET_NODE_NAME, failing_model
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.framing import encode_frame
 from drm_wire.messages import (
@@ -23,7 +24,6 @@ from drm_wire.messages import (
 )
 from drm_wire.net.channel import ChannelError
 from tests.enclave.enclave_fakes import HOST, TIMEOUT, running_enclave, tiny_input
-from tests.models import SECRET_NODE_NAME, failing_model
 
 
 async def test_many_requests_in_flight_on_one_connection(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from drm_lab.models import random_bytes, tiny_model
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.messages import (
     EnclaveState,
@@ -37,7 +38,6 @@ from tests.enclave.enclave_fakes import (
     make_pki,
     running_enclave,
 )
-from tests.models import random_bytes, tiny_model
 
 
 async def test_model_delivered_then_grant_means_serving(tmp_path: Path) -> None:

@@ -23,9 +23,9 @@ import pytest
 
 from drm_enclave.model_receiver import ModelReceiver
 from drm_enclave.model_scan import PLACEHOLDER_LOCATION
+from drm_lab import models
 from drm_wire.messages import ModelEnd
 from drm_wire.tensors import Tensor
-from tests import models
 from tests.enclave.test_model_receiver import begin, chunks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ if sys.argv[2] == "host-first":
     import drm_enclave.model_host
 import onnxruntime
 from drm_enclave.model_host import ModelError, load_model
-from tests import models
+from drm_lab import models
 load_model("tiny", models.tiny_model())
 try:
     load_model("unknown", models.unknown_op_model())

@@ -23,10 +23,10 @@ from drm_enclave.model_host import (
     ModelError,
     load_model,
 )
+from drm_lab import models
 from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
 from drm_wire.messages import ModelDescription, TensorSpec
 from drm_wire.tensors import Tensor
-from tests import models
 
 CPU = ["CPUExecutionProvider"]
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 
 from drm_enclave.model_receiver import ModelReceiver
+from drm_lab import models
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
 from drm_wire.tensors import Tensor
-from tests import models
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = models.big_model(8.0)  # under IN_PLACE_BYTES: its weights are copied by onnxruntime
@@ -164,7 +164,7 @@ sys.path.insert(0, sys.argv[1])
 from drm_enclave.model_host import load_model
 from drm_enclave.model_receiver import PREFAULT_AHEAD, ModelReceiver
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
-from tests import models
+from drm_lab import models
 
 def status(key):
     with open("/proc/self/status") as f:

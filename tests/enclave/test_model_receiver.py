@@ -12,10 +12,10 @@ import pytest
 from drm_enclave import model_receiver
 from drm_enclave.model_host import load_model
 from drm_enclave.model_receiver import PREFAULT_AHEAD, ModelReceiver, ReceiverState, _Prefaulter
+from drm_lab import models
 from drm_wire.errors import ErrorCode, RemoteProtocolError
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import ModelBegin, ModelChunk, ModelEnd
-from tests import models
 
 DATA = models.big_model(8.0)  # ~8 MB: three chunks of 4 MiB, the last one short
 KiB = 1024

@@ -26,8 +26,8 @@ from drm_enclave.model_scan import (
     scan_model,
     split_weights,
 )
+from drm_lab import models
 from drm_wire.tensors import Tensor
-from tests import models
 
 CPU = ["CPUExecutionProvider"]
 BIG = models.big_model(8.0)  # three float32 weights of ~2.7 MB

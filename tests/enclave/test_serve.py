@@ -13,6 +13,7 @@ from drm_enclave.custodian_link import LinkTiming, backoff_delay
 from drm_enclave.quota import QuotaError
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import serve
+from drm_lab.models import tiny_model
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError, ErrorCode
 from drm_wire.messages import EnclaveState, Grant, ModelLoaded, UsageReport
@@ -26,7 +27,6 @@ from tests.enclave.enclave_fakes import (
     fail_a_parked_request,
     shared_pki,
 )
-from tests.models import tiny_model
 
 
 async def test_serve_reports_its_bound_port(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.net.certs import Identity, make_ca, make_leaf, make_self_signed
+from drm_lab.certs import Identity, make_ca, make_leaf, make_self_signed
 from tests.net.channel_fakes import StreamPair
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import trio
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity
 from drm_wire.messages import InferenceRequest, PeerRole
 from drm_wire.net.channel import open_channel
 from drm_wire.net.request_channel import open_request_channel
 from drm_wire.net.tls import accept_tls, client_context, open_tls_client, server_context
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
-from tests.net.certs import Identity
 from tests.net.channel_fakes import CLIENT_SOFTWARE, SERVER_SOFTWARE, result_for
 
 LOOPBACK = "127.0.0.1"

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity, make_ca
 from drm_wire.attestation import _pck
 from drm_wire.attestation.errors import UntrustedRootError
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
@@ -54,7 +55,6 @@ from drm_wire.net.tls import (
     open_tls_client,
     server_context,
 )
-from tests.net.certs import Identity, make_ca
 from tests.simulation import simulation_policy
 
 HOST = "127.0.0.1"

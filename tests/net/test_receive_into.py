@@ -15,6 +15,7 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity
 from drm_wire.codec import Header
 from drm_wire.errors import ErrorCode, RemoteProtocolError
 from drm_wire.limits import MODEL_CHUNK_BYTES
@@ -23,7 +24,6 @@ from drm_wire.net import _openssl_handles
 from drm_wire.net.channel import ChannelBroken, ReceivesInto
 from drm_wire.net.tls import TLSStream, client_context, server_context
 from drm_wire.protocol import Link
-from tests.net.certs import Identity
 from tests.net.channel_fakes import client_and_raw_server
 from tests.net.helpers import handshake_both, wrap_pair
 

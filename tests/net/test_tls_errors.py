@@ -9,9 +9,9 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity
 from drm_wire.limits import HANDSHAKE_TIMEOUT
 from drm_wire.net.tls import TLSStream, client_context, server_context
-from tests.net.certs import Identity
 from tests.net.helpers import handshake_both, lockstep_pair, memory_pair
 
 

@@ -9,8 +9,8 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity
 from drm_wire.net.tls import TLSStream, client_context, server_context
-from tests.net.certs import Identity
 from tests.net.helpers import handshake_both, lockstep_pair, memory_pair, trickle_pair
 
 

@@ -14,9 +14,9 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity
 from drm_wire.net import _openssl_handles, _socket_io, tls
 from drm_wire.net.tls import TLSStream, accept_tls, client_context, open_tls_client, server_context
-from tests.net.certs import Identity
 from tests.net.helpers import handshake_both
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 from OpenSSL import SSL
 
+from drm_lab.certs import Identity
 from drm_wire.net._tls_context import _PeerCheck
 from drm_wire.net.tls import (
     PeerVerificationError,
@@ -17,7 +18,6 @@ from drm_wire.net.tls import (
     client_context,
     server_context,
 )
-from tests.net.certs import Identity
 from tests.net.helpers import (
     PinningVerifier,
     Proof,

@@ -30,6 +30,9 @@ from functools import cache
 from typing import Final, Literal
 
 import numpy as np
+
+# onnx is not a runtime dependency of the project: the test, bench and demo dependency
+# groups install it, and only this module of drm_lab needs it.
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
 from cryptography.x509.oid import NameOID
 
 _NOW = datetime.datetime.now(datetime.UTC)
@@ -102,3 +106,31 @@ def make_self_signed(common_name: str) -> Identity:
         .sign(key, hashes.SHA256())
     )
     return Identity(cert, key)
+
+
+@dataclass(frozen=True)
+class Pems:
+    """PEM bytes of the CA certificate, the server leaf and its key (PKCS #8).
+
+    What a benchmark hands to a server in another process, or to a TLS stack that loads
+    PEM (grpcio, the standard library's ``ssl``).
+    """
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def of(cls, ca: Identity, leaf: Identity) -> Pems:
+        """``leaf`` and its issuer ``ca`` as PEM."""
+        return cls(
+            ca=ca.cert.public_bytes(Encoding.PEM),
+            cert=leaf.cert.public_bytes(Encoding.PEM),
+            key=leaf.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()),
+        )
+
+
+def make_pems() -> Pems:
+    """ECDSA P-256 CA and server leaf (SAN localhost, 127.0.0.1): the custodian's key type."""
+    ca = make_ca("bench-ca", ec.SECP256R1())
+    return Pems.of(ca, make_leaf(ca, "bench-server"))

@@ -1,0 +1,91 @@
+"""The custodian's admin API over HTTPS, as an operator's script would call it.
+
+:class:`AdminApi` uses ``http.client`` verifying the custodian CA and host name. Its
+calls block: from a trio test, call them through ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlencode
+
+from drm_lab.processes import Deviation, parse_address
+
+__all__ = ["HTTP_TIMEOUT", "AdminApi"]
+
+#: One admin HTTPS call on loopback.
+HTTP_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminApi:
+    """The custodian's admin API over HTTPS, as an operator's script would call it.
+
+    The server certificate is checked against the custodian CA, host name included.
+    """
+
+    host: str
+    port: int
+    token: str = field(repr=False)
+    ca_path: Path
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path, address: str) -> AdminApi:
+        """The admin API at ``address`` (``host:port``), with the state directory's token."""
+        host, port = parse_address(address)
+        token = (state_dir / "admin.token").read_text(encoding="ascii").strip()
+        return cls(host, port, token, state_dir / "ca.pem")
+
+    def call(
+        self, method: str, path: str, form: Mapping[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """One authenticated request; the status and the JSON answer."""
+        context = ssl.create_default_context(cafile=os.fspath(self.ca_path))
+        conn = http.client.HTTPSConnection(
+            self.host, self.port, timeout=HTTP_TIMEOUT, context=context
+        )
+        headers = {"Authorization": f"Bearer {self.token}"}
+        body = None
+        if form is not None:
+            body = urlencode(form).encode("ascii")
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(data) if data else {}
+        except ValueError:
+            doc = {"_raw": data.decode(errors="replace")}
+        return response.status, doc if isinstance(doc, dict) else {"_raw": doc}
+
+    def _ok(self, method: str, path: str, form: Mapping[str, str] | None = None) -> dict[str, Any]:
+        status, doc = self.call(method, path, form)
+        if status != 200:
+            raise Deviation(f"{method} {path} to answer 200", f"it answered {status}: {doc}")
+        return doc
+
+    def supply(self, units: int) -> dict[str, Any]:
+        """``POST /supply_inferences`` with ``number_inferences``; the usage document."""
+        return self._ok("POST", "/supply_inferences", {"number_inferences": str(units)})
+
+    def block(self, reason: str = "") -> dict[str, Any]:
+        """``POST /block``: the borrower's enclaves stop serving."""
+        return self._ok("POST", "/block", {"reason": reason} if reason else None)
+
+    def unblock(self) -> dict[str, Any]:
+        """``POST /unblock``: serving may resume."""
+        return self._ok("POST", "/unblock")
+
+    def usage(self) -> dict[str, Any]:
+        """``GET /usage``: supplied, granted, served, remaining, blocked, instances."""
+        return self._ok("GET", "/usage")

@@ -1,0 +1,169 @@
+"""The daemons of one deployment on loopback, started one at a time: a process lab.
+
+:class:`Lab` is the operator's steps (``init``, ``measure``) and the daemons started one
+at a time with the options the fault tests need (``--lease``, several models, an enclave
+dialling the proxy, a custodian restarted on its old port). Its methods block: call them
+from ``trio.to_thread.run_sync`` while a proxy runs in the test's event loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drm_lab.admin import AdminApi
+from drm_lab.processes import (
+    LOOPBACK,
+    Daemon,
+    Deviation,
+    parse_address,
+    python_command,
+    run_command,
+    start_daemon,
+)
+
+__all__ = ["Enclave", "Lab"]
+
+
+@dataclass(frozen=True, slots=True)
+class Enclave:
+    """A running enclave process: its daemon, consumer port and instance id."""
+
+    daemon: Daemon
+    consumer_port: int
+    instance_id: str
+
+
+@dataclass(eq=False)
+class Lab:
+    """A state directory, a policy and the daemons of one test; methods block."""
+
+    workdir: Path
+    daemons: list[Daemon] = field(default_factory=list)
+    custodian: Daemon | None = None
+    custodian_port: int = 0
+    admin: AdminApi | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "custodian-state"
+
+    @property
+    def simulation_dir(self) -> Path:
+        return self.workdir / "simulated-platform"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.workdir / "policy.toml"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state_dir / "ca.pem"
+
+    @property
+    def license_path(self) -> Path:
+        return self.state_dir / "handoff" / "borrower.license.json"
+
+    def prepare(self) -> None:
+        """``drm_custodian init`` and ``drm_enclave measure`` (the operator's first steps)."""
+        run_command(
+            python_command("drm_custodian", "init", "--state-dir", self.state_dir),
+            cwd=self.workdir,
+        )
+        run_command(
+            python_command(
+                "drm_enclave", "measure",
+                "--custodian-ca", self.ca_path, "--simulation-dir", self.simulation_dir,
+                "--out", self.policy_path,
+            ),
+            cwd=self.workdir,
+        )  # fmt: skip
+
+    def write_model(self, name: str, data: bytes) -> Path:
+        path = self.workdir / f"{name}.onnx"
+        path.write_bytes(data)
+        return path
+
+    def start_custodian(
+        self,
+        models: Sequence[Path],
+        *,
+        initial: int,
+        lease: int | None = None,
+        port: int = 0,
+        log_level: str | None = None,
+    ) -> Daemon:
+        """Start ``drm_custodian serve``; wait until it listens."""
+        argv = python_command(
+            "drm_custodian", "serve", "--state-dir", self.state_dir, "--policy", self.policy_path,
+            "--initial-inferences", str(initial), "--port", str(port), "--admin-port", "0",
+        )  # fmt: skip
+        for model in models:
+            argv += ["--upload", os.fspath(model)]
+        if lease is not None:
+            argv += ["--lease", str(lease)]
+        if log_level is not None:
+            argv += ["--log-level", log_level]
+        return self._run_custodian(argv)
+
+    def restart_custodian(self) -> Daemon:
+        """Start the custodian again with the same arguments, state and enclave port."""
+        assert self.custodian is not None
+        argv = list(self.custodian.argv)
+        argv[argv.index("--port") + 1] = str(self.custodian_port)
+        return self._run_custodian(argv)
+
+    def _run_custodian(self, argv: list[str]) -> Daemon:
+        custodian = start_daemon("custodian", argv, cwd=self.workdir)
+        self.daemons.append(custodian)
+        listening = custodian.wait_for("custodian_listening")
+        port = parse_address(listening["enclave_address"])[1]
+        assert self.custodian_port in (0, port)
+        self.custodian, self.custodian_port = custodian, port
+        admin_port = parse_address(listening["admin_address"])[1]
+        self.admin = AdminApi.from_state_dir(self.state_dir, f"{LOOPBACK}:{admin_port}")
+        return custodian
+
+    def start_enclave(self, custodian_port: int, *, link_up: bool = True) -> Enclave:
+        """Start ``drm_enclave serve`` dialling ``custodian_port``; by default wait until
+        it is linked (attested, models loaded, synced)."""
+        daemon = start_daemon(
+            "enclave",
+            python_command(
+                "drm_enclave", "serve",
+                "--custodian", f"{LOOPBACK}:{custodian_port}",
+                "--custodian-ca", self.ca_path, "--license", self.license_path,
+                "--attestation", "simulated", "--simulation-dir", self.simulation_dir,
+                "--listen", f"{LOOPBACK}:0",
+            ),
+            cwd=self.workdir,
+        )  # fmt: skip
+        self.daemons.append(daemon)
+        serving = daemon.wait_for("enclave_serving")
+        if link_up:
+            try:
+                daemon.wait_for("custodian_link_up")
+            except Deviation as exc:
+                log = self.custodian.log_text() if self.custodian else ""
+                exc.add_note(f"--- custodian log ---\n{log}")
+                raise
+        port = parse_address(serving["consumer_address"])[1]
+        return Enclave(daemon, port, str(serving["instance_id"]))
+
+    def usage(self) -> dict[str, int]:
+        """``GET /usage``, the counters only."""
+        assert self.admin is not None
+        doc = self.admin.usage()
+        keys = ("supplied", "granted", "served", "in_doubt", "remaining", "instances")
+        return {k: int(doc[k]) for k in keys}
+
+    def supply(self, units: int) -> None:
+        """``POST /supply_inferences``."""
+        assert self.admin is not None
+        self.admin.supply(units)
+
+    def stop_all(self) -> None:
+        for daemon in reversed(self.daemons):  # enclaves first, then custodians
+            daemon.stop()
