@@ -98,7 +98,6 @@ from drm_lab.processes import (
     Deviation,
     LogEvent,
     parse_address,
-    python_command,
     start_daemon,
 )
 from drm_wire.attestation.policy import Policy
@@ -264,40 +263,22 @@ def deploy(
     proxy, for section 5's partition).
     """
     side = start_custodian(workdir, models, initial, daemons, log_level)
-    dial = (
-        f"{LOOPBACK}:{side.lab.custodian_port}"
-        if custodian_address is None
-        else custodian_address(side.lab.custodian_port)
-    )
+    port = side.lab.custodian_port
     enclave_started = time.time()
-    enclave = start_daemon(
-        "enclave",
-        python_command(
-            "drm_enclave", "serve",
-            "--custodian", dial,
-            "--custodian-ca", side.lab.ca_path, "--license", side.lab.license_path,
-            "--attestation", "simulated", "--simulation-dir", side.lab.simulation_dir,
-            "--listen", f"{LOOPBACK}:0", "--intra-op-threads", str(threads),
-            "--log-level", log_level,
-        ),
-        cwd=workdir,
-    )  # fmt: skip
-    daemons.append(enclave)
-    if on_enclave_start is not None:
-        on_enclave_start(enclave.process.pid)
-    try:
-        serving = enclave.wait_for("enclave_serving")
-        enclave.wait_for("custodian_link_up", timeout=180)
-    except Deviation as exc:
-        exc.add_note(f"--- custodian log ---\n{side.custodian.log_text()}")
-        raise
+    enclave = side.lab.start_enclave(
+        dial=None if custodian_address is None else custodian_address(port),
+        log_level=log_level,
+        intra_op_threads=threads,
+        on_start=on_enclave_start,
+        link_timeout=180,
+    )
     return Deployment(
         workdir=workdir,
         custodian=side.custodian,
-        enclave=enclave,
+        enclave=enclave.daemon,
         admin=side.admin,
         policy=Policy.load(side.lab.policy_path),
-        port=parse_address(serving["consumer_address"])[1],
+        port=enclave.consumer_port,
         enclave_started=enclave_started,
         custodian_started=side.started,
     )

@@ -9,20 +9,23 @@ from ``trio.to_thread.run_sync`` while a proxy runs in the test's event loop.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drm_lab.admin import AdminApi
 from drm_lab.processes import (
     LOOPBACK,
+    STARTUP_TIMEOUT,
     Daemon,
     Deviation,
+    LogEvent,
     parse_address,
     python_command,
     run_command,
     start_daemon,
 )
+from drm_wire.attestation.policy import Policy
 
 __all__ = ["Enclave", "Lab"]
 
@@ -126,28 +129,50 @@ class Lab:
         self.admin = AdminApi.from_state_dir(self.state_dir, f"{LOOPBACK}:{admin_port}")
         return custodian
 
-    def start_enclave(self, custodian_port: int, *, link_up: bool = True) -> Enclave:
-        """Start ``drm_enclave serve`` dialling ``custodian_port``; by default wait until
-        it is linked (attested, models loaded, synced)."""
-        daemon = start_daemon(
-            "enclave",
-            python_command(
-                "drm_enclave", "serve",
-                "--custodian", f"{LOOPBACK}:{custodian_port}",
-                "--custodian-ca", self.ca_path, "--license", self.license_path,
-                "--attestation", "simulated", "--simulation-dir", self.simulation_dir,
-                "--listen", f"{LOOPBACK}:0",
-            ),
-            cwd=self.workdir,
+    def start_enclave(
+        self,
+        custodian_port: int | None = None,
+        *,
+        dial: str | None = None,
+        link_up: bool = True,
+        log_level: str | None = None,
+        intra_op_threads: int | None = None,
+        on_start: Callable[[int], None] | None = None,
+        link_timeout: float = STARTUP_TIMEOUT,
+    ) -> Enclave:
+        """Start ``drm_enclave serve``; by default wait until it is linked (attested,
+        models loaded, synced).
+
+        It dials ``dial`` (``host:port``, e.g. a fault proxy) if given, else
+        ``custodian_port`` on loopback, else this lab's custodian. ``on_start`` is called
+        with the process id as soon as it runs (to sample its memory from the start).
+        """
+        if dial is None:
+            dial = f"{LOOPBACK}:{custodian_port or self.custodian_port}"
+        argv = python_command(
+            "drm_enclave", "serve",
+            "--custodian", dial,
+            "--custodian-ca", self.ca_path, "--license", self.license_path,
+            "--attestation", "simulated", "--simulation-dir", self.simulation_dir,
+            "--listen", f"{LOOPBACK}:0",
         )  # fmt: skip
+        if intra_op_threads is not None:
+            argv += ["--intra-op-threads", str(intra_op_threads)]
+        if log_level is not None:
+            argv += ["--log-level", log_level]
+        daemon = start_daemon("enclave", argv, cwd=self.workdir)
         self.daemons.append(daemon)
+        if on_start is not None:
+            on_start(daemon.process.pid)
         serving = daemon.wait_for("enclave_serving")
         if link_up:
             try:
-                daemon.wait_for("custodian_link_up")
-            except Deviation as exc:
+                daemon.wait_for("custodian_link_up", timeout=link_timeout)
+            except Deviation as exc:  # the custodian's side of a failed link says why
                 log = self.custodian.log_text() if self.custodian else ""
-                exc.add_note(f"--- custodian log ---\n{log}")
+                exc.add_note(
+                    f"{_measurement_note(serving, self.policy_path)}--- custodian log ---\n{log}"
+                )
                 raise
         port = parse_address(serving["consumer_address"])[1]
         return Enclave(daemon, port, str(serving["instance_id"]))
@@ -167,3 +192,21 @@ class Lab:
     def stop_all(self) -> None:
         for daemon in reversed(self.daemons):  # enclaves first, then custodians
             daemon.stop()
+
+
+def _measurement_note(serving: LogEvent, policy_path: Path) -> str:
+    """Say so when the enclave runs with a MRENCLAVE the policy does not list.
+
+    In simulation MRENCLAVE digests the enclave's source files: if they change between
+    ``measure`` and ``serve`` (someone editing ``src/`` while the tests run), the custodian
+    rightly refuses the enclave, and the TLS alert alone would not say why.
+    """
+    if "mr_enclave" not in serving:
+        return ""
+    accepted = [m.hex() for m in Policy.load(policy_path).mr_enclave]
+    if serving["mr_enclave"] in accepted:
+        return ""
+    return (
+        f"NOTE: the enclave runs as MRENCLAVE {serving['mr_enclave']} but the policy "
+        f"accepts {accepted}: its measured sources changed after `measure`.\n"
+    )

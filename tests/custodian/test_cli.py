@@ -11,15 +11,13 @@ import hashlib
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -27,6 +25,7 @@ import trio
 from drm_custodian.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, main
 from drm_custodian.models import read_model_file
 from drm_lab.models import tiny_model
+from drm_lab.processes import Daemon, python_command, start_daemon
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_MODEL_BYTES
@@ -65,61 +64,30 @@ async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
         )
 
 
-@dataclass
-class Daemon:
-    process: trio.Process
-    lines: list[dict[str, Any]] = field(default_factory=list)
-    listening: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def admin_port(self) -> str:
-        event = next(e for e in self.lines if e.get("event") == "custodian_listening")
-        return str(event["admin_address"]).rpartition(":")[2]
-
-    async def read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        async for chunk in self.process.stderr:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    event = {"event": "not_json", "line": line.decode(errors="replace")}
-                self.lines.append(event)
-                if event.get("event") == "custodian_listening":
-                    self.listening.set()
-
-
-@asynccontextmanager
-async def daemon(files: Files, *extra: str) -> AsyncIterator[Daemon]:
+@contextmanager
+def daemon(files: Files, *extra: str) -> Iterator[Daemon]:
     """``serve`` as a real process; yields once it logged ``custodian_listening``."""
-    args = ["--state-dir", str(files.state), "--upload", str(files.model)]
-    args += ["--policy", str(files.policy), "--port", "0", "--admin-port", "0", *extra]
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "drm_custodian", "serve", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    running = Daemon(process)
+    args: list[str | Path] = ["--state-dir", files.state, "--upload", files.model]
+    args += ["--policy", files.policy, "--port", "0", "--admin-port", "0", *extra]
+    argv = python_command("drm_custodian", "serve", *args)
+    running = start_daemon("custodian", argv, cwd=files.state.parent)
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(running.read_stderr)
-            with trio.fail_after(START_TIMEOUT):
-                await running.listening.wait()
-            yield running
+        running.wait_for("custodian_listening", timeout=START_TIMEOUT)
+        yield running
     finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+        running.stop()
+
+
+def admin_port(running: Daemon) -> str:
+    event = running.find("custodian_listening")
+    assert event is not None
+    return str(event["admin_address"]).rpartition(":")[2]
 
 
 async def stop(running: Daemon) -> int:
     started = trio.current_time()
-    running.process.send_signal(signal.SIGTERM)
-    with trio.fail_after(STOP_TIMEOUT):
-        status = await running.process.wait()
+    running.terminate()
+    status = await trio.to_thread.run_sync(running.wait_exit, STOP_TIMEOUT)
     print(f"stopped in {trio.current_time() - started:.2f} s")
     return status
 
@@ -136,8 +104,8 @@ async def test_init_serve_supply_usage_and_sigterm(files: Files) -> None:
     assert again.returncode == EXIT_CONFIG
     assert b"already initialised" in again.stderr
 
-    async with daemon(files, "--initial-inferences", "3") as running:
-        port = running.admin_port
+    with daemon(files, "--initial-inferences", "3") as running:
+        port = admin_port(running)
         supplied = await run_cli(
             "supply", "5", "--state-dir", str(files.state), "--admin-port", port
         )
@@ -154,18 +122,18 @@ async def test_init_serve_supply_usage_and_sigterm(files: Files) -> None:
         assert blocked.returncode == EXIT_OK
         assert b"blocked    True" in blocked.stdout
         assert await stop(running) == 0
-    events = [e.get("event") for e in running.lines]
+    events = [e.get("event") for e in running.events]
     assert events.index("custodian_stopping") < events.index("custodian_stopped")
 
     # A restart with the same --initial-inferences does not supply again.
-    async with daemon(files, "--initial-inferences", "3") as running:
-        port = running.admin_port
+    with daemon(files, "--initial-inferences", "3") as running:
+        port = admin_port(running)
         usage = await run_cli(
             "usage", "--json", "--state-dir", str(files.state), "--admin-port", port
         )
         assert json.loads(usage.stdout)["supplied"] == 8
         assert await stop(running) == 0
-    assert any(e.get("event") == "initial_supply_skipped" for e in running.lines)
+    assert running.find("initial_supply_skipped") is not None
 
     down = await run_cli("usage", "--state-dir", str(files.state), "--admin-port", port)
     assert down.returncode == EXIT_UNREACHABLE

@@ -49,6 +49,7 @@ import tests.e2e.conftest as e2e
 from drm_lab import models
 from drm_lab.admin import AdminApi
 from drm_lab.processes import (
+    LOOPBACK,
     STARTUP_TIMEOUT,
     CommandResult,
     Daemon,
@@ -111,7 +112,7 @@ def _key_material(path: Path) -> list[str]:
 def forbidden(deployment: Deployment) -> dict[str, list[str]]:
     """What no log line may contain, by what it is."""
     state = deployment.state_dir
-    license_doc = json.loads((state / e2e.LICENSE_FILE).read_text(encoding="utf-8"))
+    license_doc = json.loads(deployment.lab.license_path.read_text(encoding="utf-8"))
     token = (state / "admin.token").read_text(encoding="ascii").strip()
     values = [np.format_float_positional(v) for v in SECRET_INPUT.ravel()]
     return {
@@ -223,7 +224,7 @@ def refused_enclave(deployment: Deployment) -> Daemon:
     """An enclave on another simulated platform, which the custodian's policy refuses."""
     argv = list(deployment.enclave.argv)
     argv[argv.index("--simulation-dir") + 1] = str(deployment.workdir / "other-platform")
-    argv[argv.index("--listen") + 1] = f"{e2e.LOOPBACK}:0"
+    argv[argv.index("--listen") + 1] = f"{LOOPBACK}:0"
     return start_daemon("refused-enclave", argv, cwd=deployment.workdir)
 
 
