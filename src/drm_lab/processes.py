@@ -125,6 +125,20 @@ def environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _pipes(env: Mapping[str, str] | None, merge_output: bool) -> dict[str, Any]:
+    """How every program of the lab is started: :func:`environment`, no standard input,
+    its output read as text on pipes (stderr on stdout's with ``merge_output``)."""
+    return {
+        "env": environment(env),
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT if merge_output else subprocess.PIPE,
+        "text": True,
+        "encoding": "utf-8",
+        "errors": "replace",
+    }
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``."""
     host, sep, port = address.rpartition(":")
@@ -193,17 +207,7 @@ def run_command(
     command = [os.fspath(a) for a in argv]
     try:
         done = subprocess.run(
-            command,
-            cwd=cwd,
-            env=environment(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            timeout=timeout,
-            check=False,
+            command, cwd=cwd, **_pipes(env, merge_output), timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as exc:
         output = [*_text(exc.stdout).splitlines(), *_text(exc.stderr).splitlines()]
@@ -464,17 +468,7 @@ def start_daemon(
     holds both, in the order written).
     """
     command = [os.fspath(a) for a in argv]
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=environment(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
+    process = subprocess.Popen(command, cwd=cwd, **_pipes(env, merge_output))
     daemon = Daemon(name, command, process)
     daemon._start_readers()
     return daemon
