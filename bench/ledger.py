@@ -23,6 +23,7 @@ Target: >= 10,000 reported inferences per second recorded durably.
 
 from __future__ import annotations
 
+import argparse
 import sqlite3
 import statistics
 import sys
@@ -183,6 +184,10 @@ def main(directory: Path) -> None:
 
 
 if __name__ == "__main__":
-    where = sys.argv[1] if len(sys.argv) > 1 else None
-    with tempfile.TemporaryDirectory(prefix="ledger-bench-", dir=where) as tmp:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument(
+        "dir", nargs="?", type=Path, help="where the database files go (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ledger-bench-", dir=args.dir) as tmp:
         main(Path(tmp))
