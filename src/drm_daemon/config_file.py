@@ -30,6 +30,7 @@ import argparse
 import enum
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -114,7 +115,8 @@ def read_toml(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any
 
     Raises:
         ConfigError: unreadable, not a regular file, too large, not UTF-8, not TOML
-            (a key given twice included), or nested too deeply to parse.
+            (a key given twice included), nested too deeply to parse, or an integer
+            too long to convert.
     """
     where = str(path)
     raw = read_bounded(path, max_bytes=max_bytes, what="the config file")
@@ -130,6 +132,11 @@ def read_toml(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any
         raise ConfigError(f"not valid TOML: {exc}", path=where) from None
     except RecursionError:
         raise ConfigError("not valid TOML: nested too deeply", path=where) from None
+    except ValueError:  # int(): Python's cap on decimal digits (4300 by default)
+        raise ConfigError(
+            f"not valid TOML: an integer has more than {sys.get_int_max_str_digits()} digits",
+            path=where,
+        ) from None
 
 
 def load_config(path: Path, schema: ConfigSchema) -> dict[str, object]:

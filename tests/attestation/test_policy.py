@@ -139,6 +139,10 @@ GOOD = f'[enclave]\nmr_enclave = ["{HEX_E}"]\nisv_prod_id = 0\n'
             "not a PEM",
         ),
         ("[enclave\n", None, "not valid TOML"),
+        # Found by fuzzing (tests/fuzz): the parser's own recursion and int conversion.
+        (GOOD + "isv_svn = " + "[" * 1_000 + "]" * 1_000 + "\n", None, "nested too deeply"),
+        (GOOD + "misc_select = " + "{a = " * 1_000 + "1" + "}" * 1_000, None, "nested too"),
+        (GOOD + "min_isv_svn = " + "9" * 4_301 + "\n", None, "more than 4300 digits"),
     ],
 )
 def test_bad_policy_names_key_and_file(text: str, key: str | None, message: str) -> None:

@@ -31,6 +31,7 @@ key and the file, so a typo never silently widens what is accepted.
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
@@ -218,6 +219,13 @@ class Policy:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", path=source) from exc
+        except RecursionError:
+            raise ConfigError("not valid TOML: nested too deeply", path=source) from None
+        except ValueError:  # int(): Python's cap on decimal digits (4300 by default)
+            raise ConfigError(
+                f"not valid TOML: an integer has more than {sys.get_int_max_str_digits()} digits",
+                path=source,
+            ) from None
         top = _Table(document, "", source, {"enclave", "simulation"})
         enclave = top.table("enclave", _ENCLAVE_KEYS, required=True)
         mr_signer = enclave.get("mr_signer", str, None)
