@@ -242,3 +242,13 @@ def test_blindai_style_masks_accept(platform: SimulatedPlatform, policy: Policy)
 
 def test_debug_allowed(platform: SimulatedPlatform, policy: Policy) -> None:
     assert replace(policy, allow_debug=True).check(_verified(platform, debug=True)).debug
+
+
+def test_a_path_to_a_device_is_refused_without_reading_it() -> None:
+    """Found while fuzzing the policy: ``/dev/zero`` was read until memory ran out."""
+    text = GOOD + "[simulation]\ntrust_root = '/dev/zero'\n"
+    with pytest.raises(ConfigError, match="not a regular file") as info:
+        Policy.from_toml(text, path=DATA / "under-test.toml")
+    assert info.value.key == "simulation.trust_root"
+    with pytest.raises(ConfigError, match=r"cannot read policy.*not a regular file"):
+        Policy.load("/dev/zero")
