@@ -111,6 +111,7 @@ def _result(stdout: str) -> dict[str, Any] | None:
 
 
 def _print_result(result: dict[str, Any]) -> None:
+    print(f"  {result['inputs'] or 0} inputs in {result['seconds']:.1f} s", flush=True)
     if result.get("crash"):
         print(f"  libFuzzer stopped: {result['crash']}")
     for finding in result["findings"]:
