@@ -55,3 +55,13 @@ def bench(session: nox.Session) -> None:
     names = session.posargs or sorted(path.stem for path in Path("bench").glob("[!_]*.py"))
     for name in names:
         session.run("python", f"bench/{name}.py")
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """Fuzz every decoder of untrusted bytes; ``-- 100000 [HARNESS...]``: inputs each.
+
+    Prints the inputs run and the findings of each harness (tests/fuzz/run.py).
+    """
+    _install(session, "fuzz")
+    session.run("python", "-m", "tests.fuzz.run", *session.posargs)

@@ -168,7 +168,7 @@ def test_the_two_commands_name_real_nox_sessions() -> None:
         "nox -s tests",
     ]
     named = set(re.findall(r"nox -s (\w+)", _block("quickstart").text + _block("nox").text))
-    assert named == {"tests", "lint", "demo", "bench"}
+    assert named == {"tests", "lint", "demo", "bench", "fuzz"}
     assert named <= _nox_sessions()
     noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
     assert '"demo/run.py"' in noxfile

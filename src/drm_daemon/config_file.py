@@ -30,6 +30,7 @@ import argparse
 import enum
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     "Kind",
     "Origin",
     "load_config",
+    "parse_toml",
     "read_bounded",
     "read_toml",
 ]
@@ -110,14 +112,21 @@ def read_bounded(path: Path, *, max_bytes: int, what: str) -> bytes:
 def read_toml(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
     """Read one TOML document, refusing what no configuration file looks like.
 
-    The file goes through :func:`read_bounded` and must be UTF-8.
+    The file goes through :func:`read_bounded`, then :func:`parse_toml`.
 
     Raises:
-        ConfigError: unreadable, not a regular file, too large, not UTF-8, not TOML
-            (a key given twice included), or nested too deeply to parse.
+        ConfigError: unreadable, not a regular file, too large, or see :func:`parse_toml`.
     """
-    where = str(path)
-    raw = read_bounded(path, max_bytes=max_bytes, what="the config file")
+    return parse_toml(read_bounded(path, max_bytes=max_bytes, what="the config file"), str(path))
+
+
+def parse_toml(raw: bytes, where: str) -> dict[str, Any]:
+    """Parse the bytes of a configuration file (``where`` names it in errors).
+
+    Raises:
+        ConfigError: not UTF-8, not TOML (a key given twice included), nested too deeply
+            to parse, or an integer too long to convert.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -130,6 +139,11 @@ def read_toml(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any
         raise ConfigError(f"not valid TOML: {exc}", path=where) from None
     except RecursionError:
         raise ConfigError("not valid TOML: nested too deeply", path=where) from None
+    except ValueError:  # int(): Python's cap on decimal digits (4300 by default)
+        raise ConfigError(
+            f"not valid TOML: an integer has more than {sys.get_int_max_str_digits()} digits",
+            path=where,
+        ) from None
 
 
 def load_config(path: Path, schema: ConfigSchema) -> dict[str, object]:

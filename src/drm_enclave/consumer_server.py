@@ -46,7 +46,7 @@ import structlog
 import trio
 from OpenSSL import SSL
 
-from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
+from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError, RemoteProtocolError
 from drm_wire.limits import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT
 from drm_wire.messages import (
     Error,
@@ -152,11 +152,8 @@ class ConsumerServer:
             self._connections += 1
             try:
                 await self._connection(transport, log)
-            except _CONNECTION_ENDED as exc:
-                log.info("consumer_disconnected", reason=type(exc).__name__)
-            except Exception:
-                # The per-connection boundary: a bug here closes this connection only.
-                log.exception("consumer_connection_crashed")
+            except Exception as exc:  # noqa: BLE001 - the per-connection boundary
+                _log_ending(log, exc)
             finally:
                 self._connections -= 1
                 await trio.aclose_forcefully(transport)
@@ -193,7 +190,7 @@ class ConsumerServer:
                 log.info(
                     "consumer_connected", software=hello.software[:64], version=channel.version
                 )
-                reason = await _until_ended(channel)
+                reason = await _until_ended(channel, log)
                 requests.cancel_scope.cancel()  # the consumer left: nobody takes replies
             log.info("consumer_disconnected", reason=reason)
 
@@ -409,14 +406,52 @@ class _Counter:
         self.value = 0
 
 
-async def _until_ended(channel: MessageChannel) -> str:
+async def _until_ended(channel: MessageChannel, log: structlog.typing.FilteringBoundLogger) -> str:
     """Wait until the connection ends; return how it ended."""
     try:
         await channel.wait_ended()
     except ChannelClosed:
         return "closed"
     except _CONNECTION_ENDED as exc:  # e.g. a protocol error: the peer was told why
+        if isinstance(exc, RemoteProtocolError):
+            _protocol_error(log, exc)
         return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _log_ending(log: structlog.typing.FilteringBoundLogger, exc: Exception) -> None:
+    """Log how a connection ended with ``exc``, once, as what it is.
+
+    What the peer did (a protocol error, a failed handshake, a lost connection) often
+    arrives inside an exception group, from the nurseries the connection runs in: it is
+    still the peer's doing, not a crash. Only an exception of another kind is a bug here,
+    logged with its traceback; it closes this connection only.
+    """
+    leaves = _leaves(exc)
+    if not all(isinstance(leaf, _CONNECTION_ENDED) for leaf in leaves):
+        log.error("consumer_connection_crashed", exc_info=exc)
+        return
+    for leaf in leaves:
+        if isinstance(leaf, RemoteProtocolError):
+            _protocol_error(log, leaf)
+    log.info("consumer_disconnected", reason=type(leaves[0]).__name__)
+
+
+def _protocol_error(log: structlog.typing.FilteringBoundLogger, exc: RemoteProtocolError) -> None:
+    """The consumer broke the protocol (and was told so): a warning, naming what it did."""
+    log.warning(
+        "consumer_protocol_error",
+        code=exc.code.value,
+        error=exc.message[:200],
+        field=exc.field,
+        state=exc.state,
+    )
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, exception groups flattened (``exc`` if none)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 class _WaitingNotice:

@@ -162,6 +162,8 @@ def _enum(value: object, enum: type[StrEnum], field: str) -> Any:
 
 
 def _tuple_of(value: object, field: str, check: Callable[[object, str], Any], limit: int) -> tuple:  # type: ignore[type-arg]
+    # A list from the wire goes through here as it is: converting it first (``tuple(v)``)
+    # would take an int for a TypeError and a binary for a tuple of versions.
     if type(value) is not tuple and type(value) is not list:
         raise _bad(field, "must be a list")
     if len(value) > limit:
@@ -315,7 +317,6 @@ class Hello(Message):
     """
 
     TYPE: ClassVar[str] = "hello"
-    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"versions": tuple}
 
     versions: tuple[int, ...]
     role: PeerRole
@@ -352,7 +353,6 @@ class Refusal(Message):
     """Server's refusal of :class:`Hello`; the connection then closes."""
 
     TYPE: ClassVar[str] = "refusal"
-    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"supported_versions": tuple}
 
     code: ErrorCode
     message: str

@@ -69,7 +69,10 @@ def check_shape(shape: object, field: str = "shape") -> tuple[int, ...]:
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise _fail("shape dimensions must be non-negative ints", field=field)
-    elements = math.prod(shape)
+    # Zero dimensions count as 1 here: with one of them the product is 0 whatever the
+    # others are, and [0, 2**63] would pass a bound on the product alone, then fail in
+    # numpy, which cannot even reshape to a dimension past its index type.
+    elements = math.prod(dim or 1 for dim in shape)
     if elements > MAX_TENSOR_ELEMENTS:
         raise _fail(
             "tensor has too many elements",

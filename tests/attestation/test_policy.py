@@ -139,6 +139,10 @@ GOOD = f'[enclave]\nmr_enclave = ["{HEX_E}"]\nisv_prod_id = 0\n'
             "not a PEM",
         ),
         ("[enclave\n", None, "not valid TOML"),
+        # Found by fuzzing (tests/fuzz): the parser's own recursion and int conversion.
+        (GOOD + "isv_svn = " + "[" * 1_000 + "]" * 1_000 + "\n", None, "nested too deeply"),
+        (GOOD + "misc_select = " + "{a = " * 1_000 + "1" + "}" * 1_000, None, "nested too"),
+        (GOOD + "min_isv_svn = " + "9" * 4_301 + "\n", None, "more than 4300 digits"),
     ],
 )
 def test_bad_policy_names_key_and_file(text: str, key: str | None, message: str) -> None:
@@ -238,3 +242,13 @@ def test_blindai_style_masks_accept(platform: SimulatedPlatform, policy: Policy)
 
 def test_debug_allowed(platform: SimulatedPlatform, policy: Policy) -> None:
     assert replace(policy, allow_debug=True).check(_verified(platform, debug=True)).debug
+
+
+def test_a_path_to_a_device_is_refused_without_reading_it() -> None:
+    """Found while fuzzing the policy: ``/dev/zero`` was read until memory ran out."""
+    text = GOOD + "[simulation]\ntrust_root = '/dev/zero'\n"
+    with pytest.raises(ConfigError, match="not a regular file") as info:
+        Policy.from_toml(text, path=DATA / "under-test.toml")
+    assert info.value.key == "simulation.trust_root"
+    with pytest.raises(ConfigError, match=r"cannot read policy.*not a regular file"):
+        Policy.load("/dev/zero")

@@ -38,4 +38,14 @@ HOSTILE_FILES = [
         "not valid TOML: nested too deeply",
         id="deep-tables",
     ),
+    pytest.param(
+        b"log_level = " + b"9" * 4_301,
+        "not valid TOML: an integer has more than 4300 digits",
+        id="long-integer",
+    ),
+    pytest.param(
+        b"log_level = " + b"[" * 1_000 + b"]" * 1_000,
+        "not valid TOML: nested too deeply",
+        id="nested-1000",
+    ),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -16,14 +17,20 @@ from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.framing import encode_frame
 from drm_wire.messages import (
     EnclaveState,
+    Error,
     Hello,
     InferenceResult,
+    Message,
     PeerRole,
+    Refusal,
     UsageReport,
     Waiting,
 )
 from drm_wire.net.channel import ChannelError
-from tests.enclave.enclave_fakes import HOST, TIMEOUT, running_enclave, tiny_input
+from drm_wire.net.ratls_context import consumer_client_context
+from drm_wire.net.tls import open_tls_client
+from drm_wire.protocol import Closed, Connection, Link, NeedData, Side
+from tests.enclave.enclave_fakes import HOST, TIMEOUT, Rig, running_enclave, tiny_input
 
 
 async def test_many_requests_in_flight_on_one_connection(tmp_path: Path) -> None:
@@ -188,3 +195,56 @@ async def test_protocol_violation_closes_only_that_connection(tmp_path: Path) ->
     assert not any(entry["event"] == "consumer_connection_crashed" for entry in logs)
     ended = [entry for entry in logs if entry["event"] == "consumer_disconnected"]
     assert any("RemoteProtocolError" in entry["reason"] for entry in ended)
+
+
+async def _answer_to_raw_hello(rig: Rig, hello: bytes | Hello) -> Message | Closed:
+    """Send ``hello`` (raw bytes, or a message past our own checks) first after the TLS
+    handshake; return what the enclave answers."""
+    stream = await open_tls_client(HOST, rig.address[1], consumer_client_context(rig.policy))
+    conn = Connection(Link.CONSUMER, Side.CLIENT)
+    data = hello if isinstance(hello, bytes) else b"".join(conn.send(hello))
+    with trio.fail_after(TIMEOUT):
+        await stream.send_all(data)
+        while isinstance(event := conn.next_message(), NeedData):
+            conn.receive_data(await stream.receive_some())
+    await trio.aclose_forcefully(stream)
+    assert not isinstance(event, NeedData)
+    return event
+
+
+# Found by fuzzing (tests/fuzz): a hello whose versions is the int 0 (before the fix, a
+# TypeError: no error frame, and the connection logged as a crash).
+HELLO_WITH_INT_VERSIONS = bytes.fromhex(
+    "0000002684a474797065a568656c6c6fa876657273696f6e7300a4726f6c6500a8736f66747761726500"
+)
+
+
+@pytest.mark.parametrize(
+    ("hello", "code", "text"),
+    [
+        (HELLO_WITH_INT_VERSIONS, ErrorCode.PROTOCOL_ERROR, "versions: must be a list"),
+        (
+            Hello(versions=(99,), role=PeerRole.CONSUMER, software="future"),
+            ErrorCode.UNSUPPORTED_VERSION,
+            "no protocol version we do",
+        ),
+    ],
+    ids=["versions-int", "unsupported-version"],
+)
+async def test_a_bad_hello_is_answered_and_logged_as_the_peers_fault(
+    tmp_path: Path, hello: bytes | Hello, code: ErrorCode, text: str
+) -> None:
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        async with running_enclave(tmp_path) as rig:
+            await rig.link(granted_total=1)
+            answer = await _answer_to_raw_hello(rig, hello)
+            assert isinstance(answer, Refusal | Error)  # refused as the protocol says
+            assert answer.code is code
+            async with rig.consumer() as polite:  # and the enclave serves on
+                assert (await polite.infer()).inferences_left == 0
+    assert not [entry for entry in logs if entry["event"] == "consumer_connection_crashed"]
+    (warning,) = [entry for entry in logs if entry["event"] == "consumer_protocol_error"]
+    assert warning["log_level"] == "warning"
+    assert warning["code"] == code.value
+    assert text in warning["error"]
+    assert warning["peer"].startswith(f"{HOST}:")

@@ -14,6 +14,7 @@ from drm_wire import codec
 from drm_wire import messages as m
 from drm_wire.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from drm_wire.framing import Frame
+from drm_wire.protocol import Connection, Link, Side, State
 
 from .helpers import decode_all, encode, normalise
 from .strategies import MESSAGES, any_message
@@ -79,6 +80,40 @@ def test_int_fields_are_exact(bad: object) -> None:
     assert info.value.field == "seq"
     with pytest.raises(LocalProtocolError):
         m.UsageReport(seq=bad, served_total=1)  # type: ignore[arg-type]
+
+
+# Found by fuzzing (tests/fuzz): a hello whose ``versions`` is the int 0, as the enclave
+# receives it on the consumer port before any authentication.
+HELLO_WITH_INT_VERSIONS = bytes.fromhex(
+    "0000002684a474797065a568656c6c6fa876657273696f6e7300a4726f6c6500a8736f66747761726500"
+)
+
+
+def test_hello_whose_versions_is_an_int_is_a_protocol_error_that_closes() -> None:
+    conn = Connection(Link.CONSUMER, Side.SERVER)
+    conn.receive_data(HELLO_WITH_INT_VERSIONS)
+    with pytest.raises(RemoteProtocolError, match="versions: must be a list") as info:
+        conn.next_message()
+    assert info.value.field == "versions"
+    assert info.value.code is ErrorCode.PROTOCOL_ERROR
+    assert conn.state is State.CLOSED
+    assert conn.send_error(conn.error_for(info.value))  # the peer can be told why
+
+
+# A list of versions is exactly a msgpack array: an int, a binary (whose bytes would read
+# as versions), a string, a map or nil is refused, as the exact types promise.
+NOT_VERSION_LISTS = [0, 7, b"\x01", b"", "1", {"1": 1}, None, 1.0, True]
+
+
+@pytest.mark.parametrize("bad", NOT_VERSION_LISTS, ids=repr)
+def test_version_lists_are_exactly_lists(bad: object) -> None:
+    hello = {"type": "hello", "versions": bad, "role": "consumer", "software": "x"}
+    refusal = {"type": "refusal", "code": "busy", "message": "x", "supported_versions": bad}
+    for header, field in ((hello, "versions"), (refusal, "supported_versions")):
+        wire = codec.unpack_header(codec.pack_header(header))  # as msgpack delivers it
+        with pytest.raises(RemoteProtocolError, match=f"{field}: must be a list") as info:
+            m.from_frame(_frame(wire))
+        assert info.value.field == field
 
 
 def test_wire_decoded_values_keep_exact_types_through_msgpack() -> None:

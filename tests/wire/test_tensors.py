@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 from drm_wire import messages as m
 from drm_wire.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from drm_wire.limits import MAX_TENSOR_RANK, MAX_TENSORS
+from drm_wire.limits import MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK, MAX_TENSORS
 from drm_wire.tensors import DTYPES, Tensor, tensors_from_wire
 
 from .helpers import decode_all, encode
@@ -123,6 +123,29 @@ def test_tensor_count_at_the_limit_and_past_it() -> None:
     entries = [one.describe()] * (MAX_TENSORS + 1)
     with pytest.raises(LocalProtocolError, match="too many tensors"):
         tensors_from_wire(entries, memoryview(bytes(MAX_TENSORS + 1)), "inputs")
+
+
+# Found by fuzzing (tests/fuzz): with a zero dimension the product is 0 whatever the
+# others are, so each dimension needs its own bound, or numpy cannot even reshape.
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**63], [0, 2**64 - 1], [2**40, 0, 2**40], [0, MAX_TENSOR_ELEMENTS + 1]],
+    ids=str,
+)
+def test_a_zero_dimension_does_not_unbound_the_others(shape: list[int]) -> None:
+    entries = [{"name": "x", "dtype": "float32", "shape": shape}]
+    with pytest.raises(LocalProtocolError, match="too many elements") as info:
+        tensors_from_wire(entries, memoryview(b""), "inputs")
+    assert info.value.code is ErrorCode.LIMIT_EXCEEDED
+    assert info.value.limit == MAX_TENSOR_ELEMENTS
+    with pytest.raises(LocalProtocolError, match="too many elements"):
+        Tensor(name="x", dtype="float32", shape=tuple(shape), data=memoryview(b""))
+
+
+def test_an_empty_tensor_at_the_dimension_limit_reaches_numpy() -> None:
+    entries = [{"name": "x", "dtype": "float32", "shape": [0, MAX_TENSOR_ELEMENTS]}]
+    (tensor,) = tensors_from_wire(entries, memoryview(b""), "inputs")
+    assert tensor.to_numpy().shape == (0, MAX_TENSOR_ELEMENTS)
 
 
 def test_tensor_data_must_match_shape() -> None:

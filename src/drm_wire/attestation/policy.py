@@ -30,7 +30,11 @@ key and the file, so a typo never silently widens what is accepted.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
+import sys
 import tomllib
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
@@ -63,6 +67,9 @@ __all__ = [
     "SvnTooLowError",
     "TcbStatusError",
 ]
+
+#: A policy is a dozen lines, its simulation root one certificate; far below this.
+MAX_POLICY_BYTES: Final = 64 * 1024
 
 _U64: Final = (1 << 64) - 1
 _U32: Final = (1 << 32) - 1
@@ -201,7 +208,7 @@ class Policy:
             ConfigError: unreadable, not TOML, or an invalid key or value.
         """
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = _read_small(Path(path), MAX_POLICY_BYTES).decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read policy: {exc}", path=str(path)) from exc
         return cls.from_toml(text, path=path)
@@ -218,6 +225,13 @@ class Policy:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", path=source) from exc
+        except RecursionError:
+            raise ConfigError("not valid TOML: nested too deeply", path=source) from None
+        except ValueError:  # int(): Python's cap on decimal digits (4300 by default)
+            raise ConfigError(
+                f"not valid TOML: an integer has more than {sys.get_int_max_str_digits()} digits",
+                path=source,
+            ) from None
         top = _Table(document, "", source, {"enclave", "simulation"})
         enclave = top.table("enclave", _ENCLAVE_KEYS, required=True)
         mr_signer = enclave.get("mr_signer", str, None)
@@ -347,6 +361,25 @@ class Policy:
 _MISSING: Final = object()
 
 
+def _read_small(path: Path, limit: int) -> bytes:
+    """A regular file of at most ``limit`` bytes: what a policy or its root looks like.
+
+    A path a policy names may be anything (``/dev/zero``, a FIFO); reading it whole would
+    never end. Without blocking and with a bound, it ends at once.
+
+    Raises:
+        OSError: unreadable, not a regular file, or larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
 class _Table:
     """Typed access to one TOML table; every failure names the key and the file."""
 
@@ -411,7 +444,7 @@ class _Table:
 
     def certificate(self, path: Path, key: str) -> x509.Certificate:
         try:
-            return x509.load_pem_x509_certificate(path.read_bytes())
+            return x509.load_pem_x509_certificate(_read_small(path, MAX_POLICY_BYTES))
         except OSError as exc:
             raise self.fail(f"cannot read {path}: {exc.strerror}", key) from exc
         except ValueError as exc:
