@@ -36,6 +36,7 @@ from drm_custodian.models import read_model_file
 from drm_custodian.serve import DEFAULT_ENCLAVE_PORT, BoundAddresses, ServeConfig, serve
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
+from drm_custodian.state_lock import lock_state_dir
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
@@ -230,14 +231,17 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     set_log_level(args.log_level)  # first: loggers keep the level of their first use
-    config = _serve_config(args)
-    status = EXIT_OK
-    try:
-        trio.run(run_daemon, config)
-    except* (OSError, DrmError) as group:
-        for exc in _leaves(group):  # not "1 sub-exception": say the port is taken
-            log.error("custodian_failed", error=str(exc), kind=type(exc).__name__)
-        status = EXIT_FAILED
+    # Before anything else reads the state: one custodian per state directory (I16). Held
+    # until this process ends; a second one is refused here, naming the holder.
+    with lock_state_dir(args.state_dir):
+        config = _serve_config(args)
+        status = EXIT_OK
+        try:
+            trio.run(run_daemon, config)
+        except* (OSError, DrmError) as group:
+            for exc in _leaves(group):  # not "1 sub-exception": say the port is taken
+                log.error("custodian_failed", error=str(exc), kind=type(exc).__name__)
+            status = EXIT_FAILED
     return status
 
 

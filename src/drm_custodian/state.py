@@ -15,6 +15,8 @@ Layout (made by :func:`init_state_dir`, read back by :func:`load_state_dir`)::
         <borrower>.license.json     the borrower's license, *with* its secret
       state.json              0644  format version and hostname; written last, so its absence
                                     means an init that did not finish
+      custodian.lock          0600  held (flock) by the one process that writes the state:
+                                    ``serve``, or ``init`` while it runs (:mod:`.state_lock`)
 
 Licenses: a license is ``(borrower, license_id, secret)``. The borrower's enclave presents
 the id and the secret over the attested, mutually authenticated link; the custodian looks
@@ -67,6 +69,7 @@ from drm_custodian._state_pki import (
     make_server_cert,
 )
 from drm_custodian.ledger import Ledger
+from drm_custodian.state_lock import StateLock, lock_state_dir
 from drm_wire.errors import ConfigError, DrmError
 
 log = structlog.get_logger(__name__)
@@ -228,10 +231,14 @@ async def init_state_dir(
     if not _BORROWER_RE.fullmatch(borrower):
         raise ConfigError("borrower must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}", key="borrower")
     now = now or dt.datetime.now(dt.UTC)
-    record = await trio.to_thread.run_sync(_write_keys, root, hostname, borrower, now)
-    ledger = await Ledger.open(root / LEDGER)
-    await ledger.aclose()
-    await trio.to_thread.run_sync(_finish_init, root, hostname, now)
+    lock = await trio.to_thread.run_sync(_prepare_and_lock, root)
+    try:
+        record = await trio.to_thread.run_sync(_write_keys, root, hostname, borrower, now)
+        ledger = await Ledger.open(root / LEDGER)
+        await ledger.aclose()
+        await trio.to_thread.run_sync(_finish_init, root, hostname, now)
+    finally:
+        lock.release()
     log.info(
         "state_initialised",
         path=str(root),
@@ -276,8 +283,12 @@ def _prepare_dir(root: Path) -> None:
         raise ConfigError(f"cannot create state directory: {exc.strerror}", path=str(root)) from exc
 
 
-def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> LicenseRecord:
+def _prepare_and_lock(root: Path) -> StateLock:
     _prepare_dir(root)
+    return lock_state_dir(root)
+
+
+def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> LicenseRecord:
     ca_key = ec.generate_private_key(CURVE())
     ca_cert = make_ca(ca_key, now)
     server_key = ec.generate_private_key(CURVE())
