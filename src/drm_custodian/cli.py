@@ -79,17 +79,29 @@ exit status:
 _port = port_argument(zero=True)
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of inferences (a whole number, such as 5)"
+        ) from None
+
+
 def _count(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if not 0 <= value <= MAX_GRANT_UNITS:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_GRANT_UNITS}")
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_GRANT_UNITS}, got {value}")
     return value
 
 
 def _positive_count(text: str) -> int:
-    value = _count(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    value = _whole_number(text)
+    if not 1 <= value <= MAX_GRANT_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {MAX_GRANT_UNITS}, got {value} (a supply only adds: "
+            "to stop lending, use block)"
+        )
     return value
 
 
@@ -143,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     supply = admin_command("supply", "add inferences to the borrower's supply")
-    supply.add_argument("units", type=_positive_count, metavar="N")
+    supply.add_argument("units", type=_positive_count, metavar="N",
+                        help=f"inferences to add, 1 to {MAX_GRANT_UNITS}")  # fmt: skip
     block = admin_command("block", "block the borrower: its enclaves stop serving at once")
     block.add_argument("--reason", default="", help="shown to the borrower's enclaves")
     admin_command("unblock", "unblock the borrower")
@@ -293,7 +306,7 @@ async def run_daemon(config: ServeConfig, notifier: Notifier | None = None) -> N
 
 
 def _admin(args: argparse.Namespace, out: TextIO) -> int:
-    state = load_state_dir(args.state_dir)
+    state = load_state_dir(args.state_dir, warn_handoff=False)  # serve warns; once is enough
     client = AdminClient.from_state(state, port=args.admin_port)
     if args.command == "supply":
         doc = client.supply(args.units)

@@ -368,7 +368,7 @@ def _create(path: Path, data: bytes, mode: int) -> None:
 
 
 def load_state_dir(
-    path: str | os.PathLike[str], *, now: dt.datetime | None = None
+    path: str | os.PathLike[str], *, now: dt.datetime | None = None, warn_handoff: bool = True
 ) -> CustodianState:
     """Read and validate a state directory made by :func:`init_state_dir`.
 
@@ -377,6 +377,8 @@ def load_state_dir(
     Args:
         path: the state directory.
         now: the time certificates are checked against (tests pin it).
+        warn_handoff: log ``state_handoff_pending`` if ``handoff/`` still holds a
+            secret (the daemon does, at every start; the admin commands do not).
 
     Raises:
         ConfigError: a file is missing, has loose permissions, or fails validation; the
@@ -411,8 +413,12 @@ def load_state_dir(
 
     handoff = root / HANDOFF
     pending = tuple(sorted(handoff.iterdir())) if handoff.is_dir() else ()
-    if pending:
-        log.warning("state_handoff_pending", files=[p.name for p in pending])
+    if pending and warn_handoff:
+        log.warning(
+            "state_handoff_pending",
+            files=[p.name for p in pending],
+            fix="hand each file to its borrower, then delete it from handoff/",
+        )
     return CustodianState(
         path=root,
         hostname=hostname,
