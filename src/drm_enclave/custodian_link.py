@@ -502,7 +502,7 @@ class CustodianLink:
             runtime.on_ack(message)
             log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
         elif isinstance(message, Block):
-            runtime.on_block()
+            runtime.on_block(message.reason)
         elif isinstance(message, Unblock):
             runtime.on_unblock()
         else:  # pragma: no cover - the state machine lets nothing else through
