@@ -4,22 +4,32 @@ Each fenced block of the README follows a marker, ``<!-- readme-test: NAME -->``
 :data:`BLOCKS` says what this file does with each name. A block without a marker, a name
 nobody handles, or a handled name the README lost, fails :func:`test_every_block_is_marked`.
 
+The install line runs for real, once per test run (:func:`readme_venv`): in a directory
+holding the project's files, with ``python3`` on ``PATH`` being the Python that runs this
+suite (its base interpreter, not the virtual environment the suite may run in), so a
+fresh virtual environment is made with that Python's own pip, whatever its version (a
+fresh Python 3.11 has pip 23, which has no ``--group``); pip's cache is used.
+
 The walkthrough (:func:`test_the_walkthrough_runs_as_written`) runs the README's blocks
 for real, in order, in a temporary directory (``demo/`` linked into it), with ``python``
-on ``PATH`` being this interpreter: the custodian and the enclave in the background
-(waited on by their readiness log lines, and stopped with SIGINT as Ctrl-C would), the
-consumer's four queries (the fourth waits), the ``curl`` supply, usage, block and
-unblock, the query after the custodian stopped, and the Python example. The only edit
-made to the text is the port numbers: the README writes out the default ports (7000,
+on ``PATH`` being the one the install line made: the custodian and the enclave in the
+background (waited on by their readiness log lines, and stopped with SIGINT as Ctrl-C
+would), the consumer's four queries (the fourth waits), the ``curl`` supply, usage, block
+and unblock, the query after the custodian stopped, and the Python example. The only
+edit made to the text is the port numbers: the README writes out the default ports (7000,
 6000, 9924) and the test replaces them with free ones, so that it never collides with
 anything listening on this machine. A trailing ``# exits N`` comment is the exit status
 a command must have (0 otherwise).
 
-What cannot run in a test is checked another way, and each test says why: the install
-lines (they download packages) name dependency groups that exist, the ``nox`` lines
-name sessions that exist (``nox -s demo`` itself is run by ``tests/e2e/test_demo.py``),
-the real COVID-Net commands (the model is not here) are run up to the point where they
-need the missing file, which proves every flag parses.
+The quickstart's first command runs up to the demo (:func:`test_the_quickstart_installs_nox`):
+the virtual environment and nox, then ``nox -l`` in place of ``nox -s demo``, on this
+Python and on the system's externally managed Python (PEP 668) where there is one, which
+is where ``python3 -m pip install nox`` is refused. ``nox -s demo`` itself is run by
+``tests/e2e/test_demo.py`` as nox runs it, and ``.ci/run`` runs both commands as written;
+``nox -s tests`` would recurse into this very suite. The develop line would too; its
+extras are checked to be the dependency groups. The real COVID-Net commands (the model
+is not here) are run up to the point where they need the missing file, which proves
+every flag parses.
 """
 
 from __future__ import annotations
@@ -51,9 +61,9 @@ README: Final = ROOT / "README.md"
 
 #: Every marker the README may use, and what happens to its block.
 BLOCKS: Final = {
-    "quickstart": "the two commands: sessions checked in noxfile.py",
+    "quickstart": "the first command up to the demo, on this and an externally managed Python",
     "diagram": "a drawing: nothing to run",
-    "install": "downloads packages: the groups it names are checked",
+    "install": "run for real: a fresh virtual environment for the walkthrough",
     "owner": "walkthrough, terminal 1 (serve in the background)",
     "borrower": "walkthrough, terminal 2 (in the background)",
     "consumer": "walkthrough, terminal 3 (the fourth query waits)",
@@ -64,7 +74,7 @@ BLOCKS: Final = {
     "python": "walkthrough: the Python example",
     "real-model": "no COVID-Net here: run until the missing file stops them",
     "nox": "sessions checked in noxfile.py",
-    "develop": "downloads packages: the groups it names are checked",
+    "develop": "would run the suite: its extras are checked against the groups",
     "inspect": "run from the repository's root",
     "layout": "every directory listed exists",
 }
@@ -160,13 +170,14 @@ def _nox_sessions() -> set[str]:
 
 
 def test_the_two_commands_name_real_nox_sessions() -> None:
-    """Not run: they would install the project and recurse into this very suite. The
-    demo session runs ``demo/run.py``, which ``tests/e2e/test_demo.py`` runs as nox does."""
+    """The quickstart as ``.ci/run`` runs it; every session named exists in noxfile.py."""
     commands = _commands(_block("quickstart"))
     assert [c.split("#")[0].strip() for c in commands] == [
-        "python3 -m pip install nox && nox -s demo",
-        "nox -s tests",
+        "python3 -m venv .venv && .venv/bin/pip install nox && .venv/bin/nox -s demo",
+        ".venv/bin/nox -s tests",
     ]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert ci[-2:] == [c.split("#")[0].strip() for c in commands]
     named = set(re.findall(r"nox -s (\w+)", _block("quickstart").text + _block("nox").text))
     assert named == {"tests", "lint", "demo", "bench", "fuzz"}
     assert named <= _nox_sessions()
@@ -174,16 +185,33 @@ def test_the_two_commands_name_real_nox_sessions() -> None:
     assert '"demo/run.py"' in noxfile
 
 
-def test_install_lines_name_existing_dependency_groups() -> None:
-    """Not run: they download packages. What they name must exist."""
+def _flattened_groups() -> dict[str, set[str]]:
     groups = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    defined = set(groups["dependency-groups"])
-    for name in ("install", "develop"):
-        text = _block(name).text
-        assert "pip install -e ." in text
-        named = set(re.findall(r"--group (\S+)", text))
-        assert named, name
-        assert named <= defined, f"{name}: unknown groups {named - defined}"
+    table = groups["dependency-groups"]
+
+    def flat(name: str) -> set[str]:
+        found: set[str] = set()
+        for item in table[name]:
+            found |= flat(item["include-group"]) if isinstance(item, dict) else {item}
+        return found
+
+    return {name: flat(name) for name in table}
+
+
+def test_the_install_lines_extras_are_the_dependency_groups() -> None:
+    """pip 23 has no ``--group``: the README installs extras, each its group flattened."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = {name: set(deps) for name, deps in project["optional-dependencies"].items()}
+    groups = _flattened_groups()
+    named: set[str] = set()
+    for block in ("install", "develop"):
+        text = _block(block).text
+        assert "--group" not in text
+        (spec,) = re.findall(r"pip install -e '\.\[([a-z,]+)\]'", text)
+        named |= set(spec.split(","))
+    assert named == {"demo", "test", "lint"}
+    for name in named:
+        assert extras[name] == groups[name], name
     assert (ROOT / "demo" / "covidnet.py").is_file()
 
 
@@ -214,12 +242,124 @@ def test_the_inspect_command_runs() -> None:
 # --- the walkthrough, for real ----------------------------------------------------------
 
 
-def _environment() -> dict[str, str]:
-    """``python`` on PATH is this interpreter (the venv the suite runs in)."""
+def _environment(bin_dir: Path | None = None) -> dict[str, str]:
+    """``python`` on PATH is ``bin_dir``'s (by default this interpreter's)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    first = Path(sys.executable).parent if bin_dir is None else bin_dir
+    env["PATH"] = os.pathsep.join([str(first), env.get("PATH", "")])
     env.pop("PYTHONWARNINGS", None)
+    env.pop("VIRTUAL_ENV", None)
     return env
+
+
+def _base_python() -> Path:
+    """The Python that runs this suite, outside any virtual environment it runs in."""
+    return Path(getattr(sys, "_base_executable", sys.executable))
+
+
+def _fresh_python_environment(python: Path, link_dir: Path) -> dict[str, str]:
+    """``python3`` on PATH is ``python`` (linked from ``link_dir``); no virtual environment
+    is active."""
+    env = _environment()
+    here = str(Path(sys.executable).parent)
+    rest = [entry for entry in env["PATH"].split(os.pathsep) if entry and entry != here]
+    link_dir.mkdir(parents=True, exist_ok=True)
+    (link_dir / "python3").symlink_to(python)
+    env["PATH"] = os.pathsep.join([str(link_dir), *rest])
+    return env
+
+
+def _project_copy(directory: Path) -> Path:
+    """What a clone holds that the README's commands use, linked into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("pyproject.toml", "README.md", "noxfile.py", "src", "demo"):
+        (directory / name).symlink_to(ROOT / name, target_is_directory=(ROOT / name).is_dir())
+    return directory
+
+
+#: Creating a virtual environment and installing the project with its dependencies: a
+#: download at worst (pip's cache is used), so a bound of its own.
+INSTALL_TIMEOUT: Final = 600.0
+
+
+@pytest.fixture(scope="module")
+def readme_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's install block, run as written in a copy of the project; the ``bin``
+    directory of the virtual environment it made."""
+    if shutil.which("bash") is None:
+        pytest.skip("the README's commands are shell commands; bash is not installed")
+    where = tmp_path_factory.mktemp("readme-install")
+    clone = _project_copy(where / "project")
+    env = _fresh_python_environment(_base_python(), where / "python")
+    script = f"set -e\n{_block('install').text}command -v python\npython -m pip --version\n"
+    done = subprocess.run(
+        ["bash", "-c", script],
+        cwd=clone,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=INSTALL_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout
+    bin_dir = clone / ".venv" / "bin"
+    lines = done.stdout.splitlines()
+    assert str(bin_dir / "python") in lines, done.stdout  # the activate line took effect
+    assert lines[-1].startswith("pip "), done.stdout  # the venv's own pip, as it came
+    return bin_dir
+
+
+#: Pythons that refuse ``pip install`` outside a virtual environment (PEP 668).
+SYSTEM_PYTHONS: Final = (Path("/usr/bin/python3"),)
+
+
+def _externally_managed(python: Path) -> bool:
+    if not python.exists():
+        return False
+    done = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('stdlib'))"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    return done.returncode == 0 and (Path(done.stdout.strip()) / "EXTERNALLY-MANAGED").exists()
+
+
+def _quickstart_pythons() -> list[object]:
+    pythons: list[object] = [pytest.param(_base_python(), id="this-python")]
+    for python in SYSTEM_PYTHONS:
+        if python.resolve() != _base_python().resolve():
+            pythons.append(pytest.param(python, id="system-python"))
+    return pythons
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", _quickstart_pythons())
+def test_the_quickstart_installs_nox(python: Path, tmp_path: Path) -> None:
+    """The first command as written, but ``nox -l`` for ``nox -s demo`` (which
+    ``tests/e2e/test_demo.py`` runs): on an externally managed Python too."""
+    if shutil.which("bash") is None:
+        pytest.skip("the README's commands are shell commands; bash is not installed")
+    managed = _externally_managed(python)
+    if python in SYSTEM_PYTHONS and not managed:
+        pytest.skip(f"{python} is not an externally managed Python here")
+    first = _commands(_block("quickstart"))[0].split("#")[0].strip()
+    *install, demo = (part.strip() for part in first.split("&&"))
+    assert demo == ".venv/bin/nox -s demo"
+    clone = _project_copy(tmp_path / "project")
+    env = _fresh_python_environment(python, tmp_path / "python")
+    if managed:  # the old quickstart is refused there: the case is real
+        refused = _sh("python3 -m pip install nox", clone, env)
+        assert refused.returncode != 0
+        assert "externally-managed-environment" in refused.stdout, refused.stdout
+    done = subprocess.run(
+        ["bash", "-c", " && ".join([*install, ".venv/bin/nox -l"])],
+        cwd=clone, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=INSTALL_TIMEOUT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    listed = set(re.findall(r"^[*-] (\w+)", done.stdout, re.MULTILINE))
+    assert {"tests", "lint", "demo", "bench"} <= listed, done.stdout
 
 
 def _sh(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -265,11 +405,12 @@ class _Script:
 
 
 class _Walkthrough:
-    """The README's terminals, in a temporary directory, on free ports."""
+    """The README's terminals, in a temporary directory, on free ports, with the virtual
+    environment the install block made."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, bin_dir: Path) -> None:
         self.workdir = workdir
-        self.env = _environment()
+        self.env = _environment(bin_dir)
         self.ports = dict(zip(README_PORTS, map(str, _free_ports(len(README_PORTS))), strict=True))
         self.daemons: list[Daemon] = []
         self.scripts: list[_Script] = []
@@ -338,11 +479,9 @@ def _free_ports(count: int) -> list[int]:
 
 
 @pytest.fixture
-def walkthrough(tmp_path: Path) -> Iterator[_Walkthrough]:
-    if shutil.which("bash") is None:
-        pytest.skip("the README's commands are shell commands; bash is not installed")
+def walkthrough(tmp_path: Path, readme_venv: Path) -> Iterator[_Walkthrough]:
     (tmp_path / "demo").symlink_to(ROOT / "demo", target_is_directory=True)
-    walk = _Walkthrough(tmp_path)
+    walk = _Walkthrough(tmp_path, readme_venv)
     try:
         yield walk
     finally:

@@ -544,7 +544,13 @@ def _describe(exc: BaseException) -> str:
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    if root is not exc and str(root) and str(root) not in message:
+    if (
+        root is not exc
+        and str(root)
+        and str(root) not in message
+        and not isinstance(root, BaseExceptionGroup | OSError)  # said in other words
+        and "ragged EOF" not in str(root)
+    ):
         message += f" ({type(root).__name__}: {root})"
     return message
 

@@ -24,6 +24,7 @@ exc`` so the original stays in the traceback.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
@@ -159,7 +160,9 @@ def map_errors(what: str) -> Iterator[None]:
     except ConsumerError:
         raise
     except PeerVerificationError as exc:
-        raise AttestationRefused(f"{what}: the enclave's attestation was refused") from exc
+        raise AttestationRefused(
+            f"{what}: the enclave's attestation was refused{_attestation_hint(exc)}"
+        ) from exc
     except PeerError as exc:  # HelloRefused too: an unmapped connection-level code
         raise _from_peer(exc) from exc
     except LocalProtocolError as exc:
@@ -168,6 +171,58 @@ def map_errors(what: str) -> Iterator[None]:
     except trio.TooSlowError as exc:
         raise ConnectionFailed(f"{what}: timed out ({exc})") from exc
     except (ChannelError, ProtocolError) as exc:
-        raise ConnectionFailed(f"{what}: {exc}") from exc
+        raise ConnectionFailed(f"{what}: {_lost(exc) or exc}") from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        raise ConnectionFailed(f"{what}: {exc}") from exc
+        raise ConnectionFailed(f"{what}: {_lost(exc) or _unreachable(exc) or exc}") from exc
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes, and the first leaf of any exception group among them."""
+    found: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(found) < 16:
+        found.append(current)
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[0]
+        else:
+            current = current.__cause__
+    return found
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """No TCP connection at all (trio's "all attempts to connect ... failed", with the OS
+    errors in a group): say what the OS said, and what to check."""
+    errors = [e for e in _chain(exc) if isinstance(e, OSError) and e.errno]
+    if not errors:
+        return None
+    return (
+        f"cannot connect: {os.strerror(errors[-1].errno or 0).lower()}; is the enclave running "
+        "(`drm_enclave serve`), and is this the address and port of its --listen?"
+    )
+
+
+def _lost(exc: BaseException) -> str | None:
+    """The enclave's end of an established connection went away without a TLS goodbye."""
+    if not any("ragged EOF" in str(e) for e in _chain(exc)):
+        return None
+    return (
+        "the enclave closed the connection without a goodbye (it stopped or crashed, or "
+        "the network cut it); nothing more came of this request: retry, and if it "
+        "persists, tell the enclave's operator"
+    )
+
+
+def _attestation_hint(exc: PeerVerificationError) -> str:
+    """What the refusal says, and what to do when a root of trust is the question."""
+    cause = exc.__cause__
+    if cause is None:
+        return ""
+    detail = f" ({type(cause).__name__}: {cause})"
+    if type(cause).__name__ == "UntrustedRootError":
+        return (
+            f"{detail}: its quote does not chain to a root the policy trusts. A real SGX "
+            "quote needs Intel's root; a SIMULATED enclave's needs the policy's "
+            "[simulation] root to be that enclave's platform: use the policy "
+            "`drm_enclave measure --simulation-dir DIR` wrote with the enclave's own DIR"
+        )
+    return detail

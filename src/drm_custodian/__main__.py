@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
 from drm_custodian.cli import main
+from drm_daemon.command import exit_with
 from drm_daemon.logs import configure_logging
 
 
 def run() -> None:
     configure_logging()
-    sys.exit(main())
+    exit_with(main)  # quietly, with status 141, when piped to a reader that left (| head)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ explicit (D01-D08 in the threat model).
 
 Every request goes through one pipeline, in this order, and stops at the first failure:
 
-1. route: unknown path -> 404; known path, other method -> 405 with ``Allow``;
-2. auth (all but ``/healthz``): exactly one ``Authorization: Bearer <token>``, compared
+1. auth (all but ``GET /healthz``, and before routing, so that endpoints cannot be
+   listed without the token): exactly one ``Authorization: Bearer <token>``, compared
    with :func:`hmac.compare_digest` over SHA-256 digests (so neither content nor length
    leaks through timing) -> else 401 with ``WWW-Authenticate: Bearer``; a token in the
-   query string is never looked at; a query string at all -> 400;
+   query string is never looked at;
+2. route: unknown path -> 404 (naming the endpoints); known path, other method -> 405
+   with ``Allow``; a query string (but on ``/healthz``) -> 400;
 3. body: ``Content-Length`` over :data:`MAX_BODY_BYTES` -> 413 before reading; chunks are
    counted while read (chunked bodies too) -> 413; all of it within
    :data:`BODY_TIMEOUT` -> else 408; content type form or JSON -> else 415;
@@ -277,23 +279,29 @@ class AdminApp:
         )
 
     async def _dispatch(self, request: Request) -> Response:
-        path = request.scope["path"]
-        route = self._routes.get(path)
-        if route is None:
-            raise HttpError(404, "not_found", "no such endpoint")
-        method, handler = route
+        path, method = request.scope["path"], request.scope["method"]
         # h11 bounds headers only while they are incomplete; bound what arrived whole too.
         if sum(len(k) + len(v) + 4 for k, v in request.scope["headers"]) > MAX_HEADER_BYTES:
             raise HttpError(431, "headers_too_large", f"headers over {MAX_HEADER_BYTES} bytes")
-        if request.scope["method"] != method:
-            raise HttpError(405, "method_not_allowed", f"use {method}", headers={"Allow": method})
-        if path != "/healthz":
+        if (path, method) != ("/healthz", "GET"):
+            # Before the route: without the token, every path and method looks the same,
+            # so nobody can list the endpoints by their 404s and 405s.
             self._authenticate(request)
-            if request.scope["query_string"]:
-                raise HttpError(
-                    400, "bad_request", "no query string is accepted", field="query_string"
-                )
+        route = self._routes.get(path)
+        if route is None:
+            raise HttpError(404, "not_found", f"no such endpoint; there are {self._endpoints}")
+        expected, handler = route
+        if method != expected:
+            raise HttpError(
+                405, "method_not_allowed", f"use {expected}", headers={"Allow": expected}
+            )
+        if path != "/healthz" and request.scope["query_string"]:
+            raise HttpError(400, "bad_request", "no query string is accepted", field="query_string")
         return await handler(request)
+
+    @property
+    def _endpoints(self) -> str:
+        return ", ".join(f"{method} {path}" for path, (method, _) in self._routes.items())
 
     def _authenticate(self, request: Request) -> None:
         values = [v for k, v in request.scope["headers"] if k.lower() == b"authorization"]
@@ -357,7 +365,10 @@ class AdminApp:
             granted_now=sum(grant.units for grant in result.grants),
         )
         doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
-        return json_response(200, {**doc, "added": units, "replayed": result.replayed})
+        # A replay added nothing: "added" says what this request changed, so that a script
+        # that sums it never counts a retried supply twice.
+        added = 0 if result.replayed else units
+        return json_response(200, {**doc, "added": added, "replayed": result.replayed})
 
     async def _block(self, request: Request) -> Response:
         reason = await self._set_blocked(request, True)

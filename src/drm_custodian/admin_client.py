@@ -126,7 +126,11 @@ class AdminClient:
                 raise AdminClientError(f"TLS failed: {exc}") from exc
             except (OSError, http.client.HTTPException) as exc:
                 if attempt == self.retries:
-                    raise AdminClientError(f"cannot reach {self.url}: {exc}") from exc
+                    port = parts.port or DEFAULT_ADMIN_PORT
+                    raise AdminClientError(
+                        f"cannot reach the admin API at {self.url}: {_reason(exc)}; is "
+                        f"`drm_custodian serve` running, with --admin-port {port}?"
+                    ) from exc
             finally:
                 conn.close()
         raise AssertionError("unreachable")
@@ -168,3 +172,9 @@ def format_usage(doc: Mapping[str, object]) -> str:
     keys = ("borrower", "supplied", "granted", "served", "in_doubt", "remaining", "blocked",
             "instances")  # fmt: skip
     return "\n".join(f"{key:<10} {doc[key]}" for key in keys if key in doc)
+
+
+def _reason(exc: BaseException) -> str:
+    """``[Errno 111] Connection refused`` -> ``connection refused``."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (text or type(exc).__name__).lower()

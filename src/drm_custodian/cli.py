@@ -36,6 +36,7 @@ from drm_custodian.models import read_model_file
 from drm_custodian.serve import DEFAULT_ENCLAVE_PORT, BoundAddresses, ServeConfig, serve
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
+from drm_custodian.state_lock import lock_state_dir
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
@@ -78,17 +79,29 @@ exit status:
 _port = port_argument(zero=True)
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of inferences (a whole number, such as 5)"
+        ) from None
+
+
 def _count(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if not 0 <= value <= MAX_GRANT_UNITS:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_GRANT_UNITS}")
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_GRANT_UNITS}, got {value}")
     return value
 
 
 def _positive_count(text: str) -> int:
-    value = _count(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    value = _whole_number(text)
+    if not 1 <= value <= MAX_GRANT_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {MAX_GRANT_UNITS}, got {value} (a supply only adds: "
+            "to stop lending, use block)"
+        )
     return value
 
 
@@ -142,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     supply = admin_command("supply", "add inferences to the borrower's supply")
-    supply.add_argument("units", type=_positive_count, metavar="N")
+    supply.add_argument("units", type=_positive_count, metavar="N",
+                        help=f"inferences to add, 1 to {MAX_GRANT_UNITS}")  # fmt: skip
     block = admin_command("block", "block the borrower: its enclaves stop serving at once")
     block.add_argument("--reason", default="", help="shown to the borrower's enclaves")
     admin_command("unblock", "unblock the borrower")
@@ -230,14 +244,17 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     set_log_level(args.log_level)  # first: loggers keep the level of their first use
-    config = _serve_config(args)
-    status = EXIT_OK
-    try:
-        trio.run(run_daemon, config)
-    except* (OSError, DrmError) as group:
-        for exc in _leaves(group):  # not "1 sub-exception": say the port is taken
-            log.error("custodian_failed", error=str(exc), kind=type(exc).__name__)
-        status = EXIT_FAILED
+    # Before anything else reads the state: one custodian per state directory (I16). Held
+    # until this process ends; a second one is refused here, naming the holder.
+    with lock_state_dir(args.state_dir):
+        config = _serve_config(args)
+        status = EXIT_OK
+        try:
+            trio.run(run_daemon, config)
+        except* (OSError, DrmError) as group:
+            for exc in _leaves(group):  # not "1 sub-exception": say the port is taken
+                log.error("custodian_failed", error=str(exc), kind=type(exc).__name__)
+            status = EXIT_FAILED
     return status
 
 
@@ -289,7 +306,7 @@ async def run_daemon(config: ServeConfig, notifier: Notifier | None = None) -> N
 
 
 def _admin(args: argparse.Namespace, out: TextIO) -> int:
-    state = load_state_dir(args.state_dir)
+    state = load_state_dir(args.state_dir, warn_handoff=False)  # serve warns; once is enough
     client = AdminClient.from_state(state, port=args.admin_port)
     if args.command == "supply":
         doc = client.supply(args.units)

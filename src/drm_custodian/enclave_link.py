@@ -95,6 +95,21 @@ async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, 
             await trio.aclose_forcefully(transport)
 
 
+def _refusal_fix(cause: BaseException) -> str:
+    """What the owner can do about an enclave the policy refused."""
+    if type(cause).__name__ == "UntrustedRootError":
+        return (
+            "its quote does not chain to a root the policy trusts: a real SGX quote needs "
+            "Intel's root; a SIMULATED enclave's needs the policy's [simulation] root to be "
+            "that enclave's --simulation-dir platform (`drm_enclave measure "
+            "--simulation-dir DIR` with the enclave's own DIR writes such a policy)"
+        )
+    return (
+        "if this enclave should be served, the policy (serve --policy) must accept its "
+        "measurement: `drm_enclave measure` on its build prints it"
+    )
+
+
 def _log_end(exc: Exception) -> None:
     error = _ending(exc)
     if error is not None:
@@ -125,7 +140,8 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
         )
     except PeerVerificationError as exc:
         # Refused inside the handshake: the enclave got no application byte (I8).
-        log.warning("enclave_refused", reason=str(exc.__cause__ or exc)[:300])
+        cause = exc.__cause__ or exc
+        log.warning("enclave_refused", reason=str(cause)[:300], fix=_refusal_fix(cause))
         return
     except (trio.BrokenResourceError, trio.TooSlowError) as exc:
         # No client certificate, no common TLS version, a peer that hung up or stalled.

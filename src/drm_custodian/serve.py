@@ -46,8 +46,9 @@ from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry, SessionHooks
 from drm_custodian.session import SessionConfig, SessionContext
 from drm_custodian.state import CustodianState
+from drm_daemon.listen import ListenError, cannot_listen
 from drm_wire.attestation.policy import Policy
-from drm_wire.errors import ConfigError
+from drm_wire.errors import ConfigError, first_leaf
 from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.net._tls_context import PrivateKey
 from drm_wire.net.address import format_address
@@ -170,6 +171,14 @@ async def _initial_supply(ledger: Ledger, state: CustodianState, borrower: str, 
         log.info("initial_supply", borrower=borrower, units=units)
 
 
+def _cannot_listen(
+    group: BaseExceptionGroup[OSError], what: str, host: str, port: int, option: str
+) -> ListenError:
+    exc = first_leaf(group)
+    assert isinstance(exc, OSError)
+    return cannot_listen(exc, what, host, port, option)
+
+
 def _host_port(address: object) -> tuple[str, int]:
     assert isinstance(address, tuple)
     return str(address[0]), int(address[1])
@@ -185,7 +194,7 @@ async def serve(
 
     Raises:
         ConfigError: bad configuration (borrower, key, admin address).
-        OSError: a port could not be bound.
+        ListenError: a port could not be bound (the error names it and the option).
         LedgerStorageError: the ledger could not be opened.
     """
     state = config.state
@@ -218,28 +227,38 @@ async def serve(
 
         admin_stop = trio.Event()
         async with trio.open_nursery() as admin_nursery:
-            admin_bound: list[tuple[str, int]] = await admin_nursery.start(
-                partial(
-                    serve_admin,
-                    app,
-                    certfile=state.server_cert_path,
-                    keyfile=state.server_key_path,
-                    host=config.admin_address,
-                    port=config.admin_port,
-                    shutdown_trigger=admin_stop.wait,
+            try:
+                admin_bound: list[tuple[str, int]] = await admin_nursery.start(
+                    partial(
+                        serve_admin,
+                        app,
+                        certfile=state.server_cert_path,
+                        keyfile=state.server_key_path,
+                        host=config.admin_address,
+                        port=config.admin_port,
+                        shutdown_trigger=admin_stop.wait,
+                    )
                 )
-            )
+            except* OSError as group:
+                raise _cannot_listen(
+                    group, "the admin API", config.admin_address, config.admin_port, "--admin-port"
+                ) from None
             async with trio.open_nursery() as session_nursery:
                 async with trio.open_nursery() as listen_nursery:
-                    listeners: list[trio.SocketListener] = await listen_nursery.start(
-                        partial(
-                            trio.serve_tcp,
-                            handler,
-                            config.port,
-                            host=config.address,
-                            handler_nursery=session_nursery,
+                    try:
+                        listeners: list[trio.SocketListener] = await listen_nursery.start(
+                            partial(
+                                trio.serve_tcp,
+                                handler,
+                                config.port,
+                                host=config.address,
+                                handler_nursery=session_nursery,
+                            )
                         )
-                    )
+                    except* OSError as group:
+                        raise _cannot_listen(
+                            group, "enclaves", config.address, config.port, "--port"
+                        ) from None
                     bound = BoundAddresses(
                         enclave=_host_port(listeners[0].socket.getsockname()),
                         admin=admin_bound[0],

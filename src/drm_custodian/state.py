@@ -15,6 +15,8 @@ Layout (made by :func:`init_state_dir`, read back by :func:`load_state_dir`)::
         <borrower>.license.json     the borrower's license, *with* its secret
       state.json              0644  format version and hostname; written last, so its absence
                                     means an init that did not finish
+      custodian.lock          0600  held (flock) by the one process that writes the state:
+                                    ``serve``, or ``init`` while it runs (:mod:`.state_lock`)
 
 Licenses: a license is ``(borrower, license_id, secret)``. The borrower's enclave presents
 the id and the secret over the attested, mutually authenticated link; the custodian looks
@@ -67,6 +69,7 @@ from drm_custodian._state_pki import (
     make_server_cert,
 )
 from drm_custodian.ledger import Ledger
+from drm_custodian.state_lock import StateLock, lock_state_dir
 from drm_wire.errors import ConfigError, DrmError
 
 log = structlog.get_logger(__name__)
@@ -228,10 +231,14 @@ async def init_state_dir(
     if not _BORROWER_RE.fullmatch(borrower):
         raise ConfigError("borrower must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}", key="borrower")
     now = now or dt.datetime.now(dt.UTC)
-    record = await trio.to_thread.run_sync(_write_keys, root, hostname, borrower, now)
-    ledger = await Ledger.open(root / LEDGER)
-    await ledger.aclose()
-    await trio.to_thread.run_sync(_finish_init, root, hostname, now)
+    lock = await trio.to_thread.run_sync(_prepare_and_lock, root)
+    try:
+        record = await trio.to_thread.run_sync(_write_keys, root, hostname, borrower, now)
+        ledger = await Ledger.open(root / LEDGER)
+        await ledger.aclose()
+        await trio.to_thread.run_sync(_finish_init, root, hostname, now)
+    finally:
+        lock.release()
     log.info(
         "state_initialised",
         path=str(root),
@@ -276,8 +283,12 @@ def _prepare_dir(root: Path) -> None:
         raise ConfigError(f"cannot create state directory: {exc.strerror}", path=str(root)) from exc
 
 
-def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> LicenseRecord:
+def _prepare_and_lock(root: Path) -> StateLock:
     _prepare_dir(root)
+    return lock_state_dir(root)
+
+
+def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> LicenseRecord:
     ca_key = ec.generate_private_key(CURVE())
     ca_cert = make_ca(ca_key, now)
     server_key = ec.generate_private_key(CURVE())
@@ -357,7 +368,7 @@ def _create(path: Path, data: bytes, mode: int) -> None:
 
 
 def load_state_dir(
-    path: str | os.PathLike[str], *, now: dt.datetime | None = None
+    path: str | os.PathLike[str], *, now: dt.datetime | None = None, warn_handoff: bool = True
 ) -> CustodianState:
     """Read and validate a state directory made by :func:`init_state_dir`.
 
@@ -366,6 +377,8 @@ def load_state_dir(
     Args:
         path: the state directory.
         now: the time certificates are checked against (tests pin it).
+        warn_handoff: log ``state_handoff_pending`` if ``handoff/`` still holds a
+            secret (the daemon does, at every start; the admin commands do not).
 
     Raises:
         ConfigError: a file is missing, has loose permissions, or fails validation; the
@@ -400,8 +413,12 @@ def load_state_dir(
 
     handoff = root / HANDOFF
     pending = tuple(sorted(handoff.iterdir())) if handoff.is_dir() else ()
-    if pending:
-        log.warning("state_handoff_pending", files=[p.name for p in pending])
+    if pending and warn_handoff:
+        log.warning(
+            "state_handoff_pending",
+            files=[p.name for p in pending],
+            fix="hand each file to its borrower, then delete it from handoff/",
+        )
     return CustodianState(
         path=root,
         hostname=hostname,

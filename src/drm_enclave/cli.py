@@ -28,6 +28,7 @@ import functools
 import json
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
@@ -36,6 +37,7 @@ import structlog
 import trio
 
 from drm_daemon.config_file import ConfigSchema, Kind, read_bounded
+from drm_daemon.listen import ListenError
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.collateral import TcbStatus
@@ -101,22 +103,50 @@ def _read_ca(path: Path) -> bytes:
     return read_bounded(path, max_bytes=_MAX_CA_BYTES, what="the custodian CA")
 
 
+_EXIT_CODES: Final = f"""\
+exit status:
+  {EXIT_OK}  success (serve: stopped cleanly on SIGTERM or SIGINT)
+  1  the daemon failed at run time (a bug: the log says where)
+  {EXIT_USAGE}  bad command line or configuration, or a port serve cannot listen on
+"""
+
+_MEASURE: Final = (
+    "print this build's measurements (MRENCLAVE, MRSIGNER); with --out, write the policy "
+    "that accepts exactly this build, for the custodian's serve --policy and the "
+    "consumers' --policy"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m drm_enclave",
         description="The borrower's enclave daemon (serve) and its measurement (measure).",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serving = "run the enclave daemon until SIGTERM or SIGINT"
-    run = commands.add_parser("serve", help=serving, description=serving)
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=textwrap.fill(help_text, 79),
+            epilog=_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("serve", "run the enclave daemon until SIGTERM or SIGINT")
     run.set_defaults(schema=serve_options(run))
-    checks = "check serve's options and the files they name without starting; print a summary"
-    check = commands.add_parser("check-config", help=checks, description=checks)
+    check = command(
+        "check-config",
+        "check serve's options and the files they name without starting; print a summary",
+    )
     check.set_defaults(schema=serve_options(check, config_required=True))
 
-    measure = commands.add_parser("measure", help="print this build's measurements")
-    measure.add_argument("--custodian-ca", type=Path, required=True, metavar="CA.pem")
+    measure = command("measure", _MEASURE)
+    measure.add_argument("--custodian-ca", type=Path, required=True, metavar="CA.pem",
+                         help="the custodian's CA (ca.pem of drm_custodian init): the build "
+                         "pins it, so it is part of the measurement")  # fmt: skip
     measure.add_argument("--simulation-dir", type=Path, metavar="DIR",
                          help="simulated platform whose root the policy trusts")  # fmt: skip
     measure.add_argument("--sigstruct", type=Path, metavar="FILE.json",
@@ -272,7 +302,7 @@ async def _serve_until_signal(config: EnclaveConfig, notifier: Notifier) -> int:
                     _report_phases, runtime, notifier, config, consumer_address, stopping
                 )
     except BaseExceptionGroup as group:
-        startup, rest = group.split((ConfigError, OSError))
+        startup, rest = group.split((ConfigError, OSError, ListenError))
         if rest is not None or startup is None:
             raise
         for exc in startup.exceptions:

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 :class:`CustodianLink` feeds the shared :class:`~.runtime.EnclaveRuntime` (quota,
 accounting, models; the consumer server reads it). It dials the custodian forever
-(exponential backoff, jittered, capped), verifies it against the pinned CA inside the TLS
-handshake (``enclave_client_context``), says ``hello`` with the license and this process's
+(:class:`Backoff`), verifies it against the pinned CA inside the TLS handshake
+(``enclave_client_context``), says ``hello`` with the license and this process's
 instance id, then runs one *session* per connection (``docs/links.md``, custodian link):
 
 * a handler in the channel's reader task (``MessageChannel.set_handler``, so a grant
@@ -28,6 +28,18 @@ the link is *synced*: hello done, every model transfer finished loading, and the
 custodian's first ``grant`` (its re-sent total), ``unblock`` or ``block`` received.
 Grants are totals (:meth:`Accounting.on_grant`), so the re-sent one adds nothing twice.
 
+Redials: every session that ends before the link reached the serving state (its first
+grant, block or unblock) counts as a failure, however far it got (a refusal after the
+hello, a model that does not load), so the delay grows, exponentially and jittered,
+until a session serves; only then does it start again from ``backoff_initial``. A
+refusal that retrying cannot fix (:func:`classify`: the license is in use or refused,
+the custodian's policy refused this enclave's attestation, a model does not load, the
+custodian's certificate is not the pinned CA's) is logged at error level with its reason
+and what to do, and its delay grows to ``refused_backoff_max`` (a minute) rather than
+``backoff_max``, so a refused enclave costs its custodian a trickle of connections. Any
+other failure (a custodian that is down, a cut link, a ``busy`` answer) is retried within
+``backoff_max``: a custodian that comes back is re-joined soon.
+
 Models stay in memory across reconnects. The custodian re-streams them on every link
 (the contract); a re-streamed model whose SHA-256 matches the loaded one is checked
 (size and digest) and confirmed without creating a new session.
@@ -35,6 +47,7 @@ Models stay in memory across reconnects. The custodian re-streams them on every 
 
 from __future__ import annotations
 
+import enum
 import functools
 import itertools
 import math
@@ -46,7 +59,7 @@ import structlog
 import trio
 from OpenSSL import SSL
 
-from drm_wire.errors import DrmError, ErrorCode, RemoteProtocolError, first_leaf
+from drm_wire.errors import DrmError, ErrorCode, PeerError, RemoteProtocolError, first_leaf
 from drm_wire.limits import HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES
 from drm_wire.messages import (
     Block,
@@ -64,7 +77,7 @@ from drm_wire.messages import (
 )
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
 from drm_wire.net.ratls_context import VerifiedCustodian
-from drm_wire.net.tls import TLSStream, open_tls_client
+from drm_wire.net.tls import PeerVerificationError, TLSStream, open_tls_client
 from drm_wire.protocol import Link, Side
 
 from .identity import License
@@ -74,10 +87,13 @@ from .runtime import EnclaveRuntime
 
 __all__ = [
     "SOFTWARE",
+    "Backoff",
     "CustodianLink",
     "LinkLost",
     "LinkTiming",
+    "Outcome",
     "backoff_delay",
+    "classify",
 ]
 
 #: What we announce in ``hello``.
@@ -101,6 +117,9 @@ class LinkTiming:
         backoff_initial: the first redial delay (before jitter).
         backoff_max: the cap on the redial delay: a custodian that comes back is
             re-joined within this long.
+        refused_backoff_max: the cap after a refusal that retrying cannot fix (see
+            :func:`classify`): a minute, so that a refused enclave costs its custodian a
+            connection a minute, and the operator has time to read the error.
         handshake_timeout: TCP connect, and separately the TLS handshake.
         report_spacing: the least time between two usage reports, urgent ones included
             (see :mod:`~drm_enclave.accounting`): an urgent report waits this long after
@@ -116,6 +135,7 @@ class LinkTiming:
     heartbeat_misses: int = HEARTBEAT_MISSES
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
+    refused_backoff_max: float = 60.0
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     report_spacing: float = 0.01
     report_period: float = 1.0
@@ -126,10 +146,123 @@ class LinkTiming:
         return self.heartbeat_interval * self.heartbeat_misses
 
 
-def backoff_delay(failures: int, timing: LinkTiming) -> float:
-    """Delay before redial number ``failures + 1``: exponential, capped, in [cap/2, cap]."""
-    ceiling = min(timing.backoff_max, timing.backoff_initial * 2 ** min(failures, 32))
+def backoff_delay(failures: int, timing: LinkTiming, *, cap: float | None = None) -> float:
+    """Delay before redial number ``failures + 1``: exponential, capped, in [c/2, c] where
+    ``c`` is ``backoff_initial * 2**failures`` capped at ``cap`` (default ``backoff_max``)."""
+    cap = timing.backoff_max if cap is None else cap
+    ceiling = min(cap, timing.backoff_initial * 2 ** min(failures, 32))
     return _random.uniform(ceiling / 2, ceiling)
+
+
+class Outcome(enum.Enum):
+    """How a session (or a dial) ended, for :class:`Backoff`."""
+
+    #: The link reached the serving state (a grant, block or unblock): start again.
+    SERVED = "served"
+    #: Anything retrying may fix (custodian down, link cut, ``busy``): grow, capped soon.
+    FAILED = "failed"
+    #: A refusal retrying cannot fix: grow to ``refused_backoff_max``.
+    REFUSED = "refused"
+
+
+@dataclass(slots=True)
+class Backoff:
+    """The redial schedule: grows with every session that did not serve (module docstring).
+
+    Attributes:
+        failures: sessions since the last one that served.
+    """
+
+    timing: LinkTiming
+    failures: int = 0
+
+    def next_delay(self, outcome: Outcome) -> float:
+        """The delay before the next dial, after a session that ended with ``outcome``."""
+        if outcome is Outcome.SERVED:
+            self.failures = 0
+            return backoff_delay(0, self.timing)
+        self.failures += 1
+        cap = self.timing.refused_backoff_max if outcome is Outcome.REFUSED else None
+        return backoff_delay(self.failures, self.timing, cap=cap)
+
+
+#: What the custodian's error codes mean for this enclave, and what to do about them.
+_REFUSALS: Final = {
+    ErrorCode.DUPLICATE_INSTANCE: (
+        "license_in_use",
+        "another enclave instance holds this license: stop it, or ask the owner for "
+        "another license",
+    ),
+    ErrorCode.ATTESTATION_FAILED: (
+        "license_refused",
+        "the custodian does not know this license: check that --license is the file the "
+        "owner's `drm_custodian init` made for this custodian",
+    ),
+    ErrorCode.UNSUPPORTED_VERSION: (
+        "unsupported_version",
+        "the custodian speaks another protocol version: upgrade the older side",
+    ),
+    ErrorCode.PROTOCOL_ERROR: (
+        "protocol_error",
+        "the custodian found this enclave's messages malformed: a bug; report it",
+    ),
+}
+#: TLS alerts a custodian sends when it refuses our certificate (its policy refused us).
+_REFUSED_ALERTS: Final = (
+    "alert unknown ca",
+    "alert bad certificate",
+    "alert certificate unknown",
+    "alert access denied",
+    "alert certificate required",
+    "alert handshake failure",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refusal retrying cannot fix: a stable ``reason`` and what to do (``fix``)."""
+
+    reason: str
+    fix: str
+
+
+def classify(exc: BaseException) -> Refusal | None:
+    """The refusal ``exc`` stands for, or ``None`` if retrying may fix it."""
+    if isinstance(exc, PeerError) and exc.code in _REFUSALS:
+        reason, fix = _REFUSALS[exc.code]
+        return Refusal(reason, f"{fix} (the custodian said: {exc.detail[:200]})")
+    if isinstance(exc, ModelError):
+        return Refusal(
+            "model_refused",
+            f"a model from the custodian does not load here ({str(exc)[:200]}): the owner "
+            "must replace it",
+        )
+    if isinstance(exc, PeerVerificationError):
+        return Refusal(
+            "custodian_not_trusted",
+            "the custodian's certificate does not chain to the pinned CA: check "
+            "--custodian-ca and --custodian (is it this owner's custodian?)",
+        )
+    chain: list[BaseException] = [exc]
+    while (cause := chain[-1].__cause__) is not None and len(chain) < 8:
+        chain.append(cause)
+    text = " ".join(str(e) for e in chain).lower()
+    if any(alert in text for alert in _REFUSED_ALERTS):  # the stream's words for an alert
+        return Refusal(
+            "attestation_refused",
+            "the custodian's policy refused this enclave's attestation (TLS alert: "
+            f"{_alert(text)}): ask the owner to accept this build (its policy must name the "
+            "measurement `drm_enclave measure` prints) and, in simulation, this "
+            "--simulation-dir's platform",
+        )
+    return None
+
+
+def _alert(text: str) -> str:
+    for alert in _REFUSED_ALERTS:
+        if alert in text:
+            return alert.removeprefix("alert ")
+    return "refused"  # pragma: no cover - classify only calls it on a match
 
 
 #: What ends a session or a dial attempt; anything else is a bug and propagates.
@@ -178,7 +311,11 @@ class CustodianLink:
         self._timing = timing or LinkTiming()
         #: The transfer under way, and the SHA-256 its model_begin announced.
         self._receiver: tuple[ModelReceiver, bytes] | None = None
-        self._established = False
+        #: The current session reached the serving state (a grant, block or unblock).
+        self._served = False
+        #: The refusal that ended the last attempt, if retrying cannot fix it.
+        self._refusal: Refusal | None = None
+        self.backoff = Backoff(self._timing)
         #: When the session last heard from the custodian (trio's clock), for _watchdog.
         self._heard_at = 0.0
 
@@ -187,20 +324,38 @@ class CustodianLink:
 
     async def run(self) -> None:
         """Dial, run a session, and redial with backoff, until cancelled."""
-        failures = 0
         for attempt in itertools.count(1):
             with structlog.contextvars.bound_contextvars(
                 peer=f"{self._host}:{self._port}", conn_id=attempt, role="custodian"
             ):
                 await self._attempt(_log)
-                failures = 0 if self._established else failures + 1
-                delay = backoff_delay(failures, self._timing)
-                _log.info("custodian_redial", delay=round(delay, 3), failures=failures)
+                if self._served:
+                    outcome = Outcome.SERVED
+                elif self._refusal is not None:
+                    outcome = Outcome.REFUSED
+                else:
+                    outcome = Outcome.FAILED
+                delay = self.backoff.next_delay(outcome)
+                if self._refusal is not None and not self._served:
+                    _log.error(
+                        "custodian_refused",
+                        reason=self._refusal.reason,
+                        fix=self._refusal.fix,
+                        retry_in=round(delay, 1),
+                        failures=self.backoff.failures,
+                    )
+                else:
+                    _log.info(
+                        "custodian_redial",
+                        delay=round(delay, 3),
+                        failures=self.backoff.failures,
+                    )
             await trio.sleep(delay)
 
     async def _attempt(self, log: structlog.typing.FilteringBoundLogger) -> None:
         """One dial and, if it verifies, one session; every way it can end is logged."""
-        self._established = False
+        self._served = False
+        self._refusal = None
         try:
             stream = await open_tls_client(
                 self._host,
@@ -215,10 +370,10 @@ class CustodianLink:
             if rest is not None:
                 raise rest from None
             assert matched is not None
-            _log_failure(log, first_leaf(matched))
+            self._failed(log, first_leaf(matched), matched)
         except _LINK_ERRORS as exc:
             self._runtime.link_lost()
-            _log_failure(log, exc)
+            self._failed(log, exc)
         finally:
             self._runtime.link_lost()
             self._receiver = None
@@ -246,7 +401,6 @@ class CustodianLink:
                         hello_timeout=self._timing.handshake_timeout,
                     )
                     self._runtime.link_connected()
-                    self._established = True
                     log.info(
                         "custodian_connected",
                         custodian_subject=custodian.certificate.subject.rfc4514_string(),
@@ -287,6 +441,8 @@ class CustodianLink:
         if not connected.is_set():  # came with the welcome: after the session's bookkeeping
             await connected.wait()
         self._heard_at = trio.current_time()
+        if isinstance(message, Grant | Block | Unblock):
+            self._served = True  # the serving state: the redial delay starts again
         if isinstance(message, Grant):
             await self._apply_grant(message, log)
             return
@@ -346,7 +502,7 @@ class CustodianLink:
             runtime.on_ack(message)
             log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
         elif isinstance(message, Block):
-            runtime.on_block()
+            runtime.on_block(message.reason)
         elif isinstance(message, Unblock):
             runtime.on_unblock()
         else:  # pragma: no cover - the state machine lets nothing else through
@@ -423,6 +579,25 @@ class CustodianLink:
         except BaseException:
             self._runtime.link_lost()
             raise
+
+    def _failed(
+        self,
+        log: structlog.typing.FilteringBoundLogger,
+        exc: BaseException,
+        group: BaseExceptionGroup[BaseException] | None = None,
+    ) -> None:
+        """Log how the attempt ended; remember a refusal among its errors, if any (the
+        session's tasks may have seen the link go first, and the refusal second)."""
+        leaves = [exc] if group is None else list(_leaves(group))
+        self._refusal = next(filter(None, map(classify, leaves)), None)
+        _log_failure(log, exc)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _log_failure(log: structlog.typing.FilteringBoundLogger, exc: BaseException) -> None:

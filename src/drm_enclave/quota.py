@@ -167,6 +167,8 @@ class Quota:
         self._granted_total = 0
         self._forfeited = 0
         self._suspended: ErrorCode | None = None
+        #: What a refused request is told while suspended (say why, and what to do).
+        self._suspended_message = "inferences are suspended"
 
     @property
     def available(self) -> int:
@@ -251,7 +253,7 @@ class Quota:
         if self._suspended is not None:
             self._in_use -= 1
             self._give_one()
-            raise QuotaError(self._suspended, "inferences are suspended")
+            raise QuotaError(self._suspended, self._suspended_message)
         return Lease(self, _LEASE_KEY)
 
     def try_acquire(self) -> Lease | None:
@@ -268,7 +270,7 @@ class Quota:
             QuotaError: the suspension code (``CUSTODIAN_UNREACHABLE``, ``BLOCKED``).
         """
         if self._suspended is not None:
-            raise QuotaError(self._suspended, "inferences are suspended")
+            raise QuotaError(self._suspended, self._suspended_message)
         if self._available == 0:
             return None
         self._available -= 1
@@ -300,7 +302,7 @@ class Quota:
         deadline_in = _check_wait(wait)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._suspended is not None:
-            raise QuotaError(self._suspended, "inferences are suspended")
+            raise QuotaError(self._suspended, self._suspended_message)
         if self._available > 0:
             self._available -= 1
             self._in_use += 1
@@ -348,8 +350,9 @@ class Quota:
         if lease.held:
             lease.commit()
 
-    def suspend(self, code: ErrorCode) -> int:
-        """Throw the kill switch: fail every parked request with ``code``, refuse new ones.
+    def suspend(self, code: ErrorCode, message: str = "inferences are suspended") -> int:
+        """Throw the kill switch: fail every parked request with ``code``, refuse new ones;
+        each is told ``message``.
 
         Returns:
             How many parked requests were failed.
@@ -359,12 +362,12 @@ class Quota:
         """
         if code not in _KILL_CODES:
             raise ValueError(f"cannot suspend with {code!r}")
-        self._suspended = code
+        self._suspended, self._suspended_message = code, message
         failed = 0
         while self._parked:
             task = next(iter(self._parked))
             del self._parked[task]
-            error = QuotaError(code, "inferences are suspended")
+            error = QuotaError(code, message)
             trio.lowlevel.reschedule(task, outcome.Error(error))
             failed += 1
         return failed

@@ -31,6 +31,7 @@ Single trio thread: every method runs on the event loop, and none awaits except 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 import structlog
 import trio
@@ -42,9 +43,31 @@ from .accounting import Accounting
 from .model_host import HostedModel
 from .quota import Quota
 
-__all__ = ["EnclaveRuntime"]
+__all__ = ["STOPPING_MESSAGE", "UNREACHABLE_MESSAGE", "EnclaveRuntime", "blocked_message"]
 
 _log = structlog.get_logger("drm_enclave.runtime")
+
+#: What consumers are told while the custodian link is down: what happened, what to do.
+UNREACHABLE_MESSAGE: Final = (
+    "the enclave has no verified link to its custodian, so it serves nothing; it redials "
+    "on its own: retry later, and if this lasts, tell the enclave's operator (its log says "
+    "why)"
+)
+#: What consumers are told once the daemon is stopping.
+STOPPING_MESSAGE: Final = "the enclave is shutting down: retry once it is back"
+#: The longest owner's reason passed on to consumers (the admin API allows no longer).
+_MAX_REASON: Final = 200
+
+
+def blocked_message(reason: str) -> str:
+    """What consumers are told while the owner blocks the borrower, with the owner's
+    reason (printable characters only: it goes to a consumer's terminal)."""
+    shown = "".join(c for c in reason[:_MAX_REASON] if c.isprintable()).strip()
+    because = f" (reason: {shown})" if shown else ""
+    return (
+        f"the model owner blocked this borrower{because}; nothing is served until the owner "
+        "unblocks it: ask the borrower's operator"
+    )
 
 
 class EnclaveRuntime:
@@ -59,12 +82,13 @@ class EnclaveRuntime:
 
     def __init__(self, *, max_parked: int | None = None) -> None:
         self.quota = Quota() if max_parked is None else Quota(max_parked=max_parked)
-        self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
+        self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE, UNREACHABLE_MESSAGE)
         self.accounting = Accounting(self.quota)
         self.models: dict[str, HostedModel] = {}
         self._link_up = False
         self._synced = False
         self._blocked = False
+        self._block_message = blocked_message("")
         self._loads_pending = 0
         self._announced = False
         self._stopping = False
@@ -130,7 +154,7 @@ class EnclaveRuntime:
         self._stopping = True
         self.accounting.flush()
         self._usage_changed.set()
-        failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
+        failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE, STOPPING_MESSAGE)
         _log.info("enclave_draining", failed_parked=failed, unreported=self.accounting.unreported)
         self._changed()
 
@@ -139,7 +163,7 @@ class EnclaveRuntime:
     def link_lost(self) -> None:
         """KILL SWITCH: no verified custodian link; fail parked and new requests at once."""
         if self.quota.suspended is not ErrorCode.CUSTODIAN_UNREACHABLE:
-            failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE)
+            failed = self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE, UNREACHABLE_MESSAGE)
             _log.warning("custodian_link_down", failed_parked=failed)
         self._link_up = self._synced = self._blocked = self._announced = False
         self._loads_pending = 0
@@ -170,10 +194,12 @@ class EnclaveRuntime:
         self._maybe_resume()
         return added
 
-    def on_block(self) -> None:
+    def on_block(self, reason: str = "") -> None:
+        """The owner blocked the borrower; consumers are told ``reason`` (the owner's words)."""
         self._synced = self._blocked = True
-        failed = self.quota.suspend(ErrorCode.BLOCKED)
-        _log.warning("custodian_blocked", failed_parked=failed)
+        self._block_message = blocked_message(reason)
+        failed = self.quota.suspend(ErrorCode.BLOCKED, self._block_message)
+        _log.warning("custodian_blocked", failed_parked=failed, reason=reason)
         self._maybe_resume()
 
     def on_unblock(self) -> None:
@@ -194,7 +220,7 @@ class EnclaveRuntime:
             return
         if self._blocked:
             if self.quota.suspended is not ErrorCode.BLOCKED:
-                self.quota.suspend(ErrorCode.BLOCKED)
+                self.quota.suspend(ErrorCode.BLOCKED, self._block_message)
         elif self.quota.suspended is not None and not self._stopping:
             self.quota.resume()
         if not self._announced:

@@ -38,6 +38,7 @@ import structlog
 import trio
 from cryptography import x509
 
+from drm_daemon.listen import cannot_listen
 from drm_wire.attestation.gramine import Backend
 from drm_wire.errors import ConfigError
 from drm_wire.net.ratls_context import enclave_client_context, enclave_server_context
@@ -148,7 +149,12 @@ async def serve(
         intra_op_threads=config.intra_op_threads,
         timing=config.timing,
     )
-    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    try:
+        listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    except OSError as exc:
+        raise cannot_listen(
+            exc, "consumers", config.listen_host, config.listen_port, "--listen"
+        ) from exc
     host, port = listeners[0].socket.getsockname()[:2]
     async with trio.open_nursery() as nursery:
         handlers = await nursery.start(_handler_nursery)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,7 @@ from drm_consumer.cli import (
     EXIT_USAGE,
     main,
 )
+from drm_daemon.command import EXIT_BROKEN_PIPE
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls_cert import RatlsCredentials
@@ -47,6 +49,7 @@ from drm_wire.messages import (
     Waiting,
 )
 from drm_wire.net.channel import ChannelError, MessageChannel
+from drm_wire.net.tls import TLSStream
 from drm_wire.tensors import Tensor
 from tests.consumer.conftest import MR_ENCLAVE, make_policy
 from tests.consumer.fake_enclave import (
@@ -362,6 +365,50 @@ async def test_wrong_policy_is_refused_with_3_and_nothing_sent(
     assert fake.handshakes_completed == 0
 
 
+async def test_a_policy_for_another_simulated_platform_says_which_root_to_use(
+    fake: ScriptedEnclave, workdir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    np.save(workdir / "x.npy", sample_input(rows=1))
+    elsewhere = SimulatedPlatform.create(tmp_path_factory.mktemp("other") / "platform")
+    make_policy(elsewhere).write(workdir / "other.toml")
+    result = await query(fake, workdir, "--input", "x.npy", "--policy", "other.toml")
+    assert result.returncode == EXIT_ATTESTATION, result.stderr
+    assert result.stderr == (
+        f"python -m drm_consumer: error: connecting to {HOST}:{fake.port}: the enclave's "
+        "attestation was refused (UntrustedRootError: PCK chain: chain ends at an untrusted "
+        "root): its quote does not chain to a root the policy trusts. A real SGX quote "
+        "needs Intel's root; a SIMULATED enclave's needs the policy's [simulation] root to "
+        "be that enclave's platform: use the policy `drm_enclave measure --simulation-dir "
+        "DIR` wrote with the enclave's own DIR\n"
+    )
+    assert fake.requests == []
+
+
+async def test_a_reader_that_leaves_ends_the_command_quietly(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    """``query ... | head -1``: the reader is gone before the answer is written."""
+    np.save(workdir / "x.npy", sample_input(rows=1))
+
+    def run() -> tuple[int, str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "drm_consumer", "query", "--address", HOST,
+             "--port", str(fake.port), "--input", "x.npy"],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.close()  # as head does once it has its line
+        with process:
+            stderr = process.stderr.read()
+            return process.wait(RUN_TIMEOUT), stderr
+
+    status, stderr = await trio.to_thread.run_sync(run)
+    assert status == EXIT_BROKEN_PIPE == 141
+    assert stderr == "preprocess: auto: a tensor file is sent as it is\n"  # no traceback
+    assert len(fake.requests) == 2  # it ran: model info, then the inference
+
+
 async def test_closed_port_fails_with_6(workdir: Path) -> None:
     listeners = await trio.open_tcp_listeners(0, host=HOST)
     port = listeners[0].socket.getsockname()[1]
@@ -372,7 +419,37 @@ async def test_closed_port_fails_with_6(workdir: Path) -> None:
         workdir, "query", "--address", HOST, "--port", str(port), "--input", "x.npy"
     )
     assert result.returncode == EXIT_CONNECTION, result.stderr
-    assert "error: connecting to" in result.stderr
+    # What the OS said and what to check: not trio's "all attempts to connect ... failed
+    # (ExceptionGroup ...)".
+    assert result.stderr == (
+        f"python -m drm_consumer: error: connecting to {HOST}:{port}: cannot connect: "
+        "connection refused; is the enclave running (`drm_enclave serve`), and is this the "
+        "address and port of its --listen?\n"
+    )
+
+
+async def _vanish(fake: FakeEnclave, channel: MessageChannel, request: InferenceRequest) -> None:
+    """The enclave process dies mid-request: TCP goes, with no TLS close_notify."""
+    tls = channel.stream
+    assert isinstance(tls, TLSStream)
+    tcp = tls.transport_stream
+    assert isinstance(tcp, trio.SocketStream)
+    tcp.socket.close()
+
+
+async def test_an_enclave_that_dies_mid_request_is_said_so(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    np.save(workdir / "x.npy", sample_input(rows=1))
+    fake.behaviour = _vanish
+    result = await in_process_query(fake, workdir, "--input", workdir / "x.npy", "--no-wait")
+    assert result.returncode == EXIT_CONNECTION, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"python -m drm_consumer: error: inference on {HOST}:{fake.port}: the enclave closed "
+        "the connection without a goodbye (it stopped or crashed, or the network cut it); "
+        "nothing more came of this request: retry, and if it persists, tell the enclave's "
+        "operator"
+    )
 
 
 @pytest.mark.parametrize("code", [ErrorCode.CUSTODIAN_UNREACHABLE, ErrorCode.BLOCKED])

@@ -64,6 +64,8 @@ async def test_idempotency_key_retry_counts_once(server: Server) -> None:
     again = await server.call("POST", "/supply_inferences", b"number_inferences=5", [FORM, *key])
     assert (first.status, again.status) == (200, 200)
     assert (first.json()["replayed"], again.json()["replayed"]) == (False, True)
+    # The replay added nothing, and says so: a script summing "added" counts 5, not 10.
+    assert (first.json()["added"], again.json()["added"]) == (5, 0)
     assert again.json()["supplied"] == 5
     other = await server.call("POST", "/supply_inferences", b"number_inferences=6", [FORM, *key])
     assert other.status == 422
@@ -71,7 +73,7 @@ async def test_idempotency_key_retry_counts_once(server: Server) -> None:
     assert (await server.balance()).supplied == 5
     doc = await _client(server, "supply", 2, idempotency_key="cli-1")
     doc = await _client(server, "supply", 2, idempotency_key="cli-1")
-    assert (doc["supplied"], doc["replayed"]) == (7, True)
+    assert (doc["supplied"], doc["replayed"], doc["added"]) == (7, True, 0)
 
 
 async def test_concurrent_supplies_all_count(server: Server) -> None:

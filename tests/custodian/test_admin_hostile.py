@@ -229,7 +229,24 @@ async def test_wrong_method_is_405_with_allow(
 
 @pytest.mark.parametrize("path", ["/", "/supply", "/supply_inferences/", "/admin", "/%2e%2e/x"])
 async def test_unknown_path_is_404(server: Server, path: str) -> None:
-    await _refused(server, 404, "POST", path, b"number_inferences=5", [FORM])
+    reply = await _refused(server, 404, "POST", path, b"number_inferences=5", [FORM])
+    assert reply.json()["message"] == (
+        "no such endpoint; there are POST /supply_inferences, POST /block, POST /unblock, "
+        "GET /usage, GET /metrics, GET /healthz"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/"), ("GET", "/admin"), ("GET", SUPPLY), ("POST", "/usage"), ("POST", "/healthz")],
+)
+async def test_without_the_token_no_path_or_method_is_told_apart(
+    server: Server, method: str, path: str
+) -> None:
+    """D08: 401 before 404 and 405, so the endpoints cannot be listed without the token."""
+    reply = await _refused(server, 401, method, path, b"number_inferences=5", [FORM], auth=False)
+    assert reply.json()["error"] == "unauthorized"
+    assert "allow" not in reply.headers
 
 
 async def test_oversized_body_is_413(server: Server) -> None:

@@ -118,7 +118,7 @@ def test_check_config_needs_a_file() -> None:
         ({"admin_port": -1}, "not a port number: '-1' (in {f} at 'admin_port')"),
         ({"lease": 0}, f"lease must be an integer between 1 and {N} (in {{f}} at 'lease')"),
         ({"initial_inferences": N + 1},
-         f"must be between 0 and {N} (in {{f}} at 'initial_inferences')"),
+         f"must be between 0 and {N}, got {N + 1} (in {{f}} at 'initial_inferences')"),
         ({"address": "[1, 2]"}, "must be a string, not an array (in {f} at 'address')"),
     ],
 )  # fmt: skip

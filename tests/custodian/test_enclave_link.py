@@ -511,7 +511,30 @@ async def test_an_enclave_outside_the_policy_never_gets_a_model_byte(
     refused = [e for e in logs if e["event"] == "enclave_refused"]
     assert refused
     assert "MRENCLAVE" in refused[0]["reason"]
+    assert refused[0]["fix"] == (
+        "if this enclave should be served, the policy (serve --policy) must accept its "
+        "measurement: `drm_enclave measure` on its build prints it"
+    )
     assert not any(e["event"] == "model_transfer_started" for e in logs)
+
+
+async def test_an_enclave_of_another_simulated_platform_is_refused_with_the_fix(
+    start_custodian: CustodianFactory, tmp_path: Path
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    elsewhere = SimulatedPlatform.create(tmp_path / "elsewhere")
+    with (
+        capture_logs() as logs,
+        pytest.raises((ChannelError, trio.BrokenResourceError, PeerError)),
+    ):
+        async with custodian.link(credentials=_credentials(elsewhere)) as channel:
+            await receive_until_quiet(channel)
+    (refused,) = [e for e in logs if e["event"] == "enclave_refused"]
+    assert "untrusted root" in refused["reason"]
+    assert refused["fix"].startswith(
+        "its quote does not chain to a root the policy trusts: a real SGX quote needs "
+        "Intel's root; a SIMULATED enclave's needs the policy's [simulation] root to be "
+    )
 
 
 async def test_a_silent_enclave_is_declared_dead(start_custodian: CustodianFactory) -> None:

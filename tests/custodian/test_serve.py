@@ -18,6 +18,7 @@ from drm_custodian.ledger import Ledger
 from drm_custodian.models import ModelFile
 from drm_custodian.serve import BoundAddresses, ServeConfig, initial_supply_key, serve
 from drm_custodian.state import CustodianState, LicenseRecord, init_state_dir, load_state_dir
+from drm_daemon.listen import ListenError
 from drm_lab.models import tiny_model
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
@@ -102,7 +103,7 @@ async def test_a_port_in_use_is_an_error_and_the_ledger_is_closed(
     try:
         with capture_logs() as logs, pytest.raises(BaseExceptionGroup) as caught:
             await serve(_config(state, port=port))
-        assert caught.group_contains(OSError)
+        assert caught.group_contains(ListenError, match=f"127.0.0.1:{port}: another program")
         assert logs[-1]["event"] == "custodian_stopped"
     finally:
         for listener in listeners:

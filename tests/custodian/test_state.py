@@ -27,6 +27,7 @@ from drm_custodian.state import (
     init_state_dir,
     load_state_dir,
 )
+from drm_custodian.state_lock import LOCK_FILE, StateLockedError, lock_state_dir
 from drm_wire.errors import ConfigError
 
 
@@ -64,6 +65,7 @@ async def test_init_makes_every_file_with_its_mode(made: InitResult) -> None:
         "state.json": 0o644,
         "licenses": 0o700,
         "handoff": 0o700,
+        "custodian.lock": 0o600,
     }
     for name, mode in expected.items():
         assert _mode(root / name) == mode, name
@@ -330,3 +332,46 @@ async def test_expired_server_certificate_is_named(made: InitResult) -> None:
     with pytest.raises(ConfigError, match="expired") as info:
         load_state_dir(made.path, now=later)
     assert info.value.path == str(made.path / "server.pem")
+
+
+# --- the lock: one custodian per state directory (I16) ---------------------------------
+
+
+async def test_the_state_lock_is_exclusive_names_its_holder_and_is_freed(
+    made: InitResult,
+) -> None:
+    held = lock_state_dir(made.path)
+    assert _mode(made.path / LOCK_FILE) == 0o600
+    with pytest.raises(StateLockedError) as refused:
+        lock_state_dir(made.path)  # another open file description: flock refuses it too
+    assert refused.value.pid == os.getpid()
+    assert str(refused.value) == (
+        f"process {os.getpid()} already runs a custodian on this state directory; stop it "
+        f"first (two custodians on one ledger would lend one license twice) (in {made.path})"
+    )
+    held.release()
+    with lock_state_dir(made.path) as again:
+        assert again.path == made.path / LOCK_FILE
+    lock_state_dir(made.path).release()
+
+
+async def test_a_lock_file_that_is_a_symlink_or_shared_is_refused(made: InitResult) -> None:
+    target = made.path.parent / "elsewhere"
+    target.write_text("")
+    (made.path / LOCK_FILE).unlink()  # init left it, unlocked
+    (made.path / LOCK_FILE).symlink_to(target)
+    with pytest.raises(ConfigError, match="cannot open the lock file"):
+        lock_state_dir(made.path)
+    (made.path / LOCK_FILE).unlink()
+    (made.path / LOCK_FILE).write_text("")
+    os.chmod(made.path / LOCK_FILE, 0o666)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        lock_state_dir(made.path)
+
+
+async def test_a_garbled_lock_file_still_refuses_without_a_pid(made: InitResult) -> None:
+    with lock_state_dir(made.path):
+        (made.path / LOCK_FILE).write_text("not a pid")  # the holder's text, overwritten
+        with pytest.raises(StateLockedError, match=r"^another process already runs") as refused:
+            lock_state_dir(made.path)
+        assert refused.value.pid is None

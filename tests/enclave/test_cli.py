@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,45 @@ async def test_serve_process_links_serves_and_stops_cleanly(
                 process.kill()
                 await process.wait()
         nursery.cancel_scope.cancel()
+
+
+def test_help_lists_the_exit_statuses_and_measure_says_what_it_does() -> None:
+    for argv in (["--help"], ["serve", "--help"], ["measure", "--help"]):
+        done = _run(*argv)
+        assert done.returncode == 0
+        assert done.stdout.endswith(
+            "exit status:\n"
+            "  0  success (serve: stopped cleanly on SIGTERM or SIGINT)\n"
+            "  1  the daemon failed at run time (a bug: the log says where)\n"
+            "  2  bad command line or configuration, or a port serve cannot listen on\n"
+        ), done.stdout
+    measure = " ".join(_run("measure", "--help").stdout.split())
+    assert (
+        "print this build's measurements (MRENCLAVE, MRSIGNER); with --out, write the policy "
+        "that accepts exactly this build, for the custodian's serve --policy and the "
+        "consumers' --policy"
+    ) in measure
+    assert "--custodian-ca CA.pem the custodian's CA (ca.pem of drm_custodian init)" in measure
+
+
+def test_serve_on_a_taken_port_exits_2_naming_it(tmp_path: Path) -> None:
+    pki = shared_pki()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca_pem)
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _run(
+            "serve", "--custodian", "127.0.0.1:1", "--custodian-ca", str(ca),
+            "--license", str(write_license(tmp_path / "license.json")),
+            "--attestation", "simulated", "--simulation-dir", str(tmp_path / "sim"),
+            "--listen", f"{HOST}:{port}",
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (failed,) = [json.loads(line) for line in done.stderr.splitlines() if "startup_failed" in line]
+    assert failed["error_type"] == "ListenError"
+    assert failed["error"] == (
+        f"cannot listen for consumers on {HOST}:{port}: another program already listens "
+        "there (is this daemon running already?): stop it, or choose another --listen"
+    )

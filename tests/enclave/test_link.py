@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from drm_lab.models import random_bytes, tiny_model
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.messages import (
+    Block,
     EnclaveState,
     Error,
     Heartbeat,
@@ -230,6 +231,38 @@ async def test_block_and_unblock(tmp_path: Path) -> None:
             await session.unblock()
             await rig.wait_state(EnclaveState.SERVING)
             assert (await consumer.infer()).inferences_left == 0
+
+
+async def test_consumers_are_told_the_block_reason_and_what_to_do(tmp_path: Path) -> None:
+    async with running_enclave(tmp_path) as rig:
+        session = await rig.link(granted_total=1)
+        async with rig.consumer() as consumer:
+            await consumer.infer()  # none left: the next one parks
+
+            async def block() -> None:
+                await session.channel.send(Block(reason="unpaid invoice 42\x1b[2J"))
+
+            parked = await fail_a_parked_request(consumer, block)
+            with pytest.raises(PeerError) as caught:
+                await consumer.infer()
+            told = (
+                "the model owner blocked this borrower (reason: unpaid invoice 42[2J); "
+                "nothing is served until the owner unblocks it: ask the borrower's operator"
+            )  # the escape character is dropped: the text goes to a consumer's terminal
+            assert (parked.code, parked.detail) == (ErrorCode.BLOCKED, told)
+            assert (caught.value.code, caught.value.detail) == (ErrorCode.BLOCKED, told)
+            await session.unblock()
+            await rig.wait_state(EnclaveState.SERVING)
+            lost = await fail_a_parked_request(consumer, session.close)
+            with pytest.raises(PeerError) as caught:
+                await consumer.infer()
+        for error in (lost, caught.value):
+            assert error.code is ErrorCode.CUSTODIAN_UNREACHABLE
+            assert error.detail == (
+                "the enclave has no verified link to its custodian, so it serves nothing; it "
+                "redials on its own: retry later, and if this lasts, tell the enclave's "
+                "operator (its log says why)"
+            )
 
 
 async def test_block_on_resync_keeps_the_enclave_blocked(tmp_path: Path) -> None:
