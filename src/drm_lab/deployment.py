@@ -126,9 +126,11 @@ class Lab:
         self.admin = AdminApi.from_state_dir(self.state_dir, f"{LOOPBACK}:{admin_port}")
         return custodian
 
-    def start_enclave(self, custodian_port: int, *, link_up: bool = True) -> Enclave:
-        """Start ``drm_enclave serve`` dialling ``custodian_port``; by default wait until
-        it is linked (attested, models loaded, synced)."""
+    def start_enclave(
+        self, custodian_port: int, *, link_up: bool = True, options: Sequence[str] = ()
+    ) -> Enclave:
+        """Start ``drm_enclave serve`` dialling ``custodian_port``, with more ``options``;
+        by default wait until it is linked (attested, models loaded, synced)."""
         daemon = start_daemon(
             "enclave",
             python_command(
@@ -136,7 +138,7 @@ class Lab:
                 "--custodian", f"{LOOPBACK}:{custodian_port}",
                 "--custodian-ca", self.ca_path, "--license", self.license_path,
                 "--attestation", "simulated", "--simulation-dir", self.simulation_dir,
-                "--listen", f"{LOOPBACK}:0",
+                "--listen", f"{LOOPBACK}:0", *options,
             ),
             cwd=self.workdir,
         )  # fmt: skip
