@@ -126,6 +126,33 @@ async def test_connection_cap_answers_busy(tmp_path: Path) -> None:
         assert (await first.info()).state is not EnclaveState.BLOCKED
 
 
+async def test_handshakes_in_progress_are_capped(tmp_path: Path) -> None:
+    """I17: with one handshake slot, of three peers that never start their handshake one
+    holds the slot, one waits for it, and the third, whose wait cannot end within the
+    handshake timeout, is closed (and logged). A consumer is served afterwards."""
+    limits = ConsumerLimits(max_handshakes=1, handshake_timeout=2.0)
+    with capture_logs() as logs:
+        async with running_enclave(tmp_path, limits=limits) as rig:
+            await rig.link(granted_total=1)
+            silent = [await trio.open_tcp_stream(*rig.address) for _ in range(3)]
+
+            async def until_closed(stream: trio.SocketStream) -> None:
+                while await stream.receive_some():
+                    pass
+
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for stream in silent:
+                        nursery.start_soon(until_closed, stream)
+            for stream in silent:
+                await stream.aclose()
+            async with rig.consumer() as consumer:
+                await consumer.infer()
+    full = [e for e in logs if e["event"] == "consumer_handshake_slots_full"]
+    assert len(full) == 1
+    assert full[0]["max_handshakes"] == 1
+
+
 async def test_consumer_leaving_returns_its_parked_unit(tmp_path: Path) -> None:
     async with running_enclave(tmp_path) as rig:
         session = await rig.link()

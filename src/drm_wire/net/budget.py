@@ -18,9 +18,12 @@ whose share is full stops being read: TCP pushes back on its peer, not on anyone
 When a whole message is decoded its bytes become a :class:`Charge` (:meth:`Account.split`)
 that whoever keeps the message (a request task) releases when it is done with it.
 
-Idle peers hold nothing: a connection between frames reserves one small read
-(:data:`HEADER_READ`), and one in the middle of a frame must keep up a minimum rate
-(:class:`ReceiveLimits`), so it cannot hold what it sent for long either.
+Idle peers hold next to nothing: a connection reserves one small read
+(:data:`HEADER_READ`) ahead of what it has sent, and the reads of a payload grow with the
+bytes the peer has actually sent (up to :data:`PAYLOAD_READ`), so a header announcing
+64 MiB followed by one byte reserves 16 KiB. A connection in the middle of a frame must
+also keep up a minimum rate (:class:`ReceiveLimits`), so it cannot hold what it sent for
+long either.
 """
 
 from __future__ import annotations

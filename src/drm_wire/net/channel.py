@@ -388,6 +388,7 @@ class MessageChannel:
         ended: Failure | None
         try:
             if self._limits is not None:
+                assert until is None, "a channel with ReceiveLimits has a reader task"
                 ended = await self._read_limited(self._limits)
             else:
                 ended = await self._read_messages(until)
@@ -450,7 +451,8 @@ class MessageChannel:
                 want = HEADER_READ
                 if due := conn.payload_due:
                     want = min(PAYLOAD_READ, max(HEADER_READ, received), max(due, HEADER_READ))
-                want = min(want, limits.budget.per_connection - conn.held_bytes)
+                # (A share holds a full frame and a read: never below one byte.)
+                want = max(1, min(want, limits.budget.per_connection - conn.held_bytes))
                 reserving = True
                 with trio.CancelScope(deadline=deadline) as scope:
                     await account.reserve_reading(conn.held_bytes + want)
