@@ -95,7 +95,7 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
 #: The consumer port's limits (I17): flag, its ConsumerLimits field, unit, bounds, help.
 _LIMIT_OPTIONS: Final = (
     ("--max-connections", "max_connections", 1, 1, 1_000_000,
-     "live consumer connections; more are refused with busy"),
+     "live consumer connections; past it the longest idle one is closed, else busy"),
     ("--max-handshakes", "max_handshakes", 1, 1, 100_000,
      "TLS handshakes in progress on the consumer port; more wait, then are closed"),
     ("--max-in-flight", "max_in_flight", 1, 1, 100_000,

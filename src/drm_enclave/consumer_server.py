@@ -5,7 +5,8 @@ Theory of operation
 :meth:`ConsumerServer.handle` runs once per accepted TCP connection, in the handler
 nursery of ``trio.serve_listeners``. It binds ``peer``, ``conn_id`` and ``role`` for every
 log line of the connection, refuses the connection with ``Error(busy)`` past
-``max_connections``, completes the TLS handshake with our RA-TLS certificate (the consumer
+``max_connections`` (unless a connection that sits idle can make room: see below),
+completes the TLS handshake with our RA-TLS certificate (the consumer
 verifies it inside the handshake, before sending any data), accepts the consumer's hello,
 then handles each request in the channel's reader task (``MessageChannel.set_handler``:
 no hand-over to another task per request):
@@ -32,6 +33,13 @@ minimum rate for every frame (:class:`~drm_wire.net.budget.ReceiveLimits`). A re
 keeps its payload charged until it ends. Each limit that bites logs a warning (or info,
 per request) and counts in :attr:`ConsumerServer.limit_counts`.
 
+Connection slots cannot be held by idling: when a connection arrives past
+``max_connections``, the connection that has been idle the longest (it said hello, has no
+request in flight and no frame under way) is told ``busy`` and closed to make room; only
+when none is idle is the newcomer refused. A consumer that keeps a connection for later
+may so lose it under pressure, and reconnects; one that holds a slot must keep a request
+in flight on it.
+
 One inference, in order: the model must be loaded (``model_not_found``; while the enclave
 is suspended with no such model, the suspension code), the tensors must match its inputs
 (``bad_request``: before any quota is taken, so a bad request costs nothing), then one
@@ -50,6 +58,7 @@ Logs never hold tensors: requests are logged by id, model and outcome only.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 from dataclasses import dataclass
@@ -109,8 +118,9 @@ class ConsumerLimits:
     """Caps and deadlines of the consumer server.
 
     Attributes:
-        max_connections: live consumer connections; more are refused with ``busy``.
-            Each costs a TLS session, a reader task and its share of the payload budget.
+        max_connections: live consumer connections. Past it a new connection closes the
+            one idle the longest, or, with none idle, is refused with ``busy``. Each costs
+            a TLS session, a reader task and its share of the payload budget.
         max_handshakes: TLS handshakes in progress; a connection waits for a slot at
             most ``handshake_timeout``, then is closed. Bounds the CPU and memory that
             peers who never finish a handshake can take.
@@ -181,6 +191,7 @@ class ConsumerServer:
         #: How often each limit bit, by name (see :meth:`limit_counts`).
         self._limit_counts: collections.Counter[str] = collections.Counter()
         self._connections = 0
+        self._live: dict[MessageChannel, _Counter] = {}  # admitted connections
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -206,7 +217,8 @@ class ConsumerServer:
 
     def limit_counts(self) -> dict[str, int]:
         """How often each limit bit since start: ``connections``, ``handshakes``,
-        ``in_flight``, ``parked`` (requests or connections refused), ``frame_timeout``,
+        ``in_flight``, ``parked`` (requests or connections refused), ``idle_closed``
+        (idle connections closed to admit another), ``frame_timeout``,
         ``budget_full`` (connections closed), ``budget_waits`` (reads that waited for
         memory)."""
         return {**self._limit_counts, "budget_waits": self._budget.waits}
@@ -256,7 +268,7 @@ class ConsumerServer:
         async with open_channel(
             stream, Link.CONSUMER, Side.SERVER, limits=self._receive_limits
         ) as channel:
-            if self._connections > limits.max_connections:
+            if self._connections > limits.max_connections and not await self._evict_idle(log):
                 self._limit_hit("connections")
                 log.warning("consumer_refused_busy", connections=self._connections)
                 with trio.move_on_after(ERROR_FRAME_TIMEOUT):
@@ -264,26 +276,61 @@ class ConsumerServer:
                         Error(code=ErrorCode.BUSY, message="too many connections; retry later")
                     )
                 return
-            async with trio.open_nursery() as requests:
-                # Requests are dispatched in the channel's reader task (set_handler).
-                channel.set_handler(
-                    functools.partial(
-                        self._dispatch,
-                        channel=channel,
-                        requests=requests,
-                        in_flight=_Counter(),
-                        log=log,
+            state = self._live[channel] = _Counter(channel)
+            try:
+                async with trio.open_nursery() as requests:
+                    # Requests are dispatched in the channel's reader task (set_handler).
+                    channel.set_handler(
+                        functools.partial(
+                            self._dispatch,
+                            channel=channel,
+                            requests=requests,
+                            in_flight=state,
+                            log=log,
+                        )
+                    )
+                    hello = await channel.accept_hello(
+                        software=SOFTWARE, hello_timeout=limits.hello_timeout
+                    )
+                    state.last_active = trio.current_time()
+                    log.info(
+                        "consumer_connected", software=hello.software[:64], version=channel.version
+                    )
+                    reason = await self._until_ended(channel, log)
+                    requests.cancel_scope.cancel()  # the consumer left: nobody takes replies
+            finally:
+                del self._live[channel]
+            log.info("consumer_disconnected", reason=reason)
+
+    async def _evict_idle(self, log: structlog.typing.FilteringBoundLogger) -> bool:
+        """Close the connection idle the longest to admit a new one; ``False`` if none is
+        idle (said hello, no request in flight, no frame under way)."""
+        idle = [
+            state
+            for state in self._live.values()
+            if state.last_active is not None and not state.value and not state.channel.receiving
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda state: state.last_active or 0.0)
+        self._limit_hit("idle_closed")
+        log.warning(
+            "consumer_idle_connection_closed",
+            idle_seconds=round(trio.current_time() - (victim.last_active or 0.0), 3),
+            connections=self._connections,
+        )
+        victim.last_active = None  # not a candidate again while it closes
+        with trio.move_on_after(ERROR_FRAME_TIMEOUT):
+            with contextlib.suppress(DrmError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await victim.channel.send(
+                    Error(
+                        code=ErrorCode.BUSY,
+                        message="closed while idle to admit another connection; "
+                        "reconnect when you have a request",
                     )
                 )
-                hello = await channel.accept_hello(
-                    software=SOFTWARE, hello_timeout=limits.hello_timeout
-                )
-                log.info(
-                    "consumer_connected", software=hello.software[:64], version=channel.version
-                )
-                reason = await self._until_ended(channel, log)
-                requests.cancel_scope.cancel()  # the consumer left: nobody takes replies
-            log.info("consumer_disconnected", reason=reason)
+        await victim.channel.aclose()
+        return True
 
     async def _dispatch(
         self,
@@ -294,6 +341,8 @@ class ConsumerServer:
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         """One request, in the channel's reader task: answered now, or handed to a task."""
+        if in_flight.last_active is not None:
+            in_flight.last_active = trio.current_time()
         if isinstance(message, ModelInfoRequest):
             await channel.send(self._model_info(message.request_id))
         elif isinstance(message, InferenceRequest):
@@ -413,6 +462,8 @@ class ConsumerServer:
         finally:
             charge.release()
             in_flight.value -= 1
+            if in_flight.last_active is not None:
+                in_flight.last_active = trio.current_time()
             self._request_ended()
 
     async def _infer(
@@ -542,13 +593,16 @@ def _refused(
 
 
 class _Counter:
-    """A connection's requests in flight, and how many of them are parked."""
+    """A connection's requests in flight, how many of them are parked, and when it was
+    last active (``None`` before its hello, or once it is being closed)."""
 
-    __slots__ = ("parked", "value")
+    __slots__ = ("channel", "last_active", "parked", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, channel: MessageChannel) -> None:
+        self.channel = channel
         self.value = 0
         self.parked = 0
+        self.last_active: float | None = None
 
 
 class _WaitingNotice:

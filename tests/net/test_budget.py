@@ -66,6 +66,8 @@ async def test_one_connection_cannot_take_more_than_its_share(
     account = budget.account()
     await account.reserve_reading(SHARE - MiB)
     kept = account.split(SHARE - MiB, keep_reading=0)
+    assert account.fits(MiB)
+    assert not account.fits(2 * MiB)
     with trio.move_on_after(100) as waited:
         await account.reserve_reading(2 * MiB)  # room in the budget, not in the share
     assert waited.cancelled_caught

@@ -129,6 +129,15 @@ class Account:
     def __repr__(self) -> str:
         return f"<Account reading={self.reading} held={self.held}>"
 
+    def fits(self, target: int) -> bool:
+        """Whether :meth:`reserve_reading` of ``target`` would not wait for memory."""
+        budget = self._budget
+        need = target - self.reading
+        return need <= 0 or (
+            budget.used + need <= budget.total
+            and self.reading + self.held + need <= budget.per_connection
+        )
+
     async def reserve_reading(self, target: int) -> None:
         """Raise the reading reservation to ``target`` bytes, waiting for memory as needed.
 
@@ -145,14 +154,8 @@ class Account:
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the connection's account is closed")
-            need = target - self.reading
-            if need <= 0:
-                await trio.lowlevel.checkpoint_if_cancelled()
-                return
-            if (
-                budget.used + need <= budget.total
-                and self.reading + self.held + need <= budget.per_connection
-            ):
+            if self.fits(target):
+                need = max(0, target - self.reading)
                 budget._take(need)
                 self.reading += need
                 await trio.lowlevel.checkpoint_if_cancelled()

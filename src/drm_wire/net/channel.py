@@ -181,6 +181,11 @@ class MessageChannel:
         return self._conn.side
 
     @property
+    def receiving(self) -> bool:
+        """Whether part of a frame has arrived and the rest not yet."""
+        return self._conn.mid_frame
+
+    @property
     def version(self) -> int | None:
         """The agreed protocol version, once the hello exchange succeeded."""
         return self._conn.version
@@ -453,9 +458,11 @@ class MessageChannel:
                     want = min(PAYLOAD_READ, max(HEADER_READ, received), max(due, HEADER_READ))
                 # (A share holds a full frame and a read: never below one byte.)
                 want = max(1, min(want, limits.budget.per_connection - conn.held_bytes))
-                reserving = True
+                target = conn.held_bytes + want
+                # Out of time while memory was short is our doing (busy); else the peer's.
+                reserving = not account.fits(target)
                 with trio.CancelScope(deadline=deadline) as scope:
-                    await account.reserve_reading(conn.held_bytes + want)
+                    await account.reserve_reading(target)
                     reserving = False
                     data = await self._stream.receive_some(want)
                 if scope.cancelled_caught:
