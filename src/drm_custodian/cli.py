@@ -33,7 +33,14 @@ from drm_custodian.admin import DEFAULT_ADMIN_PORT
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.grants import DEFAULT_LEASE, check_lease
 from drm_custodian.models import read_model_file
-from drm_custodian.serve import DEFAULT_ENCLAVE_PORT, BoundAddresses, ServeConfig, serve
+from drm_custodian.serve import (
+    DEFAULT_ENCLAVE_PORT,
+    DEFAULT_MAX_LINK_HANDSHAKES,
+    DEFAULT_MAX_LINKS,
+    BoundAddresses,
+    ServeConfig,
+    serve,
+)
 from drm_custodian.session import SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
 from drm_custodian.state_lock import lock_state_dir
@@ -102,6 +109,13 @@ def _positive_count(text: str) -> int:
             f"must be between 1 and {MAX_GRANT_UNITS}, got {value} (a supply only adds: "
             "to stop lending, use block)"
         )
+    return value
+
+
+def _cap(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000000")
     return value
 
 
@@ -184,6 +198,11 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="most inferences lent to one enclave at a time")  # fmt: skip
     schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
                help="lowest level logged (debug adds per-request events)")  # fmt: skip
+    schema.add("--max-links", Kind.INTEGER, type=_cap, default=DEFAULT_MAX_LINKS, metavar="N",
+               help="enclave-link connections at once; more are closed")  # fmt: skip
+    schema.add("--max-link-handshakes", Kind.INTEGER, type=_cap,
+               default=DEFAULT_MAX_LINK_HANDSHAKES, metavar="N",
+               help="enclave-link TLS handshakes in progress at once; more wait")  # fmt: skip
     return schema
 
 
@@ -239,6 +258,8 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         admin_port=args.admin_port,
         initial_inferences=args.initial_inferences,
         session=SessionConfig(lease=args.lease),
+        max_links=args.max_links,
+        max_link_handshakes=args.max_link_handshakes,
     )
 
 

@@ -134,6 +134,16 @@ def _ending(exc: BaseException) -> BaseException | None:
 
 async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:
     cfg = ctx.config
+    slots = ctx.handshake_slots
+    if slots is not None:
+        # I17: at most so many handshakes (RA-TLS verification included) at once; a
+        # connection waits for a slot no longer than a handshake may take.
+        with trio.move_on_after(cfg.handshake_timeout) as waiting:
+            await slots.acquire()
+        if waiting.cancelled_caught:
+            ctx.limit_hit("handshakes")
+            log.warning("enclave_handshake_slots_full")
+            return
     try:
         stream = await accept_tls(
             transport, ctx.tls_context, handshake_timeout=cfg.handshake_timeout
@@ -147,6 +157,9 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
         # No client certificate, no common TLS version, a peer that hung up or stalled.
         log.info("enclave_handshake_failed", reason=str(exc.__cause__ or exc)[:300])
         return
+    finally:
+        if slots is not None:
+            slots.release()
     identity = stream.peer_identity_as(VerifiedEnclave)
     log.info(
         "enclave_attested",

@@ -15,6 +15,13 @@ Theory of operation
 ``task_status.started(BoundAddresses)`` reports the bound ports (port 0 works for both),
 after the ``custodian_listening`` log line that process-level tests wait for.
 
+The enclave-link port is open to the network before any peer is attested, so it has caps
+(I17): at most ``max_links`` connections at once (more are closed at once; a fleet's
+1,000 enclave links fit the default with room for reconnects) and at most
+``max_link_handshakes`` TLS handshakes in progress (a connection waits for a slot no
+longer than the handshake timeout). Each refusal logs a warning and counts in the admin
+API's ``drm_custodian_enclave_link_refused_total{limit=...}`` metric.
+
 Shutdown is a trigger: when ``shutdown_trigger`` returns (``__main__`` wires it to
 SIGTERM/SIGINT), the tree is taken down inside out, in this order: stop accepting (the
 listen nursery is cancelled); close every enclave link (each session is cancelled and
@@ -37,6 +44,7 @@ from typing import Final
 import structlog
 import trio
 from cryptography.hazmat.primitives import serialization
+from prometheus_client import Counter
 
 from drm_custodian._state_files import read_checked
 from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
@@ -57,6 +65,8 @@ from drm_wire.net.ratls_context import custodian_server_context
 __all__ = [
     "ADMIN_STOP_TIMEOUT",
     "DEFAULT_ENCLAVE_PORT",
+    "DEFAULT_MAX_LINKS",
+    "DEFAULT_MAX_LINK_HANDSHAKES",
     "LINK_CLOSE_TIMEOUT",
     "BoundAddresses",
     "ServeConfig",
@@ -73,6 +83,13 @@ ADMIN_STOP_TIMEOUT: Final = 5.0
 #: Longest wait for the enclave links to close gracefully at shutdown; connections still
 #: in their handshake are cut then. TLS's own close_notify budget is 1 s.
 LINK_CLOSE_TIMEOUT: Final = 1.0
+#: Enclave-link connections at once (I17): a fleet of 1,000 enclaves, each possibly with a
+#: stale connection not yet noticed while it redials, and room for more. Each costs a TLS
+#: session and a task (a linked one also its model transfers, bounded by the models).
+DEFAULT_MAX_LINKS: Final = 4096
+#: TLS handshakes in progress at once: RA-TLS verification is CPU work; 256 lets a whole
+#: fleet redial after a restart within a few rounds of handshake timeouts.
+DEFAULT_MAX_LINK_HANDSHAKES: Final = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +105,8 @@ class ServeConfig:
         initial_inferences: supplied once, at the first start with this state directory.
         borrower: the account the admin API acts on; by default the state's only borrower.
         session: per-link tunables (lease size, heartbeats, timeouts).
+        max_links: enclave-link connections at once; more are closed at once.
+        max_link_handshakes: enclave-link TLS handshakes in progress at once.
     """
 
     state: CustodianState
@@ -100,8 +119,13 @@ class ServeConfig:
     initial_inferences: int = 0
     borrower: str | None = None
     session: SessionConfig = field(default_factory=SessionConfig)
+    max_links: int = DEFAULT_MAX_LINKS
+    max_link_handshakes: int = DEFAULT_MAX_LINK_HANDSHAKES
 
     def __post_init__(self) -> None:
+        for key in ("max_links", "max_link_handshakes"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be at least 1", key=key)
         if not self.models:
             raise ConfigError("at least one model is needed", key="models")
         names = [m.name for m in self.models]
@@ -206,6 +230,15 @@ async def serve(
         await ledger.integrity_check()
         await _initial_supply(ledger, state, borrower, config.initial_inferences)
         registry = Registry()
+        app = AdminApp(
+            ledger=ledger, hooks=SessionHooks(registry), token=state.admin_token, borrower=borrower
+        )
+        refused = Counter(
+            "drm_custodian_enclave_link_refused",
+            "Enclave-link connections turned away by a cap, by cap (links, handshakes).",
+            ["limit"],
+            registry=app.registry,
+        )
         ctx = SessionContext(
             state=state,
             ledger=ledger,
@@ -213,17 +246,27 @@ async def serve(
             tls_context=tls_context,
             registry=registry,
             config=config.session,
+            handshake_slots=trio.Semaphore(config.max_link_handshakes),
+            limit_hit=lambda name: refused.labels(limit=name).inc(),
         )
-        app = AdminApp(
-            ledger=ledger, hooks=SessionHooks(registry), token=state.admin_token, borrower=borrower
-        )
+        live = 0
 
         async def handler(stream: trio.SocketStream) -> None:
+            nonlocal live
             try:
                 peer = format_address(*_host_port(stream.socket.getpeername()))
             except OSError:
                 peer = "unknown"
-            await handle_connection(stream, ctx, peer=peer)
+            if live >= config.max_links:
+                refused.labels(limit="links").inc()
+                log.warning("enclave_link_refused_full", peer=peer, max_links=config.max_links)
+                await trio.aclose_forcefully(stream)
+                return
+            live += 1
+            try:
+                await handle_connection(stream, ctx, peer=peer)
+            finally:
+                live -= 1
 
         admin_stop = trio.Event()
         async with trio.open_nursery() as admin_nursery:

@@ -46,7 +46,7 @@ import functools
 import hmac
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -146,6 +146,10 @@ class SessionContext:
     tls_context: SSL.Context
     registry: Registry
     config: SessionConfig = field(default_factory=SessionConfig)
+    #: TLS handshakes that may run at once (I17); ``None``: no cap.
+    handshake_slots: trio.Semaphore | None = None
+    #: Called with the limit's name when a cap turns a connection away (a metric).
+    limit_hit: Callable[[str], object] = lambda name: None
 
 
 async def send_last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:

@@ -29,7 +29,7 @@ import json
 import signal
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -42,9 +42,11 @@ from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.errors import ConfigError
+from drm_wire.limits import KiB, MiB
 from drm_wire.messages import EnclaveState
 from drm_wire.net.address import format_address, parse_address
 
+from .consumer_server import ConsumerLimits
 from .identity import License, simulated_measurement, simulation_policy, warn_simulation
 from .runtime import EnclaveRuntime
 from .serve import DEFAULT_CONSUMER_PORT, EnclaveConfig, serve
@@ -77,6 +79,40 @@ def _threads(text: str) -> int:
     if not 1 <= value <= _MAX_THREADS:
         raise argparse.ArgumentTypeError(f"must be from 1 to {_MAX_THREADS}")
     return value
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def convert(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
+        return value
+
+    convert.__name__ = "integer"  # what argparse names in "invalid integer value"
+    return convert
+
+
+#: The consumer port's limits (I17): flag, its ConsumerLimits field, unit, bounds, help.
+_LIMIT_OPTIONS: Final = (
+    ("--max-connections", "max_connections", 1, 1, 1_000_000,
+     "live consumer connections; past it the longest idle one is closed, else busy"),
+    ("--max-handshakes", "max_handshakes", 1, 1, 100_000,
+     "TLS handshakes in progress on the consumer port; more wait, then are closed"),
+    ("--max-in-flight", "max_in_flight", 1, 1, 100_000,
+     "requests in flight on one consumer connection; more get busy"),
+    ("--max-parked-per-connection", "max_parked_per_connection", 1, 0, 100_000,
+     "requests of one connection waiting for inferences; more get busy"),
+    ("--frame-timeout", "frame_timeout", 1, 1, 3600,
+     "seconds a consumer's frame may take once its first byte arrived"),
+    ("--min-transfer-rate", "min_rate", KiB, 1, 1_000_000,
+     "KiB/s a consumer's frame must average after a 5 s grace"),
+    ("--payload-budget", "payload_budget", MiB, 66, 1_000_000,
+     "MiB for everything received from consumers and not yet answered"),
+    ("--connection-share", "connection_share", MiB, 66, 1_000_000,
+     "MiB of the payload budget one consumer connection may hold"),
+)  # fmt: skip
 
 
 def load_license(path: Path) -> License:
@@ -185,7 +221,20 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="onnxruntime threads per model session")  # fmt: skip
     schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
                help="lowest level logged (debug adds per-request events)")  # fmt: skip
+    defaults = ConsumerLimits()
+    for flag, name, unit, low, high, text in _LIMIT_OPTIONS:
+        schema.add(flag, Kind.INTEGER, type=_bounded(low, high), metavar="N",
+                   default=int(getattr(defaults, name) // unit), help=text)  # fmt: skip
     return schema
+
+
+def _consumer_limits(args: argparse.Namespace) -> ConsumerLimits:
+    values = {name: getattr(args, flag[2:].replace("-", "_")) * unit
+              for flag, name, unit, *_ in _LIMIT_OPTIONS}  # fmt: skip
+    try:
+        return ConsumerLimits(**values)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="connection_share") from exc
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
@@ -247,6 +296,7 @@ def _enclave_config(args: argparse.Namespace) -> EnclaveConfig:
         attestation=args.attestation,
         simulation_dir=args.simulation_dir,
         intra_op_threads=args.intra_op_threads,
+        limits=_consumer_limits(args),
     )
     try:
         config.custodian_ca()

@@ -5,7 +5,8 @@ Theory of operation
 :meth:`ConsumerServer.handle` runs once per accepted TCP connection, in the handler
 nursery of ``trio.serve_listeners``. It binds ``peer``, ``conn_id`` and ``role`` for every
 log line of the connection, refuses the connection with ``Error(busy)`` past
-``max_connections``, completes the TLS handshake with our RA-TLS certificate (the consumer
+``max_connections`` (unless a connection that sits idle can make room: see below),
+completes the TLS handshake with our RA-TLS certificate (the consumer
 verifies it inside the handshake, before sending any data), accepts the consumer's hello,
 then handles each request in the channel's reader task (``MessageChannel.set_handler``:
 no hand-over to another task per request):
@@ -18,7 +19,26 @@ no hand-over to another task per request):
   run would block the loop just the same inside a task;
 * any other ``infer`` becomes a task in the connection's request nursery, at most
   ``max_in_flight`` at once (past that: ``Error(busy)`` for that request), so one
-  connection may have many requests in flight, parked on quota or running in a thread.
+  connection may have many requests in flight, parked on quota or running in a thread;
+  of those at most ``max_parked_per_connection`` may wait for quota (past that: ``busy``),
+  so one consumer cannot take the whole park queue from the others.
+
+Bounded memory and time for every peer (I17). The port is open to anyone who can reach
+it, before any authentication of the consumer, so every resource a connection holds has a
+cap (:class:`ConsumerLimits`): connections, TLS handshakes in progress, the handshake and
+the hello deadlines, and the memory of what is received: one
+:class:`~drm_wire.net.budget.MemoryBudget` shared by all connections, charged for bytes
+received (payloads grow as they arrive), with a share per connection, and a deadline and
+minimum rate for every frame (:class:`~drm_wire.net.budget.ReceiveLimits`). A request task
+keeps its payload charged until it ends. Each limit that bites logs a warning (or info,
+per request) and counts in :attr:`ConsumerServer.limit_counts`.
+
+Connection slots cannot be held by idling: when a connection arrives past
+``max_connections``, the connection that has been idle the longest (it said hello, has no
+request in flight and no frame under way) is told ``busy`` and closed to make room; only
+when none is idle is the newcomer refused. A consumer that keeps a connection for later
+may so lose it under pressure, and reconnects; one that holds a slot must keep a request
+in flight on it.
 
 One inference, in order: the model must be loaded (``model_not_found``; while the enclave
 is suspended with no such model, the suspension code), the tensors must match its inputs
@@ -37,6 +57,8 @@ Logs never hold tensors: requests are logged by id, model and outcome only.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import itertools
 from dataclasses import dataclass
@@ -47,7 +69,15 @@ import trio
 from OpenSSL import SSL
 
 from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError, RemoteProtocolError
-from drm_wire.limits import HANDSHAKE_TIMEOUT, HELLO_TIMEOUT
+from drm_wire.limits import (
+    CONNECTION_SHARE_BYTES,
+    FRAME_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    HELLO_TIMEOUT,
+    MIN_TRANSFER_RATE,
+    PAYLOAD_BUDGET_BYTES,
+    RATE_GRACE,
+)
 from drm_wire.messages import (
     Error,
     InferenceRequest,
@@ -57,6 +87,7 @@ from drm_wire.messages import (
     ModelInfoRequest,
     Waiting,
 )
+from drm_wire.net.budget import Charge, MemoryBudget, ReceiveLimits
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelClosed, MessageChannel, open_channel
 from drm_wire.net.tls import accept_tls
 from drm_wire.protocol import Link, Side
@@ -87,18 +118,53 @@ class ConsumerLimits:
     """Caps and deadlines of the consumer server.
 
     Attributes:
-        max_connections: live consumer connections; more are refused with ``busy``.
-            Each costs a TLS session, a reader task and up to two message buffers.
+        max_connections: live consumer connections. Past it a new connection closes the
+            one idle the longest, or, with none idle, is refused with ``busy``. Each costs
+            a TLS session, a reader task and its share of the payload budget.
+        max_handshakes: TLS handshakes in progress; a connection waits for a slot at
+            most ``handshake_timeout``, then is closed. Bounds the CPU and memory that
+            peers who never finish a handshake can take.
         max_in_flight: requests in flight on one connection (parked, queued or running);
-            more get ``busy``. Bounds the tasks (and tensor memory) one consumer can hold.
+            more get ``busy``. Bounds the tasks one consumer can hold.
+        max_parked_per_connection: of those, how many may wait for quota at once; more
+            get ``busy``, so one consumer cannot fill the park queue.
         handshake_timeout: the TLS handshake, RA-TLS certificate included.
         hello_timeout: the consumer's hello after the handshake.
+        frame_timeout, min_rate, rate_grace: how long a frame may take once its first
+            byte arrived, and the average rate (bytes/s) it must keep after the grace
+            (:class:`~drm_wire.net.budget.ReceiveLimits`).
+        payload_budget: bytes all connections may hold, received and not yet answered.
+        connection_share: the most of it one connection may hold.
     """
 
     max_connections: int = 256
+    max_handshakes: int = 64
     max_in_flight: int = 64
+    max_parked_per_connection: int = 16
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     hello_timeout: float = HELLO_TIMEOUT
+    frame_timeout: float = FRAME_TIMEOUT
+    min_rate: float = MIN_TRANSFER_RATE
+    rate_grace: float = RATE_GRACE
+    payload_budget: int = PAYLOAD_BUDGET_BYTES
+    connection_share: int = CONNECTION_SHARE_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_handshakes", "max_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_parked_per_connection < 0:
+            raise ValueError("max_parked_per_connection must not be negative")
+        self.receive_limits(MemoryBudget(self.payload_budget, per_connection=self.connection_share))
+
+    def receive_limits(self, budget: MemoryBudget) -> ReceiveLimits:
+        """The channel limits these caps describe, drawing on ``budget``."""
+        return ReceiveLimits(
+            budget=budget,
+            frame_timeout=self.frame_timeout,
+            min_rate=self.min_rate,
+            rate_grace=self.rate_grace,
+        )
 
 
 class ConsumerServer:
@@ -118,8 +184,14 @@ class ConsumerServer:
     ) -> None:
         self._runtime = runtime
         self._context = context
-        self._limits = limits or ConsumerLimits()
+        self._limits = limits = limits or ConsumerLimits()
+        self._budget = MemoryBudget(limits.payload_budget, per_connection=limits.connection_share)
+        self._receive_limits = limits.receive_limits(self._budget)
+        self._handshakes = trio.Semaphore(limits.max_handshakes)
+        #: How often each limit bit, by name (see :meth:`limit_counts`).
+        self._limit_counts: collections.Counter[str] = collections.Counter()
         self._connections = 0
+        self._live: dict[MessageChannel, _Counter] = {}  # admitted connections
         self._running = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -137,6 +209,22 @@ class ConsumerServer:
     def requests(self) -> int:
         """Inference requests in flight, over all connections."""
         return self._running
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The payload memory budget (``used``, ``peak``, ``waits``)."""
+        return self._budget
+
+    def limit_counts(self) -> dict[str, int]:
+        """How often each limit bit since start: ``connections``, ``handshakes``,
+        ``in_flight``, ``parked`` (requests or connections refused), ``idle_closed``
+        (idle connections closed to admit another), ``frame_timeout``,
+        ``budget_full`` (connections closed), ``budget_waits`` (reads that waited for
+        memory)."""
+        return {**self._limit_counts, "budget_waits": self._budget.waits}
+
+    def _limit_hit(self, name: str) -> None:
+        self._limit_counts[name] += 1
 
     async def wait_idle(self) -> None:
         """Return once no inference request is in flight (for a graceful shutdown)."""
@@ -162,37 +250,84 @@ class ConsumerServer:
         self, transport: trio.abc.Stream, log: structlog.typing.FilteringBoundLogger
     ) -> None:
         limits = self._limits
-        stream = await accept_tls(
-            transport, self._context, handshake_timeout=limits.handshake_timeout
-        )
-        async with open_channel(stream, Link.CONSUMER, Side.SERVER) as channel:
-            if self._connections > limits.max_connections:
+        with trio.move_on_after(limits.handshake_timeout) as waiting:
+            await self._handshakes.acquire()
+        if waiting.cancelled_caught:
+            self._limit_hit("handshakes")
+            log.warning("consumer_handshake_slots_full", max_handshakes=limits.max_handshakes)
+            return
+        try:
+            stream = await accept_tls(
+                transport, self._context, handshake_timeout=limits.handshake_timeout
+            )
+        finally:
+            self._handshakes.release()
+        async with open_channel(
+            stream, Link.CONSUMER, Side.SERVER, limits=self._receive_limits
+        ) as channel:
+            if self._connections > limits.max_connections and not await self._evict_idle(log):
+                self._limit_hit("connections")
                 log.warning("consumer_refused_busy", connections=self._connections)
                 with trio.move_on_after(ERROR_FRAME_TIMEOUT):
                     await channel.send(
                         Error(code=ErrorCode.BUSY, message="too many connections; retry later")
                     )
                 return
-            async with trio.open_nursery() as requests:
-                # Requests are dispatched in the channel's reader task (set_handler).
-                channel.set_handler(
-                    functools.partial(
-                        self._dispatch,
-                        channel=channel,
-                        requests=requests,
-                        in_flight=_Counter(),
-                        log=log,
+            state = self._live[channel] = _Counter(channel)
+            try:
+                async with trio.open_nursery() as requests:
+                    # Requests are dispatched in the channel's reader task (set_handler).
+                    channel.set_handler(
+                        functools.partial(
+                            self._dispatch,
+                            channel=channel,
+                            requests=requests,
+                            in_flight=state,
+                            log=log,
+                        )
+                    )
+                    hello = await channel.accept_hello(
+                        software=SOFTWARE, hello_timeout=limits.hello_timeout
+                    )
+                    state.last_active = trio.current_time()
+                    log.info(
+                        "consumer_connected", software=hello.software[:64], version=channel.version
+                    )
+                    reason = await self._until_ended(channel, log)
+                    requests.cancel_scope.cancel()  # the consumer left: nobody takes replies
+            finally:
+                del self._live[channel]
+            log.info("consumer_disconnected", reason=reason)
+
+    async def _evict_idle(self, log: structlog.typing.FilteringBoundLogger) -> bool:
+        """Close the connection idle the longest to admit a new one; ``False`` if none is
+        idle (said hello, no request in flight, no frame under way)."""
+        idle = [
+            state
+            for state in self._live.values()
+            if state.last_active is not None and not state.value and not state.channel.receiving
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda state: state.last_active or 0.0)
+        self._limit_hit("idle_closed")
+        log.warning(
+            "consumer_idle_connection_closed",
+            idle_seconds=round(trio.current_time() - (victim.last_active or 0.0), 3),
+            connections=self._connections,
+        )
+        victim.last_active = None  # not a candidate again while it closes
+        with trio.move_on_after(ERROR_FRAME_TIMEOUT):
+            with contextlib.suppress(DrmError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await victim.channel.send(
+                    Error(
+                        code=ErrorCode.BUSY,
+                        message="closed while idle to admit another connection; "
+                        "reconnect when you have a request",
                     )
                 )
-                hello = await channel.accept_hello(
-                    software=SOFTWARE, hello_timeout=limits.hello_timeout
-                )
-                log.info(
-                    "consumer_connected", software=hello.software[:64], version=channel.version
-                )
-                reason = await _until_ended(channel, log)
-                requests.cancel_scope.cancel()  # the consumer left: nobody takes replies
-            log.info("consumer_disconnected", reason=reason)
+        await victim.channel.aclose()
+        return True
 
     async def _dispatch(
         self,
@@ -203,6 +338,8 @@ class ConsumerServer:
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         """One request, in the channel's reader task: answered now, or handed to a task."""
+        if in_flight.last_active is not None:
+            in_flight.last_active = trio.current_time()
         if isinstance(message, ModelInfoRequest):
             await channel.send(self._model_info(message.request_id))
         elif isinstance(message, InferenceRequest):
@@ -210,6 +347,7 @@ class ConsumerServer:
                 await self._send_reply(channel, reply)
                 return
             if in_flight.value >= self._limits.max_in_flight:
+                self._limit_hit("in_flight")
                 log.info("request_refused_busy", request_id=message.request_id)
                 await channel.send(
                     Error(
@@ -221,7 +359,10 @@ class ConsumerServer:
                 return
             in_flight.value += 1
             self._request_started()
-            requests.start_soon(self._infer_task, channel, requests, message, in_flight, log)
+            charge = channel.hold_payload()  # the tensors stay charged until the task ends
+            requests.start_soon(
+                self._infer_task, channel, requests, message, in_flight, charge, log
+            )
         # The consumer state machine lets nothing else through.
 
     async def _send_reply(self, channel: MessageChannel, reply: InferenceResult | Error) -> None:
@@ -304,17 +445,22 @@ class ConsumerServer:
         requests: trio.Nursery,
         request: InferenceRequest,
         in_flight: _Counter,
+        charge: Charge,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         log = log.bind(request_id=request.request_id, model=request.model[:64])
         try:
-            reply = await self._infer(channel, requests, request, log)
+            reply = await self._infer(channel, requests, request, in_flight, log)
+            charge.release()  # the reply holds the outputs; the request is done with
             await channel.send(reply)
         except (DrmError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # The connection ended under this request; the receive loop sees it too.
             log.debug("reply_not_sent", reason=type(exc).__name__)
         finally:
+            charge.release()
             in_flight.value -= 1
+            if in_flight.last_active is not None:
+                in_flight.last_active = trio.current_time()
             self._request_ended()
 
     async def _infer(
@@ -322,19 +468,41 @@ class ConsumerServer:
         channel: MessageChannel,
         requests: trio.Nursery,
         request: InferenceRequest,
+        in_flight: _Counter,
         log: structlog.typing.FilteringBoundLogger,
     ) -> InferenceResult | Error:
         model = self._checked(request, log)
         if not isinstance(model, HostedModel):
             return model
-        waiting = _WaitingNotice(channel, request.request_id)
-        try:
-            lease = await self._runtime.quota.acquire(
-                request.wait, on_parked=lambda position: waiting.parked(requests, position)
+        quota = self._runtime.quota
+        if (
+            in_flight.parked >= self._limits.max_parked_per_connection
+            and request.wait != 0
+            and quota.available == 0
+            and quota.suspended is None
+        ):  # it would park (nothing here is a schedule point before acquire parks)
+            self._limit_hit("parked")
+            return _refused(
+                log,
+                request,
+                ErrorCode.BUSY,
+                f"this connection already has {in_flight.parked} requests waiting for "
+                "inferences; retry later",
             )
+        waiting = _WaitingNotice(channel, request.request_id)
+
+        def parked(position: int) -> None:
+            in_flight.parked += 1
+            waiting.parked(requests, position)
+
+        try:
+            lease = await quota.acquire(request.wait, on_parked=parked)
         except QuotaError as exc:
             waiting.done = True
             return _refused(log, request, exc.code, str(exc))
+        finally:
+            if waiting.position:
+                in_flight.parked -= 1
         waiting.done = True
         if waiting.position:  # debug: the end of a grant wake-up, as the enclave sees it
             log.debug("parked_request_resumed", position=waiting.position)
@@ -382,6 +550,30 @@ class ConsumerServer:
         log.debug("inference_served", request_id=request.request_id, inferences_left=left)
         return InferenceResult(request_id=request.request_id, outputs=outputs, inferences_left=left)
 
+    async def _until_ended(
+        self, channel: MessageChannel, log: structlog.typing.FilteringBoundLogger
+    ) -> str:
+        """Wait until the connection ends; return how it ended (and log a limit that
+        ended it)."""
+        try:
+            await channel.wait_ended()
+        except ChannelClosed:
+            return "closed"
+        except _CONNECTION_ENDED as exc:  # e.g. a protocol error: the peer was told why
+            if isinstance(exc, RemoteProtocolError) and exc.code is ErrorCode.TIMEOUT:
+                self._limit_hit("frame_timeout")
+                log.warning("consumer_frame_too_slow", error=exc.message[:200])
+            elif isinstance(exc, RemoteProtocolError) and exc.code is ErrorCode.BUSY:
+                self._limit_hit("budget_full")
+                log.warning(
+                    "consumer_payload_budget_full",
+                    used=self._budget.used,
+                    budget=self._budget.total,
+                )
+            elif isinstance(exc, RemoteProtocolError):
+                _protocol_error(log, exc)
+            return f"{type(exc).__name__}: {str(exc)[:200]}"
+
 
 def _refused(
     log: structlog.typing.FilteringBoundLogger,
@@ -400,22 +592,16 @@ def _refused(
 
 
 class _Counter:
-    __slots__ = ("value",)
+    """A connection's requests in flight, how many of them are parked, and when it was
+    last active (``None`` before its hello, or once it is being closed)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("channel", "last_active", "parked", "value")
+
+    def __init__(self, channel: MessageChannel) -> None:
+        self.channel = channel
         self.value = 0
-
-
-async def _until_ended(channel: MessageChannel, log: structlog.typing.FilteringBoundLogger) -> str:
-    """Wait until the connection ends; return how it ended."""
-    try:
-        await channel.wait_ended()
-    except ChannelClosed:
-        return "closed"
-    except _CONNECTION_ENDED as exc:  # e.g. a protocol error: the peer was told why
-        if isinstance(exc, RemoteProtocolError):
-            _protocol_error(log, exc)
-        return f"{type(exc).__name__}: {str(exc)[:200]}"
+        self.parked = 0
+        self.last_active: float | None = None
 
 
 def _log_ending(log: structlog.typing.FilteringBoundLogger, exc: Exception) -> None:

@@ -139,13 +139,15 @@ class Lab:
         intra_op_threads: int | None = None,
         on_start: Callable[[int], None] | None = None,
         link_timeout: float = STARTUP_TIMEOUT,
+        options: Sequence[str] = (),
     ) -> Enclave:
         """Start ``drm_enclave serve``; by default wait until it is linked (attested,
         models loaded, synced).
 
         It dials ``dial`` (``host:port``, e.g. a fault proxy) if given, else
         ``custodian_port`` on loopback, else this lab's custodian. ``on_start`` is called
-        with the process id as soon as it runs (to sample its memory from the start).
+        with the process id as soon as it runs (to sample its memory from the start);
+        ``options`` are more flags for ``serve``.
         """
         if dial is None:
             dial = f"{LOOPBACK}:{custodian_port or self.custodian_port}"
@@ -154,7 +156,7 @@ class Lab:
             "--custodian", dial,
             "--custodian-ca", self.ca_path, "--license", self.license_path,
             "--attestation", "simulated", "--simulation-dir", self.simulation_dir,
-            "--listen", f"{LOOPBACK}:0",
+            "--listen", f"{LOOPBACK}:0", *options,
         )  # fmt: skip
         if intra_op_threads is not None:
             argv += ["--intra-op-threads", str(intra_op_threads)]

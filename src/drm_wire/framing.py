@@ -28,6 +28,15 @@ of it has been received.
 When the whole payload is already buffered by the time its header is decoded, the buffer
 itself becomes the payload's storage and only the bytes after it are copied out.
 
+*Growing payloads* (``grow_payloads=True``, for peers nobody vouches for: the consumer
+port). Allocating the announced size up front lets a 10-byte header commit 64 MiB of the
+enclave's memory (VmSize: what SGX commits) for one byte sent. A growing payload is a
+``bytearray`` that is appended to as bytes arrive, so the memory a frame holds follows the
+bytes *received*; :attr:`FrameDecoder.held_bytes` says how many that is, for the I/O layer
+to charge against its budget (:mod:`drm_wire.net.budget`). Such a payload is never offered
+for receiving into (:meth:`FrameDecoder.payload_buffer` is ``None``): the cost is one copy
+of each received chunk, paid only by payloads that did not arrive with their header.
+
 Two additions spare the bulk path (model chunks, 4 MiB each) its copies:
 
 * *Receiving into the payload.* While a payload is being received,
@@ -144,21 +153,31 @@ class FrameDecoder:
 
     Args:
         payload_limit: maps a decoded header to the largest payload it may announce.
+        grow_payloads: grow each payload as its bytes arrive instead of allocating the
+            announced size when the header arrives (see the module docstring).
     """
 
     __slots__ = (
         "_buffer",
         "_eof",
         "_filled",
+        "_grow",
+        "_growing",
         "_header",
         "_header_decoder",
         "_payload",
+        "_payload_len",
         "_payload_limit",
         "_sink",
     )
 
-    def __init__(self, payload_limit: PayloadLimit = _default_payload_limit) -> None:
+    def __init__(
+        self, payload_limit: PayloadLimit = _default_payload_limit, *, grow_payloads: bool = False
+    ) -> None:
         self._payload_limit = payload_limit
+        self._grow = grow_payloads
+        self._growing: bytearray | None = None
+        self._payload_len = 0
         self._header_decoder = HeaderDecoder()
         self._buffer = bytearray()
         self._header: Header | None = None
@@ -168,7 +187,7 @@ class FrameDecoder:
         self._sink: PayloadSink | None = None
 
     def __repr__(self) -> str:
-        state = "payload" if self._payload is not None else "header"
+        state = "payload" if self._header is not None else "header"
         return f"<FrameDecoder reading {state}, {len(self._buffer)} bytes buffered>"
 
     @property
@@ -179,7 +198,28 @@ class FrameDecoder:
     @property
     def mid_frame(self) -> bool:
         """Whether part of a frame has been received but not all of it."""
-        return bool(self._buffer) or self._payload is not None
+        return bool(self._buffer) or self._header is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of memory this decoder holds for frames not yet handed out: buffered
+        bytes, plus the payload under way (its received part when it grows, else its
+        whole buffer)."""
+        held = len(self._buffer)
+        if self._growing is not None:
+            held += len(self._growing)
+        elif self._payload is not None:
+            held += len(self._payload)
+        return held
+
+    @property
+    def payload_due(self) -> int:
+        """Bytes of the payload under way still to arrive (0 between payloads)."""
+        if self._header is None:
+            return 0
+        if self._growing is not None:
+            return self._payload_len - len(self._growing)
+        return self._payload_len - self._filled
 
     def set_payload_sink(self, sink: PayloadSink | None) -> None:
         """Offer each later payload to ``sink`` first (``None``: always use own buffers).
@@ -227,6 +267,14 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
+        growing = self._growing
+        if growing is not None:
+            with memoryview(data) as view:
+                take = min(self._payload_len - len(growing), view.nbytes)
+                growing += view[:take]
+                if take < view.nbytes:
+                    self._buffer += view[take:]
+            return
         payload = self._payload
         if payload is None:
             self._buffer += data
@@ -245,7 +293,7 @@ class FrameDecoder:
             RemoteProtocolError: the bytes break the framing or a limit. The decoder is
                 then unusable: the connection must close.
         """
-        if self._payload is not None:
+        if self._header is not None:
             return self._finish_payload()
         buffer = self._buffer
         if len(buffer) < PREFIX_BYTES:
@@ -290,6 +338,11 @@ class FrameDecoder:
                 del buffer[payload_len:]
                 self._buffer = rest
                 return Frame(header, memoryview(buffer))
+            if self._grow:
+                # What is buffered is all this payload's: it becomes the growing payload.
+                self._buffer = bytearray()
+                self._header, self._growing, self._payload_len = header, buffer, payload_len
+                return None
             payload = _payload_storage(payload_len)
         take = min(len(buffer), payload_len)
         if take:
@@ -297,6 +350,7 @@ class FrameDecoder:
                 payload[:take] = buffered[:take]
             del buffer[:take]
         self._header, self._payload, self._filled = header, payload, take
+        self._payload_len = payload_len
         return self._finish_payload()
 
     def _sink_buffer(self, header: Header, payload_len: int) -> memoryview | None:
@@ -319,9 +373,16 @@ class FrameDecoder:
         return target
 
     def _finish_payload(self) -> Frame | None:
+        assert self._header is not None
+        growing = self._growing
+        if growing is not None:
+            if len(growing) < self._payload_len:
+                return None
+            frame = Frame(self._header, memoryview(growing))
+            self._header, self._growing = None, None
+            return frame
         payload = self._payload
         assert payload is not None
-        assert self._header is not None
         if self._filled < len(payload):
             return None
         frame = Frame(self._header, payload)

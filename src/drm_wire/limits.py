@@ -94,6 +94,32 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 #: Waiting for the first message (hello) after the handshake.
 HELLO_TIMEOUT: Final = 10.0
 
+#: Longest a frame may take to arrive once its first byte has (the consumer port). A
+#: payload must also keep up :data:`MIN_TRANSFER_RATE` after :data:`RATE_GRACE`, so a 64 MiB
+#: request is given its 30 s only at 2.2 MB/s or more.
+FRAME_TIMEOUT: Final = 30.0
+
+#: Slowest average rate (bytes/s) at which a frame may arrive, counted from its first byte
+#: after :data:`RATE_GRACE`. A peer that trickles a byte now and then holds the memory it
+#: sent and a connection slot; this makes it leave. 256 KiB/s is far below any link a
+#: consumer sends tensors over.
+MIN_TRANSFER_RATE: Final = 256 * KiB
+
+#: Seconds of a frame before :data:`MIN_TRANSFER_RATE` applies (a round trip, a TCP window).
+RATE_GRACE: Final = 5.0
+
+#: Memory (bytes) for everything the consumer port has received and not yet answered: the
+#: partial frames of every connection and the payloads of requests queued, parked or
+#: running. Charged for bytes received, never announced. 256 MiB holds four full-size
+#: requests or thousands of typical ones, and is what the enclave's size must leave room
+#: for beyond its models (docs/production.md).
+PAYLOAD_BUDGET_BYTES: Final = 256 * MiB
+
+#: The most of :data:`PAYLOAD_BUDGET_BYTES` one connection may hold: one full-size frame
+#: and a read beyond it, plus 8 MiB of further requests. No connection can take the
+#: whole budget; one whose share is full is read no further until its requests end.
+CONNECTION_SHARE_BYTES: Final = MAX_PAYLOAD_BYTES + 8 * MiB
+
 #: Between heartbeats on the custodian link, and how many may be missed before the link is
 #: declared dead. 3 missed 1-second beats bound the kill-switch delay of a silent partition.
 HEARTBEAT_INTERVAL: Final = 1.0

@@ -181,17 +181,19 @@ class Connection:
     Args:
         link: which link this connection belongs to.
         side: whether we dialled (client) or listened (server).
+        grow_payloads: grow received payloads as their bytes arrive (for an untrusted
+            peer; see :class:`~drm_wire.framing.FrameDecoder`).
     """
 
     __slots__ = ("_decoder", "_in_flight", "link", "side", "state", "version")
 
-    def __init__(self, link: Link, side: Side) -> None:
+    def __init__(self, link: Link, side: Side, *, grow_payloads: bool = False) -> None:
         self.link = link
         self.side = side
         self.state = State.AWAIT_HELLO
         #: The agreed protocol version, once welcomed.
         self.version: int | None = None
-        self._decoder = FrameDecoder(payload_limit)
+        self._decoder = FrameDecoder(payload_limit, grow_payloads=grow_payloads)
         self._in_flight: set[int] = set()
 
     def __repr__(self) -> str:
@@ -247,6 +249,21 @@ class Connection:
     def payload_filled(self, nbytes: int) -> None:
         """Record ``nbytes`` written at the start of :meth:`payload_buffer`."""
         self._decoder.payload_filled(nbytes)
+
+    @property
+    def mid_frame(self) -> bool:
+        """Whether part of a frame has been received but not all of it."""
+        return self._decoder.mid_frame
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory held for frames not yet decoded (see ``FrameDecoder.held_bytes``)."""
+        return self._decoder.held_bytes
+
+    @property
+    def payload_due(self) -> int:
+        """Bytes still to arrive of the payload under way (0 between payloads)."""
+        return self._decoder.payload_due
 
     def next_message(self) -> Message | NeedData | Closed:
         """The next message from the peer, ``NEED_DATA``, or ``CLOSED`` at a clean EOF.

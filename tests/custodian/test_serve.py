@@ -124,3 +124,46 @@ async def test_initial_inferences_are_supplied_once_whatever_n_says_later(
         assert (await ledger.balance("borrower")).supplied == 4
     finally:
         await ledger.aclose()
+
+
+async def test_the_enclave_link_port_caps_its_connections(state: CustodianState) -> None:
+    """I17: past ``max_links`` a connection is closed at once, logged and counted; the
+    ones within the cap are served (here: still waiting in their TLS handshake)."""
+    with pytest.raises(ConfigError, match="max_links"):
+        _config(state, max_links=0)
+    with pytest.raises(ConfigError, match="max_link_handshakes"):
+        _config(state, max_link_handshakes=0)
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            bound: BoundAddresses = await nursery.start(serve, _config(state, max_links=1))
+            first = await trio.open_tcp_stream(*bound.enclave)
+            second = await trio.open_tcp_stream(*bound.enclave)
+            ended: list[trio.SocketStream] = []
+            one_ended = trio.Event()
+
+            async def wait_eof(stream: trio.SocketStream) -> None:
+                while await stream.receive_some():
+                    pass
+                ended.append(stream)
+                one_ended.set()
+
+            # Which of the two the custodian took first is up to its scheduler; the other
+            # is closed at once (the bound only stops a hang: the handshake timeout is 10 s).
+            with trio.fail_after(5):
+                async with trio.open_nursery() as readers:
+                    for stream in (first, second):
+                        readers.start_soon(wait_eof, stream)
+                    await one_ended.wait()
+                    readers.cancel_scope.cancel()
+            assert len(ended) == 1  # the other one is still in its handshake
+            admin = AdminClient.from_state(state, port=bound.admin[1])
+            status, _, body = await trio.to_thread.run_sync(admin.request, "GET", "/metrics")
+            assert status == 200
+            metrics = body.decode()
+            nursery.cancel_scope.cancel()
+        for stream in (first, second):
+            await stream.aclose()
+    refusals = [e for e in logs if e["event"] == "enclave_link_refused_full"]
+    assert len(refusals) == 1
+    assert refusals[0]["max_links"] == 1
+    assert 'drm_custodian_enclave_link_refused_total{limit="links"} 1.0' in metrics

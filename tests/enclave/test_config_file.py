@@ -36,7 +36,8 @@ from tests.enclave.enclave_fakes import (
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
 KEYS = (
     "custodian, custodian_ca, license, listen, attestation, simulation_dir, intra_op_threads, "
-    "log_level"
+    "log_level, max_connections, max_handshakes, max_in_flight, max_parked_per_connection, "
+    "frame_timeout, min_transfer_rate, payload_budget, connection_share"
 )
 
 
@@ -76,8 +77,10 @@ def _run(*argv: str) -> tuple[int, str, list[str]]:
 
 def test_check_config_reports_every_value_and_where_it_came_from(files: Files) -> None:
     config = _config(files, 'listen = "0.0.0.0:9924"', 'attestation = "simulated"',
-                     'simulation_dir = "sim"', "intra_op_threads = 4")  # fmt: skip
-    status, out, errors = _run("check-config", "--config", str(config), "--intra-op-threads", "2")
+                     'simulation_dir = "sim"', "intra_op_threads = 4",
+                     "max_parked_per_connection = 4")  # fmt: skip
+    status, out, errors = _run("check-config", "--config", str(config), "--intra-op-threads", "2",
+                               "--payload-budget", "512")  # fmt: skip
     assert (status, errors) == (EXIT_OK, [])
     assert out.splitlines() == [
         f"configuration OK: {config}",
@@ -89,10 +92,38 @@ def test_check_config_reports_every_value_and_where_it_came_from(files: Files) -
         f"  simulation_dir = {files.root / 'sim'}  (config file)",
         "  intra_op_threads = 2  (command line)",
         "  log_level = info  (default)",
+        "  max_connections = 256  (default)",
+        "  max_handshakes = 64  (default)",
+        "  max_in_flight = 64  (default)",
+        "  max_parked_per_connection = 4  (config file)",
+        "  frame_timeout = 30  (default)",
+        "  min_transfer_rate = 256  (default)",
+        "  payload_budget = 512  (command line)",
+        "  connection_share = 72  (default)",
         f"  custodian CA: {shared_pki().ca_cert.subject.rfc4514_string()}",
         f"  license: {LICENSE.license_id} (borrower {LICENSE.borrower})",
     ]
     assert LICENSE.secret not in out
+
+
+@pytest.mark.parametrize(
+    ("lines", "flags", "message"),
+    [
+        (["payload_budget = 70"], [], "per-connection share"),
+        (["payload_budget = 0"], [], "payload_budget"),
+        (["max_handshakes = 0"], [], "max_handshakes"),
+        (["connection_share = 65"], [], "must be from 66"),
+        (["connection_share = 80"], ["--payload-budget", "72"], "per-connection share"),
+    ],
+)
+def test_limits_out_of_range_are_configuration_errors(
+    files: Files, lines: list[str], flags: list[str], message: str
+) -> None:
+    """I17: every consumer-port limit is checked before the daemon starts."""
+    config = _config(files, *lines)
+    status, _, errors = _run("check-config", "--config", str(config), *flags)
+    assert status == 2
+    assert message in " ".join(errors)
 
 
 def test_the_command_line_beats_a_host_provided_file(files: Files, tmp_path: Path) -> None:

@@ -123,14 +123,77 @@ async def test_in_flight_cap_answers_busy(tmp_path: Path) -> None:
 
 
 async def test_connection_cap_answers_busy(tmp_path: Path) -> None:
+    """At the cap with no connection idle (the first has a request parked), a new
+    connection is refused with ``busy`` and the admitted one is undisturbed."""
     limits = ConsumerLimits(max_connections=1)
     async with running_enclave(tmp_path, limits=limits) as rig, rig.consumer() as first:
-        with pytest.raises(PeerError) as caught:
-            async with rig.consumer():
-                pass
-        assert caught.value.code is ErrorCode.BUSY
-        # The refused connection did not disturb the admitted one.
-        assert (await first.info()).state is not EnclaveState.BLOCKED
+        session = await rig.link()
+        parked = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def park() -> None:
+                await first.infer(wait=None, parked=parked)
+
+            nursery.start_soon(park)
+            with trio.fail_after(TIMEOUT):
+                await parked.wait()
+            with pytest.raises(PeerError) as caught:
+                async with rig.consumer():
+                    pass
+            assert caught.value.code is ErrorCode.BUSY
+            # The refused connection did not disturb the admitted one.
+            assert (await first.info()).state is not EnclaveState.BLOCKED
+            await session.grant(1, 1)  # the parked request is served
+        assert rig.runtime.quota.served_total == 1
+
+
+async def test_an_idle_connection_makes_room_for_a_new_one(tmp_path: Path) -> None:
+    """I17: connection slots cannot be held by idling. At the cap, the connection idle the
+    longest is told ``busy`` and closed, and the newcomer is served."""
+    limits = ConsumerLimits(max_connections=2)
+    with capture_logs() as logs:
+        async with running_enclave(tmp_path, limits=limits) as rig:
+            await rig.link(granted_total=5)
+            async with rig.consumer() as oldest, rig.consumer() as recent:
+                await oldest.infer()
+                await recent.infer()  # the more recently active of the two
+                async with rig.consumer() as newcomer:
+                    assert (await newcomer.infer()).inferences_left == 2
+                    with pytest.raises(PeerError) as caught:
+                        await oldest.info()
+                    assert caught.value.code is ErrorCode.BUSY
+                    assert (await recent.info()).inferences_left == 2
+    closed = [e for e in logs if e["event"] == "consumer_idle_connection_closed"]
+    assert len(closed) == 1
+
+
+async def test_handshakes_in_progress_are_capped(tmp_path: Path) -> None:
+    """I17: with one handshake slot, of three peers that never start their handshake one
+    holds the slot and the others wait for it; the third's wait cannot end within the
+    handshake timeout, so it is closed (and logged). (The second may give up too, when
+    its deadline comes before the first's timeout is served.) A consumer is served
+    afterwards."""
+    limits = ConsumerLimits(max_handshakes=1, handshake_timeout=2.0)
+    with capture_logs() as logs:
+        async with running_enclave(tmp_path, limits=limits) as rig:
+            await rig.link(granted_total=1)
+            silent = [await trio.open_tcp_stream(*rig.address) for _ in range(3)]
+
+            async def until_closed(stream: trio.SocketStream) -> None:
+                while await stream.receive_some():
+                    pass
+
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for stream in silent:
+                        nursery.start_soon(until_closed, stream)
+            for stream in silent:
+                await stream.aclose()
+            async with rig.consumer() as consumer:
+                await consumer.infer()
+    full = [e for e in logs if e["event"] == "consumer_handshake_slots_full"]
+    assert 1 <= len(full) <= 2
+    assert full[0]["max_handshakes"] == 1
 
 
 async def test_consumer_leaving_returns_its_parked_unit(tmp_path: Path) -> None:

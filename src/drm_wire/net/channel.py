@@ -35,6 +35,15 @@ payload buffers of a tensor are never concatenated. Once a frame is handed to th
 connection it is committed: if writing it fails or is cancelled, the connection is told
 (``send_failed``), the stream is closed and the channel is *broken*, never "maybe sent".
 
+*Receiving from peers nobody vouches for* (the consumer port): with :class:`ReceiveLimits`
+the decoder grows payloads as their bytes arrive, every read is reserved from a
+:class:`~drm_wire.net.budget.MemoryBudget` before it is made, and a frame must arrive
+within its deadline (the rate and timeout of the limits). A decoded message's bytes stay
+charged until the handler returns, or until whoever takes them with
+:meth:`MessageChannel.hold_payload` releases them. A frame that misses its deadline ends
+the channel with a ``timeout`` error to the peer (``busy`` if it was our memory that was
+short), as a :class:`~drm_wire.errors.RemoteProtocolError` of that code.
+
 *Ending.* The first failure wins and is final: the peer's clean close, a protocol error,
 a lost or broken stream, an ``Error`` from the peer, a refused hello, or :meth:`aclose`.
 From then on every send and every waiter raises it (each its own copy, chained to the
@@ -48,6 +57,7 @@ per-connection boundary above logs it once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -59,6 +69,7 @@ from drm_wire.errors import DrmError, ErrorCode, PeerError, RemoteProtocolError
 from drm_wire.framing import PayloadSink
 from drm_wire.limits import HELLO_TIMEOUT
 from drm_wire.messages import Error, Hello, Message, PeerRole, Refusal, Welcome
+from drm_wire.net.budget import HEADER_READ, NO_CHARGE, PAYLOAD_READ, Charge, ReceiveLimits
 from drm_wire.net.channel_errors import (
     ERROR_FRAME_TIMEOUT,
     ChannelBroken,
@@ -88,6 +99,7 @@ __all__ = [
     "HelloRefused",
     "MessageChannel",
     "MessageHandler",
+    "ReceiveLimits",
     "open_channel",
     "run_channel",
 ]
@@ -127,9 +139,19 @@ class MessageChannel:
     its handler.
     """
 
-    def __init__(self, stream: trio.abc.Stream, link: Link, side: Side) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        link: Link,
+        side: Side,
+        *,
+        limits: ReceiveLimits | None = None,
+    ) -> None:
         self._stream = stream
-        self._conn = Connection(link, side)
+        self._limits = limits
+        self._account = limits.budget.account() if limits is not None else None
+        self._charge = NO_CHARGE
+        self._conn = Connection(link, side, grow_payloads=limits is not None)
         self._send_lock = trio.Lock()
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](RECEIVE_BUFFER)
         self._failure: Failure | None = None
@@ -157,6 +179,11 @@ class MessageChannel:
     @property
     def side(self) -> Side:
         return self._conn.side
+
+    @property
+    def receiving(self) -> bool:
+        """Whether part of a frame has arrived and the rest not yet."""
+        return self._conn.mid_frame
 
     @property
     def version(self) -> int | None:
@@ -254,6 +281,14 @@ class MessageChannel:
         (a clean close is :class:`ChannelClosed`)."""
         await self._ended.wait()
         self._raise_failure()
+
+    def hold_payload(self) -> Charge:
+        """From a handler: keep the memory of the message being handled charged after
+        the handler returns, until the returned charge is released (a request task that
+        keeps the message calls it, and releases the charge when done). Without
+        :class:`ReceiveLimits`, or called twice, it is a charge of nothing."""
+        charge, self._charge = self._charge, NO_CHARGE
+        return charge
 
     def set_payload_sink(self, sink: PayloadSink | None) -> None:
         """Let ``sink`` choose where the payloads of later frames are received.
@@ -355,8 +390,13 @@ class MessageChannel:
         """Read and dispatch until the channel ends, or until ``until()`` (the request
         layer reads on demand so, in the task that waits)."""
         cause: BaseException | None = None
+        ended: Failure | None
         try:
-            ended = await self._read_messages(until)
+            if self._limits is not None:
+                assert until is None, "a channel with ReceiveLimits has a reader task"
+                ended = await self._read_limited(self._limits)
+            else:
+                ended = await self._read_messages(until)
             if ended is None:
                 return
         except RemoteProtocolError as exc:
@@ -395,6 +435,53 @@ class MessageChannel:
                 if until is not None and until():
                     return None
 
+    async def _read_limited(self, limits: ReceiveLimits) -> Failure:
+        """:meth:`_read_messages` for an untrusted peer: every read reserved from the
+        budget first, every frame under its deadline (see the module docstring)."""
+        conn = self._conn
+        account = self._account
+        assert account is not None
+        started: float | None = None  # when the frame under way was first seen
+        received = 0  # bytes read since
+        while True:
+            held = conn.held_bytes
+            event = conn.next_message()
+            if isinstance(event, NeedData):
+                if started is None and conn.mid_frame:
+                    started, received = trio.current_time(), 0
+                deadline = math.inf if started is None else limits.frame_deadline(started, received)
+                # Read ahead what the peer has shown it sends: a payload's reads grow with
+                # the bytes it brought (up to PAYLOAD_READ), so an idle peer reserves one
+                # small read, and a bulk sender reaches full-size reads within a few.
+                want = HEADER_READ
+                if due := conn.payload_due:
+                    want = min(PAYLOAD_READ, max(HEADER_READ, received), max(due, HEADER_READ))
+                # (A share holds a full frame and a read: never below one byte.)
+                want = max(1, min(want, limits.budget.per_connection - conn.held_bytes))
+                target = conn.held_bytes + want
+                # Out of time while memory was short is our doing (busy); else the peer's.
+                reserving = not account.fits(target)
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await account.reserve_reading(target)
+                    reserving = False
+                    data = await self._stream.receive_some(want)
+                if scope.cancelled_caught:
+                    raise _frame_late(limits, started, received, reserving=reserving)
+                if started is not None:
+                    received += len(data)
+                conn.receive_data(data)
+            elif isinstance(event, Closed):
+                return ChannelClosed("the peer closed the connection")
+            else:
+                started = None
+                self._charge = account.split(held - conn.held_bytes, keep_reading=HEADER_READ)
+                try:
+                    ended = await self._dispatch(event)
+                finally:
+                    self.hold_payload().release()
+                if ended is not None:
+                    return ended
+
     async def _dispatch(self, message: Message) -> Failure | None:
         if isinstance(message, Error) and message.request_id is None:
             return PeerError(message.code, message.message)
@@ -431,6 +518,8 @@ class MessageChannel:
         self._failure, self._failure_cause = error, cause
         self._ended.set()
         self._inbox_send.close()
+        if self._account is not None:
+            self._account.close()
 
     def _raise_failure(self, note: str | None = None) -> NoReturn:
         assert self._failure is not None
@@ -455,15 +544,32 @@ class MessageChannel:
 
 
 def open_channel(
-    stream: trio.abc.Stream, link: Link, side: Side
+    stream: trio.abc.Stream, link: Link, side: Side, *, limits: ReceiveLimits | None = None
 ) -> AbstractAsyncContextManager[MessageChannel]:
     """Run a :class:`MessageChannel` over ``stream`` for the duration of the block.
+
+    ``limits``: receive from an untrusted peer under a memory budget and frame deadlines.
 
     On exit the reader is cancelled and the channel and stream are closed (gracefully, or
     forcefully when the block raised). An exception from the block propagates as itself,
     not wrapped in an exception group.
     """
-    return run_channel(partial(MessageChannel, stream, link, side))
+    return run_channel(partial(MessageChannel, stream, link, side, limits=limits))
+
+
+def _frame_late(
+    limits: ReceiveLimits, started: float | None, received: int, *, reserving: bool
+) -> RemoteProtocolError:
+    """Why a frame missed its deadline, as the error the peer is told."""
+    if reserving:
+        return RemoteProtocolError(
+            "the server's memory for requests is full; retry later", code=ErrorCode.BUSY
+        )
+    return RemoteProtocolError(
+        f"a frame must arrive within {limits.frame_timeout:g} s, at {limits.min_rate:g} "
+        f"bytes/s or more after {limits.rate_grace:g} s ({received} bytes came)",
+        code=ErrorCode.TIMEOUT,
+    )
 
 
 @asynccontextmanager

@@ -1,0 +1,114 @@
+"""A hostile consumer for the attack tests and the benchmark: raw frames, no verification.
+
+Anyone who can reach the consumer port can do what :class:`RawConsumer` does: a TLS
+handshake without checking the enclave (an attacker has no reason to), a hello, then
+frames written byte by byte as the attack needs: a header that announces a payload it
+never sends, a trickle, a flood of requests. Replies are decoded with the sans-IO
+:class:`~drm_wire.protocol.Connection`, so the test sees exactly what the enclave said.
+
+:func:`vm_size` reads a process's virtual size (``VmSize``, or ``VmPeak``), which is
+what an SGX enclave must commit: pages allocated but never touched count there and not in
+the resident size.
+"""
+
+from __future__ import annotations
+
+import ssl
+import struct
+from pathlib import Path
+from typing import Final, Literal
+
+import trio
+
+from drm_wire.codec import pack_header
+from drm_wire.framing import PAYLOAD_KEY
+from drm_wire.messages import Hello, Message, PeerRole
+from drm_wire.protocol import SUPPORTED_VERSIONS, Closed, Connection, Link, NeedData, Side
+
+__all__ = ["RawConsumer", "vm_size"]
+
+#: Bound on any one step against the enclave (it only bounds a hang).
+STEP: Final = 30.0
+
+
+def vm_size(pid: int, field: Literal["VmSize", "VmPeak"] = "VmSize") -> int:
+    """A process's virtual memory size in bytes (``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no {field} for process {pid}")
+
+
+def _unverified_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+class RawConsumer:
+    """One connection to the consumer port, driven frame by frame."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        self.stream = stream
+        self.conn = Connection(Link.CONSUMER, Side.CLIENT)
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, hello: bool = True) -> RawConsumer:
+        """Connect, handshake (not verifying the enclave) and, by default, say hello."""
+        with trio.fail_after(STEP):
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = trio.SSLStream(tcp, _unverified_context(), server_hostname=host)
+            await stream.do_handshake()
+            consumer = cls(stream)
+            if hello:
+                await consumer.send(
+                    Hello(versions=SUPPORTED_VERSIONS, role=PeerRole.CONSUMER, software="hostile")
+                )
+                await consumer.receive()
+        return consumer
+
+    async def send(self, message: Message) -> None:
+        for buffer in self.conn.send(message):
+            await self.stream.send_all(buffer)
+
+    async def announce(self, payload_len: int, *, model: str = "tiny", sent: int = 1) -> None:
+        """Send an ``infer`` header announcing ``payload_len`` payload bytes, and the
+        first ``sent`` of them."""
+        header = {
+            "type": "infer",
+            "request_id": 1,
+            "model": model,
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [payload_len // 16, 4]}],
+            "wait": None,
+            PAYLOAD_KEY: payload_len,
+        }
+        body = pack_header(header)
+        await self.stream.send_all(struct.pack(">I", len(body)) + body + b"\0" * sent)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> Message | None:
+        """The next message from the enclave, or ``None`` once it closed the connection.
+
+        A connection reset counts as closed too: the enclave may cut a peer whose bytes it
+        no longer reads.
+        """
+        while True:
+            event = self.conn.next_message()
+            if isinstance(event, Closed):
+                self.closed = True
+                return None
+            if not isinstance(event, NeedData):
+                return event
+            try:
+                data = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+            self.conn.receive_data(data)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
