@@ -28,7 +28,10 @@ from tests.simulation import simulation_policy
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "custodian.toml"
 MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
-KEYS = "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease, log_level"
+KEYS = (
+    "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease, "
+    "log_level, models"
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,11 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         "  initial_inferences = 0  (default)",
         "  lease = 50  (config file)",
         "  log_level = info  (default)",
+        "  models = (none)  (default)",
         "  borrower managed: acme",
         f"  model tiny: {len(tiny_model())} bytes, sha256 {sha}",
+        # No terms given: the defaults, made explicit, max_batch lowered to half the lease.
+        "    terms: unit=item max_batch=25 x=[1..25]x4; largest request costs 25",
     ]
 
 
