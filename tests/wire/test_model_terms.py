@@ -237,3 +237,23 @@ def test_cost_is_the_batch_exactly_when_every_dim_is_within_bounds(
     else:
         with pytest.raises(OutsideTerms):
             pricing.check({"images": shape})
+
+
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+keys = st.sampled_from(["unit", "max_batch", "inputs", "batch_axis"])
+
+
+@given(st.dictionaries(keys, junk, max_size=4))
+def test_hostile_terms_from_the_wire_are_refused_cleanly(table: dict[str, Any]) -> None:
+    """A peer's terms map is data: anything but valid terms is a TermsError (turned into a
+    protocol error by the message), never another exception; valid ones survive the trip."""
+    try:
+        terms = Terms.from_mapping(table)
+    except TermsError:
+        return
+    assert Terms.from_mapping(terms.to_mapping()) == terms
