@@ -9,7 +9,8 @@ The daemons run as subprocesses exactly as ``tests/e2e`` starts them (``init``,
 logs, helpers imported from :mod:`drm_lab.processes`); the consumer is the real
 ``drm_consumer.Client`` in this process. Two deployments:
 
-* A: tiny + COVID-Net-shaped CNN uploaded, 1,000,000 inferences supplied:
+* A: tiny + COVID-Net-shaped CNN + its dynamic-batch variant uploaded, 1,000,000
+  inferences supplied:
   1. tiny model ``client.infer`` round trip p50/p99 vs a grpcio TLS unary call whose server
      (another process) runs the same onnxruntime session on the same msgpack-ish request;
      then the layers under the DRM path, each a round trip to another process without
@@ -19,6 +20,8 @@ logs, helpers imported from :mod:`drm_lab.processes`); the consumer is the real
      threads; one raw run after each DRM request, and runs back to back before and
      after), and 8 concurrent consumers' throughput vs raw onnxruntime throughput (as
      many threads calling ``run`` as the enclave's own limit allows: cores // threads);
+     then a batch-8 request of the dynamic-batch CNN (charged 8 inferences under the
+     default lending terms) vs one raw batch-8 ``session.run``, alternating;
   6. custodian ingest: many consumers drive the tiny model flat out while ``/usage`` is
      polled; durably recorded inferences per second from the ``served`` deltas, and usage
      reports per second from the custodian's ``consumption_report`` log lines, vs
@@ -71,7 +74,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
@@ -447,6 +450,32 @@ async def cnn_drm(d: Deployment, sizes: Sizes, session: ort.InferenceSession) ->
         (enclave_cpu - enclave_before) / total,
         (own_cpu - own_before) / total,
     )
+
+
+#: Section 2: the batch of the dynamic-batch CNN's requests.
+BATCH: Final = 8
+
+
+async def cnn_batch(
+    d: Deployment, requests: int, session: ort.InferenceSession
+) -> tuple[list[float], list[float], int]:
+    """Batch-of-8 requests of the dynamic-batch CNN, each followed by one raw batch-8
+    ``session.run`` in this process; and what one request was charged."""
+    rng = np.random.default_rng(4)
+    x = {"input": rng.random((BATCH, 480, 480, 3), dtype=np.float32)}
+    samples, raw_samples, cost = [], [], 0
+    async with Client.connect(LOOPBACK, d.port, policy=d.policy) as client:
+        for _ in range(2):
+            cost = (await client.infer("covid_batch", x)).cost
+            session.run(None, x)
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            await client.infer("covid_batch", x)
+            t1 = time.perf_counter()
+            session.run(None, x)
+            raw_samples.append(time.perf_counter() - t1)
+            samples.append(t1 - t0)
+    return samples, raw_samples, cost
 
 
 async def _client_task(d: Deployment, *, task_status: trio.TaskStatus[Any]) -> None:
@@ -861,6 +890,7 @@ def main() -> None:
     report = Report()
     pems = make_pems()
     tiny, cnn = tiny_model(), covidnet_like_model()
+    cnn_batched = covidnet_like_model(dynamic_batch=True)
 
     with tempfile.TemporaryDirectory(prefix="e2e-bench-", dir=args.dir) as tmp:
         root = Path(tmp)
@@ -876,7 +906,13 @@ def main() -> None:
             progress("deployment A: tiny + covid, 1,000,000 supplied")
             daemons_a: list[Daemon] = []
             with running(daemons_a):
-                a = deploy(root / "a", {"tiny": tiny, "covid": cnn}, MAX_SUPPLY, threads, daemons_a)
+                a = deploy(
+                    root / "a",
+                    {"tiny": tiny, "covid": cnn, "covid_batch": cnn_batched},
+                    MAX_SUPPLY,
+                    threads,
+                    daemons_a,
+                )
                 progress(f"section 1: tiny, {sizes.tiny_requests} DRM + grpcio requests")
                 grpc = base.GrpcClient(grpc_port, pems)
                 try:
@@ -984,6 +1020,22 @@ def main() -> None:
                     "  the throughput that CPU allows on these cores (raw CPU / DRM CPU)",
                     f"{raw_cpu / drm_cpu:.2f}x",
                     f"enclave alone (consumers elsewhere): {raw_cpu / run.enclave_cpu:.2f}x",
+                )
+                batch_requests = max(3, sizes.cnn_requests // 2)
+                progress(f"section 2: dynamic-batch CNN, {batch_requests} batch-{BATCH} requests")
+                batch_session = cnn_session(cnn_batched, threads)
+                batched, batched_raw, cost = trio.run(cnn_batch, a, batch_requests, batch_session)
+                p50 = statistics.median(batched)
+                ratio = p50 / statistics.median(batched_raw)
+                report.add(
+                    "2",
+                    f"CNN batch {BATCH}x480x480x3 p50 ({len(batched)} req, charged {cost} each)",
+                    ms(p50),
+                    f"raw batch-{BATCH} session.run, one after each DRM request: "
+                    f"{ms(statistics.median(batched_raw))}",
+                    ratio,
+                    "<= 1.25x",
+                    ratio <= 1.25 and cost == BATCH,
                 )
                 progress(f"section 6: ingest for {sizes.ingest_seconds} s")
                 ingest, done, started, ended = trio.run(drive_usage, a, sizes)

@@ -54,7 +54,10 @@ from typing import IO, Final
 import pytest
 
 from drm_consumer import cli as consumer_cli
+from drm_custodian.models import parse_models_table
 from drm_lab.processes import Daemon, start_daemon
+from drm_wire.messages import TensorSpec
+from drm_wire.model.terms import OutsideTerms, resolve
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 README: Final = ROOT / "README.md"
@@ -76,6 +79,7 @@ BLOCKS: Final = {
     "nox": "sessions checked in noxfile.py",
     "develop": "would run the suite: its extras are checked against the groups",
     "inspect": "run from the repository's root",
+    "terms": "a [models.NAME] table: parsed and resolved as the custodian does",
     "layout": "every directory listed exists",
 }
 
@@ -149,7 +153,7 @@ def test_every_block_is_marked() -> None:
         f"unknown markers {set(names) - set(BLOCKS)}, lost blocks {set(BLOCKS) - set(names)}"
     )
     for block in blocks:
-        if block.name not in ("diagram", "layout", "python"):
+        if block.name not in ("diagram", "layout", "python", "terms"):
             assert block.language == "sh", f"line {block.line}: say ```sh"
     assert _block("python").language == "python"
 
@@ -213,6 +217,20 @@ def test_the_install_lines_extras_are_the_dependency_groups() -> None:
     for name in named:
         assert extras[name] == groups[name], name
     assert (ROOT / "demo" / "covidnet.py").is_file()
+
+
+def test_the_terms_example_is_what_the_custodian_reads() -> None:
+    """The example is a config file's [models] table, valid for a detector whose inputs
+    are images [?, 3, ?, ?] and im_shape [?, 2]: a batch of 16 costs 16, 17 is refused."""
+    assert _block("terms").language == "toml"
+    document = tomllib.loads(_block("terms").text)
+    (terms,) = parse_models_table(document["models"], "README.md").values()
+    images = TensorSpec(name="images", dtype="float32", shape=(None, 3, None, None))
+    im_shape = TensorSpec(name="im_shape", dtype="float32", shape=(None, 2))
+    pricing = resolve(terms, [images, im_shape])
+    assert pricing.check({"images": (16, 3, 640, 1280), "im_shape": (16, 2)}) == 16
+    with pytest.raises(OutsideTerms, match="dim 0 is 17"):
+        pricing.check({"images": (17, 3, 640, 640), "im_shape": (17, 2)})
 
 
 def test_the_layout_lists_existing_directories() -> None:

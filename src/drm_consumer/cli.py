@@ -55,6 +55,7 @@ from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_WAIT_SECONDS
 from drm_wire.messages import EnclaveState, ModelDescription
+from drm_wire.model.terms import Terms, Unit
 from drm_wire.net.address import port_argument
 
 __all__ = [
@@ -437,6 +438,7 @@ async def _run_query(
                 "preprocess": str(preset),
                 "outputs": outcome.outputs,
                 "inferences_left": outcome.inferences_left,
+                "cost": outcome.cost,
                 "attestation": client.attestation,
             }
         except (RequestFailed, _Failure) as exc:
@@ -475,6 +477,7 @@ def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
                 "preprocess": result["preprocess"],
                 "prediction": prediction,
                 "outputs": _json_outputs(outputs),
+                "cost": result["cost"],
                 "inferences_left": result["inferences_left"],
                 "attestation": _attestation(enclave),
             },
@@ -483,6 +486,8 @@ def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
         return
     for line in _prediction_lines(prediction, outputs):
         print(line, file=out)
+    cost = result["cost"]
+    print(f"Cost: {cost} inference{'' if cost == 1 else 's'}", file=out)
     print(f"Inferences left: {result['inferences_left']}", file=out)
     print(_attestation_line(enclave), file=out)
 
@@ -501,6 +506,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
                 "outputs": [
                     {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.outputs
                 ],
+                "terms": m.terms.to_mapping(),
             }
             for m in info.models.values()
         ]
@@ -523,7 +529,20 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
         for kind, specs in (("input ", model.inputs), ("output", model.outputs)):
             for spec in specs:
                 print(f"  {kind} {spec.name}: {spec.dtype} {describe_shape(spec.shape)}", file=out)
+        print(f"  terms: {_describe_terms(model.terms)}", file=out)
     print(_attestation_line(enclave), file=out)
+
+
+def _describe_terms(terms: Terms) -> str:
+    """One line: the unit, then each input's sizes (``1..16 x 3``) and batch axis."""
+    per = "item along the batch axis" if terms.unit is Unit.ITEM else "request"
+    parts = [f"1 inference per {per}, batch at most {terms.max_batch}"]
+    axes = dict(terms.batch_axis)
+    for name, dims in terms.inputs:
+        sizes = " x ".join(str(d) if isinstance(d, int) else f"{d[0]}..{d[1]}" for d in dims)
+        axis = axes.get(name)
+        parts.append(f"{name} {sizes}" + ("" if axis is None else f" (batch axis {axis})"))
+    return "; ".join(parts)
 
 
 def _exit_code(exc: ConsumerError) -> int:

@@ -87,10 +87,13 @@ class InferenceOutcome:
         outputs: output name -> array. The arrays are read-only views of the received
             frame (no copy); ``np.array(a)`` makes a writable copy.
         inferences_left: what the enclave had left after this inference.
+        cost: the inferences this request was charged under the model's lending terms
+            (its batch size, or 1).
     """
 
     outputs: dict[str, np.ndarray[Any, Any]]
     inferences_left: int
+    cost: int = 1
 
 
 @final
@@ -266,6 +269,7 @@ class Client:
             return InferenceOutcome(
                 outputs={t.name: t.to_numpy() for t in result.outputs},
                 inferences_left=result.inferences_left,
+                cost=result.cost,
             )
         raise error  # the caller's own exception, as the callback raised it
 

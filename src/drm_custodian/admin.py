@@ -158,6 +158,7 @@ def _usage_doc(borrower: str, balance: Balance, instances: int) -> dict[str, obj
         "supplied": balance.supplied,
         "granted": balance.granted,
         "served": balance.served,
+        "requests": balance.requests,
         "in_doubt": balance.in_doubt,
         "remaining": balance.remaining,
         "blocked": balance.blocked,
@@ -206,7 +207,8 @@ class AdminApp:
             for name, help_text in (
                 ("supplied", "Inferences supplied by the operator, in total."),
                 ("granted", "Inferences lent to enclave instances, in total."),
-                ("served", "Inferences reported served."),
+                ("served", "Inferences reported served (items, under the models' terms)."),
+                ("requests", "Requests the served inferences came in."),
                 ("in_doubt", "Inferences granted but not yet reported served."),
                 ("remaining", "Inferences that may still be granted."),
                 ("blocked", "1 when the borrower is blocked."),

@@ -169,8 +169,8 @@ class AdminClient:
 
 def format_usage(doc: Mapping[str, object]) -> str:
     """The usage document as the ``usage`` command prints it without ``--json``."""
-    keys = ("borrower", "supplied", "granted", "served", "in_doubt", "remaining", "blocked",
-            "instances")  # fmt: skip
+    keys = ("borrower", "supplied", "granted", "served", "requests", "in_doubt", "remaining",
+            "blocked", "instances")  # fmt: skip
     return "\n".join(f"{key:<10} {doc[key]}" for key in keys if key in doc)
 
 

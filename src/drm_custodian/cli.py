@@ -24,6 +24,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Final, TextIO
 
 import structlog
@@ -32,7 +33,7 @@ import trio
 from drm_custodian.admin import DEFAULT_ADMIN_PORT
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.grants import DEFAULT_LEASE, check_lease
-from drm_custodian.models import read_model_file
+from drm_custodian.models import ModelFile, inspect_model, parse_models_table, read_model_file
 from drm_custodian.serve import (
     DEFAULT_ENCLAVE_PORT,
     DEFAULT_MAX_LINK_HANDSHAKES,
@@ -50,6 +51,7 @@ from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.model.terms import Pricing
 from drm_wire.net.address import format_address, port_argument
 
 __all__ = [
@@ -203,6 +205,8 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
     schema.add("--max-link-handshakes", Kind.INTEGER, type=_cap,
                default=DEFAULT_MAX_LINK_HANDSHAKES, metavar="N",
                help="enclave-link TLS handshakes in progress at once; more wait")  # fmt: skip
+    # [models.NAME] tables: each model's lending terms (README, "Lending terms").
+    schema.add_table("models", parse_models_table)
     return schema
 
 
@@ -247,11 +251,27 @@ def _init(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _serve_config(args: argparse.Namespace) -> ServeConfig:
+def _read_models(args: argparse.Namespace) -> list[tuple[ModelFile, Pricing]]:
+    """Read the models and their terms, each checked as the enclave will check it
+    (:func:`~drm_custodian.models.inspect_model`): a model or terms the enclave would
+    refuse, or terms whose largest request exceeds the lease, stop start-up here."""
+    terms = dict(args.models or {})
+    models = [read_model_file(path, terms.pop(_model_name(path), None)) for path in args.upload]
+    if terms:
+        names = ", ".join(sorted(terms))
+        raise ConfigError(f"[models] names model(s) not uploaded: {names}", key="models")
+    return [inspect_model(model, lease=args.lease) for model in models]
+
+
+def _serve_config(
+    args: argparse.Namespace, models: list[tuple[ModelFile, Pricing]] | None = None
+) -> ServeConfig:
     """Read every file the options name and check the whole configuration (blocking)."""
+    if models is None:
+        models = _read_models(args)
     return ServeConfig(
         state=load_state_dir(args.state_dir),
-        models=[read_model_file(path) for path in args.upload],
+        models=[model for model, _ in models],
         policy=Policy.load(args.policy),
         address=args.address,
         port=args.port,
@@ -280,15 +300,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace, out: TextIO) -> int:
-    config = _serve_config(args)
+    models = _read_models(args)
+    config = _serve_config(args, models)
     borrower = config.admin_borrower()
     for line in ConfigSchema.summary(args, _show):
         print(line, file=out)
     print(f"  borrower managed: {borrower}", file=out)
-    for model in config.models:
+    for model, pricing in models:
         print(f"  model {model.name}: {len(model.data)} bytes, sha256 {model.sha256.hex()}",
               file=out)  # fmt: skip
+        print(f"    terms: {pricing.as_terms().describe()}; largest request costs "
+              f"{pricing.max_cost}", file=out)  # fmt: skip
     return EXIT_OK
+
+
+def _model_name(path: Path) -> str:
+    return path.name.removesuffix(".onnx") or path.name
 
 
 async def run_daemon(config: ServeConfig, notifier: Notifier | None = None) -> None:
@@ -345,6 +372,10 @@ def _admin(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _show(value: object) -> object:
+    if value is None:  # no [models] table
+        return "(none)"
+    if isinstance(value, dict):  # [models]: name -> terms
+        return ", ".join(f"{name} ({terms.describe()})" for name, terms in value.items())
     return ", ".join(map(str, value)) if isinstance(value, list) else value
 
 

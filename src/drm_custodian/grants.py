@@ -12,6 +12,16 @@ next grant while it still has half a lease to serve from, and never waits on the
 trip. It never grants beyond the borrower's remaining supply, nothing to a blocked
 borrower, and at most :data:`~drm_wire.limits.MAX_GRANT_UNITS` at once.
 
+A request of ``k`` items takes ``k`` units at once (I14), and the enclave's queue is FIFO:
+a parked request for more than the instance holds waits for a grant, and everything
+behind it waits too. With the half-lease rule alone, a request costing more than half a
+lease could park forever (outstanding at, say, 60% of the lease: no top-up, and not
+enough to serve it; Q13). So the planner also tops up whenever outstanding is below the
+*reserve*: the largest cost one request can have under the terms of the models lent
+(:attr:`~drm_wire.model.terms.Pricing.max_cost`, at most the lease, which ``serve``
+checks). Once the in-flight requests end, an instance then holds at least the reserve,
+which covers any request, whatever the head of its queue costs.
+
 No I/O, no clock, no logging: the session reads the numbers from the ledger, asks
 :func:`plan_grant`, and records and sends what it answers.
 """
@@ -48,6 +58,7 @@ def plan_grant(
     served_total: int,
     lease: int = DEFAULT_LEASE,
     blocked: bool = False,
+    reserve: int = 1,
 ) -> int:
     """How many units to grant an instance now; 0 means "no grant".
 
@@ -57,17 +68,22 @@ def plan_grant(
         served_total: units this instance reported served and the ledger recorded.
         lease: the most units an instance may hold outstanding.
         blocked: the borrower is blocked: nothing is granted.
+        reserve: the largest cost of one request (1 to ``lease``): outstanding below it
+            is topped up even when it is half a lease or more.
 
     Returns:
         ``0`` while outstanding (``granted_total - served_total``) is at least half a
-        lease; otherwise ``lease - outstanding``, cut to ``remaining`` and to
+        lease and at least ``reserve``; otherwise ``lease - outstanding``, cut to
+        ``remaining`` and to
         ``MAX_GRANT_UNITS``. So ``granted_total + result - served_total <= lease`` and
         ``result <= max(remaining, 0)`` always hold.
 
     Raises:
-        ValueError: ``lease`` is out of range, or a count is negative.
+        ValueError: ``lease`` or ``reserve`` is out of range, or a count is negative.
     """
     check_lease(lease)
+    if type(reserve) is not int or not 1 <= reserve <= lease:
+        raise ValueError("reserve must be an integer from 1 to the lease")
     if min(granted_total, served_total) < 0:
         raise ValueError("granted_total and served_total must not be negative")
     if blocked or remaining <= 0:
@@ -75,6 +91,6 @@ def plan_grant(
     # An instance that reported more than it was granted (a broken invariant the ledger
     # flags) holds nothing: count it as empty rather than as owed.
     outstanding = max(granted_total - served_total, 0)
-    if 2 * outstanding >= lease:
+    if 2 * outstanding >= lease and outstanding >= reserve:
         return 0
     return min(lease - outstanding, remaining, MAX_GRANT_UNITS)

@@ -26,7 +26,15 @@ tables keep them, inside the very transaction that inserts the record, so a cras
 leave a total half-updated, and no code path can forget them. A balance reads one row per
 borrower and one per instance it ever had.
 :meth:`Ledger.integrity_check` recomputes every total from the records and refuses a file
-where one differs. Schema version 1 files (records only) gain the totals on open.
+where one differs.
+
+Schema versions: a file is brought to :data:`SCHEMA_VERSION` on open by one ordered path
+of steps (:data:`_MIGRATIONS`), each from version ``n`` to ``n + 1``, in the same
+transaction as the version bump, so an interrupted upgrade leaves the file as it was; a
+new file is made by the same path from the records' layout, so a fresh file and an
+upgraded one cannot differ. Version 2 added the totals; version 3 counts the requests
+served beside the inferences (a request of ``k`` items is ``k`` inferences, one request:
+the lending terms, I14).
 
 Durability: WAL with ``synchronous=FULL``, so a returned COMMIT survives a process crash
 and a power cut (WAL + ``NORMAL`` may lose the last commits on power loss). Each write is
@@ -103,9 +111,9 @@ _T = TypeVar("_T")
 #: inside the transaction that read those figures.
 GrantPlan = Callable[[Balance, int, int], int]
 
-#: Version of the table layout below; version 1 files are upgraded on open (they lack the
-#: totals), any other version is refused, not guessed at.
-SCHEMA_VERSION: Final = 2
+#: Version of the table layout below; older files are upgraded on open along
+#: :data:`_MIGRATIONS`, a newer or unknown version is refused, not guessed at.
+SCHEMA_VERSION: Final = 3
 #: Block reasons are operator prose; a paragraph is plenty.
 MAX_REASON_LEN: Final = 1024
 #: Usage reports in one batch transaction: bounds the time the single writer is held.
@@ -138,7 +146,7 @@ _RECORDS_SCHEMA: Final = [
 #: Version 2: running totals, kept by triggers in the inserting transaction (see above).
 #: Grants and usage rows only ever raise an instance's totals (``cumulative`` and
 #: ``served_total`` grow per instance), so MAX keeps a replayed row harmless.
-_TOTALS_SCHEMA: Final = [
+_TOTALS_SCHEMA_V2: Final = [
     """CREATE TABLE borrower_totals (borrower TEXT PRIMARY KEY,
         supplied INTEGER NOT NULL) WITHOUT ROWID""",
     """CREATE TABLE instance_totals (borrower TEXT NOT NULL, instance_id TEXT NOT NULL,
@@ -157,14 +165,46 @@ _TOTALS_SCHEMA: Final = [
         DO UPDATE SET served = MAX(served, NEW.served_total); END""",
 ]
 
-#: Each totals table as the records define it: what the triggers must agree with.
-_TOTALS_FROM_RECORDS: Final = {
+#: Version 3: the requests an instance's inferences were served in, beside them (a usage
+#: row carries both cumulative counts); the totals' triggers name their columns.
+_REQUESTS_SCHEMA_V3: Final = [
+    "ALTER TABLE usage ADD COLUMN requests_total INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE instance_totals ADD COLUMN requests INTEGER NOT NULL DEFAULT 0",
+    "DROP TRIGGER grants_total",
+    "DROP TRIGGER usage_total",
+    """CREATE TRIGGER grants_total AFTER INSERT ON grants BEGIN
+        INSERT INTO instance_totals (borrower, instance_id, granted, served, requests)
+        VALUES (NEW.borrower, NEW.instance_id, NEW.cumulative, 0, 0)
+        ON CONFLICT (borrower, instance_id)
+        DO UPDATE SET granted = MAX(granted, NEW.cumulative); END""",
+    """CREATE TRIGGER usage_total AFTER INSERT ON usage BEGIN
+        INSERT INTO instance_totals (borrower, instance_id, granted, served, requests)
+        VALUES (NEW.borrower, NEW.instance_id, 0, NEW.served_total, NEW.requests_total)
+        ON CONFLICT (borrower, instance_id)
+        DO UPDATE SET served = MAX(served, NEW.served_total),
+                      requests = MAX(requests, NEW.requests_total); END""",
+]
+
+#: The totals as version 2 laid them out, from the records (the 1 -> 2 step fills them).
+_TOTALS_FROM_RECORDS_V2: Final = {
     "borrower_totals": "SELECT borrower, SUM(units) FROM supplies GROUP BY borrower",
     "instance_totals": """SELECT borrower, instance_id, MAX(granted), MAX(served) FROM (
         SELECT borrower, instance_id, MAX(cumulative) AS granted, 0 AS served
             FROM grants GROUP BY borrower, instance_id
         UNION ALL
         SELECT borrower, instance_id, 0, MAX(served_total)
+            FROM usage GROUP BY borrower, instance_id)
+        GROUP BY borrower, instance_id""",
+}
+#: Each totals table as the records define it: what the triggers must agree with.
+_TOTALS_FROM_RECORDS: Final = {
+    "borrower_totals": "SELECT borrower, SUM(units) FROM supplies GROUP BY borrower",
+    "instance_totals": """SELECT borrower, instance_id, MAX(granted), MAX(served),
+        MAX(requests) FROM (
+        SELECT borrower, instance_id, MAX(cumulative) AS granted, 0 AS served, 0 AS requests
+            FROM grants GROUP BY borrower, instance_id
+        UNION ALL
+        SELECT borrower, instance_id, 0, MAX(served_total), MAX(requests_total)
             FROM usage GROUP BY borrower, instance_id)
         GROUP BY borrower, instance_id""",
 }
@@ -190,7 +230,8 @@ _BALANCE: Final = """SELECT
     COALESCE((SELECT supplied FROM borrower_totals WHERE borrower=:b), 0),
     COALESCE(SUM(granted), 0), COALESCE(SUM(served), 0),
     COALESCE(SUM(MAX(granted - served, 0)), 0),
-    (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1)
+    (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1),
+    COALESCE(SUM(requests), 0)
     FROM instance_totals WHERE borrower=:b"""
 
 
@@ -222,27 +263,60 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def _ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the file along the migration path, or bring it to :data:`SCHEMA_VERSION`
+    (inside the caller's transaction: all steps and the version bump, or nothing)."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
-        for statement in _RECORDS_SCHEMA + _TOTALS_SCHEMA:
+        for statement in _RECORDS_SCHEMA:
             conn.execute(statement)
-        conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-    elif row[0] == 1:
-        _add_totals(conn)
-    elif row[0] != SCHEMA_VERSION:
-        raise LedgerStorageError(f"ledger schema version {row[0]}, expected {SCHEMA_VERSION}")
+        conn.execute("INSERT INTO schema_version VALUES (1)")
+        version = 1
+    else:
+        version = row[0]
+        if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
+            raise LedgerStorageError(
+                f"ledger schema version {version}, expected {SCHEMA_VERSION} or older"
+            )
+    start = version
+    for step in _MIGRATIONS[version - 1 :]:
+        step(conn)
+    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+    if row is not None and start != SCHEMA_VERSION:
+        log.info("ledger_upgraded", from_version=start, to_version=SCHEMA_VERSION)
 
 
 def _add_totals(conn: sqlite3.Connection) -> None:
-    """Upgrade a version 1 file: create the totals and fill them from the records (one
-    transaction with the version bump, so an interrupted upgrade leaves version 1)."""
-    for statement in _TOTALS_SCHEMA:
+    """Version 1 -> 2: create the totals and fill them from the records."""
+    for statement in _TOTALS_SCHEMA_V2:
         conn.execute(statement)
-    for table, query in _TOTALS_FROM_RECORDS.items():
+    for table, query in _TOTALS_FROM_RECORDS_V2.items():
         conn.execute(f"INSERT INTO {table} {query}")
-    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-    log.info("ledger_upgraded", from_version=1, to_version=SCHEMA_VERSION)
+
+
+def _add_requests(conn: sqlite3.Connection) -> None:
+    """Version 2 -> 3: count requests beside inferences. Under version 2 one request cost
+    one unit whatever it held, so each usage row's requests are its inferences: the new
+    column is set so (the one write to a record ever, with the append-only trigger lifted
+    for it inside this transaction), and the totals follow from the records."""
+    for statement in _REQUESTS_SCHEMA_V3:
+        conn.execute(statement)
+    conn.execute("DROP TRIGGER usage_no_update")
+    conn.execute("UPDATE usage SET requests_total = served_total")
+    conn.execute(
+        "CREATE TRIGGER usage_no_update BEFORE UPDATE ON usage "
+        "BEGIN SELECT RAISE(ABORT, 'ledger tables are append-only'); END"
+    )
+    conn.execute("UPDATE instance_totals SET requests = served")
+
+
+#: The ordered migration path: ``_MIGRATIONS[n - 1]`` takes version ``n`` to ``n + 1``.
+#: A later change of the layout appends its step here and bumps :data:`SCHEMA_VERSION`.
+_MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _add_totals,
+    _add_requests,
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION - 1
 
 
 def _totals_mismatch(conn: sqlite3.Connection) -> list[str]:
@@ -426,15 +500,26 @@ class Ledger:
         return await self._run(lambda conn: _grant_planned(conn, borrower, instance_id, plan, at))
 
     async def record_usage(
-        self, borrower: str, instance_id: str, served_total: int, seq: int
+        self,
+        borrower: str,
+        instance_id: str,
+        served_total: int,
+        seq: int,
+        *,
+        requests_total: int = 0,
     ) -> UsageResult:
-        """Record an instance's cumulative served count; idempotent under replay and reorder.
+        """Record an instance's cumulative served count (and the requests it was served
+        in); idempotent under replay and reorder.
 
         Raises:
             LedgerInputError: bad borrower, instance id, count or sequence number.
         """
         report = UsageReport(
-            borrower=borrower, instance_id=instance_id, served_total=served_total, seq=seq
+            borrower=borrower,
+            instance_id=instance_id,
+            served_total=served_total,
+            seq=seq,
+            requests_total=requests_total,
         )
         return (await self.record_usage_batch([report]))[0]
 
@@ -559,18 +644,18 @@ def _apply_usage(
     if advanced:
         current = report.served_total
         conn.execute(
-            "INSERT INTO usage (borrower, instance_id, served_total, seq, over_grant, at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (*key, current, report.seq, int(current > granted), at),
+            "INSERT INTO usage (borrower, instance_id, served_total, requests_total, seq, "
+            "over_grant, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*key, current, report.requests_total, report.seq, int(current > granted), at),
         )
     return (*key, current, granted, advanced, current > granted)
 
 
 def _balance(conn: sqlite3.Connection, borrower: str) -> Balance:
-    supplied, granted, served, in_doubt, blocked = conn.execute(
+    supplied, granted, served, in_doubt, blocked, requests = conn.execute(
         _BALANCE, {"b": borrower}
     ).fetchone()
-    return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked))
+    return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked), requests)
 
 
 def _grant_planned(

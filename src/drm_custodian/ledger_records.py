@@ -92,18 +92,21 @@ class Grant:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UsageReport:
-    """One instance's cumulative served count, as reported with sequence number ``seq``."""
+    """One instance's cumulative served count (inferences) and the requests they were
+    served in, as reported with sequence number ``seq``."""
 
     borrower: str
     instance_id: str
     served_total: int
     seq: int
+    requests_total: int = 0
 
     def __post_init__(self) -> None:
         _check_name(self.borrower, "borrower")
         _check_name(self.instance_id, "instance_id")
         _check_int(self.served_total, "served_total", low=0, high=MAX_UINT)
         _check_int(self.seq, "seq", low=0, high=MAX_UINT)
+        _check_int(self.requests_total, "requests_total", low=0, high=self.served_total)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,8 @@ class Balance:
     in_doubt: int
     remaining: int
     blocked: bool
+    #: Requests the served inferences came in (a batch of k is k inferences, 1 request).
+    requests: int = 0
 
 
 def _check_int(value: object, name: str, *, low: int, high: int) -> int:

@@ -175,6 +175,9 @@ class EnclaveSession:
     ) -> None:
         self._ctx = ctx
         self._cfg = ctx.config
+        #: The largest cost of one request under the terms of the models lent, so that a
+        #: parked request costing more than half a lease is still topped up (Q13).
+        self._reserve = min(max((m.max_cost or 1 for m in ctx.models), default=1), self._cfg.lease)
         self._ledger = ctx.ledger
         self._channel = channel
         self.identity = identity
@@ -232,7 +235,7 @@ class EnclaveSession:
     @property
     def grant_plan(self) -> GrantPlan:
         """The grant rule for this link, for a ledger transaction to run (a supply's)."""
-        return functools.partial(_plan, lease=self._cfg.lease)
+        return functools.partial(_plan, lease=self._cfg.lease, reserve=self._reserve)
 
     def finish(self) -> None:
         """The session has ended: say so to whoever waits on it."""
@@ -336,7 +339,9 @@ class EnclaveSession:
         size = len(model.data)
         log.info("model_transfer_started", model=model.name, size=size, sha256=model.sha256.hex())
         started = trio.current_time()
-        await self._send(ModelBegin(name=model.name, size=size, sha256=model.sha256))
+        await self._send(
+            ModelBegin(name=model.name, size=size, sha256=model.sha256, terms=model.terms)
+        )
         view = memoryview(model.data)
         next_tenth = 1
         for offset in range(0, size, MODEL_CHUNK_BYTES):
@@ -454,7 +459,11 @@ class EnclaveSession:
     async def _on_usage(self, report: UsageReport) -> None:
         borrower = self.borrower
         result = await self._ledger.record_usage(
-            borrower, self._instance_id, report.served_total, report.seq
+            borrower,
+            self._instance_id,
+            report.served_total,
+            report.seq,
+            requests_total=report.requests_total,
         )
         self.served_total = result.served_total
         if result.over_grant:
@@ -484,11 +493,15 @@ class EnclaveSession:
             self.wake()
 
 
-def _plan(balance: Balance, granted_total: int, served_total: int, *, lease: int) -> int:
-    """The units to grant an instance now (a :data:`GrantPlan` once ``lease`` is bound)."""
+def _plan(
+    balance: Balance, granted_total: int, served_total: int, *, lease: int, reserve: int
+) -> int:
+    """The units to grant an instance now (a :data:`GrantPlan` once ``lease`` and
+    ``reserve`` are bound)."""
     return plan_grant(
         remaining=balance.remaining,
         granted_total=granted_total,
         served_total=served_total,
         lease=lease,
+        reserve=reserve,
     )

@@ -19,9 +19,10 @@ The file (:func:`load_config`): at most :data:`MAX_CONFIG_BYTES`, a regular file
 TOML, flat. Keys are the long flags with dashes turned into underscores (``--admin-port``
 is ``admin_port``); a repeatable flag is an array. Relative paths resolve against the
 file's directory, so a file and what it names move together. Anything else (an unknown
-key, a wrong type, a bad value, a key twice, a table) stops start-up with a
-:class:`~drm_wire.errors.ConfigError` naming the file, the key and what is allowed; the
-daemons exit with their usage-error status.
+key, a wrong type, a bad value, a key twice, a table other than those a daemon declares
+with :meth:`ConfigSchema.add_table`, such as the custodian's ``[models.NAME]``) stops
+start-up with a :class:`~drm_wire.errors.ConfigError` naming the file, the key and what
+is allowed; the daemons exit with their usage-error status.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class ConfigSchema:
     def __init__(self, parser: argparse.ArgumentParser, *, config_required: bool = False) -> None:
         self.parser = parser
         self._options: dict[str, _Option] = {}
+        self._tables: dict[str, Callable[[object, str], object]] = {}
         parser.add_argument(
             "--config",
             type=Path,
@@ -218,6 +220,12 @@ class ConfigSchema:
             default = type(default)
         self._options[action.dest] = _Option(action, kind, default, required)
 
+    def add_table(self, key: str, convert: Callable[[object, str], object]) -> None:
+        """Allow the table ``key`` in the file (no flag): ``convert(value, file)`` checks
+        and converts it (raising :class:`ConfigError`); absent, the key resolves to
+        ``None``."""
+        self._tables[key] = convert
+
     def flag(self, key: str) -> str:
         """The long option of ``key``."""
         return str(self._options[key].action.option_strings[-1])
@@ -247,6 +255,9 @@ class ConfigSchema:
             else:
                 setattr(merged, key, option.default)
                 origins[key] = Origin.DEFAULT
+        for key in self._tables:
+            setattr(merged, key, from_file.get(key))
+            origins[key] = Origin.FILE if key in from_file else Origin.DEFAULT
         merged.origins = origins
         return merged
 
@@ -266,9 +277,11 @@ class ConfigSchema:
             ConfigError: an unknown key, a wrong type or a value the flag would refuse.
         """
         where = str(path)
+        if key in self._tables:
+            return self._tables[key](value, where)
         option = self._options.get(key)
         if option is None:
-            allowed = ", ".join(self._options)
+            allowed = ", ".join([*self._options, *self._tables])
             raise ConfigError(f"unknown key; allowed: {allowed}", path=where, key=key)
         kind = option.kind
         texts: list[str]

@@ -142,7 +142,11 @@ class Accounting:
         served = self._quota.served_total
         if self._in_flight is not None or served == self._acked_total:
             return None
-        report = UsageReport(seq=self._next_seq, served_total=served)
+        report = UsageReport(
+            seq=self._next_seq,
+            served_total=served,
+            requests_total=self._quota.requests_served,
+        )
         self._next_seq += 1
         self._in_flight = report
         self._last_sent_at = now

@@ -12,7 +12,7 @@ then handles each request in the channel's reader task (``MessageChannel.set_han
 no hand-over to another task per request):
 
 * ``model_info_request`` is answered inline (it only reads the runtime);
-* ``infer`` is answered inline too when it needs no wait: refused outright, or a unit of
+* ``infer`` is answered inline too when it needs no wait: refused outright, or its cost in
   quota is free and its model is known to run fast enough to stay on the loop
   (:meth:`HostedModel.runs_inline`). A task per request costs a spawn and two more
   passes of the scheduler, a large share of a tiny model's round trip, for nothing: the
@@ -42,12 +42,14 @@ in flight on it.
 
 One inference, in order: the model must be loaded (``model_not_found``; while the enclave
 is suspended with no such model, the suspension code), the tensors must match its inputs
-(``bad_request``: before any quota is taken, so a bad request costs nothing), then one
-unit of quota (:meth:`Quota.acquire`: ``no_inferences``, ``busy``, ``blocked``,
+and be within the model's lending terms, which price it (``bad_request``: before any quota
+is taken, so a bad request costs nothing; I14), then the request's cost in units of quota,
+all at once (:meth:`Quota.acquire`: ``no_inferences``, ``busy``, ``blocked``,
 ``custodian_unreachable``; while parked, a ``waiting`` message tells the consumer its
-position), then the run. An output commits the lease and counts the inference (the
-reporter is woken); a failed run releases the lease (``inference_failed``, nothing
-counted). The lease is ended on every path, cancellation included.
+position), then the run. An output commits the lease and counts its units (the reporter
+is woken), and the result says what the request cost; a failed run releases the lease
+(``inference_failed``, nothing counted). The lease is ended on every path, cancellation
+included.
 
 When the consumer goes away, its parked and queued requests are cancelled (their units go
 back); a run already started finishes and is counted, since it was served.
@@ -392,18 +394,19 @@ class ConsumerServer:
         a unit is free now and its model runs inline. Nothing here is a schedule point.
         """
         checked = self._checked(request, log)
-        if not isinstance(checked, HostedModel):
+        if isinstance(checked, Error):
             return checked
-        if not checked.runs_inline(request.inputs):
+        model, cost = checked
+        if not model.runs_inline(request.inputs):
             return None
         try:
-            lease = self._runtime.quota.try_acquire()
+            lease = self._runtime.quota.try_acquire(cost)
         except QuotaError as exc:
             return _refused(log, request, exc.code, str(exc))
         if lease is None:
             return None  # park (or refuse, per its wait) in a task
         try:
-            outputs = checked.run_inline(request.inputs)
+            outputs = model.run_inline(request.inputs)
         except (InferenceError, BadInputError) as exc:
             return self._failed(lease, request, exc, log)
         except BaseException:
@@ -413,8 +416,9 @@ class ConsumerServer:
 
     def _checked(
         self, request: InferenceRequest, log: structlog.typing.FilteringBoundLogger
-    ) -> HostedModel | Error:
-        """The request's model with its inputs checked, or the refusal (no quota taken)."""
+    ) -> tuple[HostedModel, int] | Error:
+        """The request's model and its cost under the model's terms, with its inputs
+        checked, or the refusal (no quota taken)."""
         runtime = self._runtime
         model = runtime.models.get(request.model)
         if model is None:
@@ -425,10 +429,10 @@ class ConsumerServer:
                 log, request, ErrorCode.MODEL_NOT_FOUND, "no model of that name is loaded"
             )
         try:
-            model.check_inputs(request.inputs)
+            cost = model.check_inputs(request.inputs)
         except BadInputError as exc:
             return _refused(log, request, ErrorCode.BAD_REQUEST, str(exc))
-        return model
+        return model, cost
 
     def _model_info(self, request_id: int) -> ModelInfo:
         runtime = self._runtime
@@ -471,14 +475,15 @@ class ConsumerServer:
         in_flight: _Counter,
         log: structlog.typing.FilteringBoundLogger,
     ) -> InferenceResult | Error:
-        model = self._checked(request, log)
-        if not isinstance(model, HostedModel):
-            return model
+        checked = self._checked(request, log)
+        if isinstance(checked, Error):
+            return checked
+        model, cost = checked
         quota = self._runtime.quota
         if (
             in_flight.parked >= self._limits.max_parked_per_connection
             and request.wait != 0
-            and quota.available == 0
+            and (quota.parked > 0 or quota.available < cost)
             and quota.suspended is None
         ):  # it would park (nothing here is a schedule point before acquire parks)
             self._limit_hit("parked")
@@ -496,7 +501,7 @@ class ConsumerServer:
             waiting.parked(requests, position)
 
         try:
-            lease = await quota.acquire(request.wait, on_parked=parked)
+            lease = await quota.acquire(request.wait, units=cost, on_parked=parked)
         except QuotaError as exc:
             waiting.done = True
             return _refused(log, request, exc.code, str(exc))
@@ -543,12 +548,19 @@ class ConsumerServer:
         outputs: tuple[Tensor, ...],
         log: structlog.typing.FilteringBoundLogger,
     ) -> InferenceResult:
-        lease.commit()  # the output exists: the unit is served, whatever happens next
-        self._runtime.served()
+        lease.commit()  # the output exists: the units are served, whatever happens next
+        self._runtime.served(lease.units)
         left = self._runtime.quota.available
         # per request: debug only
-        log.debug("inference_served", request_id=request.request_id, inferences_left=left)
-        return InferenceResult(request_id=request.request_id, outputs=outputs, inferences_left=left)
+        log.debug(
+            "inference_served",
+            request_id=request.request_id,
+            cost=lease.units,
+            inferences_left=left,
+        )
+        return InferenceResult(
+            request_id=request.request_id, outputs=outputs, inferences_left=left, cost=lease.units
+        )
 
     async def _until_ended(
         self, channel: MessageChannel, log: structlog.typing.FilteringBoundLogger

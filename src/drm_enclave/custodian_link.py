@@ -310,7 +310,7 @@ class CustodianLink:
         self._threads = intra_op_threads
         self._timing = timing or LinkTiming()
         #: The transfer under way, and the SHA-256 its model_begin announced.
-        self._receiver: tuple[ModelReceiver, bytes] | None = None
+        self._receiver: tuple[ModelReceiver, ModelBegin] | None = None
         #: The current session reached the serving state (a grant, block or unblock).
         self._served = False
         #: The refusal that ended the last attempt, if retrying cannot fix it.
@@ -487,17 +487,17 @@ class CustodianLink:
             assert self._receiver is not None  # the state machine orders begin < chunk
             self._receiver[0].add(message)
         elif isinstance(message, ModelBegin):
-            self._receiver = (ModelReceiver(message), message.sha256)
+            self._receiver = (ModelReceiver(message), message)
             # Chunks are decrypted straight into their place in the model buffer.
             channel.set_payload_sink(ModelChunk.payload_sink(self._receiver[0].place))
             log.info("model_receiving", model=message.name, size=message.size)
         elif isinstance(message, ModelEnd):
             assert self._receiver is not None
             channel.set_payload_sink(None)
-            (receiver, sha256), self._receiver = self._receiver, None
+            (receiver, begin), self._receiver = self._receiver, None
             buffer = receiver.finish(message)  # size and digest checked
             runtime.load_started()
-            nursery.start_soon(self._load, channel, receiver, sha256, buffer, log)
+            nursery.start_soon(self._load, channel, receiver, begin, buffer, log)
         elif isinstance(message, UsageAck):
             runtime.on_ack(message)
             log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
@@ -512,20 +512,27 @@ class CustodianLink:
         self,
         channel: MessageChannel,
         receiver: ModelReceiver,
-        sha256: bytes,
+        begin: ModelBegin,
         buffer: memoryview,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        name = receiver.name
+        name, sha256, terms = receiver.name, begin.sha256, begin.terms
         loaded = self._runtime.models.get(name)
         model: HostedModel | None = None
         try:
-            if loaded is None or loaded.description.sha256 != sha256:
+            # The terms are part of the model's identity (I14): a session is kept only for
+            # the same bytes under the same terms.
+            if loaded is None or loaded.description.sha256 != sha256 or loaded.terms != terms:
                 threads = self._threads
                 try:
                     model = await trio.to_thread.run_sync(
                         functools.partial(  # finish() checked the digest: not twice
-                            load_model, name, buffer, intra_op_threads=threads, sha256=sha256
+                            load_model,
+                            name,
+                            buffer,
+                            intra_op_threads=threads,
+                            sha256=sha256,
+                            terms=terms,
                         ),
                         abandon_on_cancel=True,
                     )

@@ -62,7 +62,7 @@ Handing onnxruntime the model as ``bytes`` costs three copies on top of the rece
 buffer: the ``bytes`` object its Python API requires, the parsed protobuf (every
 ``raw_data`` is a ``std::string``) and the session's own tensors, so loading a large
 model peaked at several times its size. So :func:`load_model` cuts the model with
-:func:`~drm_enclave.model_scan.split_weights`: onnxruntime parses a skeleton of a few KiB
+:func:`~drm_wire.model.scan.split_weights`: onnxruntime parses a skeleton of a few KiB
 in which each large raw initializer of the main graph is a placeholder, and receives the
 weights through ``SessionOptions.add_external_initializers`` as numpy arrays over the
 caller's buffer (no copy). onnxruntime copies them once into its own tensors while it
@@ -80,7 +80,7 @@ as is, but only for an initializer the model itself holds, and a placeholder wit
 data fails onnxruntime's checks (no such file; wrong element count), while an ORT
 in-memory address in the model is refused outright. Hence, for large models
 (:data:`IN_PLACE_BYTES`), the weights that only feed ``MatMul`` or ``Gemm``
-(:data:`~drm_enclave.model_scan.FEED_OPS`) are declared as *graph inputs* of the skeleton
+(:data:`~drm_wire.model.scan.FEED_OPS`) are declared as *graph inputs* of the skeleton
 instead, and :class:`HostedModel` feeds them to every run as numpy arrays over the
 caller's buffer, which onnxruntime reads in place (CPU tensors are not copied in). The
 buffer is then the model's only copy: it lives as long as the :class:`HostedModel`. The
@@ -125,11 +125,12 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
-from drm_wire.limits import MAX_MODEL_BYTES, MAX_TENSOR_RANK, MAX_TENSORS
-from drm_wire.messages import ModelDescription, TensorSpec
+from drm_wire.limits import MAX_MODEL_BYTES
+from drm_wire.messages import ModelDescription
+from drm_wire.model.scan import ALLOWED_DOMAINS, ModelError, _name, scan_model, split_weights
+from drm_wire.model.signature import signature
+from drm_wire.model.terms import OutsideTerms, Pricing, Terms, TermsError, resolve
 from drm_wire.tensors import DTYPES, Tensor, check_name
-
-from .model_scan import ALLOWED_DOMAINS, ModelError, _name, scan_model, split_weights
 
 __all__ = [
     "ALLOWED_DOMAINS",
@@ -158,7 +159,7 @@ INLINE_BUDGET: Final = 0.001
 #: at batch 1 on that model). Smaller models, the covidnet-like CNN included, keep it.
 NO_PREPACK_BYTES: Final = 64 * 1024 * 1024
 
-#: Split weights that only feed MatMul/Gemm (:data:`~drm_enclave.model_scan.FEED_OPS`)
+#: Split weights that only feed MatMul/Gemm (:data:`~drm_wire.model.scan.FEED_OPS`)
 #: and total at least this many bytes are given to onnxruntime as graph inputs read in
 #: place, fed to every run, rather than as initializers it copies: see *Memory*.
 IN_PLACE_BYTES: Final = NO_PREPACK_BYTES
@@ -166,11 +167,6 @@ IN_PLACE_BYTES: Final = NO_PREPACK_BYTES
 #: ORT's log severity: 4 = FATAL. At 3 (ERROR) a failed run still logs the node's name.
 ORT_LOG_SEVERITY: Final = 4
 
-#: ORT's ``tensor(...)`` type strings -> the wire's dtype names.
-_ORT_TYPES: Final = {
-    f"tensor({ {'float32': 'float', 'float64': 'double'}.get(name, name) })": name
-    for name in DTYPES
-}
 #: Every exception class onnxruntime's native module raises, plus the wrapper's own.
 _ORT_ERRORS: Final[tuple[type[Exception], ...]] = (
     *(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)),
@@ -180,22 +176,10 @@ _ORT_ERRORS: Final[tuple[type[Exception], ...]] = (
 _ORT_STATUS: Final = re.compile(r"\[ONNXRuntimeError\] : \d+ : ([A-Z_]+) :")
 
 
-class BadInputError(DrmError):
-    """A request's tensors do not match the model's inputs (M04). Raised before any quota
-    is taken, so the request costs the consumer nothing.
-
-    Attributes:
-        code: always :attr:`ErrorCode.BAD_REQUEST`.
-        field: the input at fault, if one is.
-        got: what was seen instead (a dtype, a dim, a count).
-    """
-
-    code = ErrorCode.BAD_REQUEST
-
-    def __init__(self, message: str, *, field: str | None = None, got: object = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.got = got
+#: A request's tensors do not match the model's inputs (M04) or are outside its terms
+#: (I14). Raised before any quota is taken, so the request costs the consumer nothing.
+#: Its ``code`` is :attr:`ErrorCode.BAD_REQUEST`; ``field`` names the input at fault.
+BadInputError = OutsideTerms
 
 
 class InferenceError(DrmError):
@@ -229,28 +213,13 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     return options
 
 
-def _spec(arg: Any, what: str) -> tuple[TensorSpec, tuple[str | None, ...]]:
-    """A session input/output as a wire spec, plus the symbol of each dynamic dim."""
-    dtype = _ORT_TYPES.get(arg.type)
-    if dtype is None:
-        raise ModelError(f"{what} {_name(arg.name)} has type {arg.type}, which the wire lacks")
-    shape = list(arg.shape or [])
-    if len(shape) > MAX_TENSOR_RANK:
-        raise ModelError(f"{what} {_name(arg.name)} has rank {len(shape)} > {MAX_TENSOR_RANK}")
-    dims = tuple(d if type(d) is int and d >= 0 else None for d in shape)
-    symbols = tuple(d if type(d) is str and d else None for d in shape)
-    try:
-        return TensorSpec(name=arg.name, dtype=dtype, shape=dims), symbols
-    except LocalProtocolError as exc:
-        raise ModelError(f"{what} name or shape not servable: {exc.message}") from None
-
-
 def load_model(
     name: str,
     data: bytes | bytearray | memoryview,
     *,
     intra_op_threads: int = 1,
     sha256: bytes | None = None,
+    terms: Terms | None = None,
 ) -> HostedModel:
     """Check the model's bytes, then create an in-memory onnxruntime session for them.
 
@@ -265,10 +234,14 @@ def load_model(
         sha256: the model's SHA-256 when the caller has already checked it (the custodian
             link's :class:`~drm_enclave.model_receiver.ModelReceiver` does), to spare a
             second pass over the bytes; computed here otherwise.
+        terms: the owner's lending terms, as they came with the model (``None``: the
+            defaults of :class:`~drm_wire.model.terms.Terms`), resolved against the
+            model's inputs.
 
     Raises:
         ModelError: empty, too large, malformed, external data, an unregistered operator
-            domain, an input or output the wire cannot carry, or refused by onnxruntime.
+            domain, an input or output the wire cannot carry, refused by onnxruntime, or
+            terms that do not fit its inputs.
         LocalProtocolError: ``name`` is not a valid model name.
         ValueError: ``intra_op_threads`` out of range.
     """
@@ -286,18 +259,16 @@ def load_model(
     if sha256 is None:
         sha256 = hashlib.sha256(view).digest()
     session, weights = _create_session(data, view, session_options(intra_op_threads))
-    inputs = [_spec(arg, "input") for arg in session.get_inputs() if arg.name not in weights]
-    outputs = [_spec(arg, "output") for arg in session.get_outputs()]
-    if not inputs or len(inputs) > MAX_TENSORS or not outputs or len(outputs) > MAX_TENSORS:
-        raise ModelError(f"needs 1 to {MAX_TENSORS} inputs and outputs")
+    inputs, outputs = signature(session.get_inputs(), session.get_outputs(), skip=weights)
+    terms = Terms() if terms is None else terms
+    try:
+        pricing = resolve(terms, inputs)
+    except TermsError as exc:
+        raise ModelError(f"its terms do not fit it: {exc.message}") from None
     description = ModelDescription(
-        name=name,
-        sha256=sha256,
-        inputs=tuple(spec for spec, _ in inputs),
-        outputs=tuple(spec for spec, _ in outputs),
+        name=name, sha256=sha256, inputs=inputs, outputs=outputs, terms=pricing.as_terms()
     )
-    symbols = {spec.name: sym for spec, sym in inputs}
-    return HostedModel(session, description, symbols, intra_op_threads, weights)
+    return HostedModel(session, description, pricing, terms, intra_op_threads, weights)
 
 
 def _create_session(
@@ -370,14 +341,15 @@ class HostedModel:
     thread-safe); ``run_async`` from trio tasks.
     """
 
-    __slots__ = ("_description", "_inline_max", "_inputs", "_limiter", "_outputs", "_session",
-                 "_symbols", "_threads", "_weights")  # fmt: skip
+    __slots__ = ("_description", "_inline_max", "_inputs", "_limiter", "_outputs", "_pricing",
+                 "_session", "_terms", "_threads", "_weights")  # fmt: skip
 
     def __init__(
         self,
         session: ort.InferenceSession,
         description: ModelDescription,
-        symbols: dict[str, tuple[str | None, ...]],
+        pricing: Pricing,
+        terms: Terms,
         intra_op_threads: int,
         weights: dict[str, np.ndarray[Any, Any]] | None = None,
     ) -> None:
@@ -388,7 +360,8 @@ class HostedModel:
         self._description = description
         self._inputs = {spec.name: spec for spec in description.inputs}
         self._outputs = [spec.name for spec in description.outputs]
-        self._symbols = symbols
+        self._pricing = pricing
+        self._terms = terms
         self._threads = intra_op_threads
         #: Largest total input size (bytes) known to run fast enough to stay inline.
         self._inline_max = -1
@@ -404,23 +377,40 @@ class HostedModel:
         return self._description
 
     @property
+    def terms(self) -> Terms:
+        """The terms as the custodian sent them (compared when a session is kept)."""
+        return self._terms
+
+    @property
+    def pricing(self) -> Pricing:
+        """The terms resolved against the inputs: what a request may be and costs."""
+        return self._pricing
+
+    @property
     def session_options(self) -> ort.SessionOptions:
         """The live session's options, for audits (M06)."""
         return self._session.get_session_options()
 
-    def check_inputs(self, tensors: Sequence[Tensor]) -> None:
-        """Check that ``tensors`` are exactly the model's inputs (M04).
+    def check_inputs(self, tensors: Sequence[Tensor]) -> int:
+        """Check that ``tensors`` are exactly the model's inputs (M04), within its terms
+        (I14), and return what the request costs under them (units of quota).
 
-        Names (each input once, none unknown), dtypes, ranks, every concrete dim, and
-        dynamic dims that share a symbol (``N``) agreeing across inputs. Call this
-        before taking quota: it raises before anything is spent.
+        Names (each input once, none unknown), dtypes, ranks, every dim within its range
+        under the terms (a fixed dim exactly), and batch sizes agreeing across batched
+        inputs. Dims sharing a symbolic name are not compared (see
+        :mod:`drm_wire.model.signature`). Call this before taking quota: it raises
+        before anything is spent.
 
         Raises:
             BadInputError: the first mismatch found.
         """
-        self._feeds(tensors)
+        return self._checked(tensors)[1]
 
     def _feeds(self, tensors: Sequence[Tensor]) -> dict[str, np.ndarray[Any, Any]]:
+        return self._checked(tensors)[0]
+
+    def _checked(self, tensors: Sequence[Tensor]) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
+        """The feeds for onnxruntime and the request's cost, every path checking the terms."""
         specs = self._inputs
         if len(tensors) != len(specs):
             raise BadInputError(
@@ -429,7 +419,6 @@ class HostedModel:
                 got=len(tensors),
             )
         feeds: dict[str, np.ndarray[Any, Any]] = {}
-        bound: dict[str, int] = {}
         for tensor in tensors:
             if type(tensor) is not Tensor:
                 raise BadInputError("inputs must be Tensor values", got=type(tensor).__name__)
@@ -451,26 +440,18 @@ class HostedModel:
                     field=name,
                     got=len(shape),
                 )
-            for axis, (dim, want, symbol) in enumerate(
-                zip(shape, spec.shape, self._symbols[name], strict=True)
-            ):
+            for axis, (dim, want) in enumerate(zip(shape, spec.shape, strict=True)):
                 if want is not None and dim != want:
                     raise BadInputError(
                         f"input {_name(name)} dim {axis} must be {want}, got {dim}",
                         field=name,
                         got=dim,
                     )
-                if symbol is not None and bound.setdefault(symbol, dim) != dim:
-                    raise BadInputError(
-                        f"dynamic dim {_name(symbol)} is {bound[symbol]} in one input and "
-                        f"{dim} in input {_name(name)}",
-                        field=name,
-                        got=dim,
-                    )
             if tensor.data.nbytes != math.prod(shape) * DTYPES[tensor.dtype].itemsize:
                 raise BadInputError(f"input {_name(name)} has the wrong byte length", field=name)
             feeds[name] = tensor.to_numpy()
-        return feeds
+        cost = self._pricing.check({tensor.name: tensor.shape for tensor in tensors})
+        return feeds, cost
 
     def run(self, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """Check the inputs, run the model, return its outputs in model order.

@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-Every inference takes one unit before it runs (I9) and ends in exactly one of two ways
-(I10): :meth:`Lease.commit` (an output was produced: the unit is *served* and will be
-reported) or :meth:`Lease.release` (no output: the unit goes back). The counters obey, at
-every instant::
+Every request takes its cost under the model's terms, ``k`` units at once, before it runs
+(I9, I14) and ends in exactly one of two ways (I10): :meth:`Lease.commit` (an output was
+produced: the ``k`` units are *served* and will be reported) or :meth:`Lease.release` (no
+output: all ``k`` go back). The counters obey, at every instant::
 
     available + in_use + served_total + forfeited == granted_total
 
@@ -17,22 +17,32 @@ nowhere else: units enter only here and are served only here, so the law above h
 construction. :mod:`.accounting` reads them: it turns the custodian's grants (totals) into
 :meth:`Quota.grant` calls, and reports ``served_total`` to the custodian.
 
-Parking. With no unit available, a request parks in a FIFO (an insertion-ordered dict of
-trio tasks) until a grant arrives. A unit is *handed* to the oldest parked task: it is
-counted ``in_use`` and the task is rescheduled in the same synchronous step, so a grant of
-``n`` wakes exactly ``min(n, parked)`` tasks and no third task can slip in between and take
-the unit (no barging). Hence ``available > 0`` implies nobody is parked.
+Parking. With fewer units available than it costs, a request parks in a FIFO (an
+insertion-ordered dict of trio tasks and their costs) until grants make up its cost. Units
+are *handed* to the oldest parked task only once all ``k`` it needs are there: they are
+counted ``in_use`` and the task is rescheduled in the same synchronous step, then the next
+oldest is served the same way, and so on while the head's cost is covered. So a grant
+wakes as many parked requests, in order, as the units cover (not one per unit), and no
+later request, however small, is served before an older one (no barging): while anyone is
+parked, ``available`` is less than the oldest parked request's cost, and a request that
+arrives then parks behind it even if its own cost is available. A request never costs more
+than :data:`~drm_wire.limits.MAX_GRANT_UNITS`, and no request within the terms costs more
+than the custodian keeps an instance topped up to: its grant planner's *reserve* is the
+largest cost one request can have (``drm_custodian.grants``, Q13), so a parked head always
+gets its units once the requests running before it end.
 
 Cancellation. A parked task that is cancelled (the consumer went away, or its own ``wait``
 deadline passed) is removed from the FIFO by trio's abort callback, and trio guarantees the
 abort callback and a reschedule are mutually exclusive. So there are only two orders:
 
-* cancel first: the task leaves the FIFO holding nothing; a later grant skips it;
-* grant first: the task already owns the unit and its wake-up is a value, not a cancel. It
-  returns its :class:`Lease` without another checkpoint, so the lease reaches the caller,
-  whose next checkpoint raises ``Cancelled``; :meth:`Quota.take` then releases the lease
-  and the unit goes to the next parked task (or back to ``available``). Nothing is lost or
-  counted twice. Callers of :meth:`Quota.acquire` must do the same with ``try/finally``.
+* cancel first: the task leaves the FIFO holding nothing; a later grant skips it (and if
+  it was the head, the requests behind it are served at once if ``available`` covers them);
+* grant first: the task already owns its units and its wake-up is a value, not a cancel.
+  It returns its :class:`Lease` without another checkpoint, so the lease reaches the
+  caller, whose next checkpoint raises ``Cancelled``; :meth:`Quota.take` then releases
+  the lease and all its units go to the next parked tasks (or back to ``available``).
+  Nothing is lost or counted twice. Callers of :meth:`Quota.acquire` must do the same with
+  ``try/finally``.
 
 Kill switch. :meth:`Quota.suspend` (custodian unreachable, or borrower blocked: I4, I13)
 fails every parked request at once with that code, and every new request fails at once
@@ -101,18 +111,21 @@ def _check_wait(wait: float | None) -> float | None:
 
 @final
 class Lease:
-    """One unit of quota held by one request; end it with :meth:`commit` or :meth:`release`.
+    """The units of quota held by one request (its cost); end it with :meth:`commit` or
+    :meth:`release`.
 
-    Only :meth:`Quota.acquire` makes leases, so holding one proves a unit was taken.
+    Only :meth:`Quota.acquire` makes leases, so holding one proves its units were taken.
     """
 
-    __slots__ = ("_done", "_quota")
+    __slots__ = ("_done", "_quota", "units")
 
-    def __init__(self, quota: Quota, key: object) -> None:
+    def __init__(self, quota: Quota, key: object, units: int = 1) -> None:
         if key is not _LEASE_KEY:
             raise TypeError("leases come from Quota.acquire() or Quota.take()")
         self._quota = quota
         self._done: str | None = None
+        #: How many units the lease holds (the request's cost).
+        self.units = units
 
     @property
     def held(self) -> bool:
@@ -123,10 +136,10 @@ class Lease:
         if self._done is not None:
             raise RuntimeError(f"lease already {self._done}")
         self._done = how
-        self._quota._in_use -= 1
+        self._quota._in_use -= self.units
 
     def commit(self) -> None:
-        """The inference produced an output: count the unit as served.
+        """The inference produced an output: count the lease's units as served.
 
         Call it as soon as the output exists (before sending it), so a cancellation
         after that point cannot return a unit that was used (Q08).
@@ -135,19 +148,20 @@ class Lease:
             RuntimeError: the lease was already committed or released.
         """
         self._finish("committed")
-        self._quota._served_total += 1
+        self._quota._served_total += self.units
+        self._quota._requests_served += 1
 
     def release(self) -> None:
-        """The inference produced nothing: give the unit back (to the oldest waiter).
+        """The inference produced nothing: give the units back (to the oldest waiters).
 
         Raises:
             RuntimeError: the lease was already committed or released.
         """
         self._finish("released")
-        self._quota._give_one()
+        self._quota._give(self.units)
 
     def __repr__(self) -> str:
-        return f"<Lease {self._done or 'held'}>"
+        return f"<Lease {self.units} {self._done or 'held'}>"
 
 
 class Quota:
@@ -160,10 +174,11 @@ class Quota:
 
     def __init__(self, *, max_parked: int = DEFAULT_MAX_PARKED) -> None:
         self._max_parked = _check_count(max_parked, "max_parked", low=0, high=MAX_UINT)
-        self._parked: dict[trio.lowlevel.Task, None] = {}
+        self._parked: dict[trio.lowlevel.Task, int] = {}
         self._available = 0
         self._in_use = 0
         self._served_total = 0
+        self._requests_served = 0
         self._granted_total = 0
         self._forfeited = 0
         self._suspended: ErrorCode | None = None
@@ -182,14 +197,25 @@ class Quota:
 
     @property
     def in_use(self) -> int:
-        """Leases neither committed nor released yet."""
+        """Units held by leases neither committed nor released yet."""
         return self._in_use
 
     @property
+    def demand(self) -> int:
+        """The cost of the oldest parked request (0 when none is parked): what the next
+        grants must cover before anyone parked is served."""
+        return next(iter(self._parked.values()), 0)
+
+    @property
     def served_total(self) -> int:
-        """Leases committed, ever: the served total the enclave reports to the custodian
+        """Units of leases committed, ever: the served total the enclave reports to the custodian
         (:meth:`Accounting.next_report <.accounting.Accounting.next_report>` reads it)."""
         return self._served_total
+
+    @property
+    def requests_served(self) -> int:
+        """Leases committed, ever: the requests that ``served_total`` was served in."""
+        return self._requests_served
 
     @property
     def granted_total(self) -> int:
@@ -218,7 +244,7 @@ class Quota:
         """Add ``units`` from a custodian grant; hand them to parked requests first, in order.
 
         Returns:
-            How many parked requests were woken (``min(units, parked)``).
+            How many parked requests were woken (in order, while their costs are covered).
 
         Raises:
             TypeError, ValueError: ``units`` is not an int in [1, MAX_GRANT_UNITS].
@@ -228,40 +254,43 @@ class Quota:
 
     def _add(self, units: int) -> int:
         self._granted_total += units
+        return self._give(units)
+
+    def _give(self, units: int) -> int:
+        """Units that came in (granted or released): serve the parked, oldest first, while
+        the oldest's whole cost is covered; the rest stays ``available``. Returns how many
+        were woken."""
+        self._available += units
+        return self._serve_parked()
+
+    def _serve_parked(self) -> int:
         woken = 0
-        while woken < units and self._parked and self._suspended is None:
-            self._hand_to_oldest()
+        parked = self._parked
+        while parked and self._suspended is None:
+            task, cost = next(iter(parked.items()))
+            if cost > self._available:
+                break  # the head waits for its whole cost; nobody behind it barges
+            del parked[task]
+            self._available -= cost
+            self._in_use += cost  # the units are the task's from now on, even if it never runs
+            trio.lowlevel.reschedule(task)
             woken += 1
-        self._available += units - woken
         return woken
 
-    def _hand_to_oldest(self) -> None:
-        task = next(iter(self._parked))
-        del self._parked[task]
-        self._in_use += 1  # the unit is the task's from now on, even if it never runs again
-        trio.lowlevel.reschedule(task)
-
-    def _give_one(self) -> None:
-        """A released unit: to the oldest parked request, else back to ``available``."""
-        if self._parked and self._suspended is None:
-            self._hand_to_oldest()
-        else:
-            self._available += 1
-
-    def _lease_for_woken(self) -> Lease:
-        """Turn the unit this task holds into a lease, unless the switch fell meanwhile."""
+    def _lease_for_woken(self, units: int) -> Lease:
+        """Turn the units this task holds into a lease, unless the switch fell meanwhile."""
         if self._suspended is not None:
-            self._in_use -= 1
-            self._give_one()
+            self._in_use -= units
+            self._give(units)
             raise QuotaError(self._suspended, self._suspended_message)
-        return Lease(self, _LEASE_KEY)
+        return Lease(self, _LEASE_KEY, units)
 
-    def try_acquire(self) -> Lease | None:
-        """Take one unit if one is free now, without parking or a schedule point.
+    def try_acquire(self, units: int = 1) -> Lease | None:
+        """Take ``units`` if they are free now and nobody is parked, without parking or a
+        schedule point.
 
         For a caller that will not wait anyway (the consumer server's inline fast path).
-        A free unit means nobody is parked (a grant wakes the parked first), so this
-        never jumps the queue.
+        It never jumps the queue: with anyone parked it returns ``None``.
 
         Returns:
             The lease, or ``None`` when no unit is free.
@@ -269,18 +298,23 @@ class Quota:
         Raises:
             QuotaError: the suspension code (``CUSTODIAN_UNREACHABLE``, ``BLOCKED``).
         """
+        _check_count(units, "units", low=1, high=MAX_GRANT_UNITS)
         if self._suspended is not None:
             raise QuotaError(self._suspended, self._suspended_message)
-        if self._available == 0:
+        if self._parked or self._available < units:
             return None
-        self._available -= 1
-        self._in_use += 1
-        return Lease(self, _LEASE_KEY)
+        self._available -= units
+        self._in_use += units
+        return Lease(self, _LEASE_KEY, units)
 
     async def acquire(
-        self, wait: float | None = None, *, on_parked: Callable[[int], object] | None = None
+        self,
+        wait: float | None = None,
+        *,
+        units: int = 1,
+        on_parked: Callable[[int], object] | None = None,
     ) -> Lease:
-        """Take one unit, parking (FIFO) while none is available.
+        """Take ``units`` at once (a request's cost), parking (FIFO) until they are there.
 
         The caller owns the returned lease and must end it on every path (``try/finally``);
         :meth:`take` does that for you.
@@ -288,6 +322,7 @@ class Quota:
         Args:
             wait: ``0``: do not park; ``N``: park at most N seconds; ``None``: park until a
                 grant (or the kill switch) comes.
+            units: the request's cost, 1 to ``MAX_GRANT_UNITS``; all taken or none.
             on_parked: called once, synchronously, with the request's 1-based position in
                 the queue when it parks, so the caller can tell its consumer it is waiting.
                 It must not block or call back into the quota (use ``send_nowait`` on a
@@ -297,17 +332,19 @@ class Quota:
             QuotaError: ``NO_INFERENCES`` (none left within ``wait``), ``BUSY`` (too many
                 parked already), or the suspension code (``CUSTODIAN_UNREACHABLE``,
                 ``BLOCKED``).
-            TypeError, ValueError: ``wait`` is not None or a number in [0, MAX_WAIT_SECONDS].
+            TypeError, ValueError: ``wait`` is not None or a number in [0, MAX_WAIT_SECONDS],
+                or ``units`` out of range.
         """
         deadline_in = _check_wait(wait)
+        _check_count(units, "units", low=1, high=MAX_GRANT_UNITS)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._suspended is not None:
             raise QuotaError(self._suspended, self._suspended_message)
-        if self._available > 0:
-            self._available -= 1
-            self._in_use += 1
+        if not self._parked and self._available >= units:
+            self._available -= units
+            self._in_use += units
             await trio.lowlevel.cancel_shielded_checkpoint()  # a schedule point; never loses it
-            return self._lease_for_woken()
+            return self._lease_for_woken(units)
         if deadline_in == 0:
             raise QuotaError(ErrorCode.NO_INFERENCES, "no inferences left")
         if len(self._parked) >= self._max_parked:
@@ -315,23 +352,28 @@ class Quota:
         task = trio.lowlevel.current_task()
         if on_parked is not None:
             on_parked(len(self._parked) + 1)
-        self._parked[task] = None
+        self._parked[task] = units
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             del self._parked[task]  # still parked, so nothing was handed to us
+            self._serve_parked()  # the head left: who is behind it may be covered now
             return trio.lowlevel.Abort.SUCCEEDED
 
         if deadline_in is None:  # (no cancel scope: a sizeable share of a wake-up's cost)
             await trio.lowlevel.wait_task_rescheduled(abort)
-            return self._lease_for_woken()  # no checkpoint before the caller has the lease
+            return self._lease_for_woken(units)  # no checkpoint before the caller has it
         with trio.move_on_after(deadline_in):
             await trio.lowlevel.wait_task_rescheduled(abort)
-            return self._lease_for_woken()
+            return self._lease_for_woken(units)
         raise QuotaError(ErrorCode.NO_INFERENCES, f"no inferences left after {wait} s")
 
     @asynccontextmanager
     async def take(
-        self, wait: float | None = None, *, on_parked: Callable[[int], object] | None = None
+        self,
+        wait: float | None = None,
+        *,
+        units: int = 1,
+        on_parked: Callable[[int], object] | None = None,
     ) -> AsyncIterator[Lease]:
         """``async with quota.take(wait) as lease:`` around one inference.
 
@@ -340,7 +382,7 @@ class Quota:
         soon as the output exists if the block goes on to do more (send the result).
         Arguments and errors are those of :meth:`acquire`.
         """
-        lease = await self.acquire(wait, on_parked=on_parked)
+        lease = await self.acquire(wait, units=units, on_parked=on_parked)
         try:
             yield lease
         except BaseException:
@@ -382,6 +424,7 @@ class Quota:
         if available is not None:
             self.reset(available)
         self._suspended = None
+        self._serve_parked()  # (none are parked: suspend failed them all; kept for safety)
 
     def reset(self, units: int) -> None:
         """Set ``available`` to exactly ``units`` (a resync with the custodian).

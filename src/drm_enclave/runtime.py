@@ -121,9 +121,9 @@ class EnclaveRuntime:
         """Whether a verified custodian link has said hello (synced or not)."""
         return self._link_up
 
-    def served(self) -> None:
-        """One lease was just committed (the quota counted it): wake the usage reporter if
-        that moves its schedule (:meth:`Accounting.served`).
+    def served(self, units: int = 1) -> None:
+        """A lease of ``units`` was just committed (the quota counted it): wake the usage
+        reporter if that moves its schedule (:meth:`Accounting.served`).
 
         Only the usage reporter, and only then: the state does not change with a served
         inference, and waking every :meth:`wait_for` (the systemd phase reporter, the
@@ -131,7 +131,7 @@ class EnclaveRuntime:
         for nothing. The drain waits for ``unreported == 0``, which only an
         acknowledgement (:meth:`on_ack`) can bring.
         """
-        if self.accounting.served(1):
+        if self.accounting.served(units):
             self._usage_changed.set()
 
     async def wait_usage_changed(self) -> None:

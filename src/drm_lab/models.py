@@ -9,6 +9,11 @@ test session, so the ~32 MB CNN is built once (about a second). The valid models
 * :func:`covidnet_like_model`: NHWC [1, 480, 480, 3] -> Transpose -> 5 x (Conv3x3 + Relu +
   MaxPool) -> FC -> FC 2 -> Softmax, about ``weights_mb`` MB of weights (the shape the
   benchmarks call "cnn").
+  With ``dynamic_batch=True``, the same over ``[N, 480, 480, 3]``.
+* :func:`exporter_dims_model`: ``x`` [?, 3, ?, ?] -> mean -> ``y`` [?, 3], its dynamic
+  dims named as exporters name them (``?``, empty, unset, ``unk__N``, named).
+* :func:`shared_dim_model`: two inputs sharing the symbolic dim ``L`` that onnxruntime
+  lets differ.
 * :func:`big_model`: a MatMul + Relu chain of about ``mb`` MB, for upload tests.
 * :func:`canary_model`: the tiny model plus a :data:`CANARY` initializer, 32 random bytes
   drawn once per process, that tests search for in logs and files (M05).
@@ -38,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
     "CANARY",
+    "DIM_STYLES",
     "EMPTY",
     "SECRET_NODE_NAME",
     "big_model",
@@ -45,10 +51,12 @@ __all__ = [
     "contrib_op_model",
     "covidnet_like_model",
     "custom_domain_model",
+    "exporter_dims_model",
     "external_data_model",
     "failing_model",
     "local_function_model",
     "random_bytes",
+    "shared_dim_model",
     "string_io_model",
     "tiny_model",
     "truncated_model",
@@ -124,12 +132,15 @@ def two_input_model() -> bytes:
 
 
 @cache
-def covidnet_like_model(weights_mb: float = 32.0) -> bytes:
+def covidnet_like_model(weights_mb: float = 32.0, *, dynamic_batch: bool = False) -> bytes:
     """A two-class CNN over a 480x480 RGB image in NHWC, about ``weights_mb`` MB of weights.
 
-    Input ``input`` float32 [1, 480, 480, 3]; output ``probs`` float32 [1, 2].
+    Input ``input`` float32 [1, 480, 480, 3]; output ``probs`` float32 [1, 2]. With
+    ``dynamic_batch``, the same weights over a batch: ``input`` [N, 480, 480, 3] ->
+    ``probs`` [N, 2] (the shape most exporters give a CNN).
     """
     rng = np.random.default_rng(1)
+    batch: str | int = "N" if dynamic_batch else 1
     channels = [3, 16, 32, 64, 128, 128]
     nodes = [helper.make_node("Transpose", ["input"], ["t0"], perm=[0, 3, 1, 2])]
     inits: list[onnx.TensorProto] = []
@@ -158,7 +169,9 @@ def covidnet_like_model(weights_mb: float = 32.0) -> bytes:
     fc1 = (rng.standard_normal((flat, hidden)) * np.sqrt(2.0 / flat)).astype(np.float32)
     fc2 = (rng.standard_normal((hidden, 2)) * np.sqrt(1.0 / hidden)).astype(np.float32)
     inits += [
-        numpy_helper.from_array(np.array([1, flat], dtype=np.int64), "flat_shape"),
+        numpy_helper.from_array(
+            np.array([-1 if dynamic_batch else 1, flat], dtype=np.int64), "flat_shape"
+        ),
         numpy_helper.from_array(fc1, "fc1_w"),
         numpy_helper.from_array(np.zeros(hidden, dtype=np.float32), "fc1_b"),
         numpy_helper.from_array(fc2, "fc2_w"),
@@ -175,9 +188,70 @@ def covidnet_like_model(weights_mb: float = 32.0) -> bytes:
     graph = helper.make_graph(
         nodes,
         "covidnet_like",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 480, 480, 3])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 480, 480, 3])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, 2])],
         inits,
+    )
+    return _model(graph)
+
+
+#: How exporters name dynamic dims (:func:`exporter_dims_model`): paddle2onnx writes
+#: ``?`` for every one, others leave the name empty or the dim unset, tf2onnx writes
+#: ``unk__N``, torch.onnx names them after the axis (``batch``, ``height``).
+DIM_STYLES: Final = ("?", "empty", "unnamed", "unk", "named")
+
+
+def _dims(style: str, count: int) -> list[str | None]:
+    if style == "?":
+        return ["?"] * count
+    if style == "empty":
+        return [""] * count
+    if style == "unnamed":
+        return [None] * count
+    if style == "unk":
+        return [f"unk__{i}" for i in range(count)]
+    names: list[str | None] = ["batch", "height", "width"]
+    return names[:count]
+
+
+@cache
+def exporter_dims_model(style: str = "?") -> bytes:
+    """An image classifier head as exporters name its dims: ``x`` float32 [?, 3, ?, ?]
+    (batch, channels, height, width; named per ``style``, one of :data:`DIM_STYLES`)
+    -> mean over height and width -> ``y`` float32 [?, 3].
+
+    Shaped like the text-direction classifier of an OCR package, whose exporter names
+    every dynamic dim ``?`` and which its own package feeds 1x3x48x192 inputs.
+    """
+    batch, height, width = _dims(style, 3)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)],
+        f"exporter_dims_{style}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, height, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+    )
+    return _model(graph)
+
+
+@cache
+def shared_dim_model() -> bytes:
+    """Two inputs whose second dims share the symbolic name ``L`` but need not agree:
+    ``a`` float32 [N, L] and ``b`` float32 [N, L] -> ``y`` = sum(a, 1) + sum(b, 1) [N].
+    onnxruntime runs it with ``a`` 2x3 and ``b`` 2x5."""
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["a", "axes"], ["sa"], keepdims=0),
+            helper.make_node("ReduceSum", ["b", "axes"], ["sb"], keepdims=0),
+            helper.make_node("Add", ["sa", "sb"], ["y"]),
+        ],
+        "shared_dim",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", "L"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", "L"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+        [axes],
     )
     return _model(graph)
 

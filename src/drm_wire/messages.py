@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
 from types import NoneType, UnionType
 from typing import (
@@ -54,6 +54,7 @@ from .limits import (
     MAX_WAIT_SECONDS,
     MODEL_CHUNK_BYTES,
 )
+from .model.terms import Terms, TermsError
 from .tensors import DTYPES, Tensor, check_name, tensors_from_wire, tensors_to_wire
 
 __all__ = [
@@ -394,18 +395,35 @@ class Error(Message):
 
 @_message
 class ModelBegin(Message):
-    """Custodian: a model of ``size`` bytes with this SHA-256 follows in chunks."""
+    """Custodian: a model of ``size`` bytes with this SHA-256 follows in chunks, lent under
+    these ``terms`` (protocol version 2; the enclave enforces them, I14)."""
 
     TYPE: ClassVar[str] = "model_begin"
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"terms": lambda v: _terms(v, "terms")}
 
     name: str
     size: int
     sha256: bytes
+    terms: Terms = field(default_factory=Terms)
 
     def __post_init__(self) -> None:
         check_name(self.name)
         _positive(self.size, "size", MAX_MODEL_BYTES)
         _digest(self.sha256, "sha256")
+        _set(self, "terms", _terms(self.terms, "terms"))
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        return {
+            TYPE_KEY: self.TYPE,
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "terms": self.terms.to_mapping(),
+        }, []
+
+
+# Required on the wire: a model never travels without the terms the enclave must enforce.
+ModelBegin._REQUIRED = ModelBegin._REQUIRED | {"terms"}
 
 
 @_message
@@ -500,7 +518,8 @@ class Grant(Message):
 
 @_message
 class UsageReport(Message):
-    """Enclave: this instance has served ``served_total`` inferences since it started.
+    """Enclave: this instance has served ``served_total`` inferences (units: items under
+    the models' terms) in ``requests_total`` requests since it started (version 2).
 
     Cumulative, so duplicated or reordered reports can never count an inference twice.
     """
@@ -509,10 +528,18 @@ class UsageReport(Message):
 
     seq: int
     served_total: int
+    requests_total: int = 0
 
     def __post_init__(self) -> None:
         _uint(self.seq, "seq")
         _uint(self.served_total, "served_total")
+        _uint(self.requests_total, "requests_total")
+        if self.requests_total > self.served_total:
+            raise _bad("requests_total", "a request costs at least one inference")
+
+
+# Required on the wire (version 2): the ledger counts requests as well as inferences.
+UsageReport._REQUIRED = UsageReport._REQUIRED | {"requests_total"}
 
 
 @_message
@@ -632,7 +659,8 @@ class Waiting(Message):
 
 @_message
 class InferenceResult(Message):
-    """Enclave: the outputs of request ``request_id`` and the inferences left after it."""
+    """Enclave: the outputs of request ``request_id``, the inferences it cost under the
+    model's terms (version 2), and the inferences left after it."""
 
     TYPE: ClassVar[str] = "result"
     MAX_PAYLOAD: ClassVar[int] = MAX_PAYLOAD_BYTES
@@ -640,11 +668,13 @@ class InferenceResult(Message):
     request_id: int
     outputs: tuple[Tensor, ...]
     inferences_left: int
+    cost: int = 1
 
     def __post_init__(self) -> None:
         _uint(self.request_id, "request_id")
         _set(self, "outputs", _tensors(self.outputs, "outputs"))
         _uint(self.inferences_left, "inferences_left")
+        _positive(self.cost, "cost", MAX_GRANT_UNITS)
 
     def to_wire(self) -> tuple[Header, list[Buffer]]:
         entries, payload = tensors_to_wire(self.outputs)
@@ -653,17 +683,19 @@ class InferenceResult(Message):
             "request_id": self.request_id,
             "outputs": entries,
             "inferences_left": self.inferences_left,
+            "cost": self.cost,
         }
         return header, list(payload)
 
     @classmethod
     def _from_header(cls, header: Header, payload: memoryview) -> InferenceResult:
-        _exact_keys(header, {"request_id", "outputs", "inferences_left"}, cls.TYPE)
+        _exact_keys(header, {"request_id", "outputs", "inferences_left", "cost"}, cls.TYPE)
         outputs = tensors_from_wire(header["outputs"], payload, "outputs")
         return cls(
             request_id=header["request_id"],
             outputs=outputs,
             inferences_left=header["inferences_left"],
+            cost=header["cost"],
         )
 
 
@@ -709,18 +741,33 @@ class TensorSpec:
         return cls(name=entry["name"], dtype=entry["dtype"], shape=entry["shape"])
 
 
+def _terms(value: object, field: str) -> Terms:
+    """Terms from the wire's map (or a :class:`Terms` already built)."""
+    if type(value) is Terms:
+        return value
+    if type(value) is not dict:
+        raise _bad(field, "must be a map")
+    try:
+        return Terms.from_mapping(value)
+    except TermsError as exc:
+        raise _bad(field, exc.message) from None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelDescription:
-    """One served model: its name, SHA-256 and signature."""
+    """One served model: its name, SHA-256, signature, and its lending terms with every
+    default made explicit (what one inference is, the shapes a request may have)."""
 
     name: str
     sha256: bytes
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    terms: Terms = field(default_factory=Terms)
 
     def __post_init__(self) -> None:
         check_name(self.name)
         _digest(self.sha256, "sha256")
+        _set(self, "terms", _terms(self.terms, "terms"))
         for name in ("inputs", "outputs"):
             specs = getattr(self, name)
             if type(specs) is not tuple or len(specs) > MAX_TENSORS:
@@ -734,20 +781,21 @@ class ModelDescription:
             "sha256": self.sha256,
             "inputs": [s.to_wire_entry() for s in self.inputs],
             "outputs": [s.to_wire_entry() for s in self.outputs],
+            "terms": self.terms.to_mapping(),
         }
 
     @classmethod
     def from_wire_entry(cls, entry: object) -> ModelDescription:
         if type(entry) is not dict:
             raise _bad("models", "each model must be a map")
-        _exact_keys(entry, {"name", "sha256", "inputs", "outputs"}, "model")
+        _exact_keys(entry, {"name", "sha256", "inputs", "outputs", "terms"}, "model")
         specs = {
             name: _tuple_of(
                 entry[name], name, lambda e, _f: TensorSpec.from_wire_entry(e), MAX_TENSORS
             )
             for name in ("inputs", "outputs")
         }
-        return cls(name=entry["name"], sha256=entry["sha256"], **specs)
+        return cls(name=entry["name"], sha256=entry["sha256"], terms=entry["terms"], **specs)
 
 
 @_message

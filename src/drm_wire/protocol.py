@@ -72,9 +72,9 @@ __all__ = [
 ]
 
 #: The version this build speaks by preference.
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 #: Every version this build can speak.
-SUPPORTED_VERSIONS: Final = (1,)
+SUPPORTED_VERSIONS: Final = (2,)
 
 
 class Link(Enum):

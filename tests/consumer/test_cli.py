@@ -226,9 +226,10 @@ async def test_image_with_auto_covidnet_prints_the_covid_probability(
     assert result.returncode == EXIT_OK, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "Probability of COVID positivity: 0.73"
-    assert lines[1] == "Inferences left: 99"
-    assert lines[2].startswith(f"Attested: MRENCLAVE {MR_ENCLAVE.hex()}, SIMULATED")
-    assert "TCB status not checked" in lines[2]
+    assert lines[1] == "Cost: 1 inference"
+    assert lines[2] == "Inferences left: 99"
+    assert lines[3].startswith(f"Attested: MRENCLAVE {MR_ENCLAVE.hex()}, SIMULATED")
+    assert "TCB status not checked" in lines[3]
     assert "auto picked covidnet" in result.stderr
     [request] = fake.inference_requests()
     assert request.model == "covidnet"

@@ -111,7 +111,8 @@ async def test_block_and_unblock(server: Server) -> None:
 async def test_usage_reports_every_number(server: Server) -> None:
     await _client(server, "supply", 10)
     await server.ledger.record_grant(BORROWER, "instance-1", 4)
-    await server.ledger.record_usage(BORROWER, "instance-1", 3, 1)
+    # 3 inferences in 2 requests (a batch of 2 and a single one).
+    await server.ledger.record_usage(BORROWER, "instance-1", 3, 1, requests_total=2)
     server.hooks.connected = 2
     doc = await _client(server, "usage")
     assert doc == {
@@ -119,6 +120,7 @@ async def test_usage_reports_every_number(server: Server) -> None:
         "supplied": 10,
         "granted": 4,
         "served": 3,
+        "requests": 2,
         "in_doubt": 1,
         "remaining": 6,
         "blocked": False,
@@ -135,6 +137,7 @@ async def test_healthz_needs_no_token(server: Server) -> None:
 async def test_metrics_parse(server: Server) -> None:
     await _client(server, "supply", 9)
     await server.ledger.record_grant(BORROWER, "instance-1", 2)
+    await server.ledger.record_usage(BORROWER, "instance-1", 2, 1, requests_total=1)
     server.hooks.connected = 1
     assert (await server.call("GET", "/usage", auth=False)).status == 401
     reply = await server.call("GET", "/metrics")
@@ -149,6 +152,8 @@ async def test_metrics_parse(server: Server) -> None:
     assert samples[("drm_custodian_supplied", label)] == 9
     assert samples[("drm_custodian_granted", label)] == 2
     assert samples[("drm_custodian_remaining", label)] == 7
+    assert samples[("drm_custodian_served", label)] == 2  # inferences (items)...
+    assert samples[("drm_custodian_requests", label)] == 1  # ...in one batch request
     assert samples[("drm_custodian_blocked", label)] == 0
     assert samples[("drm_custodian_instances", label)] == 1
     ok = (("endpoint", "/supply_inferences"), ("status", "200"))

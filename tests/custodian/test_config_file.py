@@ -30,7 +30,7 @@ MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
 KEYS = (
     "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease, log_level, "
-    "max_links, max_link_handshakes"
+    "max_links, max_link_handshakes, models"
 )
 
 
@@ -93,8 +93,11 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         "  log_level = info  (default)",
         "  max_links = 4096  (default)",
         "  max_link_handshakes = 256  (default)",
+        "  models = (none)  (default)",
         "  borrower managed: acme",
         f"  model tiny: {len(tiny_model())} bytes, sha256 {sha}",
+        # No terms given: the defaults, made explicit, max_batch lowered to half the lease.
+        "    terms: unit=item max_batch=25 x=[1..25]x4; largest request costs 25",
     ]
 
 

@@ -23,6 +23,24 @@ def test_no_top_up_while_half_a_lease_is_outstanding() -> None:
     assert plan_grant(remaining=5000, granted_total=1000, served_total=501) == 501
 
 
+def test_a_head_request_over_half_a_lease_is_topped_up() -> None:
+    """Q13: a lease of 100, requests of up to 64 items. Holding 60 (over half a lease)
+    would leave a parked batch of 64 waiting forever; the reserve tops it up."""
+    assert plan_grant(remaining=5000, granted_total=100, served_total=40, lease=100) == 0
+    assert (
+        plan_grant(remaining=5000, granted_total=100, served_total=40, lease=100, reserve=64) == 40
+    )
+    assert (
+        plan_grant(remaining=5000, granted_total=100, served_total=36, lease=100, reserve=64) == 0
+    )
+
+
+@pytest.mark.parametrize("reserve", [0, 101, True])
+def test_a_reserve_over_the_lease_is_refused(reserve: object) -> None:
+    with pytest.raises(ValueError, match="reserve"):
+        plan_grant(remaining=1, granted_total=0, served_total=0, lease=100, reserve=reserve)  # type: ignore[arg-type]
+
+
 def test_nothing_when_blocked_or_empty() -> None:
     assert plan_grant(remaining=5000, granted_total=0, served_total=0, blocked=True) == 0
     assert plan_grant(remaining=0, granted_total=0, served_total=0) == 0
@@ -63,7 +81,7 @@ def test_never_over_grants(
 ) -> None:
     units = plan_grant(
         remaining=remaining, granted_total=granted, served_total=served, lease=lease,
-        blocked=blocked,
+        blocked=blocked, reserve=max(1, lease // 3),
     )  # fmt: skip
     assert 0 <= units <= max(remaining, 0)
     assert units <= MAX_GRANT_UNITS
@@ -72,7 +90,28 @@ def test_never_over_grants(
     if units:
         # After the grant the instance holds at most a lease, and it needed one.
         assert max(granted - served, 0) + units <= lease
-        assert 2 * max(granted - served, 0) < lease
+        assert 2 * max(granted - served, 0) < lease or granted - served < lease // 3
+
+
+@given(
+    lease=st.integers(min_value=1, max_value=1000),
+    cost=st.integers(min_value=1, max_value=1000),
+    usage=st.lists(st.integers(min_value=0, max_value=1000), max_size=30),
+)
+def test_after_any_history_an_idle_instance_can_serve_the_largest_request(
+    lease: int, cost: int, usage: list[int]
+) -> None:
+    """Q13: with ample supply, once nothing is in flight and the planner has been asked,
+    the instance holds at least the largest request's cost (its reserve)."""
+    reserve = min(cost, lease)
+    granted = served = 0
+    for wanted in usage:
+        granted += plan_grant(
+            remaining=10**9, granted_total=granted, served_total=served, lease=lease,
+            reserve=reserve,
+        )  # fmt: skip
+        assert granted - served >= reserve
+        served += min(wanted, granted - served)
 
 
 @given(

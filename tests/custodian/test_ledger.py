@@ -6,7 +6,9 @@ Crash safety with real processes lives in ``test_ledger_crash.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from drm_wire.errors import DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
 
 INSTANCE = "a" * 64  # instance ids are hex digests of the RA-TLS key
+#: Ledger files written by earlier versions of this code (tests/data/README.md).
+DATA = Path(__file__).resolve().parents[1] / "data" / "ledger"
 
 
 def _raw(path: Path) -> sqlite3.Connection:
@@ -85,6 +89,7 @@ def _as_version_1(path: Path) -> None:
             conn.execute(f"DROP TRIGGER {trigger}")
         conn.execute("DROP TABLE borrower_totals")
         conn.execute("DROP TABLE instance_totals")
+        conn.execute("ALTER TABLE usage DROP COLUMN requests_total")  # version 3's
         conn.execute("UPDATE schema_version SET version = 1")
         conn.execute("COMMIT")
     finally:
@@ -107,14 +112,16 @@ async def test_a_version_1_file_gains_totals_that_match_its_records(ledger_path:
     with capture_logs() as logs:
         second = await Ledger.open(ledger_path)
     try:
-        assert {"event": "ledger_upgraded", "from_version": 1, "to_version": 2} in [
+        assert {"event": "ledger_upgraded", "from_version": 1, "to_version": 3} in [
             {k: v for k, v in e.items() if k != "log_level"} for e in logs
         ]
+        # Before version 3 a request was one unit: its requests are its inferences.
         assert (
             await second.balance("acme")
-            == before
-            == Balance(supplied=50, granted=35, served=22, in_doubt=13, remaining=15, blocked=False)
-        )
+            == dataclasses.replace(before, requests=22)
+            == Balance(supplied=50, granted=35, served=22, in_doubt=13, remaining=15,
+                       blocked=False, requests=22)
+        )  # fmt: skip
         assert (await second.balance("zeta")).supplied == 3
         await second.integrity_check()
         await second.record_usage("acme", INSTANCE, 25, 2)  # the triggers work after it
@@ -123,9 +130,46 @@ async def test_a_version_1_file_gains_totals_that_match_its_records(ledger_path:
         await second.aclose()
     conn = _raw(ledger_path)
     try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    finally:
+        conn.close()
+
+
+async def test_a_real_version_2_file_counts_its_requests(tmp_path: Path) -> None:
+    """``tests/data/ledger/v2.sqlite`` was written by the version 2 code: opened now, it is
+    upgraded in place, keeps every balance, and counts requests from then on."""
+    path = tmp_path / "ledger.sqlite"
+    shutil.copyfile(DATA / "v2.sqlite", path)
+    conn = _raw(path)
+    try:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     finally:
         conn.close()
+    with capture_logs() as logs:
+        ledger = await Ledger.open(path)
+    try:
+        assert {"event": "ledger_upgraded", "from_version": 2, "to_version": 3} in [
+            {k: v for k, v in e.items() if k != "log_level"} for e in logs
+        ]
+        assert await ledger.balance("acme") == Balance(
+            supplied=50, granted=35, served=22, in_doubt=13, remaining=15, blocked=False,
+            requests=22,
+        )  # fmt: skip
+        await ledger.integrity_check()
+        # A batch of 7 inferences in one request, then 3 single ones: 10 and 4.
+        await ledger.record_usage("acme", "a" * 32, 28, 2, requests_total=22)
+        balance = await ledger.balance("acme")
+        assert (balance.served, balance.requests) == (32, 26)
+        await ledger.integrity_check()
+        with pytest.raises(LedgerInputError, match="requests_total"):
+            await ledger.record_usage("acme", "a" * 32, 30, 3, requests_total=31)
+    finally:
+        await ledger.aclose()
+    # Opened again: already version 3, nothing to do.
+    with capture_logs() as logs:
+        again = await Ledger.open(path)
+    await again.aclose()
+    assert not [e for e in logs if e["event"] == "ledger_upgraded"]
 
 
 @pytest.mark.parametrize(

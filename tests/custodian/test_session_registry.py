@@ -148,7 +148,7 @@ async def test_an_ended_session_releases_a_supply_answer_that_waits_on_it(
     ``GRANT_SEND_WAIT``: ``finish`` (the session's end) releases ``wait_sent`` at once.
     Only the session's own state is involved, so its collaborators are left out."""
     unused: Any = None
-    context: Any = SimpleNamespace(config=SessionConfig(), ledger=unused)
+    context: Any = SimpleNamespace(config=SessionConfig(), ledger=unused, models=())
     session = EnclaveSession(context, unused, unused, unused, "1" * 32)
     released = trio.Event()
 

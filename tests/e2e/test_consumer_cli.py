@@ -95,6 +95,34 @@ def test_query_info_and_running_out(deployment: Deployment, inputs: dict[str, Pa
     assert deployment.admin.usage()["served"] == INITIAL_INFERENCES  # nothing charged
 
 
+def test_a_batch_shows_its_price_and_waits_for_all_of_it(
+    deployment: Deployment, inputs: dict[str, Path]
+) -> None:
+    """I14: ``info`` shows the terms; a batch of k rows costs k, shown as such; with
+    fewer than k left, ``--no-wait`` and ``--wait`` fail and charge nothing."""
+    policy = str(deployment.policy_path)
+    status, out, err = consumer(deployment, "info", "--policy", policy)
+    assert status == EXIT_OK, err
+    assert (
+        "  terms: 1 inference per item along the batch axis, batch at most 64; "
+        "x 1..64 x 4 (batch axis 0)" in out.splitlines()
+    )
+    batch = deployment.workdir / "batch.npy"
+    np.save(batch, np.full((INITIAL_INFERENCES + 1, 4), 0.5, dtype=np.float32))  # one too many
+    query = ("query", "--input", batch, "--policy", policy)
+    status, _, err = consumer(deployment, *query, "--no-wait")
+    assert status == EXIT_NO_INFERENCES, err
+    status, _, err = consumer(deployment, *query, "--wait", "0.5")
+    assert status == EXIT_NO_INFERENCES, err
+    np.save(batch, np.full((INITIAL_INFERENCES, 4), 0.5, dtype=np.float32))  # exactly enough
+    status, out, err = consumer(deployment, *query, "--no-wait")
+    assert status == EXIT_OK, err
+    assert f"Cost: {INITIAL_INFERENCES} inferences" in out.splitlines()
+    assert "Inferences left: 0" in out.splitlines()
+    usage = deployment.admin.usage()
+    assert (usage["served"], usage["requests"]) == (INITIAL_INFERENCES, 1)
+
+
 def test_refusals_each_have_their_status(
     deployment: Deployment, inputs: dict[str, Path], tmp_path: Path
 ) -> None:

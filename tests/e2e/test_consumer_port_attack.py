@@ -78,8 +78,19 @@ async def _attackers(enclave: Enclave, count: int) -> AsyncIterator[list[RawCons
             await attacker.aclose()
 
 
+#: The tiny model's lending terms here: one unit per request of up to 4 MiB of rows, so
+#: the attacks' large requests are within the terms and reach the quota (and its queue).
+TERMS: Final = """\
+unit = "request"
+max_batch = 262144
+[inputs]
+x = [[1, 262144], 4]
+"""
+
+
 def _start(lab: Lab, *, initial: int) -> Enclave:
     model = lab.write_model("tiny", tiny_model())
+    model.with_suffix(".terms.toml").write_text(TERMS, encoding="utf-8")
     lab.start_custodian([model], initial=initial)
     return lab.start_enclave(lab.custodian_port, options=OPTIONS)
 

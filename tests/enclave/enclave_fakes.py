@@ -57,6 +57,7 @@ from drm_wire.messages import (
     UsageAck,
     Waiting,
 )
+from drm_wire.model.terms import Terms
 from drm_wire.net.channel import MessageChannel, open_channel
 from drm_wire.net.ratls_context import consumer_client_context, custodian_server_context
 from drm_wire.net.request_channel import RequestChannel, open_request_channel
@@ -194,9 +195,17 @@ class FakeSession:
         assert isinstance(message, kind), f"expected {kind.__name__}, got {message!r}"
         return message
 
-    async def send_model(self, name: str, data: bytes, chunk: int = MODEL_CHUNK_BYTES) -> None:
+    async def send_model(
+        self,
+        name: str,
+        data: bytes,
+        chunk: int = MODEL_CHUNK_BYTES,
+        terms: Terms | None = None,
+    ) -> None:
         digest = hashlib.sha256(data).digest()
-        await self.channel.send(ModelBegin(name=name, size=len(data), sha256=digest))
+        await self.channel.send(
+            ModelBegin(name=name, size=len(data), sha256=digest, terms=terms or Terms())
+        )
         view = memoryview(data)
         for offset in range(0, len(data), chunk):
             await self.channel.send(ModelChunk(offset=offset, data=view[offset : offset + chunk]))
@@ -369,11 +378,14 @@ class Rig:
     policy: Policy
     nursery: trio.Nursery
 
-    async def link(self, *, granted_total: int = 0, model: bytes | None = None) -> FakeSession:
-        """Accept the enclave's next session, deliver the model, re-sync, wait for serving."""
+    async def link(
+        self, *, granted_total: int = 0, model: bytes | None = None, terms: Terms | None = None
+    ) -> FakeSession:
+        """Accept the enclave's next session, deliver the model (under ``terms``), re-sync,
+        wait for serving."""
         session = await self.custodian.session()
         data = tiny_model() if model is None else model
-        await session.send_model("tiny", data)
+        await session.send_model("tiny", data, terms=terms)
         loaded = await session.next(ModelLoaded)
         assert loaded.name == "tiny"
         assert loaded.sha256 == hashlib.sha256(data).digest()

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from drm_enclave.model_receiver import ModelReceiver
-from drm_enclave.model_scan import PLACEHOLDER_LOCATION
 from drm_lab import models
 from drm_wire.messages import ModelEnd
+from drm_wire.model.scan import PLACEHOLDER_LOCATION
 from drm_wire.tensors import Tensor
 from tests.enclave.test_model_receiver import begin, chunks
 

@@ -26,6 +26,7 @@ from drm_enclave.model_host import (
 from drm_lab import models
 from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
 from drm_wire.messages import ModelDescription, TensorSpec
+from drm_wire.model.terms import Terms, Unit
 from drm_wire.tensors import Tensor
 
 CPU = ["CPUExecutionProvider"]
@@ -202,8 +203,8 @@ B = np.arange(2, dtype=np.int64)
         ),
         pytest.param(
             (t("a", A), t("b", np.arange(3))),
-            "dynamic dim 'N' is 2 in one input and 3",
-            id="symbol-mismatch",
+            "batch sizes differ: input 'a' has 2, input 'b' has 3",
+            id="batch-mismatch",
         ),
         pytest.param((t("a", A), "b"), "inputs must be Tensor values", id="not-a-tensor"),
     ],
@@ -336,6 +337,10 @@ def test_description_tiny(tiny: HostedModel) -> None:
         sha256=hashlib.sha256(models.tiny_model()).digest(),
         inputs=(TensorSpec(name="x", dtype="float32", shape=(None, 4)),),
         outputs=(TensorSpec(name="y", dtype="float32", shape=(None, 3)),),
+        # Default terms, made explicit: one unit per row, at most 64 rows.
+        terms=Terms(
+            unit=Unit.ITEM, max_batch=64, inputs=(("x", ((1, 64), 4)),), batch_axis=(("x", 0),)
+        ),
     )
 
 
@@ -345,6 +350,13 @@ def test_description_cnn(cnn: HostedModel) -> None:
         sha256=hashlib.sha256(models.covidnet_like_model()).digest(),
         inputs=(TensorSpec(name="input", dtype="float32", shape=(1, 480, 480, 3)),),
         outputs=(TensorSpec(name="probs", dtype="float32", shape=(1, 2)),),
+        # No dynamic dim: one unit per request.
+        terms=Terms(
+            unit=Unit.ITEM,
+            max_batch=64,
+            inputs=(("input", (1, 480, 480, 3)),),
+            batch_axis=(("input", None),),
+        ),
     )
     assert 30e6 < len(models.covidnet_like_model()) < 34e6
 

@@ -102,7 +102,7 @@ async def test_a_lease_ends_once(quota: Quota) -> None:
     quota.grant(1)
     lease = await quota.acquire(wait=0)
     lease.commit()
-    assert repr(lease) == "<Lease committed>"
+    assert repr(lease) == "<Lease 1 committed>"
     with pytest.raises(RuntimeError, match="already committed"):
         lease.release()
     with pytest.raises(RuntimeError, match="already committed"):

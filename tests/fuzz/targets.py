@@ -54,6 +54,7 @@ from drm_wire.errors import (
 from drm_wire.framing import Frame, FrameDecoder, encode_frame
 from drm_wire.protocol import (
     CLOSED,
+    SUPPORTED_VERSIONS,
     Closed,
     Connection,
     Link,
@@ -71,6 +72,8 @@ DATA: Final = Path(__file__).resolve().parents[1] / "data"
 #: When the real evidence in tests/data is valid: the PCK chains (2022-11-26 to
 #: 2029-11-26) and the collateral (2025-06-19 to 2025-07-19) alike.
 NOW: Final = datetime(2025, 7, 1, tzinfo=UTC)
+#: The protocol version the seeds speak: the newest this build does.
+CURRENT: Final = SUPPORTED_VERSIONS[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +126,7 @@ def sample_messages() -> list[m.Message]:
             license="lic-1",
             instance_id="inst-1",
         ),
-        m.Welcome(version=1, software="server/1"),
+        m.Welcome(version=CURRENT, software="server/1"),
         m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(1,)),
         m.Error(code=ErrorCode.BUSY, message="busy"),
         m.Error(code=ErrorCode.NO_INFERENCES, message="", request_id=1),
@@ -280,9 +283,13 @@ def _deliver(sender: Connection, receiver: Connection, message: m.Message) -> No
 def _hello(link: Link) -> m.Hello:
     if link is Link.CUSTODIAN:
         return m.Hello(
-            versions=(1,), role=m.PeerRole.ENCLAVE, software="e", license="l", instance_id="i"
+            versions=SUPPORTED_VERSIONS,
+            role=m.PeerRole.ENCLAVE,
+            software="e",
+            license="l",
+            instance_id="i",
         )
-    return m.Hello(versions=(1,), role=m.PeerRole.CONSUMER, software="c")
+    return m.Hello(versions=SUPPORTED_VERSIONS, role=m.PeerRole.CONSUMER, software="c")
 
 
 def _setup(link: Link, target: str) -> tuple[Connection, Connection]:
@@ -298,7 +305,7 @@ def _setup(link: Link, target: str) -> tuple[Connection, Connection]:
             server, client, m.Refusal(code=ErrorCode.BUSY, message="no", supported_versions=(1,))
         )
         return client, server
-    _deliver(server, client, m.Welcome(version=1, software="s"))
+    _deliver(server, client, m.Welcome(version=CURRENT, software="s"))
     if target == "open":
         return client, server
     if target == "requests":  # consumer link: requests in flight, one of them waiting
@@ -358,13 +365,13 @@ def _connection_seeds() -> Iterator[bytes]:
     replies = {
         (Link.CONSUMER, Side.SERVER): [_hello(Link.CONSUMER), m.ModelInfoRequest(request_id=9)],
         (Link.CONSUMER, Side.CLIENT): [
-            m.Welcome(version=1, software="s"),
+            m.Welcome(version=CURRENT, software="s"),
             m.ModelInfo(request_id=1, models=(), inferences_left=0, state=m.EnclaveState.LOADING),
             m.Error(code=ErrorCode.BUSY, message="x", request_id=2),
         ],
         (Link.CUSTODIAN, Side.SERVER): [_hello(Link.CUSTODIAN), m.Heartbeat(seq=1)],
         (Link.CUSTODIAN, Side.CLIENT): [
-            m.Welcome(version=1, software="s"),
+            m.Welcome(version=CURRENT, software="s"),
             m.ModelChunk(offset=0, data=memoryview(b"12345678")),
             m.ModelEnd(name="tiny"),
             m.Grant(grant_id=1, units=2, granted_total=2),

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from drm_wire import messages as m
 from drm_wire.errors import ErrorCode
 from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT, MAX_WAIT_SECONDS
+from drm_wire.model.terms import MAX_BOUND, Terms, Unit
 from drm_wire.tensors import DTYPES, Tensor
 
 uints = st.integers(min_value=0, max_value=MAX_UINT)
@@ -38,12 +39,25 @@ specs = st.builds(
     dtype=st.sampled_from(sorted(DTYPES)),
     shape=st.lists(st.none() | st.integers(0, 10_000), max_size=8).map(tuple),
 )
+dim_terms = st.integers(0, MAX_BOUND) | st.tuples(st.integers(0, 100), st.integers(100, MAX_BOUND))
+input_names = st.text(alphabet="abcxyz_", min_size=1, max_size=8)
+terms = st.builds(
+    Terms,
+    unit=st.sampled_from(Unit),
+    max_batch=st.none() | st.integers(1, MAX_GRANT_UNITS),
+    inputs=st.dictionaries(input_names, st.lists(dim_terms, min_size=1, max_size=8).map(tuple),
+                           max_size=3).map(lambda d: tuple(sorted(d.items()))),
+    batch_axis=st.dictionaries(input_names, st.none() | st.integers(0, 7), max_size=3).map(
+        lambda d: tuple(sorted(d.items()))
+    ),
+)  # fmt: skip
 models = st.builds(
     m.ModelDescription,
     name=names,
     sha256=digests,
     inputs=st.lists(specs, max_size=3).map(tuple),
     outputs=st.lists(specs, max_size=3).map(tuple),
+    terms=terms,
 )
 waits = st.none() | st.floats(min_value=0.0, max_value=MAX_WAIT_SECONDS)
 
@@ -77,7 +91,7 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
         m.Error, code=st.sampled_from(ErrorCode), message=texts, request_id=st.none() | uints
     ),
     m.ModelBegin: st.builds(
-        m.ModelBegin, name=names, size=st.integers(1, 2**31 - 1), sha256=digests
+        m.ModelBegin, name=names, size=st.integers(1, 2**31 - 1), sha256=digests, terms=terms
     ),
     m.ModelChunk: st.builds(
         m.ModelChunk,
@@ -87,7 +101,14 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
     m.ModelEnd: st.builds(m.ModelEnd, name=names),
     m.ModelLoaded: st.builds(m.ModelLoaded, name=names, sha256=digests),
     m.Grant: grants(),
-    m.UsageReport: st.builds(m.UsageReport, seq=uints, served_total=uints),
+    m.UsageReport: st.builds(
+        lambda seq, served, share: m.UsageReport(
+            seq=seq, served_total=served, requests_total=served // share
+        ),
+        uints,
+        uints,
+        st.integers(1, 64),
+    ),
     m.UsageAck: st.builds(m.UsageAck, seq=uints, served_total=uints),
     m.Block: st.builds(m.Block, reason=texts),
     m.Unblock: st.builds(m.Unblock),
@@ -97,7 +118,11 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
     ),
     m.Waiting: st.builds(m.Waiting, request_id=uints, position=uints),
     m.InferenceResult: st.builds(
-        m.InferenceResult, request_id=uints, outputs=tensor_tuples, inferences_left=uints
+        m.InferenceResult,
+        request_id=uints,
+        outputs=tensor_tuples,
+        inferences_left=uints,
+        cost=st.integers(1, MAX_GRANT_UNITS),
     ),
     m.ModelInfoRequest: st.builds(m.ModelInfoRequest, request_id=uints),
     m.ModelInfo: st.builds(

@@ -62,10 +62,25 @@ def test_unknown_type_is_rejected() -> None:
 
 def test_missing_and_unknown_fields_are_rejected() -> None:
     with pytest.raises(RemoteProtocolError, match="served_total: missing") as info:
-        m.from_frame(_frame({"type": "usage_report", "seq": 1}))
+        m.from_frame(_frame({"type": "usage_report", "seq": 1, "requests_total": 0}))
     assert info.value.field == "served_total"
+    # Version 2: a report always says how many requests its inferences came in.
+    with pytest.raises(RemoteProtocolError, match="requests_total: missing") as info:
+        m.from_frame(_frame({"type": "usage_report", "seq": 1, "served_total": 2}))
+    with pytest.raises(RemoteProtocolError, match="a request costs at least one inference"):
+        m.from_frame(
+            _frame({"type": "usage_report", "seq": 1, "served_total": 2, "requests_total": 3})
+        )
+    # ... and a model always travels with its terms.
+    with pytest.raises(RemoteProtocolError, match="terms: missing") as info:
+        m.from_frame(_frame({"type": "model_begin", "name": "m", "size": 1, "sha256": bytes(32)}))
     with pytest.raises(RemoteProtocolError, match="extra: unknown field") as info:
-        m.from_frame(_frame({"type": "usage_report", "seq": 1, "served_total": 2, "extra": 0}))
+        m.from_frame(
+            _frame(
+                {"type": "usage_report", "seq": 1, "served_total": 2, "requests_total": 1,
+                 "extra": 0}
+            )
+        )  # fmt: skip
     assert info.value.field == "extra"
 
 
@@ -76,7 +91,9 @@ NOT_UINTS = [True, False, 1.0, -1, 2**63, 2**64 - 1, "5", b"5", None, [1]]
 @pytest.mark.parametrize("bad", NOT_UINTS, ids=repr)
 def test_int_fields_are_exact(bad: object) -> None:
     with pytest.raises(RemoteProtocolError) as info:
-        m.from_frame(_frame({"type": "usage_report", "seq": bad, "served_total": 1}))
+        m.from_frame(
+            _frame({"type": "usage_report", "seq": bad, "served_total": 1, "requests_total": 1})
+        )
     assert info.value.field == "seq"
     with pytest.raises(LocalProtocolError):
         m.UsageReport(seq=bad, served_total=1)  # type: ignore[arg-type]

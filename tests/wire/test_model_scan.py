@@ -17,7 +17,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from drm_enclave.model_scan import (
+from drm_lab import models
+from drm_wire.model.scan import (
     FEED_OPS,
     MIN_SPLIT_BYTES,
     PLACEHOLDER_LOCATION,
@@ -26,7 +27,6 @@ from drm_enclave.model_scan import (
     scan_model,
     split_weights,
 )
-from drm_lab import models
 from drm_wire.tensors import Tensor
 
 CPU = ["CPUExecutionProvider"]
