@@ -176,7 +176,7 @@ class Material:
         return Policy(
             mr_enclave=(MR_ENCLAVE,),
             isv_prod_id=0,
-            accept_without_collateral=True,
+            accept_unknown_tcb_status=True,
             simulation_root=x509.load_pem_x509_certificate(self.simulation_root),
         )
 

@@ -291,6 +291,7 @@ def _attestation(enclave: VerifiedEnclave) -> dict[str, Any]:
         "debug": enclave.debug,
         "simulated": enclave.simulated,
         "tcb_status": None if enclave.tcb_status is None else str(enclave.tcb_status),
+        "advisory_ids": list(enclave.advisory_ids),
     }
 
 
@@ -299,7 +300,11 @@ def _attestation_line(enclave: VerifiedEnclave) -> str:
         ", DEBUG enclave" if enclave.debug else ""
     )
     tcb = "not checked (no collateral)" if enclave.tcb_status is None else str(enclave.tcb_status)
-    return f"Attested: MRENCLAVE {enclave.mr_enclave.hex()}, {kind}, TCB status {tcb}"
+    advisories = ", ".join(enclave.advisory_ids) or "none"
+    return (
+        f"Attested: MRENCLAVE {enclave.mr_enclave.hex()}, {kind}, TCB status {tcb}, "
+        f"advisories {advisories}"
+    )
 
 
 def _rows(array: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]] | None:

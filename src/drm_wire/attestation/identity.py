@@ -46,7 +46,7 @@ def verify_enclave_certificate(
         der: the peer certificate, as the TLS layer hands it over.
         policy: what to accept; also names the trust anchors.
         collateral: Intel collateral for a TCB status; without it the policy must say
-            ``accept_without_collateral = true``.
+            ``accept_unknown_tcb_status = true`` (the QE is checked either way).
         now: when certificates and collateral must be valid (timezone-aware).
 
     Raises:

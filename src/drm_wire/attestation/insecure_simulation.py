@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from drm_wire.attestation.qe_identity import SIMULATED_QE_MR_ENCLAVE, SIMULATED_QE_MR_SIGNER
 from drm_wire.attestation.quote import (
     ATTESTATION_KEY_TYPE_ECDSA_P256,
     ATTRIBUTE_DEBUG,
@@ -63,8 +64,6 @@ _PCK_FILE: Final = "sim-pck.pem"
 _PCK_KEY_FILE: Final = "sim-pck.key"
 _ATTESTATION_KEY_FILE: Final = "sim-attestation.key"
 _QE_AUTH_DATA: Final = bytes(range(32))  # what Intel's QE puts there, for realism
-_QE_MR_ENCLAVE: Final = hashlib.sha256(b"drm-wire simulated quoting enclave").digest()
-_QE_MR_SIGNER: Final = hashlib.sha256(b"drm-wire simulated quoting enclave signer").digest()
 _SIG: Final = ec.ECDSA(hashes.SHA256())
 
 _log = structlog.get_logger(__name__)
@@ -310,8 +309,8 @@ class SimulatedPlatform:
             flags=ATTRIBUTE_INIT | ATTRIBUTE_MODE64BIT,
             xfrm=0x3,
             misc_select=0,
-            mr_enclave=_QE_MR_ENCLAVE,
-            mr_signer=_QE_MR_SIGNER,
+            mr_enclave=SIMULATED_QE_MR_ENCLAVE,
+            mr_signer=SIMULATED_QE_MR_SIGNER,
             isv_prod_id=1,
             isv_svn=qe_svn,
             report_data=hashlib.sha256(att_public + _QE_AUTH_DATA).digest() + bytes(32),

@@ -15,8 +15,13 @@ first failure, each with its own :class:`~drm_wire.errors.AttestationError` subc
    QE vouches for the attestation key.
 5. **Quote signature** by the attestation key over header + body: the QE vouches for the
    application enclave's report (MRENCLAVE, report data...).
-6. **Collateral**, when given (:mod:`._tcb`): signed TCB info and QE identity, CRLs, dates;
-   the QE is Intel's QE at an acceptable ISVSVN; the platform's TCB (from the PCK leaf's SGX
+6. **QE identity**, always: the Quoting Enclave's report is the QE its root's owner
+   publishes (:mod:`.qe_identity`). With collateral, against the signed QE identity it
+   carries (step 7); without, against the identity pinned in :class:`TrustAnchors` for the
+   root the chain ended at (Intel's QE for Intel's root, the simulated QE for a simulation
+   root). A quote from any other QE is refused, whatever the policy says.
+7. **Collateral**, when given (:mod:`._tcb`): signed TCB info and QE identity, CRLs, dates;
+   the QE is that QE at an acceptable ISVSVN; the platform's TCB (from the PCK leaf's SGX
    extension) is matched to a TCB level, giving :class:`TcbStatus`. ``Revoked`` is an error.
 
 Policy (which MRENCLAVE, debug or not, which TCB statuses) is *not* decided here; that is
@@ -55,6 +60,12 @@ from drm_wire.attestation.errors import (
     UnsupportedQuoteError,
 )
 from drm_wire.attestation.intel_root import intel_root_public_key
+from drm_wire.attestation.qe_identity import (
+    INTEL_QE_IDENTITY,
+    SIMULATED_QE_IDENTITY,
+    PinnedQeIdentity,
+    check_qe_identity,
+)
 from drm_wire.attestation.quote import INTEL_QE_VENDOR_ID, Quote, ReportBody, parse_quote
 
 __all__ = [
@@ -77,13 +88,20 @@ class TrustAnchors:
     simulation root is trusted only when passed here explicitly, and a quote that chains
     to it comes back with ``VerifiedQuote.simulated`` set, so policy can still refuse it.
 
+    Each root comes with the Quoting Enclave it vouches for, checked against every quote
+    that has no collateral (step 6 of the module docstring).
+
     Attributes:
         intel_root_public_key: the pinned Intel root key; override only in tests.
+        intel_qe_identity: Intel's QE; override only in tests, with the root key.
         simulation_root: a locally made root for simulated quotes, or ``None``.
+        simulation_qe_identity: the simulated platform's QE (tests may override it).
     """
 
     intel_root_public_key: ec.EllipticCurvePublicKey = field(default_factory=intel_root_public_key)
+    intel_qe_identity: PinnedQeIdentity = INTEL_QE_IDENTITY
     simulation_root: x509.Certificate | None = None
+    simulation_qe_identity: PinnedQeIdentity = SIMULATED_QE_IDENTITY
 
     @classmethod
     def with_simulation_root(cls, path: str | Path) -> TrustAnchors:
@@ -172,7 +190,8 @@ def verify_quote(
             hand-made ``Quote`` cannot smuggle in fields that differ from its bytes).
         trust: the roots to accept; Intel's only, unless a simulation root is given.
         collateral: Intel's TCB info, QE identity and CRLs; without it ``tcb_status`` is
-            ``None`` and nothing about revocation or TCB currency is known.
+            ``None``, nothing about revocation or TCB currency is known, and the QE is
+            checked against the identity pinned for its root.
         now: the time at which certificates, CRLs and collateral must be valid (aware).
 
     Returns:
@@ -182,8 +201,9 @@ def verify_quote(
         QuoteFormatError, UnsupportedQuoteError: step 1.
         CertificateChainError (UntrustedRootError, CertificateValidityError): step 2.
         QeReportSignatureError, QeBindingError, QuoteSignatureError: steps 3-5.
+        QeIdentityError: step 6.
         CollateralError (CollateralSignatureError, CollateralExpiredError), RevokedError,
-            QeIdentityError, TcbLevelError: step 6.
+            QeIdentityError, TcbLevelError: step 7.
         ValueError: ``now`` is a naive datetime (a bug in the caller).
     """
     if now.tzinfo is None:
@@ -209,6 +229,12 @@ def verify_quote(
     advisories: tuple[str, ...] = ()
     if collateral is not None:
         status, advisories = _tcb.evaluate(quote, chain, pck, collateral, trust.roots, now)
+    elif chain.simulated:
+        pinned, owner = trust.simulation_qe_identity, "the simulated platform's"
+        check_qe_identity(quote.qe_report, pinned, what=f"{owner} pinned QE identity")
+    else:
+        pinned, owner = trust.intel_qe_identity, "Intel's"
+        check_qe_identity(quote.qe_report, pinned, what=f"{owner} pinned QE identity")
     return VerifiedQuote(
         quote=quote,
         tcb_status=status,

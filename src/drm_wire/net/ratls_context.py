@@ -59,7 +59,7 @@ quote, then the policy. Two caches keep a reconnecting enclave cheap:
 With collateral the result cache is bypassed: the TCB verdict depends on the collateral
 (CRLs, TCB info) and on its expiry at ``now``, and ``verify_quote`` does not expose those
 parts separately, so every handshake runs the full verification (the chain cache still
-applies). Simulation and the no-collateral policy (``accept_without_collateral``) use the
+applies). Simulation and the no-collateral policy (``accept_unknown_tcb_status``) use the
 cache.
 """
 
