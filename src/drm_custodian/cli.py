@@ -39,6 +39,7 @@ from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
+from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
@@ -159,6 +160,10 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="a model to lend (repeatable; named as the file without .onnx)")  # fmt: skip
     schema.add("--policy", Kind.PATH, required=True, metavar="ENCLAVE_POLICY.toml",
                help="the enclaves accepted")  # fmt: skip
+    schema.add("--collateral", Kind.PATHS, default=[], metavar="FILE",
+               help="Intel collateral bundle for an enclave platform (from 'python -m "
+               "drm_wire.attestation collateral fetch'; repeatable); collateral an enclave "
+               "staples is used too")  # fmt: skip
     schema.add("--address", Kind.STRING, default="127.0.0.1", help="enclave link address")
     schema.add("--port", Kind.INTEGER, type=_port, default=DEFAULT_ENCLAVE_PORT,
                help="enclave link port (0: any free port)")  # fmt: skip
@@ -220,6 +225,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         state=load_state_dir(args.state_dir),
         models=[read_model_file(path) for path in args.upload],
         policy=Policy.load(args.policy),
+        collateral=CollateralSet.load(args.collateral) if args.collateral else None,
         address=args.address,
         port=args.port,
         admin_port=args.admin_port,

@@ -46,6 +46,7 @@ from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry, SessionHooks
 from drm_custodian.session import SessionConfig, SessionContext
 from drm_custodian.state import CustodianState
+from drm_wire.attestation.collateral_source import CollateralSource
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_GRANT_UNITS
@@ -82,6 +83,7 @@ class ServeConfig:
         state: the loaded state directory.
         models: the models lent to every enclave, in order (non-empty).
         policy: the enclaves accepted.
+        collateral: Intel collateral bundles the verifier uses (beside what enclaves staple).
         address, port: the enclave link's listening address; port 0 picks one.
         admin_address, admin_port: the admin API's (loopback only); port 0 picks one.
         initial_inferences: supplied once, at the first start with this state directory.
@@ -92,6 +94,7 @@ class ServeConfig:
     state: CustodianState
     models: Sequence[ModelFile]
     policy: Policy
+    collateral: CollateralSource | None = None
     address: str = "127.0.0.1"
     port: int = DEFAULT_ENCLAVE_PORT
     admin_address: str = "127.0.0.1"
@@ -191,7 +194,9 @@ async def serve(
     state = config.state
     borrower = config.admin_borrower()
     private_key = await trio.to_thread.run_sync(_load_server_key, state)
-    tls_context = custodian_server_context(state.server_cert, private_key, config.policy)
+    tls_context = custodian_server_context(
+        state.server_cert, private_key, config.policy, collateral=config.collateral
+    )
     ledger = await Ledger.open(state.ledger_path)
     try:
         await ledger.integrity_check()

@@ -323,6 +323,7 @@ class TestPki:
         issue: datetime = SIM_NOW - timedelta(days=5),
         next_update: datetime = SIM_NOW + timedelta(days=25),
         tcb_signer: ec.EllipticCurvePrivateKey | None = None,
+        evaluation_number: int = 17,
     ) -> str:
         """Collateral JSON in the dcap-qvl layout, signed by this PKI."""
         levels = tcb_levels or [(self.svns, self.pcesvn, "UpToDate")]
@@ -334,7 +335,7 @@ class TestPki:
             "fmspc": fmspc.hex().upper(),
             "pceId": PCE_ID.hex(),
             "tcbType": 0,
-            "tcbEvaluationDataNumber": 17,
+            "tcbEvaluationDataNumber": evaluation_number,
             "tcbLevels": [
                 {
                     "tcb": {"sgxtcbcomponents": [{"svn": s} for s in svns], "pcesvn": pce},
@@ -350,7 +351,7 @@ class TestPki:
             "version": 2,
             "issueDate": _date(issue),
             "nextUpdate": _date(next_update),
-            "tcbEvaluationDataNumber": 17,
+            "tcbEvaluationDataNumber": evaluation_number,
             "miscselect": "00000000",
             "miscselectMask": "FFFFFFFF",
             "attributes": "11000000000000000000000000000000",

@@ -28,7 +28,10 @@ from tests.simulation import simulation_policy
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "custodian.toml"
 MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
-KEYS = "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease, log_level"
+KEYS = (
+    "state_dir, upload, policy, collateral, address, port, admin_port, initial_inferences, "
+    "lease, log_level"
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         f"  state_dir = {files.state}  (config file)",
         f"  upload = {files.model}  (config file)",
         f"  policy = {files.policy}  (config file)",
+        "  collateral =   (default)",
         "  address = 127.0.0.1  (default)",
         "  port = 7200  (command line)",
         "  admin_port = 6000  (default)",

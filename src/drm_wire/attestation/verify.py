@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +45,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from drm_wire.attestation import _tcb
 from drm_wire.attestation._pck import (
     CHAIN_CACHE,
+    PckExtension,
     Root,
+    VerifiedChain,
     ecdsa_ok,
     parse_sgx_extension,
     spki_der,
@@ -52,8 +55,10 @@ from drm_wire.attestation._pck import (
     x509_errors,
 )
 from drm_wire.attestation.collateral import Collateral, TcbStatus
+from drm_wire.attestation.collateral_source import CollateralSource, newest_first
 from drm_wire.attestation.errors import (
     CertificateChainError,
+    CollateralError,
     QeBindingError,
     QeReportSignatureError,
     QuoteSignatureError,
@@ -176,11 +181,30 @@ def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
         raise QuoteSignatureError("attestation key is not a P-256 point") from exc
 
 
+def _evaluate_newest(
+    quote: Quote,
+    chain: VerifiedChain,
+    pck: PckExtension | None,
+    candidates: Sequence[Collateral],
+    trust: TrustAnchors,
+    now: datetime,
+) -> tuple[TcbStatus, tuple[str, ...]]:
+    """Judge with the first candidate that verifies; a verdict it gives is final."""
+    first_error: CollateralError | None = None
+    for candidate in candidates:
+        try:
+            return _tcb.evaluate(quote, chain, pck, candidate, trust.roots, now)
+        except CollateralError as exc:  # forged, expired, for another CA: try the next
+            first_error = first_error or exc
+    assert first_error is not None  # candidates is not empty
+    raise first_error
+
+
 def verify_quote(
     data: bytes | Quote,
     *,
     trust: TrustAnchors = TrustAnchors(),  # immutable; pins Intel's key
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     now: datetime,
 ) -> VerifiedQuote:
     """Verify a quote's signatures up to a trust anchor, and its TCB given collateral.
@@ -189,9 +213,12 @@ def verify_quote(
         data: the quote bytes, or a parsed :class:`Quote` (re-parsed from ``raw``, so a
             hand-made ``Quote`` cannot smuggle in fields that differ from its bytes).
         trust: the roots to accept; Intel's only, unless a simulation root is given.
-        collateral: Intel's TCB info, QE identity and CRLs; without it ``tcb_status`` is
-            ``None``, nothing about revocation or TCB currency is known, and the QE is
-            checked against the identity pinned for its root.
+        collateral: Intel's TCB info, QE identity and CRLs, or a
+            :class:`~.collateral_source.CollateralSource` offering candidates for the
+            platform's FMSPC (the newest that verifies is used; see that module). Without
+            it (or with a source that has none for this FMSPC) ``tcb_status`` is ``None``,
+            nothing about revocation or TCB currency is known, and the QE is checked
+            against the identity pinned for its root.
         now: the time at which certificates, CRLs and collateral must be valid (aware).
 
     Returns:
@@ -227,8 +254,13 @@ def verify_quote(
     pck = parse_sgx_extension(chain.certs[0])
     status: TcbStatus | None = None
     advisories: tuple[str, ...] = ()
-    if collateral is not None:
-        status, advisories = _tcb.evaluate(quote, chain, pck, collateral, trust.roots, now)
+    candidates: Sequence[Collateral] = ()
+    if isinstance(collateral, Collateral):
+        candidates = (collateral,)
+    elif collateral is not None and pck is not None:
+        candidates = newest_first(collateral.candidates(pck.fmspc))
+    if candidates:
+        status, advisories = _evaluate_newest(quote, chain, pck, candidates, trust, now)
     elif chain.simulated:
         pinned, owner = trust.simulation_qe_identity, "the simulated platform's"
         check_qe_identity(quote.qe_report, pinned, what=f"{owner} pinned QE identity")

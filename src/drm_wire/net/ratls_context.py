@@ -56,11 +56,12 @@ quote, then the policy. Two caches keep a reconnecting enclave cheap:
   proves nothing about the key holder: TLS itself makes the peer prove possession of the
   certificate's key in every handshake.
 
-With collateral the result cache is bypassed: the TCB verdict depends on the collateral
-(CRLs, TCB info) and on its expiry at ``now``, and ``verify_quote`` does not expose those
-parts separately, so every handshake runs the full verification (the chain cache still
-applies). Simulation and the no-collateral policy (``accept_unknown_tcb_status``) use the
-cache.
+With collateral (the verifier's own, or stapled in the peer's certificate) the result
+cache is bypassed: the TCB verdict depends on the collateral (CRLs, TCB info) and on its
+expiry at ``now``, and ``verify_quote`` does not expose those parts separately, so every
+handshake runs the full verification (the chain cache still applies); a certificate with
+stapled collateral is never stored. Certificates without collateral (the insecure
+``accept_unknown_tcb_status``) use the cache.
 """
 
 from __future__ import annotations
@@ -77,10 +78,15 @@ from OpenSSL import SSL
 
 from drm_wire._lru import LruCache
 from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import CollateralSource
 from drm_wire.attestation.errors import CertificateChainError, CertificateValidityError
-from drm_wire.attestation.identity import make_certificate_verifier
+from drm_wire.attestation.identity import make_certificate_verifier, verify_enclave_certificate
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls_cert import RatlsCredentials, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import (
+    RatlsCredentials,
+    RatlsEvidence,
+    parse_ratls_certificate,
+)
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import VerifiedQuote, verify_quote
 from drm_wire.errors import DrmError
@@ -182,9 +188,8 @@ def _chain_window(verified: VerifiedQuote) -> tuple[datetime, datetime]:
         raise CertificateChainError("PCK chain: malformed or unsupported X.509 data") from exc
 
 
-def _verify_signatures(der: bytes, policy: Policy, now: datetime) -> _Verified:
-    """The expensive part of ``verify_enclave_certificate``: parse, then every quote's chain."""
-    evidence = parse_ratls_certificate(der)
+def _verify_signatures(evidence: RatlsEvidence, policy: Policy, now: datetime) -> _Verified:
+    """The expensive part of ``verify_enclave_certificate``: every quote's chain."""
     trust = policy.trust_anchors()
     quotes = []
     for quote in evidence.quotes:
@@ -208,7 +213,7 @@ def _accept(entry: _Verified, policy: Policy, now: datetime) -> VerifiedEnclave:
 def make_cached_certificate_verifier(
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] | None = None,
     cache: VerificationCache | None = VERIFICATION_CACHE,
 ) -> Callable[[bytes], VerifiedEnclave]:
@@ -237,7 +242,10 @@ def make_cached_certificate_verifier(
         entry = cache.get(key)
         if entry is not None:
             return _accept(entry, policy, now)
-        entry = _verify_signatures(key[0], policy, now)
+        evidence = parse_ratls_certificate(key[0])
+        if evidence.stapled_collateral is not None:  # a TCB verdict: never from the cache
+            return verify_enclave_certificate(key[0], policy, now=now)
+        entry = _verify_signatures(evidence, policy, now)
         result = _accept(entry, policy, now)
         cache.put(key, entry)  # only once everything passed
         return result
@@ -314,7 +322,7 @@ def enclave_server_context(credentials: RatlsCredentials) -> SSL.Context:
 def consumer_client_context(
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> SSL.Context:
     """The consumer: accepts the enclave only if its RA-TLS certificate satisfies ``policy``.
@@ -379,7 +387,7 @@ def custodian_server_context(
     private_key: PrivateKey,
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> SSL.Context:
     """The custodian: requires a client certificate and verifies it as RA-TLS.
