@@ -71,8 +71,9 @@ def test_a_forged_newer_candidate_is_passed_over() -> None:
 
 def test_expired_collateral_fails_closed() -> None:
     expired = _load(PKI.collateral(next_update=SIM_NOW - timedelta(seconds=1)))
-    with pytest.raises(CollateralExpiredError):
+    with pytest.raises(CollateralExpiredError) as refused:
         _status(expired)
+    assert refused.value.check == "collateral_expired"
     assert _status(expired, BEFORE) is TcbStatus.UP_TO_DATE
 
 

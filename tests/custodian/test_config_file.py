@@ -29,8 +29,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "custodian
 MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
 KEYS = (
-    "state_dir, upload, policy, collateral, address, port, admin_port, initial_inferences, "
-    "lease, log_level"
+    "state_dir, upload, policy, collateral, pccs_url, pccs_ca, address, port, admin_port, "
+    "initial_inferences, lease, log_level"
 )
 
 
@@ -86,6 +86,8 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         f"  upload = {files.model}  (config file)",
         f"  policy = {files.policy}  (config file)",
         "  collateral =   (default)",
+        "  pccs_url = None  (default)",
+        "  pccs_ca = None  (default)",
         "  address = 127.0.0.1  (default)",
         "  port = 7200  (command line)",
         "  admin_port = 6000  (default)",
