@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def test_an_oversized_staple_is_refused(platform: SimulatedPlatform) -> None:
         _certificate(platform, b"")
 
 
-def test_the_result_cache_never_serves_a_stapled_verdict(
+def test_the_result_cache_serves_a_stapled_verdict_only_while_it_is_current(
     platform: SimulatedPlatform, policy: Policy
 ) -> None:
     cache = VerificationCache()
@@ -140,7 +141,25 @@ def test_the_result_cache_never_serves_a_stapled_verdict(
     der = _certificate(platform, platform.collateral(now=NOW).encode())
     assert verify(der).tcb_status is TcbStatus.UP_TO_DATE
     assert verify(der).tcb_status is TcbStatus.UP_TO_DATE
-    assert len(cache) == 0
-    clock[0] = NOW + timedelta(days=31)  # the staple expires: refused at once
+    assert (len(cache), cache.hits) == (1, 1)
+    clock[0] = NOW + timedelta(days=29)
+    assert verify(der).tcb_status is TcbStatus.UP_TO_DATE
+    clock[0] = NOW + timedelta(days=31)  # the staple expired: re-verified, refused
     with pytest.raises(CollateralExpiredError):
         verify(der)
+    # A stricter policy takes effect on a hit too.
+    clock[0] = NOW
+    strict = replace(policy, tcb_statuses=frozenset({TcbStatus.OUT_OF_DATE}))
+    verify_strict = make_cached_certificate_verifier(strict, clock=lambda: clock[0], cache=cache)
+    with pytest.raises(TcbStatusError, match="UpToDate is not accepted"):
+        verify_strict(der)
+
+
+def test_a_verifiers_own_collateral_is_cached_by_generation(
+    platform: SimulatedPlatform, policy: Policy
+) -> None:
+    der = _certificate(platform, None)
+    own = CollateralSet([Collateral.from_json(platform.collateral(now=NOW))])
+    verify = make_cached_certificate_verifier(policy, collateral=own, clock=lambda: NOW)
+    assert verify(der).tcb_status is TcbStatus.UP_TO_DATE
+    assert verify(der).tcb_status is TcbStatus.UP_TO_DATE

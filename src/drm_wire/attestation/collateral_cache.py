@@ -71,6 +71,8 @@ class CollateralCache:
         self._wanted: set[bytes] = set()
         self._wake = trio.Event()
         self._changed = trio.Event()
+        #: Counts the refreshes: result caches key on it, so new collateral applies at once.
+        self.generation = 0
 
     # --- the verify callback's side: never blocks ------------------------------------
 
@@ -121,6 +123,7 @@ class CollateralCache:
             )
             return False
         self._entries[(fmspc, ca)] = _Entry(collateral, self._clock())
+        self.generation += 1
         self._changed.set()
         self._changed = trio.Event()
         _log.info(

@@ -95,6 +95,11 @@ class CollateralSet:
     def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
         return tuple(self._by_fmspc.get(fmspc, ()))
 
+    @property
+    def generation(self) -> int:
+        """Never changes: the set is fixed (result caches key on this)."""
+        return 0
+
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_fmspc.values())
 
@@ -109,6 +114,14 @@ class _Chained:
 
     def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
         return tuple(c for source in self._sources for c in source.candidates(fmspc))
+
+    @property
+    def generation(self) -> int | None:
+        """Changes whenever a part's does (parts only count up); None if a part has none."""
+        parts = [getattr(s, "generation", None) for s in self._sources]
+        if not all(isinstance(p, int) for p in parts):
+            return None
+        return sum(p for p in parts if isinstance(p, int))
 
 
 def chain_sources(*sources: CollateralSource | None) -> CollateralSource | None:

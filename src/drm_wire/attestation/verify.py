@@ -144,6 +144,7 @@ class VerifiedQuote:
         simulated: the chain ended at the explicitly trusted simulation root.
         pck_fmspc, pck_cpusvn, pck_pcesvn: from the PCK leaf's SGX extension, if present.
         advisory_ids: Intel security advisories that apply at this TCB level.
+        collateral_window: see the field's comment.
     """
 
     quote: Quote
@@ -154,6 +155,10 @@ class VerifiedQuote:
     pck_pcesvn: int | None
     advisory_ids: tuple[str, ...]
     _token: InitVar[object]
+    #: When the verdict stays what it is for these bytes and this collateral: the used
+    #: collateral's validity window, or ``None`` (no collateral, or older candidates were
+    #: passed over, so a later ``now`` might choose differently). For result caches.
+    collateral_window: tuple[datetime, datetime] | None = None
 
     def __post_init__(self, _token: object) -> None:
         if _token is not _TOKEN:
@@ -181,6 +186,19 @@ def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
         raise QuoteSignatureError("attestation key is not a P-256 point") from exc
 
 
+def _window(collateral: Collateral) -> tuple[datetime, datetime]:
+    """When every part of ``collateral`` (bodies, CRLs, issuer chains) is current."""
+    crls = (collateral.pck_crl, collateral.root_ca_crl)
+    certs = (*collateral.tcb_info_issuer_chain, *collateral.qe_identity_issuer_chain,
+             *collateral.pck_crl_issuer_chain)  # fmt: skip
+    starts = [collateral.tcb_info.issue_date, collateral.qe_identity.issue_date]
+    starts += [c.last_update_utc for c in crls] + [c.not_valid_before_utc for c in certs]
+    ends = [collateral.tcb_info.next_update, collateral.qe_identity.next_update]
+    ends += [c.next_update_utc for c in crls if c.next_update_utc is not None]
+    ends += [c.not_valid_after_utc for c in certs]
+    return max(starts), min(ends)
+
+
 def _evaluate_newest(
     quote: Quote,
     chain: VerifiedChain,
@@ -188,14 +206,16 @@ def _evaluate_newest(
     candidates: Sequence[Collateral],
     trust: TrustAnchors,
     now: datetime,
-) -> tuple[TcbStatus, tuple[str, ...]]:
+) -> tuple[TcbStatus, tuple[str, ...], tuple[datetime, datetime] | None]:
     """Judge with the first candidate that verifies; a verdict it gives is final."""
     first_error: CollateralError | None = None
     for candidate in candidates:
         try:
-            return _tcb.evaluate(quote, chain, pck, candidate, trust.roots, now)
+            status, advisories = _tcb.evaluate(quote, chain, pck, candidate, trust.roots, now)
         except CollateralError as exc:  # forged, expired, for another CA: try the next
             first_error = first_error or exc
+            continue
+        return status, advisories, None if first_error is not None else _window(candidate)
     assert first_error is not None  # candidates is not empty
     raise first_error
 
@@ -259,8 +279,9 @@ def verify_quote(
         candidates = (collateral,)
     elif collateral is not None and pck is not None:
         candidates = newest_first(collateral.candidates(pck.fmspc))
+    window: tuple[datetime, datetime] | None = None
     if candidates:
-        status, advisories = _evaluate_newest(quote, chain, pck, candidates, trust, now)
+        status, advisories, window = _evaluate_newest(quote, chain, pck, candidates, trust, now)
     elif chain.simulated:
         pinned, owner = trust.simulation_qe_identity, "the simulated platform's"
         check_qe_identity(quote.qe_report, pinned, what=f"{owner} pinned QE identity")
@@ -276,4 +297,5 @@ def verify_quote(
         pck_pcesvn=pck.pcesvn if pck else None,
         advisory_ids=advisories,
         _token=_TOKEN,
+        collateral_window=window,
     )
