@@ -39,6 +39,7 @@ import contextlib
 import datetime
 import hashlib
 import ipaddress
+import logging
 import multiprocessing
 import platform
 import statistics
@@ -46,10 +47,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import structlog
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,6 +59,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
+from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.identity import verify_enclave_certificate
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
@@ -95,15 +99,19 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "plain-mutual": ("plain-mutual", "plain TLS, mutual (P-256, CA-issued)"),
     "ratls-mutual": ("ratls-mutual", "RA-TLS enclave -> custodian (mutual)"),
     "ratls-mutual-nocache": ("ratls-mutual-nocache", "  same, no result cache"),
+    "ratls-collateral": ("ratls", "RA-TLS consumer -> enclave, collateral held (bundle)"),
+    "ratls-stapled": ("ratls-stapled", "RA-TLS consumer -> enclave, collateral stapled"),
 }
 #: The product's configurations, which the target applies to.
-TARGETED = ("ratls", "ratls-mutual")
+TARGETED = ("ratls", "ratls-mutual", "ratls-collateral", "ratls-stapled")
 BASELINE = {
     "ratls": "plain",
     "ratls-nocache": "plain",
     "ratls-p256": "plain",
     "ratls-mutual": "plain-mutual",
     "ratls-mutual-nocache": "plain-mutual",
+    "ratls-collateral": "plain",
+    "ratls-stapled": "plain",
 }
 
 
@@ -170,13 +178,19 @@ class Material:
     client: tuple[bytes, bytes]  # plain mutual client
     enclave: tuple[bytes, bytes]  # RA-TLS certificate and key (P-384, as the product)
     enclave_p256: tuple[bytes, bytes]  # the same with a P-256 key, to show the curve's cost
+    enclave_stapled: tuple[bytes, bytes]  # the same key and quotes, its collateral stapled
+    collateral: str  # the simulated platform's collateral bundle
     simulation_root: bytes
+
+    def strict_policy(self) -> Policy:
+        """A production policy: a TCB verdict (UpToDate) is needed."""
+        return replace(self.policy(), accept_unknown_tcb_status=False)
 
     def policy(self) -> Policy:
         return Policy(
             mr_enclave=(MR_ENCLAVE,),
             isv_prod_id=0,
-            accept_without_collateral=True,
+            accept_unknown_tcb_status=True,
             simulation_root=x509.load_pem_x509_certificate(self.simulation_root),
         )
 
@@ -186,8 +200,9 @@ class Material:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return x509.load_pem_x509_certificate(pems[0]), key
 
-    def enclave_credentials(self, *, p256: bool = False) -> RatlsCredentials:
-        cert, key = self.pair(self.enclave_p256 if p256 else self.enclave)
+    def enclave_credentials(self, *, p256: bool = False, stapled: bool = False) -> RatlsCredentials:
+        pems = self.enclave_stapled if stapled else self.enclave_p256 if p256 else self.enclave
+        cert, key = self.pair(pems)
         return RatlsCredentials(key, cert)
 
     def ca_certificate(self) -> x509.Certificate:
@@ -198,6 +213,10 @@ def make_material(platform_dir: Path) -> tuple[Material, SimulatedPlatform]:
     sim = SimulatedPlatform.create(platform_dir)
     provider = sim.quote_provider(mr_enclave=MR_ENCLAVE, mr_signer=MR_SIGNER)
     enclave = build_ratls_certificate(provider)
+    collateral = sim.collateral()
+    stapled = build_ratls_certificate(
+        provider, private_key=enclave.private_key, stapled_collateral=collateral.encode()
+    )
     enclave_p256 = build_ratls_certificate(
         provider, private_key=ec.generate_private_key(ec.SECP256R1())
     )
@@ -208,6 +227,8 @@ def make_material(platform_dir: Path) -> tuple[Material, SimulatedPlatform]:
         client=_leaf(ca, "bench-client", ExtendedKeyUsageOID.CLIENT_AUTH),
         enclave=(enclave.certificate_pem, enclave.private_key_pem),
         enclave_p256=(enclave_p256.certificate_pem, enclave_p256.private_key_pem),
+        enclave_stapled=(stapled.certificate_pem, stapled.private_key_pem),
+        collateral=collateral,
         simulation_root=sim.root_certificate.public_bytes(serialization.Encoding.PEM),
     )
     return material, sim
@@ -230,6 +251,7 @@ def server_contexts(material: Material) -> dict[str, SSL.Context]:
         ),
         "ratls": enclave_server_context(material.enclave_credentials()),
         "ratls-p256": enclave_server_context(material.enclave_credentials(p256=True)),
+        "ratls-stapled": enclave_server_context(material.enclave_credentials(stapled=True)),
         "ratls-mutual": custodian_server_context(cert, key, policy),
         "ratls-mutual-nocache": server_context(
             certificate=cert, private_key=key, verifier=uncached, require_client_certificate=True
@@ -253,6 +275,11 @@ def client_contexts(material: Material) -> dict[str, SSL.Context]:
         "plain-mutual": client_context(certificate=cert, private_key=key, ca_certificates=[ca]),
         "ratls-mutual": mutual_ratls,
         "ratls-mutual-nocache": mutual_ratls,
+        "ratls-collateral": consumer_client_context(
+            material.strict_policy(),
+            collateral=CollateralSet([Collateral.from_json(material.collateral)]),
+        ),
+        "ratls-stapled": consumer_client_context(material.strict_policy()),
     }
 
 
@@ -282,8 +309,15 @@ async def _serve(material: Material, pipe: Connection) -> None:
         pipe.send(ports)
 
 
+def _quiet() -> None:
+    """Warnings logged per handshake (insecure simulation, unknown TCB status on the
+    variants without collateral) would time the terminal, not the handshake."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+
+
 def server_main(material: Material, pipe: Connection) -> None:
     """Entry point of the spawned server process."""
+    _quiet()
     trio.run(_serve, material, pipe)
 
 
@@ -379,6 +413,7 @@ def _fmt(values: list[float], spec: str) -> str:
 
 
 def main() -> int:
+    _quiet()
     with tempfile.TemporaryDirectory() as tmp:
         material, _ = make_material(Path(tmp) / "platform")
         costs = verification_costs(material)

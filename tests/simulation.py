@@ -11,7 +11,7 @@ def simulation_policy(platform: SimulatedPlatform, mr_enclave: bytes) -> Policy:
     return Policy(
         mr_enclave=(mr_enclave,),
         isv_prod_id=0,
-        accept_without_collateral=True,
+        accept_unknown_tcb_status=True,
         simulation_root=platform.root_certificate,
         simulation_root_path=str(platform.root_certificate_path),
     )

@@ -50,6 +50,7 @@ from drm_consumer.preprocess import (
     imagenet,
     load_input,
 )
+from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ConfigError
@@ -144,6 +145,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"its consumer port (default {DEFAULT_PORT})")  # fmt: skip
     parser.add_argument("--policy", type=Path, metavar="POLICY.toml",
                         help=f"the enclaves to accept (default ./{DEFAULT_POLICY})")  # fmt: skip
+    parser.add_argument("--collateral", type=Path, action="append", default=[], metavar="FILE",
+                        help="Intel collateral bundle for the enclave's platform (from "
+                        "'python -m drm_wire.attestation collateral fetch'; repeatable); "
+                        "collateral the enclave staples is used too")  # fmt: skip
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on standard output, not text")  # fmt: skip
 
@@ -191,6 +196,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --- files -----------------------------------------------------------------------------
+
+
+def _load_collateral(paths: list[Path]) -> CollateralSet | None:
+    try:
+        return CollateralSet.load(paths) if paths else None
+    except ConfigError as exc:
+        raise _Failure(EXIT_USAGE, f"bad collateral: {exc}") from exc
 
 
 def _load_policy(path: Path | None) -> Policy:
@@ -292,6 +304,7 @@ def _attestation(enclave: VerifiedEnclave) -> dict[str, Any]:
         "debug": enclave.debug,
         "simulated": enclave.simulated,
         "tcb_status": None if enclave.tcb_status is None else str(enclave.tcb_status),
+        "advisory_ids": list(enclave.advisory_ids),
     }
 
 
@@ -300,7 +313,11 @@ def _attestation_line(enclave: VerifiedEnclave) -> str:
         ", DEBUG enclave" if enclave.debug else ""
     )
     tcb = "not checked (no collateral)" if enclave.tcb_status is None else str(enclave.tcb_status)
-    return f"Attested: MRENCLAVE {enclave.mr_enclave.hex()}, {kind}, TCB status {tcb}"
+    advisories = ", ".join(enclave.advisory_ids) or "none"
+    return (
+        f"Attested: MRENCLAVE {enclave.mr_enclave.hex()}, {kind}, TCB status {tcb}, "
+        f"advisories {advisories}"
+    )
 
 
 def _rows(array: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]] | None:
@@ -383,6 +400,7 @@ class _Connection:
     host: str
     port: int
     policy: Policy
+    collateral: CollateralSet | None = None
 
 
 async def _infer(
@@ -422,7 +440,9 @@ async def _run_query(
     preset = Preset(args.preprocess)
     wait = 0.0 if args.no_wait else args.wait
     failure: Exception | None = None
-    async with Client.connect(connection.host, connection.port, policy=connection.policy) as client:
+    async with Client.connect(
+        connection.host, connection.port, policy=connection.policy, collateral=connection.collateral
+    ) as client:
         # An answer we refuse or an error the enclave sent leaves the connection sound:
         # leave the block normally so that it is closed gracefully, then fail.
         try:
@@ -449,7 +469,9 @@ async def _run_query(
 
 async def _run_info(connection: _Connection) -> tuple[EnclaveInfo, VerifiedEnclave]:
     failure: RequestFailed | None = None
-    async with Client.connect(connection.host, connection.port, policy=connection.policy) as client:
+    async with Client.connect(
+        connection.host, connection.port, policy=connection.policy, collateral=connection.collateral
+    ) as client:
         try:
             return await client.info(), client.attestation
         except RequestFailed as exc:
@@ -459,7 +481,9 @@ async def _run_info(connection: _Connection) -> tuple[EnclaveInfo, VerifiedEncla
 
 
 def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
-    connection = _Connection(args.address, args.port, _load_policy(args.policy))
+    connection = _Connection(
+        args.address, args.port, _load_policy(args.policy), _load_collateral(args.collateral)
+    )
     labels = _load_labels(args.labels)
     try:
         loaded = load_input(args.input)
@@ -493,7 +517,9 @@ def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
 
 
 def _info(args: argparse.Namespace, out: TextIO) -> None:
-    connection = _Connection(args.address, args.port, _load_policy(args.policy))
+    connection = _Connection(
+        args.address, args.port, _load_policy(args.policy), _load_collateral(args.collateral)
+    )
     info, enclave = trio.run(_run_info, connection)
     if args.json:
         models = [

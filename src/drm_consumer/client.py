@@ -38,6 +38,7 @@ import trio
 
 from drm_consumer.errors import map_errors
 from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import CollateralSource
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.limits import HANDSHAKE_TIMEOUT
@@ -159,7 +160,7 @@ class Client:
         *,
         policy: Policy,
         connect_timeout: float = CONNECT_TIMEOUT,
-        collateral: Collateral | None = None,
+        collateral: Collateral | CollateralSource | None = None,
     ) -> AsyncIterator[Client]:
         """Connect, verify the enclave against ``policy`` in the handshake, say hello.
 

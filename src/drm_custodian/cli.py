@@ -48,6 +48,7 @@ from drm_custodian.state_lock import lock_state_dir
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
+from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, DrmError
 from drm_wire.limits import MAX_GRANT_UNITS
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pccs_url(text: str) -> str:
+    if not text.startswith("https://") or len(text) <= len("https://"):
+        raise argparse.ArgumentTypeError(f"PCCS URL must be https://host[:port], not {text!r}")
+    return text
+
+
 def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False) -> ConfigSchema:
     """``serve``'s options, each also a key of its ``--config`` file (flag > file > default)."""
     schema = ConfigSchema(sub, config_required=config_required)
@@ -189,6 +196,15 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="a model to lend (repeatable; named as the file without .onnx)")  # fmt: skip
     schema.add("--policy", Kind.PATH, required=True, metavar="ENCLAVE_POLICY.toml",
                help="the enclaves accepted")  # fmt: skip
+    schema.add("--collateral", Kind.PATHS, default=[], metavar="FILE",
+               help="Intel collateral bundle for an enclave platform (from 'python -m "
+               "drm_wire.attestation collateral fetch'; repeatable); collateral an enclave "
+               "staples is used too")  # fmt: skip
+    schema.add("--pccs-url", Kind.STRING, metavar="URL", type=_pccs_url,
+               help="https URL of a PCCS (or Intel's PCS) to fetch and refresh enclave "
+               "platforms' collateral from")  # fmt: skip
+    schema.add("--pccs-ca", Kind.PATH, metavar="CA.pem",
+               help="verify the PCCS with this CA instead of the system's")  # fmt: skip
     schema.add("--address", Kind.STRING, default="127.0.0.1", help="enclave link address")
     schema.add("--port", Kind.INTEGER, type=_port, default=DEFAULT_ENCLAVE_PORT,
                help="enclave link port (0: any free port)")  # fmt: skip
@@ -273,6 +289,9 @@ def _serve_config(
         state=load_state_dir(args.state_dir),
         models=[model for model, _ in models],
         policy=Policy.load(args.policy),
+        collateral=CollateralSet.load(args.collateral) if args.collateral else None,
+        pccs_url=args.pccs_url,
+        pccs_ca=args.pccs_ca,
         address=args.address,
         port=args.port,
         admin_port=args.admin_port,

@@ -169,6 +169,7 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
         simulated=identity.simulated,
         debug=identity.debug,
         tcb_status=identity.tcb_status.value if identity.tcb_status else None,
+        advisory_ids=list(identity.advisory_ids),
     )
     if identity.simulated:
         log.warning("insecure_simulated_enclave", mr_enclave=identity.mr_enclave.hex())

@@ -39,6 +39,7 @@ import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -55,6 +56,10 @@ from drm_custodian.registry import Registry, SessionHooks
 from drm_custodian.session import SessionConfig, SessionContext
 from drm_custodian.state import CustodianState
 from drm_daemon.listen import ListenError, cannot_listen
+from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_cache import CollateralCache
+from drm_wire.attestation.collateral_source import CollateralSource, chain_sources
+from drm_wire.attestation.pccs import CaType, PccsClient
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, first_leaf
 from drm_wire.limits import MAX_GRANT_UNITS
@@ -100,6 +105,9 @@ class ServeConfig:
         state: the loaded state directory.
         models: the models lent to every enclave, in order (non-empty).
         policy: the enclaves accepted.
+        collateral: Intel collateral bundles the verifier uses (beside what enclaves staple).
+        pccs_url, pccs_ca: a PCS/PCCS to fetch and refresh collateral from (cached per
+            platform, see :mod:`drm_wire.attestation.collateral_cache`), and its CA.
         address, port: the enclave link's listening address; port 0 picks one.
         admin_address, admin_port: the admin API's (loopback only); port 0 picks one.
         initial_inferences: supplied once, at the first start with this state directory.
@@ -112,6 +120,9 @@ class ServeConfig:
     state: CustodianState
     models: Sequence[ModelFile]
     policy: Policy
+    collateral: CollateralSource | None = None
+    pccs_url: str | None = None
+    pccs_ca: Path | None = None
     address: str = "127.0.0.1"
     port: int = DEFAULT_ENCLAVE_PORT
     admin_address: str = "127.0.0.1"
@@ -208,6 +219,24 @@ def _host_port(address: object) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
+def _pccs_cache(url: str, ca: Path | None) -> tuple[CollateralCache, PccsClient]:
+    client = PccsClient(url, ca=ca)
+
+    async def fetch(fmspc: bytes, ca_type: CaType) -> Collateral:
+        return await client.fetch(fmspc, ca=ca_type)
+
+    return CollateralCache(fetch), client
+
+
+async def _run_cache(cache: CollateralCache, client: PccsClient, scope: trio.CancelScope) -> None:
+    try:
+        with scope:
+            await cache.run()
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.__aexit__()
+
+
 async def serve(
     config: ServeConfig,
     *,
@@ -224,7 +253,14 @@ async def serve(
     state = config.state
     borrower = config.admin_borrower()
     private_key = await trio.to_thread.run_sync(_load_server_key, state)
-    tls_context = custodian_server_context(state.server_cert, private_key, config.policy)
+    pccs = None if config.pccs_url is None else _pccs_cache(config.pccs_url, config.pccs_ca)
+    cache = None if pccs is None else pccs[0]
+    tls_context = custodian_server_context(
+        state.server_cert,
+        private_key,
+        config.policy,
+        collateral=chain_sources(config.collateral, cache),
+    )
     ledger = await Ledger.open(state.ledger_path)
     try:
         await ledger.integrity_check()
@@ -269,7 +305,10 @@ async def serve(
                 live -= 1
 
         admin_stop = trio.Event()
+        cache_scope = trio.CancelScope()
         async with trio.open_nursery() as admin_nursery:
+            if pccs is not None:
+                admin_nursery.start_soon(_run_cache, *pccs, cache_scope)
             try:
                 admin_bound: list[tuple[str, int]] = await admin_nursery.start(
                     partial(
@@ -324,7 +363,8 @@ async def serve(
                 # end at once), then cut whatever is left (connections still handshaking).
                 registry.close_all()
                 session_nursery.cancel_scope.deadline = trio.current_time() + LINK_CLOSE_TIMEOUT
-            admin_stop.set()  # 3. the admin server
+            admin_stop.set()  # 3. the admin server (and the collateral cache)
+            cache_scope.cancel()
             admin_nursery.cancel_scope.deadline = trio.current_time() + ADMIN_STOP_TIMEOUT
     finally:
         with trio.CancelScope(shield=True):

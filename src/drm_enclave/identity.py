@@ -174,7 +174,6 @@ def simulation_policy(
         mr_signer=measurement.mr_signer,
         isv_prod_id=SIMULATED_ISV_PROD_ID,
         allow_debug=False,
-        accept_without_collateral=True,
         simulation_root=platform.root_certificate,
         simulation_root_path=Path(written).as_posix(),
     )

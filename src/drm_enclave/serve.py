@@ -133,7 +133,11 @@ async def serve(
             simulation_dir=config.simulation_dir,
         )
     try:
-        client_context = enclave_client_context(identity.credentials, ca)
+        # The custodian's certificate must name the host we dial: this guards against a
+        # misconfigured --custodian, not against the host (which chooses what we dial).
+        client_context = enclave_client_context(
+            identity.credentials, ca, custodian_name=config.custodian_host
+        )
     except ValueError as exc:
         raise ConfigError(str(exc), key="custodian_ca") from exc
     server_context = enclave_server_context(identity.credentials)

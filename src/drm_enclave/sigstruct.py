@@ -207,7 +207,6 @@ def hardware_policy(
         min_isv_svn=view.isv_svn,
         allow_debug=False,
         tcb_statuses=frozenset(tcb_statuses),
-        accept_without_collateral=False,
     )
 
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from drm_wire.attestation.qe_identity import INTEL_QE_IDENTITY, PinnedQeIdentity
 from drm_wire.attestation.quote import (
     ATTRIBUTE_INIT,
     ATTRIBUTE_MODE64BIT,
@@ -31,6 +32,7 @@ from drm_wire.attestation.quote import (
     ReportBody,
     build_quote,
 )
+from drm_wire.attestation.verify import TrustAnchors
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 QUOTE_PATH = DATA / "sgx" / "dcap_v3_quote.bin"
@@ -48,6 +50,15 @@ PCE_ID = bytes(2)
 PLATFORM_SVNS = (5, 5, 2, 2, 255, 1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 PLATFORM_PCESVN = 11
 QE_AUTH = bytes(range(32))
+#: The test PKI's Quoting Enclave: Intel's attributes and masks, a test MRSIGNER.
+TEST_QE_IDENTITY = PinnedQeIdentity(
+    mrsigner=QE_MRSIGNER,
+    isvprodid=1,
+    miscselect=0,
+    miscselect_mask=0xFFFFFFFF,
+    attributes=INTEL_QE_IDENTITY.attributes,
+    attributes_mask=INTEL_QE_IDENTITY.attributes_mask,
+)
 
 
 def real_quote() -> bytes:
@@ -199,6 +210,16 @@ class TestPki:
         )
         self.tcb = make_cert("Test TCB Signing", self.tcb_key, (self.root, self.root_key), ca=False)
 
+    def trust(self) -> TrustAnchors:
+        """Test-only trust anchors: this root as a simulation root, with the test QE pinned."""
+        return TrustAnchors(simulation_root=self.root, simulation_qe_identity=TEST_QE_IDENTITY)
+
+    def as_intel(self) -> TrustAnchors:
+        """Test-only trust anchors: this root in place of Intel's, with the test QE pinned."""
+        return TrustAnchors(
+            intel_root_public_key=self.root_key.public_key(), intel_qe_identity=TEST_QE_IDENTITY
+        )
+
     def chain_pem(self, *certs: x509.Certificate) -> bytes:
         chosen = certs or (self.leaf, self.ca, self.root)
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chosen) + b"\0"
@@ -302,6 +323,7 @@ class TestPki:
         issue: datetime = SIM_NOW - timedelta(days=5),
         next_update: datetime = SIM_NOW + timedelta(days=25),
         tcb_signer: ec.EllipticCurvePrivateKey | None = None,
+        evaluation_number: int = 17,
     ) -> str:
         """Collateral JSON in the dcap-qvl layout, signed by this PKI."""
         levels = tcb_levels or [(self.svns, self.pcesvn, "UpToDate")]
@@ -313,7 +335,7 @@ class TestPki:
             "fmspc": fmspc.hex().upper(),
             "pceId": PCE_ID.hex(),
             "tcbType": 0,
-            "tcbEvaluationDataNumber": 17,
+            "tcbEvaluationDataNumber": evaluation_number,
             "tcbLevels": [
                 {
                     "tcb": {"sgxtcbcomponents": [{"svn": s} for s in svns], "pcesvn": pce},
@@ -329,7 +351,7 @@ class TestPki:
             "version": 2,
             "issueDate": _date(issue),
             "nextUpdate": _date(next_update),
-            "tcbEvaluationDataNumber": 17,
+            "tcbEvaluationDataNumber": evaluation_number,
             "miscselect": "00000000",
             "miscselectMask": "FFFFFFFF",
             "attributes": "11000000000000000000000000000000",

@@ -59,7 +59,7 @@ def test_real_gramine_certificate_refusals(gramine_policy: Policy) -> None:
     cases: list[tuple[Policy, datetime, type[AttestationError]]] = [
         (replace(gramine_policy, allow_debug=False), REAL_NOW, DebugEnclaveError),
         (replace(gramine_policy, mr_enclave=(bytes(32),)), REAL_NOW, MeasurementMismatchError),
-        (replace(gramine_policy, accept_without_collateral=False), REAL_NOW, TcbStatusError),
+        (replace(gramine_policy, accept_unknown_tcb_status=False), REAL_NOW, TcbStatusError),
         (gramine_policy, datetime(2035, 1, 1, tzinfo=UTC), CertificateValidityError),
     ]
     for policy, now, expected in cases:
@@ -97,7 +97,7 @@ def sim_policy_file(platform: SimulatedPlatform, tmp_path_factory: pytest.TempPa
         "[enclave]\n"
         f'mr_enclave = ["{MR_ENCLAVE.hex()}"]\n'
         f'mr_signer = "{MR_SIGNER.hex()}"\n'
-        "isv_prod_id = 3\nmin_isv_svn = 1\naccept_without_collateral = true\n"
+        "isv_prod_id = 3\nmin_isv_svn = 1\naccept_unknown_tcb_status = true\n"
         '[simulation]\ntrust_root = "sim-root.pem"\n'
     )
     return path

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
@@ -51,7 +52,7 @@ def policy(platform: SimulatedPlatform) -> Policy:
         mr_signer=MR_SIGNER,
         isv_prod_id=5,
         min_isv_svn=2,
-        accept_without_collateral=True,
+        accept_unknown_tcb_status=True,
         simulation_root=platform.root_certificate,
         simulation_root_path="sim-root.pem",
     )
@@ -82,8 +83,9 @@ def test_example_file_parses_every_key() -> None:
 
 def test_round_trip_with_simulation_root(platform: SimulatedPlatform, tmp_path: Path) -> None:
     (tmp_path / "sim-root.pem").write_bytes(platform.root_certificate_path.read_bytes())
-    policy = Policy(mr_signer=MR_SIGNER, isv_prod_id=1, tcb_statuses=frozenset(),
-                    accept_without_collateral=True, simulation_root=platform.root_certificate,
+    policy = Policy(mr_signer=MR_SIGNER, isv_prod_id=1,
+                    tcb_statuses=frozenset({TcbStatus.UP_TO_DATE, TcbStatus.OUT_OF_DATE}),
+                    accept_unknown_tcb_status=True, simulation_root=platform.root_certificate,
                     simulation_root_path="sim-root.pem")  # fmt: skip
     policy.write(tmp_path / "policy.toml")
     loaded = Policy.load(tmp_path / "policy.toml")
@@ -134,6 +136,17 @@ GOOD = f'[enclave]\nmr_enclave = ["{HEX_E}"]\nisv_prod_id = 0\n'
         (GOOD + "attributes_xfrm = 3\n", "enclave.attributes_xfrm", "must be str"),
         (GOOD + "[simulation]\ntrust_root = 'nope.pem'\n", "simulation.trust_root", "cannot read"),
         (
+            GOOD + "accept_without_collateral = true\n",
+            "enclave.accept_without_collateral",
+            "removed: it skipped the Quoting Enclave check",
+        ),
+        (
+            GOOD + "accept_without_collateral = false\n",
+            "enclave.accept_without_collateral",
+            "accept_unknown_tcb_status",
+        ),
+        (GOOD + "accept_unknown_tcb_status = 1\n", "enclave.accept_unknown_tcb_status", "bool"),
+        (
             GOOD + "[simulation]\ntrust_root = 'example.toml'\n",
             "simulation.trust_root",
             "not a PEM",
@@ -165,6 +178,25 @@ def test_unreadable_policy_file(tmp_path: Path) -> None:
 
 
 # --- rules -----------------------------------------------------------------------------
+
+
+def test_an_unknown_tcb_status_is_accepted_only_loudly(
+    platform: SimulatedPlatform, policy: Policy
+) -> None:
+    verified = _verified(platform)
+    with capture_logs() as logs:
+        enclave = policy.check(verified)
+    assert enclave.tcb_status is None
+    assert enclave.advisory_ids == ()
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("tcb_status_unknown_accepted", "warning")
+    ]
+    strict = replace(policy, accept_unknown_tcb_status=False)
+    with capture_logs() as logs, pytest.raises(TcbStatusError, match="--pccs-url"):
+        strict.check(verified)
+    assert logs == []
+    assert "accept_unknown_tcb_status = true" in policy.to_toml()
+    assert "accept_unknown_tcb_status" not in strict.to_toml()
 
 
 def test_accepts_the_right_enclave(platform: SimulatedPlatform, policy: Policy) -> None:
@@ -199,7 +231,7 @@ REFUSALS: list[tuple[str, dict[str, object], dict[str, object], type[Exception]]
      EnclaveAttributesError),
     ("xfrm mask", {}, {"attributes_xfrm": 0x7}, EnclaveAttributesError),
     ("misc mask", {}, {"misc_select": 0x1, "misc_mask": 0x1}, EnclaveAttributesError),
-    ("no collateral", {}, {"accept_without_collateral": False}, TcbStatusError),
+    ("no collateral", {}, {"accept_unknown_tcb_status": False}, TcbStatusError),
     ("simulation not trusted", {}, {"simulation_root": None, "simulation_root_path": None},
      SimulationRefusedError),
     ("debug allowed but wrong MRENCLAVE", {"debug": True, "mr_enclave": bytes(32)},

@@ -16,8 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from structlog.testing import capture_logs
 
+from drm_wire.attestation.collateral import Collateral, TcbStatus
 from drm_wire.attestation.errors import (
     CertificateValidityError,
+    CollateralExpiredError,
+    CollateralSignatureError,
     QuoteSignatureError,
     UntrustedRootError,
 )
@@ -47,8 +50,10 @@ def test_directory_layout_and_key_modes(platform: SimulatedPlatform) -> None:
     files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in platform.directory.iterdir()}
     assert set(files) == {
         "sim-root.pem", "sim-intermediate.pem", "sim-pck.pem", "sim-pck.key", "sim-attestation.key",
+        "sim-tcb-signing.pem", "sim-tcb-signing.key", "sim-root-ca.crl", "sim-pck-ca.crl",
     }  # fmt: skip
     assert files["sim-pck.key"] == files["sim-attestation.key"] == 0o600
+    assert files["sim-tcb-signing.key"] == 0o600
     assert platform.root_certificate_path == platform.directory / "sim-root.pem"
     assert "INSECURE" in repr(platform)
 
@@ -175,3 +180,43 @@ def test_load_errors_are_config_errors(platform: SimulatedPlatform, tmp_path: Pa
 def test_report_data_longer_than_64_bytes_is_refused(platform: SimulatedPlatform) -> None:
     with pytest.raises(ValueError, match="64 bytes"):
         platform.quote(bytes(65), mr_enclave=MR_ENCLAVE, mr_signer=MR_SIGNER)
+
+
+# --- the platform's own collateral: the production verification path ------------------
+
+
+def test_the_platform_issues_collateral_that_judges_its_quotes(
+    platform: SimulatedPlatform, quote: bytes
+) -> None:
+    collateral = Collateral.from_json(platform.collateral(now=NOW))
+    assert collateral.tcb_info.fmspc == b"SIMFMS"
+    verified = verify_quote(quote, trust=platform.trust_anchors(), collateral=collateral, now=NOW)
+    assert verified.simulated
+    assert verified.tcb_status is TcbStatus.UP_TO_DATE
+    assert verified.pck_fmspc == b"SIMFMS"
+    # Intel's trust anchors alone never accept it, collateral or not.
+    with pytest.raises(UntrustedRootError):
+        verify_quote(quote, collateral=collateral, now=NOW)
+
+
+def test_simulated_collateral_expires(platform: SimulatedPlatform, quote: bytes) -> None:
+    collateral = Collateral.from_json(platform.collateral(now=NOW))
+    later = NOW + timedelta(days=31)
+    with pytest.raises(CollateralExpiredError):
+        verify_quote(quote, trust=platform.trust_anchors(), collateral=collateral, now=later)
+
+
+def test_another_platforms_collateral_does_not_judge_this_one(
+    platform: SimulatedPlatform, quote: bytes, tmp_path: Path
+) -> None:
+    other = SimulatedPlatform.create(tmp_path / "other", now=NOW)
+    collateral = Collateral.from_json(other.collateral(now=NOW))
+    with pytest.raises(CollateralSignatureError):
+        verify_quote(quote, trust=platform.trust_anchors(), collateral=collateral, now=NOW)
+
+
+def test_a_platform_without_collateral_files_says_so(tmp_path: Path) -> None:
+    made = SimulatedPlatform.create(tmp_path / "old", now=NOW)
+    (made.directory / "sim-tcb-signing.key").unlink()
+    with pytest.raises(ConfigError, match="issues no collateral"):
+        SimulatedPlatform.load(made.directory).collateral(now=NOW)

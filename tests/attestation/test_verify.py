@@ -112,7 +112,7 @@ def test_another_pinned_key_makes_the_real_chain_untrusted() -> None:
 
 
 def test_a_simulation_root_does_not_make_a_real_quote_simulated() -> None:
-    trust = TrustAnchors(simulation_root=TestPki().root)
+    trust = TestPki().trust()
     assert not verify_quote(QUOTE, trust=trust, now=REAL_NOW).simulated
 
 
@@ -245,7 +245,7 @@ def test_cache_hit_skips_signatures_but_not_dates() -> None:
 def test_cache_is_keyed_by_trust_anchors() -> None:
     pki = TestPki()
     quote = pki.quote()
-    assert verify_quote(quote, trust=TrustAnchors(simulation_root=pki.root), now=SIM_NOW)
+    assert verify_quote(quote, trust=pki.trust(), now=SIM_NOW)
     with pytest.raises(UntrustedRootError):
         verify_quote(quote, now=SIM_NOW)
 

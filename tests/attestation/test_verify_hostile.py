@@ -31,7 +31,13 @@ from drm_wire.attestation.errors import (
     TcbLevelError,
     UntrustedRootError,
 )
-from drm_wire.attestation.quote import QuoteHeader, ReportBody, build_quote, parse_quote
+from drm_wire.attestation.quote import (
+    INTEL_QE_VENDOR_ID,
+    QuoteHeader,
+    ReportBody,
+    build_quote,
+    parse_quote,
+)
 from drm_wire.attestation.verify import (
     Collateral,
     TcbStatus,
@@ -47,6 +53,7 @@ from .dcap_helpers import (
     PLATFORM_SVNS,
     QE_AUTH,
     SIM_NOW,
+    TEST_QE_IDENTITY,
     TestPki,
     make_cert,
     raw_signature,
@@ -54,15 +61,17 @@ from .dcap_helpers import (
 )
 
 PKI = TestPki()
-TRUST = TrustAnchors(simulation_root=PKI.root)
+TRUST = PKI.trust()
 PKI_EXTENSION = sgx_extension(FMSPC, PLATFORM_SVNS, PLATFORM_PCESVN, PCE_ID)
+#: A quote from the test PKI that claims Intel's QE vendor id, for the "Intel" slot.
+INTEL_LIKE_QUOTE = PKI.quote(vendor=INTEL_QE_VENDOR_ID)
 BETTER = tuple(min(s + 1, 255) for s in PLATFORM_SVNS)
 
 
 def _verify(
     quote: bytes, collateral: str | None = None, *, pki: TestPki = PKI, now: datetime = SIM_NOW
 ) -> VerifiedQuote:
-    trust = TrustAnchors(simulation_root=pki.root)
+    trust = pki.trust()
     loaded = Collateral.from_json(collateral) if collateral is not None else None
     return verify_quote(quote, trust=trust, collateral=loaded, now=now)
 
@@ -88,7 +97,9 @@ def test_simulation_root_is_never_trusted_by_default() -> None:
 def test_simulation_root_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "root.pem"
     path.write_bytes(PKI.root.public_bytes(serialization.Encoding.PEM))
-    trust = TrustAnchors.with_simulation_root(path)
+    trust = dataclasses.replace(
+        TrustAnchors.with_simulation_root(path), simulation_qe_identity=TEST_QE_IDENTITY
+    )
     assert verify_quote(PKI.quote(), trust=trust, now=SIM_NOW).simulated
 
 
@@ -220,6 +231,10 @@ def test_attestation_key_not_on_the_curve() -> None:
 def test_revoked_pck_certificate() -> None:
     with pytest.raises(RevokedError, match="PCK certificate is revoked"):
         _verify(PKI.quote(), PKI.collateral(revoke_leaf=True))
+    # The same under the test root standing in for Intel's (not simulated).
+    collateral = Collateral.from_json(PKI.collateral(revoke_leaf=True))
+    with pytest.raises(RevokedError, match="PCK certificate is revoked"):
+        verify_quote(INTEL_LIKE_QUOTE, trust=PKI.as_intel(), collateral=collateral, now=SIM_NOW)
 
 
 def test_revoked_pck_ca() -> None:
@@ -246,7 +261,7 @@ def test_collateral_signed_by_another_key() -> None:
 
 def test_collateral_from_another_root() -> None:
     other = TestPki()
-    trust = TrustAnchors(simulation_root=PKI.root)
+    trust = PKI.trust()
     # Both chains verify on their own, but the collateral is rooted elsewhere.
     collateral = Collateral.from_json(other.collateral())
     with pytest.raises(CollateralSignatureError):
@@ -338,6 +353,37 @@ def test_qe_is_not_intels_qe(change: dict[str, Any]) -> None:
     quote = PKI.quote(qe_report=PKI.qe_report(**change))
     with pytest.raises(QeIdentityError):
         _verify(quote, PKI.collateral())
+    # Without collateral the QE is checked against the identity pinned for the root.
+    with pytest.raises(QeIdentityError):
+        _verify(quote)
+    intel_like = PKI.quote(qe_report=PKI.qe_report(**change), vendor=INTEL_QE_VENDOR_ID)
+    with pytest.raises(QeIdentityError):
+        verify_quote(intel_like, trust=PKI.as_intel(), now=SIM_NOW)
+
+
+#: The rogue QE of the issue's review: a non-Intel MRSIGNER, ISVPRODID 77, DEBUG and
+#: PROVISION_KEY, certified by the genuine PCK key (a launch-control host can do this).
+ROGUE_QE: dict[str, Any] = {"mr_signer": b"\x77" * 32, "isv_prod_id": 77, "attributes_flags": 0x13}
+
+
+@pytest.mark.parametrize("with_collateral", [False, True], ids=["pinned", "collateral"])
+def test_rogue_qe_under_an_intel_like_root_is_refused(with_collateral: bool) -> None:
+    # The test root stands in for Intel's (test-only trust anchors): not simulated.
+    quote = PKI.quote(qe_report=PKI.qe_report(**ROGUE_QE), vendor=INTEL_QE_VENDOR_ID)
+    collateral = Collateral.from_json(PKI.collateral()) if with_collateral else None
+    with pytest.raises(QeIdentityError, match="MRSIGNER 7777"):
+        verify_quote(quote, trust=PKI.as_intel(), collateral=collateral, now=SIM_NOW)
+    trust = PKI.as_intel()
+    genuine = verify_quote(INTEL_LIKE_QUOTE, trust=trust, collateral=collateral, now=SIM_NOW)
+    assert not genuine.simulated
+
+
+def test_intels_pinned_qe_refuses_the_test_qe() -> None:
+    # Intel's root slot with Intel's pinned QE: a QE with another MRSIGNER is refused even
+    # though its chain verifies (the default TrustAnchors pin Intel's QE).
+    trust = dataclasses.replace(PKI.as_intel(), intel_qe_identity=TrustAnchors().intel_qe_identity)
+    with pytest.raises(QeIdentityError, match="Intel's pinned QE identity"):
+        verify_quote(INTEL_LIKE_QUOTE, trust=trust, now=SIM_NOW)
 
 
 def test_masked_out_attribute_bits_are_ignored() -> None:
@@ -367,7 +413,7 @@ def test_collateral_needs_intels_three_certificate_chain() -> None:
     ca2 = make_cert("CA 2", keys[2], (ca1, keys[1]), ca=True)
     leaf = make_cert("Leaf", keys[3], (ca2, keys[2]), ca=False, extra=PKI_EXTENSION)
     quote = PKI.quote(chain=PKI.chain_pem(leaf, ca2, ca1, root), qe_signer=keys[3])
-    trust = TrustAnchors(simulation_root=root)
+    trust = TrustAnchors(simulation_root=root, simulation_qe_identity=TEST_QE_IDENTITY)
     assert verify_quote(quote, trust=trust, now=SIM_NOW).simulated
     collateral = Collateral.from_json(PKI.collateral())
     with pytest.raises(CertificateChainError, match="exactly"):

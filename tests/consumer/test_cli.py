@@ -51,6 +51,7 @@ from drm_wire.messages import (
 from drm_wire.net.channel import ChannelError, MessageChannel
 from drm_wire.net.tls import TLSStream
 from drm_wire.tensors import Tensor
+from tests.attestation.dcap_helpers import real_collateral_text
 from tests.consumer.conftest import MR_ENCLAVE, make_policy
 from tests.consumer.fake_enclave import (
     HOST,
@@ -229,7 +230,8 @@ async def test_image_with_auto_covidnet_prints_the_covid_probability(
     assert lines[1] == "Cost: 1 inference"
     assert lines[2] == "Inferences left: 99"
     assert lines[3].startswith(f"Attested: MRENCLAVE {MR_ENCLAVE.hex()}, SIMULATED")
-    assert "TCB status not checked" in lines[3]
+    # The simulated platform staples its own collateral: the production path judged it.
+    assert lines[3].endswith("TCB status UpToDate, advisories none")
     assert "auto picked covidnet" in result.stderr
     [request] = fake.inference_requests()
     assert request.model == "covidnet"
@@ -530,5 +532,27 @@ async def test_info_text_and_json(fake: ScriptedEnclave, workdir: Path) -> None:
     assert [m["name"] for m in document["models"]] == ["tiny", "covidnet"]
     assert document["models"][1]["inputs"][0]["shape"] == [None, 480, 480, 3]
     assert document["state"] == "serving"
-    assert document["attestation"]["tcb_status"] is None
+    assert document["attestation"]["tcb_status"] == "UpToDate"
+    assert document["attestation"]["advisory_ids"] == []
     assert fake.inference_requests() == []
+
+
+async def test_a_bad_collateral_file_is_refused_with_2_before_connecting(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    np.save(workdir / "x.npy", sample_input(rows=1))
+    (workdir / "bundle.json").write_text('{"tcb_info": 1}')
+    result = await query(fake, workdir, "--input", "x.npy", "--collateral", "bundle.json")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "bad collateral: not a collateral bundle" in result.stderr
+    assert fake.handshakes_completed == 0
+
+
+async def test_given_collateral_for_another_platform_leaves_the_staple_to_judge(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    np.save(workdir / "x.npy", sample_input(rows=1))
+    (workdir / "bundle.json").write_text(real_collateral_text())  # Intel's, FMSPC 00A067110000
+    result = await query(fake, workdir, "--input", "x.npy", "--collateral", "bundle.json")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "TCB status UpToDate" in result.stdout

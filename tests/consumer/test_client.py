@@ -87,7 +87,7 @@ async def test_wrong_mrenclave_is_refused_before_any_application_byte(
 async def test_an_untrusted_simulation_root_is_refused(
     fake_enclave: FakeEnclave,
 ) -> None:
-    no_simulation = Policy(mr_enclave=(MR_ENCLAVE,), isv_prod_id=0, accept_without_collateral=True)
+    no_simulation = Policy(mr_enclave=(MR_ENCLAVE,), isv_prod_id=0, accept_unknown_tcb_status=True)
     with pytest.raises(AttestationRefused):
         async with Client.connect(HOST, fake_enclave.port, policy=no_simulation):
             pytest.fail("trusted a simulated quote without being told to")

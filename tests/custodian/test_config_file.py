@@ -29,8 +29,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "custodian
 MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
 KEYS = (
-    "state_dir, upload, policy, address, port, admin_port, initial_inferences, lease, log_level, "
-    "max_links, max_link_handshakes, models"
+    "state_dir, upload, policy, collateral, pccs_url, pccs_ca, address, port, admin_port, "
+    "initial_inferences, lease, log_level, max_links, max_link_handshakes, models"
 )
 
 
@@ -85,6 +85,9 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         f"  state_dir = {files.state}  (config file)",
         f"  upload = {files.model}  (config file)",
         f"  policy = {files.policy}  (config file)",
+        "  collateral =   (default)",
+        "  pccs_url = (none)  (default)",
+        "  pccs_ca = (none)  (default)",
         "  address = 127.0.0.1  (default)",
         "  port = 7200  (command line)",
         "  admin_port = 6000  (default)",

@@ -191,7 +191,7 @@ def test_policy_pins_the_build(ca_pem: bytes) -> None:
         min_isv_svn=3,
         allow_debug=False,
         tcb_statuses=frozenset({TcbStatus.UP_TO_DATE}),
-        accept_without_collateral=False,
+        accept_unknown_tcb_status=False,
     )
     assert policy.simulation_root is None  # Intel's root only
     assert Policy.from_toml(policy.to_toml()) == policy
@@ -207,7 +207,7 @@ def test_policy_with_more_tcb_statuses(ca_pem: bytes) -> None:
     ("statuses", "message"),
     [
         ((TcbStatus.REVOKED,), "a Revoked TCB is never acceptable (at 'tcb_statuses')"),
-        ((), "accepts nothing: no TCB status and no collateral-less quotes (at 'tcb_statuses')"),
+        ((), "accepts nothing: no TCB status (at 'tcb_statuses')"),
     ],
 )
 def test_policy_refuses_meaningless_statuses(

@@ -256,7 +256,9 @@ async def test_custodian_killed_mid_upload_then_restarted(lab: Lab) -> None:
         seen = len(enclave.daemon.events)
         restarted = await trio.to_thread.run_sync(lab.restart_custodian)
         await _wait_log(partial(enclave.daemon.wait_for, after=seen), "custodian_link_up")
-        assert restarted.find("model_delivered", model="big") is not None
+        # The custodian logs the delivery once the enclave's model_loaded reaches it, which
+        # can be just after the enclave logs its link up: wait, do not race the other log.
+        await _wait_log(restarted.wait_for, "model_delivered", model="big")
 
         policy = Policy.load(lab.policy_path)
         async with Client.connect(LOOPBACK, enclave.consumer_port, policy=policy) as client:

@@ -151,7 +151,7 @@ def enclave_policy(pki: Pki, platform: SimulatedPlatform) -> Policy:
         mr_enclave=(simulated_mr_enclave(custodian_ca=pki.ca_pem),),
         mr_signer=simulated_mr_signer(),
         isv_prod_id=0,
-        accept_without_collateral=True,
+        accept_unknown_tcb_status=True,
         simulation_root=platform.root_certificate,
     )
 

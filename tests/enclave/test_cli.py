@@ -66,7 +66,7 @@ def test_measure_writes_a_policy_that_loads(tmp_path: Path) -> None:
     assert policy.mr_enclave == (expected,)
     assert policy.mr_signer == simulated_mr_signer()
     assert policy.allow_debug is False
-    assert policy.accept_without_collateral is True
+    assert policy.accept_unknown_tcb_status is False  # the platform staples collateral
     platform = SimulatedPlatform.load(tmp_path / "sim")
     assert policy.simulation_root == platform.root_certificate
     assert policy.simulation_root_path == "../sim/sim-root.pem"  # relative to the policy

@@ -329,6 +329,20 @@ async def test_untrusted_custodian_never_gets_a_hello(tmp_path: Path) -> None:
         assert rig.runtime.state is EnclaveState.CUSTODIAN_UNREACHABLE
 
 
+async def test_a_custodian_certificate_for_another_name_never_gets_a_hello(
+    tmp_path: Path,
+) -> None:
+    # The custodian's certificate names 127.0.0.1 only; the enclave dials it as
+    # "localhost" (a misconfigured --custodian): same CA, same address, refused.
+    async with running_enclave(tmp_path, custodian_host="localhost") as rig:
+        with trio.fail_after(TIMEOUT):
+            while rig.custodian.handshake_failures < 2:
+                await rig.custodian.handshake_failed.wait()
+                rig.custodian.handshake_failed = trio.Event()
+        assert rig.custodian.hellos == 0
+        assert rig.runtime.state is EnclaveState.CUSTODIAN_UNREACHABLE
+
+
 async def test_bad_ack_drops_the_link(tmp_path: Path) -> None:
     async with running_enclave(tmp_path) as rig:
         session = await rig.link(granted_total=2)

@@ -452,7 +452,7 @@ def _policies() -> tuple[Policy, Policy]:
     simulated = Policy(
         mr_enclave=(bytes(range(32)),),
         isv_prod_id=0,
-        accept_without_collateral=True,
+        accept_unknown_tcb_status=True,
         simulation_root=platform.root_certificate,
     )
     return gramine, simulated

@@ -56,7 +56,7 @@ def policy(platform: SimulatedPlatform) -> Policy:
         mr_enclave=(MR_ENCLAVE,),
         mr_signer=MR_SIGNER,
         isv_prod_id=0,
-        accept_without_collateral=True,
+        accept_unknown_tcb_status=True,
         simulation_root=platform.root_certificate,
     )
 
@@ -102,7 +102,7 @@ CASES: dict[str, tuple[Callable[[Policy], Policy], datetime, str]] = {
     "other-mrsigner": (lambda p: replace(p, mr_signer=bytes(32)), NOW, "good"),
     "product-id": (lambda p: replace(p, isv_prod_id=7), NOW, "good"),
     "svn-too-low": (lambda p: replace(p, min_isv_svn=1), NOW, "good"),
-    "needs-collateral": (lambda p: replace(p, accept_without_collateral=False), NOW, "good"),
+    "needs-collateral": (lambda p: replace(p, accept_unknown_tcb_status=False), NOW, "good"),
     "no-simulation": (lambda p: replace(p, simulation_root=None), NOW, "good"),
     "chain-expired": (lambda p: p, NOW + timedelta(days=3651), "good"),
     "chain-not-yet-valid": (lambda p: p, NOW - timedelta(days=1), "good"),

@@ -10,6 +10,8 @@ import contextlib
 import datetime
 import hashlib
 import ipaddress
+import json
+import pathlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -23,12 +25,16 @@ from OpenSSL import SSL
 
 from drm_lab.certs import Identity, make_ca
 from drm_wire.attestation import _pck
+from drm_wire.attestation.collateral import Collateral, TcbStatus
+from drm_wire.attestation.collateral_cache import CollateralCache
 from drm_wire.attestation.errors import UntrustedRootError
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.attestation.pccs import CaType, PccsClient
 from drm_wire.attestation.policy import (
     DebugEnclaveError,
     MeasurementMismatchError,
     Policy,
+    TcbStatusError,
 )
 from drm_wire.attestation.ratls_cert import (
     CertificateFormatError,
@@ -55,6 +61,7 @@ from drm_wire.net.tls import (
     open_tls_client,
     server_context,
 )
+from tests.attestation.pccs_server import PccsBehaviour, running_pccs
 from tests.simulation import simulation_policy
 
 HOST = "127.0.0.1"
@@ -422,3 +429,56 @@ def test_factories_refuse_misconfiguration(
 def test_verified_custodian_has_no_public_constructor(custodian: Identity) -> None:
     with pytest.raises(TypeError):
         VerifiedCustodian(custodian.cert, None, object())
+
+
+# --- collateral from a PCCS, for enclaves that staple none ------------------------------
+
+
+async def test_custodian_fetches_collateral_on_first_sight_then_accepts(
+    platform: SimulatedPlatform,
+    custodian_ca: Identity,
+    custodian: Identity,
+    tmp_path: pathlib.Path,
+) -> None:
+    # A production policy for the simulation root: UpToDate only, no unknown status.
+    strict = replace(simulation_policy(platform, MR_ENCLAVE), accept_unknown_tcb_status=False)
+    enclave = _enclave(platform)  # staples nothing
+    bundle = json.loads(platform.collateral())
+    async with (
+        running_pccs(tmp_path, PccsBehaviour(bundle=bundle)) as pccs,
+        PccsClient(pccs.url, ca=pccs.ca_path) as client,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def fetch(fmspc: bytes, ca: CaType) -> Collateral:
+            return await client.fetch(fmspc, ca=ca)
+
+        cache = CollateralCache(fetch)
+        await nursery.start(cache.run)
+        server_ctx = custodian_server_context(
+            custodian.cert, custodian.key, strict, collateral=cache
+        )
+
+        async def dial_refused(port: int) -> None:
+            stream = await _connect(enclave_client_context(enclave, custodian_ca.cert), port)
+            await _refused_by_server(stream)
+
+        seen = await _run(server_ctx, dial_refused)
+        assert isinstance(seen.error, PeerVerificationError)
+        assert type(seen.error.__cause__) is TcbStatusError  # unknown: noted for fetching
+        with trio.fail_after(TIMEOUT):
+            await cache.wait_for(b"SIMFMS")
+
+        async def dial(port: int) -> None:
+            assert (
+                await _ping(
+                    await _connect(enclave_client_context(enclave, custodian_ca.cert), port)
+                )
+                == b"PING"
+            )
+
+        seen = await _run(server_ctx, dial)
+        assert seen.error is None
+        assert isinstance(seen.identity, VerifiedEnclave)
+        assert seen.identity.tcb_status is TcbStatus.UP_TO_DATE
+        nursery.cancel_scope.cancel()

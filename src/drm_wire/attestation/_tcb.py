@@ -48,6 +48,7 @@ from drm_wire.attestation.errors import (
     RevokedError,
     TcbLevelError,
 )
+from drm_wire.attestation.qe_identity import check_qe_identity
 from drm_wire.attestation.quote import Quote, ReportBody
 
 
@@ -117,18 +118,7 @@ def _check_crls(chain: VerifiedChain, collateral: Collateral, roots: tuple[Root,
 
 
 def _qe_status(qe: ReportBody, identity: QeIdentity) -> tuple[TcbStatus, tuple[str, ...]]:
-    attributes = qe.attributes_flags.to_bytes(8, "little") + qe.attributes_xfrm.to_bytes(
-        8, "little"
-    )
-    mask = identity.attributes_mask
-    if qe.mr_signer != identity.mrsigner or qe.isv_prod_id != identity.isvprodid:
-        raise QeIdentityError("QE report MRSIGNER or ISVPRODID is not Intel's QE")
-    if qe.misc_select & identity.miscselect_mask != identity.miscselect & identity.miscselect_mask:
-        raise QeIdentityError("QE report MISCSELECT does not match the QE identity")
-    if any(
-        (a & m) != (b & m) for a, b, m in zip(attributes, identity.attributes, mask, strict=True)
-    ):
-        raise QeIdentityError("QE report attributes do not match the QE identity")
+    check_qe_identity(qe, identity, what="the collateral's QE identity")
     for level in identity.tcb_levels:
         if qe.isv_svn >= level.isvsvn:
             if level.status is TcbStatus.REVOKED:

@@ -1,4 +1,5 @@
-"""``python -m drm_wire.attestation inspect``: look inside a quote or RA-TLS certificate.
+"""``python -m drm_wire.attestation inspect``: look inside a quote or RA-TLS certificate
+(and ``collateral fetch|show``, in :mod:`.collateral_cli`).
 
 For operators and for debugging a refused handshake: it prints the measurements, the key
 binding, the PCK chain, the TCB status and a verdict, using exactly the verification code
@@ -19,7 +20,9 @@ from typing import Any, TextIO
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from drm_wire.attestation import collateral_cli
 from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import with_stapled
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.quote import parse_quote
 from drm_wire.attestation.ratls_cert import RatlsEvidence, parse_ratls_certificate
@@ -39,11 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show and verify a quote or RA-TLS certificate")
     inspect.add_argument("file", type=Path, help="raw quote, or certificate (PEM or DER)")
     inspect.add_argument("--policy", type=Path, help="policy TOML to check against")
-    inspect.add_argument("--collateral", type=Path, help="Intel collateral JSON (dcap-qvl format)")
+    inspect.add_argument("--collateral", type=Path,
+                         help="Intel collateral bundle (collateral fetch, or dcap-qvl JSON); "
+                         "collateral stapled in a certificate is used too")  # fmt: skip
     inspect.add_argument("--at", help="verification time, ISO 8601 (default: now; naive = UTC)")
     inspect.add_argument("--trust-simulation-root", type=Path, metavar="PEM",
                          help="also trust this INSECURE simulation root")  # fmt: skip
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    collateral_cli.add_parser(commands)
     return parser
 
 
@@ -121,7 +127,8 @@ def _inspect(args: argparse.Namespace, report: dict[str, Any]) -> bool:
         quotes = [(data, "raw")]
     report["quotes"] = [_describe(quote, carrier) for quote, carrier in quotes]
     for entry, (quote, _) in zip(report["quotes"], quotes, strict=True):
-        verified = verify_quote(quote, trust=trust, collateral=collateral, now=now)
+        source = with_stapled(collateral, evidence.stapled_collateral if evidence else None)
+        verified = verify_quote(quote, trust=trust, collateral=source, now=now)
         entry["signatures"] = "verified"
         entry["simulated"] = verified.simulated
         entry["tcb_status"] = verified.tcb_status.value if verified.tcb_status else None
@@ -153,6 +160,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     """Run the CLI; returns the exit status instead of exiting (tests call this)."""
     out = out or sys.stdout
     args = _parser().parse_args(argv)
+    if args.command == "collateral":
+        return collateral_cli.run(args, out, sys.stderr)
     report: dict[str, Any] = {"file": str(args.file)}
     if args.policy:
         report["policy"] = str(args.policy)

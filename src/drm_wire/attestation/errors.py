@@ -97,7 +97,7 @@ class CollateralSignatureError(CollateralError):
 class CollateralExpiredError(CollateralError):
     """Collateral is outside its issueDate/nextUpdate window at ``now``."""
 
-    check: ClassVar[str] = "collateral_validity"
+    check: ClassVar[str] = "collateral_expired"
 
 
 class RevokedError(AttestationError):

@@ -18,9 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Final, Literal
 
+import structlog
+
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.ratls_cert import QuoteProvider, RatlsCredentials, build_ratls_certificate
 from drm_wire.errors import AttestationError, ConfigError
+
+_log = structlog.get_logger(__name__)
 
 __all__ = [
     "ATTESTATION_ROOT",
@@ -82,7 +86,12 @@ class GramineQuoteProvider:
 
 
 class SimulatedEnclave:
-    """What the simulated backend needs: an (insecure) platform and the measurements."""
+    """What the simulated backend needs: an (insecure) platform and the measurements.
+
+    ``collateral`` is the platform's own collateral bundle, stapled to the certificate so
+    verifiers judge the simulated quote through the production path (``None`` when the
+    platform was made by a release that issued none).
+    """
 
     def __init__(
         self,
@@ -101,6 +110,11 @@ class SimulatedEnclave:
             isv_svn=isv_svn,
             debug=debug,
         )
+        try:
+            self.collateral: bytes | None = platform.collateral().encode()
+        except ConfigError as exc:
+            _log.warning("simulated_platform_issues_no_collateral", reason=str(exc))
+            self.collateral = None
 
 
 def make_enclave_identity(
@@ -108,12 +122,14 @@ def make_enclave_identity(
     *,
     attestation_root: Path = ATTESTATION_ROOT,
     simulation: SimulatedEnclave | None = None,
+    stapled_collateral: bytes | None = None,
 ) -> RatlsCredentials:
     """A fresh P-384 key and its RA-TLS certificate from the chosen backend.
 
     ``"auto"`` uses Gramine when its device is there, else the simulation if one was given
     (an explicit opt-in, logged on every quote), else fails: an enclave never silently
-    runs without attestation.
+    runs without attestation. ``stapled_collateral`` (a bundle) goes into the certificate;
+    the simulated backend staples its platform's own.
 
     Raises:
         ConfigError: the backend is unknown or unavailable, or simulation was not given.
@@ -132,6 +148,7 @@ def make_enclave_identity(
                 "no SGX attestation here and no simulated platform configured", key="backend"
             )
         provider = simulation.provider
+        stapled_collateral = stapled_collateral or simulation.collateral
     else:
         raise ConfigError(f"unknown attestation backend {backend!r}", key="backend")
-    return build_ratls_certificate(provider)
+    return build_ratls_certificate(provider, stapled_collateral=stapled_collateral)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import CollateralSource, with_stapled
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls_cert import parse_ratls_certificate
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
@@ -34,7 +35,7 @@ def verify_enclave_certificate(
     der: bytes,
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     now: datetime,
 ) -> VerifiedEnclave:
     """Verify an RA-TLS certificate (DER or PEM) and check it against ``policy``.
@@ -45,8 +46,9 @@ def verify_enclave_certificate(
     Args:
         der: the peer certificate, as the TLS layer hands it over.
         policy: what to accept; also names the trust anchors.
-        collateral: Intel collateral for a TCB status; without it the policy must say
-            ``accept_without_collateral = true``.
+        collateral: Intel collateral for a TCB status, used with any the certificate
+            staples (the newest valid one decides); without either the policy must say
+            ``accept_unknown_tcb_status = true`` (the QE is checked either way).
         now: when certificates and collateral must be valid (timezone-aware).
 
     Raises:
@@ -55,9 +57,10 @@ def verify_enclave_certificate(
     """
     evidence = parse_ratls_certificate(der)
     trust = policy.trust_anchors()
+    source = with_stapled(collateral, evidence.stapled_collateral)
     results = [
         policy.check(
-            verify_quote(quote, trust=trust, collateral=collateral, now=now),
+            verify_quote(quote, trust=trust, collateral=source, now=now),
             public_key_spki=evidence.spki_der,
         )
         for quote in evidence.quotes
@@ -68,7 +71,7 @@ def verify_enclave_certificate(
 def make_certificate_verifier(
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> Callable[[bytes], VerifiedEnclave]:
     """A ``(peer certificate DER) -> VerifiedEnclave`` hook for the TLS layer.

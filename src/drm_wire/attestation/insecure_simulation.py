@@ -19,7 +19,15 @@ the attestation key over ``quote[0:432]``, attestation key X||Y, QE report whose
 report_data binds SHA-256(attestation key || QE auth data), QE report signature by the
 PCK-like leaf, QE auth data, certification data type 5 (PEM leaf || intermediate || root,
 NUL-terminated). Directory layout: ``sim-root.pem``, ``sim-intermediate.pem``,
-``sim-pck.pem`` (public) and ``sim-pck.key``, ``sim-attestation.key`` (mode 0600).
+``sim-pck.pem``, ``sim-tcb-signing.pem``, the CRLs ``sim-root-ca.crl`` and
+``sim-pck-ca.crl`` (public) and ``sim-pck.key``, ``sim-attestation.key``,
+``sim-tcb-signing.key`` (mode 0600).
+
+The platform also issues its own collateral (:meth:`SimulatedPlatform.collateral`, see
+:mod:`._sim_collateral`): its PCK leaf carries Intel's SGX extension and a TCB signing
+certificate under its root signs TCB info and a QE identity, so a simulated quote gets a
+TCB verdict through the same code as a real one. The CRLs are signed once, at creation,
+for the platform's whole validity, and the root and intermediate keys are still discarded.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, final
+from typing import Any, Final, final
 
 import structlog
 from cryptography import x509
@@ -39,6 +47,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from drm_wire.attestation import _sim_collateral
+from drm_wire.attestation.qe_identity import SIMULATED_QE_MR_ENCLAVE, SIMULATED_QE_MR_SIGNER
 from drm_wire.attestation.quote import (
     ATTESTATION_KEY_TYPE_ECDSA_P256,
     ATTRIBUTE_DEBUG,
@@ -62,9 +72,11 @@ _INTERMEDIATE_FILE: Final = "sim-intermediate.pem"
 _PCK_FILE: Final = "sim-pck.pem"
 _PCK_KEY_FILE: Final = "sim-pck.key"
 _ATTESTATION_KEY_FILE: Final = "sim-attestation.key"
+_TCB_FILE: Final = "sim-tcb-signing.pem"
+_TCB_KEY_FILE: Final = "sim-tcb-signing.key"
+_ROOT_CRL_FILE: Final = "sim-root-ca.crl"
+_PCK_CRL_FILE: Final = "sim-pck-ca.crl"
 _QE_AUTH_DATA: Final = bytes(range(32))  # what Intel's QE puts there, for realism
-_QE_MR_ENCLAVE: Final = hashlib.sha256(b"drm-wire simulated quoting enclave").digest()
-_QE_MR_SIGNER: Final = hashlib.sha256(b"drm-wire simulated quoting enclave signer").digest()
 _SIG: Final = ec.ECDSA(hashes.SHA256())
 
 _log = structlog.get_logger(__name__)
@@ -88,6 +100,7 @@ def _certificate(
     ca: bool,
     not_before: datetime,
     not_after: datetime,
+    extra: x509.UnrecognizedExtension | None = None,
 ) -> x509.Certificate:
     public = key.public_key()
     issuer_name = issuer[0].subject if issuer else _name(subject)
@@ -115,6 +128,8 @@ def _certificate(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
         )
     )
+    if extra is not None:
+        builder = builder.add_extension(extra, critical=False)
     return builder.sign(signer, hashes.SHA256())
 
 
@@ -198,17 +213,27 @@ class SimulatedPlatform:
         path = Path(directory)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         start = (now or datetime.now(UTC)) - timedelta(hours=1)
-        validity = {"not_before": start, "not_after": start + valid_for}
-        root_key, mid_key, pck_key, att_key = (
-            ec.generate_private_key(ec.SECP256R1()) for _ in range(4)
+        validity: dict[str, Any] = {"not_before": start, "not_after": start + valid_for}
+        root_key, mid_key, pck_key, att_key, tcb_key = (
+            ec.generate_private_key(ec.SECP256R1()) for _ in range(5)
         )
         root = _certificate("SIMULATED SGX Root CA (INSECURE)", root_key, None,
                             path_length=1, ca=True, **validity)  # fmt: skip
         mid = _certificate("SIMULATED SGX PCK Platform CA (INSECURE)", mid_key, (root, root_key),
                            path_length=0, ca=True, **validity)  # fmt: skip
         pck = _certificate("SIMULATED SGX PCK Certificate (INSECURE)", pck_key, (mid, mid_key),
+                           path_length=None, ca=False, **validity,
+                           extra=_sim_collateral.sgx_extension())  # fmt: skip
+        tcb = _certificate("SIMULATED SGX TCB Signing (INSECURE)", tcb_key, (root, root_key),
                            path_length=None, ca=False, **validity)  # fmt: skip
         pem = serialization.Encoding.PEM
+        crl_window = (validity["not_before"], validity["not_after"])
+        _write(path / _ROOT_CRL_FILE, _sim_collateral.crl(root, root_key, *crl_window),
+               secret=False)  # fmt: skip
+        _write(path / _PCK_CRL_FILE, _sim_collateral.crl(mid, mid_key, *crl_window),
+               secret=False)  # fmt: skip
+        _write(path / _TCB_KEY_FILE, _key_pem(tcb_key), secret=True)
+        _write(path / _TCB_FILE, tcb.public_bytes(pem), secret=False)
         _write(path / _PCK_KEY_FILE, _key_pem(pck_key), secret=True)
         _write(path / _ATTESTATION_KEY_FILE, _key_pem(att_key), secret=True)
         _write(path / _PCK_FILE, pck.public_bytes(pem), secret=False)
@@ -216,6 +241,48 @@ class SimulatedPlatform:
         _write(path / ROOT_FILE, root.public_bytes(pem), secret=False)
         _log.warning("insecure_simulation_used", action="create_platform", directory=str(path))
         return cls(path, root, mid, pck, pck_key, att_key)
+
+    def collateral(self, *, now: datetime | None = None) -> str:
+        """This platform's collateral bundle (TCB info, QE identity, CRLs), issued ``now``.
+
+        It is in the bundle format verifiers read, signed under this platform's root, and
+        current for :data:`~._sim_collateral.COLLATERAL_VALIDITY`.
+
+        Raises:
+            ConfigError: the platform was made by a release that issued no collateral (its
+                directory has no TCB signing key): make a new one.
+        """
+
+        def read(name: str) -> bytes:
+            try:
+                return (self.directory / name).read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    "this simulated platform issues no collateral (made by an older release); "
+                    "make a new simulation directory",
+                    path=str(self.directory / name),
+                ) from exc
+
+        try:
+            tcb_key = serialization.load_pem_private_key(read(_TCB_KEY_FILE), None)
+            tcb = x509.load_pem_x509_certificate(read(_TCB_FILE))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                "simulated TCB signing files do not parse", path=str(self.directory)
+            ) from exc
+        if not isinstance(tcb_key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(
+                "simulated TCB signing key must be EC P-256", path=str(self.directory)
+            )
+        _log.warning("insecure_simulation_used", action="collateral", directory=str(self.directory))
+        return _sim_collateral.collateral_json(
+            now=now or datetime.now(UTC),
+            tcb_key=tcb_key,
+            tcb_chain=(tcb, self.root_certificate),
+            pck_ca_chain=(self.intermediate_certificate, self.root_certificate),
+            root_crl=read(_ROOT_CRL_FILE),
+            pck_crl=read(_PCK_CRL_FILE),
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> SimulatedPlatform:
@@ -276,8 +343,8 @@ class SimulatedPlatform:
         debug: bool = False,
         attributes_xfrm: int = 0x3,
         misc_select: int = 0,
-        qe_svn: int = 1,
-        pce_svn: int = 1,
+        qe_svn: int = _sim_collateral.SIMULATED_QE_SVN,
+        pce_svn: int = _sim_collateral.SIMULATED_PCESVN,
         attributes_flags: int | None = None,
     ) -> bytes:
         """A v3 quote for an enclave with these measurements and ``report_data``.
@@ -310,8 +377,8 @@ class SimulatedPlatform:
             flags=ATTRIBUTE_INIT | ATTRIBUTE_MODE64BIT,
             xfrm=0x3,
             misc_select=0,
-            mr_enclave=_QE_MR_ENCLAVE,
-            mr_signer=_QE_MR_SIGNER,
+            mr_enclave=SIMULATED_QE_MR_ENCLAVE,
+            mr_signer=SIMULATED_QE_MR_SIGNER,
             isv_prod_id=1,
             isv_svn=qe_svn,
             report_data=hashlib.sha256(att_public + _QE_AUTH_DATA).digest() + bytes(32),

@@ -9,8 +9,9 @@ enclave, like BlindAI's ``manifest.toml``::
     isv_prod_id = 0                   # required, must be equal
     min_isv_svn = 0                   # enclave's ISV SVN must be >= this
     allow_debug = false               # DEBUG enclaves leak their memory: never in production
-    tcb_statuses = ["UpToDate"]       # accepted Intel verdicts (when collateral is given)
-    accept_without_collateral = false # accept a quote whose TCB status is unknown
+    tcb_statuses = ["UpToDate"]       # accepted Intel verdicts (Revoked never)
+    accept_unknown_tcb_status = false # INSECURE opt-in: accept a quote judged without
+                                      # collateral (its QE is still checked); logged loudly
     attributes_flags = "0x4"          # optional BlindAI-style masks: (value & mask) must
     attributes_mask_flags = "0xfffffffffffffffd"   # equal (expected & mask); INIT is implied
     attributes_xfrm = "0x3"
@@ -20,6 +21,11 @@ enclave, like BlindAI's ``manifest.toml``::
 
     [simulation]                      # only where simulated enclaves are (insecurely) trusted
     trust_root = "sim-root.pem"       # relative to this file
+
+The Quoting Enclave is always checked (:mod:`.qe_identity`); no key skips that. The key
+``accept_without_collateral`` of earlier releases did, and is refused with a message
+naming what replaces it: collateral given to the verifier (``--collateral``/``--pccs-url``)
+or, knowingly, ``accept_unknown_tcb_status``.
 
 :meth:`Policy.check` applies Gramine's verifier rules (``ra_tls_verify_common.c``): TCB
 status, then attributes (DEBUG refused unless allowed; INIT and MODE64BIT required;
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, final
 
+import structlog
 from cryptography import x509
 
 from drm_wire.attestation.collateral import TcbStatus
@@ -75,7 +82,7 @@ _U64: Final = (1 << 64) - 1
 _U32: Final = (1 << 32) - 1
 _ENCLAVE_KEYS: Final = frozenset(
     {"mr_enclave", "mr_signer", "isv_prod_id", "min_isv_svn", "allow_debug", "tcb_statuses",
-     "accept_without_collateral", "attributes_flags", "attributes_mask_flags", "attributes_xfrm",
+     "accept_unknown_tcb_status", "attributes_flags", "attributes_mask_flags", "attributes_xfrm",
      "attributes_mask_xfrm", "misc_select", "misc_mask"}
 )  # fmt: skip
 #: (value key, mask key, width) of the optional masked comparisons, BlindAI style.
@@ -160,7 +167,7 @@ class Policy:
     min_isv_svn: int = 0
     allow_debug: bool = False
     tcb_statuses: frozenset[TcbStatus] = frozenset({TcbStatus.UP_TO_DATE})
-    accept_without_collateral: bool = False
+    accept_unknown_tcb_status: bool = False
     attributes_flags: int | None = None
     attributes_mask_flags: int | None = None
     attributes_xfrm: int | None = None
@@ -186,10 +193,10 @@ class Policy:
                 raise bad(f"must be an integer 0..{limit}", key)
         if TcbStatus.REVOKED in self.tcb_statuses:
             raise bad("a Revoked TCB is never acceptable", "tcb_statuses")
-        if not self.tcb_statuses and not self.accept_without_collateral:
-            raise bad(
-                "accepts nothing: no TCB status and no collateral-less quotes", "tcb_statuses"
-            )
+        if not self.tcb_statuses:
+            raise bad("accepts nothing: no TCB status", "tcb_statuses")
+        if type(self.accept_unknown_tcb_status) is not bool:
+            raise bad("must be a boolean", "accept_unknown_tcb_status")
         for value_key, mask_key, limit in _MASKS:
             value, mask = getattr(self, value_key), getattr(self, mask_key)
             if mask is not None and value is None:
@@ -233,6 +240,9 @@ class Policy:
                 path=source,
             ) from None
         top = _Table(document, "", source, {"enclave", "simulation"})
+        enclave_data = document.get("enclave")
+        if isinstance(enclave_data, dict) and _REMOVED_KEY in enclave_data:
+            raise ConfigError(_REMOVED_MESSAGE, path=source, key=f"enclave.{_REMOVED_KEY}")
         enclave = top.table("enclave", _ENCLAVE_KEYS, required=True)
         mr_signer = enclave.get("mr_signer", str, None)
         values: dict[str, Any] = {
@@ -243,7 +253,7 @@ class Policy:
             "isv_prod_id": enclave.get("isv_prod_id", int),
             "min_isv_svn": enclave.get("min_isv_svn", int, 0),
             "allow_debug": enclave.get("allow_debug", bool, False),
-            "accept_without_collateral": enclave.get("accept_without_collateral", bool, False),
+            "accept_unknown_tcb_status": enclave.get("accept_unknown_tcb_status", bool, False),
         }
         if "tcb_statuses" in enclave.data:
             values["tcb_statuses"] = frozenset(
@@ -278,8 +288,9 @@ class Policy:
             f"min_isv_svn = {self.min_isv_svn}",
             f"allow_debug = {str(self.allow_debug).lower()}",
             "tcb_statuses = [" + ", ".join(f'"{s.value}"' for s in sorted(self.tcb_statuses)) + "]",
-            f"accept_without_collateral = {str(self.accept_without_collateral).lower()}",
         ]
+        if self.accept_unknown_tcb_status:
+            lines.append("accept_unknown_tcb_status = true  # INSECURE: no TCB verdict needed")
         for value_key, mask_key, _ in _MASKS:
             for key in (value_key, mask_key):
                 if (value := getattr(self, key)) is not None:
@@ -317,12 +328,17 @@ class Policy:
             raise SimulationRefusedError("simulated quote, and this policy trusts no simulation")
         status = verified.tcb_status
         if status is None:
-            if not self.accept_without_collateral:
-                raise TcbStatusError("no TCB status (no collateral) and the policy requires one")
-        elif status not in self.tcb_statuses or (
-            verified.simulated and status is TcbStatus.UP_TO_DATE
-        ):
-            raise TcbStatusError(f"TCB status {status.value} is not accepted")
+            if not self.accept_unknown_tcb_status:
+                raise TcbStatusError(
+                    "TCB status unknown: the verifier has no collateral for this platform "
+                    "(give it --collateral FILE or --pccs-url URL, or use an enclave that "
+                    "staples its collateral)"
+                )
+        elif status not in self.tcb_statuses:
+            advisories = ", ".join(verified.advisory_ids) or "none"
+            raise TcbStatusError(
+                f"TCB status {status.value} is not accepted (advisories: {advisories})"
+            )
         body = verified.quote.body
         if body.attributes_flags & ATTRIBUTE_DEBUG and not self.allow_debug:
             raise DebugEnclaveError("debug enclave refused")
@@ -342,6 +358,13 @@ class Policy:
             raise MeasurementMismatchError(f"MRENCLAVE {body.mr_enclave.hex()} not accepted")
         if self.mr_signer is not None and body.mr_signer != self.mr_signer:
             raise SignerMismatchError(f"MRSIGNER {body.mr_signer.hex()} not accepted")
+        if status is None:
+            _log.warning(
+                "tcb_status_unknown_accepted",
+                policy=self.source,
+                mr_enclave=body.mr_enclave.hex(),
+                note="INSECURE: accept_unknown_tcb_status; revocation and TCB not checked",
+            )
         return VerifiedEnclave._create(verified, public_key_spki)
 
     def _check_masks(self, flags: int, xfrm: int, misc: int) -> None:
@@ -359,6 +382,14 @@ class Policy:
 
 
 _MISSING: Final = object()
+_REMOVED_KEY: Final = "accept_without_collateral"
+_REMOVED_MESSAGE: Final = (
+    "accept_without_collateral was removed: it skipped the Quoting Enclave check. The QE "
+    "is now always checked; for a TCB verdict give the verifier collateral "
+    "(--collateral FILE or --pccs-url URL, or an enclave that staples it), or, knowingly "
+    "and insecurely, set accept_unknown_tcb_status = true"
+)
+_log = structlog.get_logger(__name__)
 
 
 def _read_small(path: Path, limit: int) -> bytes:

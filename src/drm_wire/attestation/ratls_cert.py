@@ -20,6 +20,15 @@ Parsing is deliberately tolerant of the *certificate* (see :mod:`._der`: real Gr
 carry an AlgorithmIdentifier NULL that pyca/cryptography refuses) and strict about the
 *evidence*: the key binding is always required, a present-but-invalid TCG extension never
 falls back to the legacy one, and when both are present they must describe the same enclave.
+**Stapled collateral.** TLS has no stapling channel for a *client* certificate, and a
+consumer may reach no PCCS at all, so the enclave may carry its platform's collateral
+bundle (the JSON of :class:`~.collateral.Collateral`) in a non-critical extension,
+:data:`STAPLED_COLLATERAL_OID` (an ITU-T X.667 UUID arc: no registration needed). It is
+evidence like the quote, never trusted as such: a verifier checks it exactly like
+collateral it fetched (signatures to the pinned root, validity at ``now``) and uses the
+newest valid collateral among its sources (:mod:`.collateral_source`). Peers that do not
+know the OID ignore it (non-critical).
+
 The self-signature and validity dates are not checked, as in Gramine's own verifier: the
 TLS handshake proves possession of the key, and the quote is what vouches for it.
 """
@@ -38,6 +47,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pyasn1.codec.der import encoder as der_encoder
+from pyasn1.type import univ
 
 from drm_wire.attestation import _der
 from drm_wire.attestation._ratls_claims import (
@@ -59,7 +70,9 @@ __all__ = [
     "INTEL_SGX_QUOTE_OID",
     "LEGACY_QUOTE_OID",
     "MAX_EXTENSION_BYTES",
+    "MAX_STAPLED_COLLATERAL_BYTES",
     "MIN_EXTENSION_BYTES",
+    "STAPLED_COLLATERAL_OID",
     "TCG_EVIDENCE_OID",
     "TCG_EVIDENCE_TAG",
     "CertificateFormatError",
@@ -90,6 +103,17 @@ _LEGACY_OIDS: Final = {
 _TCG_OID: Final = bytes.fromhex("678105050409")
 
 #: Gramine's extractor wants ``04 82 LL LL`` and at most ``SGX_QUOTE_MAX_SIZE``.
+#: Stapled collateral is a bundle (~14 KiB for a real platform); 40 KiB keeps the whole
+#: certificate under MAX_CERTIFICATE_BYTES with both quotes.
+MAX_STAPLED_COLLATERAL_BYTES: Final = 40 * 1024
+#: The extension that carries stapled collateral: 2.25 + a random UUID (X.667).
+STAPLED_COLLATERAL_OID: Final = x509.ObjectIdentifier(
+    "2.25.313667103745363979516568158793094427274"
+)
+#: Content bytes of STAPLED_COLLATERAL_OID, as the tolerant DER reader keys extensions.
+_STAPLED_OID_CONTENT: Final = bytes(
+    der_encoder.encode(univ.ObjectIdentifier(STAPLED_COLLATERAL_OID.dotted_string))
+)[2:]
 MIN_EXTENSION_BYTES: Final = 256
 MAX_EXTENSION_BYTES: Final = 8192
 #: Two extensions of 8 KiB, base64 overhead and the rest of the certificate fit easily.
@@ -189,14 +213,18 @@ def build_ratls_certificate(
     not_after: datetime = GRAMINE_NOT_AFTER,
     legacy_extension: bool = True,
     tcg_extension: bool = True,
+    stapled_collateral: bytes | None = None,
 ) -> RatlsCredentials:
     """Make a key (P-384 by default) and a certificate exactly as Gramine's attester does.
 
     The provider is called once per extension, with the report data that extension needs,
-    so the certificate carries two different quotes, as Gramine's does.
+    so the certificate carries two different quotes, as Gramine's does. To re-issue the
+    certificate with fresh collateral, pass the same key and a provider that returns the
+    same quotes: the report data depends only on the key.
 
     Raises:
-        CertificateFormatError: a quote does not fit Gramine's extension size limits.
+        CertificateFormatError: a quote does not fit Gramine's extension size limits, or
+            ``stapled_collateral`` is empty or larger than ``MAX_STAPLED_COLLATERAL_BYTES``.
         ValueError: no extension requested, or the key is not on P-256/P-384.
     """
     if not (legacy_extension or tcg_extension):
@@ -230,7 +258,19 @@ def build_ratls_certificate(
         quote = quote_provider(_report_data(hashlib.sha256(claims).digest()))
         value = _checked_value(encode_tcg_evidence(quote, claims), "TCG evidence")
         builder = builder.add_extension(x509.UnrecognizedExtension(TCG_EVIDENCE_OID, value), False)
+    if stapled_collateral is not None:
+        value = _stapled(stapled_collateral)
+        extension = x509.UnrecognizedExtension(STAPLED_COLLATERAL_OID, value)
+        builder = builder.add_extension(extension, critical=False)
     return RatlsCredentials(key, builder.sign(key, hashes.SHA256()))
+
+
+def _stapled(value: bytes) -> bytes:
+    if not 0 < len(value) <= MAX_STAPLED_COLLATERAL_BYTES:
+        raise CertificateFormatError(
+            f"stapled collateral is {len(value)} bytes; at most {MAX_STAPLED_COLLATERAL_BYTES}"
+        )
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,6 +287,8 @@ class RatlsEvidence:
         claims: the TCG claims (``None`` without that extension).
         legacy_quote: the quote from the legacy extension, if present.
         legacy_carrier: which legacy OID carried it (``"gramine-legacy"``...), or ``None``.
+        stapled_collateral: the collateral bundle bytes the peer stapled, or ``None``
+            (size-checked only; parse and verify it like any collateral).
     """
 
     spki_der: bytes
@@ -255,6 +297,7 @@ class RatlsEvidence:
     claims: Claims | None
     legacy_quote: bytes | None
     legacy_carrier: str | None
+    stapled_collateral: bytes | None = None
 
     @property
     def quotes(self) -> tuple[bytes, ...]:
@@ -334,7 +377,9 @@ def parse_ratls_certificate(data: bytes) -> RatlsEvidence:
         tcg_body, legacy_body = (replace(b, report_data=bytes(64)) for b in bodies)
         if tcg_body != legacy_body:
             raise EvidenceMismatchError("TCG and legacy quotes describe different enclaves")
+    stapled = extensions.get(_STAPLED_OID_CONTENT)
     return RatlsEvidence(
+        stapled_collateral=None if stapled is None else _stapled(stapled),
         spki_der=spki,
         public_key=public_key,
         tcg_quote=tcg_quote,

@@ -22,6 +22,7 @@ _FIELDS = (
     "isv_svn",
     "debug",
     "tcb_status",
+    "advisory_ids",
     "simulated",
     "public_key_spki",
     "verified_quote",
@@ -42,6 +43,7 @@ class VerifiedEnclave:
         isv_prod_id, isv_svn: from the enclave's SIGSTRUCT.
         debug: the DEBUG attribute (only possible when the policy allowed it).
         tcb_status: Intel's verdict, or ``None`` when no collateral was used.
+        advisory_ids: Intel security advisories (INTEL-SA-...) that apply at that verdict.
         simulated: the quote chains to the simulation root: no security at all.
         public_key_spki: the bound TLS key (SubjectPublicKeyInfo DER), or ``None`` when a
             bare quote was checked.
@@ -55,6 +57,7 @@ class VerifiedEnclave:
     isv_svn: int
     debug: bool
     tcb_status: TcbStatus | None
+    advisory_ids: tuple[str, ...]
     simulated: bool
     public_key_spki: bytes | None
     verified_quote: VerifiedQuote
@@ -73,6 +76,7 @@ class VerifiedEnclave:
             "isv_svn": body.isv_svn,
             "debug": body.debug,
             "tcb_status": verified.tcb_status,
+            "advisory_ids": verified.advisory_ids,
             "simulated": verified.simulated,
             "public_key_spki": public_key_spki,
             "verified_quote": verified,
@@ -88,7 +92,7 @@ class VerifiedEnclave:
         raise AttributeError("VerifiedEnclave is immutable")
 
     def __repr__(self) -> str:
-        status = self.tcb_status.value if self.tcb_status else "no-collateral"
+        status = self.tcb_status.value if self.tcb_status else "unknown"
         flags = "".join((" SIMULATED" if self.simulated else "", " DEBUG" if self.debug else ""))
         return (
             f"<VerifiedEnclave mr_enclave={self.mr_enclave.hex()[:16]}... "

@@ -15,8 +15,13 @@ first failure, each with its own :class:`~drm_wire.errors.AttestationError` subc
    QE vouches for the attestation key.
 5. **Quote signature** by the attestation key over header + body: the QE vouches for the
    application enclave's report (MRENCLAVE, report data...).
-6. **Collateral**, when given (:mod:`._tcb`): signed TCB info and QE identity, CRLs, dates;
-   the QE is Intel's QE at an acceptable ISVSVN; the platform's TCB (from the PCK leaf's SGX
+6. **QE identity**, always: the Quoting Enclave's report is the QE its root's owner
+   publishes (:mod:`.qe_identity`). With collateral, against the signed QE identity it
+   carries (step 7); without, against the identity pinned in :class:`TrustAnchors` for the
+   root the chain ended at (Intel's QE for Intel's root, the simulated QE for a simulation
+   root). A quote from any other QE is refused, whatever the policy says.
+7. **Collateral**, when given (:mod:`._tcb`): signed TCB info and QE identity, CRLs, dates;
+   the QE is that QE at an acceptable ISVSVN; the platform's TCB (from the PCK leaf's SGX
    extension) is matched to a TCB level, giving :class:`TcbStatus`. ``Revoked`` is an error.
 
 Policy (which MRENCLAVE, debug or not, which TCB statuses) is *not* decided here; that is
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +45,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from drm_wire.attestation import _tcb
 from drm_wire.attestation._pck import (
     CHAIN_CACHE,
+    PckExtension,
     Root,
+    VerifiedChain,
     ecdsa_ok,
     parse_sgx_extension,
     spki_der,
@@ -47,14 +55,22 @@ from drm_wire.attestation._pck import (
     x509_errors,
 )
 from drm_wire.attestation.collateral import Collateral, TcbStatus
+from drm_wire.attestation.collateral_source import CollateralSource, newest_first
 from drm_wire.attestation.errors import (
     CertificateChainError,
+    CollateralError,
     QeBindingError,
     QeReportSignatureError,
     QuoteSignatureError,
     UnsupportedQuoteError,
 )
 from drm_wire.attestation.intel_root import intel_root_public_key
+from drm_wire.attestation.qe_identity import (
+    INTEL_QE_IDENTITY,
+    SIMULATED_QE_IDENTITY,
+    PinnedQeIdentity,
+    check_qe_identity,
+)
 from drm_wire.attestation.quote import INTEL_QE_VENDOR_ID, Quote, ReportBody, parse_quote
 
 __all__ = [
@@ -77,13 +93,20 @@ class TrustAnchors:
     simulation root is trusted only when passed here explicitly, and a quote that chains
     to it comes back with ``VerifiedQuote.simulated`` set, so policy can still refuse it.
 
+    Each root comes with the Quoting Enclave it vouches for, checked against every quote
+    that has no collateral (step 6 of the module docstring).
+
     Attributes:
         intel_root_public_key: the pinned Intel root key; override only in tests.
+        intel_qe_identity: Intel's QE; override only in tests, with the root key.
         simulation_root: a locally made root for simulated quotes, or ``None``.
+        simulation_qe_identity: the simulated platform's QE (tests may override it).
     """
 
     intel_root_public_key: ec.EllipticCurvePublicKey = field(default_factory=intel_root_public_key)
+    intel_qe_identity: PinnedQeIdentity = INTEL_QE_IDENTITY
     simulation_root: x509.Certificate | None = None
+    simulation_qe_identity: PinnedQeIdentity = SIMULATED_QE_IDENTITY
 
     @classmethod
     def with_simulation_root(cls, path: str | Path) -> TrustAnchors:
@@ -121,6 +144,7 @@ class VerifiedQuote:
         simulated: the chain ended at the explicitly trusted simulation root.
         pck_fmspc, pck_cpusvn, pck_pcesvn: from the PCK leaf's SGX extension, if present.
         advisory_ids: Intel security advisories that apply at this TCB level.
+        collateral_window: see the field's comment.
     """
 
     quote: Quote
@@ -131,6 +155,10 @@ class VerifiedQuote:
     pck_pcesvn: int | None
     advisory_ids: tuple[str, ...]
     _token: InitVar[object]
+    #: When the verdict stays what it is for these bytes and this collateral: the used
+    #: collateral's validity window, or ``None`` (no collateral, or older candidates were
+    #: passed over, so a later ``now`` might choose differently). For result caches.
+    collateral_window: tuple[datetime, datetime] | None = None
 
     def __post_init__(self, _token: object) -> None:
         if _token is not _TOKEN:
@@ -158,11 +186,45 @@ def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
         raise QuoteSignatureError("attestation key is not a P-256 point") from exc
 
 
+def _window(collateral: Collateral) -> tuple[datetime, datetime]:
+    """When every part of ``collateral`` (bodies, CRLs, issuer chains) is current."""
+    crls = (collateral.pck_crl, collateral.root_ca_crl)
+    certs = (*collateral.tcb_info_issuer_chain, *collateral.qe_identity_issuer_chain,
+             *collateral.pck_crl_issuer_chain)  # fmt: skip
+    starts = [collateral.tcb_info.issue_date, collateral.qe_identity.issue_date]
+    starts += [c.last_update_utc for c in crls] + [c.not_valid_before_utc for c in certs]
+    ends = [collateral.tcb_info.next_update, collateral.qe_identity.next_update]
+    ends += [c.next_update_utc for c in crls if c.next_update_utc is not None]
+    ends += [c.not_valid_after_utc for c in certs]
+    return max(starts), min(ends)
+
+
+def _evaluate_newest(
+    quote: Quote,
+    chain: VerifiedChain,
+    pck: PckExtension | None,
+    candidates: Sequence[Collateral],
+    trust: TrustAnchors,
+    now: datetime,
+) -> tuple[TcbStatus, tuple[str, ...], tuple[datetime, datetime] | None]:
+    """Judge with the first candidate that verifies; a verdict it gives is final."""
+    first_error: CollateralError | None = None
+    for candidate in candidates:
+        try:
+            status, advisories = _tcb.evaluate(quote, chain, pck, candidate, trust.roots, now)
+        except CollateralError as exc:  # forged, expired, for another CA: try the next
+            first_error = first_error or exc
+            continue
+        return status, advisories, None if first_error is not None else _window(candidate)
+    assert first_error is not None  # candidates is not empty
+    raise first_error
+
+
 def verify_quote(
     data: bytes | Quote,
     *,
     trust: TrustAnchors = TrustAnchors(),  # immutable; pins Intel's key
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     now: datetime,
 ) -> VerifiedQuote:
     """Verify a quote's signatures up to a trust anchor, and its TCB given collateral.
@@ -171,8 +233,12 @@ def verify_quote(
         data: the quote bytes, or a parsed :class:`Quote` (re-parsed from ``raw``, so a
             hand-made ``Quote`` cannot smuggle in fields that differ from its bytes).
         trust: the roots to accept; Intel's only, unless a simulation root is given.
-        collateral: Intel's TCB info, QE identity and CRLs; without it ``tcb_status`` is
-            ``None`` and nothing about revocation or TCB currency is known.
+        collateral: Intel's TCB info, QE identity and CRLs, or a
+            :class:`~.collateral_source.CollateralSource` offering candidates for the
+            platform's FMSPC (the newest that verifies is used; see that module). Without
+            it (or with a source that has none for this FMSPC) ``tcb_status`` is ``None``,
+            nothing about revocation or TCB currency is known, and the QE is checked
+            against the identity pinned for its root.
         now: the time at which certificates, CRLs and collateral must be valid (aware).
 
     Returns:
@@ -182,8 +248,9 @@ def verify_quote(
         QuoteFormatError, UnsupportedQuoteError: step 1.
         CertificateChainError (UntrustedRootError, CertificateValidityError): step 2.
         QeReportSignatureError, QeBindingError, QuoteSignatureError: steps 3-5.
+        QeIdentityError: step 6.
         CollateralError (CollateralSignatureError, CollateralExpiredError), RevokedError,
-            QeIdentityError, TcbLevelError: step 6.
+            QeIdentityError, TcbLevelError: step 7.
         ValueError: ``now`` is a naive datetime (a bug in the caller).
     """
     if now.tzinfo is None:
@@ -207,8 +274,20 @@ def verify_quote(
     pck = parse_sgx_extension(chain.certs[0])
     status: TcbStatus | None = None
     advisories: tuple[str, ...] = ()
-    if collateral is not None:
-        status, advisories = _tcb.evaluate(quote, chain, pck, collateral, trust.roots, now)
+    candidates: Sequence[Collateral] = ()
+    if isinstance(collateral, Collateral):
+        candidates = (collateral,)
+    elif collateral is not None and pck is not None:
+        candidates = newest_first(collateral.candidates(pck.fmspc))
+    window: tuple[datetime, datetime] | None = None
+    if candidates:
+        status, advisories, window = _evaluate_newest(quote, chain, pck, candidates, trust, now)
+    elif chain.simulated:
+        pinned, owner = trust.simulation_qe_identity, "the simulated platform's"
+        check_qe_identity(quote.qe_report, pinned, what=f"{owner} pinned QE identity")
+    else:
+        pinned, owner = trust.intel_qe_identity, "Intel's"
+        check_qe_identity(quote.qe_report, pinned, what=f"{owner} pinned QE identity")
     return VerifiedQuote(
         quote=quote,
         tcb_status=status,
@@ -218,4 +297,5 @@ def verify_quote(
         pck_pcesvn=pck.pcesvn if pck else None,
         advisory_ids=advisories,
         _token=_TOKEN,
+        collateral_window=window,
     )

@@ -56,11 +56,14 @@ quote, then the policy. Two caches keep a reconnecting enclave cheap:
   proves nothing about the key holder: TLS itself makes the peer prove possession of the
   certificate's key in every handshake.
 
-With collateral the result cache is bypassed: the TCB verdict depends on the collateral
-(CRLs, TCB info) and on its expiry at ``now``, and ``verify_quote`` does not expose those
-parts separately, so every handshake runs the full verification (the chain cache still
-applies). Simulation and the no-collateral policy (``accept_without_collateral``) use the
-cache.
+With collateral the TCB verdict depends on the collateral (CRLs, TCB info) and on its
+validity at ``now``. Stapled collateral is part of the certificate's bytes, so the key
+already names it; the stored window is narrowed to the window in which the collateral
+that judged it is current, and a hit outside it re-verifies (and so fails closed once
+the collateral expired). A verifier given its own collateral source keeps a private
+cache keyed also by the source's generation (a PCCS cache counts its refreshes), so new
+collateral takes effect at once. A verdict reached after passing over newer candidates is
+not stored: a later ``now`` could choose differently.
 """
 
 from __future__ import annotations
@@ -77,10 +80,15 @@ from OpenSSL import SSL
 
 from drm_wire._lru import LruCache
 from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import CollateralSource, with_stapled
 from drm_wire.attestation.errors import CertificateChainError, CertificateValidityError
 from drm_wire.attestation.identity import make_certificate_verifier
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls_cert import RatlsCredentials, parse_ratls_certificate
+from drm_wire.attestation.ratls_cert import (
+    RatlsCredentials,
+    RatlsEvidence,
+    parse_ratls_certificate,
+)
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import VerifiedQuote, verify_quote
 from drm_wire.errors import DrmError
@@ -103,8 +111,9 @@ __all__ = [
 #: or a consumer talks to a handful, so 128 (~3 MiB at most) is plenty.
 VERIFICATION_CACHE_SIZE: Final = 128
 
-#: (certificate DER, trust roots as ``TrustAnchors.roots`` spells them).
-_Key = tuple[bytes, tuple[tuple[bytes, bool], ...]]
+#: (certificate DER, trust roots as ``TrustAnchors.roots`` spells them, generation of the
+#: verifier's own collateral source: 0 without one).
+_Key = tuple[bytes, tuple[tuple[bytes, bool], ...], int]
 #: A custodian name, parsed: an IP address or a lower-case A-label DNS name.
 _Name = ipaddress.IPv4Address | ipaddress.IPv6Address | str
 
@@ -146,8 +155,11 @@ class _Verified:
     """What one certificate's signatures established; independent of time and policy."""
 
     spki_der: bytes
-    #: (verified quote, start, end of the validity window of its PCK chain), TCG first.
+    #: (verified quote, start, end of the window in which its PCK chain, and the collateral
+    #: that judged it, are valid), TCG first.
     quotes: tuple[tuple[VerifiedQuote, datetime, datetime], ...]
+    #: False when the verdict could change within the window (older collateral passed over).
+    cacheable: bool = True
 
 
 class VerificationCache(LruCache[_Key, _Verified]):
@@ -182,15 +194,40 @@ def _chain_window(verified: VerifiedQuote) -> tuple[datetime, datetime]:
         raise CertificateChainError("PCK chain: malformed or unsupported X.509 data") from exc
 
 
-def _verify_signatures(der: bytes, policy: Policy, now: datetime) -> _Verified:
-    """The expensive part of ``verify_enclave_certificate``: parse, then every quote's chain."""
-    evidence = parse_ratls_certificate(der)
+def _verify_all(
+    evidence: RatlsEvidence,
+    policy: Policy,
+    now: datetime,
+    collateral: Collateral | CollateralSource | None,
+) -> _Verified:
+    """The expensive part of ``verify_enclave_certificate``: every quote, with collateral."""
     trust = policy.trust_anchors()
+    source = with_stapled(collateral, evidence.stapled_collateral)
     quotes = []
+    cacheable = True
     for quote in evidence.quotes:
-        verified = verify_quote(quote, trust=trust, now=now)
-        quotes.append((verified, *_chain_window(verified)))
-    return _Verified(evidence.spki_der, tuple(quotes))
+        verified = verify_quote(quote, trust=trust, collateral=source, now=now)
+        start, end = _chain_window(verified)
+        if verified.tcb_status is not None:
+            window = verified.collateral_window
+            if window is None:
+                cacheable = False
+            else:
+                start, end = max(start, window[0]), min(end, window[1])
+        quotes.append((verified, start, end))
+    return _Verified(evidence.spki_der, tuple(quotes), cacheable)
+
+
+def _current(entry: _Verified, now: datetime) -> bool:
+    return all(start <= now <= end for _, start, end in entry.quotes)
+
+
+def _generation(collateral: Collateral | CollateralSource | None) -> int | None:
+    """0 for nothing or a fixed source, a counter for one that changes, None if unknown."""
+    if collateral is None or isinstance(collateral, Collateral):
+        return 0
+    generation = getattr(collateral, "generation", None)
+    return generation if isinstance(generation, int) else None
 
 
 def _accept(entry: _Verified, policy: Policy, now: datetime) -> VerifiedEnclave:
@@ -208,7 +245,7 @@ def _accept(entry: _Verified, policy: Policy, now: datetime) -> VerifiedEnclave:
 def make_cached_certificate_verifier(
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] | None = None,
     cache: VerificationCache | None = VERIFICATION_CACHE,
 ) -> Callable[[bytes], VerifiedEnclave]:
@@ -219,27 +256,35 @@ def make_cached_certificate_verifier(
 
     Args:
         policy: what to accept; also names the trust anchors.
-        collateral: Intel collateral; given, the result cache is not used.
+        collateral: Intel collateral, or a source of it; with it, verified certificates
+            are kept in a cache private to this verifier, keyed by the source's generation.
         clock: the current time, read once per verification (default: the system clock).
-        cache: where verified certificates are kept; ``None`` disables the cache.
+        cache: where verified certificates are kept (when no ``collateral`` is given);
+            ``None`` disables caching.
 
     Returns:
         A :data:`~drm_wire.net.tls.PeerVerifier` whose proof is a ``VerifiedEnclave``.
     """
     now_fn = clock if clock is not None else _utc_now
-    if collateral is not None or cache is None:
+    if cache is None or _generation(collateral) is None:
         return make_certificate_verifier(policy, collateral=collateral, clock=now_fn)
+    if collateral is not None:
+        cache = VerificationCache()  # the verdicts depend on this verifier's collateral
+    store = cache
     roots = policy.trust_anchors().roots
 
     def verify(der: bytes) -> VerifiedEnclave:
         now = now_fn()
-        key = (bytes(der), roots)
-        entry = cache.get(key)
-        if entry is not None:
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        key = (bytes(der), roots, _generation(collateral) or 0)
+        entry = store.get(key)
+        if entry is not None and _current(entry, now):
             return _accept(entry, policy, now)
-        entry = _verify_signatures(key[0], policy, now)
+        entry = _verify_all(parse_ratls_certificate(key[0]), policy, now, collateral)
         result = _accept(entry, policy, now)
-        cache.put(key, entry)  # only once everything passed
+        if entry.cacheable:
+            store.put(key, entry)  # only once everything passed
         return result
 
     return verify
@@ -314,7 +359,7 @@ def enclave_server_context(credentials: RatlsCredentials) -> SSL.Context:
 def consumer_client_context(
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> SSL.Context:
     """The consumer: accepts the enclave only if its RA-TLS certificate satisfies ``policy``.
@@ -379,7 +424,7 @@ def custodian_server_context(
     private_key: PrivateKey,
     policy: Policy,
     *,
-    collateral: Collateral | None = None,
+    collateral: Collateral | CollateralSource | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> SSL.Context:
     """The custodian: requires a client certificate and verifies it as RA-TLS.
