@@ -127,12 +127,11 @@ def _chain(headers: httpx.Headers, names: tuple[str, ...], what: str) -> str:
 
 def crl_hex(body: bytes, what: str) -> str:
     """A CRL body in any encoding a service uses (DER, PEM, hex DER) as hex DER."""
-    stripped = body.strip()
     try:
-        if stripped.startswith(b"-----BEGIN"):
+        if body[:1] == b"\x30":  # DER, as is: its last bytes may look like white space
+            crl = x509.load_der_x509_crl(body)
+        elif (stripped := body.strip()).startswith(b"-----BEGIN"):
             crl = x509.load_pem_x509_crl(stripped)
-        elif stripped[:1] == b"\x30":
-            crl = x509.load_der_x509_crl(stripped)
         else:
             crl = x509.load_der_x509_crl(bytes.fromhex(stripped.decode("ascii")))
     except (ValueError, UnicodeDecodeError) as exc:
