@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import trio
 
+from drm_consumer import Client
 from drm_lab.deployment import Lab
 from drm_lab.models import exporter_dims_model, tiny_model, two_input_model
 from drm_lab.processes import LOOPBACK, python_command
@@ -207,3 +208,25 @@ def test_request_terms_on_an_unbounded_model_stop_the_custodian(lab: Lab) -> Non
         in done.stderr
     )
     assert "custodian_listening" not in done.stdout
+
+
+async def test_a_request_costing_more_than_half_the_lease_is_topped_up_not_parked_forever(
+    lab: Lab,
+) -> None:
+    """Q13: with a lease of 20 and a largest request of 16, an enclave left holding 14
+    (more than half the lease, the old top-up threshold) must still get the grant that
+    lets a batch of 16 run: the planner tops up below the largest request's cost. The
+    batch parks no longer than a grant takes, and is charged 16."""
+    tiny = lab.write_model("tiny", tiny_model())
+    (tiny.parent / "tiny.terms.toml").write_text(TINY_TERMS, encoding="utf-8")
+    await trio.to_thread.run_sync(partial(lab.start_custodian, [tiny], initial=100, lease=20))
+    enclave = await trio.to_thread.run_sync(lab.start_enclave, lab.custodian_port)
+    policy = Policy.load(lab.policy_path)
+    async with Client.connect(LOOPBACK, enclave.consumer_port, policy=policy) as client:
+        with trio.fail_after(STEP):
+            first = await client.infer("tiny", {"x": np.ones((6, 4), np.float32)}, wait=0)
+        assert (first.cost, first.inferences_left) == (6, 14)
+        with trio.fail_after(STEP):
+            batch = await client.infer("tiny", {"x": np.ones((16, 4), np.float32)})
+        assert batch.cost == 16
+    await _ledger_served(lab, 22)
