@@ -277,7 +277,8 @@ def test_debug_allowed(platform: SimulatedPlatform, policy: Policy) -> None:
 
 
 def test_a_path_to_a_device_is_refused_without_reading_it() -> None:
-    """Found while fuzzing the policy: ``/dev/zero`` was read until memory ran out."""
+    """Seen while writing the policy's fuzz harness: ``/dev/zero`` was read until memory
+    ran out."""
     text = GOOD + "[simulation]\ntrust_root = '/dev/zero'\n"
     with pytest.raises(ConfigError, match="not a regular file") as info:
         Policy.from_toml(text, path=DATA / "under-test.toml")
