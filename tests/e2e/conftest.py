@@ -116,6 +116,21 @@ def deploy(
 
 
 @pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A :class:`~drm_lab.deployment.Lab` in the test's directory, prepared (``init`` and
+    ``measure`` done); every daemon it started is stopped at the end."""
+    missing = daemons_missing()
+    if missing is not None:
+        pytest.skip(missing)
+    lab = Lab(tmp_path)
+    try:
+        lab.prepare()
+        yield lab
+    finally:
+        lab.stop_all()
+
+
+@pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
     missing = daemons_missing()
     if missing is not None:

@@ -16,9 +16,8 @@ flooding the park queue from many connections.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -35,7 +34,6 @@ from drm_wire.errors import ErrorCode
 from drm_wire.limits import MiB
 from drm_wire.messages import Error, InferenceRequest
 from drm_wire.tensors import Tensor
-from tests.e2e.conftest import daemons_missing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -50,19 +48,6 @@ ATTACKERS: Final = 64
 STEP: Final = 30.0
 #: The enclave's options: the budget above, the other limits at their defaults.
 OPTIONS: Final = ("--payload-budget", str(BUDGET_MIB))
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    missing = daemons_missing()
-    if missing is not None:
-        pytest.skip(missing)
-    lab = Lab(tmp_path)
-    try:
-        lab.prepare()
-        yield lab
-    finally:
-        lab.stop_all()
 
 
 @asynccontextmanager

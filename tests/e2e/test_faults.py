@@ -18,9 +18,8 @@ or a poll of another process's state (:func:`eventually`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -39,7 +38,6 @@ from drm_lab.models import big_model, tiny_model
 from drm_lab.processes import LOOPBACK
 from drm_wire.attestation.policy import Policy
 from drm_wire.messages import EnclaveState, ModelDescription
-from tests.e2e.conftest import daemons_missing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -73,19 +71,6 @@ async def eventually(
                 return
             await trio.sleep(POLL_INTERVAL)
     raise AssertionError(f"{what} within {bound} s")
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    missing = daemons_missing()
-    if missing is not None:
-        pytest.skip(missing)
-    lab = Lab(tmp_path)
-    try:
-        lab.prepare()
-        yield lab
-    finally:
-        lab.stop_all()
 
 
 def _inputs(model: ModelDescription, value: float = 0.5) -> dict[str, np.ndarray[Any, Any]]:

@@ -8,31 +8,11 @@ it (exponential, to a minute), and the enclave says at error level why and what 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from drm_lab.deployment import Lab
 from drm_lab.models import tiny_model
 
-from .conftest import daemons_missing
-
 #: Refusals watched: their delays are 0.1-0.2, 0.2-0.4, 0.4-0.8 and 0.8-1.6 s.
 REFUSALS = 5
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    missing = daemons_missing()
-    if missing is not None:
-        pytest.skip(missing)
-    lab = Lab(tmp_path)
-    try:
-        lab.prepare()
-        yield lab
-    finally:
-        lab.stop_all()
 
 
 def test_a_refused_enclave_redials_ever_more_slowly(lab: Lab) -> None:

@@ -8,29 +8,9 @@ has stopped, the lock is free again: nothing stale is left to clean up.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from drm_lab.deployment import Lab
 from drm_lab.models import tiny_model
 from drm_lab.processes import python_command, run_command
-
-from .conftest import daemons_missing
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    missing = daemons_missing()
-    if missing is not None:
-        pytest.skip(missing)
-    lab = Lab(tmp_path)
-    try:
-        lab.prepare()
-        yield lab
-    finally:
-        lab.stop_all()
 
 
 def test_a_second_custodian_on_one_state_directory_exits_2_naming_the_first(lab: Lab) -> None:

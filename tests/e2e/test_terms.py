@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -31,7 +30,6 @@ from drm_wire.framing import FrameDecoder, encode_frame
 from drm_wire.messages import Error, InferenceResult, Message, Welcome, from_frame
 from drm_wire.net.ratls_context import consumer_client_context
 from drm_wire.net.tls import TLSStream, open_tls_client
-from tests.e2e.conftest import daemons_missing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -39,19 +37,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 STEP: Final = 30.0
 POLL_INTERVAL: Final = 0.05
 TINY_TERMS: Final = "max_batch = 16\n"
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    missing = daemons_missing()
-    if missing is not None:
-        pytest.skip(missing)
-    lab = Lab(tmp_path)
-    try:
-        lab.prepare()
-        yield lab
-    finally:
-        lab.stop_all()
 
 
 class RawConsumer:
