@@ -33,6 +33,7 @@ from drm_consumer.cli import (
     main,
 )
 from drm_daemon.command import EXIT_BROKEN_PIPE
+from drm_lab.pccs import PccsBehaviour, RunningPccs, running_pccs
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls_cert import RatlsCredentials, build_ratls_certificate
@@ -52,7 +53,6 @@ from drm_wire.net.channel import ChannelError, MessageChannel
 from drm_wire.net.tls import TLSStream
 from drm_wire.tensors import Tensor
 from tests.attestation.dcap_helpers import real_collateral_text
-from tests.attestation.pccs_server import PccsBehaviour, RunningPccs, running_pccs
 from tests.consumer.conftest import MR_ENCLAVE, MR_SIGNER, make_policy
 from tests.consumer.fake_enclave import (
     HOST,

@@ -24,13 +24,13 @@ from drm_custodian.admin import AdminApp, RecordingHooks, hypercorn_config, serv
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.ledger import BorrowerBlocked, SupplyResult
 from drm_custodian.state import init_state_dir
+from drm_lab.pccs import PccsBehaviour, running_pccs
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.collateral_cache import CollateralCache
 from drm_wire.attestation.pccs import CaType, PccsClient
 from drm_wire.errors import ConfigError
 
 from ..attestation.dcap_helpers import REAL_NOW
-from ..attestation.pccs_server import PccsBehaviour, running_pccs
 from ..attestation.test_pccs import FMSPC, REAL
 from .admin_server import BORROWER, FORM, JSON, Reply, Server, admin_server
 from .admin_server import server as server  # the fixture
