@@ -28,6 +28,13 @@ Variants (all on :class:`~drm_wire.net.tls.TLSStream`, TLS 1.3, no resumption):
   key, to show how much of the gap is the curve (P-384 signing and verifying in the
   handshake) rather than attestation. Not a product configuration; no target.
 
+* "cold PCCS fetch": what ``drm_consumer --pccs-url`` does against an enclave that staples
+  nothing, with nothing cached: a handshake the production policy refuses (TCB status
+  unknown), the platform's collateral fetched for both PCK CA types from a test PCCS on
+  loopback (:mod:`drm_lab.pccs`, in the server process; a new HTTPS client each time, so
+  a TLS connection to it too), then a handshake with a fresh verifier. Not targeted: it
+  happens once per command, and a long-running verifier caches the collateral.
+
 The verification table times :func:`~drm_wire.attestation.identity.verify_enclave_certificate`
 in this process: cold (chain cache empty), with the chain cached, and a hit in the RA-TLS
 result cache. Simulated quotes, no collateral.
@@ -39,6 +46,7 @@ import contextlib
 import datetime
 import hashlib
 import ipaddress
+import json
 import logging
 import multiprocessing
 import platform
@@ -59,13 +67,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
+from drm_lab.pccs import PccsBehaviour, running_pccs
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.identity import verify_enclave_certificate
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.attestation.pccs import PccsClient
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls_cert import RatlsCredentials, build_ratls_certificate
 from drm_wire.attestation.verify import clear_chain_cache
+from drm_wire.errors import DrmError
 from drm_wire.net.ratls_context import (
     VerificationCache,
     consumer_client_context,
@@ -89,6 +100,8 @@ WARM_UP = 30
 TARGET_RATIO = 0.6
 MR_ENCLAVE = hashlib.sha256(b"bench enclave").digest()
 MR_SIGNER = hashlib.sha256(b"bench signer").digest()
+#: The simulated platform's FMSPC (what its PCK certificate names).
+SIM_FMSPC = b"SIMFMS"
 
 #: (name, server listener, what it shows); plain variants are the baselines.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -101,6 +114,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "ratls-mutual-nocache": ("ratls-mutual-nocache", "  same, no result cache"),
     "ratls-collateral": ("ratls", "RA-TLS consumer -> enclave, collateral held (bundle)"),
     "ratls-stapled": ("ratls-stapled", "RA-TLS consumer -> enclave, collateral stapled"),
+    "ratls-pccs-cold": ("ratls", "RA-TLS consumer -> enclave, cold PCCS fetch (see above)"),
 }
 #: The product's configurations, which the target applies to.
 TARGETED = ("ratls", "ratls-mutual", "ratls-collateral", "ratls-stapled")
@@ -112,7 +126,10 @@ BASELINE = {
     "ratls-mutual-nocache": "plain-mutual",
     "ratls-collateral": "plain",
     "ratls-stapled": "plain",
+    "ratls-pccs-cold": "plain",
 }
+#: Variants whose one "handshake" is a whole cold command, timed by :func:`_cold_fetches`.
+COLD = ("ratls-pccs-cold",)
 
 
 # --- key material (made here; PEM/DER travels to the server process) --------------------
@@ -180,6 +197,7 @@ class Material:
     enclave_p256: tuple[bytes, bytes]  # the same with a P-256 key, to show the curve's cost
     enclave_stapled: tuple[bytes, bytes]  # the same key and quotes, its collateral stapled
     collateral: str  # the simulated platform's collateral bundle
+    pccs_dir: str  # where the server process's test PCCS writes its CA
     simulation_root: bytes
 
     def strict_policy(self) -> Policy:
@@ -209,7 +227,7 @@ class Material:
         return x509.load_pem_x509_certificate(self.ca)
 
 
-def make_material(platform_dir: Path) -> tuple[Material, SimulatedPlatform]:
+def make_material(platform_dir: Path, pccs_dir: Path) -> tuple[Material, SimulatedPlatform]:
     sim = SimulatedPlatform.create(platform_dir)
     provider = sim.quote_provider(mr_enclave=MR_ENCLAVE, mr_signer=MR_SIGNER)
     enclave = build_ratls_certificate(provider)
@@ -229,6 +247,7 @@ def make_material(platform_dir: Path) -> tuple[Material, SimulatedPlatform]:
         enclave_p256=(enclave_p256.certificate_pem, enclave_p256.private_key_pem),
         enclave_stapled=(stapled.certificate_pem, stapled.private_key_pem),
         collateral=collateral,
+        pccs_dir=str(pccs_dir),
         simulation_root=sim.root_certificate.public_bytes(serialization.Encoding.PEM),
     )
     return material, sim
@@ -280,6 +299,7 @@ def client_contexts(material: Material) -> dict[str, SSL.Context]:
             collateral=CollateralSet([Collateral.from_json(material.collateral)]),
         ),
         "ratls-stapled": consumer_client_context(material.strict_policy()),
+        "ratls-pccs-cold": consumer_client_context(material.strict_policy()),
     }
 
 
@@ -297,7 +317,7 @@ async def _serve(material: Material, pipe: Connection) -> None:
             async def handler(tcp: trio.SocketStream, ctx: SSL.Context = ctx) -> None:
                 try:
                     stream = await accept_tls(tcp, ctx)
-                except (PeerVerificationError, trio.BrokenResourceError, trio.TooSlowError):
+                except (DrmError, trio.BrokenResourceError, trio.TooSlowError):
                     return
                 async with stream:
                     with contextlib.suppress(trio.BrokenResourceError):
@@ -306,7 +326,11 @@ async def _serve(material: Material, pipe: Connection) -> None:
                             await stream.send_all(ping)
 
             nursery.start_soon(trio.serve_listeners, handler, listeners)
-        pipe.send(ports)
+        behaviour = PccsBehaviour(bundle=json.loads(material.collateral))
+        async with running_pccs(Path(material.pccs_dir), behaviour) as pccs:
+            ports["pccs"] = int(pccs.url.rsplit(":", 1)[1])
+            pipe.send(ports)
+            await trio.sleep_forever()
 
 
 def _quiet() -> None:
@@ -336,16 +360,46 @@ async def _handshakes(port: int, ctx: SSL.Context, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+async def _cold_fetches(material: Material, port: int, pccs_port: int, count: int) -> float:
+    """``count`` cold ``--pccs-url`` commands (see the module docstring); per second."""
+    policy = material.strict_policy()
+    url, ca = f"https://{HOST}:{pccs_port}", Path(material.pccs_dir) / "ca.pem"
+    start = time.perf_counter()
+    for _ in range(count):
+        clear_chain_cache()
+        try:
+            await open_tls_client(HOST, port, consumer_client_context(policy))
+        except PeerVerificationError:
+            pass
+        else:
+            raise RuntimeError("an enclave without collateral was accepted")
+        async with PccsClient(url, ca=ca) as pccs:
+            fetched = [await pccs.fetch(SIM_FMSPC, ca=kind) for kind in ("processor", "platform")]
+        ctx = consumer_client_context(policy, collateral=CollateralSet(fetched))
+        stream = await open_tls_client(HOST, port, ctx)
+        await stream.send_all(b"p")
+        if await stream.receive_some(1) != b"p":
+            raise RuntimeError("bad pong")
+        await stream.aclose()
+    return count / (time.perf_counter() - start)
+
+
 async def run_clients(material: Material, ports: dict[str, int]) -> dict[str, list[float]]:
     contexts = client_contexts(material)
     rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+
+    async def one(name: str, count: int) -> float:
+        port = ports[VARIANTS[name][0]]
+        if name in COLD:
+            return await _cold_fetches(material, port, ports["pccs"], max(1, count // 10))
+        return await _handshakes(port, contexts[name], count)
+
     for name in VARIANTS:  # warm-up: caches, allocator, the server's first handshakes
-        await _handshakes(ports[VARIANTS[name][0]], contexts[name], WARM_UP)
+        await one(name, WARM_UP)
     for run in range(RUNS):
         order = list(VARIANTS) if run % 2 == 0 else list(VARIANTS)[::-1]
         for name in order:
-            port = ports[VARIANTS[name][0]]
-            rates[name].append(await _handshakes(port, contexts[name], HANDSHAKES))
+            rates[name].append(await one(name, HANDSHAKES))
     return rates
 
 
@@ -415,7 +469,7 @@ def _fmt(values: list[float], spec: str) -> str:
 def main() -> int:
     _quiet()
     with tempfile.TemporaryDirectory() as tmp:
-        material, _ = make_material(Path(tmp) / "platform")
+        material, _ = make_material(Path(tmp) / "platform", Path(tmp))
         costs = verification_costs(material)
         rates = measure(material)
     print()

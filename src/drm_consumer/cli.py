@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -50,8 +53,10 @@ from drm_consumer.preprocess import (
     imagenet,
     load_input,
 )
-from drm_wire.attestation.collateral_source import CollateralSet
-from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_source import CollateralSet, chain_sources
+from drm_wire.attestation.pccs import PccsClient, PccsError
+from drm_wire.attestation.policy import Policy, TcbStatusError
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_WAIT_SECONDS
@@ -93,6 +98,8 @@ EXIT_INTERRUPTED: Final = 130
 DEFAULT_POLICY: Final = Path("policy.toml")
 #: How many classes a classification prints.
 TOP_CLASSES: Final = 5
+#: Platforms one command fetches collateral for (an enclave's quote names one).
+MAX_NOTED_PLATFORMS: Final = 4
 #: A labels file is one name per line; refuse anything much larger than any real one.
 MAX_LABELS_BYTES: Final = 4 * 1024 * 1024
 
@@ -149,6 +156,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="Intel collateral bundle for the enclave's platform (from "
                         "'python -m drm_wire.attestation collateral fetch'; repeatable); "
                         "collateral the enclave staples is used too")  # fmt: skip
+    parser.add_argument("--pccs-url", metavar="URL",
+                        help="a PCS/PCCS (https://host[:port]) to fetch the enclave's "
+                        "platform collateral from when it staples none the policy accepts: "
+                        "fetched after the first handshake names the platform, then the "
+                        "handshake is made once more")  # fmt: skip
+    parser.add_argument("--pccs-ca", type=Path, metavar="CA.pem",
+                        help="the CA to verify the PCCS with (default: the system's)")  # fmt: skip
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on standard output, not text")  # fmt: skip
 
@@ -401,6 +415,95 @@ class _Connection:
     port: int
     policy: Policy
     collateral: CollateralSet | None = None
+    pccs_url: str | None = None
+    pccs_ca: Path | None = None
+
+
+class _FetchedCollateral:
+    """Collateral fetched from a PCCS between two handshakes, and the platforms to fetch.
+
+    The FMSPC is known only inside the handshake's verify callback, which does no I/O; so
+    :meth:`candidates` notes a platform it holds nothing for (at most
+    :data:`MAX_NOTED_PLATFORMS`: a quote names one), and :meth:`fetch_noted` fetches them
+    after the handshake was refused. Nothing fetched is trusted: it is verified to the
+    pinned root at the next handshake like any collateral.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[bytes, tuple[Collateral, ...]] = {}
+        self.noted: set[bytes] = set()
+        #: Counts the fetches: the verifier's result cache keys on it.
+        self.generation = 0
+
+    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
+        held = self._held.get(fmspc)
+        if held is None and len(self.noted) < MAX_NOTED_PLATFORMS:
+            self.noted.add(fmspc)
+        return held or ()
+
+    async def fetch_noted(self, pccs: PccsClient) -> bool:
+        """Fetch every noted platform's collateral, for both PCK CA types (the PCK leaf
+        names one; which one is not known outside the callback). False: nothing noted.
+
+        Raises:
+            PccsError: the service failed or answered something that is not collateral.
+            ValueError: a noted FMSPC is not 6 bytes.
+        """
+        wanted = sorted(self.noted - self._held.keys())
+        for fmspc in wanted:
+            self._held[fmspc] = tuple(
+                [await pccs.fetch(fmspc, ca=ca) for ca in ("processor", "platform")]
+            )
+            self.generation += 1
+        return bool(wanted)
+
+
+def _refused_for_tcb_status(exc: AttestationRefused) -> bool:
+    """Whether the policy refused the TCB status (unknown for want of collateral, or a
+    verdict from a staple or bundle that the PCCS's newer collateral may change)."""
+    cause = exc.__cause__
+    return cause is not None and isinstance(cause.__cause__, TcbStatusError)
+
+
+@asynccontextmanager
+async def _connect(connection: _Connection) -> AsyncIterator[Client]:
+    """``Client.connect``; with a PCCS, once more after fetching the platform's collateral
+    when the first handshake was refused for want of it (docs/production.md)."""
+    if connection.pccs_url is None:
+        async with Client.connect(
+            connection.host, connection.port, policy=connection.policy,
+            collateral=connection.collateral,
+        ) as client:  # fmt: skip
+            yield client
+        return
+    try:
+        pccs = PccsClient(connection.pccs_url, ca=connection.pccs_ca)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise _Failure(EXIT_USAGE, f"bad --pccs-url or --pccs-ca: {exc}") from exc
+    fetched = _FetchedCollateral()
+    collateral = chain_sources(connection.collateral, fetched)
+    async with pccs, AsyncExitStack() as stack:
+        connect = partial(
+            Client.connect, connection.host, connection.port, policy=connection.policy,
+            collateral=collateral,
+        )  # fmt: skip
+        try:
+            client = await stack.enter_async_context(connect())
+        except AttestationRefused as exc:
+            if not _refused_for_tcb_status(exc) or not fetched.noted:
+                raise
+            try:
+                await fetched.fetch_noted(pccs)
+            except (PccsError, ValueError) as pccs_exc:  # ValueError: not a 6-byte FMSPC
+                platforms = ", ".join(f.hex().upper() for f in sorted(fetched.noted))
+                raise _Failure(
+                    EXIT_ATTESTATION,
+                    f"{exc}; the collateral of its platform (FMSPC {platforms}) could not be "
+                    f"fetched from {pccs.base_url}: {pccs_exc}",
+                    "AttestationRefused",
+                ) from pccs_exc
+            client = await stack.enter_async_context(connect())
+        yield client
 
 
 async def _infer(
@@ -440,9 +543,7 @@ async def _run_query(
     preset = Preset(args.preprocess)
     wait = 0.0 if args.no_wait else args.wait
     failure: Exception | None = None
-    async with Client.connect(
-        connection.host, connection.port, policy=connection.policy, collateral=connection.collateral
-    ) as client:
+    async with _connect(connection) as client:
         # An answer we refuse or an error the enclave sent leaves the connection sound:
         # leave the block normally so that it is closed gracefully, then fail.
         try:
@@ -469,9 +570,7 @@ async def _run_query(
 
 async def _run_info(connection: _Connection) -> tuple[EnclaveInfo, VerifiedEnclave]:
     failure: RequestFailed | None = None
-    async with Client.connect(
-        connection.host, connection.port, policy=connection.policy, collateral=connection.collateral
-    ) as client:
+    async with _connect(connection) as client:
         try:
             return await client.info(), client.attestation
         except RequestFailed as exc:
@@ -482,7 +581,12 @@ async def _run_info(connection: _Connection) -> tuple[EnclaveInfo, VerifiedEncla
 
 def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
     connection = _Connection(
-        args.address, args.port, _load_policy(args.policy), _load_collateral(args.collateral)
+        args.address,
+        args.port,
+        _load_policy(args.policy),
+        _load_collateral(args.collateral),
+        args.pccs_url,
+        args.pccs_ca,
     )
     labels = _load_labels(args.labels)
     try:
@@ -518,7 +622,12 @@ def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
 
 def _info(args: argparse.Namespace, out: TextIO) -> None:
     connection = _Connection(
-        args.address, args.port, _load_policy(args.policy), _load_collateral(args.collateral)
+        args.address,
+        args.port,
+        _load_policy(args.policy),
+        _load_collateral(args.collateral),
+        args.pccs_url,
+        args.pccs_ca,
     )
     info, enclave = trio.run(_run_info, connection)
     if args.json:

@@ -40,7 +40,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import urlsplit
@@ -81,6 +81,7 @@ from drm_custodian.ledger import (
     LedgerStorageError,
     SupplyResult,
 )
+from drm_wire.attestation.pccs import CaType
 from drm_wire.errors import ConfigError
 from drm_wire.limits import HANDSHAKE_TIMEOUT
 from drm_wire.net.address import format_address
@@ -175,6 +176,8 @@ class AdminApp:
         token: the bearer token (``CustodianState.admin_token``).
         borrower: the account that supply/block/unblock/usage act on.
         registry: where the metrics live (a fresh one by default).
+        collateral_ages: seconds since each cached ``(fmspc, ca)`` collateral was fetched
+            (the PCCS cache's ``ages``), read at every ``/metrics``; None without a PCCS.
         body_timeout: seconds to receive a whole request body (tests shorten it).
     """
 
@@ -187,6 +190,7 @@ class AdminApp:
         borrower: str,
         registry: CollectorRegistry | None = None,
         body_timeout: float = BODY_TIMEOUT,
+        collateral_ages: Callable[[], Mapping[tuple[bytes, CaType], float]] | None = None,
     ) -> None:
         if not token:
             raise ConfigError("the admin token must not be empty", key="token")
@@ -215,6 +219,13 @@ class AdminApp:
                 ("instances", "Enclave instances connected now."),
             )
         }
+        self._collateral_ages = collateral_ages
+        self._collateral_age = Gauge(
+            "drm_custodian_collateral_age_seconds",
+            "Seconds since the cached collateral of a platform (FMSPC) and PCK CA was fetched.",
+            ["fmspc", "ca"],
+            registry=self.registry,
+        )
         self._routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
             "/supply_inferences": ("POST", self._supply),
             "/block": ("POST", self._block),
@@ -414,6 +425,10 @@ class AdminApp:
             value = doc[name]
             assert isinstance(value, int)  # bool is an int: blocked -> 0/1
             gauge.labels(self._borrower).set(value)
+        if self._collateral_ages is not None:
+            self._collateral_age.clear()  # a platform the cache dropped is not reported stale
+            for (fmspc, ca), age in self._collateral_ages().items():
+                self._collateral_age.labels(fmspc.hex().upper(), ca).set(age)
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
     async def _healthz(self, request: Request) -> Response:

@@ -267,7 +267,11 @@ async def serve(
         await _initial_supply(ledger, state, borrower, config.initial_inferences)
         registry = Registry()
         app = AdminApp(
-            ledger=ledger, hooks=SessionHooks(registry), token=state.admin_token, borrower=borrower
+            ledger=ledger,
+            hooks=SessionHooks(registry),
+            token=state.admin_token,
+            borrower=borrower,
+            collateral_ages=None if cache is None else cache.ages,
         )
         refused = Counter(
             "drm_custodian_enclave_link_refused",

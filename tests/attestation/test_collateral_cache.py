@@ -11,6 +11,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from drm_lab.pccs import PccsBehaviour, running_pccs
 from drm_wire.attestation.collateral import Collateral, TcbStatus
 from drm_wire.attestation.collateral_cache import REFRESH_MARGIN, CollateralCache
 from drm_wire.attestation.errors import CollateralExpiredError
@@ -18,7 +19,6 @@ from drm_wire.attestation.pccs import CaType, PccsClient, PccsError
 from drm_wire.attestation.verify import verify_quote
 
 from .dcap_helpers import FMSPC, REAL_NOW, SIM_NOW, TestPki, real_quote
-from .pccs_server import PccsBehaviour, running_pccs
 from .test_pccs import REAL
 
 PKI = TestPki()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from drm_lab.pccs import PccsBehaviour, RunningPccs, running_pccs
 from drm_wire.attestation.cli import main
 from drm_wire.attestation.collateral import Collateral, TcbStatus
 from drm_wire.attestation.errors import CollateralSignatureError
@@ -17,7 +18,6 @@ from drm_wire.attestation.pccs import PccsClient, PccsError, crl_hex, signed_mem
 from drm_wire.attestation.verify import verify_quote
 
 from .dcap_helpers import QUOTE_PATH, REAL_NOW, real_collateral_text, real_quote
-from .pccs_server import PccsBehaviour, RunningPccs, running_pccs
 
 FMSPC = bytes.fromhex("00A067110000")
 REAL = json.loads(real_collateral_text())

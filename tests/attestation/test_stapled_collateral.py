@@ -25,6 +25,7 @@ from drm_wire.attestation.ratls_cert import (
     CertificateFormatError,
     build_ratls_certificate,
     parse_ratls_certificate,
+    restaple,
 )
 from drm_wire.net.ratls_context import VerificationCache, make_cached_certificate_verifier
 
@@ -163,3 +164,35 @@ def test_a_verifiers_own_collateral_is_cached_by_generation(
     verify = make_cached_certificate_verifier(policy, collateral=own, clock=lambda: NOW)
     assert verify(der).tcb_status is TcbStatus.UP_TO_DATE
     assert verify(der).tcb_status is TcbStatus.UP_TO_DATE
+
+
+def test_restaple_keeps_the_key_and_quotes_and_swaps_the_staple(
+    platform: SimulatedPlatform, policy: Policy
+) -> None:
+    provider = platform.quote_provider(mr_enclave=MR_ENCLAVE, mr_signer=bytes(32))
+    bare = build_ratls_certificate(provider)
+    with pytest.raises(TcbStatusError):  # nothing stapled: status unknown
+        verify_enclave_certificate(bare.certificate_der, policy, now=NOW)
+    old = platform.collateral(now=NOW - timedelta(days=29)).encode()
+    fresh = platform.collateral(now=NOW).encode()
+    first = restaple(bare, old)
+    second = restaple(first, fresh)
+    before, after = (parse_ratls_certificate(c.certificate_der) for c in (bare, second))
+    assert second.private_key is bare.private_key
+    assert after.spki_der == before.spki_der
+    assert (after.tcg_quote, after.legacy_quote) == (before.tcg_quote, before.legacy_quote)
+    assert after.stapled_collateral == fresh
+    assert second.certificate.not_valid_after_utc == bare.certificate.not_valid_after_utc
+    at = NOW + timedelta(days=2)  # the old staple expired a day ago; the new one is current
+    with pytest.raises(CollateralExpiredError):
+        verify_enclave_certificate(first.certificate_der, policy, now=at)
+    enclave = verify_enclave_certificate(second.certificate_der, policy, now=at)
+    assert enclave.tcb_status is TcbStatus.UP_TO_DATE
+
+
+def test_restaple_refuses_an_empty_or_oversized_staple(platform: SimulatedPlatform) -> None:
+    provider = platform.quote_provider(mr_enclave=MR_ENCLAVE, mr_signer=bytes(32))
+    bare = build_ratls_certificate(provider)
+    for staple in (b"", b"x" * (MAX_STAPLED_COLLATERAL_BYTES + 1)):
+        with pytest.raises(CertificateFormatError):
+            restaple(bare, staple)

@@ -13,7 +13,7 @@ import io
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,10 @@ from drm_consumer.cli import (
     main,
 )
 from drm_daemon.command import EXIT_BROKEN_PIPE
+from drm_lab.pccs import PccsBehaviour, RunningPccs, running_pccs
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
-from drm_wire.attestation.ratls_cert import RatlsCredentials
+from drm_wire.attestation.ratls_cert import RatlsCredentials, build_ratls_certificate
 from drm_wire.errors import ErrorCode
 from drm_wire.messages import (
     Error,
@@ -52,7 +53,7 @@ from drm_wire.net.channel import ChannelError, MessageChannel
 from drm_wire.net.tls import TLSStream
 from drm_wire.tensors import Tensor
 from tests.attestation.dcap_helpers import real_collateral_text
-from tests.consumer.conftest import MR_ENCLAVE, make_policy
+from tests.consumer.conftest import MR_ENCLAVE, MR_SIGNER, make_policy
 from tests.consumer.fake_enclave import (
     HOST,
     MODEL_DESCRIPTION,
@@ -556,3 +557,108 @@ async def test_given_collateral_for_another_platform_leaves_the_staple_to_judge(
     result = await query(fake, workdir, "--input", "x.npy", "--collateral", "bundle.json")
     assert result.returncode == EXIT_OK, result.stderr
     assert "TCB status UpToDate" in result.stdout
+
+
+# --- collateral from a PCCS, for an enclave that staples none ---------------------------
+
+
+@pytest.fixture
+async def bare(nursery: trio.Nursery, platform: SimulatedPlatform) -> ScriptedEnclave:
+    """An enclave whose certificate staples no collateral (as on SGX hardware today)."""
+    provider = platform.quote_provider(mr_enclave=MR_ENCLAVE, mr_signer=MR_SIGNER)
+    enclave = ScriptedEnclave(build_ratls_certificate(provider))
+    await nursery.start(enclave.serve)
+    return enclave
+
+
+@pytest.fixture
+def strict(tmp_path: Path, policy: Policy) -> Path:
+    """A production policy for the simulated root: UpToDate only, never an unknown status."""
+    replace(policy, accept_unknown_tcb_status=False).write(tmp_path / "policy.toml")
+    return tmp_path
+
+
+def _tcb_requests(pccs: RunningPccs) -> list[str]:
+    return [q["fmspc"][0] for p, q in pccs.behaviour.requests if p.endswith("/tcb")]
+
+
+async def test_without_a_pccs_an_enclave_that_staples_nothing_is_refused(
+    bare: ScriptedEnclave, strict: Path
+) -> None:
+    result = await run_main(strict, "info", "--address", HOST, "--port", str(bare.port))
+    assert result.returncode == EXIT_ATTESTATION, result.stderr
+    assert "TCB status unknown" in result.stderr
+
+
+async def test_pccs_collateral_is_fetched_after_the_first_refusal_then_accepted(
+    bare: ScriptedEnclave, strict: Path, platform: SimulatedPlatform
+) -> None:
+    bundle = json.loads(platform.collateral())
+    async with running_pccs(strict, PccsBehaviour(bundle=bundle)) as pccs:
+        result = await run_main(strict, "info", "--address", HOST, "--port", str(bare.port),
+                                "--pccs-url", pccs.url, "--pccs-ca", pccs.ca_path,
+                                "--json")  # fmt: skip
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.json()["attestation"]["tcb_status"] == "UpToDate"
+    # One platform, both PCK CA types, fetched once: between the two handshakes.
+    assert _tcb_requests(pccs) == [b"SIMFMS".hex().upper()] * 2
+    crls = sorted(q["ca"][0] for p, q in pccs.behaviour.requests if p.endswith("/pckcrl"))
+    assert crls == ["platform", "processor"]
+
+
+async def test_a_failing_pccs_is_an_attestation_refusal_naming_it(
+    bare: ScriptedEnclave, strict: Path, platform: SimulatedPlatform
+) -> None:
+    bundle = json.loads(platform.collateral())
+    async with running_pccs(strict, PccsBehaviour(bundle=bundle, status=503)) as pccs:
+        result = await run_main(strict, "info", "--address", HOST, "--port", str(bare.port),
+                                "--pccs-url", pccs.url, "--pccs-ca", pccs.ca_path)  # fmt: skip
+    assert result.returncode == EXIT_ATTESTATION, result.stderr
+    assert f"(FMSPC {b'SIMFMS'.hex().upper()}) could not be fetched from {pccs.url}" in (
+        result.stderr
+    )
+    assert "HTTP 503" in result.stderr
+
+
+async def test_forged_collateral_from_the_pccs_never_gets_the_enclave_accepted(
+    bare: ScriptedEnclave, strict: Path, platform: SimulatedPlatform
+) -> None:
+    """A PCCS (or whoever sits in its place) serving tampered TCB info: fetched, then
+    refused at the second handshake, since it does not verify to the pinned root."""
+    bundle = json.loads(platform.collateral())
+    async with running_pccs(strict, PccsBehaviour(bundle=bundle, tamper_tcb_info=True)) as pccs:
+        result = await run_main(strict, "info", "--address", HOST, "--port", str(bare.port),
+                                "--pccs-url", pccs.url, "--pccs-ca", pccs.ca_path)  # fmt: skip
+    assert result.returncode == EXIT_ATTESTATION, result.stderr
+    assert len(_tcb_requests(pccs)) == 2  # fetched once, no third handshake
+    assert bare.inference_requests() == []
+
+
+@pytest.mark.parametrize(
+    ("url", "ca"),
+    [("http://127.0.0.1:1", None), ("https://127.0.0.1:1", "missing.pem")],
+    ids=["plain-http", "missing-ca"],
+)
+async def test_a_bad_pccs_setting_fails_with_2_before_connecting(
+    bare: ScriptedEnclave, strict: Path, url: str, ca: str | None
+) -> None:
+    extra = [] if ca is None else ["--pccs-ca", str(strict / ca)]
+    result = await run_main(strict, "info", "--address", HOST, "--port", str(bare.port),
+                            "--pccs-url", url, *extra)  # fmt: skip
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "bad --pccs-url or --pccs-ca" in result.stderr
+    assert bare.handshakes_completed == 0
+
+
+async def test_query_with_a_pccs_runs_the_inference_after_the_second_handshake(
+    bare: ScriptedEnclave, strict: Path, platform: SimulatedPlatform
+) -> None:
+    np.save(strict / "x.npy", sample_input(rows=1))
+    bundle = json.loads(platform.collateral())
+    async with running_pccs(strict, PccsBehaviour(bundle=bundle)) as pccs:
+        result = await run_cli(strict, "query", "--address", HOST, "--port", str(bare.port),
+                               "--input", "x.npy", "--pccs-url", pccs.url,
+                               "--pccs-ca", pccs.ca_path)  # fmt: skip
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "TCB status UpToDate" in result.stdout
+    assert len(bare.inference_requests()) == 1

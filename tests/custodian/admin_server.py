@@ -10,7 +10,8 @@ import http.client
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from drm_custodian.admin import AdminApp, RecordingHooks, serve_admin
 from drm_custodian.admin_client import AdminClient
 from drm_custodian.ledger import Balance, Ledger
 from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
+from drm_wire.attestation.pccs import CaType
 
 BORROWER = "borrower"
 
@@ -99,12 +101,28 @@ JSON = ("Content-Type", "application/json")
 
 @pytest.fixture
 async def server(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Server]:
+    async with admin_server(tmp_path, nursery) as running:
+        yield running
+
+
+@asynccontextmanager
+async def admin_server(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    collateral_ages: Callable[[], Mapping[tuple[bytes, CaType], float]] | None = None,
+) -> AsyncIterator[Server]:
+    """The ``server`` fixture's server, with the app's optional parts given."""
     made = await init_state_dir(tmp_path / "state")
     state = load_state_dir(made.path)
     ledger = await Ledger.open(state.ledger_path)
     hooks = RecordingHooks()
     app = AdminApp(
-        ledger=ledger, hooks=hooks, token=state.admin_token, borrower=BORROWER, body_timeout=1.0
+        ledger=ledger,
+        hooks=hooks,
+        token=state.admin_token,
+        borrower=BORROWER,
+        body_timeout=1.0,
+        collateral_ages=collateral_ages,
     )
     stop, stopped = trio.Event(), trio.Event()
 

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import shutil
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,15 @@ from drm_custodian.admin import AdminApp, RecordingHooks, hypercorn_config, serv
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.ledger import BorrowerBlocked, SupplyResult
 from drm_custodian.state import init_state_dir
+from drm_lab.pccs import PccsBehaviour, running_pccs
+from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_cache import CollateralCache
+from drm_wire.attestation.pccs import CaType, PccsClient
 from drm_wire.errors import ConfigError
 
-from .admin_server import BORROWER, FORM, JSON, Server
+from ..attestation.dcap_helpers import REAL_NOW
+from ..attestation.test_pccs import FMSPC, REAL
+from .admin_server import BORROWER, FORM, JSON, Reply, Server, admin_server
 from .admin_server import server as server  # the fixture
 
 
@@ -160,6 +167,45 @@ async def test_metrics_parse(server: Server) -> None:
     denied = (("endpoint", "/usage"), ("status", "401"))
     assert samples[("drm_custodian_admin_requests_total", ok)] == 1
     assert samples[("drm_custodian_admin_requests_total", denied)] == 1
+
+
+async def test_metrics_give_the_age_of_each_cached_collateral(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The PCCS cache's age per platform and CA, fetched from a test PCCS over real TLS."""
+    wall = [REAL_NOW]
+    async with (
+        running_pccs(tmp_path, PccsBehaviour(bundle=dict(REAL))) as pccs,
+        PccsClient(pccs.url, ca=pccs.ca_path) as client,
+    ):
+
+        async def fetch(fmspc: bytes, ca: CaType) -> Collateral:
+            return await client.fetch(fmspc, ca=ca)
+
+        cache = CollateralCache(fetch, clock=lambda: wall[0])
+        async with admin_server(tmp_path, nursery, collateral_ages=cache.ages) as server:
+            assert _collateral_ages(await server.call("GET", "/metrics")) == {}
+            async with trio.open_nursery() as cache_nursery:
+                await cache_nursery.start(cache.run)
+                with trio.fail_after(20):
+                    await cache.wait_for(FMSPC)  # the first CA type...
+                    while len(cache.ages()) < 2:  # ...then the other, one refresh later
+                        await cache.changed()
+                wall[0] += timedelta(seconds=90)
+                reply = await server.call("GET", "/metrics")
+                cache_nursery.cancel_scope.cancel()
+    assert _collateral_ages(reply) == {("00A067110000", "processor"): 90.0,
+                                       ("00A067110000", "platform"): 90.0}  # fmt: skip
+
+
+def _collateral_ages(reply: Reply) -> dict[tuple[str, str], float]:
+    assert reply.status == 200
+    return {
+        (sample.labels["fmspc"], sample.labels["ca"]): sample.value
+        for family in text_string_to_metric_families(reply.body.decode())
+        for sample in family.samples
+        if sample.name == "drm_custodian_collateral_age_seconds"
+    }
 
 
 async def test_logs_name_the_client_and_never_the_token(server: Server) -> None:

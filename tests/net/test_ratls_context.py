@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
 from drm_lab.certs import Identity, make_ca
+from drm_lab.pccs import PccsBehaviour, running_pccs
 from drm_wire.attestation import _pck
 from drm_wire.attestation.collateral import Collateral, TcbStatus
 from drm_wire.attestation.collateral_cache import CollateralCache
@@ -61,7 +62,6 @@ from drm_wire.net.tls import (
     open_tls_client,
     server_context,
 )
-from tests.attestation.pccs_server import PccsBehaviour, running_pccs
 from tests.simulation import simulation_policy
 
 HOST = "127.0.0.1"

@@ -90,6 +90,15 @@ class CollateralCache:
         times = [e.fetched_at for (f, _), e in self._entries.items() if f == fmspc]
         return None if not times else (self._clock() - max(times)).total_seconds()
 
+    def ages(self) -> dict[tuple[bytes, CaType], float]:
+        """Seconds since each cached ``(fmspc, ca)`` entry was fetched (the metrics gauge).
+
+        The age grows while the PCCS is down and drops back on the next good fetch, so an
+        alert on it catches a refresh that keeps failing long before ``nextUpdate`` does.
+        """
+        now = self._clock()
+        return {key: (now - e.fetched_at).total_seconds() for key, e in self._entries.items()}
+
     def platforms(self) -> list[bytes]:
         """Every FMSPC noted or cached."""
         return sorted(self._wanted | {f for f, _ in self._entries})
@@ -101,6 +110,10 @@ class CollateralCache:
         self.want(fmspc)
         while not any(f == fmspc for f, _ in self._entries):
             await self._changed.wait()
+
+    async def changed(self) -> None:
+        """Return at the next successful fetch (of any platform)."""
+        await self._changed.wait()
 
     def want(self, fmspc: bytes) -> None:
         """Fetch ``fmspc`` ahead of its first handshake (a platform known in advance)."""

@@ -86,6 +86,7 @@ __all__ = [
     "encode_claims",
     "encode_tcg_evidence",
     "parse_ratls_certificate",
+    "restaple",
 ]
 
 #: Gramine's legacy quote extension, as cryptography spells its quirky content bytes.
@@ -263,6 +264,38 @@ def build_ratls_certificate(
         extension = x509.UnrecognizedExtension(STAPLED_COLLATERAL_OID, value)
         builder = builder.add_extension(extension, critical=False)
     return RatlsCredentials(key, builder.sign(key, hashes.SHA256()))
+
+
+def restaple(credentials: RatlsCredentials, stapled_collateral: bytes) -> RatlsCredentials:
+    """The same key and the very same quotes, with ``stapled_collateral`` in place of what
+    ``credentials`` stapled: how an enclave that runs for weeks staples refreshed collateral
+    without asking its platform for new quotes.
+
+    Every quote is matched to the extension it came from by its report data (which depends
+    only on the key), so a certificate whose quotes do not bind its key cannot be re-issued.
+
+    Raises:
+        CertificateFormatError: ``credentials`` is not an RA-TLS certificate this module
+            reads, or a quote does not bind its key, or the staple is empty or too large.
+    """
+    evidence = parse_ratls_certificate(credentials.certificate_der)
+    by_report_data = {parse_quote(q).body.report_data: q for q in evidence.quotes}
+
+    def same_quote(report_data: bytes) -> bytes:
+        quote = by_report_data.get(report_data)
+        if quote is None:
+            raise CertificateFormatError("a quote in the certificate does not bind its key")
+        return quote
+
+    return build_ratls_certificate(
+        same_quote,
+        private_key=credentials.private_key,
+        not_before=credentials.certificate.not_valid_before_utc,
+        not_after=credentials.certificate.not_valid_after_utc,
+        legacy_extension=evidence.legacy_quote is not None,
+        tcg_extension=evidence.tcg_quote is not None,
+        stapled_collateral=stapled_collateral,
+    )
 
 
 def _stapled(value: bytes) -> bytes:
