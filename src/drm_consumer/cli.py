@@ -579,8 +579,9 @@ async def _run_info(connection: _Connection) -> tuple[EnclaveInfo, VerifiedEncla
     raise failure
 
 
-def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
-    connection = _Connection(
+def _connection(args: argparse.Namespace) -> _Connection:
+    """Where ``query`` and ``info`` connect, and what they verify the enclave with."""
+    return _Connection(
         args.address,
         args.port,
         _load_policy(args.policy),
@@ -588,6 +589,10 @@ def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
         args.pccs_url,
         args.pccs_ca,
     )
+
+
+def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
+    connection = _connection(args)
     labels = _load_labels(args.labels)
     try:
         loaded = load_input(args.input)
@@ -621,14 +626,7 @@ def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
 
 
 def _info(args: argparse.Namespace, out: TextIO) -> None:
-    connection = _Connection(
-        args.address,
-        args.port,
-        _load_policy(args.policy),
-        _load_collateral(args.collateral),
-        args.pccs_url,
-        args.pccs_ca,
-    )
+    connection = _connection(args)
     info, enclave = trio.run(_run_info, connection)
     if args.json:
         models = [

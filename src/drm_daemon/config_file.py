@@ -31,14 +31,13 @@ import argparse
 import enum
 import os
 import stat
-import sys
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from drm_wire.errors import ConfigError
+from drm_wire.toml_text import parse_toml_text
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -134,17 +133,7 @@ def parse_toml(raw: bytes, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"the config file is not UTF-8 text (byte {exc.start})", path=where
         ) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", path=where) from None
-    except RecursionError:
-        raise ConfigError("not valid TOML: nested too deeply", path=where) from None
-    except ValueError:  # int(): Python's cap on decimal digits (4300 by default)
-        raise ConfigError(
-            f"not valid TOML: an integer has more than {sys.get_int_max_str_digits()} digits",
-            path=where,
-        ) from None
+    return parse_toml_text(text, where)
 
 
 def load_config(path: Path, schema: ConfigSchema) -> dict[str, object]:

@@ -40,8 +40,6 @@ import errno
 import json
 import os
 import stat
-import sys
-import tomllib
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ from drm_wire.attestation.quote import (
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.attestation.verify import TrustAnchors, VerifiedQuote
 from drm_wire.errors import AttestationError, ConfigError
+from drm_wire.toml_text import parse_toml_text
 
 __all__ = [
     "DebugEnclaveError",
@@ -228,17 +227,7 @@ class Policy:
             ConfigError: not TOML, an unknown key, a wrong type or a bad value.
         """
         source = None if path is None else str(path)
-        try:
-            document = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"not valid TOML: {exc}", path=source) from exc
-        except RecursionError:
-            raise ConfigError("not valid TOML: nested too deeply", path=source) from None
-        except ValueError:  # int(): Python's cap on decimal digits (4300 by default)
-            raise ConfigError(
-                f"not valid TOML: an integer has more than {sys.get_int_max_str_digits()} digits",
-                path=source,
-            ) from None
+        document = parse_toml_text(text, source)
         top = _Table(document, "", source, {"enclave", "simulation"})
         enclave_data = document.get("enclave")
         if isinstance(enclave_data, dict) and _REMOVED_KEY in enclave_data:
