@@ -2,7 +2,8 @@
 
 A real custodian lends models with terms (a terms file next to the model), a real enclave
 serves them, and the attacker is not ``drm_consumer`` (which a borrower would not use)
-but a raw TLS client that writes frames with ``drm_wire``'s codec by hand, so nothing on
+but :class:`drm_lab.hostile.RawConsumer` on a stream that verified the enclave, which
+writes frames built from dicts with ``drm_wire``'s codec, so nothing on
 the client side can tidy a hostile request. Each attack is checked against the ledger:
 the units it records equal the cost of the requests served under the terms.
 """
@@ -14,7 +15,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import pytest
@@ -22,14 +23,14 @@ import trio
 
 from drm_consumer import Client
 from drm_lab.deployment import Lab
+from drm_lab.hostile import RawConsumer
 from drm_lab.models import exporter_dims_model, tiny_model, two_input_model
 from drm_lab.processes import LOOPBACK, python_command
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ErrorCode
-from drm_wire.framing import FrameDecoder, encode_frame
-from drm_wire.messages import Error, InferenceResult, Message, Welcome, from_frame
+from drm_wire.messages import Error, InferenceResult, Message
 from drm_wire.net.ratls_context import consumer_client_context
-from drm_wire.net.tls import TLSStream, open_tls_client
+from drm_wire.net.tls import open_tls_client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -37,46 +38,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 STEP: Final = 30.0
 POLL_INTERVAL: Final = 0.05
 TINY_TERMS: Final = "max_batch = 16\n"
-
-
-class RawConsumer:
-    """A consumer written by hand: TLS (verifying the enclave, as anyone would), then
-    frames built from dicts with ``encode_frame``; replies decoded with the codec."""
-
-    def __init__(self, stream: TLSStream) -> None:
-        self.stream = stream
-        self.decoder = FrameDecoder()
-        self.ids = itertools.count(1)
-
-    async def send(self, header: dict[str, Any], payload: list[bytes] | None = None) -> None:
-        for buffer in encode_frame(header, payload or []):
-            await self.stream.send_all(buffer)
-
-    async def receive(self) -> Message:
-        with trio.fail_after(STEP):
-            while (frame := self.decoder.next_frame()) is None:
-                data = await self.stream.receive_some(1 << 20)
-                self.decoder.receive_data(data)
-                if not data:
-                    raise EOFError("the enclave closed the connection")
-        return from_frame(frame)
-
-    async def hello(self) -> None:
-        await self.send({"type": "hello", "versions": [2], "role": "consumer",
-                         "software": "attacker"})  # fmt: skip
-        assert isinstance(await self.receive(), Welcome)
-
-    async def infer(self, model: str, tensors: list[tuple[str, str, list[int], bytes]]) -> Message:
-        """One ``infer`` frame: tensors as (name, dtype, shape, raw bytes), shapes unchecked."""
-        header = {
-            "type": "infer",
-            "request_id": next(self.ids),
-            "model": model,
-            "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s, _ in tensors],
-            "wait": 0.0,
-        }
-        await self.send(header, [data for *_, data in tensors if data])
-        return await self.receive()
 
 
 def _rows(rows: int, width: int = 4) -> bytes:
@@ -106,7 +67,7 @@ async def _ledger_served(lab: Lab, expected: int) -> None:
     assert (await trio.to_thread.run_sync(lab.usage))["served"] == expected
 
 
-def _refused(reply: Message, *fragments: str) -> None:
+def _refused(reply: Message | None, *fragments: str) -> None:
     assert isinstance(reply, Error), reply
     assert reply.code is ErrorCode.BAD_REQUEST, reply
     for fragment in fragments:
@@ -126,7 +87,7 @@ async def test_hand_built_requests_cost_exactly_their_items(lab: Lab) -> None:
     # the connection closed; still nothing charged.
     for shape in ([-1, 4], [2**40, 4]):
         async with _connect(lab, enclave.consumer_port) as attacker:
-            await attacker.send(
+            await attacker.send_frame(
                 {"type": "infer", "request_id": 1, "model": "tiny", "wait": 0.0,
                  "inputs": [{"name": "x", "dtype": "float32", "shape": shape}]},
                 [_rows(1)],
