@@ -37,13 +37,19 @@ import structlog
 import trio
 
 from drm_wire.errors import ErrorCode
-from drm_wire.messages import EnclaveState, Grant, UsageAck
+from drm_wire.messages import EnclaveState, Grant, LoadFailure, UsageAck
 
 from .accounting import Accounting
 from .model_host import HostedModel
 from .quota import Quota
 
-__all__ = ["STOPPING_MESSAGE", "UNREACHABLE_MESSAGE", "EnclaveRuntime", "blocked_message"]
+__all__ = [
+    "STOPPING_MESSAGE",
+    "UNREACHABLE_MESSAGE",
+    "EnclaveRuntime",
+    "blocked_message",
+    "unavailable_message",
+]
 
 _log = structlog.get_logger("drm_enclave.runtime")
 
@@ -70,6 +76,26 @@ def blocked_message(reason: str) -> str:
     )
 
 
+#: What to do about a model that did not load, by cause (consumers and the operator).
+_UNAVAILABLE_FIX: Final = {
+    LoadFailure.TOO_LARGE: "the enclave's operator must raise its max_model_mib (and the "
+    "enclave's memory), or the owner lend a smaller model",
+    LoadFailure.OUT_OF_MEMORY: "the enclave's operator must give the enclave more memory",
+    LoadFailure.INVALID_MODEL: "the model's owner must replace it",
+    LoadFailure.NOT_HELD: "the enclave receives it again on its next link to the custodian",
+}
+
+
+def unavailable_message(name: str, code: LoadFailure, reason: str) -> str:
+    """What consumers asking for a model that failed to load are told: what happened and
+    what to do (printable characters only: it goes to a consumer's terminal)."""
+    shown = "".join(c for c in reason[:_MAX_REASON] if c.isprintable()).strip()
+    return (
+        f"model {name[:64]!r} could not be loaded in this enclave ({code.value}: {shown}); "
+        f"{_UNAVAILABLE_FIX[code]}. The enclave's other models are served"
+    )
+
+
 class EnclaveRuntime:
     """What the custodian link and the consumer server share. Single trio thread only.
 
@@ -78,6 +104,8 @@ class EnclaveRuntime:
             link is synced.
         accounting: the usage-report sequence over the quota's totals.
         models: loaded models by name.
+        unavailable: models the custodian lends that did not load here, by name: the
+            consumer's message (:func:`unavailable_message`). Version 3: the link goes on.
     """
 
     def __init__(self, *, max_parked: int | None = None) -> None:
@@ -85,6 +113,7 @@ class EnclaveRuntime:
         self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE, UNREACHABLE_MESSAGE)
         self.accounting = Accounting(self.quota)
         self.models: dict[str, HostedModel] = {}
+        self.unavailable: dict[str, str] = {}
         self._link_up = False
         self._synced = False
         self._blocked = False
@@ -184,7 +213,20 @@ class EnclaveRuntime:
         """A transfer was loaded (or matched the loaded model, ``None``)."""
         if model is not None:
             self.models[model.description.name] = model
+            self.unavailable.pop(model.description.name, None)
         self._loads_pending -= 1
+        self._maybe_resume()
+
+    def load_failed(self, name: str, code: LoadFailure, reason: str, *, pending: bool) -> None:
+        """The model ``name`` did not load (``pending``: after :meth:`load_started`).
+
+        A session held under that name goes too: the custodian now lends other bytes or
+        other terms, and the old ones must not be served in their place.
+        """
+        self.models.pop(name, None)
+        self.unavailable[name] = unavailable_message(name, code, reason)
+        if pending:
+            self._loads_pending -= 1
         self._maybe_resume()
 
     def on_grant(self, grant: Grant) -> int:

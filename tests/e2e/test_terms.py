@@ -30,6 +30,7 @@ from drm_wire.framing import FrameDecoder, encode_frame
 from drm_wire.messages import Error, InferenceResult, Message, Welcome, from_frame
 from drm_wire.net.ratls_context import consumer_client_context
 from drm_wire.net.tls import TLSStream, open_tls_client
+from drm_wire.protocol import SUPPORTED_VERSIONS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -62,8 +63,8 @@ class RawConsumer:
         return from_frame(frame)
 
     async def hello(self) -> None:
-        await self.send({"type": "hello", "versions": [2], "role": "consumer",
-                         "software": "attacker"})  # fmt: skip
+        await self.send({"type": "hello", "versions": list(SUPPORTED_VERSIONS),
+                         "role": "consumer", "software": "attacker"})  # fmt: skip
         assert isinstance(await self.receive(), Welcome)
 
     async def infer(self, model: str, tensors: list[tuple[str, str, list[int], bytes]]) -> Message:
