@@ -610,7 +610,7 @@ class CustodianLink:
         except BaseException:
             self._runtime.link_lost()
             raise
-        self._runtime.load_finished(model)
+        self._runtime.load_finished(model, name=name)
         log.info("model_loaded", model=name, sha256=sha256.hex(), reused=model is None)
 
     # --- version 3: refused transfers, failed loads, kept models -----------------------
@@ -686,7 +686,7 @@ class CustodianLink:
         except BaseException:
             self._runtime.link_lost()
             raise
-        self._runtime.load_finished(None)
+        self._runtime.load_finished(None, name=keep.name)
         log.info(
             "model_transfer_skipped", model=keep.name, sha256=keep.sha256.hex(), size=keep.size
         )

@@ -19,6 +19,10 @@ States, as ``model_info`` shows them::
           |                                  +---------- block ------> BLOCKED -+  | unblock
           +--------------------- link lost (any state) ----------------------------+
 
+Models: at a link's re-sync every model the custodian lends has been answered for
+(loaded, kept or failed; docs/links.md, "Version 3"), so a session held for a model it
+did not name on this link is one the owner no longer lends: it is withdrawn.
+
 The quota is suspended (``CUSTODIAN_UNREACHABLE``) in every state but ``SERVING``
 (``BLOCKED`` while blocked), so nothing is served until a verified link has re-synced.
 The *re-sync* is the custodian's first ``grant`` (its last total again), ``unblock`` or
@@ -119,6 +123,8 @@ class EnclaveRuntime:
         self._blocked = False
         self._block_message = blocked_message("")
         self._loads_pending = 0
+        #: The models the custodian delivered, kept or reported failed on this link.
+        self._delivered: set[str] = set()
         self._announced = False
         self._stopping = False
         self._usage_changed = trio.Event()
@@ -204,16 +210,20 @@ class EnclaveRuntime:
         self._link_up = True
         self._synced = self._blocked = self._announced = False
         self._loads_pending = 0
+        self._delivered = set()
         self._changed()
 
     def load_started(self) -> None:
         self._loads_pending += 1
 
-    def load_finished(self, model: HostedModel | None) -> None:
-        """A transfer was loaded (or matched the loaded model, ``None``)."""
+    def load_finished(self, model: HostedModel | None, *, name: str | None = None) -> None:
+        """A transfer was loaded (or matched the held model ``name``: ``model`` is None)."""
         if model is not None:
-            self.models[model.description.name] = model
-            self.unavailable.pop(model.description.name, None)
+            name = model.description.name
+            self.models[name] = model
+            self.unavailable.pop(name, None)
+        if name is not None:
+            self._delivered.add(name)
         self._loads_pending -= 1
         self._maybe_resume()
 
@@ -225,6 +235,7 @@ class EnclaveRuntime:
         """
         self.models.pop(name, None)
         self.unavailable[name] = unavailable_message(name, code, reason)
+        self._delivered.add(name)
         if pending:
             self._loads_pending -= 1
         self._maybe_resume()
@@ -267,6 +278,7 @@ class EnclaveRuntime:
             self.quota.resume()
         if not self._announced:
             self._announced = True
+            self._withdraw_undelivered()
             _log.info(
                 "custodian_link_up",
                 state=self.state.value,
@@ -276,3 +288,13 @@ class EnclaveRuntime:
                 served_total=self.quota.served_total,
             )
         self._changed()
+
+    def _withdraw_undelivered(self) -> None:
+        """At a link's re-sync, every model the custodian lends has been answered for: a
+        session held for a model it did not deliver, keep or report on this link is one
+        the owner no longer lends (a restart without it), and is no longer served."""
+        for name in [name for name in self.models if name not in self._delivered]:
+            del self.models[name]
+            _log.warning("model_withdrawn", model=name)
+        for name in [name for name in self.unavailable if name not in self._delivered]:
+            del self.unavailable[name]

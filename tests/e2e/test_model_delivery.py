@@ -8,7 +8,7 @@
 * Transfer skip (I18): a link cut by the fault proxy and re-established moves no model
   byte the second time (measured through the proxy), and serving resumes; after a
   custodian restart, a changed model file and changed terms are streamed again while
-  the unchanged model is kept.
+  the unchanged model is kept, and a model no longer uploaded is withdrawn.
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ async def test_changed_file_or_terms_after_a_custodian_restart_are_streamed_agai
         lab.write_model("same", tiny_model()),
         lab.write_model("replaced", tiny_model()),
         lab.write_model("reterm", two_input_model()),
+        dropped := lab.write_model("dropped", tiny_model()),
     ]
     await trio.to_thread.run_sync(partial(lab.start_custodian, models, initial=10))
     enclave: Enclave = await trio.to_thread.run_sync(lab.start_enclave)
@@ -163,8 +164,10 @@ async def test_changed_file_or_terms_after_a_custodian_restart_are_streamed_agai
     lab.write_model("replaced", covidnet_like_model(0.5))
     (lab.workdir / "reterm.terms.toml").write_text("max_batch = 8\n", encoding="utf-8")
     seen = len(enclave.daemon.events)
-    restarted = await trio.to_thread.run_sync(lab.restart_custodian)
+    # ... and no longer lends another.
+    restarted = await trio.to_thread.run_sync(partial(lab.restart_custodian, without=[dropped]))
     await _wait_log(partial(enclave.daemon.wait_for, after=seen), "custodian_link_up")
+    await _wait_log(partial(enclave.daemon.wait_for, after=seen), "model_withdrawn")
     for name in ("replaced", "reterm"):
         await _wait_log(restarted.wait_for, "model_delivered", model=name)
     await _wait_log(restarted.wait_for, "model_transfer_skipped", model="same")
@@ -175,3 +178,4 @@ async def test_changed_file_or_terms_after_a_custodian_restart_are_streamed_agai
         info = await client.info()
         assert info.models["reterm"].terms.max_batch == 8
         assert info.models["replaced"].sha256 != info.models["same"].sha256
+        assert set(info.models) == {"same", "replaced", "reterm"}  # "dropped" withdrawn

@@ -159,3 +159,33 @@ async def test_model_keep_for_what_is_not_held_serves_nothing_of_it(
                 await consumer.infer(model=keep.name)
             assert caught.value.code is ErrorCode.MODEL_UNAVAILABLE
             assert "not_held" in str(caught.value)
+
+
+async def test_a_model_the_custodian_no_longer_lends_is_withdrawn_at_the_re_sync(
+    tmp_path: Path,
+) -> None:
+    with capture_logs() as logs:
+        async with running_enclave(tmp_path) as rig:
+            first = await rig.custodian.session()
+            await first.send_model("two_input", two_input_model())
+            await first.next(ModelLoaded)
+            await _serving_tiny(rig, first)
+            first.close()
+            # The owner restarted its custodian without two_input: only tiny comes back.
+            second = await rig.custodian.session()
+            assert {held.name for held in second.hello.held or ()} == {"tiny", "two_input"}
+            await second.channel.send(
+                ModelKeep(name="tiny", size=len(TINY), sha256=TINY_SHA256, terms=Terms())
+            )
+            await second.next(ModelLoaded)
+            assert "two_input" in rig.runtime.models  # until the re-sync says all came
+            await second.grant(3, 3)
+            await rig.wait_state(EnclaveState.SERVING)
+            assert set(rig.runtime.models) == {"tiny"}
+            async with rig.consumer() as consumer:
+                with pytest.raises(PeerError) as caught:
+                    await consumer.infer(model="two_input")
+                assert caught.value.code is ErrorCode.MODEL_NOT_FOUND
+                assert (await consumer.infer()).inferences_left == 2
+    (withdrawn,) = [e for e in logs if e["event"] == "model_withdrawn"]
+    assert withdrawn["model"] == "two_input"
