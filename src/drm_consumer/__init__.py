@@ -25,6 +25,7 @@ from drm_consumer.errors import (
     CustodianUnreachable,
     InferenceFailed,
     ModelNotFound,
+    ModelUnavailable,
     NoInferencesLeft,
     RequestFailed,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "InferenceOutcome",
     "Inputs",
     "ModelNotFound",
+    "ModelUnavailable",
     "NoInferencesLeft",
     "RequestFailed",
     "query",

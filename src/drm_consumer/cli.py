@@ -112,7 +112,8 @@ exit status:
   {EXIT_NO_INFERENCES}  no inferences left (with --no-wait, or after --wait SECONDS)
   {EXIT_CUSTODIAN}  the enclave cannot reach its custodian, or the borrower is blocked
   {EXIT_CONNECTION}  connection failed or lost, or the enclave could not serve for another
-     reason (busy, still loading its model, inference failed, unknown error)
+     reason (busy, still loading its model, a model that did not load there, inference
+     failed, unknown error)
   {EXIT_INTERRUPTED}  interrupted
 
 The policy file defaults to ./{DEFAULT_POLICY} (written beside the signed enclave).

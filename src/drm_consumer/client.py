@@ -248,8 +248,8 @@ class Client:
         Raises:
             BadRequest: the inputs do not fit the model, or cannot travel (dtype not on
                 the wire's allow-list, too large, ``wait`` out of range).
-            ModelNotFound, NoInferencesLeft, CustodianUnreachable, Blocked, Busy,
-            InferenceFailed, RequestFailed: the enclave's answer.
+            ModelNotFound, ModelUnavailable, NoInferencesLeft, CustodianUnreachable, Blocked,
+            Busy, InferenceFailed, RequestFailed: the enclave's answer.
             ConnectionFailed: the connection failed or was closed (the inference may or
                 may not have run).
             TypeError: ``inputs`` holds something that is not a ``Tensor``.

@@ -14,6 +14,7 @@
                +-- BadRequest           bad_request, limit_exceeded (and inputs we refuse
                |                        to send: a dtype or shape the wire cannot carry)
                +-- ModelNotFound        model_not_found
+               +-- ModelUnavailable     model_unavailable (lent, but it did not load)
                +-- InferenceFailed      inference_failed
 
 Every translation from ``drm_wire`` (and trio, and the OS) to these classes happens in
@@ -45,6 +46,7 @@ __all__ = [
     "CustodianUnreachable",
     "InferenceFailed",
     "ModelNotFound",
+    "ModelUnavailable",
     "NoInferencesLeft",
     "RequestFailed",
     "map_errors",
@@ -117,6 +119,11 @@ class ModelNotFound(RequestFailed):
     """The enclave serves no model of that name."""
 
 
+class ModelUnavailable(RequestFailed):
+    """The model is lent to this enclave but did not load there (protocol version 3); the
+    message says why and what to do. Its other models are served."""
+
+
 class InferenceFailed(RequestFailed):
     """The model failed to run on these inputs. No inference was counted."""
 
@@ -132,6 +139,7 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[RequestFailed]]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
     ErrorCode.LIMIT_EXCEEDED: BadRequest,
     ErrorCode.MODEL_NOT_FOUND: ModelNotFound,
+    ErrorCode.MODEL_UNAVAILABLE: ModelUnavailable,
     ErrorCode.INFERENCE_FAILED: InferenceFailed,
 }
 

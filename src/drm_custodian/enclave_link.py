@@ -193,7 +193,9 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
         with structlog.contextvars.bound_contextvars(
             borrower=record.borrower, instance=instance_id
         ):
-            session = EnclaveSession(ctx, channel, identity, record, instance_id)
+            session = EnclaveSession(
+                ctx, channel, identity, record, instance_id, held=hello.held or ()
+            )
             try:
                 await ctx.registry.claim(session)
             except DuplicateInstance:

@@ -279,6 +279,24 @@ async def serve(
             ["limit"],
             registry=app.registry,
         )
+        transfers = Counter(
+            "drm_custodian_model_transfers",
+            "Model deliveries to enclaves by model and outcome (loaded: streamed and "
+            "loaded; kept: transfer skipped, the enclave held it; failed: did not load).",
+            ["model", "outcome"],
+            registry=app.registry,
+        )
+        model_bytes = Counter(
+            "drm_custodian_model_bytes_sent",
+            "Model bytes streamed to enclaves, by model.",
+            ["model"],
+            registry=app.registry,
+        )
+
+        def model_event(model: str, outcome: str, sent: int) -> None:
+            transfers.labels(model=model, outcome=outcome).inc()
+            model_bytes.labels(model=model).inc(sent)
+
         ctx = SessionContext(
             state=state,
             ledger=ledger,
@@ -288,6 +306,7 @@ async def serve(
             config=config.session,
             handshake_slots=trio.Semaphore(config.max_link_handshakes),
             limit_hit=lambda name: refused.labels(limit=name).inc(),
+            model_event=model_event,
         )
         live = 0
 

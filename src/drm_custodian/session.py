@@ -19,10 +19,20 @@ steps 1 and 2; see :mod:`drm_custodian.enclave_link`) and runs the rest of the s
      the transfer;
    * the *heartbeat* task sends ``heartbeat`` every interval;
    * the *main* task streams each model (``model_begin``, chunks of a memoryview over the
-     bytes held in memory, ``model_end``) and waits for its ``model_loaded`` (name and
-     digest must match) before the next; then re-syncs (``block`` if the borrower is
-     blocked, else the instance's last grant again, else a first grant or ``unblock``)
-     and becomes the *grant pump*.
+     bytes held in memory, ``model_end``) and waits for its answer (name and digest must
+     match) before the next; then re-syncs (``block`` if the borrower is blocked, else
+     the instance's last grant again, else a first grant or ``unblock``) and becomes the
+     *grant pump*.
+
+   Version 3 (docs/links.md, "Version 3"): a model the enclave's ``hello`` says it holds
+   with the same SHA-256 and the same terms digest gets ``model_keep`` instead of a
+   transfer (logged ``model_transfer_skipped``; the enclave still checks digest and
+   terms). The answer is ``model_loaded`` or ``model_load_failed``: a failure is logged
+   at error level naming the model, the instance and the enclave's reason, counted, and
+   the next model follows; a failure during a transfer (the enclave refused it at
+   ``model_begin``) ends that transfer at the next chunk. A claim to hold a model costs
+   the custodian nothing and gains the enclave nothing: without the bytes it cannot
+   serve that model. ``model_event`` counts each outcome and the bytes sent (/metrics).
 
 2. The pump is the only task that sends grants, blocks and unblocks, so they never
    interleave: it sleeps until woken (by the admin hooks, by a usage report, by a refused
@@ -74,14 +84,18 @@ from drm_wire.messages import (
     Error,
     Grant,
     Heartbeat,
+    HeldModel,
     Message,
     ModelBegin,
     ModelChunk,
     ModelEnd,
+    ModelKeep,
     ModelLoaded,
+    ModelLoadFailed,
     Unblock,
     UsageAck,
     UsageReport,
+    terms_digest,
 )
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelError, MessageChannel
 
@@ -150,6 +164,9 @@ class SessionContext:
     handshake_slots: trio.Semaphore | None = None
     #: Called with the limit's name when a cap turns a connection away (a metric).
     limit_hit: Callable[[str], object] = lambda name: None
+    #: Called with a model's name, how its delivery ended (``loaded``, ``kept``,
+    #: ``failed``) and the model bytes sent for it (metrics).
+    model_event: Callable[[str, str, int], object] = lambda model, outcome, sent: None
 
 
 async def send_last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:
@@ -172,6 +189,8 @@ class EnclaveSession:
         identity: VerifiedEnclave,
         record: LicenseRecord,
         instance_id: str,
+        *,
+        held: Sequence[HeldModel] = (),
     ) -> None:
         self._ctx = ctx
         self._cfg = ctx.config
@@ -202,8 +221,15 @@ class EnclaveSession:
         self.told_blocked = False
         #: All models delivered; grants and blocks may flow.
         self.ready = False
-        self._expect_loaded = 0
-        self._loaded_send, self._loaded = trio.open_memory_channel[ModelLoaded](1)
+        #: What the enclave's hello says it holds, by name (version 3).
+        self._held = {entry.name: entry for entry in held}
+        #: The model whose answer is awaited (sent or being sent), if any.
+        self._pending: ModelFile | None = None
+        self._answer_send, self._answers = trio.open_memory_channel[ModelLoaded | ModelLoadFailed](
+            1
+        )
+        #: Models the enclave reported it could not load on this link, by name: reason.
+        self.failed_models: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return (
@@ -310,11 +336,8 @@ class EnclaveSession:
                 continue
             if isinstance(message, UsageReport):
                 await self._on_usage(message)
-            elif isinstance(message, ModelLoaded):
-                if self._expect_loaded == 0:
-                    raise RemoteProtocolError("model_loaded for no model sent", field="type")
-                self._expect_loaded -= 1
-                self._loaded_send.send_nowait(message)
+            elif isinstance(message, ModelLoaded | ModelLoadFailed):
+                self._on_answer(message)
             else:  # the state machine lets nothing else from an enclave through
                 raise RemoteProtocolError(f"unexpected {message.TYPE}", field="type")
 
@@ -335,18 +358,90 @@ class EnclaveSession:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
 
+    def _on_answer(self, answer: ModelLoaded | ModelLoadFailed) -> None:
+        """An enclave's answer about a model: it must be the model under way."""
+        pending = self._pending
+        if pending is None:
+            raise RemoteProtocolError(f"{answer.TYPE} for no model sent", field="type")
+        if answer.name != pending.name or not hmac.compare_digest(answer.sha256, pending.sha256):
+            log.error(
+                "model_loaded_mismatch",
+                model=pending.name,
+                answer=answer.TYPE,
+                got_name=answer.name[:64],
+                got_sha256=answer.sha256.hex(),
+            )
+            raise RemoteProtocolError(
+                f"{answer.TYPE} does not match the model sent", field="sha256"
+            )
+        self._pending = None
+        self._answer_send.send_nowait(answer)
+
+    def _holds(self, model: ModelFile) -> bool:
+        """Whether the enclave's hello says it holds exactly these bytes under these terms."""
+        held = self._held.get(model.name)
+        return (
+            held is not None
+            and hmac.compare_digest(held.sha256, model.sha256)
+            and hmac.compare_digest(held.terms_sha256, terms_digest(model.terms))
+        )
+
     async def _deliver(self, model: ModelFile) -> None:
         size = len(model.data)
-        log.info("model_transfer_started", model=model.name, size=size, sha256=model.sha256.hex())
         started = trio.current_time()
+        self._pending = model  # before the first send: an answer may come back at once
+        if self._holds(model):
+            await self._send(
+                ModelKeep(name=model.name, size=size, sha256=model.sha256, terms=model.terms)
+            )
+            sent = 0
+        else:
+            sent = await self._stream(model)
+        with trio.fail_after(self._cfg.model_loaded_timeout):
+            answer = await self._answers.receive()
+        if isinstance(answer, ModelLoadFailed):
+            self.failed_models[model.name] = answer.reason
+            self._ctx.model_event(model.name, "failed", sent)
+            log.error(
+                "model_load_failed",
+                model=model.name,
+                instance=self._instance_id,
+                code=answer.code.value,
+                reason=answer.reason[:300],
+                sha256=model.sha256.hex(),
+                bytes_sent=sent,
+            )
+            return
+        if sent == 0:
+            self._ctx.model_event(model.name, "kept", 0)
+            log.info("model_transfer_skipped", model=model.name, size=size)
+            return
+        self._ctx.model_event(model.name, "loaded", sent)
+        log.info(
+            "model_delivered",
+            model=model.name,
+            size=size,
+            seconds=round(trio.current_time() - started, 3),
+        )
+
+    async def _stream(self, model: ModelFile) -> int:
+        """``model_begin``, the chunks, ``model_end``; return the model bytes sent. An
+        enclave that refuses the model while it streams ends the chunks early."""
+        size = len(model.data)
+        log.info("model_transfer_started", model=model.name, size=size, sha256=model.sha256.hex())
         await self._send(
             ModelBegin(name=model.name, size=size, sha256=model.sha256, terms=model.terms)
         )
         view = memoryview(model.data)
         next_tenth = 1
+        sent = 0
         for offset in range(0, size, MODEL_CHUNK_BYTES):
+            if self._pending is None:  # answered already: refused at model_begin
+                log.info("model_transfer_abandoned", model=model.name, sent=sent, size=size)
+                break
             done = min(offset + MODEL_CHUNK_BYTES, size)
             await self._send(ModelChunk(offset=offset, data=view[offset:done]))
+            sent = done
             if done * 10 >= next_tenth * size:
                 next_tenth = done * 10 // size + 1
                 log.info(
@@ -356,24 +451,8 @@ class EnclaveSession:
                     size=size,
                     percent=done * 100 // size,
                 )
-        self._expect_loaded += 1  # before model_end: the answer may come back at once
         await self._send(ModelEnd(name=model.name))
-        with trio.fail_after(self._cfg.model_loaded_timeout):
-            loaded = await self._loaded.receive()
-        if loaded.name != model.name or not hmac.compare_digest(loaded.sha256, model.sha256):
-            log.error(
-                "model_loaded_mismatch",
-                model=model.name,
-                got_name=loaded.name[:64],
-                got_sha256=loaded.sha256.hex(),
-            )
-            raise RemoteProtocolError("model_loaded does not match the model sent", field="sha256")
-        log.info(
-            "model_delivered",
-            model=model.name,
-            size=size,
-            seconds=round(trio.current_time() - started, 3),
-        )
+        return sent
 
     # --- grants, blocks and usage -------------------------------------------------------
 

@@ -42,7 +42,7 @@ from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.collateral import TcbStatus
 from drm_wire.errors import ConfigError
-from drm_wire.limits import KiB, MiB
+from drm_wire.limits import MAX_MODEL_BYTES, KiB, MiB
 from drm_wire.messages import EnclaveState
 from drm_wire.net.address import format_address, parse_address
 
@@ -95,6 +95,9 @@ def _bounded(low: int, high: int) -> Callable[[str], int]:
 
 
 #: The consumer port's limits (I17): flag, its ConsumerLimits field, unit, bounds, help.
+#: The largest ``--max-model-mib``: what the protocol carries (2 GiB less a byte).
+MAX_MODEL_MIB: Final = (MAX_MODEL_BYTES + 1) // MiB
+
 _LIMIT_OPTIONS: Final = (
     ("--max-connections", "max_connections", 1, 1, 1_000_000,
      "live consumer connections; past it the longest idle one is closed, else busy"),
@@ -219,6 +222,11 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="INSECURE simulated SGX platform (created on first use)")  # fmt: skip
     schema.add("--intra-op-threads", Kind.INTEGER, type=_threads, default=1, metavar="N",
                help="onnxruntime threads per model session")  # fmt: skip
+    schema.add("--max-model-mib", Kind.INTEGER, type=_bounded(1, MAX_MODEL_MIB),
+               default=MAX_MODEL_MIB, metavar="N",
+               help="largest model this enclave loads, in MiB; a larger one is refused "
+                    "(model_unavailable) and the others serve. Size the enclave's memory "
+                    "for about twice it")  # fmt: skip
     schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
                help="lowest level logged (debug adds per-request events)")  # fmt: skip
     defaults = ConsumerLimits()
@@ -297,6 +305,7 @@ def _enclave_config(args: argparse.Namespace) -> EnclaveConfig:
         simulation_dir=args.simulation_dir,
         intra_op_threads=args.intra_op_threads,
         limits=_consumer_limits(args),
+        max_model_bytes=min(args.max_model_mib * MiB, MAX_MODEL_BYTES),
     )
     try:
         config.custodian_ca()

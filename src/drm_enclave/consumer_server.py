@@ -40,16 +40,17 @@ when none is idle is the newcomer refused. A consumer that keeps a connection fo
 may so lose it under pressure, and reconnects; one that holds a slot must keep a request
 in flight on it.
 
-One inference, in order: the model must be loaded (``model_not_found``; while the enclave
-is suspended with no such model, the suspension code), the tensors must match its inputs
-and be within the model's lending terms, which price it (``bad_request``: before any quota
-is taken, so a bad request costs nothing; I14), then the request's cost in units of quota,
-all at once (:meth:`Quota.acquire`: ``no_inferences``, ``busy``, ``blocked``,
-``custodian_unreachable``; while parked, a ``waiting`` message tells the consumer its
-position), then the run. An output commits the lease and counts its units (the reporter
-is woken), and the result says what the request cost; a failed run releases the lease
-(``inference_failed``, nothing counted). The lease is ended on every path, cancellation
-included.
+One inference, in order: the model must be loaded (``model_unavailable`` with why and
+what to do when the custodian lent it and it did not load here; ``model_not_found``;
+while the enclave is suspended with no such model, the suspension code), the tensors
+must match its inputs and be within the model's lending terms, which price it
+(``bad_request``: before any quota is taken, so a bad request costs nothing; I14), then
+the request's cost in units of quota, all at once (:meth:`Quota.acquire`:
+``no_inferences``, ``busy``, ``blocked``, ``custodian_unreachable``; while parked, a
+``waiting`` message tells the consumer its position), then the run. An output commits
+the lease and counts its units (the reporter is woken), and the result says what the
+request cost; a failed run releases the lease (``inference_failed``, nothing counted).
+The lease is ended on every path, cancellation included.
 
 When the consumer goes away, its parked and queued requests are cancelled (their units go
 back); a run already started finishes and is counted, since it was served.
@@ -422,6 +423,9 @@ class ConsumerServer:
         runtime = self._runtime
         model = runtime.models.get(request.model)
         if model is None:
+            unavailable = runtime.unavailable.get(request.model)
+            if unavailable is not None:  # lent, but it did not load here (version 3)
+                return _refused(log, request, ErrorCode.MODEL_UNAVAILABLE, unavailable)
             suspended = runtime.quota.suspended
             if suspended is not None and not runtime.models:
                 return _refused(log, request, suspended, "the enclave is not serving")

@@ -30,19 +30,31 @@ Grants are totals (:meth:`Accounting.on_grant`), so the re-sent one adds nothing
 
 Redials: every session that ends before the link reached the serving state (its first
 grant, block or unblock) counts as a failure, however far it got (a refusal after the
-hello, a model that does not load), so the delay grows, exponentially and jittered,
-until a session serves; only then does it start again from ``backoff_initial``. A
-refusal that retrying cannot fix (:func:`classify`: the license is in use or refused,
-the custodian's policy refused this enclave's attestation, a model does not load, the
-custodian's certificate is not the pinned CA's) is logged at error level with its reason
-and what to do, and its delay grows to ``refused_backoff_max`` (a minute) rather than
-``backoff_max``, so a refused enclave costs its custodian a trickle of connections. Any
-other failure (a custodian that is down, a cut link, a ``busy`` answer) is retried within
-``backoff_max``: a custodian that comes back is re-joined soon.
+hello), so the delay grows, exponentially and jittered, until a session serves; only
+then does it start again from ``backoff_initial``. A refusal that retrying cannot fix
+(:func:`classify`: the license is in use or refused, the custodian's policy refused this
+enclave's attestation, the custodian's certificate is not the pinned CA's) is logged at
+error level with its reason and what to do, and its delay grows to
+``refused_backoff_max`` (a minute) rather than ``backoff_max``, so a refused enclave
+costs its custodian a trickle of connections. Any other failure (a custodian that is
+down, a cut link, a ``busy`` answer) is retried within ``backoff_max``: a custodian that
+comes back is re-joined soon.
 
-Models stay in memory across reconnects. The custodian re-streams them on every link
-(the contract); a re-streamed model whose SHA-256 matches the loaded one is checked
-(size and digest) and confirmed without creating a new session.
+Models stay in memory across reconnects. Version 3 (docs/links.md, "Version 3"): the
+``hello`` lists them (``held``: name, SHA-256, digest of the terms), and the custodian
+answers a model held with the same bytes under the same terms with ``model_keep``
+instead of streaming it again; the enclave checks that ``model_keep`` names exactly the
+session it holds (digest and terms) before it confirms with ``model_loaded``, else
+answers ``model_load_failed`` (``not_held``). A re-streamed model whose SHA-256 and
+terms match the loaded one is checked (size and digest) and confirmed without creating
+a new session.
+
+A model that does not load (:class:`~.model_host.ModelError`, a ``MemoryError``, or
+larger than ``max_model_bytes``, which is refused at ``model_begin`` so its bytes are
+dropped as they arrive, never held) is reported to the custodian with
+``model_load_failed`` (code and reason) and logged at error level; the link goes on,
+the other models serve, and consumers asking for that one get ``model_unavailable``
+(:meth:`EnclaveRuntime.load_failed`).
 """
 
 from __future__ import annotations
@@ -60,22 +72,32 @@ import trio
 from OpenSSL import SSL
 
 from drm_wire.errors import DrmError, ErrorCode, PeerError, RemoteProtocolError, first_leaf
-from drm_wire.limits import HANDSHAKE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_MISSES
+from drm_wire.limits import (
+    HANDSHAKE_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_MISSES,
+    MAX_MODEL_BYTES,
+    MiB,
+)
 from drm_wire.messages import (
     Block,
-    Error,
     Grant,
     Heartbeat,
+    HeldModel,
+    LoadFailure,
     Message,
     ModelBegin,
     ModelChunk,
     ModelEnd,
+    ModelKeep,
     ModelLoaded,
+    ModelLoadFailed,
     PeerRole,
     Unblock,
     UsageAck,
+    terms_digest,
 )
-from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, MessageChannel, open_channel
+from drm_wire.net.channel import MessageChannel, open_channel
 from drm_wire.net.ratls_context import VerifiedCustodian
 from drm_wire.net.tls import PeerVerificationError, TLSStream, open_tls_client
 from drm_wire.protocol import Link, Side
@@ -98,6 +120,11 @@ __all__ = [
 
 #: What we announce in ``hello``.
 SOFTWARE: Final = "drm-enclave/0.1"
+#: The most bytes of model names ``hello``'s ``held`` may carry (a header is at most 64
+#: KiB): a model past it is not claimed, and simply streamed again.
+HELD_NAMES_BUDGET: Final = 16 * 1024
+#: The longest reason ``model_load_failed`` carries (the detail stays in our log).
+_MAX_FAILURE_REASON: Final = 300
 
 _log = structlog.get_logger("drm_enclave.custodian_link")
 _random = secrets.SystemRandom()
@@ -231,12 +258,6 @@ def classify(exc: BaseException) -> Refusal | None:
     if isinstance(exc, PeerError) and exc.code in _REFUSALS:
         reason, fix = _REFUSALS[exc.code]
         return Refusal(reason, f"{fix} (the custodian said: {exc.detail[:200]})")
-    if isinstance(exc, ModelError):
-        return Refusal(
-            "model_refused",
-            f"a model from the custodian does not load here ({str(exc)[:200]}): the owner "
-            "must replace it",
-        )
     if isinstance(exc, PeerVerificationError):
         return Refusal(
             "custodian_not_trusted",
@@ -287,6 +308,9 @@ class CustodianLink:
         instance_id: 32 hex characters, fixed for the process.
         intra_op_threads: onnxruntime threads per session.
         timing: heartbeats, backoff and handshake deadline.
+        max_model_bytes: the largest model this enclave takes (``max_model_mib``): a
+            larger one is refused at ``model_begin`` with ``model_load_failed``
+            (``too_large``), before any of its bytes is held.
     """
 
     def __init__(
@@ -300,6 +324,7 @@ class CustodianLink:
         instance_id: str,
         intra_op_threads: int = 1,
         timing: LinkTiming | None = None,
+        max_model_bytes: int = MAX_MODEL_BYTES,
     ) -> None:
         self._runtime = runtime
         self._host = host
@@ -309,8 +334,11 @@ class CustodianLink:
         self._instance_id = instance_id
         self._threads = intra_op_threads
         self._timing = timing or LinkTiming()
+        self._max_model_bytes = max_model_bytes
         #: The transfer under way, and the SHA-256 its model_begin announced.
         self._receiver: tuple[ModelReceiver, ModelBegin] | None = None
+        #: A transfer refused at its model_begin: its chunks are dropped until model_end.
+        self._refused: ModelBegin | None = None
         #: The current session reached the serving state (a grant, block or unblock).
         self._served = False
         #: The refusal that ended the last attempt, if retrying cannot fix it.
@@ -377,6 +405,24 @@ class CustodianLink:
         finally:
             self._runtime.link_lost()
             self._receiver = None
+            self._refused = None
+
+    def held(self) -> tuple[HeldModel, ...]:
+        """The models this enclave holds a session for, as ``hello`` announces them."""
+        held: list[HeldModel] = []
+        budget = HELD_NAMES_BUDGET
+        for name, model in self._runtime.models.items():
+            budget -= len(name.encode())
+            if budget < 0:
+                break
+            held.append(
+                HeldModel(
+                    name=name,
+                    sha256=model.description.sha256,
+                    terms_sha256=terms_digest(model.terms),
+                )
+            )
+        return tuple(held)
 
     async def _session(self, stream: TLSStream, log: structlog.typing.FilteringBoundLogger) -> None:
         custodian = stream.peer_identity_as(VerifiedCustodian)
@@ -398,6 +444,7 @@ class CustodianLink:
                         software=SOFTWARE,
                         license=self._license.hello_value(),
                         instance_id=self._instance_id,
+                        held=self.held(),
                         hello_timeout=self._timing.handshake_timeout,
                     )
                     self._runtime.link_connected()
@@ -484,20 +531,31 @@ class CustodianLink:
         if isinstance(message, Heartbeat):
             return
         if isinstance(message, ModelChunk):
+            if self._refused is not None:
+                return  # refused at model_begin: dropped, never held
             assert self._receiver is not None  # the state machine orders begin < chunk
             self._receiver[0].add(message)
         elif isinstance(message, ModelBegin):
+            if message.size > self._max_model_bytes:
+                self._refuse_transfer(message, channel, nursery, log)
+                return
             self._receiver = (ModelReceiver(message), message)
             # Chunks are decrypted straight into their place in the model buffer.
             channel.set_payload_sink(ModelChunk.payload_sink(self._receiver[0].place))
             log.info("model_receiving", model=message.name, size=message.size)
         elif isinstance(message, ModelEnd):
+            if self._refused is not None:
+                self._refused = None  # answered at its model_begin already
+                return
             assert self._receiver is not None
             channel.set_payload_sink(None)
             (receiver, begin), self._receiver = self._receiver, None
             buffer = receiver.finish(message)  # size and digest checked
             runtime.load_started()
             nursery.start_soon(self._load, channel, receiver, begin, buffer, log)
+        elif isinstance(message, ModelKeep):
+            runtime.load_started()
+            nursery.start_soon(self._keep, channel, message, log)
         elif isinstance(message, UsageAck):
             runtime.on_ack(message)
             log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
@@ -524,6 +582,7 @@ class CustodianLink:
             # the same bytes under the same terms.
             if loaded is None or loaded.description.sha256 != sha256 or loaded.terms != terms:
                 threads = self._threads
+                failure: tuple[LoadFailure, str] | None = None
                 try:
                     model = await trio.to_thread.run_sync(
                         functools.partial(  # finish() checked the digest: not twice
@@ -537,13 +596,13 @@ class CustodianLink:
                         abandon_on_cancel=True,
                     )
                 except ModelError as exc:
-                    self._runtime.link_lost()
-                    log.error("model_load_failed", model=name, error=str(exc))
-                    with trio.move_on_after(ERROR_FRAME_TIMEOUT):
-                        await channel.send(
-                            Error(code=ErrorCode.INTERNAL, message="the model could not be loaded")
-                        )
-                    raise
+                    failure = (LoadFailure.INVALID_MODEL, str(exc))
+                except MemoryError:
+                    failure = (LoadFailure.OUT_OF_MEMORY, "out of memory while loading it")
+                if failure is not None:
+                    del buffer  # this task's view: the model's memory goes now
+                    await self._load_failed(channel, begin, *failure, log=log, pending=True)
+                    return
         finally:
             receiver.release()  # the buffer goes when this task's view does
         try:
@@ -551,8 +610,86 @@ class CustodianLink:
         except BaseException:
             self._runtime.link_lost()
             raise
-        self._runtime.load_finished(model)
+        self._runtime.load_finished(model, name=name)
         log.info("model_loaded", model=name, sha256=sha256.hex(), reused=model is None)
+
+    # --- version 3: refused transfers, failed loads, kept models -----------------------
+
+    def _refuse_transfer(
+        self,
+        begin: ModelBegin,
+        channel: MessageChannel,
+        nursery: trio.Nursery,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """Refuse a model larger than ``max_model_bytes`` at its ``model_begin``: say so
+        at once (the custodian then ends the transfer) and drop whatever chunks were
+        already on their way."""
+        self._refused = begin
+        reason = (
+            f"the model is {begin.size} bytes, over this enclave's max_model_mib "
+            f"({self._max_model_bytes // MiB} MiB)"
+        )
+        nursery.start_soon(
+            functools.partial(
+                self._load_failed, channel, begin, LoadFailure.TOO_LARGE, reason, log=log
+            )
+        )
+
+    async def _load_failed(
+        self,
+        channel: MessageChannel,
+        begin: ModelBegin | ModelKeep,
+        code: LoadFailure,
+        reason: str,
+        *,
+        log: structlog.typing.FilteringBoundLogger,
+        pending: bool = False,
+    ) -> None:
+        """Report a model that will not be served here; the link goes on."""
+        reason = reason[:_MAX_FAILURE_REASON]
+        self._runtime.load_failed(begin.name, code, reason, pending=pending)
+        log.error(
+            "model_load_failed",
+            model=begin.name,
+            sha256=begin.sha256.hex(),
+            code=code.value,
+            reason=reason,
+            instance_id=self._instance_id,
+        )
+        try:
+            await channel.send(
+                ModelLoadFailed(name=begin.name, sha256=begin.sha256, code=code, reason=reason)
+            )
+        except BaseException:
+            self._runtime.link_lost()
+            raise
+
+    async def _keep(
+        self, channel: MessageChannel, keep: ModelKeep, log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        """``model_keep``: confirm the session held for exactly these bytes and terms."""
+        held = self._runtime.models.get(keep.name)
+        if held is None or held.description.sha256 != keep.sha256 or held.terms != keep.terms:
+            await self._load_failed(
+                channel,
+                keep,
+                LoadFailure.NOT_HELD,
+                "model_keep names a model this enclave does not hold with that SHA-256 and "
+                "those terms",
+                log=log,
+                pending=True,
+            )
+            return
+        try:
+            await channel.send(ModelLoaded(name=keep.name, sha256=keep.sha256))
+        except BaseException:
+            self._runtime.link_lost()
+            raise
+        self._runtime.load_finished(None, name=keep.name)
+        log.info(
+            "model_transfer_skipped", model=keep.name, sha256=keep.sha256.hex(), size=keep.size
+        )
 
     async def _heartbeats(self, channel: MessageChannel) -> None:
         seq = 0

@@ -19,6 +19,10 @@ States, as ``model_info`` shows them::
           |                                  +---------- block ------> BLOCKED -+  | unblock
           +--------------------- link lost (any state) ----------------------------+
 
+Models: at a link's re-sync every model the custodian lends has been answered for
+(loaded, kept or failed; docs/links.md, "Version 3"), so a session held for a model it
+did not name on this link is one the owner no longer lends: it is withdrawn.
+
 The quota is suspended (``CUSTODIAN_UNREACHABLE``) in every state but ``SERVING``
 (``BLOCKED`` while blocked), so nothing is served until a verified link has re-synced.
 The *re-sync* is the custodian's first ``grant`` (its last total again), ``unblock`` or
@@ -37,13 +41,19 @@ import structlog
 import trio
 
 from drm_wire.errors import ErrorCode
-from drm_wire.messages import EnclaveState, Grant, UsageAck
+from drm_wire.messages import EnclaveState, Grant, LoadFailure, UsageAck
 
 from .accounting import Accounting
 from .model_host import HostedModel
 from .quota import Quota
 
-__all__ = ["STOPPING_MESSAGE", "UNREACHABLE_MESSAGE", "EnclaveRuntime", "blocked_message"]
+__all__ = [
+    "STOPPING_MESSAGE",
+    "UNREACHABLE_MESSAGE",
+    "EnclaveRuntime",
+    "blocked_message",
+    "unavailable_message",
+]
 
 _log = structlog.get_logger("drm_enclave.runtime")
 
@@ -70,6 +80,26 @@ def blocked_message(reason: str) -> str:
     )
 
 
+#: What to do about a model that did not load, by cause (consumers and the operator).
+_UNAVAILABLE_FIX: Final = {
+    LoadFailure.TOO_LARGE: "the enclave's operator must raise its max_model_mib (and the "
+    "enclave's memory), or the owner lend a smaller model",
+    LoadFailure.OUT_OF_MEMORY: "the enclave's operator must give the enclave more memory",
+    LoadFailure.INVALID_MODEL: "the model's owner must replace it",
+    LoadFailure.NOT_HELD: "the enclave receives it again on its next link to the custodian",
+}
+
+
+def unavailable_message(name: str, code: LoadFailure, reason: str) -> str:
+    """What consumers asking for a model that failed to load are told: what happened and
+    what to do (printable characters only: it goes to a consumer's terminal)."""
+    shown = "".join(c for c in reason[:_MAX_REASON] if c.isprintable()).strip()
+    return (
+        f"model {name[:64]!r} could not be loaded in this enclave ({code.value}: {shown}); "
+        f"{_UNAVAILABLE_FIX[code]}. The enclave's other models are served"
+    )
+
+
 class EnclaveRuntime:
     """What the custodian link and the consumer server share. Single trio thread only.
 
@@ -78,6 +108,8 @@ class EnclaveRuntime:
             link is synced.
         accounting: the usage-report sequence over the quota's totals.
         models: loaded models by name.
+        unavailable: models the custodian lends that did not load here, by name: the
+            consumer's message (:func:`unavailable_message`). Version 3: the link goes on.
     """
 
     def __init__(self, *, max_parked: int | None = None) -> None:
@@ -85,11 +117,14 @@ class EnclaveRuntime:
         self.quota.suspend(ErrorCode.CUSTODIAN_UNREACHABLE, UNREACHABLE_MESSAGE)
         self.accounting = Accounting(self.quota)
         self.models: dict[str, HostedModel] = {}
+        self.unavailable: dict[str, str] = {}
         self._link_up = False
         self._synced = False
         self._blocked = False
         self._block_message = blocked_message("")
         self._loads_pending = 0
+        #: The models the custodian delivered, kept or reported failed on this link.
+        self._delivered: set[str] = set()
         self._announced = False
         self._stopping = False
         self._usage_changed = trio.Event()
@@ -175,16 +210,34 @@ class EnclaveRuntime:
         self._link_up = True
         self._synced = self._blocked = self._announced = False
         self._loads_pending = 0
+        self._delivered = set()
         self._changed()
 
     def load_started(self) -> None:
         self._loads_pending += 1
 
-    def load_finished(self, model: HostedModel | None) -> None:
-        """A transfer was loaded (or matched the loaded model, ``None``)."""
+    def load_finished(self, model: HostedModel | None, *, name: str | None = None) -> None:
+        """A transfer was loaded (or matched the held model ``name``: ``model`` is None)."""
         if model is not None:
-            self.models[model.description.name] = model
+            name = model.description.name
+            self.models[name] = model
+            self.unavailable.pop(name, None)
+        if name is not None:
+            self._delivered.add(name)
         self._loads_pending -= 1
+        self._maybe_resume()
+
+    def load_failed(self, name: str, code: LoadFailure, reason: str, *, pending: bool) -> None:
+        """The model ``name`` did not load (``pending``: after :meth:`load_started`).
+
+        A session held under that name goes too: the custodian now lends other bytes or
+        other terms, and the old ones must not be served in their place.
+        """
+        self.models.pop(name, None)
+        self.unavailable[name] = unavailable_message(name, code, reason)
+        self._delivered.add(name)
+        if pending:
+            self._loads_pending -= 1
         self._maybe_resume()
 
     def on_grant(self, grant: Grant) -> int:
@@ -225,6 +278,7 @@ class EnclaveRuntime:
             self.quota.resume()
         if not self._announced:
             self._announced = True
+            self._withdraw_undelivered()
             _log.info(
                 "custodian_link_up",
                 state=self.state.value,
@@ -234,3 +288,13 @@ class EnclaveRuntime:
                 served_total=self.quota.served_total,
             )
         self._changed()
+
+    def _withdraw_undelivered(self) -> None:
+        """At a link's re-sync, every model the custodian lends has been answered for: a
+        session held for a model it did not deliver, keep or report on this link is one
+        the owner no longer lends (a restart without it), and is no longer served."""
+        for name in [name for name in self.models if name not in self._delivered]:
+            del self.models[name]
+            _log.warning("model_withdrawn", model=name)
+        for name in [name for name in self.unavailable if name not in self._delivered]:
+            del self.unavailable[name]

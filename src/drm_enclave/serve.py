@@ -41,6 +41,7 @@ from cryptography import x509
 from drm_daemon.listen import cannot_listen
 from drm_wire.attestation.gramine import Backend
 from drm_wire.errors import ConfigError
+from drm_wire.limits import MAX_MODEL_BYTES
 from drm_wire.net.ratls_context import enclave_client_context, enclave_server_context
 
 from .consumer_server import ConsumerLimits, ConsumerServer
@@ -69,6 +70,8 @@ class EnclaveConfig:
         attestation: ``auto``, ``gramine`` or ``simulated``.
         simulation_dir: the INSECURE simulated platform's directory, if any.
         intra_op_threads: onnxruntime threads per session.
+        max_model_bytes: the largest model loaded (``max_model_mib``); a larger one is
+            refused at ``model_begin`` and reported (docs/links.md, "Version 3").
         instance_id: 32 hex characters, fixed for the process.
         timing, limits: link timings and consumer caps.
         shutdown_grace: seconds a shutdown waits for running inferences and the last usage
@@ -84,6 +87,7 @@ class EnclaveConfig:
     attestation: Backend = "auto"
     simulation_dir: Path | None = None
     intra_op_threads: int = 1
+    max_model_bytes: int = MAX_MODEL_BYTES
     instance_id: str = field(default_factory=lambda: secrets.token_hex(16))
     timing: LinkTiming = field(default_factory=LinkTiming)
     limits: ConsumerLimits = field(default_factory=ConsumerLimits)
@@ -152,6 +156,7 @@ async def serve(
         instance_id=config.instance_id,
         intra_op_threads=config.intra_op_threads,
         timing=config.timing,
+        max_model_bytes=config.max_model_bytes,
     )
     try:
         listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)

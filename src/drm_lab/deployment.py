@@ -111,11 +111,16 @@ class Lab:
             argv += ["--log-level", log_level]
         return self._run_custodian(argv)
 
-    def restart_custodian(self) -> Daemon:
-        """Start the custodian again with the same arguments, state and enclave port."""
+    def restart_custodian(self, *, without: Sequence[Path] = ()) -> Daemon:
+        """Start the custodian again with the same arguments, state and enclave port, but
+        for the models in ``without`` (no longer uploaded)."""
         assert self.custodian is not None
         argv = list(self.custodian.argv)
         argv[argv.index("--port") + 1] = str(self.custodian_port)
+        for model in without:
+            at = argv.index(os.fspath(model))
+            assert argv[at - 1] == "--upload"
+            del argv[at - 1 : at + 1]
         return self._run_custodian(argv)
 
     def _run_custodian(self, argv: list[str]) -> Daemon:

@@ -6,7 +6,8 @@ back-pressure reaches the sender) without closing anything, which is a silent pa
 A gate may also be given a byte budget: it forwards exactly that many bytes, then closes
 itself and sets :attr:`Gate.exhausted`, so a test can stop a model upload at a known
 point instead of racing it. When either end of a proxied connection closes, the proxy
-closes the other end (once the gates let it see that).
+closes the other end (once the gates let it see that); :meth:`FaultProxy.cut` closes
+every proxied connection at once.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class FaultProxy:
     upstream: Gate = field(default_factory=Gate)
     downstream: Gate = field(default_factory=Gate)
     accepted: int = 0
+    _live: set[trio.CancelScope] = field(default_factory=set)
 
     def partition(self) -> None:
         """A silent partition: nothing passes either way, nothing is closed."""
@@ -104,19 +106,31 @@ class FaultProxy:
         self.upstream.open()
         self.downstream.open()
 
+    def cut(self) -> int:
+        """Close every proxied connection now, both ends (a pulled cable, a borrower that
+        cuts its link); new connections are proxied as before. Returns how many."""
+        live = list(self._live)
+        for scope in live:
+            scope.cancel()
+        return len(live)
+
     async def _handle(self, client: trio.SocketStream) -> None:
         self.accepted += 1
         sock = trio.socket.socket()
+        live = trio.CancelScope()  # what cut() cancels
+        self._live.add(live)
         try:
             try:
                 await sock.connect((LOOPBACK, self.target_port))
                 server = trio.SocketStream(sock)
             except OSError:  # the custodian is down: the enclave sees a closed connection
                 return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump, client, server, self.upstream, nursery.cancel_scope)
-                nursery.start_soon(_pump, server, client, self.downstream, nursery.cancel_scope)
+            with live:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_pump, client, server, self.upstream, nursery.cancel_scope)
+                    nursery.start_soon(_pump, server, client, self.downstream, nursery.cancel_scope)
         finally:
+            self._live.discard(live)
             sock.close()
             await trio.aclose_forcefully(client)
 

@@ -52,6 +52,9 @@ class ErrorCode(StrEnum):
     INFERENCE_FAILED = "inference_failed"
     #: Anything else; the detail stays in the local log.
     INTERNAL = "internal"
+    #: Version 3: the named model is lent but could not be loaded in this enclave (the
+    #: message says why and what to do); the enclave's other models are served.
+    MODEL_UNAVAILABLE = "model_unavailable"
 
 
 class DrmError(Exception):

@@ -14,13 +14,16 @@ them lives in :mod:`drm_wire.protocol`):
 * both links: ``hello`` (C), ``welcome`` / ``refusal`` (S), ``error`` (both);
 * custodian link (enclave = C, custodian = S): ``model_begin``, ``model_chunk``,
   ``model_end``, ``grant``, ``usage_ack``, ``block``, ``unblock`` (S); ``model_loaded``,
-  ``usage_report`` (C); ``heartbeat`` (both);
+  ``usage_report`` (C); ``heartbeat`` (both); version 3: ``model_keep`` (S),
+  ``model_load_failed`` (C), and ``hello``'s ``held`` (C);
 * consumer link (consumer = C, enclave = S): ``infer``, ``model_info_request`` (C);
   ``waiting``, ``result``, ``model_info`` (S).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -63,9 +66,11 @@ __all__ = [
     "Error",
     "Grant",
     "Heartbeat",
+    "HeldModel",
     "Hello",
     "InferenceRequest",
     "InferenceResult",
+    "LoadFailure",
     "Message",
     "ModelBegin",
     "ModelChunk",
@@ -73,6 +78,8 @@ __all__ = [
     "ModelEnd",
     "ModelInfo",
     "ModelInfoRequest",
+    "ModelKeep",
+    "ModelLoadFailed",
     "ModelLoaded",
     "PeerRole",
     "Refusal",
@@ -83,6 +90,7 @@ __all__ = [
     "Waiting",
     "Welcome",
     "from_frame",
+    "terms_digest",
 ]
 
 TYPE_KEY: Final = "type"
@@ -302,6 +310,52 @@ def payload_limit(header: Header) -> int:
     return 0 if cls is None else cls.MAX_PAYLOAD
 
 
+# --- version 3: the models an enclave holds (hello's ``held``; docs/links.md) ---------
+
+
+def terms_digest(terms: Terms) -> bytes:
+    """SHA-256 of the terms' wire map in a canonical JSON form: how an enclave names the
+    terms a held model was loaded under, in a few bytes (``hello``'s ``held``)."""
+    canonical = json.dumps(terms.to_mapping(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeldModel:
+    """A model an enclave holds a session for: its name, SHA-256 and the digest of the
+    terms it was loaded under (:func:`terms_digest`)."""
+
+    name: str
+    sha256: bytes
+    terms_sha256: bytes
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        _digest(self.sha256, "sha256")
+        _digest(self.terms_sha256, "terms_sha256")
+
+    def to_wire_entry(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "terms_sha256": self.terms_sha256}
+
+    @classmethod
+    def from_wire_entry(cls, entry: object) -> HeldModel:
+        if type(entry) is not dict:
+            raise _bad("held", "each held model must be a map")
+        _exact_keys(entry, {"name", "sha256", "terms_sha256"}, "held model")
+        return cls(name=entry["name"], sha256=entry["sha256"], terms_sha256=entry["terms_sha256"])
+
+
+def _held_entry(value: object, field: str) -> HeldModel:
+    return value if type(value) is HeldModel else HeldModel.from_wire_entry(value)
+
+
+def _held(value: object, field: str) -> tuple[HeldModel, ...]:
+    held: tuple[HeldModel, ...] = _tuple_of(value, field, _held_entry, MAX_MODELS)
+    if len({entry.name for entry in held}) != len(held):
+        raise _bad(field, "names a model twice")
+    return held
+
+
 # --- version negotiation -------------------------------------------------------------
 
 
@@ -314,16 +368,19 @@ class Hello(Message):
     """Client's first message: the protocol versions it speaks and who it is.
 
     ``license`` and ``instance_id`` identify an enclave to its custodian and are absent on
-    the consumer link.
+    the consumer link. ``held`` (version 3, enclave only) lists the models the enclave
+    already holds, so the custodian can skip their transfer (:class:`ModelKeep`).
     """
 
     TYPE: ClassVar[str] = "hello"
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"held": lambda v: _held(v, "held")}
 
     versions: tuple[int, ...]
     role: PeerRole
     software: str
     license: str | None = None
     instance_id: str | None = None
+    held: tuple[HeldModel, ...] | None = None
 
     def __post_init__(self) -> None:
         _set(self, "versions", _tuple_of(self.versions, "versions", _version, 16))
@@ -333,6 +390,14 @@ class Hello(Message):
         _text(self.software, "software")
         _optional_text(self.license, "license")
         _optional_text(self.instance_id, "instance_id")
+        if self.held is not None:
+            _set(self, "held", _held(self.held, "held"))
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        header, payload = Message.to_wire(self)
+        if self.held is None:  # absent rather than nil: a peer of version 2 knows no such key
+            del header["held"]
+        return header, payload
 
 
 @_message
@@ -822,6 +887,73 @@ class ModelInfo(Message):
             raise _bad("models", "must hold ModelDescription values")
         _uint(self.inferences_left, "inferences_left")
         _set(self, "state", _enum(self.state, EnclaveState, "state"))
+
+
+# --- version 3: model load failures and transfer skip (docs/links.md, "Version 3") --------
+
+
+class LoadFailure(StrEnum):
+    """Why an enclave could not load a model (:class:`ModelLoadFailed`)."""
+
+    #: The enclave's checks or onnxruntime refused the model, or its terms do not fit it.
+    INVALID_MODEL = "invalid_model"
+    #: The model is larger than the enclave's configured limit (``max_model_mib``).
+    TOO_LARGE = "too_large"
+    #: The enclave ran out of memory while loading it.
+    OUT_OF_MEMORY = "out_of_memory"
+    #: ``model_keep`` named a model the enclave does not hold with that digest and terms.
+    NOT_HELD = "not_held"
+
+
+@_message
+class ModelKeep(Message):
+    """Custodian (version 3): keep the session you hold for this model instead of a
+    transfer; ``sha256`` and ``terms`` are the model's, and the enclave checks that its
+    session was made from exactly those bytes under exactly those terms."""
+
+    TYPE: ClassVar[str] = "model_keep"
+    _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"terms": lambda v: _terms(v, "terms")}
+
+    name: str
+    size: int
+    sha256: bytes
+    terms: Terms
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        _positive(self.size, "size", MAX_MODEL_BYTES)
+        _digest(self.sha256, "sha256")
+        _set(self, "terms", _terms(self.terms, "terms"))
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        return {
+            TYPE_KEY: self.TYPE,
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "terms": self.terms.to_mapping(),
+        }, []
+
+
+@_message
+class ModelLoadFailed(Message):
+    """Enclave (version 3): the model ``name`` (announced with ``sha256``) will not be
+    served here, because of ``code``; ``reason`` says what happened. The link goes on and
+    the other models serve. Sent after ``model_end`` or ``model_keep``, or during a
+    transfer the enclave refuses at ``model_begin`` (the custodian then ends it)."""
+
+    TYPE: ClassVar[str] = "model_load_failed"
+
+    name: str
+    sha256: bytes
+    code: LoadFailure
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        _digest(self.sha256, "sha256")
+        _set(self, "code", _enum(self.code, LoadFailure, "code"))
+        _text(self.reason, "reason")
 
 
 # --- helpers used by several messages ------------------------------------------------

@@ -20,6 +20,8 @@ once, and a reply must answer a request that is in flight.
     AWAIT_HELLO --hello(C)--> AWAIT_WELCOME --welcome(S)--> OPEN
                                             --refusal(S)--> CLOSED
     custodian link:  OPEN --model_begin(S)--> RECEIVING_MODEL --model_end(S)--> OPEN
+    version 3:       OPEN --model_keep(S)--> OPEN (a model the hello said is held)
+                     OPEN, RECEIVING_MODEL --model_load_failed(C)--> same state
     any state:       error without request_id (either side) --> CLOSED
 
 ``python -m drm_wire.protocol`` prints the whole table as a Graphviz diagram.
@@ -46,7 +48,9 @@ from .messages import (
     ModelEnd,
     ModelInfo,
     ModelInfoRequest,
+    ModelKeep,
     ModelLoaded,
+    ModelLoadFailed,
     Refusal,
     Unblock,
     UsageAck,
@@ -72,9 +76,9 @@ __all__ = [
 ]
 
 #: The version this build speaks by preference.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 #: Every version this build can speak.
-SUPPORTED_VERSIONS: Final = (2,)
+SUPPORTED_VERSIONS: Final = (3,)
 
 
 class Link(Enum):
@@ -150,12 +154,26 @@ def _build_table() -> dict[tuple[Link, State, Side, type[Message]], State]:
     table[(custodian, _OPEN, _S, ModelBegin)] = _MODEL
     table[(custodian, _MODEL, _S, ModelChunk)] = _MODEL
     table[(custodian, _MODEL, _S, ModelEnd)] = _OPEN
+    _add_model_outcomes(table)
     consumer = Link.CONSUMER
     for message in (InferenceRequest, ModelInfoRequest):
         table[(consumer, _OPEN, _C, message)] = _OPEN
     for message in (Waiting, InferenceResult, ModelInfo):
         table[(consumer, _OPEN, _S, message)] = _OPEN
     return table
+
+
+def _add_model_outcomes(table: dict[tuple[Link, State, Side, type[Message]], State]) -> None:
+    """Version 3 (docs/links.md, "Version 3"): a model the enclave's hello says it holds
+    is confirmed by ``model_keep`` instead of a transfer; and an enclave that cannot load
+    a model says so with ``model_load_failed``, after ``model_end`` or ``model_keep``
+    (``OPEN``) or as soon as ``model_begin`` announces what it cannot take (during the
+    transfer, which the custodian then ends). Which model an answer belongs to is the
+    custodian session's check: the table only orders the messages."""
+    custodian = Link.CUSTODIAN
+    table[(custodian, _OPEN, _S, ModelKeep)] = _OPEN
+    for state in (_OPEN, _MODEL):
+        table[(custodian, state, _C, ModelLoadFailed)] = state
 
 
 #: ``(link, state, side that sends, message type) -> next state``. Anything absent is a
@@ -377,6 +395,10 @@ class Connection:
                 f"a {hello.role.value} cannot open a {self.link.value} link",
                 field="role",
                 state=self.state.value,
+            )
+        if hello.held is not None and self.link is not Link.CUSTODIAN:
+            raise error(
+                "only an enclave says which models it holds", field="held", state=self.state.value
             )
 
     def _check_welcome(

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from drm_custodian import enclave_link
@@ -42,15 +43,20 @@ from drm_wire.messages import (
     Block,
     Grant,
     Heartbeat,
+    HeldModel,
+    LoadFailure,
     Message,
     ModelBegin,
     ModelChunk,
     ModelEnd,
+    ModelKeep,
     ModelLoaded,
+    ModelLoadFailed,
     PeerRole,
     Unblock,
     UsageAck,
     UsageReport,
+    terms_digest,
 )
 from drm_wire.net.channel import (
     ChannelBroken,
@@ -136,10 +142,12 @@ class Custodian:
         license: str | None = None,
         credentials: RatlsCredentials | None = None,
         heartbeat: bool = True,
+        held: tuple[HeldModel, ...] | None = (),
     ) -> AsyncIterator[MessageChannel]:
         """A fake enclave's link: TLS with RA-TLS, hello, and heartbeats every 0.2 s.
 
-        ``license=""`` sends a hello without any license.
+        ``license=""`` sends a hello without any license; ``held`` is what the hello says
+        the enclave holds.
         """
         context = enclave_client_context(credentials or self.credentials, self.state.ca_cert)
         stream = await open_tls_client("127.0.0.1", self.bound.enclave[1], context)
@@ -149,6 +157,7 @@ class Custodian:
                 software="fake-enclave/0",
                 license=self.license if license is None else (license or None),
                 instance_id=instance_id or secrets.token_hex(16),
+                held=held,
             )
             async with trio.open_nursery() as nursery:
                 if heartbeat:
@@ -627,3 +636,156 @@ def test_how_a_session_end_is_logged(error: Exception, event: str) -> None:
     assert [entry["event"] for entry in logs] == [event]
     if event == "enclave_disconnected":
         assert logs[0]["reason"] == "ChannelClosed"
+
+
+# --- version 3: load failures and transfer skip ---------------------------------------------
+
+
+def _held(model: ModelFile, **changes: bytes) -> HeldModel:
+    values = {"sha256": model.sha256, "terms_sha256": terms_digest(model.terms), **changes}
+    return HeldModel(name=model.name, **values)
+
+
+async def _metrics(custodian: Custodian) -> dict[tuple[str, str, str], float]:
+    """``/metrics``' model samples: (sample name, model, outcome or "") -> value."""
+    status, _, body = await custodian.admin_call(lambda admin: admin.request("GET", "/metrics"))
+    assert status == 200
+    return {
+        (sample.name, sample.labels["model"], sample.labels.get("outcome", "")): sample.value
+        for family in text_string_to_metric_families(bytes(body).decode())
+        for sample in family.samples
+        if "model" in sample.labels and not sample.name.endswith("_created")
+    }
+
+
+async def test_a_model_the_enclave_cannot_load_is_logged_and_the_others_follow(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    tiny, two_input = custodian.models
+    instance = secrets.token_hex(16)
+    with capture_logs() as logs:
+        async with custodian.link(instance_id=instance) as channel:
+            begin, _, _ = await take_model(channel)
+            await channel.send(
+                ModelLoadFailed(
+                    name=begin.name,
+                    sha256=begin.sha256,
+                    code=LoadFailure.OUT_OF_MEMORY,
+                    reason="out of memory while loading it",
+                )
+            )
+            assert [name for name, _ in await load_models(channel, 1)] == [two_input.name]
+            grant = await receive(channel, Grant)  # the link goes on to serve the others
+            assert grant.granted_total == 5
+    (failed,) = [e for e in logs if e["event"] == "model_load_failed"]
+    assert failed["log_level"] == "error"
+    assert (failed["model"], failed["instance"]) == (tiny.name, instance)
+    assert (failed["code"], failed["reason"]) == ("out_of_memory", "out of memory while loading it")
+    metrics = await _metrics(custodian)
+    assert metrics[("drm_custodian_model_transfers_total", "tiny", "failed")] == 1
+    assert metrics[("drm_custodian_model_transfers_total", "two_input", "loaded")] == 1
+    assert metrics[("drm_custodian_model_bytes_sent_total", "tiny", "")] == len(tiny.data)
+
+
+async def test_a_refusal_at_model_begin_ends_the_transfer_early(
+    start_custodian: CustodianFactory,
+) -> None:
+    chunks = 16
+    huge = ModelFile.from_bytes("huge", bytes(chunks * MODEL_CHUNK_BYTES))
+    custodian = await start_custodian(initial_inferences=5, models=(huge,))
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            begin = await receive(channel, ModelBegin)
+            # Refused before a single chunk is read: the custodian can only have put what
+            # the socket buffers hold on its way.
+            await channel.send(
+                ModelLoadFailed(
+                    name=begin.name, sha256=begin.sha256, code=LoadFailure.TOO_LARGE, reason="big"
+                )
+            )
+            received = 0
+            while not isinstance(message := await receive(channel, Message), ModelEnd):
+                assert isinstance(message, ModelChunk)
+                received += 1
+            assert received < chunks
+            await receive(channel, Grant)
+    (abandoned,) = [e for e in logs if e["event"] == "model_transfer_abandoned"]
+    assert abandoned["sent"] == received * MODEL_CHUNK_BYTES
+    metrics = await _metrics(custodian)
+    assert metrics[("drm_custodian_model_bytes_sent_total", "huge", "")] == abandoned["sent"]
+    assert metrics[("drm_custodian_model_transfers_total", "huge", "failed")] == 1
+
+
+async def test_a_held_model_gets_model_keep_and_no_byte(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    tiny, two_input = custodian.models
+    with capture_logs() as logs:
+        # A hostile enclave may claim to hold what it never received: it gets no byte of
+        # it, so it cannot serve it (nothing else changes: its grants are charged as ever).
+        async with custodian.link(held=(_held(tiny),)) as channel:
+            keep = await receive(channel, ModelKeep)
+            assert (keep.name, keep.sha256, keep.size) == (tiny.name, tiny.sha256, len(tiny.data))
+            assert keep.terms == tiny.terms
+            await channel.send(ModelLoaded(name=keep.name, sha256=keep.sha256))
+            assert [name for name, _ in await load_models(channel, 1)] == [two_input.name]
+            await receive(channel, Grant)
+    (skipped,) = [e for e in logs if e["event"] == "model_transfer_skipped"]
+    assert skipped["model"] == tiny.name
+    metrics = await _metrics(custodian)
+    assert metrics[("drm_custodian_model_transfers_total", "tiny", "kept")] == 1
+    assert metrics[("drm_custodian_model_bytes_sent_total", "tiny", "")] == 0
+
+
+@pytest.mark.parametrize("change", ["sha256", "terms_sha256"])
+async def test_a_model_held_with_other_bytes_or_terms_is_streamed(
+    start_custodian: CustodianFactory, change: str
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    tiny, two_input = custodian.models
+    async with custodian.link(held=(_held(tiny, **{change: b"\x05" * 32}),)) as channel:
+        received = await load_models(channel, 2)
+        assert received == [(tiny.name, tiny.data), (two_input.name, two_input.data)]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # For no model under way (all delivered): a late or invented answer.
+        ModelLoadFailed(name="tiny", sha256=b"\x01" * 32, code=LoadFailure.NOT_HELD, reason="x"),
+        ModelLoaded(name="two_input", sha256=b"\x01" * 32),
+    ],
+    ids=["load_failed", "loaded"],
+)
+async def test_an_answer_for_no_model_under_way_closes_the_link(
+    start_custodian: CustodianFactory, answer: Message
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    async with custodian.link() as channel:
+        await load_models(channel, 2)
+        await receive(channel, Grant)
+        await channel.send(answer)
+        with pytest.raises(PeerError) as caught:
+            await drain(channel)
+        assert caught.value.code is ErrorCode.PROTOCOL_ERROR
+        assert "for no model sent" in caught.value.detail
+
+
+async def test_a_failure_naming_another_model_closes_the_link(
+    start_custodian: CustodianFactory,
+) -> None:
+    custodian = await start_custodian(initial_inferences=5)
+    _, two_input = custodian.models
+    async with custodian.link() as channel:
+        await take_model(channel)
+        await channel.send(
+            ModelLoadFailed(
+                name=two_input.name, sha256=two_input.sha256, code=LoadFailure.NOT_HELD, reason="x"
+            )
+        )
+        with pytest.raises(PeerError) as caught:
+            await drain(channel)
+        assert caught.value.code is ErrorCode.PROTOCOL_ERROR
+        assert "model_load_failed does not match the model sent" in caught.value.detail

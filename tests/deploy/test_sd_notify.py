@@ -215,13 +215,15 @@ async def test_enclave_status_follows_the_link_and_ready_comes_once(tmp_path: Pa
             runtime.load_started()
             runtime.on_block()  # blocked while the model still loads: not ready yet
             runtime.models["tiny"] = cast("HostedModel", object())
-            runtime.load_finished(None)
+            runtime.load_finished(None, name="tiny")
             ready = await expect("blocked by the custodian; serving nothing on 127.0.0.1:9924")
             assert ready.get("READY") == "1"
             runtime.link_lost()
             await expect("custodian link lost; retrying 127.0.0.1:7000")
             runtime.link_connected()
             await expect("receiving model(s) from custodian 127.0.0.1:7000")
+            runtime.load_started()
+            runtime.load_finished(None, name="tiny")  # kept: the custodian still lends it
             runtime.on_grant(Grant(grant_id=1, units=1, granted_total=1))
             serving = await expect("serving 1 model(s) on 127.0.0.1:9924")
             assert "READY" not in serving

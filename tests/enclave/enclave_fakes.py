@@ -201,11 +201,15 @@ class FakeSession:
         data: bytes,
         chunk: int = MODEL_CHUNK_BYTES,
         terms: Terms | None = None,
+        *,
+        begin: bool = True,
     ) -> None:
+        """``model_begin`` (unless ``begin`` is false: already sent), chunks, ``model_end``."""
         digest = hashlib.sha256(data).digest()
-        await self.channel.send(
-            ModelBegin(name=name, size=len(data), sha256=digest, terms=terms or Terms())
-        )
+        if begin:
+            await self.channel.send(
+                ModelBegin(name=name, size=len(data), sha256=digest, terms=terms or Terms())
+            )
         view = memoryview(data)
         for offset in range(0, len(data), chunk):
             await self.channel.send(ModelChunk(offset=offset, data=view[offset : offset + chunk]))

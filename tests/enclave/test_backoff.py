@@ -24,7 +24,6 @@ from structlog.testing import capture_logs
 from drm_enclave.custodian_link import Backoff, LinkTiming, Outcome
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import serve
-from drm_lab.models import random_bytes
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ErrorCode
@@ -37,7 +36,6 @@ from tests.enclave.enclave_fakes import (
     HOST,
     enclave_config,
     enclave_policy,
-    running_enclave,
     shared_pki,
 )
 
@@ -206,17 +204,3 @@ async def test_a_session_that_serves_resets_the_delay(
     assert dials - 1 <= len(redials) <= dials  # the last session may be under way
     assert {e["failures"] for e in redials} == {0}
     assert dials >= window / 1.2
-
-
-async def test_a_model_that_does_not_load_is_a_refusal(tmp_path: Path) -> None:
-    """The enclave cannot fix a bad model by redialling: error level, the long cap."""
-    with capture_logs() as logs:
-        async with running_enclave(tmp_path) as rig:
-            session = await rig.custodian.session()
-            await session.send_model("tiny", random_bytes())  # digest matches; ONNX does not
-            await rig.custodian.session()  # it redials, after a delay that grew
-    (refused,) = [e for e in logs if e["event"] == "custodian_refused"]
-    assert refused["log_level"] == "error"
-    assert refused["reason"] == "model_refused"
-    assert str(refused["fix"]).startswith("a model from the custodian does not load here (")
-    assert str(refused["fix"]).endswith("): the owner must replace it")

@@ -36,8 +36,8 @@ from tests.enclave.enclave_fakes import (
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
 KEYS = (
     "custodian, custodian_ca, license, listen, attestation, simulation_dir, intra_op_threads, "
-    "log_level, max_connections, max_handshakes, max_in_flight, max_parked_per_connection, "
-    "frame_timeout, min_transfer_rate, payload_budget, connection_share"
+    "max_model_mib, log_level, max_connections, max_handshakes, max_in_flight, "
+    "max_parked_per_connection, frame_timeout, min_transfer_rate, payload_budget, connection_share"
 )
 
 
@@ -91,6 +91,7 @@ def test_check_config_reports_every_value_and_where_it_came_from(files: Files) -
         "  attestation = simulated  (config file)",
         f"  simulation_dir = {files.root / 'sim'}  (config file)",
         "  intra_op_threads = 2  (command line)",
+        "  max_model_mib = 2048  (default)",
         "  log_level = info  (default)",
         "  max_connections = 256  (default)",
         "  max_handshakes = 64  (default)",

@@ -52,6 +52,7 @@ from drm_wire.errors import (
     RemoteProtocolError,
 )
 from drm_wire.framing import Frame, FrameDecoder, encode_frame
+from drm_wire.model.terms import Terms
 from drm_wire.protocol import (
     CLOSED,
     SUPPORTED_VERSIONS,
@@ -134,6 +135,19 @@ def sample_messages() -> list[m.Message]:
         m.ModelChunk(offset=0, data=memoryview(b"\x08\x01\x12\x04onnx")),
         m.ModelEnd(name="tiny"),
         m.ModelLoaded(name="tiny", sha256=digest),
+        # Version 3: held models in the hello, model_keep, model_load_failed.
+        m.Hello(
+            versions=(CURRENT,),
+            role=m.PeerRole.ENCLAVE,
+            software="enclave/3",
+            license="lic-1",
+            instance_id="inst-1",
+            held=(m.HeldModel(name="tiny", sha256=digest, terms_sha256=digest),),
+        ),
+        m.ModelKeep(name="tiny", size=8, sha256=digest, terms=Terms()),
+        m.ModelLoadFailed(
+            name="tiny", sha256=digest, code=m.LoadFailure.TOO_LARGE, reason="over 1 MiB"
+        ),
         m.Grant(grant_id=1, units=5, granted_total=5),
         m.UsageReport(seq=1, served_total=3),
         m.UsageAck(seq=1, served_total=3),

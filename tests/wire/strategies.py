@@ -79,6 +79,12 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
         software=names,
         license=st.none() | names,
         instance_id=st.none() | names,
+        held=st.none()
+        | st.lists(
+            st.builds(m.HeldModel, name=names, sha256=digests, terms_sha256=digests),
+            max_size=4,
+            unique_by=lambda held: held.name,
+        ).map(tuple),
     ),
     m.Welcome: st.builds(m.Welcome, version=versions, software=names),
     m.Refusal: st.builds(
@@ -100,6 +106,16 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
     ),
     m.ModelEnd: st.builds(m.ModelEnd, name=names),
     m.ModelLoaded: st.builds(m.ModelLoaded, name=names, sha256=digests),
+    m.ModelKeep: st.builds(
+        m.ModelKeep, name=names, size=st.integers(1, 2**31 - 1), sha256=digests, terms=terms
+    ),
+    m.ModelLoadFailed: st.builds(
+        m.ModelLoadFailed,
+        name=names,
+        sha256=digests,
+        code=st.sampled_from(m.LoadFailure),
+        reason=names,
+    ),
     m.Grant: grants(),
     m.UsageReport: st.builds(
         lambda seq, served, share: m.UsageReport(

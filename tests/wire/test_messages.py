@@ -14,6 +14,7 @@ from drm_wire import codec
 from drm_wire import messages as m
 from drm_wire.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from drm_wire.framing import Frame
+from drm_wire.model.terms import Terms
 from drm_wire.protocol import Connection, Link, Side, State
 
 from .helpers import decode_all, encode, normalise
@@ -140,6 +141,34 @@ def test_wire_decoded_values_keep_exact_types_through_msgpack() -> None:
         m.from_frame(_frame(header))
 
 
+HELD = m.HeldModel(name="m", sha256=b"x" * 32, terms_sha256=b"y" * 32)
+
+
+def test_held_models_from_the_wire_are_exact_maps() -> None:
+    base = {"type": "hello", "versions": [3], "role": "enclave", "software": "x"}
+    entry = HELD.to_wire_entry()
+    hello = m.from_frame(_frame({**base, "held": [entry]}))
+    assert isinstance(hello, m.Hello)
+    assert hello.held == (HELD,)
+    for bad, field in (
+        ([[1, 2]], "held"),
+        ([{**entry, "extra": 1}], "extra"),
+        ([{"name": "m", "sha256": b"x" * 32}], "terms_sha256"),
+        ([{**entry, "sha256": "x" * 32}], "sha256"),
+        ({"m": entry}, "held"),
+    ):
+        with pytest.raises(RemoteProtocolError) as info:
+            m.from_frame(_frame({**base, "held": bad}))
+        assert info.value.field == field, bad
+
+
+def test_a_model_keep_needs_its_terms() -> None:
+    header = {"type": "model_keep", "name": "m", "size": 1, "sha256": b"x" * 32}
+    with pytest.raises(RemoteProtocolError) as info:
+        m.from_frame(_frame(header))
+    assert info.value.field == "terms"
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "field"),
     [
@@ -154,6 +183,35 @@ def test_wire_decoded_values_keep_exact_types_through_msgpack() -> None:
         (m.Hello, {"versions": (1,), "role": "custodian", "software": "x"}, "role"),
         (m.Hello, {"versions": (0,), "role": "enclave", "software": "x"}, "versions"),
         (m.Error, {"code": "no_such_code", "message": "x"}, "code"),
+        # Version 3: held models, model_keep and model_load_failed.
+        (m.Hello, {"versions": (3,), "role": "enclave", "software": "x", "held": 5}, "held"),
+        (
+            m.Hello,
+            {"versions": (3,), "role": "enclave", "software": "x", "held": (HELD, HELD)},
+            "held",
+        ),
+        (
+            m.Hello,
+            {"versions": (3,), "role": "enclave", "software": "x", "held": (HELD,) * 65},
+            "held",
+        ),
+        (
+            m.HeldModel,
+            {"name": "m", "sha256": b"x" * 32, "terms_sha256": b"x" * 33},
+            "terms_sha256",
+        ),
+        (m.ModelKeep, {"name": "m", "size": 0, "sha256": b"x" * 32, "terms": Terms()}, "size"),
+        (m.ModelKeep, {"name": "m", "size": 1, "sha256": b"x" * 32, "terms": {"unit": 1}}, "terms"),
+        (
+            m.ModelLoadFailed,
+            {"name": "m", "sha256": b"x" * 32, "code": "bored", "reason": "x"},
+            "code",
+        ),
+        (
+            m.ModelLoadFailed,
+            {"name": "m", "sha256": b"x" * 32, "code": "too_large", "reason": ""},
+            "reason",
+        ),
         (m.Error, {"code": "busy", "message": "x" * 4097}, "message"),
         (m.InferenceRequest, {"request_id": 1, "model": "m", "inputs": (), "wait": 5}, "wait"),
         (

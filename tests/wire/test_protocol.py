@@ -9,6 +9,7 @@ import pytest
 
 from drm_wire import messages as m
 from drm_wire.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from drm_wire.model.terms import Terms
 from drm_wire.protocol import (
     CLOSED,
     NEED_DATA,
@@ -32,14 +33,18 @@ IN_FLIGHT = 1
 #: One valid instance of every message type. Replies answer request IN_FLIGHT; requests
 #: use a fresh id.
 SAMPLES: dict[type[m.Message], m.Message] = {
-    m.Hello: m.Hello(versions=(2,), role=m.PeerRole.ENCLAVE, software="t"),
-    m.Welcome: m.Welcome(version=2, software="t"),
-    m.Refusal: m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(2,)),
+    m.Hello: m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t"),
+    m.Welcome: m.Welcome(version=3, software="t"),
+    m.Refusal: m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(3,)),
     m.Error: m.Error(code=ErrorCode.INTERNAL, message="bye"),
     m.ModelBegin: m.ModelBegin(name="model", size=10, sha256=DIGEST),
     m.ModelChunk: m.ModelChunk(offset=0, data=memoryview(b"0123456789")),
     m.ModelEnd: m.ModelEnd(name="model"),
     m.ModelLoaded: m.ModelLoaded(name="model", sha256=DIGEST),
+    m.ModelKeep: m.ModelKeep(name="model", size=10, sha256=DIGEST, terms=Terms()),
+    m.ModelLoadFailed: m.ModelLoadFailed(
+        name="model", sha256=DIGEST, code=m.LoadFailure.TOO_LARGE, reason="over the limit"
+    ),
     m.Grant: m.Grant(grant_id=1, units=3, granted_total=3),
     m.UsageReport: m.UsageReport(seq=1, served_total=1),
     m.UsageAck: m.UsageAck(seq=1, served_total=1),
@@ -60,7 +65,7 @@ SAMPLES: dict[type[m.Message], m.Message] = {
 
 def hello_for(link: Link) -> m.Hello:
     role = m.PeerRole.ENCLAVE if link is Link.CUSTODIAN else m.PeerRole.CONSUMER
-    return m.Hello(versions=(2,), role=role, software="t")
+    return m.Hello(versions=(3,), role=role, software="t")
 
 
 def deliver(connection: Connection, message: m.Message) -> m.Message:
@@ -86,7 +91,7 @@ def connection_in(link: Link, side: Side, state: State) -> Connection:
     carry(connection, hello_for(link), Side.CLIENT)
     if state is State.AWAIT_WELCOME:
         return connection
-    carry(connection, m.Welcome(version=2, software="t"), Side.SERVER)
+    carry(connection, m.Welcome(version=3, software="t"), Side.SERVER)
     if link is Link.CONSUMER:
         request = m.ModelInfoRequest(request_id=IN_FLIGHT)
         carry(connection, request, Side.CLIENT)
@@ -156,11 +161,13 @@ def test_transition_table_covers_both_links() -> None:
 
 
 def test_version_selection() -> None:
-    assert select_version(m.Hello(versions=(2, 7), role="consumer", software="x")) == 2  # type: ignore[arg-type]
-    # Version 1 could not carry a model's terms: a version-1 peer is refused.
+    assert select_version(m.Hello(versions=(3, 7), role="consumer", software="x")) == 3  # type: ignore[arg-type]
+    # Version 1 could not carry a model's terms, version 2 cannot report a model that fails
+    # to load nor skip a transfer: such a peer is refused.
     assert select_version(m.Hello(versions=(1,), role="consumer", software="x")) is None  # type: ignore[arg-type]
+    assert select_version(m.Hello(versions=(2,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(7, 9), role="consumer", software="x")) is None  # type: ignore[arg-type]
-    assert SUPPORTED_VERSIONS == (2,)
+    assert SUPPORTED_VERSIONS == (3,)
 
 
 def test_w12_unknown_version_in_welcome_is_refused() -> None:
@@ -269,3 +276,69 @@ def test_last_words_can_follow_a_remote_protocol_error() -> None:
     server.send_failed()
     with pytest.raises(LocalProtocolError, match="broken"):
         server.send_error(Connection.error_for(info.value))
+
+
+# --- version 3: model_keep, model_load_failed and hello's held, in hostile orders ----------
+
+HELD = m.HeldModel(name="model", sha256=DIGEST, terms_sha256=m.terms_digest(Terms()))
+
+
+def test_model_load_failed_may_come_during_the_transfer_and_after_it() -> None:
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.RECEIVING_MODEL)
+    states = []
+    deliver(custodian, SAMPLES[m.ModelLoadFailed])  # refused at model_begin
+    states.append(custodian.state)
+    custodian.send(SAMPLES[m.ModelChunk])  # the custodian may still be sending
+    custodian.send(SAMPLES[m.ModelEnd])
+    custodian.send(SAMPLES[m.ModelKeep])
+    deliver(custodian, SAMPLES[m.ModelLoadFailed])
+    states.append(custodian.state)
+    assert states == [State.RECEIVING_MODEL, State.OPEN]
+
+
+@pytest.mark.parametrize(
+    ("state", "sender", "message", "why"),
+    [
+        # model_keep is the custodian's, and never in the middle of a transfer.
+        (State.RECEIVING_MODEL, Side.SERVER, SAMPLES[m.ModelKeep], "not allowed in state"),
+        (State.OPEN, Side.CLIENT, SAMPLES[m.ModelKeep], "from the client is not allowed"),
+        # model_load_failed is the enclave's.
+        (State.OPEN, Side.SERVER, SAMPLES[m.ModelLoadFailed], "from the server is not allowed"),
+        # An enclave that answers model_loaded before the transfer ended is still refused.
+        (State.RECEIVING_MODEL, Side.CLIENT, SAMPLES[m.ModelLoaded], "not allowed in state"),
+    ],
+)
+def test_version_3_messages_out_of_order_are_refused(
+    state: State, sender: Side, message: m.Message, why: str
+) -> None:
+    other = Side.SERVER if sender is Side.CLIENT else Side.CLIENT
+    receiver = connection_in(Link.CUSTODIAN, other, state)
+    with pytest.raises(RemoteProtocolError, match=why) as info:
+        deliver(receiver, message)
+    assert info.value.state == state.value
+    assert receiver.state is State.CLOSED
+    sender_side = connection_in(Link.CUSTODIAN, sender, state)
+    with pytest.raises(LocalProtocolError, match=why):
+        sender_side.send(message)
+    assert sender_side.state is state  # a refused send changes nothing
+
+
+def test_only_an_enclave_says_which_models_it_holds() -> None:
+    enclave_hello = m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t", held=(HELD,))
+    server = Connection(Link.CUSTODIAN, Side.SERVER)
+    assert deliver(server, enclave_hello) == enclave_hello
+    consumer = Connection(Link.CONSUMER, Side.SERVER)
+    hello = m.Hello(versions=(3,), role=m.PeerRole.CONSUMER, software="t", held=())
+    with pytest.raises(RemoteProtocolError, match="only an enclave") as info:
+        deliver(consumer, hello)
+    assert info.value.field == "held"
+    assert consumer.state is State.CLOSED
+    with pytest.raises(LocalProtocolError, match="only an enclave"):
+        Connection(Link.CONSUMER, Side.CLIENT).send(hello)
+
+
+def test_a_hello_without_held_carries_no_such_key() -> None:
+    # A version-2 custodian refuses unknown keys: an enclave that holds nothing must still
+    # reach its version check and hear unsupported_version.
+    header, _ = m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t").to_wire()
+    assert "held" not in header

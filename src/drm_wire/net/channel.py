@@ -68,7 +68,7 @@ import trio
 from drm_wire.errors import DrmError, ErrorCode, PeerError, RemoteProtocolError
 from drm_wire.framing import PayloadSink
 from drm_wire.limits import HELLO_TIMEOUT
-from drm_wire.messages import Error, Hello, Message, PeerRole, Refusal, Welcome
+from drm_wire.messages import Error, HeldModel, Hello, Message, PeerRole, Refusal, Welcome
 from drm_wire.net.budget import HEADER_READ, NO_CHARGE, PAYLOAD_READ, Charge, ReceiveLimits
 from drm_wire.net.channel_errors import (
     ERROR_FRAME_TIMEOUT,
@@ -308,6 +308,7 @@ class MessageChannel:
         software: str,
         license: str | None = None,
         instance_id: str | None = None,
+        held: tuple[HeldModel, ...] | None = None,
         hello_timeout: float = HELLO_TIMEOUT,
     ) -> Welcome:
         """Client: offer our versions and wait for the server's choice.
@@ -325,6 +326,7 @@ class MessageChannel:
             software=software,
             license=license,
             instance_id=instance_id,
+            held=held,
         )
         try:
             with trio.fail_after(hello_timeout):
