@@ -115,6 +115,8 @@ TOP_CLASSES: Final = 5
 MAX_NOTED_PLATFORMS: Final = 4
 #: Most input files one query takes (those given, and those in the directories given).
 MAX_INPUTS: Final = 100_000
+#: The shared metadata key ``--labels-from metadata`` reads when none is given.
+LABELS_KEY: Final = "labels"
 #: A labels file is one name per line; refuse anything much larger than any real one.
 MAX_LABELS_BYTES: Final = 4 * 1024 * 1024
 
@@ -220,8 +222,13 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: until the custodian supplies more)")  # fmt: skip
     waiting.add_argument("--no-wait", action="store_true",
                          help="when no inferences are left, fail at once")  # fmt: skip
-    query.add_argument("--labels", type=Path, metavar="FILE",
-                       help="class names, one per line, for the top classes")  # fmt: skip
+    labels = query.add_mutually_exclusive_group()
+    labels.add_argument("--labels", type=Path, metavar="FILE",
+                        help="class names, one per line, for the top classes")  # fmt: skip
+    labels.add_argument("--labels-from", metavar="metadata[:KEY]",
+                        help="class names from the model's metadata its owner shares (key "
+                        f"{LABELS_KEY!r} unless given): a JSON list of strings, or one "
+                        "name per line")  # fmt: skip
     info = commands.add_parser(
         "info",
         help="show the enclave's models, state and attestation",
@@ -273,6 +280,37 @@ def _load_labels(path: Path | None) -> list[str] | None:
     return lines
 
 
+def _labels_text(text: str) -> list[str]:
+    """Class names from a text: a JSON list of strings, or one name per line."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if isinstance(document, list) and all(isinstance(item, str) for item in document):
+        return document
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _metadata_labels(spec: str, model: ModelDescription) -> list[str]:
+    """``--labels-from metadata[:KEY]``: the class names the model's owner shares."""
+    source, _, key = spec.partition(":")
+    if source != "metadata":
+        raise _Failure(EXIT_USAGE, f"--labels-from {spec!r}: the only source is metadata[:KEY]")
+    key = key or LABELS_KEY
+    shared = dict(model.metadata)
+    if key not in shared:
+        have = ", ".join(sorted(shared)) or "none"
+        raise _Failure(
+            EXIT_USAGE,
+            f"model {model.name!r} shares no metadata {key!r} (it shares: {have})",
+            "input",
+        )
+    return _labels_text(shared[key])
+
+
 # --- preprocessing ---------------------------------------------------------------------
 
 
@@ -304,6 +342,18 @@ def _prepare(
             note("preprocess: auto: a tensor file is sent as it is")
         arrays = loaded.arrays
     else:
+        named = model.terms.preprocess
+        if preset is Preset.AUTO and named is not None:
+            if named not in (Preset.COVIDNET, Preset.IMAGENET):
+                raise _Failure(
+                    EXIT_USAGE,
+                    f"the terms of model {model.name!r} name its preprocessing {named!r}, "
+                    f"which this client does not have: give --preprocess, or send "
+                    f".npy/.npz tensors",
+                    "input",
+                )
+            preset = Preset(named)
+            note(f"preprocess: auto picked {preset}: the terms of model {model.name!r} name it")
         if preset is Preset.AUTO:
             chosen = choose_preset(model)
             if chosen is None:
@@ -650,7 +700,7 @@ class _Report:
         out: TextIO,
         log: TextIO,
     ) -> None:
-        self._args, self._labels, self._total, self.several = args, labels, total, several
+        self._args, self.labels, self._total, self.several = args, labels, total, several
         self._out, self._log = out, log
         self._bar = tqdm(
             total=total, file=log, unit="input", dynamic_ncols=True,
@@ -700,7 +750,7 @@ class _Report:
         self.served += 1
         self.waited += result.waited
         self.inferences_left = outcome.inferences_left
-        prediction = _prediction(outcome.outputs, self._labels, result.preset)
+        prediction = _prediction(outcome.outputs, self.labels, result.preset)
         if self._args.json:
             document: dict[str, Any] = {
                 "model": result.model,
@@ -799,6 +849,8 @@ async def _run_query(
             info = await client.info()
             report.inferences_left = info.inferences_left
             model = _pick_model(info, args.model)
+            if args.labels_from is not None:
+                report.labels = _metadata_labels(args.labels_from, model)
             for path in paths:
                 report.result(await _serve_one(client, model, path, loaded, args, report))
         except (RequestFailed, _Failure) as exc:
@@ -873,6 +925,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
                     {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.outputs
                 ],
                 "terms": m.terms.to_mapping(),
+                "metadata": dict(m.metadata),
             }
             for m in info.models.values()
         ]
@@ -896,7 +949,24 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
             for spec in specs:
                 print(f"  {kind} {spec.name}: {spec.dtype} {describe_shape(spec.shape)}", file=out)
         print(f"  terms: {_describe_terms(model.terms)}", file=out)
+        for key, value in model.metadata:
+            print(f"  metadata {key}: {_preview(value)}", file=out)
     print(_attestation_line(enclave), file=out)
+
+
+#: How much of a metadata value ``info`` shows (``--json`` shows it all).
+PREVIEW_CHARS: Final = 72
+
+
+def _preview(value: str) -> str:
+    """A metadata value on one line: its line count and size, and its start."""
+    lines = value.splitlines()
+    flat = " | ".join(line.strip() for line in lines[:20])
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
+    if len(flat) > PREVIEW_CHARS:
+        flat = flat[: PREVIEW_CHARS - 3] + "..."
+    size = len(value.encode("utf-8"))
+    return f"{len(lines)} line{'' if len(lines) == 1 else 's'}, {size} bytes: {flat}"
 
 
 def _describe_terms(terms: Terms) -> str:
@@ -908,6 +978,8 @@ def _describe_terms(terms: Terms) -> str:
         sizes = " x ".join(str(d) if isinstance(d, int) else f"{d[0]}..{d[1]}" for d in dims)
         axis = axes.get(name)
         parts.append(f"{name} {sizes}" + ("" if axis is None else f" (batch axis {axis})"))
+    if terms.preprocess is not None:
+        parts.append(f"preprocessing {terms.preprocess}")
     return "; ".join(parts)
 
 

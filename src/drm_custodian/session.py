@@ -340,7 +340,13 @@ class EnclaveSession:
         log.info("model_transfer_started", model=model.name, size=size, sha256=model.sha256.hex())
         started = trio.current_time()
         await self._send(
-            ModelBegin(name=model.name, size=size, sha256=model.sha256, terms=model.terms)
+            ModelBegin(
+                name=model.name,
+                size=size,
+                sha256=model.sha256,
+                terms=model.terms,
+                metadata=model.metadata,
+            )
         )
         view = memoryview(model.data)
         next_tenth = 1

@@ -72,9 +72,9 @@ __all__ = [
 ]
 
 #: The version this build speaks by preference.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 #: Every version this build can speak.
-SUPPORTED_VERSIONS: Final = (2,)
+SUPPORTED_VERSIONS: Final = (3,)
 
 
 class Link(Enum):

@@ -53,6 +53,7 @@ from drm_wire.messages import (
     TensorSpec,
     Waiting,
 )
+from drm_wire.model.terms import Terms
 from drm_wire.net.channel import ChannelError, MessageChannel
 from drm_wire.net.tls import TLSStream
 from drm_wire.tensors import Tensor
@@ -805,3 +806,24 @@ async def test_the_progress_bar_is_drawn_on_a_terminal(
     assert b"3/3" in drawn
     assert process.stdout.decode().count("== ") == 3
     assert "3 inputs: 3 served" in process.stdout.decode()
+
+
+async def test_auto_follows_the_preprocessing_the_terms_name(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    """The owner's terms name ``imagenet``: ``auto`` uses it; a name this client does not
+    have is a usage error, and nothing is sent."""
+    fake.behaviour = reply_with("scores", SCORES)
+    Image.new("RGB", (300, 256), (10, 200, 90)).save(workdir / "photo.jpg", format="JPEG")
+    fake.models = (replace(CLASSIFIER, terms=Terms(preprocess="imagenet")),)
+    result = await in_process_query(fake, workdir, "--input", workdir / "photo.jpg")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "auto picked imagenet: the terms of model 'classifier' name it" in result.stderr
+    assert len(fake.inference_requests()) == 1
+    fake.models = (replace(CLASSIFIER, terms=Terms(preprocess="letterbox-640")),)
+    result = await in_process_query(fake, workdir, "--input", workdir / "photo.jpg")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "name its preprocessing 'letterbox-640', which this client does not have" in (
+        result.stderr
+    )
+    assert len(fake.inference_requests()) == 1

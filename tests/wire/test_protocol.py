@@ -32,9 +32,9 @@ IN_FLIGHT = 1
 #: One valid instance of every message type. Replies answer request IN_FLIGHT; requests
 #: use a fresh id.
 SAMPLES: dict[type[m.Message], m.Message] = {
-    m.Hello: m.Hello(versions=(2,), role=m.PeerRole.ENCLAVE, software="t"),
-    m.Welcome: m.Welcome(version=2, software="t"),
-    m.Refusal: m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(2,)),
+    m.Hello: m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t"),
+    m.Welcome: m.Welcome(version=3, software="t"),
+    m.Refusal: m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(3,)),
     m.Error: m.Error(code=ErrorCode.INTERNAL, message="bye"),
     m.ModelBegin: m.ModelBegin(name="model", size=10, sha256=DIGEST),
     m.ModelChunk: m.ModelChunk(offset=0, data=memoryview(b"0123456789")),
@@ -60,7 +60,7 @@ SAMPLES: dict[type[m.Message], m.Message] = {
 
 def hello_for(link: Link) -> m.Hello:
     role = m.PeerRole.ENCLAVE if link is Link.CUSTODIAN else m.PeerRole.CONSUMER
-    return m.Hello(versions=(2,), role=role, software="t")
+    return m.Hello(versions=(3,), role=role, software="t")
 
 
 def deliver(connection: Connection, message: m.Message) -> m.Message:
@@ -86,7 +86,7 @@ def connection_in(link: Link, side: Side, state: State) -> Connection:
     carry(connection, hello_for(link), Side.CLIENT)
     if state is State.AWAIT_WELCOME:
         return connection
-    carry(connection, m.Welcome(version=2, software="t"), Side.SERVER)
+    carry(connection, m.Welcome(version=3, software="t"), Side.SERVER)
     if link is Link.CONSUMER:
         request = m.ModelInfoRequest(request_id=IN_FLIGHT)
         carry(connection, request, Side.CLIENT)
@@ -156,17 +156,20 @@ def test_transition_table_covers_both_links() -> None:
 
 
 def test_version_selection() -> None:
-    assert select_version(m.Hello(versions=(2, 7), role="consumer", software="x")) == 2  # type: ignore[arg-type]
+    assert select_version(m.Hello(versions=(3, 7), role="consumer", software="x")) == 3  # type: ignore[arg-type]
     # Version 1 could not carry a model's terms: a version-1 peer is refused.
     assert select_version(m.Hello(versions=(1,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(7, 9), role="consumer", software="x")) is None  # type: ignore[arg-type]
-    assert SUPPORTED_VERSIONS == (2,)
+    # Version 2 could not carry shared metadata nor the terms' new keys: refused too.
+    assert select_version(m.Hello(versions=(2,), role="consumer", software="x")) is None  # type: ignore[arg-type]
+    assert select_version(m.Hello(versions=(2, 3), role="consumer", software="x")) == 3  # type: ignore[arg-type]
+    assert SUPPORTED_VERSIONS == (3,)
 
 
 def test_w12_unknown_version_in_welcome_is_refused() -> None:
     client = connection_in(Link.CONSUMER, Side.CLIENT, State.AWAIT_WELCOME)
-    with pytest.raises(RemoteProtocolError, match="version 1 is not supported") as info:
-        deliver(client, m.Welcome(version=1, software="t"))
+    with pytest.raises(RemoteProtocolError, match="version 2 is not supported") as info:
+        deliver(client, m.Welcome(version=2, software="t"))
     assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
     server = connection_in(Link.CONSUMER, Side.SERVER, State.AWAIT_WELCOME)
     with pytest.raises(LocalProtocolError):
