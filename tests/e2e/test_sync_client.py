@@ -153,3 +153,40 @@ def test_a_refused_enclave_leaves_no_thread(lab: Lab, enclave: Enclave, policy: 
     client: SyncClient = drm_consumer.connect(LOOPBACK, enclave.consumer_port, policy=policy)
     client.close()
     assert _client_threads() == []
+
+
+def test_a_call_in_flight_when_the_enclave_dies_fails_and_is_not_sent_again(
+    lab: Lab, policy: Policy
+) -> None:
+    """The inference may have run: it fails with ``ConnectionFailed`` and is not retried;
+    the next call connects to the enclave's successor and attests it."""
+    lab.start_custodian([lab.write_model("tiny", tiny_model())], initial=0)
+    first = _start_enclave(lab)
+    parked = threading.Event()
+    outcome: list[BaseException | object] = []
+    with drm_consumer.connect(LOOPBACK, first.consumer_port, policy=policy) as client:
+
+        def waiter() -> None:
+            try:
+                outcome.append(client.infer("tiny", _x(1), on_waiting=lambda _: parked.set()))
+            except BaseException as exc:  # checked by the test thread
+                outcome.append(exc)
+
+        waiting = threading.Thread(target=waiter)
+        waiting.start()
+        assert parked.wait(JOIN), "the enclave did not park the request"
+        first.daemon.kill()
+        waiting.join(JOIN)
+        assert not waiting.is_alive()
+        (error,) = outcome
+        assert isinstance(error, ConnectionFailed), error
+        second = _start_enclave(lab, first.consumer_port)
+        lab.supply(1)
+        assert client.infer("tiny", _x(2)).cost == 1  # waits for the supply if need be
+        assert client.connections == 2
+        assert len(second.daemon.find_all("consumer_connected")) == 1
+    assert _client_threads() == []
+    assert second.daemon.stop() == 0  # a clean stop reports what it served
+    assert lab.admin is not None
+    usage = lab.admin.usage()
+    assert (usage["served"], usage["requests"]) == (1, 1)  # the failed call was not resent
