@@ -75,6 +75,7 @@ BLOCKS: Final = {
     "block": "walkthrough: block, a refused query, unblock",
     "custodian-stopped": "walkthrough: the query after Ctrl-C in terminal 1",
     "python": "walkthrough: the Python example",
+    "consumer-folder": "walkthrough: a folder of inputs over one connection",
     "real-model": "no COVID-Net here: run until the missing file stops them",
     "nox": "sessions checked in noxfile.py",
     "develop": "would run the suite: its extras are checked against the groups",
@@ -552,6 +553,18 @@ def test_the_walkthrough_runs_as_written(walkthrough: _Walkthrough) -> None:
     example.write_text(walk.text("python"), encoding="utf-8")
     output = walk.run(f"python {example.name}")
     assert output.rstrip().endswith("inferences left: 3"), output
+    assert "models: covidnet" in output.splitlines(), output
+
+    # A folder of two scans over one connection: a JSON line each, then the summary.
+    copy, folder = walk.commands("consumer-folder")
+    walk.run(copy)
+    output = walk.run(folder)
+    documents = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert [Path(d["input"]).name for d in documents[:-1]] == ["front.png", "side.png"]
+    assert [d["inferences_left"] for d in documents[:-1]] == [2, 1]
+    assert "Probability" not in output  # JSON only
+    summary = documents[-1]["summary"]
+    assert (summary["served"], summary["failed"], summary["inferences_left"]) == (2, 0, 1)
 
     # Block: refused with exit status 5; unblock.
     block, refused, unblock = walk.commands("block")

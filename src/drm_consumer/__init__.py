@@ -1,7 +1,9 @@
 """The end user's client: verifies the enclave, sends inputs, reads predictions.
 
 ``async with Client.connect(host, policy=policy) as client`` for trio programs;
-:func:`query` for a blocking one-shot call. Errors are the classes of
+``with connect(host, policy=policy) as enclave`` for a blocking program making many calls
+over one attested connection (:class:`SyncClient`); :func:`query` for a blocking one-shot
+call. Errors are the classes of
 :mod:`drm_consumer.errors`, all under :class:`~drm_wire.errors.DrmError`.
 """
 
@@ -29,7 +31,7 @@ from drm_consumer.errors import (
     NoInferencesLeft,
     RequestFailed,
 )
-from drm_consumer.sync import query
+from drm_consumer.sync import SyncClient, connect, query
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -50,5 +52,7 @@ __all__ = [
     "ModelUnavailable",
     "NoInferencesLeft",
     "RequestFailed",
+    "SyncClient",
+    "connect",
     "query",
 ]

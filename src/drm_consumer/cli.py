@@ -1,13 +1,21 @@
-"""``python -m drm_consumer``: ask an attested enclave for a prediction (``query``) or its
+"""``python -m drm_consumer``: ask an attested enclave for predictions (``query``) or its
 state (``info``).
 
 Both commands verify the enclave's RA-TLS attestation against the policy file during the
-TLS handshake, before anything is sent. ``query`` reads and checks its input file before
-it connects, asks the enclave which models it serves, preprocesses the input for the
-chosen model and checks that the tensors fit it (dtype, rank, fixed dimensions) before
-the inference request is sent, and waits (with a live status line on standard error)
-when the borrower has no inferences left. Results go to standard output, as text or, with
-``--json``, as one JSON object; diagnostics and the status line go to standard error.
+TLS handshake, before anything is sent. ``query`` asks the enclave which models it
+serves, then serves its inputs one after another over that one connection: each is read,
+preprocessed for the chosen model and checked against it (dtype, rank, fixed dimensions)
+before its inference request is sent, and a request waits (with a live status line on
+standard error) when the borrower has no inferences left. One input that cannot be read,
+does not fit or is refused is reported, and the next is still served; a failure of the
+connection, the attestation or the custodian ends the run. ``--preprocess auto`` guesses
+nothing: it preprocesses an image only for a model it recognises exactly (COVID-Net's
+shape), and otherwise asks for ``--preprocess``.
+
+Results go to standard output, as text (every output of the model) or, with ``--json``,
+as one JSON object per input (and a summary line after several); diagnostics, the
+status line and, on a terminal, the progress bar over several inputs go to standard
+error.
 
 The exit status is one of the ``EXIT_*`` constants (see :data:`EPILOG`).
 """
@@ -15,19 +23,22 @@ The exit status is one of the ``EXIT_*`` constants (see :data:`EPILOG`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, cast
 
 import numpy as np
 import trio
+from tqdm import tqdm
 
 from drm_consumer._status import WaitStatus
 from drm_consumer.client import DEFAULT_PORT, Client, EnclaveInfo, InferenceOutcome
@@ -35,8 +46,10 @@ from drm_consumer.errors import (
     AttestationRefused,
     BadRequest,
     Blocked,
+    Busy,
     ConsumerError,
     CustodianUnreachable,
+    InferenceFailed,
     ModelNotFound,
     NoInferencesLeft,
     RequestFailed,
@@ -100,6 +113,10 @@ DEFAULT_POLICY: Final = Path("policy.toml")
 TOP_CLASSES: Final = 5
 #: Platforms one command fetches collateral for (an enclave's quote names one).
 MAX_NOTED_PLATFORMS: Final = 4
+#: Most input files one query takes (those given, and those in the directories given).
+MAX_INPUTS: Final = 100_000
+#: The shared metadata key ``--labels-from metadata`` reads when none is given.
+LABELS_KEY: Final = "labels"
 #: A labels file is one name per line; refuse anything much larger than any real one.
 MAX_LABELS_BYTES: Final = 4 * 1024 * 1024
 
@@ -115,6 +132,11 @@ exit status:
      reason (busy, still loading its model, a model that did not load there, inference
      failed, unknown error)
   {EXIT_INTERRUPTED}  interrupted
+
+With several inputs (or a directory), every input is tried: the status is that of the
+first input that failed (0 if every one was served). A failure that ends the run is its
+own status: a refused attestation, a lost connection, an unreachable custodian or a
+blocked borrower, or an image whose preprocessing --preprocess auto does not know.
 
 The policy file defaults to ./{DEFAULT_POLICY} (written beside the signed enclave).
 """
@@ -178,27 +200,36 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     query = commands.add_parser(
         "query",
-        help="run one inference",
-        description="Verify the enclave, send one input, print the prediction.",
+        help="run inferences",
+        description="Verify the enclave, send each input, print the predictions.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(query)
-    query.add_argument("--input", type=Path, required=True, metavar="FILE",
-                       help="a JPEG or PNG image, or a .npy or .npz tensor file")  # fmt: skip
+    query.add_argument("--input", type=Path, required=True, action="extend", nargs="+",
+                       metavar="FILE",
+                       help="JPEG or PNG images, .npy or .npz tensor files, or directories "
+                       "of them (their files, in name order); several are served one after "
+                       "another over one connection")  # fmt: skip
     query.add_argument("--model", metavar="NAME",
                        help="the model to run (default: the only one served)")  # fmt: skip
     query.add_argument("--preprocess", choices=[p.value for p in Preset], default="auto",
-                       help="image preprocessing; auto picks it from the model's input "
-                       "shape (default auto)")  # fmt: skip
+                       help="image preprocessing; auto knows only a model it recognises "
+                       "exactly (COVID-Net's shape) and otherwise asks for this option "
+                       "(default auto)")  # fmt: skip
     waiting = query.add_mutually_exclusive_group()
     waiting.add_argument("--wait", type=_seconds, metavar="SECONDS",
                          help="when no inferences are left, wait at most this long "
                          "(default: until the custodian supplies more)")  # fmt: skip
     waiting.add_argument("--no-wait", action="store_true",
                          help="when no inferences are left, fail at once")  # fmt: skip
-    query.add_argument("--labels", type=Path, metavar="FILE",
-                       help="class names, one per line, for the top classes")  # fmt: skip
+    labels = query.add_mutually_exclusive_group()
+    labels.add_argument("--labels", type=Path, metavar="FILE",
+                        help="class names, one per line, for the top classes")  # fmt: skip
+    labels.add_argument("--labels-from", metavar="metadata[:KEY]",
+                        help="class names from the model's metadata its owner shares (key "
+                        f"{LABELS_KEY!r} unless given): a JSON list of strings, or one "
+                        "name per line")  # fmt: skip
     info = commands.add_parser(
         "info",
         help="show the enclave's models, state and attestation",
@@ -250,6 +281,37 @@ def _load_labels(path: Path | None) -> list[str] | None:
     return lines
 
 
+def _labels_text(text: str) -> list[str]:
+    """Class names from a text: a JSON list of strings, or one name per line."""
+    try:
+        document = json.loads(text)
+    except ValueError:
+        document = None
+    if isinstance(document, list) and all(isinstance(item, str) for item in document):
+        return document
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _metadata_labels(spec: str, model: ModelDescription) -> list[str]:
+    """``--labels-from metadata[:KEY]``: the class names the model's owner shares."""
+    source, _, key = spec.partition(":")
+    if source != "metadata":
+        raise _Failure(EXIT_USAGE, f"--labels-from {spec!r}: the only source is metadata[:KEY]")
+    key = key or LABELS_KEY
+    shared = dict(model.metadata)
+    if key not in shared:
+        have = ", ".join(sorted(shared)) or "none"
+        raise _Failure(
+            EXIT_USAGE,
+            f"model {model.name!r} shares no metadata {key!r} (it shares: {have})",
+            "input",
+        )
+    return _labels_text(shared[key])
+
+
 # --- preprocessing ---------------------------------------------------------------------
 
 
@@ -269,32 +331,45 @@ def _pick_model(info: EnclaveInfo, wanted: str | None) -> ModelDescription:
 
 
 def _prepare(
-    loaded: ImageInput | TensorInput, preset: Preset, model: ModelDescription, log: TextIO
+    loaded: ImageInput | TensorInput,
+    preset: Preset,
+    model: ModelDescription,
+    note: Callable[[str], None],
 ) -> tuple[dict[str, np.ndarray[Any, Any]], Preset]:
     """Preprocess ``loaded`` for ``model`` and check the result fits it."""
     if isinstance(loaded, TensorInput):
         if preset is Preset.AUTO:
             preset = Preset.NONE
-            print("preprocess: auto: a tensor file is sent as it is", file=log)
+            note("preprocess: auto: a tensor file is sent as it is")
         arrays = loaded.arrays
     else:
+        named = model.terms.preprocess
+        if preset is Preset.AUTO and named is not None:
+            if named not in (Preset.COVIDNET, Preset.IMAGENET):
+                raise _Failure(
+                    EXIT_USAGE,
+                    f"the terms of model {model.name!r} name its preprocessing {named!r}, "
+                    f"which this client does not have: give --preprocess, or send "
+                    f".npy/.npz tensors",
+                    "input",
+                )
+            preset = Preset(named)
+            note(f"preprocess: auto picked {preset}: the terms of model {model.name!r} name it")
         if preset is Preset.AUTO:
-            spec = model.inputs[0] if len(model.inputs) == 1 else None
-            chosen = None if spec is None else choose_preset(spec)
-            if spec is None or chosen is None:
+            chosen = choose_preset(model)
+            if chosen is None:
                 shapes = ", ".join(
                     f"{s.name} {s.dtype} {describe_shape(s.shape)}" for s in model.inputs
                 )
-                raise InputError(
-                    f"auto cannot pick an image preprocessing for model {model.name!r} "
-                    f"(inputs: {shapes}); give --preprocess, or a .npy/.npz tensor"
+                raise _Failure(
+                    EXIT_USAGE,
+                    f"--preprocess auto does not know which preprocessing model "
+                    f"{model.name!r} (inputs: {shapes}) was trained with: give --preprocess "
+                    f"covidnet or imagenet if one is right for it, or send .npy/.npz tensors",
+                    "input",
                 )
             preset = chosen
-            print(
-                f"preprocess: auto picked {preset} for input {spec.name!r} "
-                f"({spec.dtype} {describe_shape(spec.shape)})",
-                file=log,
-            )
+            note(f"preprocess: auto picked {preset} for model {model.name!r} (COVID-Net's shape)")
         transform = {Preset.COVIDNET: covidnet, Preset.IMAGENET: imagenet}[preset]
         arrays = {None: transform(loaded.pixels)}
     return fit_inputs(model, arrays), preset
@@ -350,12 +425,18 @@ def _is_two_class_softmax(rows: list[np.ndarray[Any, Any]]) -> bool:
 
 
 def _prediction(
-    outputs: dict[str, np.ndarray[Any, Any]], labels: list[str] | None
+    outputs: dict[str, np.ndarray[Any, Any]], labels: list[str] | None, preset: Preset
 ) -> dict[str, Any]:
-    """Interpret the first output: COVID-Net's two-class softmax, top classes, or raw."""
+    """Interpret the first output: COVID-Net's two-class softmax (only under the
+    ``covidnet`` preset, without labels), top classes, or raw."""
     name, array = next(iter(outputs.items()))
     rows = _rows(array)
-    if rows is not None and labels is None and _is_two_class_softmax(rows):
+    if (
+        rows is not None
+        and labels is None
+        and preset is Preset.COVIDNET
+        and _is_two_class_softmax(rows)
+    ):
         return {"kind": "covid", "output": name, "covid_positive_probability": float(rows[0][1])}
     if rows is None:
         return {"kind": "raw", "output": name}
@@ -373,26 +454,30 @@ def _prediction(
     return {"kind": "top_classes", "output": name, "rows": top}
 
 
+def _raw_line(name: str, array: np.ndarray[Any, Any]) -> str:
+    values = np.array2string(array, threshold=20, precision=4)
+    return f"Output {name}: {array.dtype} {describe_shape(array.shape)} {values}"
+
+
 def _prediction_lines(
     prediction: dict[str, Any], outputs: dict[str, np.ndarray[Any, Any]]
 ) -> list[str]:
+    """The interpreted first output, then every other output as it is."""
     if prediction["kind"] == "covid":
-        return [f"Probability of COVID positivity: {prediction['covid_positive_probability']:.2f}"]
-    if prediction["kind"] == "raw":
-        lines = []
-        for name, array in outputs.items():
-            values = np.array2string(array, threshold=20, precision=4)
-            lines.append(f"Output {name}: {array.dtype} {describe_shape(array.shape)} {values}")
-        return lines
-    rows = prediction["rows"]
-    lines = [f"Top {len(rows[0])} classes (output {prediction['output']}):"]
-    for number, top in enumerate(rows):
-        if len(rows) > 1:
-            lines.append(f"  row {number}:")
-        for rank, entry in enumerate(top, 1):
-            name = entry["label"] or f"class {entry['class']}"
-            suffix = f" (class {entry['class']})" if entry["label"] else ""
-            lines.append(f"  {rank}. {name}{suffix}: {entry['score']:.4f}")
+        lines = [f"Probability of COVID positivity: {prediction['covid_positive_probability']:.2f}"]
+    elif prediction["kind"] == "raw":
+        lines = [_raw_line(prediction["output"], outputs[prediction["output"]])]
+    else:
+        rows = prediction["rows"]
+        lines = [f"Top {len(rows[0])} classes (output {prediction['output']}):"]
+        for number, top in enumerate(rows):
+            if len(rows) > 1:
+                lines.append(f"  row {number}:")
+            for rank, entry in enumerate(top, 1):
+                name = entry["label"] or f"class {entry['class']}"
+                suffix = f" (class {entry['class']})" if entry["label"] else ""
+                lines.append(f"  {rank}. {name}{suffix}: {entry['score']:.4f}")
+    lines += [_raw_line(n, a) for n, a in outputs.items() if n != prediction["output"]]
     return lines
 
 
@@ -513,8 +598,9 @@ async def _infer(
     inputs: dict[str, np.ndarray[Any, Any]],
     wait: float | None,
     log: TextIO,
-) -> InferenceOutcome:
-    """Run the inference with the waiting status line ticking beside it."""
+) -> tuple[InferenceOutcome, bool]:
+    """Run the inference with the waiting status line ticking beside it; the outcome,
+    and whether the enclave parked it for want of inferences."""
     status = WaitStatus(log, limit=wait)
     outcome: InferenceOutcome | None = None
     error: ConsumerError | None = None
@@ -532,41 +618,254 @@ async def _infer(
         raise error
     assert outcome is not None
     status.finish("Inferences supplied")
-    return outcome
+    return outcome, status.waited
+
+
+@dataclass(frozen=True)
+class _Result:
+    """What became of one input: served (``outcome``), or ``failure``."""
+
+    path: Path
+    model: str | None = None
+    preset: Preset | None = None
+    outcome: InferenceOutcome | None = None
+    waited: bool = False
+    failure: _Failure | None = None
+
+
+#: What fails one input among several: it is reported and the next input is tried. Any
+#: other failure (attestation, connection, custodian, blocked, a preprocessing ``auto``
+#: does not know) ends the run.
+_INPUT_FAILURES: Final = (BadRequest, ModelNotFound, NoInferencesLeft, Busy, InferenceFailed)
+
+
+def _input_paths(given: Sequence[Path]) -> tuple[list[Path], bool]:
+    """The files to serve, in order, and whether there are several (a directory counts:
+    its files, not hidden, in name order, not its subdirectories)."""
+    paths: list[Path] = []
+    for path in given:
+        if path.is_dir():
+            try:
+                with os.scandir(path) as entries:
+                    found = sorted(
+                        Path(entry.path)
+                        for entry in itertools.islice(entries, MAX_INPUTS + 1)
+                        if not entry.name.startswith(".") and entry.is_file()
+                    )
+            except OSError as exc:
+                raise _Failure(EXIT_USAGE, f"cannot list {path}: {exc.strerror or exc}") from exc
+            if not found:
+                raise _Failure(EXIT_USAGE, f"directory {path} holds no input files")
+            paths += found
+        else:
+            paths.append(path)
+        if len(paths) > MAX_INPUTS:
+            raise _Failure(EXIT_USAGE, f"more than {MAX_INPUTS} inputs in one query")
+    return paths, len(given) > 1 or any(path.is_dir() for path in given)
+
+
+class _BarStream:
+    """A text stream that writes whole lines above the progress bar (for the status)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                tqdm.write(line.lstrip("\r"), file=self._stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _Report:
+    """Prints each input's result as it comes, the progress bar and the summary.
+
+    With one input the output is the single-query form (text, or one JSON object); with
+    several, each result is headed by its file (text) or is one JSON line with an
+    ``input`` key, and a summary ends the run. The progress bar is drawn on standard
+    error only when there are several inputs and standard error is a terminal.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        labels: list[str] | None,
+        total: int,
+        several: bool,
+        out: TextIO,
+        log: TextIO,
+    ) -> None:
+        self._args, self.labels, self._total, self.several = args, labels, total, several
+        self._out, self._log = out, log
+        self._bar = tqdm(
+            total=total, file=log, unit="input", dynamic_ncols=True,
+            disable=not (several and log.isatty()),
+        )  # fmt: skip
+        self.status_log: TextIO = cast("TextIO", _BarStream(log)) if not self._bar.disable else log
+        self._noted: set[str] = set()
+        self.served = self.waited = self.failed = 0
+        self.inferences_left: int | None = None
+        self.first_failure: _Failure | None = None
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def _line(self, text: str, stream: TextIO | None = None) -> None:
+        stream = self._out if stream is None else stream
+        if self._bar.disable:
+            print(text, file=stream)
+        else:
+            tqdm.write(text, file=stream)
+
+    def note(self, text: str) -> None:
+        """A diagnostic, once however many inputs say it."""
+        if text not in self._noted:
+            self._noted.add(text)
+            self._line(text, self._log)
+
+    def result(self, result: _Result) -> None:
+        self._bar.update(1)
+        if result.failure is not None:
+            self.failed += 1
+            self.first_failure = self.first_failure or result.failure
+            failure = result.failure
+            if not self.several:
+                raise failure
+            if self._args.json:
+                error: dict[str, Any] = {"exit_code": failure.exit_code, "kind": failure.kind}
+                error["message"] = str(failure)
+                _emit_json({"input": str(result.path), "error": error}, self._out)
+            else:
+                self._line(f"== {result.path} ==")
+                self._line(f"Failed: {failure}")
+            return
+        outcome = result.outcome
+        assert outcome is not None
+        assert result.preset is not None
+        self.served += 1
+        self.waited += result.waited
+        self.inferences_left = outcome.inferences_left
+        prediction = _prediction(outcome.outputs, self.labels, result.preset)
+        if self._args.json:
+            document: dict[str, Any] = {
+                "model": result.model,
+                "preprocess": str(result.preset),
+                "prediction": prediction,
+                "outputs": _json_outputs(outcome.outputs),
+                "cost": outcome.cost,
+                "inferences_left": outcome.inferences_left,
+            }
+            if self.several:
+                document = {"input": str(result.path), **document, "waited": result.waited}
+            else:
+                document["attestation"] = _attestation(self.attestation)
+            _emit_json(document, self._out)
+            return
+        if self.several:
+            self._line(f"== {result.path} ==")
+        for line in _prediction_lines(prediction, outcome.outputs):
+            self._line(line)
+        self._line(f"Cost: {outcome.cost} inference{'' if outcome.cost == 1 else 's'}")
+        self._line(f"Inferences left: {outcome.inferences_left}")
+        if not self.several:
+            self._line(_attestation_line(self.attestation))
+
+    def summary(self, stopped: _Failure | None) -> None:
+        """The counts of a run of several inputs (and why it stopped early, if it did)."""
+        self.close()
+        if not self.several:
+            return
+        attempted = self.served + self.failed
+        left = self.inferences_left
+        if self._args.json:
+            summary: dict[str, Any] = {
+                "inputs": self._total,
+                "served": self.served,
+                "waited": self.waited,
+                "failed": self.failed,
+                "not_attempted": self._total - attempted,
+                "inferences_left": left,
+                "stopped": None if stopped is None else str(stopped),
+            }
+            attestation = _attestation(self.attestation)
+            _emit_json({"summary": summary, "attestation": attestation}, self._out)
+            return
+        text = (
+            f"Summary: {self._total} inputs: {self.served} served "
+            f"({self.waited} after waiting for inferences), {self.failed} failed"
+        )
+        if stopped is not None:
+            text += f", {self._total - attempted} not attempted (stopped: {stopped})"
+        self._line(text + f"; inferences left: {'unknown' if left is None else left}")
+        self._line(_attestation_line(self.attestation))
+
+    attestation: VerifiedEnclave
+
+
+async def _serve_one(
+    client: Client,
+    model: ModelDescription,
+    path: Path,
+    loaded: ImageInput | TensorInput | None,
+    args: argparse.Namespace,
+    report: _Report,
+) -> _Result:
+    """Load, preprocess and serve one input; a failure of this input alone is returned."""
+    try:
+        if loaded is None:
+            loaded = load_input(path)
+            _check_preset(loaded, Preset(args.preprocess))
+        inputs, preset = _prepare(loaded, Preset(args.preprocess), model, report.note)
+    except InputError as exc:
+        return _Result(path, failure=_Failure(EXIT_USAGE, str(exc), "input"))
+    wait = 0.0 if args.no_wait else args.wait
+    try:
+        outcome, waited = await _infer(client, model.name, inputs, wait, report.status_log)
+    except _INPUT_FAILURES as exc:
+        failure = _Failure(_exit_code(exc), _describe(exc), type(exc).__name__)
+        return _Result(path, model.name, preset, failure=failure)
+    return _Result(path, model.name, preset, outcome, waited)
 
 
 async def _run_query(
     connection: _Connection,
-    loaded: ImageInput | TensorInput,
+    paths: list[Path],
+    loaded: ImageInput | TensorInput | None,
     args: argparse.Namespace,
-    log: TextIO,
-) -> dict[str, Any]:
-    preset = Preset(args.preprocess)
-    wait = 0.0 if args.no_wait else args.wait
-    failure: Exception | None = None
+    report: _Report,
+) -> None:
+    """Serve every input in turn over one connection, reporting each as it is done."""
+    failure: RequestFailed | _Failure | None = None
     async with _connect(connection) as client:
+        report.attestation = client.attestation
         # An answer we refuse or an error the enclave sent leaves the connection sound:
         # leave the block normally so that it is closed gracefully, then fail.
         try:
             info = await client.info()
+            report.inferences_left = info.inferences_left
             model = _pick_model(info, args.model)
-            try:
-                inputs, preset = _prepare(loaded, preset, model, log)
-            except InputError as exc:
-                raise _Failure(EXIT_USAGE, str(exc), "input") from exc
-            outcome = await _infer(client, model.name, inputs, wait, log)
-            return {
-                "model": model.name,
-                "preprocess": str(preset),
-                "outputs": outcome.outputs,
-                "inferences_left": outcome.inferences_left,
-                "cost": outcome.cost,
-                "attestation": client.attestation,
-            }
+            if args.labels_from is not None:
+                report.labels = _metadata_labels(args.labels_from, model)
+            for path in paths:
+                report.result(await _serve_one(client, model, path, loaded, args, report))
         except (RequestFailed, _Failure) as exc:
             failure = exc
-    assert failure is not None
-    raise failure
+        except ConsumerError as exc:
+            report.summary(_Failure(_exit_code(exc), _describe(exc)))
+            raise
+    if failure is not None:
+        if isinstance(failure, ConsumerError):
+            report.summary(_Failure(_exit_code(failure), _describe(failure)))
+        else:
+            report.summary(failure)
+        raise failure
+    report.summary(None)
 
 
 async def _run_info(connection: _Connection) -> tuple[EnclaveInfo, VerifiedEnclave]:
@@ -592,38 +891,24 @@ def _connection(args: argparse.Namespace) -> _Connection:
     )
 
 
-def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> None:
+def _query(args: argparse.Namespace, out: TextIO, log: TextIO) -> int:
     connection = _connection(args)
     labels = _load_labels(args.labels)
+    paths, several = _input_paths(args.input)
+    loaded = None
+    if not several:  # one input: read and check it before connecting
+        try:
+            loaded = load_input(paths[0])
+            _check_preset(loaded, Preset(args.preprocess))
+        except InputError as exc:
+            raise _Failure(EXIT_USAGE, str(exc), "input") from exc
+    report = _Report(args, labels, len(paths), several, out, log)
     try:
-        loaded = load_input(args.input)
-        _check_preset(loaded, Preset(args.preprocess))
-    except InputError as exc:
-        raise _Failure(EXIT_USAGE, str(exc), "input") from exc
-    result = trio.run(_run_query, connection, loaded, args, log)
-    outputs: dict[str, np.ndarray[Any, Any]] = result["outputs"]
-    prediction = _prediction(outputs, labels)
-    enclave: VerifiedEnclave = result["attestation"]
-    if args.json:
-        _emit_json(
-            {
-                "model": result["model"],
-                "preprocess": result["preprocess"],
-                "prediction": prediction,
-                "outputs": _json_outputs(outputs),
-                "cost": result["cost"],
-                "inferences_left": result["inferences_left"],
-                "attestation": _attestation(enclave),
-            },
-            out,
-        )
-        return
-    for line in _prediction_lines(prediction, outputs):
-        print(line, file=out)
-    cost = result["cost"]
-    print(f"Cost: {cost} inference{'' if cost == 1 else 's'}", file=out)
-    print(f"Inferences left: {result['inferences_left']}", file=out)
-    print(_attestation_line(enclave), file=out)
+        trio.run(_run_query, connection, paths, loaded, args, report)
+    finally:
+        report.close()
+    first = report.first_failure
+    return EXIT_OK if first is None else first.exit_code
 
 
 def _info(args: argparse.Namespace, out: TextIO) -> None:
@@ -641,6 +926,7 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
                     {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in m.outputs
                 ],
                 "terms": m.terms.to_mapping(),
+                "metadata": dict(m.metadata),
             }
             for m in info.models.values()
         ]
@@ -664,7 +950,24 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
             for spec in specs:
                 print(f"  {kind} {spec.name}: {spec.dtype} {describe_shape(spec.shape)}", file=out)
         print(f"  terms: {_describe_terms(model.terms)}", file=out)
+        for key, value in model.metadata:
+            print(f"  metadata {key}: {_preview(value)}", file=out)
     print(_attestation_line(enclave), file=out)
+
+
+#: How much of a metadata value ``info`` shows (``--json`` shows it all).
+PREVIEW_CHARS: Final = 72
+
+
+def _preview(value: str) -> str:
+    """A metadata value on one line: its line count and size, and its start."""
+    lines = value.splitlines()
+    flat = " | ".join(line.strip() for line in lines[:20])
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
+    if len(flat) > PREVIEW_CHARS:
+        flat = flat[: PREVIEW_CHARS - 3] + "..."
+    size = len(value.encode("utf-8"))
+    return f"{len(lines)} line{'' if len(lines) == 1 else 's'}, {size} bytes: {flat}"
 
 
 def _describe_terms(terms: Terms) -> str:
@@ -676,6 +979,8 @@ def _describe_terms(terms: Terms) -> str:
         sizes = " x ".join(str(d) if isinstance(d, int) else f"{d[0]}..{d[1]}" for d in dims)
         axis = axes.get(name)
         parts.append(f"{name} {sizes}" + ("" if axis is None else f" (batch axis {axis})"))
+    if terms.preprocess is not None:
+        parts.append(f"preprocessing {terms.preprocess}")
     return "; ".join(parts)
 
 
@@ -733,9 +1038,8 @@ def main(
     args = _parser().parse_args(argv)
     try:
         if args.command == "query":
-            _query(args, out, log)
-        else:
-            _info(args, out)
+            return _query(args, out, log)
+        _info(args, out)
     except _Failure as failure:
         return _fail(failure, as_json=args.json, out=out, log=log)
     except ConsumerError as exc:

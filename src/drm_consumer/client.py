@@ -161,6 +161,7 @@ class Client:
         policy: Policy,
         connect_timeout: float = CONNECT_TIMEOUT,
         collateral: Collateral | CollateralSource | None = None,
+        read_in_background: bool = False,
     ) -> AsyncIterator[Client]:
         """Connect, verify the enclave against ``policy`` in the handshake, say hello.
 
@@ -171,6 +172,10 @@ class Client:
             connect_timeout: seconds for the TCP connect, and again for the handshake and
                 for the hello exchange.
             collateral: Intel collateral, for a TCB verdict on real SGX quotes.
+            read_in_background: keep a task reading the connection, so that an idle
+                connection the enclave closes is noticed at once (:meth:`wait_closed`
+                returns); the long-lived blocking client's way. By default the task
+                waiting for a reply reads (see the module docstring).
 
         Yields:
             The client, usable until the block exits (the connection is then closed).
@@ -192,7 +197,7 @@ class Client:
             await trio.aclose_forcefully(stream)
             raise
         async with open_request_channel(
-            stream, Link.CONSUMER, Side.CLIENT, read_on_demand=True
+            stream, Link.CONSUMER, Side.CLIENT, read_on_demand=not read_in_background
         ) as channel:
             with map_errors(what):
                 await channel.hello(
@@ -204,6 +209,22 @@ class Client:
     def attestation(self) -> VerifiedEnclave:
         """The proof that the peer is an enclave our policy accepts (from the handshake)."""
         return self._attestation
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended (see :meth:`wait_closed`)."""
+        return self._channel.ended
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended: closed by either side, or broken.
+
+        Reading on demand (the default), an idle connection reads nothing, so the end is
+        noticed only by a request; with ``read_in_background`` it is noticed at once.
+        """
+        try:
+            await self._channel.wait_ended()
+        except Exception:  # noqa: BLE001 - how it ended is the next request's to report
+            return
 
     async def info(self) -> EnclaveInfo:
         """Ask the enclave which models it serves, its state, and the inferences left.

@@ -9,7 +9,8 @@ bounded before the bytes it describes are read:
   before numpy allocates anything). The kind is told by the file's first bytes, not its
   name.
 * :func:`covidnet` and :func:`imagenet` are the two image presets; :func:`choose_preset`
-  is ``auto``: it picks one from the model's input shape.
+  is ``auto``: it names the preset of a model it recognises exactly (COVID-Net's shape),
+  and nothing else.
 * :func:`fit_inputs` checks tensors against the model's inputs (names, dtype, rank, fixed
   dimensions) and raises :class:`InputError` for anything that does not fit.
 
@@ -41,7 +42,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from drm_wire.limits import MAX_PAYLOAD_BYTES, MAX_TENSOR_RANK, MAX_TENSORS
-from drm_wire.messages import ModelDescription, TensorSpec
+from drm_wire.messages import ModelDescription
 from drm_wire.tensors import DTYPES
 
 __all__ = [
@@ -288,18 +289,26 @@ def _fits(shape: tuple[int | None, ...], wanted: tuple[int, ...]) -> bool:
     )
 
 
-def choose_preset(spec: TensorSpec) -> Preset | None:
-    """``auto``: the image preset whose output fits ``spec``, or ``None``.
+def choose_preset(model: ModelDescription) -> Preset | None:
+    """``auto``: the preset of a model recognised exactly, or ``None``.
 
-    A float32 NHWC input with 3 channels (fixed) and 480x480 (or dynamic) is COVID-Net's;
-    a float32 NCHW one with 3 channels and 224x224 is ImageNet's.
+    Only one model is recognised: COVID-Net's shape, as the demo lends it: one float32
+    input ``[1 or ?, 480, 480, 3]`` (NHWC) and one float32 output ``[1 or ?, 2]``. A shape
+    alone says nothing of how a model was trained (an object detector also takes
+    ``[?, 3, ?, ?]``), so anything else gets no guess: the caller names the preprocessing.
     """
-    if spec.dtype != "float32":
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
         return None
-    if spec.shape[3:] == (3,) and _fits(spec.shape, (1, COVIDNET_SIZE, COVIDNET_SIZE, 3)):
+    (spec,), (output,) = model.inputs, model.outputs
+    if (
+        spec.dtype == "float32"
+        and spec.shape[0] in (1, None)
+        and spec.shape[1:] == (COVIDNET_SIZE, COVIDNET_SIZE, 3)
+        and output.dtype == "float32"
+        and output.shape[0] in (1, None)
+        and output.shape[1:] == (2,)
+    ):
         return Preset.COVIDNET
-    if spec.shape[1:2] == (3,) and _fits(spec.shape, (1, 3, IMAGENET_CROP, IMAGENET_CROP)):
-        return Preset.IMAGENET
     return None
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from drm_daemon.config_file import read_toml
 from drm_wire.errors import ConfigError, LocalProtocolError
 from drm_wire.limits import MAX_MODEL_BYTES
+from drm_wire.messages import ModelBegin
 from drm_wire.model.scan import ModelError, scan_model
 from drm_wire.model.signature import signature
 from drm_wire.model.terms import DEFAULT_MAX_BATCH, Pricing, Terms, TermsError, resolve
@@ -55,6 +56,10 @@ class ModelFile:
     #: The largest cost of one request under the terms, once :func:`inspect_model` has
     #: resolved them (``None`` before): the grant planner's reserve.
     max_cost: int | None = None
+    #: The entries of the model's ONNX ``metadata_props`` its terms share
+    #: (``share_metadata``), sorted by key, once :func:`inspect_model` has read them; no
+    #: other entry is ever copied here, so no other leaves the custodian in a message.
+    metadata: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes, terms: Terms | None = None) -> ModelFile:
@@ -121,9 +126,10 @@ def inspect_model(model: ModelFile, *, lease: int | None = None) -> tuple[ModelF
     where = f"model {model.name!r}"
     try:
         scan_model(memoryview(model.data))
-        inputs = _signature(model.data)
+        inputs, properties = _signature(model.data)
     except ModelError as exc:
         raise ConfigError(f"{where}: the enclave would refuse it: {exc}") from None
+    model = dataclasses.replace(model, metadata=_shared_metadata(where, model.terms, properties))
     try:
         pricing = resolve(model.terms, inputs)  # the owner's terms, as written
     except TermsError as exc:
@@ -149,7 +155,30 @@ def inspect_model(model: ModelFile, *, lease: int | None = None) -> tuple[ModelF
     return dataclasses.replace(model, max_cost=pricing.max_cost), pricing
 
 
-def _signature(data: bytes) -> tuple[Any, ...]:
+def _shared_metadata(
+    where: str, terms: Terms, properties: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
+    """The entries of ``properties`` that ``terms`` share, checked as the wire will.
+
+    Raises:
+        ConfigError: a shared key the model does not have, or values over the limits.
+    """
+    missing = [key for key in terms.share_metadata if key not in properties]
+    if missing:
+        have = ", ".join(map(repr, sorted(properties)[:20])) or "none"
+        raise ConfigError(
+            f"{where}: its terms share metadata {missing[0]!r}, which the model does not "
+            f"have (its metadata_props keys: {have})"
+        )
+    shared = tuple((key, properties[key]) for key in terms.share_metadata)
+    try:
+        ModelBegin(name="check", size=1, sha256=bytes(32), terms=terms, metadata=shared)
+    except LocalProtocolError as exc:
+        raise ConfigError(f"{where}: its shared metadata cannot travel: {exc}") from None
+    return shared
+
+
+def _signature(data: bytes) -> tuple[tuple[Any, ...], dict[str, str]]:
     os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # before the first import (see model_host)
     import onnxruntime as ort
 
@@ -164,7 +193,7 @@ def _signature(data: bytes) -> tuple[Any, ...]:
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own classes, for a bad model
         raise ModelError(f"onnxruntime refused it ({type(exc).__name__})") from None
     inputs, _ = signature(session.get_inputs(), session.get_outputs())
-    return inputs
+    return inputs, dict(session.get_modelmeta().custom_metadata_map)
 
 
 def read_model_file(path: str | os.PathLike[str], terms: Terms | None = None) -> ModelFile:

@@ -430,7 +430,13 @@ class EnclaveSession:
         size = len(model.data)
         log.info("model_transfer_started", model=model.name, size=size, sha256=model.sha256.hex())
         await self._send(
-            ModelBegin(name=model.name, size=size, sha256=model.sha256, terms=model.terms)
+            ModelBegin(
+                name=model.name,
+                size=size,
+                sha256=model.sha256,
+                terms=model.terms,
+                metadata=model.metadata,
+            )
         )
         view = memoryview(model.data)
         next_tenth = 1

@@ -579,8 +579,13 @@ class CustodianLink:
         model: HostedModel | None = None
         try:
             # The terms are part of the model's identity (I14): a session is kept only for
-            # the same bytes under the same terms.
-            if loaded is None or loaded.description.sha256 != sha256 or loaded.terms != terms:
+            # the same bytes under the same terms (and the same shared metadata).
+            if (
+                loaded is None
+                or loaded.description.sha256 != sha256
+                or loaded.terms != terms
+                or loaded.description.metadata != begin.metadata
+            ):
                 threads = self._threads
                 failure: tuple[LoadFailure, str] | None = None
                 try:
@@ -592,6 +597,7 @@ class CustodianLink:
                             intra_op_threads=threads,
                             sha256=sha256,
                             terms=terms,
+                            metadata=begin.metadata,
                         ),
                         abandon_on_cancel=True,
                     )

@@ -126,7 +126,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from drm_wire.errors import DrmError, ErrorCode, LocalProtocolError
 from drm_wire.limits import MAX_MODEL_BYTES
-from drm_wire.messages import ModelDescription
+from drm_wire.messages import Metadata, ModelDescription
 from drm_wire.model.scan import ALLOWED_DOMAINS, ModelError, _name, scan_model, split_weights
 from drm_wire.model.signature import signature
 from drm_wire.model.terms import OutsideTerms, Pricing, Terms, TermsError, resolve
@@ -220,6 +220,7 @@ def load_model(
     intra_op_threads: int = 1,
     sha256: bytes | None = None,
     terms: Terms | None = None,
+    metadata: Metadata = (),
 ) -> HostedModel:
     """Check the model's bytes, then create an in-memory onnxruntime session for them.
 
@@ -237,6 +238,9 @@ def load_model(
         terms: the owner's lending terms, as they came with the model (``None``: the
             defaults of :class:`~drm_wire.model.terms.Terms`), resolved against the
             model's inputs.
+        metadata: the entries of the model's metadata its owner shares, as they came
+            with the model (:class:`~drm_wire.messages.ModelBegin`): shown to consumers
+            in ``model_info``.
 
     Raises:
         ModelError: empty, too large, malformed, external data, an unregistered operator
@@ -266,8 +270,9 @@ def load_model(
     except TermsError as exc:
         raise ModelError(f"its terms do not fit it: {exc.message}") from None
     description = ModelDescription(
-        name=name, sha256=sha256, inputs=inputs, outputs=outputs, terms=pricing.as_terms()
-    )
+        name=name, sha256=sha256, inputs=inputs, outputs=outputs, terms=pricing.as_terms(),
+        metadata=metadata,
+    )  # fmt: skip
     return HostedModel(session, description, pricing, terms, intra_op_threads, weights)
 
 

@@ -19,6 +19,8 @@ test session, so the ~32 MB CNN is built once (about a second). The valid models
   drawn once per process, that tests search for in logs and files (M05).
 * :func:`failing_model`: loads, but every run fails inside a node called
   :data:`SECRET_NODE_NAME` (to check that ORT's log does not leak node names, M06).
+* :func:`with_metadata`: any of them with ONNX ``metadata_props`` set (a label list, a
+  key its owner keeps to itself).
 
 And hostile ones (M01-M03): :func:`external_data_model`, :func:`custom_domain_model`,
 :func:`string_io_model`, :func:`truncated_model`, :func:`random_bytes`, :func:`zip_bytes`,
@@ -62,6 +64,7 @@ __all__ = [
     "truncated_model",
     "two_input_model",
     "unknown_op_model",
+    "with_metadata",
     "zip_bytes",
 ]
 
@@ -507,3 +510,11 @@ def unknown_op_model() -> bytes:
     nodes.append(helper.make_node("NoSuchOperator", ["probs"], ["y"], name=SECRET_NODE_NAME))
     x, y = _tiny_io()
     return _model(helper.make_graph(nodes, "unknown", [x], [y], inits))
+
+
+def with_metadata(model: bytes, properties: dict[str, str]) -> bytes:
+    """``model`` with these ``metadata_props`` (key -> text), the others dropped."""
+    proto = onnx.load_from_string(model)
+    helper.set_model_props(proto, properties)
+    data: bytes = proto.SerializeToString()
+    return data

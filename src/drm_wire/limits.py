@@ -85,6 +85,14 @@ MAX_WAIT_SECONDS: Final = 86_400.0
 #: Models listed in one model-info reply.
 MAX_MODELS: Final = 64
 
+#: Shared model metadata (docs/links.md, Version 3): keys one model shares, a key's
+#: length, and the UTF-8 bytes of one model's shared values together (they travel as
+#: payload: a label list or a character dictionary outgrows a header string). 1 MiB
+#: holds the 21,843 class names of ImageNet-21k several times over.
+MAX_METADATA_KEYS: Final = 16
+MAX_METADATA_KEY_LEN: Final = 128
+MAX_METADATA_BYTES: Final = 1 * MiB
+
 # --- timeouts (seconds) --------------------------------------------------------------
 
 #: TLS handshake, RA-TLS verification included, which takes a small fraction of this

@@ -48,6 +48,8 @@ from .limits import (
     MAX_BIN_LEN,
     MAX_CONTAINER_LEN,
     MAX_GRANT_UNITS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_KEYS,
     MAX_MODEL_BYTES,
     MAX_MODELS,
     MAX_PAYLOAD_BYTES,
@@ -57,7 +59,7 @@ from .limits import (
     MAX_WAIT_SECONDS,
     MODEL_CHUNK_BYTES,
 )
-from .model.terms import Terms, TermsError
+from .model.terms import Terms, TermsError, metadata_key
 from .tensors import DTYPES, Tensor, check_name, tensors_from_wire, tensors_to_wire
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "InferenceResult",
     "LoadFailure",
     "Message",
+    "Metadata",
     "ModelBegin",
     "ModelChunk",
     "ModelDescription",
@@ -184,6 +187,10 @@ def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)
 
 
+#: Shared model metadata: ``(key, value)`` pairs sorted by key (see :class:`ModelBegin`).
+Metadata = tuple[tuple[str, str], ...]
+
+
 # --- the base class and registry -----------------------------------------------------
 
 M = TypeVar("M", bound="Message")
@@ -231,6 +238,12 @@ class Message:
         if converters:
             header = {k: (converters[k](v) if k in converters else v) for k, v in header.items()}
         return cls(**header)
+
+
+def _plain_from_header(cls: type[M], header: Header, payload: memoryview) -> M:
+    """:meth:`Message._from_header` for a subclass that overrides it (a slotted dataclass
+    has no ``super()`` without arguments)."""
+    return Message._from_header.__func__(cls, header, payload)  # type: ignore[attr-defined,no-any-return]
 
 
 def _enum_value(value: Enum) -> Any:
@@ -466,25 +479,46 @@ class ModelBegin(Message):
     TYPE: ClassVar[str] = "model_begin"
     _FROM_WIRE: ClassVar[dict[str, Callable[[Any], Any]]] = {"terms": lambda v: _terms(v, "terms")}
 
+    MAX_PAYLOAD: ClassVar[int] = MAX_METADATA_BYTES
+
     name: str
     size: int
     sha256: bytes
     terms: Terms = field(default_factory=Terms)
+    #: The model's shared metadata (protocol version 3): ``(key, value)`` sorted by key,
+    #: the entries of its ONNX ``metadata_props`` that ``terms.share_metadata`` lists.
+    metadata: Metadata = ()
 
     def __post_init__(self) -> None:
         check_name(self.name)
         _positive(self.size, "size", MAX_MODEL_BYTES)
         _digest(self.sha256, "sha256")
         _set(self, "terms", _terms(self.terms, "terms"))
+        _set(self, "metadata", _metadata(self.metadata, "metadata"))
+        unlisted = {key for key, _ in self.metadata} - set(self.terms.share_metadata)
+        if unlisted:
+            raise _bad("metadata", "holds a key its terms do not share")
 
     def to_wire(self) -> tuple[Header, list[Buffer]]:
-        return {
+        header: Header = {
             TYPE_KEY: self.TYPE,
             "name": self.name,
             "size": self.size,
             "sha256": self.sha256,
             "terms": self.terms.to_mapping(),
-        }, []
+        }
+        entries, payload = _metadata_to_wire(self.metadata)
+        if entries:
+            header["metadata"] = entries
+        return header, payload
+
+    @classmethod
+    def _from_header(cls, header: Header, payload: memoryview) -> ModelBegin:
+        metadata, used = _metadata_from_wire(header.pop("metadata", []), payload, 0)
+        if used != payload.nbytes:
+            raise _bad("payload", "holds bytes no metadata entry accounts for")
+        header["metadata"] = metadata
+        return _plain_from_header(cls, header, payload[:0])
 
 
 # Required on the wire: a model never travels without the terms the enclave must enforce.
@@ -828,11 +862,14 @@ class ModelDescription:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     terms: Terms = field(default_factory=Terms)
+    #: The metadata its owner shares (protocol version 3; see :class:`ModelBegin`).
+    metadata: Metadata = ()
 
     def __post_init__(self) -> None:
         check_name(self.name)
         _digest(self.sha256, "sha256")
         _set(self, "terms", _terms(self.terms, "terms"))
+        _set(self, "metadata", _metadata(self.metadata, "metadata"))
         for name in ("inputs", "outputs"):
             specs = getattr(self, name)
             if type(specs) is not tuple or len(specs) > MAX_TENSORS:
@@ -874,6 +911,10 @@ class ModelInfo(Message):
         )
     }
 
+    #: Every model's shared metadata values, in model order (their keys and sizes are in
+    #: the header's model entries).
+    MAX_PAYLOAD: ClassVar[int] = MAX_MODELS * MAX_METADATA_BYTES
+
     request_id: int
     models: tuple[ModelDescription, ...]
     inferences_left: int
@@ -887,6 +928,33 @@ class ModelInfo(Message):
             raise _bad("models", "must hold ModelDescription values")
         _uint(self.inferences_left, "inferences_left")
         _set(self, "state", _enum(self.state, EnclaveState, "state"))
+
+    def to_wire(self) -> tuple[Header, list[Buffer]]:
+        header, _ = Message.to_wire(self)
+        payload: list[Buffer] = []
+        for entry, model in zip(header["models"], self.models, strict=True):
+            entries, values = _metadata_to_wire(model.metadata)
+            if entries:
+                entry["metadata"] = entries
+                payload += values
+        return header, payload
+
+    @classmethod
+    def _from_header(cls, header: Header, payload: memoryview) -> ModelInfo:
+        entries = header.get("models")
+        found: list[Metadata] = []
+        used = 0
+        if type(entries) is list:
+            for entry in entries[: MAX_MODELS + 1]:
+                wire = entry.pop("metadata", []) if type(entry) is dict else []
+                metadata, used = _metadata_from_wire(wire, payload, used)
+                found.append(metadata)
+        if used != payload.nbytes:
+            raise _bad("payload", "holds bytes no metadata entry accounts for")
+        info = _plain_from_header(cls, header, payload[:0])
+        for model, metadata in zip(info.models, found, strict=True):
+            _set(model, "metadata", metadata)
+        return info
 
 
 # --- version 3: model load failures and transfer skip (docs/links.md, "Version 3") --------
@@ -957,6 +1025,68 @@ class ModelLoadFailed(Message):
 
 
 # --- helpers used by several messages ------------------------------------------------
+
+
+def _metadata(value: object, field: str) -> Metadata:
+    """Check shared metadata: at most ``MAX_METADATA_KEYS`` sorted, distinct, valid keys
+    with string values of at most ``MAX_METADATA_BYTES`` UTF-8 bytes together."""
+    if type(value) is not tuple or len(value) > MAX_METADATA_KEYS:
+        raise _bad(field, f"must be a tuple of at most {MAX_METADATA_KEYS} entries",
+                   code=ErrorCode.LIMIT_EXCEEDED)  # fmt: skip
+    total = 0
+    for entry in value:
+        if type(entry) is not tuple or len(entry) != 2 or type(entry[1]) is not str:
+            raise _bad(field, "entries must be (key, text) pairs")
+        try:
+            metadata_key(entry[0], "a metadata key")
+        except TermsError as exc:
+            raise _bad(field, exc.message) from None
+        try:
+            total += len(entry[1].encode("utf-8"))
+        except UnicodeEncodeError:
+            raise _bad(field, "a value is not valid text") from None
+    if total > MAX_METADATA_BYTES:
+        raise _bad(field, "values too large", code=ErrorCode.LIMIT_EXCEEDED,
+                   limit=MAX_METADATA_BYTES)  # fmt: skip
+    keys = [key for key, _ in value]
+    if keys != sorted(set(keys)):
+        raise _bad(field, "keys must be distinct and sorted")
+    return value
+
+
+def _metadata_to_wire(metadata: Metadata) -> tuple[list[dict[str, Any]], list[Buffer]]:
+    """Header entries (key, size) and the payload buffers (the UTF-8 values)."""
+    values = [value.encode("utf-8") for _, value in metadata]
+    entries = [{"key": key, "size": len(v)} for (key, _), v in zip(metadata, values, strict=True)]
+    return entries, list(values)
+
+
+def _metadata_from_wire(entries: object, payload: memoryview, offset: int) -> tuple[Metadata, int]:
+    """Shared metadata from header ``entries`` and the payload from ``offset`` on; and the
+    offset after its values. Every size is checked before a byte is read."""
+    if type(entries) is not list or len(entries) > MAX_METADATA_KEYS:
+        raise _bad("metadata", f"must be a list of at most {MAX_METADATA_KEYS} entries",
+                   code=ErrorCode.LIMIT_EXCEEDED)  # fmt: skip
+    pairs = []
+    total = 0
+    for entry in entries:
+        if type(entry) is not dict:
+            raise _bad("metadata", "each entry must be a map")
+        _exact_keys(entry, {"key", "size"}, "metadata entry")
+        size = _uint(entry["size"], "metadata size", MAX_METADATA_BYTES)
+        total += size
+        if total > MAX_METADATA_BYTES:
+            raise _bad("metadata", "values too large", code=ErrorCode.LIMIT_EXCEEDED,
+                       limit=MAX_METADATA_BYTES)  # fmt: skip
+        if offset + size > payload.nbytes:
+            raise _bad("metadata", "a value runs past the payload")
+        try:
+            text = str(payload[offset : offset + size], "utf-8")
+        except UnicodeDecodeError:
+            raise _bad("metadata", "a value is not UTF-8") from None
+        offset += size
+        pairs.append((entry["key"], text))
+    return _metadata(tuple(pairs), "metadata"), offset
 
 
 def _tensors(value: object, field: str) -> tuple[Tensor, ...]:

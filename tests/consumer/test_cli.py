@@ -8,11 +8,15 @@ written for the fake's simulated identity.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
+import os
+import struct
 import subprocess
 import sys
+import termios
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -49,6 +53,7 @@ from drm_wire.messages import (
     TensorSpec,
     Waiting,
 )
+from drm_wire.model.terms import Terms
 from drm_wire.net.channel import ChannelError, MessageChannel
 from drm_wire.net.tls import TLSStream
 from drm_wire.tensors import Tensor
@@ -497,8 +502,116 @@ async def test_an_image_no_preset_fits_fails_with_2(fake: ScriptedEnclave, workd
     covid_image(workdir / "cxr.png")
     result = await in_process_query(fake, workdir, "--input", workdir / "cxr.png")
     assert result.returncode == EXIT_USAGE, result.stderr
-    assert "auto cannot pick" in result.stderr
+    assert "--preprocess auto does not know" in result.stderr
     assert fake.inference_requests() == []
+
+
+async def test_auto_does_not_guess_imagenet_from_a_shape(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    """An ImageNet-like input shape is no reason to spend an inference on ImageNet
+    preprocessing: ``auto`` asks for ``--preprocess`` (2), and nothing is sent."""
+    fake.models = (CLASSIFIER,)
+    fake.behaviour = reply_with("scores", SCORES)
+    Image.new("RGB", (300, 256), (10, 200, 90)).save(workdir / "photo.jpg", format="JPEG")
+    result = await in_process_query(fake, workdir, "--input", workdir / "photo.jpg", "--json")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "give --preprocess covidnet or imagenet" in result.stderr
+    assert result.json()["error"]["kind"] == "input"
+    assert fake.inference_requests() == []
+
+
+def two_outputs(first: np.ndarray[Any, Any], second: np.ndarray[Any, Any]) -> Any:
+    """A behaviour answering with outputs ``probs`` and ``boxes``."""
+
+    async def behaviour(
+        fake: FakeEnclave, channel: MessageChannel, request: InferenceRequest
+    ) -> None:
+        fake.inferences_left -= 1
+        outputs = (Tensor.from_numpy("probs", first), Tensor.from_numpy("boxes", second))
+        await channel.send(
+            InferenceResult(
+                request_id=request.request_id,
+                outputs=outputs,
+                inferences_left=fake.inferences_left,
+            )
+        )
+
+    return behaviour
+
+
+async def test_covid_wording_only_with_the_covidnet_preset_and_every_output_printed(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    softmax = np.array([[0.27, 0.73]], dtype=np.float32)
+    boxes = np.arange(8, dtype=np.int64).reshape(1, 2, 4)
+    fake.models = (CLASSIFIER,)
+    fake.behaviour = two_outputs(softmax, boxes)
+    Image.new("RGB", (300, 256), (10, 200, 90)).save(workdir / "photo.jpg", format="JPEG")
+    result = await in_process_query(
+        fake, workdir, "--input", workdir / "photo.jpg", "--preprocess", "imagenet"
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "COVID" not in result.stdout  # a two-class softmax of another model
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        "Top 2 classes (output probs):",
+        "  1. class 1: 0.7300",
+        "  2. class 0: 0.2700",
+    ]
+    assert "Output boxes: int64 [1, 2, 4] [[[0 1 2 3]" in lines[3]
+
+    covid_image(workdir / "cxr.png")
+    fake.models = (COVIDNET,)
+    result = await in_process_query(fake, workdir, "--input", workdir / "cxr.png")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.splitlines()[0] == "Probability of COVID positivity: 0.73"
+    assert result.stdout.splitlines()[1].startswith("Output boxes: int64 [1, 2, 4]")
+    (workdir / "labels.txt").write_text("negative\npositive\n")
+    result = await in_process_query(
+        fake, workdir, "--input", workdir / "cxr.png", "--labels", workdir / "labels.txt"
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.splitlines()[1:3] == [
+        "  1. positive (class 1): 0.7300",
+        "  2. negative (class 0): 0.2700",
+    ]
+
+
+async def test_a_folder_is_served_over_one_connection_with_a_summary(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    folder = workdir / "inputs"
+    folder.mkdir()
+    np.save(folder / "a.npy", sample_input(rows=1))
+    (folder / "b.npy").write_bytes(b"\x93NUMPY not really")
+    np.save(folder / "c.npy", sample_input(rows=1).astype(np.float64))  # does not fit
+    np.save(folder / "d.npy", sample_input(rows=2))
+    (folder / ".hidden.npy").write_bytes(b"skipped")
+    (folder / "sub").mkdir()
+    result = await in_process_query(fake, workdir, "--input", folder)
+    assert result.returncode == EXIT_USAGE, result.stderr  # the first failure's status
+    lines = result.stdout.splitlines()
+    for name in ("a", "b", "c", "d"):
+        assert f"== {folder / name}.npy ==" in lines
+    assert lines[lines.index(f"== {folder / 'b'}.npy ==") + 1].startswith("Failed: ")
+    assert "dtype differs" in lines[lines.index(f"== {folder / 'c'}.npy ==") + 1]
+    assert lines[-2] == (
+        "Summary: 4 inputs: 2 served (0 after waiting for inferences), 2 failed; "
+        "inferences left: 98"
+    )
+    assert len(fake.inference_requests()) == 2
+    assert fake.handshakes_completed == 1
+
+    result = await in_process_query(
+        fake, workdir, "--input", folder / "a.npy", folder / "d.npy", "--json"
+    )
+    assert result.returncode == EXIT_OK, result.stderr
+    documents = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d.get("input") for d in documents[:2]] == [str(folder / "a.npy"), str(folder / "d.npy")]
+    assert [d["cost"] for d in documents[:2]] == [1, 1]
+    summary = documents[2]["summary"]
+    assert (summary["served"], summary["failed"], summary["inferences_left"]) == (2, 0, 96)
 
 
 async def test_several_models_need_model(fake: ScriptedEnclave, workdir: Path) -> None:
@@ -662,3 +775,55 @@ async def test_query_with_a_pccs_runs_the_inference_after_the_second_handshake(
     assert result.returncode == EXIT_OK, result.stderr
     assert "TCB status UpToDate" in result.stdout
     assert len(bare.inference_requests()) == 1
+
+
+async def test_the_progress_bar_is_drawn_on_a_terminal(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    """On a terminal, several inputs get a progress bar on standard error (beside the
+    results on standard output); on a pipe, none (the e2e folder test)."""
+    folder = workdir / "inputs"
+    folder.mkdir()
+    for number in range(3):
+        np.save(folder / f"{number}.npy", sample_input(rows=1))
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 80x24
+    try:
+        with trio.fail_after(RUN_TIMEOUT):
+            process = await trio.run_process(
+                [sys.executable, "-m", "drm_consumer", "query", "--address", HOST,
+                 "--port", str(fake.port), "--input", str(folder), "--policy", "policy.toml"],
+                cwd=workdir, capture_stdout=True, stderr=terminal, check=False,
+            )  # fmt: skip
+        os.close(terminal)
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal's writer is gone
+            while chunk := os.read(controller, 65536):
+                drawn += chunk
+    finally:
+        os.close(controller)
+    assert process.returncode == EXIT_OK
+    assert b"3/3" in drawn
+    assert process.stdout.decode().count("== ") == 3
+    assert "3 inputs: 3 served" in process.stdout.decode()
+
+
+async def test_auto_follows_the_preprocessing_the_terms_name(
+    fake: ScriptedEnclave, workdir: Path
+) -> None:
+    """The owner's terms name ``imagenet``: ``auto`` uses it; a name this client does not
+    have is a usage error, and nothing is sent."""
+    fake.behaviour = reply_with("scores", SCORES)
+    Image.new("RGB", (300, 256), (10, 200, 90)).save(workdir / "photo.jpg", format="JPEG")
+    fake.models = (replace(CLASSIFIER, terms=Terms(preprocess="imagenet")),)
+    result = await in_process_query(fake, workdir, "--input", workdir / "photo.jpg")
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "auto picked imagenet: the terms of model 'classifier' name it" in result.stderr
+    assert len(fake.inference_requests()) == 1
+    fake.models = (replace(CLASSIFIER, terms=Terms(preprocess="letterbox-640")),)
+    result = await in_process_query(fake, workdir, "--input", workdir / "photo.jpg")
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "name its preprocessing 'letterbox-640', which this client does not have" in (
+        result.stderr
+    )
+    assert len(fake.inference_requests()) == 1

@@ -5,6 +5,7 @@ reduction, or a uniform image)."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,21 +208,40 @@ def test_too_large_files_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize(
-    ("dtype", "shape", "preset"),
+    ("dtype", "shape", "output", "preset"),
     [
-        ("float32", (None, 480, 480, 3), Preset.COVIDNET),
-        ("float32", (1, 480, 480, 3), Preset.COVIDNET),
-        ("float32", (None, 3, 224, 224), Preset.IMAGENET),
-        ("float32", (None, 3, None, None), Preset.IMAGENET),
-        ("float16", (None, 480, 480, 3), None),
-        ("float32", (None, 224, 224, 3), None),
-        ("float32", (None, 4), None),
+        ("float32", (None, 480, 480, 3), (None, 2), Preset.COVIDNET),
+        ("float32", (1, 480, 480, 3), (1, 2), Preset.COVIDNET),
+        # Nothing else is guessed from a shape: an ImageNet-like input, an object
+        # detector's dynamic image, a COVID-Net-sized input with another head.
+        ("float32", (None, 3, 224, 224), (None, 2), None),
+        ("float32", (None, 3, None, None), (None, 2), None),
+        ("float32", (None, None, None, 3), (None, 2), None),
+        ("float32", (None, 480, 480, 3), (None, 3), None),
+        ("float32", (None, 480, 480, 3), (None, 100, 4), None),
+        ("float32", (2, 480, 480, 3), (2, 2), None),
+        ("float16", (None, 480, 480, 3), (None, 2), None),
+        ("float32", (None, 224, 224, 3), (None, 2), None),
+        ("float32", (None, 4), (None, 2), None),
     ],
 )
-def test_auto_picks_from_the_input_shape(
-    dtype: str, shape: tuple[int | None, ...], preset: Preset | None
+def test_auto_recognises_only_the_covidnet_shape(
+    dtype: str,
+    shape: tuple[int | None, ...],
+    output: tuple[int | None, ...],
+    preset: Preset | None,
 ) -> None:
-    assert choose_preset(spec("x", dtype, shape)) is preset
+    described = replace(model(spec("x", dtype, shape)), outputs=(spec("y", "float32", output),))
+    assert choose_preset(described) is preset
+
+
+def test_auto_does_not_guess_for_two_inputs_or_two_outputs() -> None:
+    image = spec("x", "float32", (None, 480, 480, 3))
+    assert choose_preset(model(image, spec("z", "float32", (None, 1)))) is None
+    two_outputs = replace(
+        model(image), outputs=(spec("y", "float32", (None, 2)), spec("w", "float32", (None, 2)))
+    )
+    assert choose_preset(two_outputs) is None
 
 
 def test_fit_names_the_only_input() -> None:

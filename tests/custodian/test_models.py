@@ -15,6 +15,8 @@ from drm_custodian.models import ModelFile, inspect_model, read_model_file, term
 from drm_lab import models
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError
+from drm_wire.limits import MAX_METADATA_BYTES
+from drm_wire.messages import ModelBegin
 from drm_wire.model.terms import Terms, Unit
 from tests.simulation import simulation_policy
 
@@ -172,3 +174,34 @@ def test_request_terms_with_bounds_load(tmp_path: Path) -> None:
     assert model.terms == Terms(unit=Unit.REQUEST, max_batch=4)
     _, pricing = inspect_model(model, lease=1000)
     assert pricing.max_cost == 1
+
+
+def test_only_the_metadata_the_terms_share_is_sent() -> None:
+    """An unlisted key never leaves the custodian in a message: only the shared entries
+    are read into the model file, and the ``model_begin`` made from it carries those."""
+    data = models.with_metadata(
+        models.tiny_model(), {"labels": "cat\ndog\nbird", "owner_notes": "keep me secret"}
+    )
+    model = ModelFile.from_bytes("tiny", data, Terms(share_metadata=("labels",)))
+    checked, _ = inspect_model(model)
+    assert checked.metadata == (("labels", "cat\ndog\nbird"),)
+    header, payload = ModelBegin(
+        name="tiny", size=len(data), sha256=checked.sha256, terms=checked.terms,
+        metadata=checked.metadata,
+    ).to_wire()  # fmt: skip
+    sent = repr(header).encode() + b"".join(bytes(p) for p in payload)
+    assert b"keep me secret" not in sent
+    assert b"owner_notes" not in sent
+    unshared, _ = inspect_model(ModelFile.from_bytes("tiny", data))
+    assert unshared.metadata == ()
+
+
+def test_sharing_a_key_the_model_lacks_stops_start_up() -> None:
+    data = models.with_metadata(models.tiny_model(), {"labels": "a"})
+    model = ModelFile.from_bytes("tiny", data, Terms(share_metadata=("vocab",)))
+    with pytest.raises(ConfigError, match="share metadata 'vocab', which the model does not"):
+        inspect_model(model)
+    huge = models.with_metadata(models.tiny_model(), {"labels": "x" * (MAX_METADATA_BYTES + 1)})
+    model = ModelFile.from_bytes("tiny", huge, Terms(share_metadata=("labels",)))
+    with pytest.raises(ConfigError, match="its shared metadata cannot travel"):
+        inspect_model(model)

@@ -50,7 +50,30 @@ terms = st.builds(
     batch_axis=st.dictionaries(input_names, st.none() | st.integers(0, 7), max_size=3).map(
         lambda d: tuple(sorted(d.items()))
     ),
+    share_metadata=st.sets(names, max_size=4).map(lambda keys: tuple(sorted(keys))),
+    preprocess=st.none() | st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,31}", fullmatch=True),
 )  # fmt: skip
+#: Shared metadata: sorted (key, text) pairs, values of any text (non-ASCII included).
+metadata = st.dictionaries(names, st.text(max_size=300), max_size=4).map(
+    lambda d: tuple(sorted(d.items()))
+)
+
+
+@st.composite
+def model_begins(draw: st.DrawFn) -> m.ModelBegin:
+    """A ``model_begin`` whose metadata keys are among those its terms share."""
+    shared = draw(metadata)
+    lent = draw(terms)
+    keys = tuple(sorted({*lent.share_metadata, *(key for key, _ in shared)}))[:16]
+    shared = tuple(entry for entry in shared if entry[0] in keys)
+    return m.ModelBegin(
+        name=draw(names), size=draw(st.integers(1, 2**31 - 1)), sha256=draw(digests),
+        terms=Terms(**{**{f: getattr(lent, f) for f in lent.__dataclass_fields__},
+                       "share_metadata": keys}),
+        metadata=shared,
+    )  # fmt: skip
+
+
 models = st.builds(
     m.ModelDescription,
     name=names,
@@ -58,6 +81,7 @@ models = st.builds(
     inputs=st.lists(specs, max_size=3).map(tuple),
     outputs=st.lists(specs, max_size=3).map(tuple),
     terms=terms,
+    metadata=metadata,
 )
 waits = st.none() | st.floats(min_value=0.0, max_value=MAX_WAIT_SECONDS)
 
@@ -96,9 +120,7 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
     m.Error: st.builds(
         m.Error, code=st.sampled_from(ErrorCode), message=texts, request_id=st.none() | uints
     ),
-    m.ModelBegin: st.builds(
-        m.ModelBegin, name=names, size=st.integers(1, 2**31 - 1), sha256=digests, terms=terms
-    ),
+    m.ModelBegin: model_begins(),
     m.ModelChunk: st.builds(
         m.ModelChunk,
         offset=st.integers(0, 2**31 - 1),

@@ -162,18 +162,19 @@ def test_transition_table_covers_both_links() -> None:
 
 def test_version_selection() -> None:
     assert select_version(m.Hello(versions=(3, 7), role="consumer", software="x")) == 3  # type: ignore[arg-type]
-    # Version 1 could not carry a model's terms, version 2 cannot report a model that fails
-    # to load nor skip a transfer: such a peer is refused.
+    # Version 1 could not carry a model's terms; version 2 cannot report a model that fails
+    # to load, skip a transfer, nor carry shared metadata: such peers are refused.
     assert select_version(m.Hello(versions=(1,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(2,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(7, 9), role="consumer", software="x")) is None  # type: ignore[arg-type]
+    assert select_version(m.Hello(versions=(2, 3), role="consumer", software="x")) == 3  # type: ignore[arg-type]
     assert SUPPORTED_VERSIONS == (3,)
 
 
 def test_w12_unknown_version_in_welcome_is_refused() -> None:
     client = connection_in(Link.CONSUMER, Side.CLIENT, State.AWAIT_WELCOME)
-    with pytest.raises(RemoteProtocolError, match="version 1 is not supported") as info:
-        deliver(client, m.Welcome(version=1, software="t"))
+    with pytest.raises(RemoteProtocolError, match="version 2 is not supported") as info:
+        deliver(client, m.Welcome(version=2, software="t"))
     assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
     server = connection_in(Link.CONSUMER, Side.SERVER, State.AWAIT_WELCOME)
     with pytest.raises(LocalProtocolError):

@@ -15,7 +15,14 @@ The terms (:class:`Terms`), as the owner writes them:
 * ``inputs``: for an input, one entry per dim: an ``int`` (that size exactly) or
   ``[min, max]`` (inclusive) for a dynamic dim;
 * ``batch_axis``: for an input, its batch axis, or ``"none"`` when it has none. Default:
-  axis 0 when the model leaves axis 0 dynamic, else none.
+  axis 0 when the model leaves axis 0 dynamic, else none;
+* ``share_metadata`` (protocol version 3): the keys of the model's ONNX
+  ``metadata_props`` the owner shares with consumers (a label list, a character
+  dictionary); the custodian sends those entries, and only those, with the model, and
+  the enclave shows them in ``model_info``. Default: none;
+* ``preprocess`` (protocol version 3): the name of the input preprocessing the model was
+  trained with (``"covidnet"``, ``"imagenet"``...), which a consumer's ``--preprocess
+  auto`` follows. Default: not said.
 
 Resolved against the model's inputs (:func:`resolve`), they become a :class:`Pricing`:
 every dim of every input with its inclusive ``[low, high]`` range (a fixed dim is
@@ -44,13 +51,21 @@ carry it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
 from ..errors import DrmError, ErrorCode, LocalProtocolError
-from ..limits import MAX_GRANT_UNITS, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK, MAX_TENSORS
+from ..limits import (
+    MAX_GRANT_UNITS,
+    MAX_METADATA_KEY_LEN,
+    MAX_METADATA_KEYS,
+    MAX_TENSOR_ELEMENTS,
+    MAX_TENSOR_RANK,
+    MAX_TENSORS,
+)
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -62,6 +77,7 @@ __all__ = [
     "Terms",
     "TermsError",
     "Unit",
+    "metadata_key",
     "resolve",
 ]
 
@@ -71,6 +87,13 @@ DEFAULT_MAX_BATCH: Final = 64
 DEFAULT_MAX_DIM: Final = 4096
 #: Largest bound anyone may write: no dim can be larger than a tensor's element limit.
 MAX_BOUND: Final = MAX_TENSOR_ELEMENTS
+
+#: A ``preprocess`` name: short, lower case, as a command-line choice is written.
+_PREPROCESS_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+#: Every key of a terms table.
+_KEYS: Final = frozenset(
+    {"unit", "max_batch", "inputs", "batch_axis", "share_metadata", "preprocess"}
+)
 
 #: A dim as the owner sets it: an exact size, or an inclusive ``(low, high)`` range.
 DimTerm = int | tuple[int, int]
@@ -135,6 +158,33 @@ def _name(value: object, what: str) -> str:
     return value
 
 
+def metadata_key(value: object, what: str = "a share_metadata key") -> str:
+    """A metadata key: 1 to ``MAX_METADATA_KEY_LEN`` printable characters.
+
+    Raises:
+        TermsError: anything else (named ``what``).
+    """
+    if (
+        type(value) is not str
+        or not 0 < len(value) <= MAX_METADATA_KEY_LEN
+        or not value.isprintable()
+    ):
+        raise TermsError(
+            f"{what} must be 1 to {MAX_METADATA_KEY_LEN} printable characters",
+            field="share_metadata",
+        )
+    return value
+
+
+def _preprocess(value: object) -> str:
+    if type(value) is not str or _PREPROCESS_NAME.fullmatch(value) is None:
+        raise TermsError(
+            "preprocess must be a name of 1 to 32 lower-case letters, digits, '_', '.' or '-'",
+            field="preprocess",
+        )
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Terms:
     """The owner's terms for one model, validated at construction (:class:`TermsError`).
@@ -148,6 +198,8 @@ class Terms:
     max_batch: int | None = None
     inputs: tuple[tuple[str, tuple[DimTerm, ...]], ...] = ()
     batch_axis: tuple[tuple[str, int | None], ...] = ()
+    share_metadata: tuple[str, ...] = ()
+    preprocess: str | None = None
 
     def __post_init__(self) -> None:
         unit: object = self.unit
@@ -173,6 +225,19 @@ class Terms:
             _name(name, "a batch_axis key")
             if batch is not None:
                 _int(batch, f"batch_axis of input {_q(name)}", 0, MAX_TENSOR_RANK - 1)
+        keys = self.share_metadata
+        if type(keys) is not tuple or len(keys) > MAX_METADATA_KEYS:
+            raise TermsError(
+                f"share_metadata must list at most {MAX_METADATA_KEYS} keys",
+                field="share_metadata",
+            )
+        for key in keys:
+            metadata_key(key)
+        if list(keys) != sorted(set(keys)):
+            raise TermsError("share_metadata must name each key once, sorted",
+                             field="share_metadata")  # fmt: skip
+        if self.preprocess is not None:
+            _preprocess(self.preprocess)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> Terms:
@@ -186,8 +251,7 @@ class Terms:
         """
         if not isinstance(table, Mapping):
             raise TermsError("terms must be a table")
-        unknown = sorted(str(k) for k in table if k not in {"unit", "max_batch", "inputs",
-                                                            "batch_axis"})  # fmt: skip
+        unknown = sorted(str(k) for k in table if k not in _KEYS)
         if unknown:
             raise TermsError(f"unknown key {_q(unknown[0])} in terms", field=unknown[0][:64])
         inputs = table.get("inputs", {})
@@ -208,11 +272,22 @@ class Terms:
         for name, axis in axes.items():
             _name(name, "a batch_axis key")
             parsed_axes.append((name, None if axis is None or axis == "none" else axis))
+        shared = table.get("share_metadata", [])
+        if type(shared) not in (list, tuple) or len(shared) > MAX_METADATA_KEYS:
+            raise TermsError(
+                f"share_metadata must be a list of at most {MAX_METADATA_KEYS} keys",
+                field="share_metadata",
+            )
+        keys = [metadata_key(key) for key in shared]
+        if len(set(keys)) != len(keys):
+            raise TermsError("share_metadata names a key twice", field="share_metadata")
         return cls(
             unit=table.get("unit", Unit.ITEM),
             max_batch=table.get("max_batch"),
             inputs=tuple(sorted(parsed_inputs)),
             batch_axis=tuple(sorted(parsed_axes, key=lambda entry: entry[0])),
+            share_metadata=tuple(sorted(keys)),
+            preprocess=table.get("preprocess"),
         )
 
     def to_mapping(self) -> dict[str, Any]:
@@ -227,6 +302,10 @@ class Terms:
             }
         if self.batch_axis:
             out["batch_axis"] = dict(self.batch_axis)
+        if self.share_metadata:
+            out["share_metadata"] = list(self.share_metadata)
+        if self.preprocess is not None:
+            out["preprocess"] = self.preprocess
         return out
 
     def describe(self) -> str:
@@ -236,6 +315,10 @@ class Terms:
             parts.append(f"max_batch={self.max_batch}")
         for name, dims in self.inputs:
             parts.append(f"{name}=" + "x".join(_show(d) for d in dims))
+        if self.share_metadata:
+            parts.append("share_metadata=" + ",".join(self.share_metadata))
+        if self.preprocess is not None:
+            parts.append(f"preprocess={self.preprocess}")
         return " ".join(parts)
 
 
@@ -263,6 +346,8 @@ class Pricing:
     unit: Unit
     max_batch: int
     inputs: tuple[InputPrice, ...]
+    share_metadata: tuple[str, ...] = ()
+    preprocess: str | None = None
 
     @property
     def max_cost(self) -> int:
@@ -284,6 +369,8 @@ class Pricing:
                 )
             ),
             batch_axis=tuple(sorted((p.name, p.batch_axis) for p in self.inputs)),
+            share_metadata=self.share_metadata,
+            preprocess=self.preprocess,
         )
 
     def check(self, shapes: Mapping[str, Sequence[int]]) -> int:
@@ -362,7 +449,7 @@ def resolve(terms: Terms, inputs: Sequence[Any]) -> Pricing:
             for index, model_dim in enumerate(shape)
         )  # fmt: skip
         prices.append(InputPrice(spec.name, spec.dtype, ranges, axis))
-    return Pricing(terms.unit, max_batch, tuple(prices))
+    return Pricing(terms.unit, max_batch, tuple(prices), terms.share_metadata, terms.preprocess)
 
 
 def _range(

@@ -276,6 +276,11 @@ class MessageChannel:
         """
         self._handler = handler
 
+    @property
+    def ended(self) -> bool:
+        """Whether the channel has ended (closed by either side, or failed)."""
+        return self._ended.is_set()
+
     async def wait_ended(self) -> NoReturn:
         """Wait until the channel ends, then raise how it ended, as :meth:`receive` would
         (a clean close is :class:`ChannelClosed`)."""
