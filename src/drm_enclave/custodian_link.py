@@ -361,6 +361,11 @@ class CustodianLink:
     def __repr__(self) -> str:
         return f"<CustodianLink {self._host}:{self._port} {self._runtime.state.value}>"
 
+    def set_context(self, context: SSL.Context) -> None:
+        """Dial with ``context`` (a re-stapled certificate: :mod:`~drm_enclave.staple`)
+        from the next dial on; a live session keeps the connection it has."""
+        self._context = context
+
     async def run(self) -> None:
         """Dial, run a session, and redial with backoff, until cancelled."""
         for attempt in itertools.count(1):
