@@ -37,6 +37,9 @@ the certificate is re-issued **without** a staple (``staple_expired``, error lev
 expired collateral is never offered; verifiers with their own collateral still judge us,
 the others refuse (TCB status unknown) until the PCCS is back.
 
+Threats A15 (collateral a host controls) and A16 (the service down, collateral past
+``nextUpdate``) in docs/threat-model.md cover this module.
+
 Wall time comes from an injected ``clock`` (validity checks); waits use trio's clock.
 """
 
@@ -55,7 +58,12 @@ from drm_wire.attestation.collateral_source import freshness
 from drm_wire.attestation.errors import CertificateChainError, CollateralError
 from drm_wire.attestation.pccs import CaType, quote_platform
 from drm_wire.attestation.quote import parse_quote
-from drm_wire.attestation.ratls_cert import RatlsCredentials, parse_ratls_certificate, restaple
+from drm_wire.attestation.ratls_cert import (
+    MAX_STAPLED_COLLATERAL_BYTES,
+    RatlsCredentials,
+    parse_ratls_certificate,
+    restaple,
+)
 from drm_wire.attestation.verify import TrustAnchors, collateral_window, verify_quote
 from drm_wire.errors import AttestationError, ConfigError
 
@@ -176,6 +184,21 @@ class Stapler:
         )
         return True
 
+    def _fits(self, text: str) -> bool:
+        """Whether the bundle fits the certificate's extension (a PCCS answers up to
+        ``MAX_RESPONSE_BYTES``; a PCK CRL listing many revoked platforms can be large)."""
+        size = len(text.encode())
+        if size <= MAX_STAPLED_COLLATERAL_BYTES:
+            return True
+        _log.error(
+            "collateral_not_stapled",
+            origin="pccs",
+            check="size",
+            reason=f"the bundle is {size} bytes; a staple holds at most "
+            f"{MAX_STAPLED_COLLATERAL_BYTES}: verifiers need collateral of their own",
+        )
+        return False
+
     def _install(self, collateral: Collateral | None, text: str | None) -> None:
         credentials = restaple(self.credentials, None if text is None else text.encode())
         self._install_credentials(credentials)
@@ -194,6 +217,7 @@ class Stapler:
             and held.text is not None
             and held.collateral is not self.stapled
             and (self.stapled is None or freshness(held.collateral) >= freshness(self.stapled))
+            and self._fits(held.text)
             and self._check(held.collateral, "pccs")
         ):
             self._install(held.collateral, held.text)

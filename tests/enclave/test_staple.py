@@ -31,6 +31,7 @@ from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.pccs import CaType, PccsClient, PccsError
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls_cert import (
+    MAX_STAPLED_COLLATERAL_BYTES,
     RatlsCredentials,
     build_ratls_certificate,
     parse_ratls_certificate,
@@ -275,6 +276,27 @@ async def test_collateral_for_another_platform_is_never_stapled(
         await _fetch_once(stapler)
     (refused,) = [e for e in logs if e["event"] == "collateral_not_stapled"]
     assert "this platform is " + SIMULATED_FMSPC.hex().upper() in str(refused["reason"])
+    assert stapler.issued == 0
+    with pytest.raises(PeerVerificationError, match="TCB status unknown"):
+        await _presented(contexts.current, _policy(platform), wall)
+
+
+async def test_a_bundle_too_large_to_staple_is_refused_not_fatal(
+    platform: SimulatedPlatform,
+) -> None:
+    """Valid collateral the extension cannot hold (a huge PCK CRL, say): logged, not
+    stapled, and the enclave goes on with what it had."""
+    wall = Wall()
+    padded = platform.collateral(now=NOW) + " " * MAX_STAPLED_COLLATERAL_BYTES
+
+    async def huge(fmspc: bytes, ca: CaType) -> str:
+        return padded
+
+    stapler, contexts = _stapler(platform, _credentials(platform), huge, wall)
+    with capture_logs() as logs:
+        await _fetch_once(stapler)
+    (refused,) = [e for e in logs if e["event"] == "collateral_not_stapled"]
+    assert refused["check"] == "size"
     assert stapler.issued == 0
     with pytest.raises(PeerVerificationError, match="TCB status unknown"):
         await _presented(contexts.current, _policy(platform), wall)

@@ -327,7 +327,11 @@ def parse_sgx_extension(cert: x509.Certificate) -> PckExtension | None:
     )
 
 
-def pck_ca_type(leaf: x509.Certificate) -> Literal["processor", "platform"] | None:
+#: A PCK CA, as the PCS/PCCS ``ca`` parameter names it.
+CaType = Literal["processor", "platform"]
+
+
+def pck_ca_type(leaf: x509.Certificate) -> CaType | None:
     """Which PCK CA issued ``leaf``, as the PCS/PCCS ``ca`` parameter names it.
 
     Intel's PCK certificates are issued by "Intel SGX PCK Processor CA" or "Intel SGX PCK

@@ -73,7 +73,8 @@ def _expiry(collateral: Collateral) -> datetime:
 
 
 class CollateralCache:
-    """Per-FMSPC collateral for both PCK CA types, fetched and refreshed by :meth:`run`."""
+    """Per-FMSPC collateral for the PCK CA types its verifiers name, fetched and refreshed
+    by :meth:`run`."""
 
     def __init__(self, fetch: Fetcher, *, clock: Callable[[], datetime] | None = None) -> None:
         self._fetch = fetch
@@ -89,12 +90,17 @@ class CollateralCache:
 
     # --- the verify callback's side: never blocks ------------------------------------
 
-    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
-        """What is cached for ``fmspc``; a platform not seen before is noted for fetching."""
-        found = [e.collateral for (f, _), e in self._entries.items() if f == fmspc]
-        if not found and fmspc not in self._wanted and len(self._wanted) < MAX_PLATFORMS:
-            self.want(fmspc)
-            _log.info("collateral_wanted", fmspc=fmspc.hex().upper())
+    def candidates(self, fmspc: bytes, ca: CaType | None = None) -> Sequence[Collateral]:
+        """What is cached for ``fmspc`` and the PCK CA ``ca``; a platform (or CA) not seen
+        before is noted for fetching: that CA's collateral only, both when ``ca`` is None."""
+        found = [e.collateral for (f, c), e in self._entries.items()
+                 if f == fmspc and ca in (None, c)]  # fmt: skip
+        types = set(_CA_TYPES if ca is None else (ca,))
+        noted = self._wanted.get(fmspc)
+        if not found and ((noted is None and len(self._wanted) < MAX_PLATFORMS) or
+                          (noted is not None and not types <= noted)):  # fmt: skip
+            self.want(fmspc, ca)
+            _log.info("collateral_wanted", fmspc=fmspc.hex().upper(), ca=ca or "both")
         return found
 
     def held(self, fmspc: bytes, ca: CaType) -> CachedCollateral | None:

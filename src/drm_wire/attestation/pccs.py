@@ -41,14 +41,14 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 from urllib.parse import unquote
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from drm_wire.attestation._pck import parse_sgx_extension, pck_ca_type, x509_errors
+from drm_wire.attestation._pck import CaType, parse_sgx_extension, pck_ca_type, x509_errors
 from drm_wire.attestation.collateral import MAX_COLLATERAL_BYTES, Collateral
 from drm_wire.attestation.errors import CertificateChainError
 from drm_wire.attestation.quote import Quote
@@ -71,8 +71,6 @@ _BASE: Final = "/sgx/certification/v4"
 _TCB_CHAIN_HEADERS: Final = ("TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain")
 _QE_CHAIN_HEADER: Final = "SGX-Enclave-Identity-Issuer-Chain"
 _CRL_CHAIN_HEADER: Final = "SGX-PCK-CRL-Issuer-Chain"
-
-CaType = Literal["processor", "platform"]
 
 
 class PccsError(DrmError):

@@ -50,6 +50,7 @@ from drm_wire.attestation._pck import (
     VerifiedChain,
     ecdsa_ok,
     parse_sgx_extension,
+    pck_ca_type,
     spki_der,
     verify_chain,
     x509_errors,
@@ -279,7 +280,8 @@ def verify_quote(
     if isinstance(collateral, Collateral):
         candidates = (collateral,)
     elif collateral is not None and pck is not None:
-        candidates = newest_first(collateral.candidates(pck.fmspc))
+        offered = collateral.candidates(pck.fmspc, pck_ca_type(chain.certs[0]))
+        candidates = newest_first(offered)
     window: tuple[datetime, datetime] | None = None
     if candidates:
         status, advisories, window = _evaluate_newest(quote, chain, pck, candidates, trust, now)
