@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from OpenSSL import SSL
 from structlog.testing import capture_logs
 
@@ -279,6 +282,47 @@ async def test_collateral_for_another_platform_is_never_stapled(
     assert stapler.issued == 0
     with pytest.raises(PeerVerificationError, match="TCB status unknown"):
         await _presented(contexts.current, _policy(platform), wall)
+
+
+def _revoked(platform: SimulatedPlatform, now: datetime) -> str:
+    """The platform's collateral, issued ``now``, whose only TCB level is Revoked: genuine
+    (signed with the platform's TCB signing key, as its issuer would)."""
+    bundle = json.loads(platform.collateral(now=now))
+    info = json.loads(bundle["tcb_info"])
+    info["tcbLevels"][0]["tcbStatus"] = "Revoked"
+    info["tcbEvaluationDataNumber"] += 1  # Intel's next evaluation
+    body = json.dumps(info, separators=(",", ":"))
+    key = serialization.load_pem_private_key(
+        (platform.directory / "sim-tcb-signing.key").read_bytes(), None
+    )
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    r, s = decode_dss_signature(key.sign(body.encode(), ec.ECDSA(hashes.SHA256())))
+    bundle["tcb_info"] = body
+    bundle["tcb_info_signature"] = (r.to_bytes(32, "big") + s.to_bytes(32, "big")).hex()
+    return json.dumps(bundle)
+
+
+async def test_genuine_collateral_that_revokes_the_platform_replaces_a_good_staple(
+    platform: SimulatedPlatform,
+) -> None:
+    """The host cannot keep an older, favourable staple: newer genuine collateral is
+    stapled even though its verdict refuses this platform (said at error level)."""
+    wall = Wall()
+    revoked = _revoked(platform, NOW)
+
+    async def fetch(fmspc: bytes, ca: CaType) -> str:
+        return revoked
+
+    good = platform.collateral(now=NOW - timedelta(days=1))
+    stapler, contexts = _stapler(platform, _credentials(platform, good), fetch, wall)
+    with capture_logs() as logs:
+        await _fetch_once(stapler)
+    (refused,) = [e for e in logs if e["event"] == "own_tcb_refused"]
+    assert (refused["check"], refused["log_level"]) == ("revocation", "error")
+    assert stapler.issued == 1
+    with pytest.raises(PeerVerificationError) as caught:
+        await _presented(contexts.current, _policy(platform), wall)
+    assert "revoked" in repr(caught.value.__cause__).lower()
 
 
 async def test_a_bundle_too_large_to_staple_is_refused_not_fatal(
