@@ -68,7 +68,7 @@ from drm_consumer.preprocess import (
 )
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.collateral_source import CollateralSet, chain_sources
-from drm_wire.attestation.pccs import PccsClient, PccsError
+from drm_wire.attestation.pccs import CaType, PccsClient, PccsError
 from drm_wire.attestation.policy import Policy, TcbStatusError
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ConfigError
@@ -518,18 +518,21 @@ class _FetchedCollateral:
     def __init__(self) -> None:
         self._held: dict[bytes, tuple[Collateral, ...]] = {}
         self.noted: set[bytes] = set()
+        #: The PCK CA type the verifier named for each noted platform (None: unknown).
+        self._ca: dict[bytes, CaType | None] = {}
         #: Counts the fetches: the verifier's result cache keys on it.
         self.generation = 0
 
-    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
+    def candidates(self, fmspc: bytes, ca: CaType | None = None) -> Sequence[Collateral]:
         held = self._held.get(fmspc)
         if held is None and len(self.noted) < MAX_NOTED_PLATFORMS:
             self.noted.add(fmspc)
+            self._ca[fmspc] = ca
         return held or ()
 
     async def fetch_noted(self, pccs: PccsClient) -> bool:
-        """Fetch every noted platform's collateral, for both PCK CA types (the PCK leaf
-        names one; which one is not known outside the callback). False: nothing noted.
+        """Fetch every noted platform's collateral, for the PCK CA type its PCK leaf
+        named (both if it named neither). False: nothing noted.
 
         Raises:
             PccsError: the service failed or answered something that is not collateral.
@@ -537,9 +540,9 @@ class _FetchedCollateral:
         """
         wanted = sorted(self.noted - self._held.keys())
         for fmspc in wanted:
-            self._held[fmspc] = tuple(
-                [await pccs.fetch(fmspc, ca=ca) for ca in ("processor", "platform")]
-            )
+            named = self._ca.get(fmspc)
+            types: tuple[CaType, ...] = ("processor", "platform") if named is None else (named,)
+            self._held[fmspc] = tuple([await pccs.fetch(fmspc, ca=ca) for ca in types])
             self.generation += 1
         return bool(wanted)
 

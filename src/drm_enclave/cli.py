@@ -81,6 +81,12 @@ def _threads(text: str) -> int:
     return value
 
 
+def _pccs_url(text: str) -> str:
+    if not text.startswith("https://") or len(text) <= len("https://"):
+        raise argparse.ArgumentTypeError(f"PCCS URL must be https://host[:port], not {text!r}")
+    return text
+
+
 def _bounded(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer from ``low`` to ``high``."""
 
@@ -220,6 +226,12 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                default="auto", help="the attestation backend")  # fmt: skip
     schema.add("--simulation-dir", Kind.PATH, metavar="DIR",
                help="INSECURE simulated SGX platform (created on first use)")  # fmt: skip
+    schema.add("--pccs-url", Kind.STRING, metavar="URL", type=_pccs_url,
+               help="https URL of the borrower's PCCS (or Intel's PCS): the enclave fetches "
+               "its platform's collateral there and staples it in its certificate, so "
+               "verifiers need no PCCS of their own")  # fmt: skip
+    schema.add("--pccs-ca", Kind.PATH, metavar="CA.pem",
+               help="verify the PCCS with this CA instead of the system's")  # fmt: skip
     schema.add("--intra-op-threads", Kind.INTEGER, type=_threads, default=1, metavar="N",
                help="onnxruntime threads per model session")  # fmt: skip
     schema.add("--max-model-mib", Kind.INTEGER, type=_bounded(1, MAX_MODEL_MIB),
@@ -303,10 +315,16 @@ def _enclave_config(args: argparse.Namespace) -> EnclaveConfig:
         listen_port=listen_port,
         attestation=args.attestation,
         simulation_dir=args.simulation_dir,
+        pccs_url=args.pccs_url,
+        pccs_ca=args.pccs_ca,
         intra_op_threads=args.intra_op_threads,
         limits=_consumer_limits(args),
         max_model_bytes=min(args.max_model_mib * MiB, MAX_MODEL_BYTES),
     )
+    if args.pccs_ca is not None and args.pccs_url is None:
+        raise ConfigError("--pccs-ca needs --pccs-url", key="pccs_ca")
+    if args.pccs_ca is not None and not args.pccs_ca.is_file():
+        raise ConfigError("cannot read the PCCS CA", path=str(args.pccs_ca), key="pccs_ca")
     try:
         config.custodian_ca()
     except ConfigError as exc:

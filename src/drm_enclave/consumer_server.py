@@ -233,6 +233,11 @@ class ConsumerServer:
         """Return once no inference request is in flight (for a graceful shutdown)."""
         await self._idle.wait()
 
+    def set_context(self, context: SSL.Context) -> None:
+        """Present ``context``'s certificate (re-stapled: :mod:`~drm_enclave.staple`) to
+        consumers that connect from now on; live connections keep theirs."""
+        self._context = context
+
     async def handle(self, transport: trio.abc.Stream) -> None:
         """One consumer connection, from TCP accept to close. Never raises (but Cancelled)."""
         conn_id = next(self._conn_ids)

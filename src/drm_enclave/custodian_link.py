@@ -40,6 +40,15 @@ costs its custodian a trickle of connections. Any other failure (a custodian tha
 down, a cut link, a ``busy`` answer) is retried within ``backoff_max``: a custodian that
 comes back is re-joined soon.
 
+One refusal is retryable by design: a custodian whose collateral cache has not seen this
+enclave's platform yet judges the first handshake without collateral, refuses it (a TLS
+alert, the same as a policy refusal: no error code can be sent before the handshake
+ends) and fetches that platform's collateral at once (docs/links.md, "Collateral and the
+handshake"). So the first ``soon_retries`` attestation refusals in a row are redialled
+within ``soon_delay`` (seconds), whatever the delay had grown to; after them the delay
+grows as for any refusal. A policy that really refuses the enclave costs the custodian
+those few dials once per run of refusals, then the trickle.
+
 Models stay in memory across reconnects. Version 3 (docs/links.md, "Version 3"): the
 ``hello`` lists them (``held``: name, SHA-256, digest of the terms), and the custodian
 answers a model held with the same bytes under the same terms with ``model_keep``
@@ -147,6 +156,9 @@ class LinkTiming:
         refused_backoff_max: the cap after a refusal that retrying cannot fix (see
             :func:`classify`): a minute, so that a refused enclave costs its custodian a
             connection a minute, and the operator has time to read the error.
+        soon_retries, soon_delay: attestation refusals in a row redialled within
+            ``soon_delay`` (the custodian may be fetching this platform's collateral),
+            before the delay grows as after any refusal.
         handshake_timeout: TCP connect, and separately the TLS handshake.
         report_spacing: the least time between two usage reports, urgent ones included
             (see :mod:`~drm_enclave.accounting`): an urgent report waits this long after
@@ -163,6 +175,8 @@ class LinkTiming:
     backoff_initial: float = 0.1
     backoff_max: float = 5.0
     refused_backoff_max: float = 60.0
+    soon_retries: int = 3
+    soon_delay: float = 2.0
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     report_spacing: float = 0.01
     report_period: float = 1.0
@@ -190,6 +204,10 @@ class Outcome(enum.Enum):
     FAILED = "failed"
     #: A refusal retrying cannot fix: grow to ``refused_backoff_max``.
     REFUSED = "refused"
+    #: The custodian's policy refused our attestation in the handshake: perhaps only
+    #: until its collateral cache has this platform's collateral, so the first
+    #: ``soon_retries`` in a row are redialled soon; then as ``REFUSED``.
+    ATTESTATION_REFUSED = "attestation_refused"
 
 
 @dataclass(slots=True)
@@ -198,13 +216,27 @@ class Backoff:
 
     Attributes:
         failures: sessions since the last one that served.
+        refused_in_a_row: attestation refusals since any other outcome.
     """
 
     timing: LinkTiming
     failures: int = 0
+    refused_in_a_row: int = 0
+
+    @property
+    def soon(self) -> bool:
+        """Whether the last delay was a soon redial after an attestation refusal."""
+        return 0 < self.refused_in_a_row <= self.timing.soon_retries
 
     def next_delay(self, outcome: Outcome) -> float:
         """The delay before the next dial, after a session that ended with ``outcome``."""
+        if outcome is Outcome.ATTESTATION_REFUSED:
+            self.refused_in_a_row += 1
+            self.failures += 1
+            if self.soon:
+                return _random.uniform(self.timing.soon_delay / 2, self.timing.soon_delay)
+            return backoff_delay(self.failures, self.timing, cap=self.timing.refused_backoff_max)
+        self.refused_in_a_row = 0
         if outcome is Outcome.SERVED:
             self.failures = 0
             return backoff_delay(0, self.timing)
@@ -247,10 +279,16 @@ _REFUSED_ALERTS: Final = (
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A refusal retrying cannot fix: a stable ``reason`` and what to do (``fix``)."""
+    """A refusal retrying cannot fix: a stable ``reason`` and what to do (``fix``).
+
+    ``in_handshake``: the custodian's policy refused our attestation in the handshake,
+    which a custodian still fetching this platform's collateral does too (redialled soon
+    a few times: :attr:`Outcome.ATTESTATION_REFUSED`).
+    """
 
     reason: str
     fix: str
+    in_handshake: bool = False
 
 
 def classify(exc: BaseException) -> Refusal | None:
@@ -275,6 +313,7 @@ def classify(exc: BaseException) -> Refusal | None:
             f"{_alert(text)}): ask the owner to accept this build (its policy must name the "
             "measurement `drm_enclave measure` prints) and, in simulation, this "
             "--simulation-dir's platform",
+            in_handshake=True,
         )
     return None
 
@@ -350,6 +389,11 @@ class CustodianLink:
     def __repr__(self) -> str:
         return f"<CustodianLink {self._host}:{self._port} {self._runtime.state.value}>"
 
+    def set_context(self, context: SSL.Context) -> None:
+        """Dial with ``context`` (a re-stapled certificate: :mod:`~drm_enclave.staple`)
+        from the next dial on; a live session keeps the connection it has."""
+        self._context = context
+
     async def run(self) -> None:
         """Dial, run a session, and redial with backoff, until cancelled."""
         for attempt in itertools.count(1):
@@ -359,17 +403,21 @@ class CustodianLink:
                 await self._attempt(_log)
                 if self._served:
                     outcome = Outcome.SERVED
+                elif self._refusal is not None and self._refusal.in_handshake:
+                    outcome = Outcome.ATTESTATION_REFUSED
                 elif self._refusal is not None:
                     outcome = Outcome.REFUSED
                 else:
                     outcome = Outcome.FAILED
                 delay = self.backoff.next_delay(outcome)
                 if self._refusal is not None and not self._served:
-                    _log.error(
+                    # A soon redial may pass (the custodian fetching collateral): a warning.
+                    (_log.warning if self.backoff.soon else _log.error)(
                         "custodian_refused",
                         reason=self._refusal.reason,
                         fix=self._refusal.fix,
                         retry_in=round(delay, 1),
+                        retry_soon=self.backoff.soon,
                         failures=self.backoff.failures,
                     )
                 else:

@@ -68,11 +68,14 @@ class EnclaveIdentity:
         credentials: the key pair and RA-TLS certificate (fresh for each process).
         mr_enclave: the MRENCLAVE carried by our quote.
         simulated: True when the quote came from the INSECURE simulation.
+        platform: the simulated platform that quoted, when simulated: it issues this
+            platform's collateral, and its root is the one our quote chains to.
     """
 
     credentials: RatlsCredentials
     mr_enclave: bytes
     simulated: bool
+    platform: SimulatedPlatform | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +124,18 @@ def warn_simulation(**fields: object) -> None:
 
 
 def make_identity(
-    backend: Backend, *, custodian_ca_pem: bytes, simulation_dir: Path | None
+    backend: Backend,
+    *,
+    custodian_ca_pem: bytes,
+    simulation_dir: Path | None,
+    self_staple: bool = True,
 ) -> EnclaveIdentity:
     """Fresh RA-TLS credentials from the chosen attestation backend.
 
     ``"auto"`` uses Gramine when its device is present, else the simulation when a
-    simulation directory was given, else fails (never silently unattested).
+    simulation directory was given, else fails (never silently unattested). A simulated
+    certificate staples what its platform issues, unless ``self_staple`` is false (the
+    collateral then comes from a PCCS, as on SGX: :mod:`drm_enclave.staple`).
 
     Raises:
         ConfigError: the backend is unavailable, or simulation was asked for without a
@@ -134,6 +143,7 @@ def make_identity(
         QuoteGenerationError: the Gramine device failed.
     """
     simulation: SimulatedEnclave | None = None
+    platform: SimulatedPlatform | None = None
     if backend == "simulated" and simulation_dir is None:
         raise ConfigError("--attestation simulated needs --simulation-dir", key="simulation_dir")
     if backend != "gramine" and simulation_dir is not None:
@@ -145,13 +155,17 @@ def make_identity(
             mr_signer=measurement.mr_signer,
             isv_prod_id=SIMULATED_ISV_PROD_ID,
         )
+        if not self_staple:
+            simulation.collateral = None
     credentials = make_enclave_identity(backend, simulation=simulation)
     quote = parse_quote(parse_ratls_certificate(credentials.certificate_der).quote)
     # "auto" with a simulation directory still prefers Gramine when its device is there.
     simulated = simulation is not None and not (backend == "auto" and gramine_available())
     if simulated:
         warn_simulation(mr_enclave=quote.body.mr_enclave.hex())
-    return EnclaveIdentity(credentials, quote.body.mr_enclave, simulated)
+    return EnclaveIdentity(
+        credentials, quote.body.mr_enclave, simulated, platform if simulated else None
+    )
 
 
 def simulation_policy(

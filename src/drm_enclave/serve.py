@@ -6,6 +6,8 @@
     ├── consumer listener                  trio.serve_listeners(handler_nursery=handlers)
     │   └── handlers: one task per consumer connection
     │       └── requests: one task per inference in flight
+    ├── stapler                            our collateral: fetch, check, re-staple
+    │   └── collateral cache               refresh before nextUpdate (drm_enclave.staple)
     └── custodian link                     dial / session / redial, forever
         └── session: receive loop, heartbeats, reporter, model loaders
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -40,6 +43,9 @@ from cryptography import x509
 
 from drm_daemon.listen import cannot_listen
 from drm_wire.attestation.gramine import Backend
+from drm_wire.attestation.pccs import CaType, PccsClient
+from drm_wire.attestation.ratls_cert import RatlsCredentials
+from drm_wire.attestation.verify import TrustAnchors
 from drm_wire.errors import ConfigError
 from drm_wire.limits import MAX_MODEL_BYTES
 from drm_wire.net.ratls_context import enclave_client_context, enclave_server_context
@@ -48,6 +54,7 @@ from .consumer_server import ConsumerLimits, ConsumerServer
 from .custodian_link import CustodianLink, LinkTiming
 from .identity import EnclaveIdentity, License, make_identity
 from .runtime import EnclaveRuntime
+from .staple import Stapler
 
 __all__ = ["DEFAULT_CONSUMER_PORT", "EnclaveConfig", "serve"]
 
@@ -69,6 +76,10 @@ class EnclaveConfig:
         listen_host, listen_port: the consumer port (0: any free port).
         attestation: ``auto``, ``gramine`` or ``simulated``.
         simulation_dir: the INSECURE simulated platform's directory, if any.
+        pccs_url, pccs_ca: the borrower's PCCS (or Intel's PCS), where the enclave fetches
+            its platform's collateral to staple (:mod:`drm_enclave.staple`), and the CA to
+            verify it with. Without one, a simulated enclave staples what its platform
+            issues, and an SGX one staples nothing.
         intra_op_threads: onnxruntime threads per session.
         max_model_bytes: the largest model loaded (``max_model_mib``); a larger one is
             refused at ``model_begin`` and reported (docs/links.md, "Version 3").
@@ -86,6 +97,8 @@ class EnclaveConfig:
     listen_port: int = DEFAULT_CONSUMER_PORT
     attestation: Backend = "auto"
     simulation_dir: Path | None = None
+    pccs_url: str | None = None
+    pccs_ca: Path | None = None
     intra_op_threads: int = 1
     max_model_bytes: int = MAX_MODEL_BYTES
     instance_id: str = field(default_factory=lambda: secrets.token_hex(16))
@@ -111,6 +124,7 @@ async def serve(
     runtime: EnclaveRuntime | None = None,
     identity: EnclaveIdentity | None = None,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    wall_clock: Callable[[], datetime] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the enclave daemon until ``shutdown_trigger`` returns (then drain), or cancelled.
@@ -122,6 +136,8 @@ async def serve(
         identity: RA-TLS credentials to use; by default made from ``config.attestation``.
         shutdown_trigger: awaited once serving; when it returns, the daemon drains and
             :func:`serve` returns. ``None``: run until cancelled.
+        wall_clock: the time collateral validity is judged at (tests move it); the
+            system clock by default.
         task_status: receives the bound consumer address ``(host, port)`` once the
             consumer port is listening.
 
@@ -135,6 +151,7 @@ async def serve(
             config.attestation,
             custodian_ca_pem=config.custodian_ca_pem,
             simulation_dir=config.simulation_dir,
+            self_staple=config.pccs_url is None,
         )
     try:
         # The custodian's certificate must name the host we dial: this guards against a
@@ -158,6 +175,15 @@ async def serve(
         timing=config.timing,
         max_model_bytes=config.max_model_bytes,
     )
+
+    def install(credentials: RatlsCredentials) -> None:
+        """A re-stapled certificate, for every connection made from now on."""
+        consumers.set_context(enclave_server_context(credentials))
+        link.set_context(
+            enclave_client_context(credentials, ca, custodian_name=config.custodian_host)
+        )
+
+    stapler, pccs = _stapler(config, identity, install, wall_clock)
     try:
         listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
     except OSError as exc:
@@ -178,6 +204,8 @@ async def serve(
             license_id=config.license.license_id,
             instance_id=config.instance_id,
         )
+        if stapler is not None:
+            await nursery.start(_run_stapler, stapler, pccs)
         task_status.started((host, port))
         nursery.start_soon(link.run)
         if shutdown_trigger is None:
@@ -195,6 +223,71 @@ async def serve(
             unreported=runtime.accounting.unreported,
         )
         nursery.cancel_scope.cancel()
+
+
+def _stapler(
+    config: EnclaveConfig,
+    identity: EnclaveIdentity,
+    install: Callable[[RatlsCredentials], None],
+    wall_clock: Callable[[], datetime] | None,
+) -> tuple[Stapler | None, PccsClient | None]:
+    """What keeps our certificate stapled, and the PCCS client it fetches with (if any).
+
+    Raises:
+        ConfigError: a PCCS is configured but its URL or CA is unusable, or our quote
+            names no platform to fetch collateral for.
+    """
+    clock = wall_clock or (lambda: datetime.now(UTC))
+    platform = identity.platform
+    trust = TrustAnchors() if platform is None else platform.trust_anchors()
+    if config.pccs_url is not None:
+        try:
+            client = PccsClient(config.pccs_url, ca=config.pccs_ca)
+        except (ValueError, OSError) as exc:  # OSError: the CA file (ssl reads it)
+            raise ConfigError(f"unusable PCCS: {exc}", key="pccs_url") from exc
+
+        async def from_pccs(fmspc: bytes, ca: CaType) -> str:
+            return await client.fetch_bundle(fmspc, ca=ca)
+
+        stapler = Stapler(
+            identity.credentials, install=install, fetch=from_pccs, trust=trust, clock=clock
+        )
+        _log.info("stapling_from_pccs", pccs=client.base_url, fmspc=stapler.fmspc.hex().upper(),
+                  ca=stapler.ca)  # fmt: skip
+        return stapler, client
+    if platform is None:
+        _log.warning(
+            "no_collateral_to_staple",
+            message="no --pccs-url: the certificate staples no collateral, so a verifier "
+            "without its own (--pccs-url or --collateral) cannot judge this enclave's TCB",
+        )
+        return None, None
+
+    async def from_platform(fmspc: bytes, ca: CaType) -> str:
+        return platform.collateral(now=clock())
+
+    try:
+        stapler = Stapler(
+            identity.credentials, install=install, fetch=from_platform, trust=trust, clock=clock
+        )
+    except ConfigError as exc:  # a platform made by an older release: no SGX extension
+        _log.warning("no_collateral_to_staple", reason=str(exc))
+        return None, None
+    return stapler, None
+
+
+async def _run_stapler(
+    stapler: Stapler,
+    pccs: PccsClient | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await stapler.run(task_status=task_status)
+    finally:
+        if pccs is not None:
+            with trio.CancelScope(shield=True):
+                await pccs.__aexit__()
 
 
 async def _accept(

@@ -12,8 +12,10 @@ thing that differs.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -158,3 +160,33 @@ async def running_pccs(directory: Path, behaviour: PccsBehaviour) -> AsyncIterat
             yield RunningPccs(f"https://127.0.0.1:{port}", directory / "ca.pem", behaviour)
         finally:
             done.set()
+
+
+@contextmanager
+def pccs_in_background(directory: Path, behaviour: PccsBehaviour) -> Iterator[RunningPccs]:
+    """:func:`running_pccs` on a thread of its own (its own trio loop), for tests whose
+    daemons are processes: they reach it over HTTPS on loopback like any PCCS."""
+    started: queue.Queue[tuple[RunningPccs, trio.lowlevel.TrioToken, trio.Event] | BaseException]
+    started = queue.Queue()
+
+    async def main() -> None:
+        stop = trio.Event()
+        try:
+            async with running_pccs(directory, behaviour) as pccs:
+                started.put((pccs, trio.lowlevel.current_trio_token(), stop))
+                await stop.wait()
+        except BaseException as exc:  # reported to the caller, who is waiting
+            started.put(exc)
+            raise
+
+    thread = threading.Thread(target=trio.run, args=(main,), name="test-pccs", daemon=True)
+    thread.start()
+    first = started.get(timeout=30)
+    if isinstance(first, BaseException):
+        raise RuntimeError("the test PCCS did not start") from first
+    pccs, token, stop = first
+    try:
+        yield pccs
+    finally:
+        trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(timeout=30)

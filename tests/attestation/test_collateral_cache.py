@@ -110,8 +110,10 @@ RETRY_CEILING = 700.0
 
 
 async def test_the_cache_over_a_real_pccs(tmp_path: Path) -> None:
+    """Intel's sample quote: its PCK is the Processor CA's, so only that CRL is fetched."""
+    behaviour = PccsBehaviour(bundle=dict(REAL))
     async with (
-        running_pccs(tmp_path, PccsBehaviour(bundle=dict(REAL))) as pccs,
+        running_pccs(tmp_path, behaviour) as pccs,
         PccsClient(pccs.url, ca=pccs.ca_path) as client,
     ):
 
@@ -128,3 +130,29 @@ async def test_the_cache_over_a_real_pccs(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
     verified = verify_quote(real_quote(), collateral=cache, now=REAL_NOW)
     assert verified.tcb_status is TcbStatus.CONFIGURATION_AND_SW_HARDENING_NEEDED
+    crls = [q["ca"] for path, q in behaviour.requests if path.endswith("/pckcrl")]
+    assert crls == [["processor"]]
+    assert list(cache.ages()) == [(real_fmspc, "processor")]
+
+
+async def test_only_the_pck_ca_a_verifier_names_is_fetched(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    service = Service()
+    cache = CollateralCache(service.fetch, clock=service.wall)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        assert cache.candidates(FMSPC, "platform") == []
+        await trio.sleep(1)
+        assert [(f, ca) for f, ca, _ in service.fetches] == [(FMSPC, "platform")]
+        assert len(cache.candidates(FMSPC, "platform")) == 1
+        assert len(cache.candidates(FMSPC)) == 1  # no CA named: whatever is held
+        # A quote from the other CA of the same platform: noted, fetched, kept apart.
+        assert cache.candidates(FMSPC, "processor") == []
+        await trio.sleep(1)
+        assert [(f, ca) for f, ca, _ in service.fetches] == [
+            (FMSPC, "platform"), (FMSPC, "processor"),
+        ]  # fmt: skip
+        assert len(cache.candidates(FMSPC, "processor")) == 1
+        assert sorted(ca for _, ca in cache.ages()) == ["platform", "processor"]
+        nursery.cancel_scope.cancel()

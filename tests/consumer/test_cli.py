@@ -713,10 +713,10 @@ async def test_pccs_collateral_is_fetched_after_the_first_refusal_then_accepted(
                                 "--json")  # fmt: skip
     assert result.returncode == EXIT_OK, result.stderr
     assert result.json()["attestation"]["tcb_status"] == "UpToDate"
-    # One platform, both PCK CA types, fetched once: between the two handshakes.
-    assert _tcb_requests(pccs) == [b"SIMFMS".hex().upper()] * 2
+    # One platform, the PCK CA type its PCK names, fetched once: between the handshakes.
+    assert _tcb_requests(pccs) == [b"SIMFMS".hex().upper()]
     crls = sorted(q["ca"][0] for p, q in pccs.behaviour.requests if p.endswith("/pckcrl"))
-    assert crls == ["platform", "processor"]
+    assert crls == ["platform"]
 
 
 async def test_a_failing_pccs_is_an_attestation_refusal_naming_it(
@@ -743,7 +743,7 @@ async def test_forged_collateral_from_the_pccs_never_gets_the_enclave_accepted(
         result = await run_main(strict, "info", "--address", HOST, "--port", str(bare.port),
                                 "--pccs-url", pccs.url, "--pccs-ca", pccs.ca_path)  # fmt: skip
     assert result.returncode == EXIT_ATTESTATION, result.stderr
-    assert len(_tcb_requests(pccs)) == 2  # fetched once, no third handshake
+    assert len(_tcb_requests(pccs)) == 1  # fetched once (its PCK CA), no third handshake
     assert bare.inference_requests() == []
 
 

@@ -22,10 +22,15 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from drm_enclave.custodian_link import Backoff, LinkTiming, Outcome
+from drm_enclave.identity import EnclaveIdentity, simulated_measurement
 from drm_enclave.runtime import EnclaveRuntime
 from drm_enclave.serve import serve
+from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.collateral_cache import CollateralCache
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
+from drm_wire.attestation.pccs import CaType
 from drm_wire.attestation.policy import Policy
+from drm_wire.attestation.ratls_cert import build_ratls_certificate
 from drm_wire.errors import ErrorCode
 from drm_wire.messages import Error, Unblock
 from drm_wire.net.channel import open_channel
@@ -70,6 +75,28 @@ def test_the_schedule_grows_to_its_caps_and_resets_only_after_serving() -> None:
     assert 60 <= _attempts_in(3600.0, Outcome.REFUSED) <= 60 + 12 + 3600 / 30
     # An hour of a custodian that is down: one dial every 2.5-5 s.
     assert 720 <= _attempts_in(3600.0, Outcome.FAILED) <= 6 + 3600 / 2.5
+
+
+def test_attestation_refusals_are_redialled_soon_a_few_times_in_a_row() -> None:
+    """Even after an hour of a custodian that was down (the delay at its cap), the first
+    attestation refusals are redialled within ``soon_delay``; then the delay grows."""
+    backoff = Backoff(TIMING)
+    for _ in range(720):
+        backoff.next_delay(Outcome.FAILED)
+    soon = [backoff.next_delay(Outcome.ATTESTATION_REFUSED) for _ in range(TIMING.soon_retries)]
+    assert all(TIMING.soon_delay / 2 <= d <= TIMING.soon_delay for d in soon), soon
+    assert 30.0 <= backoff.next_delay(Outcome.ATTESTATION_REFUSED) <= 60.0
+    assert 30.0 <= backoff.next_delay(Outcome.ATTESTATION_REFUSED) <= 60.0
+    # Another outcome ends the run of refusals: the next refusal is redialled soon again.
+    backoff.next_delay(Outcome.FAILED)
+    assert backoff.next_delay(Outcome.ATTESTATION_REFUSED) <= TIMING.soon_delay
+    # A refusal after the hello (license in use...) never counts as one.
+    assert 30.0 <= backoff.next_delay(Outcome.REFUSED) <= 60.0
+    assert 30.0 <= backoff.next_delay(Outcome.ATTESTATION_REFUSED) <= 60.0 or backoff.soon
+    # A lasting refusal costs the custodian those few dials once, then the trickle.
+    assert _attempts_in(3600.0, Outcome.ATTESTATION_REFUSED) <= (
+        TIMING.soon_retries + 60 + 12 + 3600 / 30
+    )
 
 
 # --- the real enclave, a refusing custodian, a window of virtual time ---------------------
@@ -163,10 +190,19 @@ async def test_a_policy_refusal_says_so_and_costs_a_trickle(
     dials, logs = await _count_connections(
         tmp_path, _error_after_hello(ErrorCode.INTERNAL, "unused"), policy_for_custodian=other_build
     )
-    assert 8 <= dials <= MOST_REFUSED, dials
+    assert 8 <= dials <= MOST_REFUSED + TIMING.soon_retries, dials
     refused = [e for e in logs if e["event"] == "custodian_refused"]
     assert dials - 1 <= len(refused) <= dials
     assert {e["reason"] for e in refused} == {"attestation_refused"}
+    # The first few are redialled soon (the custodian may be fetching collateral)...
+    soon = refused[: TIMING.soon_retries]
+    assert [e["retry_soon"] for e in soon] == [True] * TIMING.soon_retries
+    assert {e["log_level"] for e in soon} == {"warning"}
+    # ... then the delay grows as after any refusal, at error level.
+    later = refused[TIMING.soon_retries :]
+    assert {e["log_level"] for e in later} == {"error"}
+    assert not any(e["retry_soon"] for e in later)
+    assert max(float(str(e["retry_in"])) for e in later) >= 30.0
     assert str(refused[0]["fix"]).startswith(
         "the custodian's policy refused this enclave's attestation (TLS alert: "
     )
@@ -204,3 +240,67 @@ async def test_a_session_that_serves_resets_the_delay(
     assert dials - 1 <= len(redials) <= dials  # the last session may be under way
     assert {e["failures"] for e in redials} == {0}
     assert dials >= window / 1.2
+
+
+async def test_a_custodian_still_fetching_collateral_is_redialled_within_seconds(
+    tmp_path: Path, clock: trio.testing.MockClock
+) -> None:
+    """The custodian was down for ten minutes (the enclave's delay at its cap); it comes
+    back with an empty collateral cache and a policy that needs a TCB status. Its first
+    handshake is refused (no collateral yet: a TLS alert, no error code) while the cache
+    fetches this platform's collateral; the enclave redials within seconds, not at the
+    refusal cap, and is accepted."""
+    pki = shared_pki()
+    platform = SimulatedPlatform.create(tmp_path / "sim")
+    policy = dataclasses.replace(enclave_policy(pki, platform), accept_unknown_tcb_status=False)
+
+    async def fetch(fmspc: bytes, ca: CaType) -> Collateral:
+        await trio.sleep(0.5)  # the PCCS takes its time
+        return Collateral.from_json(platform.collateral())
+
+    cache = CollateralCache(fetch)
+    context = custodian_server_context(pki.server_cert, pki.server_key, policy, collateral=cache)
+    refused: list[float] = []
+    linked = trio.Event()
+
+    async def accept(transport: trio.SocketStream) -> None:
+        try:
+            stream = await accept_tls(transport, context)
+            async with open_channel(stream, Link.CUSTODIAN, Side.SERVER) as channel:
+                await channel.accept_hello(software="custodian-fetching-collateral")
+                linked.set()
+                await channel.send(Unblock())
+                await trio.sleep_forever()
+        except Exception:
+            refused.append(trio.current_time())
+
+    probe = (await trio.open_tcp_listeners(0, host=HOST))[0]
+    port = probe.socket.getsockname()[1]
+    await probe.aclose()  # nobody listens there yet: the enclave's dials fail
+    measurement = simulated_measurement(pki.ca_pem)
+    provider = platform.quote_provider(
+        mr_enclave=measurement.mr_enclave, mr_signer=measurement.mr_signer
+    )
+    unstapled = EnclaveIdentity(  # an enclave that staples nothing
+        build_ratls_certificate(provider), measurement.mr_enclave, simulated=True
+    )
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            config = enclave_config(pki, port, tmp_path / "sim", timing=TIMING)
+            await nursery.start(
+                functools.partial(serve, config, runtime=EnclaveRuntime(), identity=unstapled)
+            )
+            await trio.sleep(600.0)
+            await nursery.start(cache.run)
+            listeners = await trio.open_tcp_listeners(port, host=HOST)
+            back = trio.current_time()
+            nursery.start_soon(trio.serve_listeners, accept, listeners)
+            with trio.fail_after(TIMING.backoff_max + TIMING.soon_delay + 2.0):
+                await linked.wait()
+            nursery.cancel_scope.cancel()
+    assert len(refused) == 1
+    assert refused[0] - back <= TIMING.backoff_max + 0.5
+    (refusal,) = [e for e in logs if e["event"] == "custodian_refused"]
+    assert refusal["retry_soon"] is True
+    assert refusal["log_level"] == "warning"
+    assert float(str(refusal["retry_in"])) <= TIMING.soon_delay

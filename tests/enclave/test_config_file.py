@@ -35,8 +35,8 @@ from tests.enclave.enclave_fakes import (
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
 KEYS = (
-    "custodian, custodian_ca, license, listen, attestation, simulation_dir, intra_op_threads, "
-    "max_model_mib, log_level, max_connections, max_handshakes, max_in_flight, "
+    "custodian, custodian_ca, license, listen, attestation, simulation_dir, pccs_url, pccs_ca, "
+    "intra_op_threads, max_model_mib, log_level, max_connections, max_handshakes, max_in_flight, "
     "max_parked_per_connection, frame_timeout, min_transfer_rate, payload_budget, connection_share"
 )
 
@@ -90,6 +90,8 @@ def test_check_config_reports_every_value_and_where_it_came_from(files: Files) -
         "  listen = 0.0.0.0:9924  (config file)",
         "  attestation = simulated  (config file)",
         f"  simulation_dir = {files.root / 'sim'}  (config file)",
+        "  pccs_url = None  (default)",
+        "  pccs_ca = None  (default)",
         "  intra_op_threads = 2  (command line)",
         "  max_model_mib = 2048  (default)",
         "  log_level = info  (default)",
@@ -162,6 +164,12 @@ def test_the_command_line_beats_a_host_provided_file(files: Files, tmp_path: Pat
          "must be a path (a string), not a boolean (in {f} at 'simulation_dir')"),
         ('attestation = "simulated"',
          "--attestation simulated needs --simulation-dir (at 'simulation_dir')"),
+        ('pccs_url = "http://pccs.example:8081"',
+         "PCCS URL must be https://host[:port], not 'http://pccs.example:8081' "
+         "(in {f} at 'pccs_url')"),
+        ('pccs_ca = "ca.pem"', "--pccs-ca needs --pccs-url (at 'pccs_ca')"),
+        ('pccs_url = "https://pccs.example:8081"\npccs_ca = "missing.pem"',
+         "cannot read the PCCS CA (in {d}/missing.pem at 'pccs_ca')"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["serve", "check-config"])
@@ -170,7 +178,7 @@ def test_bad_values_stop_start_up(files: Files, command: str, line: str, message
     assert _run(command, "--config", str(config)) == (
         EXIT_USAGE,
         "",
-        [message.format(f=config)],
+        [message.format(f=config, d=files.root)],
     )
 
 

@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.x509.oid import NameOID
 
 from drm_wire._lru import LruCache
 from drm_wire.attestation.errors import (
@@ -324,3 +325,24 @@ def parse_sgx_extension(cert: x509.Certificate) -> PckExtension | None:
         pcesvn=_uint(_value(tcb, tcb_oid + b"\x11", 0x02, data), 16),
         tcb_components=components,
     )
+
+
+#: A PCK CA, as the PCS/PCCS ``ca`` parameter names it.
+CaType = Literal["processor", "platform"]
+
+
+def pck_ca_type(leaf: x509.Certificate) -> CaType | None:
+    """Which PCK CA issued ``leaf``, as the PCS/PCCS ``ca`` parameter names it.
+
+    Intel's PCK certificates are issued by "Intel SGX PCK Processor CA" or "Intel SGX PCK
+    Platform CA" (Intel's PCK certificate and CRL profile), and each has its own CRL: a
+    verifier needs the one that covers its leaf. Read from the issuer's common name (the
+    simulated platform's names its platform CA the same way); ``None`` if it names neither.
+    """
+    names = leaf.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if len(names) == 1 else ""
+    if "PCK Processor CA" in common_name:
+        return "processor"
+    if "PCK Platform CA" in common_name:
+        return "platform"
+    return None

@@ -15,6 +15,11 @@ every verification like any collateral, so once it is past ``nextUpdate`` verifi
 fails closed (``collateral_expired``). Nothing here is trusted: a fetched bundle is only
 kept if it parses, and it is verified to the pinned root on every use.
 
+A fetcher may answer the bundle's JSON text rather than a parsed bundle: the cache then
+parses it (strictly; a bundle that does not parse is a failed fetch) and keeps the text,
+which :meth:`CollateralCache.held` gives back: what an enclave staples in its certificate
+(:mod:`drm_enclave.staple`).
+
 Wall time comes from an injected ``clock`` (validity checks); waiting uses trio's clock,
 so tests drive refreshes with the autojump clock.
 """
@@ -30,9 +35,10 @@ import structlog
 import trio
 
 from drm_wire.attestation.collateral import Collateral
+from drm_wire.attestation.errors import CollateralError
 from drm_wire.attestation.pccs import CaType, PccsError
 
-__all__ = ["CollateralCache", "Fetcher"]
+__all__ = ["CachedCollateral", "CollateralCache", "Fetcher"]
 
 #: Refresh this long before ``nextUpdate`` (Intel issues new collateral well before).
 REFRESH_MARGIN: Final = timedelta(hours=12)
@@ -42,16 +48,21 @@ RETRY_MAX: Final = 600.0
 #: Most platforms remembered (a custodian sees a handful).
 MAX_PLATFORMS: Final = 64
 
-#: ``(fmspc, ca) -> Collateral``: :meth:`PccsClient.fetch <.pccs.PccsClient.fetch>`.
-Fetcher = Callable[[bytes, CaType], Awaitable[Collateral]]
+#: ``(fmspc, ca) -> Collateral``: :meth:`PccsClient.fetch <.pccs.PccsClient.fetch>`; or
+#: the bundle's JSON text (:meth:`~.pccs.PccsClient.fetch_bundle`), kept for stapling.
+Fetcher = Callable[[bytes, CaType], Awaitable[Collateral | str]]
+_CA_TYPES: Final[tuple[CaType, ...]] = ("processor", "platform")
 
 _log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class _Entry:
+class CachedCollateral:
+    """One cached bundle: parsed, when it was fetched, and its text (if fetched as text)."""
+
     collateral: Collateral
     fetched_at: datetime
+    text: str | None = None
 
 
 def _expiry(collateral: Collateral) -> datetime:
@@ -62,28 +73,39 @@ def _expiry(collateral: Collateral) -> datetime:
 
 
 class CollateralCache:
-    """Per-FMSPC collateral for both PCK CA types, fetched and refreshed by :meth:`run`."""
+    """Per-FMSPC collateral for the PCK CA types its verifiers name, fetched and refreshed
+    by :meth:`run`."""
 
     def __init__(self, fetch: Fetcher, *, clock: Callable[[], datetime] | None = None) -> None:
         self._fetch = fetch
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._entries: dict[tuple[bytes, CaType], _Entry] = {}
-        self._wanted: set[bytes] = set()
+        self._entries: dict[tuple[bytes, CaType], CachedCollateral] = {}
+        #: Platforms to fetch, each with the PCK CA types wanted for it.
+        self._wanted: dict[bytes, set[CaType]] = {}
         self._wake = trio.Event()
         self._changed = trio.Event()
+        self._attempted = trio.Event()
         #: Counts the refreshes: result caches key on it, so new collateral applies at once.
         self.generation = 0
 
     # --- the verify callback's side: never blocks ------------------------------------
 
-    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
-        """What is cached for ``fmspc``; a platform not seen before is noted for fetching."""
-        found = [e.collateral for (f, _), e in self._entries.items() if f == fmspc]
-        if not found and fmspc not in self._wanted and len(self._wanted) < MAX_PLATFORMS:
-            self._wanted.add(fmspc)
-            self._wake.set()
-            _log.info("collateral_wanted", fmspc=fmspc.hex().upper())
+    def candidates(self, fmspc: bytes, ca: CaType | None = None) -> Sequence[Collateral]:
+        """What is cached for ``fmspc`` and the PCK CA ``ca``; a platform (or CA) not seen
+        before is noted for fetching: that CA's collateral only, both when ``ca`` is None."""
+        found = [e.collateral for (f, c), e in self._entries.items()
+                 if f == fmspc and ca in (None, c)]  # fmt: skip
+        types = set(_CA_TYPES if ca is None else (ca,))
+        noted = self._wanted.get(fmspc)
+        if not found and ((noted is None and len(self._wanted) < MAX_PLATFORMS) or
+                          (noted is not None and not types <= noted)):  # fmt: skip
+            self.want(fmspc, ca)
+            _log.info("collateral_wanted", fmspc=fmspc.hex().upper(), ca=ca or "both")
         return found
+
+    def held(self, fmspc: bytes, ca: CaType) -> CachedCollateral | None:
+        """The bundle cached for ``fmspc`` and PCK CA type ``ca``, if any."""
+        return self._entries.get((fmspc, ca))
 
     def age(self, fmspc: bytes) -> float | None:
         """Seconds since the newest collateral held for ``fmspc`` was fetched (a metric)."""
@@ -101,7 +123,7 @@ class CollateralCache:
 
     def platforms(self) -> list[bytes]:
         """Every FMSPC noted or cached."""
-        return sorted(self._wanted | {f for f, _ in self._entries})
+        return sorted(set(self._wanted) | {f for f, _ in self._entries})
 
     # --- the fetching task --------------------------------------------------------------
 
@@ -115,15 +137,22 @@ class CollateralCache:
         """Return at the next successful fetch (of any platform)."""
         await self._changed.wait()
 
-    def want(self, fmspc: bytes) -> None:
-        """Fetch ``fmspc`` ahead of its first handshake (a platform known in advance)."""
-        self._wanted.add(fmspc)
+    async def attempted(self) -> None:
+        """Return once the next round of fetches is over, whether or not they succeeded."""
+        await self._attempted.wait()
+
+    def want(self, fmspc: bytes, ca: CaType | None = None) -> None:
+        """Fetch ``fmspc`` ahead of its first handshake (a platform known in advance), for
+        the PCK CA type ``ca`` only, or for both when it is not known."""
+        self._wanted.setdefault(fmspc, set()).update(_CA_TYPES if ca is None else (ca,))
         self._wake.set()
 
     async def _refresh(self, fmspc: bytes, ca: CaType) -> bool:
         try:
-            collateral = await self._fetch(fmspc, ca)
-        except PccsError as exc:
+            fetched = await self._fetch(fmspc, ca)
+            text = fetched if isinstance(fetched, str) else None
+            collateral = Collateral.from_json(fetched) if isinstance(fetched, str) else fetched
+        except (PccsError, CollateralError) as exc:
             held = self._entries.get((fmspc, ca))
             _log.warning(
                 "collateral_fetch_failed",
@@ -135,7 +164,7 @@ class CollateralCache:
                 else (self._clock() - held.fetched_at).total_seconds(),
             )
             return False
-        self._entries[(fmspc, ca)] = _Entry(collateral, self._clock())
+        self._entries[(fmspc, ca)] = CachedCollateral(collateral, self._clock(), text)
         self.generation += 1
         self._changed.set()
         self._changed = trio.Event()
@@ -151,7 +180,8 @@ class CollateralCache:
     def _due(self) -> float:
         """Seconds until the next refresh is due (0: now)."""
         now = self._clock()
-        waits = [0.0 for f in self._wanted if not any(k[0] == f for k in self._entries)]
+        waits = [0.0 for f, types in self._wanted.items() for ca in types
+                 if (f, ca) not in self._entries]  # fmt: skip
         for entry in self._entries.values():
             due = _expiry(entry.collateral) - REFRESH_MARGIN
             waits.append(max(0.0, (due - now).total_seconds()))
@@ -167,11 +197,13 @@ class CollateralCache:
             self._wake = trio.Event()
             now = self._clock()
             ok = True
-            for fmspc in sorted(self._wanted):
-                for ca in ("processor", "platform"):
+            for fmspc, types in sorted(self._wanted.items()):
+                for ca in sorted(types, reverse=True):  # processor first
                     entry = self._entries.get((fmspc, ca))
                     if entry is None or _expiry(entry.collateral) - REFRESH_MARGIN <= now:
                         ok = await self._refresh(fmspc, ca) and ok
+            self._attempted.set()
+            self._attempted = trio.Event()
             if ok:
                 retry = RETRY_MIN
             else:

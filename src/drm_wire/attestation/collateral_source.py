@@ -13,6 +13,11 @@ is raised, so expired collateral fails closed (``collateral_expired``). A verdic
 candidate that verified (revoked, rogue QE, TCB level) is final: an older candidate can
 never overrule it, so a host cannot staple old collateral to hide a TCB recovery.
 
+The verifier also passes the PCK CA type that issued the PCK leaf (``processor`` or
+``platform``; ``None`` when the issuer names neither), so a source that fetches fetches
+only the CRL that covers it; a fixed source may ignore it (collateral for the other CA is
+passed over at verification).
+
 A source with no candidate for the FMSPC gives no TCB status: the quote is judged as
 without collateral (QE against the pinned identity, status unknown, which a production
 policy refuses).
@@ -25,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from drm_wire.attestation._pck import CaType
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.errors import CollateralError
 from drm_wire.errors import ConfigError
@@ -42,8 +48,9 @@ __all__ = [
 class CollateralSource(Protocol):
     """Anything that can offer collateral for a platform."""
 
-    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
-        """The collateral it holds for ``fmspc`` (any order; may be empty)."""
+    def candidates(self, fmspc: bytes, ca: CaType | None = None) -> Sequence[Collateral]:
+        """The collateral it holds for ``fmspc`` and PCK CA ``ca`` (any order; may be
+        empty; ``ca`` is a hint: anything else offered is passed over at verification)."""
         ...
 
 
@@ -92,7 +99,7 @@ class CollateralSet:
                 raise ConfigError(f"not a collateral bundle: {exc}", path=str(path)) from exc
         return cls(items)
 
-    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
+    def candidates(self, fmspc: bytes, ca: CaType | None = None) -> Sequence[Collateral]:
         return tuple(self._by_fmspc.get(fmspc, ()))
 
     @property
@@ -112,8 +119,8 @@ class _Chained:
     def __init__(self, sources: Sequence[CollateralSource]) -> None:
         self._sources = tuple(sources)
 
-    def candidates(self, fmspc: bytes) -> Sequence[Collateral]:
-        return tuple(c for source in self._sources for c in source.candidates(fmspc))
+    def candidates(self, fmspc: bytes, ca: CaType | None = None) -> Sequence[Collateral]:
+        return tuple(c for source in self._sources for c in source.candidates(fmspc, ca))
 
     @property
     def generation(self) -> int | None:

@@ -41,17 +41,27 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 from urllib.parse import unquote
 
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from drm_wire.attestation._pck import CaType, parse_sgx_extension, pck_ca_type, x509_errors
 from drm_wire.attestation.collateral import MAX_COLLATERAL_BYTES, Collateral
+from drm_wire.attestation.errors import CertificateChainError
+from drm_wire.attestation.quote import Quote
 from drm_wire.errors import DrmError
 
-__all__ = ["MAX_RESPONSE_BYTES", "CaType", "PccsClient", "PccsError", "signed_member"]
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "CaType",
+    "PccsClient",
+    "PccsError",
+    "quote_platform",
+    "signed_member",
+]
 
 #: Largest response body read (TCB info is a few KiB; a CRL of every revoked PCK ~100 KiB).
 MAX_RESPONSE_BYTES: Final = MAX_COLLATERAL_BYTES
@@ -62,11 +72,24 @@ _TCB_CHAIN_HEADERS: Final = ("TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain
 _QE_CHAIN_HEADER: Final = "SGX-Enclave-Identity-Issuer-Chain"
 _CRL_CHAIN_HEADER: Final = "SGX-PCK-CRL-Issuer-Chain"
 
-CaType = Literal["processor", "platform"]
-
 
 class PccsError(DrmError):
     """The collateral service could not be reached, or answered something unusable."""
+
+
+def quote_platform(quote: Quote) -> tuple[bytes, CaType] | None:
+    """What a PCCS calls the platform that made ``quote``: the FMSPC in its PCK
+    certificate's SGX extension and the PCK CA type that issued it (``None`` if the PCK
+    certificate names no FMSPC or no PCK CA). Nothing is verified here.
+
+    Raises:
+        CertificateChainError: the PCK chain or its SGX extension is malformed.
+    """
+    with x509_errors(CertificateChainError, "PCK chain"):
+        leaf = x509.load_pem_x509_certificates(quote.pck_chain_pem.removesuffix(b"\0"))[0]
+    pck = parse_sgx_extension(leaf)
+    ca = pck_ca_type(leaf)
+    return None if pck is None or ca is None else (pck.fmspc, ca)
 
 
 def signed_member(body: bytes, member: str) -> tuple[bytes, str]:

@@ -266,10 +266,11 @@ def build_ratls_certificate(
     return RatlsCredentials(key, builder.sign(key, hashes.SHA256()))
 
 
-def restaple(credentials: RatlsCredentials, stapled_collateral: bytes) -> RatlsCredentials:
+def restaple(credentials: RatlsCredentials, stapled_collateral: bytes | None) -> RatlsCredentials:
     """The same key and the very same quotes, with ``stapled_collateral`` in place of what
-    ``credentials`` stapled: how an enclave that runs for weeks staples refreshed collateral
-    without asking its platform for new quotes.
+    ``credentials`` stapled (``None``: nothing, once what it stapled has expired): how an
+    enclave that runs for weeks staples refreshed collateral without asking its platform
+    for new quotes.
 
     Every quote is matched to the extension it came from by its report data (which depends
     only on the key), so a certificate whose quotes do not bind its key cannot be re-issued.

@@ -50,6 +50,7 @@ from drm_wire.attestation._pck import (
     VerifiedChain,
     ecdsa_ok,
     parse_sgx_extension,
+    pck_ca_type,
     spki_der,
     verify_chain,
     x509_errors,
@@ -79,6 +80,7 @@ __all__ = [
     "TrustAnchors",
     "VerifiedQuote",
     "clear_chain_cache",
+    "collateral_window",
     "verify_quote",
 ]
 
@@ -186,7 +188,7 @@ def _p256_key(xy: bytes) -> ec.EllipticCurvePublicKey:
         raise QuoteSignatureError("attestation key is not a P-256 point") from exc
 
 
-def _window(collateral: Collateral) -> tuple[datetime, datetime]:
+def collateral_window(collateral: Collateral) -> tuple[datetime, datetime]:
     """When every part of ``collateral`` (bodies, CRLs, issuer chains) is current."""
     crls = (collateral.pck_crl, collateral.root_ca_crl)
     certs = (*collateral.tcb_info_issuer_chain, *collateral.qe_identity_issuer_chain,
@@ -215,7 +217,7 @@ def _evaluate_newest(
         except CollateralError as exc:  # forged, expired, for another CA: try the next
             first_error = first_error or exc
             continue
-        return status, advisories, None if first_error is not None else _window(candidate)
+        return status, advisories, None if first_error is not None else collateral_window(candidate)
     assert first_error is not None  # candidates is not empty
     raise first_error
 
@@ -278,7 +280,8 @@ def verify_quote(
     if isinstance(collateral, Collateral):
         candidates = (collateral,)
     elif collateral is not None and pck is not None:
-        candidates = newest_first(collateral.candidates(pck.fmspc))
+        offered = collateral.candidates(pck.fmspc, pck_ca_type(chain.certs[0]))
+        candidates = newest_first(offered)
     window: tuple[datetime, datetime] | None = None
     if candidates:
         status, advisories, window = _evaluate_newest(quote, chain, pck, candidates, trust, now)
