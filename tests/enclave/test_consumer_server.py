@@ -248,7 +248,7 @@ async def test_protocol_violation_closes_only_that_connection(tmp_path: Path) ->
                 # A second hello is not allowed once the connection is open: written as a
                 # raw frame, past the client's own state machine.
                 header, payload = Hello(
-                    versions=(2,), role=PeerRole.CONSUMER, software="rude"
+                    versions=(3,), role=PeerRole.CONSUMER, software="rude"
                 ).to_wire()
                 for buffer in encode_frame(header, payload):
                     await rude.channel.stream.send_all(buffer)

@@ -78,7 +78,7 @@ async def test_hello_welcome(stream_pair: StreamPair) -> None:
             )
         ]
         assert client.version == server.version == PROTOCOL_VERSION
-        assert "custodian client open version=2" in repr(client)
+        assert "custodian client open version=3" in repr(client)
 
 
 async def test_messages_both_ways_then_clean_close(stream_pair: StreamPair) -> None:
