@@ -97,8 +97,10 @@ class Lab:
         lease: int | None = None,
         port: int = 0,
         log_level: str | None = None,
+        options: Sequence[str] = (),
     ) -> Daemon:
-        """Start ``drm_custodian serve``; wait until it listens."""
+        """Start ``drm_custodian serve``; wait until it listens. ``options`` are more flags
+        for ``serve``."""
         argv = python_command(
             "drm_custodian", "serve", "--state-dir", self.state_dir, "--policy", self.policy_path,
             "--initial-inferences", str(initial), "--port", str(port), "--admin-port", "0",
@@ -109,6 +111,7 @@ class Lab:
             argv += ["--lease", str(lease)]
         if log_level is not None:
             argv += ["--log-level", log_level]
+        argv += options
         return self._run_custodian(argv)
 
     def restart_custodian(self) -> Daemon:
@@ -183,7 +186,8 @@ class Lab:
         """``GET /usage``, the counters only."""
         assert self.admin is not None
         doc = self.admin.usage()
-        keys = ("supplied", "granted", "served", "in_doubt", "remaining", "instances")
+        keys = ("supplied", "granted", "served", "in_doubt", "returned", "reclaimed", "remaining",
+                "instances")  # fmt: skip
         return {k: int(doc[k]) for k in keys}
 
     def supply(self, units: int) -> None:
