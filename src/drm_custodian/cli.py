@@ -241,10 +241,6 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="supply N inferences at the first start (never again)")  # fmt: skip
     schema.add("--lease", Kind.INTEGER, type=_lease, default=DEFAULT_LEASE, metavar="N",
                help="most inferences lent to one enclave at a time")  # fmt: skip
-    schema.add("--reclaim-margin", Kind.INTEGER, type=_margin, default=int(DEFAULT_RECLAIM_MARGIN),
-               metavar="SECONDS",
-               help="`reclaim` writes off a lost enclave's units only after the custodian has "
-               "sent it nothing for its detection timeout plus this margin")  # fmt: skip
     schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
                help="lowest level logged (debug adds per-request events)")  # fmt: skip
     schema.add("--max-links", Kind.INTEGER, type=_cap, default=DEFAULT_MAX_LINKS, metavar="N",
@@ -252,6 +248,10 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
     schema.add("--max-link-handshakes", Kind.INTEGER, type=_cap,
                default=DEFAULT_MAX_LINK_HANDSHAKES, metavar="N",
                help="enclave-link TLS handshakes in progress at once; more wait")  # fmt: skip
+    schema.add("--reclaim-margin", Kind.INTEGER, type=_margin, default=int(DEFAULT_RECLAIM_MARGIN),
+               metavar="SECONDS",
+               help="`reclaim` writes off a lost enclave's units only after the custodian has "
+               "sent it nothing for its detection timeout plus this margin")  # fmt: skip
     # [models.NAME] tables: each model's lending terms (README, "Lending terms").
     schema.add_table("models", parse_models_table)
     return schema

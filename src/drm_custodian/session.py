@@ -354,9 +354,16 @@ class EnclaveSession:
     # --- model transfer ----------------------------------------------------------------
 
     async def _deliver_then_pump(self) -> None:
-        for model in self._ctx.models:
-            await self._deliver(model)
-        await self._resync()
+        try:
+            for model in self._ctx.models:
+                await self._deliver(model)
+            await self._resync()
+        except LocalProtocolError:
+            if not self.stopped:
+                raise
+            # It stopped (a final return) before it was ever synced: nothing more to send.
+            log.info("enclave_stopped_before_sync")
+            return
         self.ready = True
         while not self.stopped:
             if self._committed is not None:
