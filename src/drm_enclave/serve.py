@@ -213,7 +213,9 @@ async def _return_units(runtime: EnclaveRuntime, within: float, instance_id: str
     # What the custodian still counts against this instance: held by requests that did
     # not finish in time, or everything idle when the return was not acknowledged.
     in_doubt = quota.granted_total - quota.served_total - accounting.returns_acked
-    if sent and not accounting.returns_pending:
+    # Settled only when the custodian acknowledged all that was taken back (a link lost
+    # and made again meanwhile drops the returns in flight: not acknowledged).
+    if sent and accounting.returns_acked == quota.returned_total:
         _log.info(
             "enclave_units_returned",
             returned_total=accounting.returns_acked,

@@ -186,8 +186,7 @@ class Lab:
         """``GET /usage``, the counters only."""
         assert self.admin is not None
         doc = self.admin.usage()
-        keys = ("supplied", "granted", "served", "in_doubt", "returned", "reclaimed", "remaining",
-                "instances")  # fmt: skip
+        keys = ("supplied", "granted", "served", "in_doubt", "remaining", "instances")
         return {k: int(doc[k]) for k in keys}
 
     def supply(self, units: int) -> None:

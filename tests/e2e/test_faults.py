@@ -102,7 +102,7 @@ async def _usage_when(lab: Lab, what: str, **expected: int) -> Usage:
 def _check_ledger(usage: Usage) -> None:
     """I1 and the ledger's own arithmetic, whatever the moment."""
     assert usage["served"] <= usage["granted"], usage
-    back = usage["returned"] + usage["reclaimed"]  # supply again (I18, I19)
+    back = usage.get("returned", 0) + usage.get("reclaimed", 0)  # supply again (I18, I19)
     assert usage["supplied"] + back == usage["granted"] + usage["remaining"], usage
     assert usage["served"] + usage["in_doubt"] + back == usage["granted"], usage
     assert min(usage.values()) >= 0, usage

@@ -62,7 +62,7 @@ class RawConsumer:
         return from_frame(frame)
 
     async def hello(self) -> None:
-        await self.send({"type": "hello", "versions": [2], "role": "consumer",
+        await self.send({"type": "hello", "versions": [3], "role": "consumer",
                          "software": "attacker"})  # fmt: skip
         assert isinstance(await self.receive(), Welcome)
 
