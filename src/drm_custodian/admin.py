@@ -6,7 +6,7 @@ Theory of operation
 trio worker with the custodian's server certificate. Hypercorn (over h11) does all HTTP
 parsing; the app sees a parsed scope and body chunks, and only routes, authenticates,
 bounds and validates (body and field checks live in :mod:`drm_custodian._admin_http`).
-It is a raw ASGI app rather than quart-trio or starlette because the API is six fixed
+It is a raw ASGI app rather than quart-trio or starlette because the API is seven fixed
 routes with JSON answers: a framework would add a dependency tree, HTML error pages, its
 own body-size and logging conventions, and hide the limit checks this module must make
 explicit (D01-D08 in the threat model).
@@ -39,6 +39,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,9 +77,11 @@ from drm_custodian.ledger import (
     Balance,
     GrantPlan,
     IdempotencyConflict,
+    InstanceRecord,
     Ledger,
     LedgerInputError,
     LedgerStorageError,
+    ReclaimRefused,
     SupplyResult,
 )
 from drm_wire.attestation.pccs import CaType
@@ -108,6 +111,8 @@ DEFAULT_ADMIN_PORT: Final = 6000
 READ_TIMEOUT: Final = 10
 #: Hypercorn: how long an idle keep-alive connection is kept. CLI calls are one-shot.
 KEEP_ALIVE_TIMEOUT: Final = 5.0
+#: An enclave instance id: 32 lower-case hex characters (docs/links.md, step 2).
+_INSTANCE_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 
 
 class AdminHooks(Protocol):
@@ -129,6 +134,15 @@ class AdminHooks(Protocol):
     def instances(self, borrower: str) -> int:
         """Enclave instances of the borrower connected now."""
 
+    def live_instances(self, borrower: str) -> set[str]:
+        """The ids of the borrower's instances connected now."""
+
+    def silent_for(self, borrower: str, instance_id: str) -> float | None:
+        """Seconds the custodian has sent the instance nothing; ``None`` while it is live."""
+
+    async def on_reclaimed(self, borrower: str) -> None:
+        """Units in doubt were written off: they are supply again."""
+
 
 @dataclass
 class RecordingHooks:
@@ -136,6 +150,8 @@ class RecordingHooks:
 
     connected: int = 0
     calls: list[tuple[str, str, object]] = field(default_factory=list)
+    #: What :meth:`silent_for` answers for every instance (``None``: live).
+    silence: float | None = 0.0
 
     def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
         return []
@@ -152,6 +168,39 @@ class RecordingHooks:
     def instances(self, borrower: str) -> int:
         return self.connected
 
+    def live_instances(self, borrower: str) -> set[str]:
+        return set()
+
+    def silent_for(self, borrower: str, instance_id: str) -> float | None:
+        return self.silence
+
+    async def on_reclaimed(self, borrower: str) -> None:
+        self.calls.append(("reclaimed", borrower, None))
+
+
+def instance_state(record: InstanceRecord, live: bool) -> str:
+    """What ``usage`` calls an instance: ``live``, ``stopped_clean``, ``reclaimed``,
+    ``in_doubt`` (gone with units in doubt), or ``ended`` (gone, nothing in doubt)."""
+    if live:
+        return "live"
+    if record.retired == "reclaimed":
+        return "reclaimed"
+    if record.stopped:
+        return "stopped_clean"
+    return "in_doubt" if record.in_doubt else "ended"
+
+
+def _instance_doc(record: InstanceRecord, live: bool) -> dict[str, object]:
+    return {
+        "instance": record.instance_id,
+        "state": instance_state(record, live),
+        "granted": record.granted,
+        "served": record.served,
+        "returned": record.returned,
+        "reclaimed": record.reclaimed,
+        "in_doubt": record.in_doubt,
+    }
+
 
 def _usage_doc(borrower: str, balance: Balance, instances: int) -> dict[str, object]:
     return {
@@ -161,6 +210,8 @@ def _usage_doc(borrower: str, balance: Balance, instances: int) -> dict[str, obj
         "served": balance.served,
         "requests": balance.requests,
         "in_doubt": balance.in_doubt,
+        "returned": balance.returned,
+        "reclaimed": balance.reclaimed,
         "remaining": balance.remaining,
         "blocked": balance.blocked,
         "instances": instances,
@@ -179,6 +230,8 @@ class AdminApp:
         collateral_ages: seconds since each cached ``(fmspc, ca)`` collateral was fetched
             (the PCCS cache's ``ages``), read at every ``/metrics``; None without a PCCS.
         body_timeout: seconds to receive a whole request body (tests shorten it).
+        reclaim_window: seconds the custodian must have sent an instance nothing before
+            ``POST /reclaim`` writes its units off (``SessionConfig.reclaim_window``).
     """
 
     def __init__(
@@ -191,6 +244,7 @@ class AdminApp:
         registry: CollectorRegistry | None = None,
         body_timeout: float = BODY_TIMEOUT,
         collateral_ages: Callable[[], Mapping[tuple[bytes, CaType], float]] | None = None,
+        reclaim_window: float = 63.0,
     ) -> None:
         if not token:
             raise ConfigError("the admin token must not be empty", key="token")
@@ -199,6 +253,7 @@ class AdminApp:
         self._token_digest = hashlib.sha256(token.encode()).digest()
         self._borrower = borrower
         self._body_timeout = body_timeout
+        self._reclaim_window = reclaim_window
         self.registry = registry or CollectorRegistry()
         self._requests = Counter(
             "drm_custodian_admin_requests",
@@ -213,12 +268,21 @@ class AdminApp:
                 ("granted", "Inferences lent to enclave instances, in total."),
                 ("served", "Inferences reported served (items, under the models' terms)."),
                 ("requests", "Requests the served inferences came in."),
-                ("in_doubt", "Inferences granted but not yet reported served."),
+                ("in_doubt", "Inferences granted and neither served, returned nor written off."),
+                ("returned", "Inferences the enclaves gave back, confirmed by them."),
+                ("reclaimed", "Inferences in doubt the owner wrote off."),
                 ("remaining", "Inferences that may still be granted."),
                 ("blocked", "1 when the borrower is blocked."),
                 ("instances", "Enclave instances connected now."),
             )
         }
+        self._instances_in_doubt = Gauge(
+            "drm_custodian_instances_in_doubt",
+            "Enclave instances gone (not linked) with inferences in doubt: candidates for "
+            "`drm_custodian reclaim`.",
+            ["borrower"],
+            registry=self.registry,
+        )
         self._collateral_ages = collateral_ages
         self._collateral_age = Gauge(
             "drm_custodian_collateral_age_seconds",
@@ -233,6 +297,7 @@ class AdminApp:
             "/usage": ("GET", self._usage),
             "/metrics": ("GET", self._metrics),
             "/healthz": ("GET", self._healthz),
+            "/reclaim": ("POST", self._reclaim),
         }
 
     async def __call__(
@@ -413,14 +478,84 @@ class AdminApp:
         return reason
 
     async def _usage(self, request: Request) -> Response:
-        balance = await self._ledger.balance(self._borrower)
-        return json_response(
-            200, _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
+        return json_response(200, await self._usage_with_instances())
+
+    async def _usage_with_instances(self) -> dict[str, object]:
+        """The usage document with every instance the ledger knows and its state."""
+        borrower = self._borrower
+        balance = await self._ledger.balance(borrower)
+        records = await self._ledger.instances(borrower)
+        live = self._hooks.live_instances(borrower)
+        doc = _usage_doc(borrower, balance, self._hooks.instances(borrower))
+        doc["by_instance"] = [_instance_doc(r, r.instance_id in live) for r in records]
+        return doc
+
+    async def _reclaim(self, request: Request) -> Response:
+        """Write off a lost instance's units in doubt: the owner's decision (I21)."""
+        fields, _ = await read_fields(request, allowed={"instance"}, required=True)
+        instance = fields.get("instance")
+        if not isinstance(instance, str) or not _INSTANCE_ID_RE.fullmatch(instance):
+            raise HttpError(
+                400,
+                "bad_request",
+                "must be an instance id: 32 hex characters (`usage` lists them)",
+                field="instance",
+            )
+        borrower, window = self._borrower, self._reclaim_window
+        silent = self._hooks.silent_for(borrower, instance)
+        if silent is None:
+            raise HttpError(
+                409,
+                "instance_live",
+                f"instance {instance} is linked now, so it is not lost: a SIGTERM to its "
+                "enclave returns its units; block the borrower to stop it serving",
+                field="instance",
+            )
+        if silent < window:
+            wait = window - silent
+            raise HttpError(
+                409,
+                "reclaim_too_soon",
+                f"the custodian could have sent instance {instance} something {silent:.1f} s "
+                f"ago; a write-off is allowed {window:.1f} s after that (the enclave's "
+                "detection timeout plus the margin, so that a lost enclave has stopped "
+                f"serving): retry in {wait:.1f} s",
+                field="instance",
+                headers={"Retry-After": str(int(wait) + 1)},
+            )
+        try:
+            result = await self._ledger.reclaim(borrower, instance)
+        except ReclaimRefused as exc:
+            unknown = "no instance" in str(exc)
+            raise HttpError(
+                404 if unknown else 409,
+                "unknown_instance" if unknown else "already_reclaimed",
+                str(exc),
+                field="instance",
+            ) from exc
+        log.warning(
+            "admin_reclaim",
+            client=request.client,
+            borrower=borrower,
+            instance=instance,
+            units=result.units,
+            silent_for=round(silent, 1),
+            remaining=result.balance.remaining,
         )
+        await self._hooks.on_reclaimed(borrower)
+        doc = await self._usage_with_instances()
+        return json_response(200, {**doc, "instance": instance, "written_off": result.units})
 
     async def _metrics(self, request: Request) -> Response:
         balance = await self._ledger.balance(self._borrower)
         doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
+        live = self._hooks.live_instances(self._borrower)
+        gone_in_doubt = sum(
+            1
+            for record in await self._ledger.instances(self._borrower)
+            if record.in_doubt and record.retired is None and record.instance_id not in live
+        )
+        self._instances_in_doubt.labels(self._borrower).set(gone_in_doubt)
         for name, gauge in self._gauges.items():
             value = doc[name]
             assert isinstance(value, int)  # bool is an int: blocked -> 0/1

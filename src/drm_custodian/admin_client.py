@@ -90,6 +90,11 @@ class AdminClient:
         """Unblock the borrower; returns the usage document."""
         return self._call("POST", "/unblock")
 
+    def reclaim(self, instance_id: str) -> dict[str, object]:
+        """Write off a lost instance's units in doubt (I21); returns the usage document
+        with ``written_off``."""
+        return self._call("POST", "/reclaim", form={"instance": instance_id})
+
     def usage(self) -> dict[str, object]:
         """Supplied, granted, served, in doubt, remaining, blocked, instances."""
         return self._call("GET", "/usage")
@@ -169,9 +174,26 @@ class AdminClient:
 
 def format_usage(doc: Mapping[str, object]) -> str:
     """The usage document as the ``usage`` command prints it without ``--json``."""
-    keys = ("borrower", "supplied", "granted", "served", "requests", "in_doubt", "remaining",
-            "blocked", "instances")  # fmt: skip
-    return "\n".join(f"{key:<10} {doc[key]}" for key in keys if key in doc)
+    keys = ("borrower", "supplied", "granted", "served", "requests", "in_doubt", "returned",
+            "reclaimed", "remaining", "blocked", "instances", "written_off")  # fmt: skip
+    lines = [f"{key:<10} {doc[key]}" for key in keys if key in doc]
+    rows = doc.get("by_instance")
+    if isinstance(rows, list) and rows:
+        columns = ("instance", "state", "granted", "served", "returned", "reclaimed", "in_doubt")
+        lines.append("")
+        lines.append("  ".join(f"{c:<32}" if c == "instance" else f"{c:>13}" if c == "state"
+                               else f"{c:>9}" for c in columns))  # fmt: skip
+        for row in rows:
+            if isinstance(row, dict):
+                lines.append(
+                    "  ".join(
+                        f"{row.get(c)!s:<32}" if c == "instance"
+                        else f"{row.get(c)!s:>13}" if c == "state"
+                        else f"{row.get(c)!s:>9}"
+                        for c in columns
+                    )
+                )  # fmt: skip
+    return "\n".join(lines)
 
 
 def _reason(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ from drm_custodian.serve import (
     ServeConfig,
     serve,
 )
-from drm_custodian.session import SessionConfig
+from drm_custodian.session import DEFAULT_RECLAIM_MARGIN, SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
 from drm_custodian.state_lock import lock_state_dir
 from drm_daemon.config_file import ConfigSchema, Kind
@@ -122,6 +122,22 @@ def _cap(text: str) -> int:
     return value
 
 
+#: The largest --reclaim-margin: a day.
+MAX_RECLAIM_MARGIN: Final = 86_400
+
+
+def _margin(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_RECLAIM_MARGIN:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from 0 to {MAX_RECLAIM_MARGIN} (a day)"
+        )
+    return value
+
+
 def _lease(text: str) -> int:
     try:
         return check_lease(int(text))
@@ -177,7 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     block = admin_command("block", "block the borrower: its enclaves stop serving at once")
     block.add_argument("--reason", default="", help="shown to the borrower's enclaves")
     admin_command("unblock", "unblock the borrower")
-    usage = admin_command("usage", "supplied, granted, served, remaining, blocked")
+    reclaim = admin_command(
+        "reclaim",
+        "write off the inferences in doubt of a lost enclave instance (the owner's decision; "
+        "allowed once the custodian has sent it nothing for its reclaim window); the "
+        "instance id is refused from then on",
+    )
+    reclaim.add_argument("--instance", required=True, metavar="ID",
+                         help="the instance id, as `usage` lists it")  # fmt: skip
+    reclaim.add_argument("--json", action="store_true", help="print the JSON document")
+    usage = admin_command(
+        "usage", "supplied, granted, served, remaining, blocked, and each enclave instance"
+    )
     usage.add_argument("--json", action="store_true", help="print the JSON document")
     return parser
 
@@ -221,6 +248,10 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
     schema.add("--max-link-handshakes", Kind.INTEGER, type=_cap,
                default=DEFAULT_MAX_LINK_HANDSHAKES, metavar="N",
                help="enclave-link TLS handshakes in progress at once; more wait")  # fmt: skip
+    schema.add("--reclaim-margin", Kind.INTEGER, type=_margin, default=int(DEFAULT_RECLAIM_MARGIN),
+               metavar="SECONDS",
+               help="`reclaim` writes off a lost enclave's units only after the custodian has "
+               "sent it nothing for its detection timeout plus this margin")  # fmt: skip
     # [models.NAME] tables: each model's lending terms (README, "Lending terms").
     schema.add_table("models", parse_models_table)
     return schema
@@ -296,7 +327,7 @@ def _serve_config(
         port=args.port,
         admin_port=args.admin_port,
         initial_inferences=args.initial_inferences,
-        session=SessionConfig(lease=args.lease),
+        session=SessionConfig(lease=args.lease, reclaim_margin=float(args.reclaim_margin)),
         max_links=args.max_links,
         max_link_handshakes=args.max_link_handshakes,
     )
@@ -381,6 +412,8 @@ def _admin(args: argparse.Namespace, out: TextIO) -> int:
         doc = client.block(args.reason)
     elif args.command == "unblock":
         doc = client.unblock()
+    elif args.command == "reclaim":
+        doc = client.reclaim(args.instance)
     else:
         doc = client.usage()
     if getattr(args, "json", False):

@@ -193,6 +193,17 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
         with structlog.contextvars.bound_contextvars(
             borrower=record.borrower, instance=instance_id
         ):
+            known = await ctx.ledger.instance(record.borrower, instance_id)
+            if known is not None and known.retired is not None:
+                # It stopped cleanly or the owner wrote it off (I20, I21): never again.
+                log.warning("enclave_instance_retired", why=known.retired)
+                await send_last_words(
+                    channel,
+                    ErrorCode.INSTANCE_RETIRED,
+                    f"this enclave instance is {known.retired}: restart the enclave process "
+                    "(a new process is a new instance)",
+                )
+                return
             session = EnclaveSession(
                 ctx, channel, identity, record, instance_id, held=hello.held or ()
             )

@@ -34,7 +34,10 @@ transaction as the version bump, so an interrupted upgrade leaves the file as it
 new file is made by the same path from the records' layout, so a fresh file and an
 upgraded one cannot differ. Version 2 added the totals; version 3 counts the requests
 served beside the inferences (a request of ``k`` items is ``k`` inferences, one request:
-the lending terms, I14).
+the lending terms, I14); version 4 records units coming back: ``returns`` (an instance's
+cumulative returned total, as the enclave confirmed it, I20, and whether it was its
+final one: a clean stop) and ``reclaims`` (the owner's write-off of a dead instance's
+units in doubt, I21), two more append-only tables, each never mistaken for the other.
 
 Durability: WAL with ``synchronous=FULL``, so a returned COMMIT survives a process crash
 and a power cut (WAL + ``NORMAL`` may lose the last commits on power loss). Each write is
@@ -62,7 +65,7 @@ from typing import Final, TypeVar
 import structlog
 import trio
 
-from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.limits import MAX_GRANT_UNITS, MAX_UINT
 
 from .ledger_records import (
     MAX_NAME_LEN,
@@ -71,10 +74,15 @@ from .ledger_records import (
     Grant,
     GrantRefused,
     IdempotencyConflict,
+    InstanceRecord,
+    InstanceRetired,
     InsufficientSupply,
     LedgerError,
     LedgerInputError,
     LedgerStorageError,
+    ReclaimRefused,
+    ReclaimResult,
+    ReturnResult,
     SupplyResult,
     UsageReport,
     UsageResult,
@@ -93,11 +101,16 @@ __all__ = [
     "GrantPlan",
     "GrantRefused",
     "IdempotencyConflict",
+    "InstanceRecord",
+    "InstanceRetired",
     "InsufficientSupply",
     "Ledger",
     "LedgerError",
     "LedgerInputError",
     "LedgerStorageError",
+    "ReclaimRefused",
+    "ReclaimResult",
+    "ReturnResult",
     "SupplyResult",
     "UsageReport",
     "UsageResult",
@@ -113,7 +126,7 @@ GrantPlan = Callable[[Balance, int, int], int]
 
 #: Version of the table layout below; older files are upgraded on open along
 #: :data:`_MIGRATIONS`, a newer or unknown version is refused, not guessed at.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: Block reasons are operator prose; a paragraph is plenty.
 MAX_REASON_LEN: Final = 1024
 #: Usage reports in one batch transaction: bounds the time the single writer is held.
@@ -185,6 +198,42 @@ _REQUESTS_SCHEMA_V3: Final = [
                       requests = MAX(requests, NEW.requests_total); END""",
 ]
 
+#: Version 4: units coming back. ``returns``: an instance's cumulative returned total as
+#: its enclave confirmed it (I20), and whether that return was final (a clean stop);
+#: ``reclaims``: the owner's write-off of a dead instance's units in doubt (I21), at most
+#: one per instance. Both append-only; the instance's totals gain ``returned``,
+#: ``stopped`` and ``reclaimed``, kept by triggers like the others.
+_RETURNS_SCHEMA_V4: Final = [
+    """CREATE TABLE returns (id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
+        instance_id TEXT NOT NULL, returned_total INTEGER NOT NULL CHECK (returned_total >= 0),
+        final INTEGER NOT NULL CHECK (final IN (0, 1)), recall_id INTEGER, at REAL NOT NULL)""",
+    "CREATE INDEX returns_by_instance ON returns (borrower, instance_id, returned_total)",
+    """CREATE TABLE reclaims (id INTEGER PRIMARY KEY, borrower TEXT NOT NULL,
+        instance_id TEXT NOT NULL, units INTEGER NOT NULL CHECK (units >= 0),
+        at REAL NOT NULL, UNIQUE (borrower, instance_id))""",
+    "ALTER TABLE instance_totals ADD COLUMN returned INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE instance_totals ADD COLUMN stopped INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE instance_totals ADD COLUMN reclaimed INTEGER NOT NULL DEFAULT 0",
+    """CREATE TRIGGER returns_total AFTER INSERT ON returns BEGIN
+        INSERT INTO instance_totals (borrower, instance_id, granted, served, requests,
+            returned, stopped, reclaimed)
+        VALUES (NEW.borrower, NEW.instance_id, 0, 0, 0, NEW.returned_total, NEW.final, 0)
+        ON CONFLICT (borrower, instance_id)
+        DO UPDATE SET returned = MAX(returned, NEW.returned_total),
+                      stopped = MAX(stopped, NEW.final); END""",
+    """CREATE TRIGGER reclaims_total AFTER INSERT ON reclaims BEGIN
+        INSERT INTO instance_totals (borrower, instance_id, granted, served, requests,
+            returned, stopped, reclaimed)
+        VALUES (NEW.borrower, NEW.instance_id, 0, 0, 0, 0, 0, NEW.units)
+        ON CONFLICT (borrower, instance_id)
+        DO UPDATE SET reclaimed = reclaimed + NEW.units; END""",
+] + [
+    f"CREATE TRIGGER {table}_no_{op.lower()} BEFORE {op} ON {table} "
+    f"BEGIN SELECT RAISE(ABORT, 'ledger tables are append-only'); END"
+    for table in ("returns", "reclaims")
+    for op in ("UPDATE", "DELETE")
+]
+
 #: The totals as version 2 laid them out, from the records (the 1 -> 2 step fills them).
 _TOTALS_FROM_RECORDS_V2: Final = {
     "borrower_totals": "SELECT borrower, SUM(units) FROM supplies GROUP BY borrower",
@@ -200,12 +249,19 @@ _TOTALS_FROM_RECORDS_V2: Final = {
 _TOTALS_FROM_RECORDS: Final = {
     "borrower_totals": "SELECT borrower, SUM(units) FROM supplies GROUP BY borrower",
     "instance_totals": """SELECT borrower, instance_id, MAX(granted), MAX(served),
-        MAX(requests) FROM (
-        SELECT borrower, instance_id, MAX(cumulative) AS granted, 0 AS served, 0 AS requests
+        MAX(requests), MAX(returned), MAX(stopped), SUM(reclaimed) FROM (
+        SELECT borrower, instance_id, MAX(cumulative) AS granted, 0 AS served, 0 AS requests,
+            0 AS returned, 0 AS stopped, 0 AS reclaimed
             FROM grants GROUP BY borrower, instance_id
         UNION ALL
-        SELECT borrower, instance_id, 0, MAX(served_total), MAX(requests_total)
-            FROM usage GROUP BY borrower, instance_id)
+        SELECT borrower, instance_id, 0, MAX(served_total), MAX(requests_total), 0, 0, 0
+            FROM usage GROUP BY borrower, instance_id
+        UNION ALL
+        SELECT borrower, instance_id, 0, 0, 0, MAX(returned_total), MAX(final), 0
+            FROM returns GROUP BY borrower, instance_id
+        UNION ALL
+        SELECT borrower, instance_id, 0, 0, 0, 0, 0, SUM(units)
+            FROM reclaims GROUP BY borrower, instance_id)
         GROUP BY borrower, instance_id""",
 }
 #: Rows on one side only, both ways: the stored totals that the records do not give, and
@@ -225,14 +281,22 @@ _GRANT_UNITS_MISMATCH: Final = """SELECT borrower, instance_id FROM grants
 _SERVED_AND_GRANTED = """SELECT COALESCE(MAX(served), 0), COALESCE(MAX(granted), 0)
     FROM instance_totals WHERE borrower=? AND instance_id=?"""
 # Supplied, granted, served (sum over instances), in doubt (sum over instances of granted -
-# served, never negative), blocked: one statement, one snapshot, read from the totals.
+# served - returned - reclaimed, never negative), blocked, requests, returned, reclaimed:
+# one statement, one snapshot, read from the totals.
 _BALANCE: Final = """SELECT
     COALESCE((SELECT supplied FROM borrower_totals WHERE borrower=:b), 0),
     COALESCE(SUM(granted), 0), COALESCE(SUM(served), 0),
-    COALESCE(SUM(MAX(granted - served, 0)), 0),
+    COALESCE(SUM(MAX(granted - served - returned - reclaimed, 0)), 0),
     (SELECT blocked FROM blocks WHERE borrower=:b ORDER BY id DESC LIMIT 1),
-    COALESCE(SUM(requests), 0)
+    COALESCE(SUM(requests), 0), COALESCE(SUM(returned), 0), COALESCE(SUM(reclaimed), 0)
     FROM instance_totals WHERE borrower=:b"""
+# One instance, all its totals (no row: never seen).
+_INSTANCE: Final = """SELECT instance_id, granted, served, requests, returned, reclaimed, stopped,
+    EXISTS (SELECT 1 FROM reclaims r WHERE r.borrower=t.borrower AND r.instance_id=t.instance_id)
+    FROM instance_totals t WHERE borrower=? AND instance_id=?"""
+_INSTANCES: Final = """SELECT instance_id, granted, served, requests, returned, reclaimed, stopped,
+    EXISTS (SELECT 1 FROM reclaims r WHERE r.borrower=t.borrower AND r.instance_id=t.instance_id)
+    FROM instance_totals t WHERE borrower=? ORDER BY instance_id"""
 
 
 #: The totals' triggers use UPSERT (``INSERT ... ON CONFLICT DO UPDATE``), new in 3.24.
@@ -310,11 +374,20 @@ def _add_requests(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE instance_totals SET requests = served")
 
 
+def _add_returns(conn: sqlite3.Connection) -> None:
+    """Version 3 -> 4: the returns and reclaims tables, and their totals. Nothing came
+    back before version 4, so every instance starts with 0 returned and 0 reclaimed (the
+    new columns' default), live, not stopped."""
+    for statement in _RETURNS_SCHEMA_V4:
+        conn.execute(statement)
+
+
 #: The ordered migration path: ``_MIGRATIONS[n - 1]`` takes version ``n`` to ``n + 1``.
 #: A later change of the layout appends its step here and bumps :data:`SCHEMA_VERSION`.
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _add_totals,
     _add_requests,
+    _add_returns,
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION - 1
 
@@ -607,6 +680,117 @@ class Ledger:
 
         return await self._run(body, write=False)
 
+    async def record_return(
+        self,
+        borrower: str,
+        instance_id: str,
+        *,
+        returned_total: int,
+        served_total: int,
+        requests_total: int,
+        final: bool,
+        recall_id: int | None = None,
+    ) -> ReturnResult:
+        """Record an instance's return (I20): its served total first (as a usage report
+        with ``seq`` 0), then the return, in one transaction.
+
+        The return is credited only if it does not go back and
+        ``served + returned_total <= granted`` holds for the instance (``served`` as now
+        recorded). Otherwise it is refused: nothing of it is written, the served total
+        stands, and :attr:`ReturnResult.refused` says why. A total equal to the recorded
+        one credits nothing (a replay) but may still mark the instance stopped when final.
+
+        Raises:
+            LedgerInputError: bad borrower, instance id, totals or recall id.
+        """
+        report = UsageReport(
+            borrower=borrower,
+            instance_id=instance_id,
+            served_total=served_total,
+            seq=0,
+            requests_total=requests_total,
+        )
+        _check_int(returned_total, "returned_total", low=0, high=MAX_UINT)
+        if type(final) is not bool:
+            raise LedgerInputError("must be a bool", field="final", got=type(final).__name__)
+        if recall_id is not None:
+            _check_int(recall_id, "recall_id", low=0, high=MAX_UINT)
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> ReturnResult:
+            _, _, served, granted, _, _ = _apply_usage(conn, report, at)
+            record = _instance(conn, borrower, instance_id)
+            recorded = 0 if record is None else record.returned
+            refused = None
+            if returned_total < recorded:
+                refused = f"returned_total {returned_total} is below the recorded {recorded}"
+            elif served + returned_total > granted:
+                refused = (
+                    f"returning {returned_total} with {served} served exceeds the {granted} granted"
+                )
+            elif record is not None and record.was_reclaimed:
+                refused = "the owner wrote this instance off"
+            credited = 0
+            if refused is None:
+                stopped = record is not None and record.stopped
+                if returned_total > recorded or (final and not stopped):
+                    conn.execute(
+                        "INSERT INTO returns (borrower, instance_id, returned_total, final, "
+                        "recall_id, at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (borrower, instance_id, returned_total, int(final), recall_id, at),
+                    )
+                credited = returned_total - recorded
+                recorded = returned_total
+            return ReturnResult(
+                recorded, credited, served, granted, refused, _balance(conn, borrower)
+            )
+
+        return await self._run(body)
+
+    async def reclaim(self, borrower: str, instance_id: str) -> ReclaimResult:
+        """Write off what the instance holds in doubt, as the owner's decision (I21).
+
+        The caller (the admin API) checks the instance is not live and the time since
+        anything was sent to it; the ledger records the write-off (even of 0 units: the
+        record retires the instance id) at most once per instance.
+
+        Raises:
+            LedgerInputError: bad borrower or instance id.
+            ReclaimRefused: the ledger never saw this instance, or it was reclaimed already.
+        """
+        _check_name(borrower, "borrower")
+        _check_name(instance_id, "instance_id")
+        at = self._clock()
+
+        def body(conn: sqlite3.Connection) -> ReclaimResult:
+            record = _instance(conn, borrower, instance_id)
+            if record is None:
+                raise ReclaimRefused(f"no instance {instance_id} of {borrower} in the ledger")
+            if record.was_reclaimed:
+                raise ReclaimRefused(f"instance {instance_id} was reclaimed already")
+            units = record.in_doubt
+            conn.execute(
+                "INSERT INTO reclaims (borrower, instance_id, units, at) VALUES (?, ?, ?, ?)",
+                (borrower, instance_id, units, at),
+            )
+            return ReclaimResult(instance_id, units, _balance(conn, borrower))
+
+        return await self._run(body)
+
+    async def instance(self, borrower: str, instance_id: str) -> InstanceRecord | None:
+        """One instance's totals, or ``None`` if the ledger never saw it."""
+        _check_name(borrower, "borrower")
+        _check_name(instance_id, "instance_id")
+        return await self._run(lambda conn: _instance(conn, borrower, instance_id), write=False)
+
+    async def instances(self, borrower: str) -> list[InstanceRecord]:
+        """Every instance the borrower ever had, by id."""
+        _check_name(borrower, "borrower")
+        return await self._run(
+            lambda conn: [_instance_record(row) for row in conn.execute(_INSTANCES, (borrower,))],
+            write=False,
+        )
+
     async def integrity_check(self) -> None:
         """Run SQLite's ``PRAGMA integrity_check`` (after a crash, before serving).
 
@@ -652,10 +836,33 @@ def _apply_usage(
 
 
 def _balance(conn: sqlite3.Connection, borrower: str) -> Balance:
-    supplied, granted, served, in_doubt, blocked, requests = conn.execute(
+    supplied, granted, served, in_doubt, blocked, requests, returned, reclaimed = conn.execute(
         _BALANCE, {"b": borrower}
     ).fetchone()
-    return Balance(supplied, granted, served, in_doubt, supplied - granted, bool(blocked), requests)
+    # Units returned (I20) or written off (I21) may be granted again.
+    remaining = supplied - granted + returned + reclaimed
+    return Balance(
+        supplied, granted, served, in_doubt, remaining, bool(blocked), requests, returned, reclaimed
+    )
+
+
+def _instance(conn: sqlite3.Connection, borrower: str, instance_id: str) -> InstanceRecord | None:
+    row = conn.execute(_INSTANCE, (borrower, instance_id)).fetchone()
+    return None if row is None else _instance_record(row)
+
+
+def _instance_record(row: tuple[object, ...]) -> InstanceRecord:
+    instance_id, granted, served, requests, returned, reclaimed, stopped, was_reclaimed = row
+    return InstanceRecord(
+        instance_id,  # type: ignore[arg-type]
+        granted,  # type: ignore[arg-type]
+        served,  # type: ignore[arg-type]
+        requests,  # type: ignore[arg-type]
+        returned,  # type: ignore[arg-type]
+        reclaimed,  # type: ignore[arg-type]
+        bool(stopped),
+        bool(was_reclaimed),
+    )
 
 
 def _grant_planned(
@@ -665,6 +872,9 @@ def _grant_planned(
     balance = _balance(conn, borrower)
     if balance.blocked:
         return balance, None
+    record = _instance(conn, borrower, instance_id)
+    if record is not None and record.retired is not None:
+        return balance, None  # stopped or reclaimed: nothing more, and the supply stands
     served, granted = conn.execute(_SERVED_AND_GRANTED, (borrower, instance_id)).fetchone()
     units = plan(balance, granted, served)
     if units == 0:
@@ -685,6 +895,10 @@ def _insert_grant(
     remaining = balance.remaining
     if balance.blocked:
         raise BorrowerBlocked("borrower is blocked", borrower=borrower, remaining=remaining)
+    record = _instance(conn, borrower, instance_id)
+    if record is not None and record.retired is not None:
+        msg = f"instance {instance_id} is {record.retired}: it gets nothing more"
+        raise InstanceRetired(msg, borrower=borrower, remaining=remaining)
     if units > remaining:
         msg = f"{units} units asked, {remaining} remaining"
         raise InsufficientSupply(msg, borrower=borrower, remaining=remaining)

@@ -59,6 +59,14 @@ class BorrowerBlocked(GrantRefused):
     """The borrower is blocked (I13: once blocked, grants stop growing)."""
 
 
+class InstanceRetired(GrantRefused):
+    """The instance stopped cleanly or was reclaimed: it gets nothing more (I20, I21)."""
+
+
+class ReclaimRefused(LedgerError):
+    """A write-off the ledger cannot record: no such instance, or already reclaimed."""
+
+
 @dataclass(frozen=True, slots=True)
 class SupplyResult:
     """A committed top-up. ``replayed`` is true when a retry returned the original record.
@@ -141,6 +149,66 @@ class Balance:
     blocked: bool
     #: Requests the served inferences came in (a batch of k is k inferences, 1 request).
     requests: int = 0
+    #: Units the enclaves confirmed they gave back (I20): supply again.
+    returned: int = 0
+    #: Units in doubt the owner wrote off (I21): supply again, never a confirmed return.
+    reclaimed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One enclave instance as the ledger knows it (``usage`` lists them)."""
+
+    instance_id: str
+    granted: int
+    served: int
+    requests: int
+    returned: int
+    reclaimed: int
+    #: It sent a final return: it stopped cleanly (I20).
+    stopped: bool
+
+    @property
+    def in_doubt(self) -> int:
+        """Granted and neither served, returned nor written off."""
+        return max(self.granted - self.served - self.returned - self.reclaimed, 0)
+
+    #: The owner wrote it off (a reclaim record, even one of 0 units; I21).
+    was_reclaimed: bool = False
+
+    @property
+    def retired(self) -> str | None:
+        """Why the instance id is refused for good (``reclaimed``, ``stopped``), or ``None``."""
+        if self.was_reclaimed:
+            return "reclaimed"
+        return "stopped" if self.stopped else None
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnResult:
+    """The ledger's answer to an instance's return (I20).
+
+    ``returned_total`` is the instance's recorded total after it (what ``return_ack``
+    names); ``credited`` what this return added (0 for a replay); ``refused`` says why
+    nothing was credited, or is ``None``. The served total in the return is recorded
+    either way (it was served).
+    """
+
+    returned_total: int
+    credited: int
+    served_total: int
+    granted: int
+    refused: str | None
+    balance: Balance
+
+
+@dataclass(frozen=True, slots=True)
+class ReclaimResult:
+    """An owner's write-off (I21): ``units`` left doubt for the supply."""
+
+    instance_id: str
+    units: int
+    balance: Balance
 
 
 def _check_int(value: object, name: str, *, low: int, high: int) -> int:

@@ -19,6 +19,11 @@ the borrower's ready sessions and their grant rule, so that a supply commits the
 in its own transaction, then hands each session its grant; it wakes every live session of
 the borrower when the borrower is blocked or unblocked, and any that a supply did not
 grant to; each session then reads the ledger and acts (the hooks themselves do no I/O).
+
+For the owner's write-off of a lost instance (I21) the registry remembers when each
+instance's last session ended (a session sends only while it runs, so that bounds the
+last byte sent to it) and when this process started (it sent nothing before):
+:meth:`Registry.silent_for` is how long the custodian has sent an instance nothing.
 """
 
 from __future__ import annotations
@@ -92,9 +97,16 @@ class LiveSession(Protocol):
 class Registry:
     """The live sessions, by license."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, started_at: float | None = None) -> None:
         self._by_license: dict[str, LiveSession] = {}
         self._block_reasons: dict[str, str] = {}
+        #: When this process started (trio's clock): nothing was sent before it.
+        self._started_at = trio.current_time() if started_at is None else started_at
+        #: When the last session of each instance ended (one entry per instance linked
+        #: since the start: a few per enclave restart).
+        self._ended_at: dict[str, float] = {}
+        #: Set when a session ends (the reclaim watcher then looks again).
+        self._ended = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Registry live={len(self._by_license)}>"
@@ -119,9 +131,34 @@ class Registry:
         self._by_license[session.license_id] = session
 
     def release(self, session: LiveSession) -> None:
-        """Forget ``session`` if it is the live one (idempotent)."""
+        """Forget ``session`` if it is the live one (idempotent); note when it ended."""
+        self._ended_at[session.instance_id] = trio.current_time()
+        self._ended.set()
+        self._ended = trio.Event()
         if self._by_license.get(session.license_id) is session:
             del self._by_license[session.license_id]
+
+    def live_instances(self, borrower: str) -> set[str]:
+        return {s.instance_id for s in self._by_license.values() if s.borrower == borrower}
+
+    @property
+    def started_at(self) -> float:
+        return self._started_at
+
+    def ended_at(self, instance_id: str) -> float:
+        """When the custodian last could have sent ``instance_id`` anything (trio's clock)."""
+        return max(self._started_at, self._ended_at.get(instance_id, self._started_at))
+
+    async def wait_ended(self) -> None:
+        """Return once some session ends."""
+        await self._ended.wait()
+
+    def silent_for(self, borrower: str, instance_id: str) -> float | None:
+        """Seconds since the custodian last could have sent ``instance_id`` anything, or
+        ``None`` while it has a live session."""
+        if instance_id in self.live_instances(borrower):
+            return None
+        return trio.current_time() - self.ended_at(instance_id)
 
     def sessions(self, borrower: str) -> Iterator[LiveSession]:
         """The live sessions of ``borrower``."""
@@ -185,3 +222,12 @@ class SessionHooks:
 
     def instances(self, borrower: str) -> int:
         return self._registry.count(borrower)
+
+    def live_instances(self, borrower: str) -> set[str]:
+        return self._registry.live_instances(borrower)
+
+    def silent_for(self, borrower: str, instance_id: str) -> float | None:
+        return self._registry.silent_for(borrower, instance_id)
+
+    async def on_reclaimed(self, borrower: str) -> None:
+        self._registry.wake(borrower)  # units came back to the supply

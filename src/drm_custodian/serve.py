@@ -8,7 +8,8 @@ Theory of operation
 ::
 
     serve()                          ledger opened first, closed last (shielded)
-      admin nursery                  serve_admin (hypercorn) with SessionHooks
+      admin nursery                  serve_admin (hypercorn) with SessionHooks; the
+                                     reclaim watcher (logs instance_reclaimable, I21)
         session nursery              one task per enclave connection (handle_connection)
           listen nursery             trio.serve_tcp(handler_nursery=session nursery)
 
@@ -36,6 +37,7 @@ all at once, and the ledger is still closed.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -228,6 +230,41 @@ def _pccs_cache(url: str, ca: Path | None) -> tuple[CollateralCache, PccsClient]
     return CollateralCache(fetch), client
 
 
+async def _announce_reclaimable(
+    ledger: Ledger, registry: Registry, borrower: str, window: float, scope: trio.CancelScope
+) -> None:
+    """Log ``instance_reclaimable`` once for each gone instance with units in doubt, when
+    ``drm_custodian reclaim`` starts to accept it (I21): the owner learns what may be
+    settled and when, without trying. Instances gone before this process started are due
+    one window after the start."""
+    announced: set[str] = set()
+    with scope:
+        while True:
+            live = registry.live_instances(borrower)
+            now = trio.current_time()
+            next_due = math.inf
+            for record in await ledger.instances(borrower):
+                instance = record.instance_id
+                if instance in announced or instance in live or record.retired is not None:
+                    continue
+                if not record.in_doubt:
+                    continue
+                due = registry.ended_at(instance) + window
+                if due <= now:
+                    announced.add(instance)
+                    log.warning(
+                        "instance_reclaimable",
+                        instance=instance,
+                        in_doubt=record.in_doubt,
+                        fix=f"if that enclave is gone for good: drm_custodian reclaim "
+                        f"--instance {instance}",
+                    )
+                else:
+                    next_due = min(next_due, due)
+            with trio.move_on_at(next_due):
+                await registry.wait_ended()
+
+
 async def _run_cache(cache: CollateralCache, client: PccsClient, scope: trio.CancelScope) -> None:
     try:
         with scope:
@@ -272,6 +309,7 @@ async def serve(
             token=state.admin_token,
             borrower=borrower,
             collateral_ages=None if cache is None else cache.ages,
+            reclaim_window=config.session.reclaim_window,
         )
         refused = Counter(
             "drm_custodian_enclave_link_refused",
@@ -329,9 +367,14 @@ async def serve(
 
         admin_stop = trio.Event()
         cache_scope = trio.CancelScope()
+        watch_scope = trio.CancelScope()
         async with trio.open_nursery() as admin_nursery:
             if pccs is not None:
                 admin_nursery.start_soon(_run_cache, *pccs, cache_scope)
+            admin_nursery.start_soon(
+                _announce_reclaimable, ledger, registry, borrower,
+                config.session.reclaim_window, watch_scope,
+            )  # fmt: skip
             try:
                 admin_bound: list[tuple[str, int]] = await admin_nursery.start(
                     partial(
@@ -386,8 +429,9 @@ async def serve(
                 # end at once), then cut whatever is left (connections still handshaking).
                 registry.close_all()
                 session_nursery.cancel_scope.deadline = trio.current_time() + LINK_CLOSE_TIMEOUT
-            admin_stop.set()  # 3. the admin server (and the collateral cache)
+            admin_stop.set()  # 3. the admin server (the collateral cache, the watcher)
             cache_scope.cancel()
+            watch_scope.cancel()
             admin_nursery.cancel_scope.deadline = trio.current_time() + ADMIN_STOP_TIMEOUT
     finally:
         with trio.CancelScope(shield=True):

@@ -15,8 +15,12 @@ steps 1 and 2; see :mod:`drm_custodian.enclave_link`) and runs the rest of the s
    * the *receiver* owns ``channel.receive()``, under a deadline of
      ``heartbeat_interval * heartbeat_misses``: any message is a sign of life, none for
      that long and the link is dead. It records usage reports (ledger first, then
-     ``usage_ack`` with the report's own seq and total) and hands ``model_loaded`` to
-     the transfer;
+     ``usage_ack`` with the report's own seq and total) and returns (ledger first, then
+     ``return_ack`` naming the recorded total; a return the ledger refuses, I20, is
+     logged and ends the link with ``protocol_error``), and hands ``model_loaded`` to
+     the transfer. After a final return the instance has stopped: the pump sends it
+     nothing more (the state machine would refuse a grant), and the ledger refuses its
+     instance id from then on;
    * the *heartbeat* task sends ``heartbeat`` every interval;
    * the *main* task streams each model (``model_begin``, chunks of a memoryview over the
      bytes held in memory, ``model_end``) and waits for its answer (name and digest must
@@ -71,7 +75,13 @@ from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry
 from drm_custodian.state import CustodianState, LicenseRecord
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
-from drm_wire.errors import ErrorCode, PeerError, RemoteProtocolError, first_leaf
+from drm_wire.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    PeerError,
+    RemoteProtocolError,
+    first_leaf,
+)
 from drm_wire.limits import (
     HANDSHAKE_TIMEOUT,
     HEARTBEAT_INTERVAL,
@@ -92,6 +102,8 @@ from drm_wire.messages import (
     ModelKeep,
     ModelLoaded,
     ModelLoadFailed,
+    ReturnAck,
+    Returned,
     Unblock,
     UsageAck,
     UsageReport,
@@ -100,6 +112,7 @@ from drm_wire.messages import (
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelError, MessageChannel
 
 __all__ = [
+    "DEFAULT_RECLAIM_MARGIN",
     "MODEL_LOADED_TIMEOUT",
     "SEND_TIMEOUT",
     "EnclaveSession",
@@ -119,6 +132,12 @@ SEND_TIMEOUT: Final = 30.0
 MODEL_LOADED_TIMEOUT: Final = 120.0
 
 
+#: Added to the enclave's detection timeout before a lost instance's units may be written
+#: off (I21): time for a link that is slow rather than dead to show itself, and for an
+#: enclave whose host delays the custodian's bytes to notice the silence.
+DEFAULT_RECLAIM_MARGIN: Final = 60.0
+
+
 class LinkDead(Exception):
     """The enclave sent nothing for ``heartbeat_interval * heartbeat_misses`` seconds."""
 
@@ -134,11 +153,14 @@ class SessionConfig:
     hello_timeout: float = HELLO_TIMEOUT
     send_timeout: float = SEND_TIMEOUT
     model_loaded_timeout: float = MODEL_LOADED_TIMEOUT
+    reclaim_margin: float = DEFAULT_RECLAIM_MARGIN
 
     def __post_init__(self) -> None:
         check_lease(self.lease)
         if self.heartbeat_misses < 1:
             raise ValueError("heartbeat_misses must be at least 1")
+        if not self.reclaim_margin >= 0:
+            raise ValueError("reclaim_margin must not be negative")
         for name in ("heartbeat_interval", "handshake_timeout", "hello_timeout",
                      "send_timeout", "model_loaded_timeout"):  # fmt: skip
             if not getattr(self, name) > 0:
@@ -146,8 +168,15 @@ class SessionConfig:
 
     @property
     def dead_after(self) -> float:
-        """Silence after which the link is dead."""
+        """Silence after which the link is dead (on either side: both use the same
+        heartbeat interval and misses, docs/links.md)."""
         return self.heartbeat_interval * self.heartbeat_misses
+
+    @property
+    def reclaim_window(self) -> float:
+        """How long the custodian must have sent an instance nothing before its units in
+        doubt may be written off (I21): the enclave's detection timeout plus the margin."""
+        return self.dead_after + self.reclaim_margin
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -230,6 +259,8 @@ class EnclaveSession:
         )
         #: Models the enclave reported it could not load on this link, by name: reason.
         self.failed_models: dict[str, str] = {}
+        #: The enclave sent its final return: it stopped cleanly; nothing more is sent.
+        self.stopped = False
 
     def __repr__(self) -> str:
         return (
@@ -336,6 +367,8 @@ class EnclaveSession:
                 continue
             if isinstance(message, UsageReport):
                 await self._on_usage(message)
+            elif isinstance(message, Returned):
+                await self._on_returned(message)
             elif isinstance(message, ModelLoaded | ModelLoadFailed):
                 self._on_answer(message)
             else:  # the state machine lets nothing else from an enclave through
@@ -344,11 +377,18 @@ class EnclaveSession:
     # --- model transfer ----------------------------------------------------------------
 
     async def _deliver_then_pump(self) -> None:
-        for model in self._ctx.models:
-            await self._deliver(model)
-        await self._resync()
+        try:
+            for model in self._ctx.models:
+                await self._deliver(model)
+            await self._resync()
+        except LocalProtocolError:
+            if not self.stopped:
+                raise
+            # It stopped (a final return) before it was ever synced: nothing more to send.
+            log.info("enclave_stopped_before_sync")
+            return
         self.ready = True
-        while True:
+        while not self.stopped:
             if self._committed is not None:
                 (grant, remaining), self._committed = self._committed, None
                 await self._push_grant(grant, remaining)
@@ -527,9 +567,17 @@ class EnclaveSession:
         # When the push started, for the log below: its own timestamp comes after the send
         # and after whatever ran in between (a log line before the send would delay it).
         send_started = time.time()
-        await self._send(
-            Grant(grant_id=grant.grant_id, units=grant.units, granted_total=grant.cumulative)
-        )
+        try:
+            await self._send(
+                Grant(grant_id=grant.grant_id, units=grant.units, granted_total=grant.cumulative)
+            )
+        except LocalProtocolError:
+            if not self.stopped:
+                raise
+            # Committed while the final return was on its way: never sent, so the enclave
+            # never held it; it stays in doubt for this instance until the owner reclaims.
+            log.warning("grant_unsent_after_stop", units=grant.units, grant_id=grant.grant_id)
+            return
         self._sent_total = max(self._sent_total, grant.cumulative)
         self._sent_changed()
         log.info(
@@ -576,6 +624,52 @@ class EnclaveSession:
         due = self.grant_plan(balance, self.granted_total, self.served_total) > 0
         if self.ready and (balance.blocked != self.told_blocked or exhausted or due):
             self.wake()
+
+    async def _on_returned(self, returned: Returned) -> None:
+        """Record a return (its served total first), then acknowledge the recorded total;
+        refuse one the ledger refuses (I20)."""
+        result = await self._ledger.record_return(
+            self.borrower,
+            self._instance_id,
+            returned_total=returned.returned_total,
+            served_total=returned.served_total,
+            requests_total=returned.requests_total,
+            final=returned.final,
+            recall_id=returned.recall_id,
+        )
+        self.served_total = result.served_total
+        if result.refused is not None:
+            log.error(
+                "enclave_return_refused",
+                reason=result.refused,
+                returned_total=returned.returned_total,
+                served_total=result.served_total,
+                granted_total=result.granted,
+                final=returned.final,
+            )
+            raise RemoteProtocolError(f"return refused: {result.refused}", field="returned_total")
+        if returned.final:
+            self.stopped = True
+            self.ready = False  # a supply plans no grant for it any more
+            self._wakeup.set()  # the pump sees it and ends
+        await self._send(
+            ReturnAck(recall_id=returned.recall_id, returned_total=result.returned_total)
+        )
+        balance = result.balance
+        log.info(
+            "units_returned",
+            borrower=self.borrower,
+            instance=self._instance_id,
+            recall_id=returned.recall_id,
+            credited=result.credited,
+            returned_total=result.returned_total,
+            served=result.served_total,
+            final=returned.final,
+            remaining=balance.remaining,
+            in_doubt=balance.in_doubt,
+        )
+        if result.credited:
+            self._ctx.registry.wake(self.borrower)  # supply is back: others may want it
 
 
 def _plan(

@@ -36,6 +36,16 @@ ledger row at the custodian, so reports are as rare as the custodian's needs all
 
 A busy instance thus reports a few times per lease and at least once a period, not once per
 ``spacing``.
+
+Returning units (docs/links.md, *Returning units*; I20). :meth:`Accounting.take_back`
+takes idle units out of the quota (a custodian's recall, or all of them for a clean
+stop) and queues a :class:`~drm_wire.messages.Returned` carrying the quota's cumulative
+``returned_total`` with its served totals; :meth:`Accounting.next_return` hands the
+queued ones to the sender in order, and :meth:`Accounting.on_return_ack` matches each
+acknowledgement to the oldest return in flight. Once a final return is queued
+(:attr:`Accounting.final`) no usage report is sent any more (the final return carries the
+last served total), and a grant that crossed it on the wire is taken back at once and
+returned in another final return (:meth:`Accounting.on_grant`).
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import math
 
 from drm_wire.errors import RemoteProtocolError
 from drm_wire.limits import MAX_GRANT_UNITS
-from drm_wire.messages import Grant, UsageAck, UsageReport
+from drm_wire.messages import Grant, Recall, ReturnAck, Returned, UsageAck, UsageReport
 
 from .quota import Quota
 
@@ -58,7 +68,18 @@ class Accounting:
         quota: the instance's quota, which owns ``granted_total`` and ``served_total``.
     """
 
-    __slots__ = ("_acked_total", "_flush", "_in_flight", "_last_sent_at", "_next_seq", "_quota")
+    __slots__ = (
+        "_acked_total",
+        "_flush",
+        "_in_flight",
+        "_last_sent_at",
+        "_next_seq",
+        "_quota",
+        "_returns_acked",
+        "_returns_due",
+        "_returns_in_flight",
+        "final",
+    )
 
     def __init__(self, quota: Quota) -> None:
         self._quota = quota
@@ -68,6 +89,13 @@ class Accounting:
         #: When the last report was sent (the caller's clock): -inf, never.
         self._last_sent_at = -math.inf
         self._flush = False
+        #: Returns queued (not sent yet), and sent but not acknowledged, oldest first.
+        self._returns_due: list[Returned] = []
+        self._returns_in_flight: list[Returned] = []
+        #: The largest returned total the custodian has acknowledged.
+        self._returns_acked = 0
+        #: A final return was queued: the instance is stopping (no report after it).
+        self.final = False
 
     def __repr__(self) -> str:
         return (
@@ -100,7 +128,83 @@ class Accounting:
             step = min(remaining, MAX_GRANT_UNITS)
             self._quota.grant(step)
             remaining -= step
+        if self.final and added > 0:  # it crossed our final return: give it back at once
+            self.take_back(None, final=True)
         return max(added, 0)
+
+    # --- returning units ----------------------------------------------------------
+
+    @property
+    def returns_acked(self) -> int:
+        """The largest returned total the custodian has acknowledged."""
+        return self._returns_acked
+
+    @property
+    def returns_pending(self) -> bool:
+        """Whether a return is queued or awaits its acknowledgement."""
+        return bool(self._returns_due or self._returns_in_flight)
+
+    def take_back(self, recall_id: int | None = None, *, final: bool = False) -> Returned:
+        """Take idle units out of the quota and queue the return that says so.
+
+        ``final`` (a clean stop): every idle unit, and the instance is stopping from now
+        on. Otherwise it answers the custodian's recall ``recall_id`` (see
+        :meth:`on_recall`). Returns the queued message.
+        """
+        if final:
+            self.final = True
+            self._quota.take_back(None)
+        return self._queue(recall_id)
+
+    def on_recall(self, recall: Recall) -> Returned:
+        """Answer a recall: give back at most ``recall.units`` idle units (maybe none);
+        once stopping, every return is final (and takes everything idle)."""
+        if self.final:
+            return self.take_back(recall.recall_id, final=True)
+        self._quota.take_back(recall.units)
+        return self._queue(recall.recall_id)
+
+    def _queue(self, recall_id: int | None) -> Returned:
+        quota = self._quota
+        returned = Returned(
+            recall_id=recall_id,
+            returned_total=quota.returned_total,
+            served_total=quota.served_total,
+            requests_total=quota.requests_served,
+            final=self.final,
+        )
+        self._returns_due.append(returned)
+        return returned
+
+    def next_return(self) -> Returned | None:
+        """The oldest queued return, now in flight, or ``None``."""
+        if not self._returns_due:
+            return None
+        returned = self._returns_due.pop(0)
+        self._returns_in_flight.append(returned)
+        return returned
+
+    def on_return_ack(self, ack: ReturnAck) -> None:
+        """Apply the acknowledgement of the oldest return in flight.
+
+        Raises:
+            RemoteProtocolError: it answers no return in flight, or names another total
+                than the one sent (the custodian must have credited exactly that).
+        """
+        if not self._returns_in_flight:
+            raise RemoteProtocolError("return_ack answers no return in flight", field="type")
+        returned = self._returns_in_flight[0]
+        if ack.recall_id != returned.recall_id or ack.returned_total != returned.returned_total:
+            raise RemoteProtocolError(
+                "return_ack does not match the return sent",
+                field="returned_total",
+                got=ack.returned_total,
+                limit=returned.returned_total,
+            )
+        self._returns_in_flight.pop(0)
+        self._returns_acked = max(self._returns_acked, ack.returned_total)
+        # The return carried the served total, recorded with it.
+        self._acked_total = max(self._acked_total, returned.served_total)
 
     def served(self, count: int = 1) -> bool:
         """Note that ``count`` leases were just committed on the quota (which counted them).
@@ -131,7 +235,7 @@ class Accounting:
         ``None`` while there is nothing to report or a report is in flight. See the module
         docstring."""
         served = self._quota.served_total
-        if self._in_flight is not None or served == self._acked_total:
+        if self.final or self._in_flight is not None or served == self._acked_total:
             return None
         soon = self._flush or self._urgent(served)
         return self._last_sent_at + (spacing if soon else period)
@@ -140,7 +244,7 @@ class Accounting:
         """The report to send now (sent at ``now``), if there is something to report and
         none is in flight; whether it is due yet is :meth:`report_due_at`'s call."""
         served = self._quota.served_total
-        if self._in_flight is not None or served == self._acked_total:
+        if self.final or self._in_flight is not None or served == self._acked_total:
             return None
         report = UsageReport(
             seq=self._next_seq,
@@ -175,6 +279,12 @@ class Accounting:
         self._in_flight = None
 
     def link_restarted(self) -> None:
-        """A new custodian link: the report in flight may be lost, so send it again, at once."""
+        """A new custodian link: the report in flight may be lost, so send it again, at once.
+
+        Returns in flight or queued are dropped: a recall belongs to its link, and a
+        final return is sent only on a synced link (the caller asks again).
+        """
         self._in_flight = None
         self._last_sent_at = -math.inf
+        self._returns_due.clear()
+        self._returns_in_flight.clear()

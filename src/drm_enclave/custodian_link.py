@@ -18,7 +18,10 @@ instance id, then runs one *session* per connection (``docs/links.md``, custodia
 * a heartbeat sender (every ``heartbeat_interval``);
 * a reporter that sends :meth:`Accounting.next_report` when
   :meth:`Accounting.report_due_at` says a report is due (at once after a quiet period,
-  soon when the custodian needs it to refill, else once a period).
+  soon when the custodian needs it to refill, else once a period), and before any
+  report the returns :meth:`Accounting.next_return` has queued (a recall's answer, or
+  the final return of a clean stop: docs/links.md, *Returning units*), so one task
+  orders them and no report follows a final return.
 
 Kill switch: the quota starts suspended (``CUSTODIAN_UNREACHABLE``). The moment a session
 ends, for whatever reason (EOF, error, missed heartbeats, a protocol error, shutdown), the
@@ -102,6 +105,8 @@ from drm_wire.messages import (
     ModelLoaded,
     ModelLoadFailed,
     PeerRole,
+    Recall,
+    ReturnAck,
     Unblock,
     UsageAck,
     terms_digest,
@@ -256,6 +261,12 @@ _REFUSALS: Final = {
         "license_refused",
         "the custodian does not know this license: check that --license is the file the "
         "owner's `drm_custodian init` made for this custodian",
+    ),
+    ErrorCode.INSTANCE_RETIRED: (
+        "instance_retired",
+        "the custodian retired this instance (it stopped cleanly, or the owner wrote its "
+        "units off after losing it): restart the enclave process, which links as a new "
+        "instance",
     ),
     ErrorCode.UNSUPPORTED_VERSION: (
         "unsupported_version",
@@ -607,6 +618,19 @@ class CustodianLink:
         elif isinstance(message, UsageAck):
             runtime.on_ack(message)
             log.debug("usage_acked", seq=message.seq, served_total=message.served_total)
+        elif isinstance(message, Recall):
+            returned = runtime.on_recall(message)
+            log.info(
+                "units_recalled",
+                recall_id=message.recall_id,
+                asked=message.units,
+                returned_total=returned.returned_total,
+            )
+        elif isinstance(message, ReturnAck):
+            runtime.on_return_ack(message)
+            log.info(
+                "return_acked", recall_id=message.recall_id, returned_total=message.returned_total
+            )
         elif isinstance(message, Block):
             runtime.on_block(message.reason)
         elif isinstance(message, Unblock):
@@ -766,6 +790,17 @@ class CustodianLink:
                     spacing=timing.report_spacing, period=timing.report_period
                 )
                 now = trio.current_time()
+                returned = accounting.next_return()
+                if returned is not None:  # the same sender as reports: never one after a final
+                    await channel.send(returned)
+                    log.info(
+                        "units_returned",
+                        recall_id=returned.recall_id,
+                        returned_total=returned.returned_total,
+                        served_total=returned.served_total,
+                        final=returned.final,
+                    )
+                    continue
                 if due is not None and due <= now:
                     report = accounting.next_report(now)
                     assert report is not None  # due: something to report, none in flight

@@ -7,10 +7,14 @@ Every request takes its cost under the model's terms, ``k`` units at once, befor
 produced: the ``k`` units are *served* and will be reported) or :meth:`Lease.release` (no
 output: all ``k`` go back). The counters obey, at every instant::
 
-    available + in_use + served_total + forfeited == granted_total
+    available + in_use + served_total + forfeited + returned_total == granted_total
 
 ``granted_total`` grows only through :meth:`Quota.grant` (and an upward :meth:`Quota.reset`),
-so ``served_total <= granted_total`` (I2) whatever consumers do.
+so ``served_total + returned_total <= granted_total`` (I2, I20) whatever consumers do.
+
+Returning units (:meth:`Quota.take_back`, for a clean stop or a custodian's recall) takes
+only idle units, in one synchronous step: ``available`` ones, and none while a request is
+parked (they are owed to it). Units held by a lease are never returnable.
 
 The totals. ``granted_total`` and ``served_total`` are the enclave's own, kept here and
 nowhere else: units enter only here and are served only here, so the law above holds by
@@ -181,6 +185,7 @@ class Quota:
         self._requests_served = 0
         self._granted_total = 0
         self._forfeited = 0
+        self._returned_total = 0
         self._suspended: ErrorCode | None = None
         #: What a refused request is told while suspended (say why, and what to do).
         self._suspended_message = "inferences are suspended"
@@ -224,6 +229,11 @@ class Quota:
         return self._granted_total
 
     @property
+    def returned_total(self) -> int:
+        """Units given back to the custodian, ever (:meth:`take_back`)."""
+        return self._returned_total
+
+    @property
     def forfeited(self) -> int:
         """Units dropped by a downward :meth:`reset`."""
         return self._forfeited
@@ -237,7 +247,8 @@ class Quota:
         return (
             f"<Quota available={self._available} parked={len(self._parked)} "
             f"in_use={self._in_use} served={self._served_total} "
-            f"granted={self._granted_total} suspended={self._suspended}>"
+            f"granted={self._granted_total} returned={self._returned_total} "
+            f"suspended={self._suspended}>"
         )
 
     def grant(self, units: int) -> int:
@@ -391,6 +402,25 @@ class Quota:
             raise
         if lease.held:
             lease.commit()
+
+    def take_back(self, units: int | None = None) -> int:
+        """Take up to ``units`` idle units (all of them with ``None``) out of the quota, to
+        return them to the custodian; returns how many were taken.
+
+        Idle means ``available`` while nobody is parked: a parked request is owed the
+        units that gather for it, and units of a running request are never idle. One
+        synchronous step, so no request takes a unit that is being returned (I20).
+
+        Raises:
+            TypeError, ValueError: ``units`` is not None or an int in [1, MAX_GRANT_UNITS].
+        """
+        if units is not None:
+            _check_count(units, "units", low=1, high=MAX_GRANT_UNITS)
+        idle = 0 if self._parked else self._available
+        taken = idle if units is None else min(units, idle)
+        self._available -= taken
+        self._returned_total += taken
+        return taken
 
     def suspend(self, code: ErrorCode, message: str = "inferences are suspended") -> int:
         """Throw the kill switch: fail every parked request with ``code``, refuse new ones;

@@ -41,7 +41,15 @@ import structlog
 import trio
 
 from drm_wire.errors import ErrorCode
-from drm_wire.messages import EnclaveState, Grant, LoadFailure, UsageAck
+from drm_wire.messages import (
+    EnclaveState,
+    Grant,
+    LoadFailure,
+    Recall,
+    ReturnAck,
+    Returned,
+    UsageAck,
+)
 
 from .accounting import Accounting
 from .model_host import HostedModel
@@ -240,9 +248,33 @@ class EnclaveRuntime:
             self._loads_pending -= 1
         self._maybe_resume()
 
+    @property
+    def synced(self) -> bool:
+        """Linked, re-synced and no model loading: a final return may be sent now."""
+        return self._link_up and self._synced and self._loads_pending == 0
+
+    def return_all(self) -> Returned:
+        """Clean stop: take back every idle unit and queue the final return (I20)."""
+        returned = self.accounting.take_back(None, final=True)
+        self._usage_changed.set()
+        self._changed()
+        return returned
+
+    def on_recall(self, recall: Recall) -> Returned:
+        """The custodian recalls idle units: take back what is idle and queue the answer."""
+        returned = self.accounting.on_recall(recall)
+        self._usage_changed.set()
+        return returned
+
+    def on_return_ack(self, ack: ReturnAck) -> None:
+        self.accounting.on_return_ack(ack)
+        self._changed()
+
     def on_grant(self, grant: Grant) -> int:
         """Apply a grant (a total); return the units it added."""
         added = self.accounting.on_grant(grant)
+        if self.accounting.final and added > 0:  # a grant that crossed the final return
+            self._usage_changed.set()  # was taken back: send that return
         self._synced = True  # a grant never lifts a block: only unblock (or a new link) does
         self._maybe_resume()
         return added

@@ -23,7 +23,12 @@ a drain under one deadline (:attr:`EnclaveConfig.shutdown_grace`):
 2. inferences already running finish and their results are sent;
 3. while the custodian link is up, the reporter sends the last usage report and the
    custodian acknowledges it, so every inference served is in its ledger (I4);
-4. then everything is cancelled: the link closes, connections close.
+4. the unused units go back (I20): once the link is synced, every idle unit is taken out
+   of the quota and the final ``returned`` goes, and the daemon waits, at most
+   :attr:`EnclaveConfig.return_timeout`, for the custodian's ``return_ack``. Without one
+   (custodian unreachable, no answer in time) the units stay in doubt, and the log line
+   ``enclave_units_in_doubt`` says how many and what the owner can do;
+5. then everything is cancelled: the link closes, connections close.
 
 Cancelling :func:`serve` from outside skips the drain: the link's ``finally`` still throws
 the kill switch.
@@ -87,6 +92,8 @@ class EnclaveConfig:
         timing, limits: link timings and consumer caps.
         shutdown_grace: seconds a shutdown waits for running inferences and the last usage
             acknowledgement before cutting everything.
+        return_timeout: seconds a shutdown then waits for a synced custodian link and
+            the acknowledgement of its final return (the units stay in doubt after it).
     """
 
     custodian_host: str
@@ -105,6 +112,7 @@ class EnclaveConfig:
     timing: LinkTiming = field(default_factory=LinkTiming)
     limits: ConsumerLimits = field(default_factory=ConsumerLimits)
     shutdown_grace: float = 10.0
+    return_timeout: float = 5.0
 
     def custodian_ca(self) -> x509.Certificate:
         """The pinned CA, parsed.
@@ -222,6 +230,7 @@ async def serve(
             in_flight=consumers.requests,
             unreported=runtime.accounting.unreported,
         )
+        await _return_units(runtime, config.return_timeout, config.instance_id)
         nursery.cancel_scope.cancel()
 
 
@@ -288,6 +297,46 @@ async def _run_stapler(
         if pccs is not None:
             with trio.CancelScope(shield=True):
                 await pccs.__aexit__()
+
+
+async def _return_units(runtime: EnclaveRuntime, within: float, instance_id: str) -> None:
+    """Step 4 of the drain: the final return, and its acknowledgement, within ``within`` s."""
+    quota, accounting = runtime.quota, runtime.accounting
+    sent = False
+    with trio.move_on_after(within):
+        await runtime.wait_for(lambda r: r.synced)
+        runtime.return_all()
+        sent = True
+        await runtime.wait_for(lambda r: not r.accounting.returns_pending or not r.link_up)
+    # What the custodian still counts against this instance: held by requests that did
+    # not finish in time, or everything idle when the return was not acknowledged.
+    in_doubt = quota.granted_total - quota.served_total - accounting.returns_acked
+    # Settled only when the custodian acknowledged all that was taken back (a link lost
+    # and made again meanwhile drops the returns in flight: not acknowledged).
+    if sent and accounting.returns_acked == quota.returned_total:
+        _log.info(
+            "enclave_units_returned",
+            returned_total=accounting.returns_acked,
+            served_total=quota.served_total,
+            granted_total=quota.granted_total,
+            in_doubt=in_doubt,
+        )
+        return
+    _log.warning(
+        "enclave_units_in_doubt",
+        units=in_doubt,
+        instance_id=instance_id,
+        why=(
+            "the custodian did not acknowledge the return in time"
+            if sent
+            else "no synced custodian link to return them on"
+        ),
+        fix=(
+            "they stay charged to the borrower; the owner may write them off with "
+            f"`drm_custodian reclaim --instance {instance_id}` once the custodian has sent "
+            "this instance nothing for longer than its reclaim window"
+        ),
+    )
 
 
 async def _accept(

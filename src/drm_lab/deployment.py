@@ -97,8 +97,10 @@ class Lab:
         lease: int | None = None,
         port: int = 0,
         log_level: str | None = None,
+        options: Sequence[str] = (),
     ) -> Daemon:
-        """Start ``drm_custodian serve``; wait until it listens."""
+        """Start ``drm_custodian serve``; wait until it listens. ``options`` are more flags
+        for ``serve``."""
         argv = python_command(
             "drm_custodian", "serve", "--state-dir", self.state_dir, "--policy", self.policy_path,
             "--initial-inferences", str(initial), "--port", str(port), "--admin-port", "0",
@@ -109,6 +111,7 @@ class Lab:
             argv += ["--lease", str(lease)]
         if log_level is not None:
             argv += ["--log-level", log_level]
+        argv += options
         return self._run_custodian(argv)
 
     def restart_custodian(self, *, without: Sequence[Path] = ()) -> Daemon:

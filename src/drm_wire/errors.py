@@ -48,6 +48,9 @@ class ErrorCode(StrEnum):
     DUPLICATE_INSTANCE = "duplicate_instance"
     #: A deadline passed.
     TIMEOUT = "timeout"
+    #: This enclave instance stopped cleanly or the owner wrote its units off: its
+    #: instance id is refused for good (version 3); a new process has a new one.
+    INSTANCE_RETIRED = "instance_retired"
     #: The model failed to run. No inference is counted.
     INFERENCE_FAILED = "inference_failed"
     #: Anything else; the detail stays in the local log.

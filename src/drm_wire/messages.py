@@ -14,8 +14,8 @@ them lives in :mod:`drm_wire.protocol`):
 * both links: ``hello`` (C), ``welcome`` / ``refusal`` (S), ``error`` (both);
 * custodian link (enclave = C, custodian = S): ``model_begin``, ``model_chunk``,
   ``model_end``, ``grant``, ``usage_ack``, ``block``, ``unblock`` (S); ``model_loaded``,
-  ``usage_report`` (C); ``heartbeat`` (both); version 3: ``model_keep`` (S),
-  ``model_load_failed`` (C), and ``hello``'s ``held`` (C);
+  ``usage_report`` (C); ``heartbeat`` (both); version 3: ``model_keep``, ``recall``,
+  ``return_ack`` (S), ``model_load_failed``, ``returned`` and ``hello``'s ``held`` (C);
 * consumer link (consumer = C, enclave = S): ``infer``, ``model_info_request`` (C);
   ``waiting``, ``result``, ``model_info`` (S).
 """
@@ -85,7 +85,10 @@ __all__ = [
     "ModelLoadFailed",
     "ModelLoaded",
     "PeerRole",
+    "Recall",
     "Refusal",
+    "ReturnAck",
+    "Returned",
     "TensorSpec",
     "Unblock",
     "UsageAck",
@@ -181,6 +184,12 @@ def _tuple_of(value: object, field: str, check: Callable[[object, str], Any], li
     if len(value) > limit:
         raise _bad(field, "too many entries", code=ErrorCode.LIMIT_EXCEEDED, limit=limit)
     return tuple(check(item, field) for item in value)
+
+
+def _bool(value: object, field: str) -> bool:
+    if type(value) is not bool:
+        raise _bad(field, "must be a bool", got=type(value).__name__)
+    return value
 
 
 def _set(obj: object, name: str, value: object) -> None:
@@ -684,6 +693,79 @@ class Heartbeat(Message):
 
     def __post_init__(self) -> None:
         _uint(self.seq, "seq")
+
+
+# --- custodian link: returning units (protocol version 3) -----------------------------
+
+
+@_message
+class Recall(Message):
+    """Custodian: give back up to ``units`` idle inferences (version 3).
+
+    The enclave answers with a :class:`Returned` naming the same ``recall_id``; it gives
+    back only units no request holds or waits for, so the answer may return fewer, even
+    none. Built for moving supply between the enclaves of a fleet; a clean stop sends the
+    same :class:`Returned` unasked.
+    """
+
+    TYPE: ClassVar[str] = "recall"
+
+    recall_id: int
+    units: int
+
+    def __post_init__(self) -> None:
+        _uint(self.recall_id, "recall_id")
+        _positive(self.units, "units", MAX_GRANT_UNITS)
+
+
+@_message
+class Returned(Message):
+    """Enclave: this instance has given back ``returned_total`` inferences since it
+    started, and served ``served_total`` in ``requests_total`` requests (version 3).
+
+    Totals, like ``granted_total`` and ``served_total``: a returned total only grows, so a
+    duplicated or replayed message credits nothing twice (P4). ``final`` says the instance
+    is stopping: it holds nothing more it could serve, takes no grant after it, and its
+    ``served_total`` is its last. ``recall_id`` names the :class:`Recall` answered, or is
+    ``None`` for a return nobody asked for, which is always final.
+    """
+
+    TYPE: ClassVar[str] = "returned"
+
+    recall_id: int | None
+    returned_total: int
+    served_total: int
+    requests_total: int
+    final: bool
+
+    def __post_init__(self) -> None:
+        if self.recall_id is not None:
+            _uint(self.recall_id, "recall_id")
+        _uint(self.returned_total, "returned_total")
+        _uint(self.served_total, "served_total")
+        _uint(self.requests_total, "requests_total")
+        if self.requests_total > self.served_total:
+            raise _bad("requests_total", "a request costs at least one inference")
+        _bool(self.final, "final")
+        if self.recall_id is None and not self.final:
+            raise _bad("final", "a return nobody asked for is a final one")
+
+
+@_message
+class ReturnAck(Message):
+    """Custodian: the return is durably recorded; ``returned_total`` is the instance's
+    returned total in the ledger now (version 3). The enclave checks it is the total it
+    sent."""
+
+    TYPE: ClassVar[str] = "return_ack"
+
+    recall_id: int | None
+    returned_total: int
+
+    def __post_init__(self) -> None:
+        if self.recall_id is not None:
+            _uint(self.recall_id, "recall_id")
+        _uint(self.returned_total, "returned_total")
 
 
 # --- consumer link -------------------------------------------------------------------

@@ -22,6 +22,7 @@ once, and a reply must answer a request that is in flight.
     custodian link:  OPEN --model_begin(S)--> RECEIVING_MODEL --model_end(S)--> OPEN
     version 3:       OPEN --model_keep(S)--> OPEN (a model the hello said is held)
                      OPEN, RECEIVING_MODEL --model_load_failed(C)--> same state
+                     OPEN --returned(C, final)--> STOPPING (a clean stop)
     any state:       error without request_id (either side) --> CLOSED
 
 ``python -m drm_wire.protocol`` prints the whole table as a Graphviz diagram.
@@ -51,7 +52,10 @@ from .messages import (
     ModelKeep,
     ModelLoaded,
     ModelLoadFailed,
+    Recall,
     Refusal,
+    ReturnAck,
+    Returned,
     Unblock,
     UsageAck,
     UsageReport,
@@ -62,6 +66,7 @@ from .messages import (
 )
 
 __all__ = [
+    "MAX_RECALLS_IN_FLIGHT",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
@@ -108,6 +113,10 @@ class State(Enum):
     OPEN = "open"
     #: Custodian link only: a model transfer is under way.
     RECEIVING_MODEL = "receiving_model"
+    #: Custodian link only (version 3): the enclave sent its final ``returned``; it sends
+    #: nothing but heartbeats (and further final returns) from now on, and the
+    #: custodian's grants and recalls that crossed it are answered by another return.
+    STOPPING = "stopping"
     #: Refused, or closed by a connection-level error: nothing more may be sent.
     CLOSED = "closed"
     #: A send failed half-way; the byte stream is unusable.
@@ -129,6 +138,9 @@ class Closed:
 
 
 NEED_DATA: Final = NeedData()
+#: Recalls the custodian may have unanswered on one link: it needs one at a time; a few
+#: leave room for a recall that crosses an answer, and bound what a peer makes us track.
+MAX_RECALLS_IN_FLIGHT: Final = 4
 CLOSED: Final = Closed()
 
 _C, _S = Side.CLIENT, Side.SERVER
@@ -150,6 +162,18 @@ def _build_table() -> dict[tuple[Link, State, Side, type[Message]], State]:
             table[(custodian, state, _S, message)] = state
         for message in (UsageReport, Heartbeat):
             table[(custodian, state, _C, message)] = state
+    # Returning units (version 3). A recall may come during a transfer like a grant; its
+    # answer too. A final return moves OPEN to STOPPING (in code: the table cannot see
+    # ``final``); in STOPPING the custodian's messages that crossed it still arrive.
+    for state in (_OPEN, _MODEL):
+        table[(custodian, state, _S, Recall)] = state
+        table[(custodian, state, _S, ReturnAck)] = state
+        table[(custodian, state, _C, Returned)] = state
+    stopping = State.STOPPING
+    for message in (Grant, UsageAck, Block, Unblock, Heartbeat, Recall, ReturnAck):
+        table[(custodian, stopping, _S, message)] = stopping
+    for message in (Returned, Heartbeat):
+        table[(custodian, stopping, _C, message)] = stopping
     table[(custodian, _OPEN, _C, ModelLoaded)] = _OPEN
     table[(custodian, _OPEN, _S, ModelBegin)] = _MODEL
     table[(custodian, _MODEL, _S, ModelChunk)] = _MODEL
@@ -184,6 +208,8 @@ TRANSITIONS: Final = _build_table()
 #: Messages that open a request, and those that answer one (``Waiting`` answers without
 #: finishing it).
 _REQUESTS: Final = (InferenceRequest, ModelInfoRequest)
+#: What the custodian may no longer send once it has received a final return.
+_NOT_AFTER_STOP: Final = (Grant, Recall)
 _FINAL_REPLIES: Final = (InferenceResult, ModelInfo)
 
 
@@ -203,7 +229,7 @@ class Connection:
             peer; see :class:`~drm_wire.framing.FrameDecoder`).
     """
 
-    __slots__ = ("_decoder", "_in_flight", "link", "side", "state", "version")
+    __slots__ = ("_decoder", "_in_flight", "_recalls", "link", "side", "state", "version")
 
     def __init__(self, link: Link, side: Side, *, grow_payloads: bool = False) -> None:
         self.link = link
@@ -213,6 +239,8 @@ class Connection:
         self.version: int | None = None
         self._decoder = FrameDecoder(payload_limit, grow_payloads=grow_payloads)
         self._in_flight: set[int] = set()
+        #: Recall ids sent by the custodian and not yet answered by a ``returned``.
+        self._recalls: set[int] = set()
 
     def __repr__(self) -> str:
         return (
@@ -351,6 +379,10 @@ class Connection:
             self._advance_error(message, sender, error)  # type: ignore[arg-type]
             return
         new_state = TRANSITIONS.get((self.link, state, sender, kind))
+        if state is State.STOPPING and kind in _NOT_AFTER_STOP and self.side is sender:
+            # Only crossing ones are carried: the custodian, once it has read the final
+            # return, sends neither (the table cannot tell who has read it).
+            new_state = None
         if new_state is None:
             raise error(
                 f"{message.TYPE} from the {sender.value} is not allowed in state {state.value}",
@@ -367,6 +399,10 @@ class Connection:
             self._close_request(message.request_id, error)
         elif kind is Waiting:
             self._require_request(message.request_id, error)  # type: ignore[attr-defined]
+        elif kind is Recall:
+            self._open_recall(message, error)  # type: ignore[arg-type]
+        elif kind is Returned:
+            new_state = self._check_returned(message, new_state, error)  # type: ignore[arg-type]
         self.state = new_state
 
     def _advance_error(
@@ -423,6 +459,56 @@ class Connection:
                 state=self.state.value,
             )
         self._in_flight.add(request_id)
+
+    def _open_recall(
+        self, recall: Recall, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        if recall.recall_id in self._recalls:
+            raise error(
+                f"recall {recall.recall_id} is already in flight",
+                field="recall_id",
+                state=self.state.value,
+            )
+        if len(self._recalls) >= MAX_RECALLS_IN_FLIGHT:
+            raise error(
+                "too many recalls in flight",
+                code=ErrorCode.LIMIT_EXCEEDED,
+                field="recall_id",
+                state=self.state.value,
+            )
+        self._recalls.add(recall.recall_id)
+
+    def _check_returned(
+        self,
+        returned: Returned,
+        new_state: State,
+        error: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> State:
+        """A return answers a recall in flight (or nobody's, when final); a final one
+        stops the link, and cannot come in the middle of a model transfer."""
+        if returned.recall_id is not None:
+            if returned.recall_id not in self._recalls:
+                raise error(
+                    f"no recall {returned.recall_id} is in flight",
+                    field="recall_id",
+                    state=self.state.value,
+                )
+            self._recalls.discard(returned.recall_id)
+        if not returned.final:
+            if self.state is State.STOPPING:
+                raise error(
+                    "after a final return every return is final",
+                    field="final",
+                    state=self.state.value,
+                )
+            return new_state
+        if self.state is State.RECEIVING_MODEL:
+            raise error(
+                "a final return cannot come during a model transfer",
+                field="final",
+                state=self.state.value,
+            )
+        return State.STOPPING
 
     def _require_request(
         self, request_id: int, error: type[LocalProtocolError] | type[RemoteProtocolError]

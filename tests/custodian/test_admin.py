@@ -129,9 +129,22 @@ async def test_usage_reports_every_number(server: Server) -> None:
         "served": 3,
         "requests": 2,
         "in_doubt": 1,
+        "returned": 0,
+        "reclaimed": 0,
         "remaining": 6,
         "blocked": False,
         "instances": 2,
+        "by_instance": [
+            {
+                "instance": "instance-1",
+                "state": "in_doubt",
+                "granted": 4,
+                "served": 3,
+                "returned": 0,
+                "reclaimed": 0,
+                "in_doubt": 1,
+            }
+        ],
     }
     assert format_usage(doc).splitlines()[1].split() == ["supplied", "10"]
 

@@ -232,7 +232,7 @@ async def test_unknown_path_is_404(server: Server, path: str) -> None:
     reply = await _refused(server, 404, "POST", path, b"number_inferences=5", [FORM])
     assert reply.json()["message"] == (
         "no such endpoint; there are POST /supply_inferences, POST /block, POST /unblock, "
-        "GET /usage, GET /metrics, GET /healthz"
+        "GET /usage, GET /metrics, GET /healthz, POST /reclaim"
     )
 
 

@@ -30,7 +30,8 @@ MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
 KEYS = (
     "state_dir, upload, policy, collateral, pccs_url, pccs_ca, address, port, admin_port, "
-    "initial_inferences, lease, log_level, max_links, max_link_handshakes, models"
+    "initial_inferences, lease, log_level, max_links, max_link_handshakes, reclaim_margin, "
+    "models"
 )
 
 
@@ -96,6 +97,7 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         "  log_level = info  (default)",
         "  max_links = 4096  (default)",
         "  max_link_handshakes = 256  (default)",
+        "  reclaim_margin = 60  (default)",
         "  models = (none)  (default)",
         "  borrower managed: acme",
         f"  model tiny: {len(tiny_model())} bytes, sha256 {sha}",
@@ -131,6 +133,8 @@ def test_check_config_needs_a_file() -> None:
         ({"initial_inferences": N + 1},
          f"must be between 0 and {N}, got {N + 1} (in {{f}} at 'initial_inferences')"),
         ({"address": "[1, 2]"}, "must be a string, not an array (in {f} at 'address')"),
+        ({"reclaim_margin": -5}, "'-5' is not a number of seconds from 0 to 86400 (a day) "
+                                 "(in {f} at 'reclaim_margin')"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["serve", "check-config"])

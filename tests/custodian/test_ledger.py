@@ -87,6 +87,8 @@ def _as_version_1(path: Path) -> None:
         conn.execute("BEGIN")
         for trigger in ("supplies_total", "grants_total", "usage_total"):
             conn.execute(f"DROP TRIGGER {trigger}")
+        conn.execute("DROP TABLE returns")  # version 4's, with their triggers
+        conn.execute("DROP TABLE reclaims")
         conn.execute("DROP TABLE borrower_totals")
         conn.execute("DROP TABLE instance_totals")
         conn.execute("ALTER TABLE usage DROP COLUMN requests_total")  # version 3's
@@ -112,7 +114,7 @@ async def test_a_version_1_file_gains_totals_that_match_its_records(ledger_path:
     with capture_logs() as logs:
         second = await Ledger.open(ledger_path)
     try:
-        assert {"event": "ledger_upgraded", "from_version": 1, "to_version": 3} in [
+        assert {"event": "ledger_upgraded", "from_version": 1, "to_version": 4} in [
             {k: v for k, v in e.items() if k != "log_level"} for e in logs
         ]
         # Before version 3 a request was one unit: its requests are its inferences.
@@ -130,7 +132,7 @@ async def test_a_version_1_file_gains_totals_that_match_its_records(ledger_path:
         await second.aclose()
     conn = _raw(ledger_path)
     try:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
     finally:
         conn.close()
 
@@ -148,7 +150,7 @@ async def test_a_real_version_2_file_counts_its_requests(tmp_path: Path) -> None
     with capture_logs() as logs:
         ledger = await Ledger.open(path)
     try:
-        assert {"event": "ledger_upgraded", "from_version": 2, "to_version": 3} in [
+        assert {"event": "ledger_upgraded", "from_version": 2, "to_version": 4} in [
             {k: v for k, v in e.items() if k != "log_level"} for e in logs
         ]
         assert await ledger.balance("acme") == Balance(
@@ -165,7 +167,7 @@ async def test_a_real_version_2_file_counts_its_requests(tmp_path: Path) -> None
             await ledger.record_usage("acme", "a" * 32, 30, 3, requests_total=31)
     finally:
         await ledger.aclose()
-    # Opened again: already version 3, nothing to do.
+    # Opened again: already the current version, nothing to do.
     with capture_logs() as logs:
         again = await Ledger.open(path)
     await again.aclose()

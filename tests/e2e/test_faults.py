@@ -102,8 +102,9 @@ async def _usage_when(lab: Lab, what: str, **expected: int) -> Usage:
 def _check_ledger(usage: Usage) -> None:
     """I1 and the ledger's own arithmetic, whatever the moment."""
     assert usage["served"] <= usage["granted"], usage
-    assert usage["supplied"] == usage["granted"] + usage["remaining"], usage
-    assert usage["served"] + usage["in_doubt"] == usage["granted"], usage
+    back = usage.get("returned", 0) + usage.get("reclaimed", 0)  # supply again (I20, I21)
+    assert usage["supplied"] + back == usage["granted"] + usage["remaining"], usage
+    assert usage["served"] + usage["in_doubt"] + back == usage["granted"], usage
     assert min(usage.values()) >= 0, usage
 
 

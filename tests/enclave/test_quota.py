@@ -154,7 +154,7 @@ async def test_no_wait_fails_at_once(quota: Quota, autojump_clock: trio.testing.
 async def test_repr_shows_the_state(quota: Quota) -> None:
     quota.grant(3)
     assert repr(quota) == (
-        "<Quota available=3 parked=0 in_use=0 served=0 granted=3 suspended=None>"
+        "<Quota available=3 parked=0 in_use=0 served=0 granted=3 returned=0 suspended=None>"
     )
 
 

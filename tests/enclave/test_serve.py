@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
+from structlog.testing import capture_logs
 
 from drm_enclave.custodian_link import LinkTiming, backoff_delay
 from drm_enclave.quota import QuotaError
@@ -16,7 +17,14 @@ from drm_enclave.serve import serve
 from drm_lab.models import tiny_model
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.errors import ConfigError, ErrorCode
-from drm_wire.messages import EnclaveState, Grant, ModelLoaded, UsageReport
+from drm_wire.messages import (
+    EnclaveState,
+    Grant,
+    ModelLoaded,
+    ReturnAck,
+    Returned,
+    UsageReport,
+)
 from tests.enclave.enclave_fakes import (
     HOST,
     TIMEOUT,
@@ -145,7 +153,107 @@ async def test_shutdown_drains_parked_requests_and_flushes_usage(tmp_path: Path)
         last = await session.next(UsageReport)
         assert last.served_total == 2
         await session.ack(last.seq, last.served_total)
+        # Then its final return (nothing idle: both units were served), acknowledged.
+        final = await session.next(Returned)
+        assert (final.recall_id, final.returned_total, final.served_total, final.final) == (
+            None,
+            0,
+            2,
+            True,
+        )
+        assert not stopped.is_set()
+        await session.channel.send(ReturnAck(recall_id=None, returned_total=0))
         with trio.fail_after(TIMEOUT):
             await stopped.wait()
         assert runtime.accounting.unreported == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_clean_stop_returns_idle_units_and_a_grant_that_crosses_it(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM with 5 units idle: the final return gives them back; a grant the custodian
+    sent before it read that return is given back too, in a second final return; the
+    daemon exits once the custodian has acknowledged both, and says nothing is in doubt."""
+    stop, stopped = trio.Event(), trio.Event()
+    pki = shared_pki()
+    sim_dir = tmp_path / "sim"
+    platform = SimulatedPlatform.create(sim_dir)
+    custodian = FakeCustodian(pki, enclave_policy(pki, platform))
+    runtime = EnclaveRuntime()
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(custodian.serve)
+            config = enclave_config(pki, port, sim_dir)
+
+            async def run_enclave(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+                await serve(
+                    config, runtime=runtime, shutdown_trigger=stop.wait, task_status=task_status
+                )
+                stopped.set()
+
+            await nursery.start(run_enclave)
+            session = await custodian.session()
+            await session.send_model("tiny", tiny_model())
+            await session.next(ModelLoaded)
+            await session.grant(5, 5)
+            with trio.fail_after(TIMEOUT):
+                await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+            stop.set()
+            with trio.fail_after(TIMEOUT):
+                await runtime.wait_for(lambda r: r.accounting.final)
+            assert runtime.quota.available == 0
+            # Sent before this custodian reads the final return: it crosses it.
+            await session.grant(3, 8)
+            first = await session.next(Returned)
+            assert (first.returned_total, first.served_total, first.final) == (5, 0, True)
+            second = await session.next(Returned)
+            assert (second.returned_total, second.final) == (8, True)
+            await session.channel.send(ReturnAck(recall_id=None, returned_total=5))
+            assert not stopped.is_set()
+            await session.channel.send(ReturnAck(recall_id=None, returned_total=8))
+            with trio.fail_after(TIMEOUT):
+                await stopped.wait()
+            nursery.cancel_scope.cancel()
+    (done,) = [e for e in logs if e["event"] == "enclave_units_returned"]
+    assert (done["returned_total"], done["granted_total"], done["in_doubt"]) == (8, 8, 0)
+    assert not [e for e in logs if e["event"] == "enclave_units_in_doubt"]
+
+
+async def test_a_clean_stop_without_an_acknowledgement_says_the_units_are_in_doubt(
+    tmp_path: Path,
+) -> None:
+    stop, stopped = trio.Event(), trio.Event()
+    pki = shared_pki()
+    sim_dir = tmp_path / "sim"
+    platform = SimulatedPlatform.create(sim_dir)
+    custodian = FakeCustodian(pki, enclave_policy(pki, platform))
+    runtime = EnclaveRuntime()
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(custodian.serve)
+            config = enclave_config(pki, port, sim_dir)
+
+            async def run_enclave(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+                await serve(
+                    config, runtime=runtime, shutdown_trigger=stop.wait, task_status=task_status
+                )
+                stopped.set()
+
+            await nursery.start(run_enclave)
+            session = await custodian.session()
+            await session.send_model("tiny", tiny_model())
+            await session.next(ModelLoaded)
+            await session.grant(4, 4)
+            with trio.fail_after(TIMEOUT):
+                await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+            stop.set()
+            await session.next(Returned)
+            session.close()  # the custodian goes away before it acknowledges
+            with trio.fail_after(TIMEOUT):
+                await stopped.wait()
+            nursery.cancel_scope.cancel()
+    (line,) = [e for e in logs if e["event"] == "enclave_units_in_doubt"]
+    assert line["units"] == 4
+    assert line["log_level"] == "warning"
+    assert "drm_custodian reclaim --instance" in line["fix"]

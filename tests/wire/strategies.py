@@ -151,6 +151,22 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
     m.Block: st.builds(m.Block, reason=texts),
     m.Unblock: st.builds(m.Unblock),
     m.Heartbeat: st.builds(m.Heartbeat, seq=uints),
+    m.Recall: st.builds(m.Recall, recall_id=uints, units=st.integers(1, MAX_GRANT_UNITS)),
+    m.Returned: st.builds(
+        lambda recall_id, returned, served, share, final: m.Returned(
+            recall_id=recall_id,
+            returned_total=returned,
+            served_total=served,
+            requests_total=served // share,
+            final=final or recall_id is None,
+        ),
+        st.none() | uints,
+        uints,
+        uints,
+        st.integers(1, 64),
+        st.booleans(),
+    ),
+    m.ReturnAck: st.builds(m.ReturnAck, recall_id=st.none() | uints, returned_total=uints),
     m.InferenceRequest: st.builds(
         m.InferenceRequest, request_id=uints, model=names, inputs=tensor_tuples, wait=waits
     ),

@@ -51,6 +51,12 @@ SAMPLES: dict[type[m.Message], m.Message] = {
     m.Block: m.Block(reason="unpaid"),
     m.Unblock: m.Unblock(),
     m.Heartbeat: m.Heartbeat(seq=1),
+    m.Recall: m.Recall(recall_id=5, units=4),
+    # A clean stop's return: final, answering no recall.
+    m.Returned: m.Returned(
+        recall_id=None, returned_total=2, served_total=1, requests_total=1, final=True
+    ),
+    m.ReturnAck: m.ReturnAck(recall_id=None, returned_total=2),
     m.InferenceRequest: m.InferenceRequest(request_id=2, model="model", inputs=(TENSOR,)),
     m.Waiting: m.Waiting(request_id=IN_FLIGHT, position=0),
     m.InferenceResult: m.InferenceResult(
@@ -100,6 +106,9 @@ def connection_in(link: Link, side: Side, state: State) -> Connection:
     if state is State.RECEIVING_MODEL:
         carry(connection, SAMPLES[m.ModelBegin], Side.SERVER)
         return connection
+    if state is State.STOPPING:
+        carry(connection, SAMPLES[m.Returned], Side.CLIENT)
+        return connection
     if state is State.CLOSED:
         carry(connection, SAMPLES[m.Error], Side.SERVER)
         return connection
@@ -108,7 +117,8 @@ def connection_in(link: Link, side: Side, state: State) -> Connection:
 
 
 def reachable(link: Link, state: State) -> bool:
-    return not (link is Link.CONSUMER and state is State.RECEIVING_MODEL)
+    custodian_only = (State.RECEIVING_MODEL, State.STOPPING)
+    return not (link is Link.CONSUMER and state in custodian_only)
 
 
 CASES = [
@@ -119,12 +129,18 @@ CASES = [
 ]
 
 
-def expected_allowed(link: Link, state: State, sender: Side, cls: type[m.Message]) -> bool:
+def expected_allowed(
+    link: Link, state: State, sender: Side, cls: type[m.Message], side: Side = Side.CLIENT
+) -> bool:
     if cls is m.Error:
         return state not in (State.CLOSED, State.BROKEN)
     allowed = (link, state, sender, cls) in TRANSITIONS
     if cls is m.Hello and link is Link.CONSUMER:
         return False  # the sample hello announces an enclave; consumer links need a consumer
+    if cls is m.Returned and state is State.RECEIVING_MODEL:
+        return False  # the sample is final: not in the middle of a transfer
+    if state is State.STOPPING and cls in (m.Grant, m.Recall) and sender is side:
+        return False  # only those that crossed the final return; none sent after it
     return allowed
 
 
@@ -139,10 +155,12 @@ def test_every_state_and_message(
     connection = connection_in(link, side, state)
     message = SAMPLES[cls]
     ours = sender is side
-    if expected_allowed(link, state, sender, cls):
+    if expected_allowed(link, state, sender, cls, side):
         carry(connection, message, sender)
         if cls is m.Error:
             assert connection.state is State.CLOSED
+        elif cls is m.Returned:
+            assert connection.state is State.STOPPING  # the sample is final
         else:
             assert connection.state is TRANSITIONS[(link, state, sender, cls)]
         return
@@ -163,7 +181,7 @@ def test_transition_table_covers_both_links() -> None:
 def test_version_selection() -> None:
     assert select_version(m.Hello(versions=(3, 7), role="consumer", software="x")) == 3  # type: ignore[arg-type]
     # Version 1 could not carry a model's terms; version 2 cannot report a model that fails
-    # to load, skip a transfer, nor carry shared metadata: such peers are refused.
+    # to load, skip a transfer, carry shared metadata nor return units: such peers are refused.
     assert select_version(m.Hello(versions=(1,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(2,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(7, 9), role="consumer", software="x")) is None  # type: ignore[arg-type]
@@ -343,3 +361,162 @@ def test_a_hello_without_held_carries_no_such_key() -> None:
     # reach its version check and hear unsupported_version.
     header, _ = m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t").to_wire()
     assert "held" not in header
+
+
+# --- returning units (version 3) ------------------------------------------------------
+
+
+def _open_custodian_pair() -> tuple[Connection, Connection]:
+    enclave = connection_in(Link.CUSTODIAN, Side.CLIENT, State.OPEN)
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.OPEN)
+    return enclave, custodian
+
+
+def _returned(recall_id: int | None, total: int = 1, *, final: bool = False) -> m.Returned:
+    return m.Returned(
+        recall_id=recall_id, returned_total=total, served_total=0, requests_total=0, final=final
+    )
+
+
+def test_a_recall_is_answered_once_by_its_returned() -> None:
+    enclave, custodian = _open_custodian_pair()
+    deliver(enclave, custodian_sent(custodian, m.Recall(recall_id=7, units=10)))
+    answer = _returned(7, 4)
+    enclave.send(answer)
+    deliver(custodian, answer)
+    assert (custodian.state, enclave.state) == (State.OPEN, State.OPEN)
+    # Answered: the same answer again is refused on both sides, and the custodian closes.
+    with pytest.raises(LocalProtocolError, match="no recall 7 is in flight"):
+        enclave.send(answer)
+    with pytest.raises(RemoteProtocolError, match="no recall 7 is in flight") as info:
+        deliver(custodian, answer)
+    assert info.value.field == "recall_id"
+    assert custodian.state is State.CLOSED
+
+
+def custodian_sent(custodian: Connection, message: m.Message) -> m.Message:
+    custodian.send(message)
+    return message
+
+
+def test_a_returned_for_a_recall_never_sent_is_refused() -> None:
+    _, custodian = _open_custodian_pair()
+    with pytest.raises(RemoteProtocolError, match="no recall 3 is in flight"):
+        deliver(custodian, _returned(3))
+
+
+def test_a_recall_id_may_be_in_flight_once_and_recalls_are_bounded() -> None:
+    enclave, custodian = _open_custodian_pair()
+    custodian.send(m.Recall(recall_id=1, units=1))
+    with pytest.raises(LocalProtocolError, match="recall 1 is already in flight"):
+        custodian.send(m.Recall(recall_id=1, units=1))
+    deliver(enclave, m.Recall(recall_id=1, units=1))
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        deliver(enclave, m.Recall(recall_id=1, units=1))
+    enclave, custodian = _open_custodian_pair()
+    for recall_id in range(4):
+        deliver(enclave, m.Recall(recall_id=recall_id, units=1))
+    with pytest.raises(RemoteProtocolError, match="too many recalls") as info:
+        deliver(enclave, m.Recall(recall_id=99, units=1))
+    assert info.value.code is ErrorCode.LIMIT_EXCEEDED
+
+
+def test_a_final_return_stops_the_link_and_grants_that_cross_it_still_arrive() -> None:
+    enclave, custodian = _open_custodian_pair()
+    final = _returned(None, 5, final=True)
+    enclave.send(final)
+    assert enclave.state is State.STOPPING
+    # The custodian sent a grant and a recall before it read the final return.
+    custodian.send(m.Grant(grant_id=9, units=3, granted_total=8))
+    custodian.send(m.Recall(recall_id=2, units=3))
+    deliver(enclave, m.Grant(grant_id=9, units=3, granted_total=8))
+    deliver(enclave, m.Recall(recall_id=2, units=3))
+    deliver(custodian, final)
+    assert custodian.state is State.STOPPING
+    # Once the custodian has it, it cannot grant any more, nor start a model.
+    with pytest.raises(LocalProtocolError, match="grant from the server is not allowed"):
+        custodian.send(m.Grant(grant_id=10, units=1, granted_total=9))
+    with pytest.raises(LocalProtocolError, match="model_begin"):
+        custodian.send(SAMPLES[m.ModelBegin])
+    # The crossing grant and recall are answered by another final return, then acked.
+    again = m.Returned(recall_id=2, returned_total=8, served_total=0, requests_total=0, final=True)
+    enclave.send(again)
+    deliver(custodian, again)
+    custodian.send(m.ReturnAck(recall_id=2, returned_total=8))
+    deliver(enclave, m.ReturnAck(recall_id=2, returned_total=8))
+    assert enclave.state is custodian.state is State.STOPPING
+
+
+@pytest.mark.parametrize(
+    "after_stop",
+    [
+        m.UsageReport(seq=2, served_total=9),
+        m.ModelLoaded(name="model", sha256=DIGEST),
+        None,  # a non-final return, for a recall
+    ],
+)
+def test_after_a_final_return_the_enclave_sends_no_usage_and_no_non_final_return(
+    after_stop: m.Message | None,
+) -> None:
+    """Return then keep serving: a report after the final return is refused by the state
+    machine on both ends (the enclave cannot send it; a custodian refuses it)."""
+    _, custodian = _open_custodian_pair()
+    custodian.send(m.Recall(recall_id=4, units=1))  # crosses the final return
+    deliver(custodian, _returned(None, 5, final=True))
+    message = after_stop if after_stop is not None else _returned(4, 6)
+    with pytest.raises(RemoteProtocolError):
+        deliver(custodian, message)
+    assert custodian.state is State.CLOSED
+
+
+def test_a_final_return_cannot_come_in_the_middle_of_a_model_transfer() -> None:
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.RECEIVING_MODEL)
+    with pytest.raises(RemoteProtocolError, match="during a model transfer"):
+        deliver(custodian, _returned(None, 1, final=True))
+
+
+def test_a_non_final_return_may_answer_a_recall_during_a_transfer() -> None:
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.RECEIVING_MODEL)
+    custodian.send(m.Recall(recall_id=1, units=2))
+    deliver(custodian, _returned(1, 2))
+    assert custodian.state is State.RECEIVING_MODEL
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"recall_id": None, "final": False}, "final"),  # unasked returns are final
+        ({"final": 1}, "final"),  # types are exact: 1 is not a bool
+        ({"returned_total": -1}, "returned_total"),
+        ({"returned_total": 2**64 - 1}, "returned_total"),
+        ({"served_total": 1, "requests_total": 2}, "requests_total"),
+        ({"recall_id": "1"}, "recall_id"),
+    ],
+)
+def test_hostile_returned_values_are_refused_at_decoding(
+    fields: dict[str, object], field: str
+) -> None:
+    header = {
+        "type": "returned",
+        "recall_id": 1,
+        "returned_total": 3,
+        "served_total": 0,
+        "requests_total": 0,
+        "final": True,
+        **fields,
+    }
+    _, custodian = _open_custodian_pair()
+    custodian.send(m.Recall(recall_id=1, units=5))
+    from drm_wire.framing import encode_frame
+
+    custodian.receive_data(b"".join(bytes(b) for b in encode_frame(header, [])))
+    with pytest.raises(RemoteProtocolError) as info:
+        custodian.next_message()
+    assert info.value.field == field
+    assert custodian.state is State.CLOSED
+
+
+def test_a_consumer_link_carries_no_return() -> None:
+    server = connection_in(Link.CONSUMER, Side.SERVER, State.OPEN)
+    with pytest.raises(RemoteProtocolError, match="returned from the client is not allowed"):
+        deliver(server, _returned(None, 1, final=True))
