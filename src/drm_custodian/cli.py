@@ -36,8 +36,10 @@ from drm_custodian.grants import DEFAULT_LEASE, check_lease
 from drm_custodian.models import ModelFile, inspect_model, parse_models_table, read_model_file
 from drm_custodian.serve import (
     DEFAULT_ENCLAVE_PORT,
+    DEFAULT_LINK_BUDGET,
     DEFAULT_MAX_LINK_HANDSHAKES,
     DEFAULT_MAX_LINKS,
+    MAX_LINK_BUDGET,
     BoundAddresses,
     ServeConfig,
     serve,
@@ -51,9 +53,10 @@ from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, DrmError
-from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.limits import FRAME_TIMEOUT, MAX_GRANT_UNITS, MiB
 from drm_wire.model.terms import Pricing
 from drm_wire.net.address import format_address, port_argument
+from drm_wire.net.budget import MIN_CONNECTION_SHARE
 
 __all__ = [
     "EXIT_API_ERROR",
@@ -119,6 +122,21 @@ def _cap(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 1_000_000:
         raise argparse.ArgumentTypeError("must be from 1 to 1000000")
+    return value
+
+
+def _link_budget(text: str) -> int:
+    value = int(text)
+    low = MIN_CONNECTION_SHARE // MiB + 1
+    if not low <= value <= MAX_LINK_BUDGET // MiB:
+        raise argparse.ArgumentTypeError(f"must be from {low} to {MAX_LINK_BUDGET // MiB} (MiB)")
+    return value
+
+
+def _frame_timeout(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be from 1 to 3600 (seconds)")
     return value
 
 
@@ -221,6 +239,12 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
     schema.add("--max-link-handshakes", Kind.INTEGER, type=_cap,
                default=DEFAULT_MAX_LINK_HANDSHAKES, metavar="N",
                help="enclave-link TLS handshakes in progress at once; more wait")  # fmt: skip
+    schema.add("--link-budget", Kind.INTEGER, type=_link_budget,
+               default=DEFAULT_LINK_BUDGET // MiB, metavar="MiB",
+               help="MiB all enclave links may hold of frames being received")  # fmt: skip
+    schema.add("--link-frame-timeout", Kind.INTEGER, type=_frame_timeout,
+               default=int(FRAME_TIMEOUT), metavar="SECONDS",
+               help="seconds an enclave's frame may take once its first byte came")  # fmt: skip
     # [models.NAME] tables: each model's lending terms (README, "Lending terms").
     schema.add_table("models", parse_models_table)
     return schema
@@ -299,6 +323,8 @@ def _serve_config(
         session=SessionConfig(lease=args.lease),
         max_links=args.max_links,
         max_link_handshakes=args.max_link_handshakes,
+        link_budget=args.link_budget * MiB,
+        link_frame_timeout=args.link_frame_timeout,
     )
 
 

@@ -30,7 +30,8 @@ MR_ENCLAVE = hashlib.sha256(b"drm custodian config tests: enclave").digest()
 N = MAX_GRANT_UNITS
 KEYS = (
     "state_dir, upload, policy, collateral, pccs_url, pccs_ca, address, port, admin_port, "
-    "initial_inferences, lease, log_level, max_links, max_link_handshakes, models"
+    "initial_inferences, lease, log_level, max_links, max_link_handshakes, link_budget, "
+    "link_frame_timeout, models"
 )
 
 
@@ -96,6 +97,8 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         "  log_level = info  (default)",
         "  max_links = 4096  (default)",
         "  max_link_handshakes = 256  (default)",
+        "  link_budget = 128  (default)",
+        "  link_frame_timeout = 30  (default)",
         "  models = (none)  (default)",
         "  borrower managed: acme",
         f"  model tiny: {len(tiny_model())} bytes, sha256 {sha}",
