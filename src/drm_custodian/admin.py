@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 :class:`AdminApp` is a plain ASGI callable; :func:`serve_admin` runs it under hypercorn's
-trio worker with the custodian's server certificate. Hypercorn (over h11) does all HTTP
+trio worker with the custodian's server certificate (through
+:func:`~drm_custodian._admin_serve.serve_https`, so that ``http://`` to the port is told
+to use ``https://`` instead of getting an empty reply). Hypercorn (over h11) does all HTTP
 parsing; the app sees a parsed scope and body chunks, and only routes, authenticates,
 bounds and validates (body and field checks live in :mod:`drm_custodian._admin_http`).
 It is a raw ASGI app rather than quart-trio or starlette because the API is seven fixed
@@ -46,7 +48,6 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import urlsplit
 
-import hypercorn.trio
 import structlog
 import trio
 from hypercorn.config import Config
@@ -72,6 +73,7 @@ from drm_custodian._admin_http import (
     parse_count,
     read_fields,
 )
+from drm_custodian._admin_serve import serve_https
 from drm_custodian.ledger import (
     MAX_REASON_LEN,
     Balance,
@@ -628,8 +630,8 @@ async def serve_admin(
     config = hypercorn_config(certfile=certfile, keyfile=keyfile, host=host, port=port)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
-            lambda task_status: hypercorn.trio.serve(
-                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status, mode="asgi"
+            lambda task_status: serve_https(
+                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
             )
         )
         bound = [(str(urlsplit(b).hostname), int(urlsplit(b).port or 0)) for b in binds]

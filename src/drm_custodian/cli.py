@@ -36,8 +36,10 @@ from drm_custodian.grants import DEFAULT_LEASE, check_lease
 from drm_custodian.models import ModelFile, inspect_model, parse_models_table, read_model_file
 from drm_custodian.serve import (
     DEFAULT_ENCLAVE_PORT,
+    DEFAULT_LINK_BUDGET,
     DEFAULT_MAX_LINK_HANDSHAKES,
     DEFAULT_MAX_LINKS,
+    MAX_LINK_BUDGET,
     BoundAddresses,
     ServeConfig,
     serve,
@@ -45,15 +47,17 @@ from drm_custodian.serve import (
 from drm_custodian.session import DEFAULT_RECLAIM_MARGIN, SessionConfig
 from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
 from drm_custodian.state_lock import lock_state_dir
+from drm_daemon.arguments import bounded_integer
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
 from drm_wire.attestation.collateral_source import CollateralSet
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, DrmError
-from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.limits import FRAME_TIMEOUT, MAX_GRANT_UNITS, MiB
 from drm_wire.model.terms import Pricing
 from drm_wire.net.address import format_address, port_argument
+from drm_wire.net.budget import MIN_CONNECTION_SHARE
 
 __all__ = [
     "EXIT_API_ERROR",
@@ -115,27 +119,14 @@ def _positive_count(text: str) -> int:
     return value
 
 
-def _cap(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError("must be from 1 to 1000000")
-    return value
-
+_cap = bounded_integer(1, 1_000_000)
 
 #: The largest --reclaim-margin: a day.
 MAX_RECLAIM_MARGIN: Final = 86_400
 
-
-def _margin(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_RECLAIM_MARGIN:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of seconds from 0 to {MAX_RECLAIM_MARGIN} (a day)"
-        )
-    return value
+_margin = bounded_integer(0, MAX_RECLAIM_MARGIN, "seconds")
+_link_budget = bounded_integer(MIN_CONNECTION_SHARE // MiB + 1, MAX_LINK_BUDGET // MiB, "MiB")
+_frame_timeout = bounded_integer(1, 3600, "seconds")
 
 
 def _lease(text: str) -> int:
@@ -252,6 +243,12 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                metavar="SECONDS",
                help="`reclaim` writes off a lost enclave's units only after the custodian has "
                "sent it nothing for its detection timeout plus this margin")  # fmt: skip
+    schema.add("--link-budget", Kind.INTEGER, type=_link_budget,
+               default=DEFAULT_LINK_BUDGET // MiB, metavar="MiB",
+               help="MiB all enclave links may hold of frames being received")  # fmt: skip
+    schema.add("--link-frame-timeout", Kind.INTEGER, type=_frame_timeout,
+               default=int(FRAME_TIMEOUT), metavar="SECONDS",
+               help="seconds an enclave's frame may take once its first byte came")  # fmt: skip
     # [models.NAME] tables: each model's lending terms (README, "Lending terms").
     schema.add_table("models", parse_models_table)
     return schema
@@ -330,6 +327,8 @@ def _serve_config(
         session=SessionConfig(lease=args.lease, reclaim_margin=float(args.reclaim_margin)),
         max_links=args.max_links,
         max_link_handshakes=args.max_link_handshakes,
+        link_budget=args.link_budget * MiB,
+        link_frame_timeout=args.link_frame_timeout,
     )
 
 

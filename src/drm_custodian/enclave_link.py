@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from typing import Final
 
 import structlog
@@ -38,6 +39,7 @@ from drm_custodian.session import EnclaveSession, LinkDead, SessionContext, send
 from drm_custodian.state import LicenseRejected
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
 from drm_wire.errors import ErrorCode, PeerError, RemoteProtocolError, first_leaf
+from drm_wire.net.budget import ReceiveLimits
 from drm_wire.net.channel import ChannelError, open_channel
 from drm_wire.net.tls import PeerVerificationError, accept_tls
 from drm_wire.protocol import Link, Side
@@ -68,27 +70,36 @@ _ENDINGS: Final = (
 )
 
 
-async def handle_connection(transport: trio.abc.Stream, ctx: SessionContext, *, peer: str) -> None:
+async def handle_connection(
+    transport: trio.abc.Stream,
+    ctx: SessionContext,
+    *,
+    peer: str,
+    limits: ReceiveLimits | None = None,
+) -> None:
     """Serve one enclave connection until it ends; never raises (but Cancelled).
 
     Args:
         transport: the accepted TCP stream (TLS is done here).
         ctx: what the sessions share.
         peer: the remote address, for the log.
+        limits: the frame deadlines and memory budget the link is read under (I17); a
+            frame that misses them ends the link, logged and counted with
+            ``ctx.limit_hit``.
     """
     with structlog.contextvars.bound_contextvars(
         peer=peer, conn_id=next(_CONN_IDS), role="enclave"
     ):
         try:
-            await _serve_connection(transport, ctx)
+            await _serve_connection(transport, ctx, limits)
         except Exception as exc:  # noqa: BLE001 - the per-connection boundary; _log_end logs it
-            _log_end(exc)
+            _log_end(exc, ctx.limit_hit)
         except BaseExceptionGroup as group:
             # A failure that met a cancellation (shutdown): log the failure, let the
             # cancellation (or KeyboardInterrupt) go on.
             errors, others = group.split(Exception)
             if errors is not None:
-                _log_end(errors)
+                _log_end(errors, ctx.limit_hit)
             if others is not None:
                 raise others from None
         finally:
@@ -110,9 +121,15 @@ def _refusal_fix(cause: BaseException) -> str:
     )
 
 
-def _log_end(exc: Exception) -> None:
+def _log_end(exc: Exception, limit_hit: Callable[[str], object]) -> None:
     error = _ending(exc)
-    if error is not None:
+    if isinstance(error, RemoteProtocolError) and error.code is ErrorCode.TIMEOUT:
+        limit_hit("frame_timeout")  # I17: a frame stalled; the enclave was told why
+        log.warning("enclave_frame_too_slow", detail=error.message[:300])
+    elif isinstance(error, RemoteProtocolError) and error.code is ErrorCode.BUSY:
+        limit_hit("budget_full")
+        log.warning("enclave_link_budget_full", detail=error.message[:300])
+    elif error is not None:
         log.info("enclave_disconnected", reason=type(error).__name__, detail=str(error)[:300])
     else:
         log.exception("enclave_session_failed")
@@ -132,7 +149,9 @@ def _ending(exc: BaseException) -> BaseException | None:
     return first_leaf(endings)
 
 
-async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> None:
+async def _serve_connection(
+    transport: trio.abc.Stream, ctx: SessionContext, limits: ReceiveLimits | None
+) -> None:
     cfg = ctx.config
     slots = ctx.handshake_slots
     if slots is not None:
@@ -173,7 +192,7 @@ async def _serve_connection(transport: trio.abc.Stream, ctx: SessionContext) -> 
     )
     if identity.simulated:
         log.warning("insecure_simulated_enclave", mr_enclave=identity.mr_enclave.hex())
-    async with open_channel(stream, Link.CUSTODIAN, Side.SERVER) as channel:
+    async with open_channel(stream, Link.CUSTODIAN, Side.SERVER, limits=limits) as channel:
         hello = await channel.accept_hello(software=SOFTWARE, hello_timeout=cfg.hello_timeout)
         instance_id = hello.instance_id or ""
         if not _INSTANCE_ID_RE.fullmatch(instance_id):

@@ -21,7 +21,13 @@ The enclave-link port is open to the network before any peer is attested, so it 
 1,000 enclave links fit the default with room for reconnects) and at most
 ``max_link_handshakes`` TLS handshakes in progress (a connection waits for a slot no
 longer than the handshake timeout). Each refusal logs a warning and counts in the admin
-API's ``drm_custodian_enclave_link_refused_total{limit=...}`` metric.
+API's ``drm_custodian_enclave_link_refused_total{limit=...}`` metric. Attested peers are
+still bounded: every link reads under the consumer port's machinery
+(:class:`~drm_wire.net.budget.ReceiveLimits`), drawing on one ``link_budget`` for all
+links and completing each frame within ``link_frame_timeout`` at the minimum rate, so an
+enclave that stalls mid-frame is closed (``frame_timeout``) and links that together hold
+the budget wait for it, then are told ``busy`` (``budget_full``), both counted in the
+same metric.
 
 Shutdown is a trigger: when ``shutdown_trigger`` returns (``__main__`` wires it to
 SIGTERM/SIGINT), the tree is taken down inside out, in this order: stop accepting (the
@@ -64,9 +70,10 @@ from drm_wire.attestation.collateral_source import CollateralSource, chain_sourc
 from drm_wire.attestation.pccs import CaType, PccsClient
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ConfigError, first_leaf
-from drm_wire.limits import MAX_GRANT_UNITS
+from drm_wire.limits import FRAME_TIMEOUT, MAX_GRANT_UNITS, MiB
 from drm_wire.net._tls_context import PrivateKey
 from drm_wire.net.address import format_address
+from drm_wire.net.budget import MIN_CONNECTION_SHARE, MemoryBudget, ReceiveLimits
 from drm_wire.net.ratls_context import custodian_server_context
 
 __all__ = [
@@ -97,6 +104,12 @@ DEFAULT_MAX_LINKS: Final = 4096
 #: TLS handshakes in progress at once: RA-TLS verification is CPU work; 256 lets a whole
 #: fleet redial after a restart within a few rounds of handshake timeouts.
 DEFAULT_MAX_LINK_HANDSHAKES: Final = 256
+#: Bytes all enclave links may hold of frames being received (I17). An idle link keeps one
+#: small read reserved (16 KiB), so the default cap of links, all idle, holds 64 MiB;
+#: their frames carry no bulk payloads. (At least one full-size frame's share.)
+DEFAULT_LINK_BUDGET: Final = 128 * MiB
+#: The largest ``link_budget`` accepted (a typo guard).
+MAX_LINK_BUDGET: Final = 1_000_000 * MiB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,6 +130,8 @@ class ServeConfig:
         session: per-link tunables (lease size, heartbeats, timeouts).
         max_links: enclave-link connections at once; more are closed at once.
         max_link_handshakes: enclave-link TLS handshakes in progress at once.
+        link_budget: bytes all enclave links may hold of frames being received.
+        link_frame_timeout: seconds an enclave's frame may take once its first byte came.
     """
 
     state: CustodianState
@@ -134,8 +149,18 @@ class ServeConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     max_links: int = DEFAULT_MAX_LINKS
     max_link_handshakes: int = DEFAULT_MAX_LINK_HANDSHAKES
+    link_budget: int = DEFAULT_LINK_BUDGET
+    link_frame_timeout: float = FRAME_TIMEOUT
 
     def __post_init__(self) -> None:
+        if not MIN_CONNECTION_SHARE <= self.link_budget <= MAX_LINK_BUDGET:
+            raise ConfigError(
+                f"must be from {MIN_CONNECTION_SHARE // MiB + 1} MiB (one full-size frame) "
+                f"to {MAX_LINK_BUDGET // MiB} MiB",
+                key="link_budget",
+            )
+        if not 0 < self.link_frame_timeout <= 3600:
+            raise ConfigError("must be above 0, at most 3600 seconds", key="link_frame_timeout")
         for key in ("max_links", "max_link_handshakes"):
             if getattr(self, key) < 1:
                 raise ConfigError("must be at least 1", key=key)
@@ -313,7 +338,8 @@ async def serve(
         )
         refused = Counter(
             "drm_custodian_enclave_link_refused",
-            "Enclave-link connections turned away by a cap, by cap (links, handshakes).",
+            "Enclave-link connections turned away or closed by a cap, by cap (links, "
+            "handshakes, frame_timeout, budget_full).",
             ["limit"],
             registry=app.registry,
         )
@@ -347,6 +373,10 @@ async def serve(
             model_event=model_event,
         )
         live = 0
+        link_limits = ReceiveLimits(
+            budget=MemoryBudget(config.link_budget, per_connection=MIN_CONNECTION_SHARE),
+            frame_timeout=config.link_frame_timeout,
+        )
 
         async def handler(stream: trio.SocketStream) -> None:
             nonlocal live
@@ -361,7 +391,7 @@ async def serve(
                 return
             live += 1
             try:
-                await handle_connection(stream, ctx, peer=peer)
+                await handle_connection(stream, ctx, peer=peer, limits=link_limits)
             finally:
                 live -= 1
 

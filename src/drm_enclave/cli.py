@@ -29,13 +29,14 @@ import json
 import signal
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
 import structlog
 import trio
 
+from drm_daemon.arguments import bounded_integer
 from drm_daemon.config_file import ConfigSchema, Kind, read_bounded
 from drm_daemon.listen import ListenError
 from drm_daemon.logs import LOG_LEVELS, set_log_level
@@ -74,30 +75,13 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _threads(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= _MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {_MAX_THREADS}")
-    return value
+_threads = bounded_integer(1, _MAX_THREADS)
 
 
 def _pccs_url(text: str) -> str:
     if not text.startswith("https://") or len(text) <= len("https://"):
         raise argparse.ArgumentTypeError(f"PCCS URL must be https://host[:port], not {text!r}")
     return text
-
-
-def _bounded(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer from ``low`` to ``high``."""
-
-    def convert(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
-        return value
-
-    convert.__name__ = "integer"  # what argparse names in "invalid integer value"
-    return convert
 
 
 #: The consumer port's limits (I17): flag, its ConsumerLimits field, unit, bounds, help.
@@ -234,7 +218,7 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="verify the PCCS with this CA instead of the system's")  # fmt: skip
     schema.add("--intra-op-threads", Kind.INTEGER, type=_threads, default=1, metavar="N",
                help="onnxruntime threads per model session")  # fmt: skip
-    schema.add("--max-model-mib", Kind.INTEGER, type=_bounded(1, MAX_MODEL_MIB),
+    schema.add("--max-model-mib", Kind.INTEGER, type=bounded_integer(1, MAX_MODEL_MIB),
                default=MAX_MODEL_MIB, metavar="N",
                help="largest model this enclave loads, in MiB; a larger one is refused "
                     "(model_unavailable) and the others serve. Size the enclave's memory "
@@ -243,7 +227,7 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="lowest level logged (debug adds per-request events)")  # fmt: skip
     defaults = ConsumerLimits()
     for flag, name, unit, low, high, text in _LIMIT_OPTIONS:
-        schema.add(flag, Kind.INTEGER, type=_bounded(low, high), metavar="N",
+        schema.add(flag, Kind.INTEGER, type=bounded_integer(low, high), metavar="N",
                    default=int(getattr(defaults, name) // unit), help=text)  # fmt: skip
     return schema
 

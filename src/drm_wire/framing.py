@@ -30,12 +30,18 @@ itself becomes the payload's storage and only the bytes after it are copied out.
 
 *Growing payloads* (``grow_payloads=True``, for peers nobody vouches for: the consumer
 port). Allocating the announced size up front lets a 10-byte header commit 64 MiB of the
-enclave's memory (VmSize: what SGX commits) for one byte sent. A growing payload is a
-``bytearray`` that is appended to as bytes arrive, so the memory a frame holds follows the
-bytes *received*; :attr:`FrameDecoder.held_bytes` says how many that is, for the I/O layer
-to charge against its budget (:mod:`drm_wire.net.budget`). Such a payload is never offered
-for receiving into (:meth:`FrameDecoder.payload_buffer` is ``None``): the cost is one copy
-of each received chunk, paid only by payloads that did not arrive with their header.
+enclave's memory (VmSize: what SGX commits) for one byte sent. A growing payload's storage
+starts at what arrived with its header and grows only when asked: by
+:meth:`FrameDecoder.grow_payload` (the I/O layer makes room for its next read once it has
+charged that room to its budget, :mod:`drm_wire.net.budget`), or by exactly what
+``receive_data`` brings that does not fit. :attr:`FrameDecoder.held_bytes` counts the
+storage, filled or not, so what a frame holds is what was received plus the room its
+reader charged for. The room is offered for receiving into
+(:meth:`FrameDecoder.payload_buffer`) like a whole payload's buffer. The storage is a
+``bytearray`` extended in place: ``realloc`` grows or remaps it, so the payload is not
+copied as it grows (a fresh buffer and a copy at each step cost more CPU than decrypting
+the bytes), and a ``bytearray`` refuses to be resized while a view of it is held, so no
+view handed out can be left pointing at freed memory.
 
 Two additions spare the bulk path (model chunks, 4 MiB each) its copies:
 
@@ -109,6 +115,8 @@ class Frame(NamedTuple):
 
 
 _EMPTY: Final = memoryview(b"")
+#: What a growing payload's new room is first filled with, a piece at a time.
+_ZEROS: Final = memoryview(bytes(1024 * 1024))
 _PREFIX: Final = struct.Struct(">I")
 assert _PREFIX.size == PREFIX_BYTES
 
@@ -176,7 +184,7 @@ class FrameDecoder:
     ) -> None:
         self._payload_limit = payload_limit
         self._grow = grow_payloads
-        self._growing: bytearray | None = None
+        self._growing: bytearray | None = None  # a growing payload's storage
         self._payload_len = 0
         self._header_decoder = HeaderDecoder()
         self._buffer = bytearray()
@@ -217,9 +225,44 @@ class FrameDecoder:
         """Bytes of the payload under way still to arrive (0 between payloads)."""
         if self._header is None:
             return 0
-        if self._growing is not None:
-            return self._payload_len - len(self._growing)
         return self._payload_len - self._filled
+
+    @property
+    def payload_received(self) -> int:
+        """Bytes of the payload under way received so far (0 between payloads)."""
+        return self._filled if self._header is not None else 0
+
+    @property
+    def payload_room(self) -> int:
+        """Bytes :meth:`payload_buffer` offers now: the unfilled rest of a whole
+        payload's buffer, or the room of a growing payload (0 until it is grown)."""
+        if self._growing is not None:
+            return len(self._growing) - self._filled
+        if self._payload is not None:
+            return len(self._payload) - self._filled
+        return 0
+
+    def grow_payload(self, room: int) -> None:
+        """Make room for ``room`` more bytes of the growing payload under way (never
+        past its announced length), so that :meth:`payload_buffer` offers them.
+        :attr:`held_bytes` grows by the room added: charge it before.
+
+        Raises:
+            RuntimeError: no growing payload is under way, ``room`` is below 1, or a view
+                from :meth:`payload_buffer` is still held (release it first).
+        """
+        if self._growing is None or room < 1:
+            raise RuntimeError(f"grow_payload({room}) while no growing payload is under way")
+        self._resize_growing(min(self._payload_len, self._filled + room))
+
+    def _resize_growing(self, size: int) -> None:
+        growing = self._growing
+        assert growing is not None
+        try:
+            while (missing := size - len(growing)) > 0:
+                growing += _ZEROS[: min(missing, len(_ZEROS))]
+        except BufferError as exc:
+            raise RuntimeError("a view of the growing payload is still held") from exc
 
     def set_payload_sink(self, sink: PayloadSink | None) -> None:
         """Offer each later payload to ``sink`` first (``None``: always use own buffers).
@@ -235,6 +278,10 @@ class FrameDecoder:
         peer sends after the payload must not go here: the view is exactly as long as the
         bytes still due.
         """
+        if self._growing is not None:
+            if self._eof or self._filled == len(self._growing):
+                return None
+            return memoryview(self._growing)[self._filled :]
         payload = self._payload
         if payload is None or self._eof or self._filled == len(payload):
             return None
@@ -247,13 +294,10 @@ class FrameDecoder:
             RuntimeError: no payload is being received, or ``nbytes`` is not between 1 and
                 the bytes still due (a bug in the caller).
         """
-        payload = self._payload
-        if payload is None or self._eof:
+        if (self._payload is None and self._growing is None) or self._eof:
             raise RuntimeError("payload_filled while no payload is being received")
-        if not 0 < nbytes <= len(payload) - self._filled:
-            raise RuntimeError(
-                f"payload_filled({nbytes}) with {len(payload) - self._filled} bytes due"
-            )
+        if not 0 < nbytes <= self.payload_room:
+            raise RuntimeError(f"payload_filled({nbytes}) with {self.payload_room} bytes of room")
         self._filled += nbytes
 
     def receive_data(self, data: Buffer) -> None:
@@ -270,8 +314,14 @@ class FrameDecoder:
         growing = self._growing
         if growing is not None:
             with memoryview(data) as view:
-                take = min(self._payload_len - len(growing), view.nbytes)
-                growing += view[:take]
+                filled = self._filled
+                take = min(self._payload_len - filled, view.nbytes)
+                fits = min(take, len(growing) - filled)  # in the room it was given
+                if fits:
+                    with memoryview(growing) as storage:
+                        storage[filled : filled + fits] = view[:fits]
+                growing += view[fits:take]
+                self._filled += take
                 if take < view.nbytes:
                     self._buffer += view[take:]
             return
@@ -340,8 +390,8 @@ class FrameDecoder:
                 return Frame(header, memoryview(buffer))
             if self._grow:
                 # What is buffered is all this payload's: it becomes the growing payload.
-                self._buffer = bytearray()
-                self._header, self._growing, self._payload_len = header, buffer, payload_len
+                self._buffer, self._growing = bytearray(), buffer
+                self._header, self._filled, self._payload_len = header, len(buffer), payload_len
                 return None
             payload = _payload_storage(payload_len)
         take = min(len(buffer), payload_len)
@@ -376,10 +426,10 @@ class FrameDecoder:
         assert self._header is not None
         growing = self._growing
         if growing is not None:
-            if len(growing) < self._payload_len:
+            if self._filled < self._payload_len:
                 return None
             frame = Frame(self._header, memoryview(growing))
-            self._header, self._growing = None, None
+            self._header, self._growing, self._filled = None, None, 0
             return frame
         payload = self._payload
         assert payload is not None

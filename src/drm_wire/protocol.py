@@ -311,6 +311,21 @@ class Connection:
         """Bytes still to arrive of the payload under way (0 between payloads)."""
         return self._decoder.payload_due
 
+    @property
+    def payload_received(self) -> int:
+        """Bytes of the payload under way received so far (0 between payloads)."""
+        return self._decoder.payload_received
+
+    @property
+    def payload_room(self) -> int:
+        """Bytes :meth:`payload_buffer` offers now (see ``FrameDecoder.payload_room``)."""
+        return self._decoder.payload_room
+
+    def grow_payload(self, room: int) -> None:
+        """Make room for ``room`` more bytes of a growing payload (see
+        ``FrameDecoder.grow_payload``): charge them before."""
+        self._decoder.grow_payload(room)
+
     def next_message(self) -> Message | NeedData | Closed:
         """The next message from the peer, ``NEED_DATA``, or ``CLOSED`` at a clean EOF.
 

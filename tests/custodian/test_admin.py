@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import shutil
+from contextlib import suppress
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,7 @@ import structlog
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from drm_custodian._admin_serve import PLAIN_HTTP_HINT
 from drm_custodian.admin import AdminApp, RecordingHooks, hypercorn_config, serve_admin
 from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
 from drm_custodian.ledger import BorrowerBlocked, SupplyResult
@@ -274,18 +276,57 @@ async def test_client_refuses_a_server_it_cannot_verify(server: Server, tmp_path
         await trio.to_thread.run_sync(client.usage)
 
 
-async def test_plain_http_is_not_served(server: Server) -> None:
-    def plain() -> int:
+async def test_plain_http_is_told_to_use_https_and_not_served(server: Server) -> None:
+    """``http://`` to the HTTPS port: a plain 400 naming the https:// URL, nothing acted
+    on (no token is even looked at), and the port goes on serving HTTPS."""
+    before = await server.balance()
+
+    def plain(method: str, path: str, body: bytes | None) -> tuple[int, str, str]:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
         try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status
+            conn.request(method, path, body=body, headers={"Authorization": "Bearer x"})
+            response = conn.getresponse()
+            return (
+                response.status,
+                response.getheader("Content-Type") or "",
+                response.read().decode(),
+            )
         finally:
             conn.close()
 
-    with pytest.raises((http.client.HTTPException, OSError)):
-        await trio.to_thread.run_sync(plain)
+    for method, path, body in [
+        ("GET", "/healthz", None),
+        ("POST", "/supply_inferences", b"number_inferences=5"),
+    ]:
+        status, content_type, text = await trio.to_thread.run_sync(plain, method, path, body)
+        assert status == 400
+        assert content_type.startswith("text/plain")
+        assert text == PLAIN_HTTP_HINT.format(url=f"https://127.0.0.1:{server.port}/")
+    assert await server.balance() == before
     assert (await server.call("GET", "/healthz")).status == 200  # still serving
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+async def test_curl_with_http_gets_the_hint(server: Server) -> None:
+    result = await trio.run_process(
+        ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{server.port}/usage"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout.decode() == f"this port speaks HTTPS: use https://127.0.0.1:{server.port}/\n"
+    )
+
+
+async def test_bytes_that_are_neither_tls_nor_http_are_closed(server: Server) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"\x00\x01garbage\r\n\r\n")
+        with trio.fail_after(10), suppress(trio.BrokenResourceError):  # closed or reset
+            assert await stream.receive_some() == b""  # no answer
+    assert (await server.call("GET", "/healthz")).status == 200
 
 
 @pytest.mark.parametrize(("size", "statuses"), [(9000, {431}), (200_000, {400, 431})])

@@ -239,6 +239,13 @@ def test_model_files_are_bounded(tmp_path: Path) -> None:
         (["serve", "--state-dir", "x", "--upload", "m.onnx", "--policy", "p.toml",
           "--initial-inferences", "-1"],
          "argument --initial-inferences: must be between 0 and 1000000, got -1"),
+        (["serve", "--state-dir", "x", "--upload", "m.onnx", "--policy", "p.toml",
+          "--link-budget", "abc"],
+         "argument --link-budget: 'abc' is not a whole number: it must be from 65 to "
+         "1000000 (MiB)"),
+        (["serve", "--state-dir", "x", "--upload", "m.onnx", "--policy", "p.toml",
+          "--reclaim-margin", "86401"],
+         "argument --reclaim-margin: must be from 0 to 86400 (seconds), not 86401"),
     ],
 )  # fmt: skip
 def test_bad_counts_are_usage_errors_that_say_what_is_allowed(

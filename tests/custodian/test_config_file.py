@@ -31,7 +31,7 @@ N = MAX_GRANT_UNITS
 KEYS = (
     "state_dir, upload, policy, collateral, pccs_url, pccs_ca, address, port, admin_port, "
     "initial_inferences, lease, log_level, max_links, max_link_handshakes, reclaim_margin, "
-    "models"
+    "link_budget, link_frame_timeout, models"
 )
 
 
@@ -98,6 +98,8 @@ def test_check_config_reports_every_value_and_where_it_came_from(
         "  max_links = 4096  (default)",
         "  max_link_handshakes = 256  (default)",
         "  reclaim_margin = 60  (default)",
+        "  link_budget = 128  (default)",
+        "  link_frame_timeout = 30  (default)",
         "  models = (none)  (default)",
         "  borrower managed: acme",
         f"  model tiny: {len(tiny_model())} bytes, sha256 {sha}",
@@ -133,8 +135,9 @@ def test_check_config_needs_a_file() -> None:
         ({"initial_inferences": N + 1},
          f"must be between 0 and {N}, got {N + 1} (in {{f}} at 'initial_inferences')"),
         ({"address": "[1, 2]"}, "must be a string, not an array (in {f} at 'address')"),
-        ({"reclaim_margin": -5}, "'-5' is not a number of seconds from 0 to 86400 (a day) "
+        ({"reclaim_margin": -5}, "must be from 0 to 86400 (seconds), not -5 "
                                  "(in {f} at 'reclaim_margin')"),
+        ({"link_budget": 8}, "must be from 65 to "),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["serve", "check-config"])

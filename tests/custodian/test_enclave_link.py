@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +38,8 @@ from drm_wire.attestation.gramine import SimulatedEnclave, make_enclave_identity
 from drm_wire.attestation.insecure_simulation import SimulatedPlatform
 from drm_wire.attestation.policy import Policy
 from drm_wire.attestation.ratls_cert import RatlsCredentials
-from drm_wire.errors import ErrorCode, PeerError
+from drm_wire.errors import ConfigError, ErrorCode, PeerError, RemoteProtocolError
+from drm_wire.framing import encode_frame
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import (
     Block,
@@ -200,6 +202,7 @@ async def start_custodian(
         initial_inferences: int = 0,
         session: SessionConfig | None = None,
         models: Sequence[ModelFile] = models,
+        link_frame_timeout: float = 30.0,
     ) -> Custodian:
         config = ServeConfig(
             state=state,
@@ -209,6 +212,7 @@ async def start_custodian(
             admin_port=0,
             initial_inferences=initial_inferences,
             session=session or SessionConfig(),
+            link_frame_timeout=link_frame_timeout,
         )
         stop, stopped = trio.Event(), trio.Event()
 
@@ -632,7 +636,7 @@ def test_how_a_session_end_is_logged(error: Exception, event: str) -> None:
         try:
             raise error
         except Exception as exc:
-            enclave_link._log_end(exc)
+            enclave_link._log_end(exc, lambda name: None)
     assert [entry["event"] for entry in logs] == [event]
     if event == "enclave_disconnected":
         assert logs[0]["reason"] == "ChannelClosed"
@@ -789,3 +793,74 @@ async def test_a_failure_naming_another_model_closes_the_link(
             await drain(channel)
         assert caught.value.code is ErrorCode.PROTOCOL_ERROR
         assert "model_load_failed does not match the model sent" in caught.value.detail
+
+
+async def test_a_frame_stalled_mid_way_ends_the_link_logged_and_counted(
+    start_custodian: CustodianFactory,
+) -> None:
+    """I17 on the enclave-link port: an attested enclave that sends part of a frame and
+    stops is told ``timeout`` once the frame's deadline passes, not held forever."""
+    custodian = await start_custodian(initial_inferences=5, link_frame_timeout=0.3)
+    frame = b"".join(encode_frame({"type": "heartbeat", "seq": 1}))
+    logged = trio.Event()
+
+    def watch(
+        _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if event["event"] == "enclave_frame_too_slow":
+            logged.set()
+        return event
+
+    with capture_logs(processors=[watch]) as logs:
+        async with custodian.link(heartbeat=False) as channel:
+            await channel.stream.send_all(frame[:6])  # the prefix and part of the header
+            with pytest.raises(PeerError) as told:
+                await drain(channel)
+        with trio.fail_after(TIMEOUT):
+            await logged.wait()  # the custodian's side of the link has ended too
+    status, _, body = await trio.to_thread.run_sync(custodian.admin.request, "GET", "/metrics")
+    assert told.value.code is ErrorCode.TIMEOUT
+    assert "frame must arrive within 0.3 s" in str(told.value)
+    stalled = [e for e in logs if e["event"] == "enclave_frame_too_slow"]
+    assert len(stalled) == 1
+    assert status == 200
+    assert 'drm_custodian_enclave_link_refused_total{limit="frame_timeout"} 1.0' in body.decode()
+
+
+async def test_a_frame_that_keeps_coming_is_not_cut(start_custodian: CustodianFactory) -> None:
+    """The deadline runs from a frame's first byte: a link idle between frames for longer
+    than the frame timeout keeps serving."""
+    custodian = await start_custodian(initial_inferences=5, link_frame_timeout=0.3)
+    async with custodian.link(heartbeat=False) as channel:
+        await load_models(channel, 2)
+        await receive(channel, Grant)
+        await trio.sleep(0.5)  # idle past the frame timeout: not a frame
+        assert (await report(channel, 1, 1)).seq == 1
+
+
+def test_links_that_find_the_budget_full_are_logged_and_counted() -> None:
+    hits: list[str] = []
+    error = RemoteProtocolError(
+        "the server's memory for requests is full; retry later", code=ErrorCode.BUSY
+    )
+    with capture_logs() as logs:
+        enclave_link._log_end(ExceptionGroup("", [error]), hits.append)
+    assert [entry["event"] for entry in logs] == ["enclave_link_budget_full"]
+    assert hits == ["budget_full"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"link_budget": 64 * 1024 * 1024}, "link_budget"),
+        ({"link_frame_timeout": 0.0}, "link_frame_timeout"),
+        ({"link_frame_timeout": float("nan")}, "link_frame_timeout"),
+    ],
+)
+def test_link_limits_out_of_range_are_config_errors(
+    tmp_path: Path, policy: Policy, models: tuple[ModelFile, ...], changes: dict[str, Any], key: str
+) -> None:
+    state = trio.run(partial(init_state_dir, tmp_path / "state", borrower=BORROWER))
+    with pytest.raises(ConfigError) as info:
+        ServeConfig(state=load_state_dir(state.path), models=models, policy=policy, **changes)
+    assert info.value.key == key

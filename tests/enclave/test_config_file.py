@@ -155,7 +155,7 @@ def test_the_command_line_beats_a_host_provided_file(files: Files, tmp_path: Pat
         ('listen = "127.0.0.1:70000"', "port 70000 is out of range (0-65535) (in {f} at 'listen')"),
         ('attestation = "sgx"',
          "must be one of: auto, gramine, simulated; got 'sgx' (in {f} at 'attestation')"),
-        ("intra_op_threads = 0", "must be from 1 to 64 (in {f} at 'intra_op_threads')"),
+        ("intra_op_threads = 0", "must be from 1 to 64, not 0 (in {f} at 'intra_op_threads')"),
         ('log_level = "verbose"',
          "must be one of: debug, info, warning, error; got 'verbose' (in {f} at 'log_level')"),
         ('intra_op_threads = "2"',

@@ -1,25 +1,33 @@
 """A channel with ReceiveLimits: frame deadlines, the minimum rate and the memory budget
-(I17), over memory streams on trio's ``autojump_clock``: no sockets, no sleeps."""
+(I17), over memory streams on trio's ``autojump_clock``: no sockets, no sleeps. Each test
+runs twice: over bare memory streams (the reader's ``receive_some`` path) and over TLS on
+memory streams (payloads decrypted into their growing storage: ``receive_into``)."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
 
+from drm_lab.certs import Identity
 from drm_wire.codec import pack_header
 from drm_wire.errors import ErrorCode, RemoteProtocolError
 from drm_wire.framing import PAYLOAD_KEY
 from drm_wire.limits import KiB, MiB
 from drm_wire.messages import Error, InferenceRequest, Message
-from drm_wire.net.budget import MIN_CONNECTION_SHARE, MemoryBudget, ReceiveLimits
+from drm_wire.net.budget import HEADER_READ, MIN_CONNECTION_SHARE, MemoryBudget, ReceiveLimits
 from drm_wire.net.channel import MessageChannel, open_channel
+from drm_wire.net.tls import client_context, server_context
 from drm_wire.protocol import Closed, Link, Side
-from tests.net.channel_fakes import SERVER_SOFTWARE, RawPeer, infer
+from drm_wire.tensors import Tensor
+from tests.net.channel_fakes import SERVER_SOFTWARE, RawPeer, StreamPair, infer
+from tests.net.helpers import memory_pair
 
 GRACE = 5.0
 RATE = 1 * KiB  # bytes/s
@@ -35,10 +43,22 @@ def _limits(budget: MemoryBudget | None = None) -> ReceiveLimits:
     )
 
 
+@pytest.fixture(params=["plain", "tls"])
+def pair(request: pytest.FixtureRequest, ca: Identity, server_id: Identity) -> StreamPair:
+    """The consumer's and the server's stream: bare memory streams, or TLS over them."""
+    if request.param == "plain":
+        return trio.testing.memory_stream_pair
+    server_ctx = server_context(certificate=server_id.cert, private_key=server_id.key)
+    client_ctx = client_context(ca_certificates=[ca.cert])
+    return partial(memory_pair, client_ctx, server_ctx)
+
+
 @asynccontextmanager
-async def _server(limits: ReceiveLimits) -> AsyncIterator[tuple[RawPeer, MessageChannel]]:
+async def _server(
+    pair: StreamPair, limits: ReceiveLimits
+) -> AsyncIterator[tuple[RawPeer, MessageChannel]]:
     """A hand-driven consumer facing a limited server channel, hello done."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client_stream, server_stream = pair()
     raw = RawPeer(client_stream, Link.CONSUMER, Side.CLIENT)
     async with open_channel(server_stream, Link.CONSUMER, Side.SERVER, limits=limits) as server:
         async with trio.open_nursery() as nursery:
@@ -74,10 +94,11 @@ async def _told(raw: RawPeer) -> Error:
 
 
 async def test_an_idle_partial_frame_is_closed_after_the_grace(
+    pair: StreamPair,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     budget = MemoryBudget()
-    async with _server(_limits(budget)) as (raw, server):
+    async with _server(pair, _limits(budget)) as (raw, server):
         start = trio.current_time()
         await raw.send_bytes(_announce(64 * MiB) + b"x")
         error = await _told(raw)
@@ -89,10 +110,11 @@ async def test_an_idle_partial_frame_is_closed_after_the_grace(
 
 
 async def test_a_trickle_is_given_time_for_what_it_sent_only(
+    pair: StreamPair,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Half the minimum rate: closed once the bytes sent no longer earn more time."""
-    async with _server(_limits()) as (raw, server):
+    async with _server(pair, _limits()) as (raw, server):
         start = trio.current_time()
         await raw.send_bytes(_announce(MiB))
         with trio.move_on_after(60):
@@ -108,9 +130,11 @@ async def test_a_trickle_is_given_time_for_what_it_sent_only(
         assert (await _ended(server)).code is ErrorCode.TIMEOUT
 
 
-async def test_no_frame_outlives_the_frame_timeout(autojump_clock: trio.testing.MockClock) -> None:
+async def test_no_frame_outlives_the_frame_timeout(
+    pair: StreamPair, autojump_clock: trio.testing.MockClock
+) -> None:
     """Above the minimum rate but too long in all: cut at the timeout."""
-    async with _server(_limits()) as (raw, server):
+    async with _server(pair, _limits()) as (raw, server):
         start = trio.current_time()
         await raw.send_bytes(_announce(MiB))
         with trio.move_on_after(60):
@@ -125,11 +149,12 @@ async def test_no_frame_outlives_the_frame_timeout(autojump_clock: trio.testing.
 
 
 async def test_idle_between_frames_is_not_limited_and_frames_in_time_arrive(
+    pair: StreamPair,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     budget = MemoryBudget()
     received: list[Message] = []
-    async with _server(_limits(budget)) as (raw, server):
+    async with _server(pair, _limits(budget)) as (raw, server):
 
         async def handle(message: Message) -> None:
             received.append(message)
@@ -146,11 +171,12 @@ async def test_idle_between_frames_is_not_limited_and_frames_in_time_arrive(
 
 
 async def test_a_kept_payload_stays_charged_until_released(
+    pair: StreamPair,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     budget = MemoryBudget()
     kept = []
-    async with _server(_limits(budget)) as (raw, server):
+    async with _server(pair, _limits(budget)) as (raw, server):
 
         async def handle(message: Message) -> None:
             kept.append(server.hold_payload())
@@ -165,13 +191,14 @@ async def test_a_kept_payload_stays_charged_until_released(
 
 
 async def test_a_connection_whose_share_is_full_is_read_no_further(
+    pair: StreamPair,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Requests kept by the handler fill the connection's share: the next frame waits for
     memory, and past its deadline the peer is told ``busy``, not blamed for slowness."""
     budget = MemoryBudget(4 * MIN_CONNECTION_SHARE, per_connection=MIN_CONNECTION_SHARE)
     kept = []
-    async with _server(_limits(budget)) as (raw, server):
+    async with _server(pair, _limits(budget)) as (raw, server):
 
         async def handle(message: Message) -> None:
             kept.append(server.hold_payload())
@@ -195,4 +222,50 @@ async def test_a_connection_whose_share_is_full_is_read_no_further(
     assert budget.used == sum(charge.nbytes for charge in kept)
     for charge in kept:
         charge.release()
+    assert budget.used == 0
+
+
+async def test_a_stalled_large_payload_holds_about_what_arrived(
+    pair: StreamPair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """3 MiB of an announced 32 MiB, then nothing: what the connection held never passed
+    twice what arrived and one read (the storage doubles past PAYLOAD_READ, no faster)."""
+    budget = MemoryBudget()
+    sent = 3 * MiB
+    async with _server(pair, _limits(budget)) as (raw, server):
+        await raw.send_bytes(_announce(32 * MiB) + b"z" * sent)
+        error = await _told(raw)
+        assert error.code is ErrorCode.TIMEOUT
+        assert (await _ended(server)).code is ErrorCode.TIMEOUT
+    assert sent <= budget.peak <= 2 * sent + HEADER_READ
+    assert budget.used == 0
+
+
+async def test_large_payloads_arrive_intact_one_after_another(
+    pair: StreamPair, autojump_clock: trio.testing.MockClock
+) -> None:
+    budget = MemoryBudget()
+    rng = np.random.default_rng(3)
+    arrays = [rng.random((1, 3, 480, 480), dtype=np.float32) for _ in range(3)]
+    received: list[np.ndarray] = []
+    async with _server(pair, _limits(budget)) as (raw, server):
+
+        async def handle(message: Message) -> None:
+            assert isinstance(message, InferenceRequest)
+            received.append(message.inputs[0].to_numpy().copy())
+
+        server.set_handler(handle)
+        for request_id, array in enumerate(arrays, 1):
+            await raw.send(
+                InferenceRequest(
+                    request_id=request_id,
+                    model="m",
+                    inputs=(Tensor.from_numpy("x", array),),
+                )
+            )
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(received) == len(arrays)
+    for got, sent in zip(received, arrays, strict=True):
+        assert np.array_equal(got, sent)
+    assert budget.peak <= 2 * arrays[0].nbytes
     assert budget.used == 0

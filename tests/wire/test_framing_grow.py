@@ -24,7 +24,7 @@ def test_an_announced_payload_costs_only_what_arrived() -> None:
     assert decoder.next_frame() is None
     assert decoder.held_bytes == 1
     assert decoder.payload_due == 64 * MiB - 1
-    assert decoder.payload_buffer() is None  # never handed out for receiving into
+    assert decoder.payload_buffer() is None  # no room until the reader makes it
     assert decoder.mid_frame
 
 
@@ -125,3 +125,66 @@ def test_payload_due_counts_down(grow: bool) -> None:
     decoder.receive_data(_announce(50) + b"a" * 20)
     assert decoder.next_frame() is None
     assert decoder.payload_due == 30
+
+
+def test_room_made_for_a_read_is_offered_and_held_until_filled() -> None:
+    """The reader's path: grow by what it charged, receive into the room, report it."""
+    decoder = FrameDecoder(grow_payloads=True)
+    payload = bytes(range(256)) * 40
+    decoder.receive_data(_announce(len(payload)) + payload[:10])
+    assert decoder.next_frame() is None
+    assert decoder.payload_room == 0
+    decoder.grow_payload(4000)
+    assert decoder.payload_room == 4000
+    assert decoder.held_bytes == 4010  # the room counts, filled or not
+    room = decoder.payload_buffer()
+    assert room is not None
+    with room:
+        assert room.nbytes == 4000
+        room[:1500] = payload[10:1510]
+    decoder.payload_filled(1500)
+    assert (decoder.payload_received, decoder.payload_room) == (1510, 2500)
+    decoder.receive_data(payload[1510:5000])  # the room first, then appended
+    assert decoder.held_bytes == 5000
+    decoder.grow_payload(10**9)  # never past what is due
+    assert decoder.held_bytes == len(payload)
+    room = decoder.payload_buffer()
+    assert room is not None
+    with room:
+        room[:] = payload[5000:]
+    decoder.payload_filled(len(payload) - 5000)
+    frame = decoder.next_frame()
+    assert frame is not None
+    assert bytes(frame.payload) == payload
+    assert decoder.held_bytes == 0
+
+
+def test_storage_cannot_grow_under_a_view_handed_out() -> None:
+    """Growing may move the storage: refused while a view of it could be left dangling."""
+    decoder = FrameDecoder(grow_payloads=True)
+    decoder.receive_data(_announce(100_000))
+    assert decoder.next_frame() is None
+    decoder.grow_payload(10)
+    view = decoder.payload_buffer()
+    assert view is not None
+    with pytest.raises(RuntimeError, match="view of the growing payload"):
+        decoder.grow_payload(50_000)
+    view.release()
+    decoder.grow_payload(50_000)
+    assert decoder.payload_room == 50_000
+
+
+@pytest.mark.parametrize("room", [0, -5])
+def test_growing_by_nothing_or_without_a_growing_payload_is_a_bug(room: int) -> None:
+    decoder = FrameDecoder(grow_payloads=True)
+    with pytest.raises(RuntimeError, match="no growing payload"):
+        decoder.grow_payload(100)
+    decoder.receive_data(_announce(100))
+    assert decoder.next_frame() is None
+    with pytest.raises(RuntimeError, match="no growing payload"):
+        decoder.grow_payload(room)
+    eager = FrameDecoder()
+    eager.receive_data(_announce(100))
+    assert eager.next_frame() is None
+    with pytest.raises(RuntimeError, match="no growing payload"):
+        eager.grow_payload(10)

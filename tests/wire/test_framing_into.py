@@ -75,7 +75,7 @@ def test_payload_filled_outside_what_is_due_is_a_bug(count: int) -> None:
     decoder = FrameDecoder(m.payload_limit)
     decoder.receive_data(announce({"type": "model_chunk", "offset": 0}, len(PAYLOAD)))
     assert decoder.next_frame() is None
-    with pytest.raises(RuntimeError, match=rf"payload_filled\({count}\) with {len(PAYLOAD)}"):
+    with pytest.raises(RuntimeError, match=rf"payload_filled\({count}\) with {len(PAYLOAD)} bytes"):
         decoder.payload_filled(count)
 
 

@@ -21,9 +21,13 @@ that whoever keeps the message (a request task) releases when it is done with it
 Idle peers hold next to nothing: a connection reserves one small read
 (:data:`HEADER_READ`) ahead of what it has sent, and the reads of a payload grow with the
 bytes the peer has actually sent (up to :data:`PAYLOAD_READ`), so a header announcing
-64 MiB followed by one byte reserves 16 KiB. A connection in the middle of a frame must
-also keep up a minimum rate (:class:`ReceiveLimits`), so it cannot hold what it sent for
-long either.
+64 MiB followed by one byte reserves 16 KiB. A stream that decrypts in place has the
+payload's storage grown before a read instead (by the read, and past
+:data:`PAYLOAD_READ` by what it already holds, so a large payload takes a few steps),
+the room charged first like a read: a connection then holds at most twice what it was
+sent of a payload, plus one small read. A connection in the middle of a frame must also
+keep up a minimum rate (:class:`ReceiveLimits`), so it cannot hold what it sent for long
+either.
 """
 
 from __future__ import annotations

@@ -38,7 +38,10 @@ connection it is committed: if writing it fails or is cancelled, the connection 
 *Receiving from peers nobody vouches for* (the consumer port): with :class:`ReceiveLimits`
 the decoder grows payloads as their bytes arrive, every read is reserved from a
 :class:`~drm_wire.net.budget.MemoryBudget` before it is made, and a frame must arrive
-within its deadline (the rate and timeout of the limits). A decoded message's bytes stay
+within its deadline (the rate and timeout of the limits). A stream that can decrypt in
+place still does, into a payload's storage grown (and charged) just before the read
+that needs the room: receiving those bytes as new ``bytes`` and appending them would
+copy each payload several times over. A decoded message's bytes stay
 charged until the handler returns, or until whoever takes them with
 :meth:`MessageChannel.hold_payload` releases them. A frame that misses its deadline ends
 the channel with a ``timeout`` error to the peer (``busy`` if it was our memory that was
@@ -448,6 +451,8 @@ class MessageChannel:
         conn = self._conn
         account = self._account
         assert account is not None
+        share = limits.budget.per_connection
+        receive_into = self._receive_into
         started: float | None = None  # when the frame under way was first seen
         received = 0  # bytes read since
         while True:
@@ -461,22 +466,45 @@ class MessageChannel:
                 # the bytes it brought (up to PAYLOAD_READ), so an idle peer reserves one
                 # small read, and a bulk sender reaches full-size reads within a few.
                 want = HEADER_READ
+                grow = 0
                 if due := conn.payload_due:
                     want = min(PAYLOAD_READ, max(HEADER_READ, received), max(due, HEADER_READ))
+                into = due > 0 and receive_into is not None
+                if into and not conn.payload_room:
+                    # Decrypt straight into the payload, whose storage is full: grow it by
+                    # a read, or by what it holds once past PAYLOAD_READ (doubling, so a
+                    # large payload takes a few steps), never past what is due.
+                    grow = min(due, max(want, conn.payload_received))
                 # (A share holds a full frame and a read: never below one byte.)
-                want = max(1, min(want, limits.budget.per_connection - conn.held_bytes))
-                target = conn.held_bytes + want
+                want = max(1, min(want, share - conn.held_bytes))
+                grow = min(grow, share - conn.held_bytes)
+                target = conn.held_bytes + (grow if into else want)
                 # Out of time while memory was short is our doing (busy); else the peer's.
                 reserving = not account.fits(target)
                 with trio.CancelScope(deadline=deadline) as scope:
                     await account.reserve_reading(target)
                     reserving = False
-                    data = await self._stream.receive_some(want)
+                    if into:
+                        assert receive_into is not None
+                        if grow > 0:
+                            conn.grow_payload(grow)
+                        room = conn.payload_buffer()
+                        assert room is not None
+                        with room:  # released before the storage may grow again
+                            count = await receive_into(room)
+                    else:
+                        data = await self._stream.receive_some(want)
                 if scope.cancelled_caught:
                     raise _frame_late(limits, started, received, reserving=reserving)
+                if not into:
+                    count = len(data)
+                    conn.receive_data(data)
+                elif count:
+                    conn.payload_filled(count)
+                else:
+                    conn.receive_data(b"")  # the end of the stream, mid-payload
                 if started is not None:
-                    received += len(data)
-                conn.receive_data(data)
+                    received += count
             elif isinstance(event, Closed):
                 return ChannelClosed("the peer closed the connection")
             else:
