@@ -241,7 +241,7 @@ def test_model_files_are_bounded(tmp_path: Path) -> None:
          "argument --initial-inferences: must be between 0 and 1000000, got -1"),
         (["serve", "--state-dir", "x", "--upload", "m.onnx", "--policy", "p.toml",
           "--link-budget", "abc"],
-         "argument --link-budget: 'abc' is not a whole number: it must be from 65 to "
+         "argument --link-budget: 'abc' is not a whole number: it must be from 66 to "
          "1000000 (MiB)"),
         (["serve", "--state-dir", "x", "--upload", "m.onnx", "--policy", "p.toml",
           "--reclaim-margin", "86401"],

@@ -137,7 +137,7 @@ def test_check_config_needs_a_file() -> None:
         ({"address": "[1, 2]"}, "must be a string, not an array (in {f} at 'address')"),
         ({"reclaim_margin": -5}, "must be from 0 to 86400 (seconds), not -5 "
                                  "(in {f} at 'reclaim_margin')"),
-        ({"link_budget": 8}, "must be from 65 to "),
+        ({"link_budget": 8}, "must be from 66 to 1000000 (MiB), not 8 (in {f} at 'link_budget')"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["serve", "check-config"])
