@@ -41,6 +41,7 @@ from drm_consumer.errors import (
     NoInferencesLeft,
     RequestFailed,
 )
+from drm_consumer.gateway import command as gateway_command
 from drm_consumer.preprocess import (
     ImageInput,
     InputError,
@@ -53,6 +54,7 @@ from drm_consumer.preprocess import (
     imagenet,
     load_input,
 )
+from drm_daemon.listen import ListenError
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.collateral_source import CollateralSet, chain_sources
 from drm_wire.attestation.pccs import PccsClient, PccsError
@@ -206,6 +208,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(info)
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve the Open Inference Protocol (KServe v2, Triton) over HTTP",
+        description="Keep attested connections to the enclave and serve its models to "
+        "standard clients (tritonclient, KServe, curl): see drm_consumer.gateway.",
+    )
+    _common(gateway)
+    gateway_command.add_arguments(gateway)
     return parser
 
 
@@ -666,6 +676,13 @@ def _info(args: argparse.Namespace, out: TextIO) -> None:
     print(_attestation_line(enclave), file=out)
 
 
+def _gateway(args: argparse.Namespace, log: TextIO) -> None:
+    try:
+        gateway_command.run(args, partial(_connect, _connection(args)), log)
+    except (gateway_command.GatewayUsageError, ListenError) as exc:
+        raise _Failure(EXIT_USAGE, str(exc)) from exc
+
+
 def _describe_terms(terms: Terms) -> str:
     """One line: the unit, then each input's sizes (``1..16 x 3``) and batch axis."""
     per = "item along the batch axis" if terms.unit is Unit.ITEM else "request"
@@ -733,6 +750,8 @@ def main(
     try:
         if args.command == "query":
             _query(args, out, log)
+        elif args.command == "gateway":
+            _gateway(args, log)
         else:
             _info(args, out)
     except _Failure as failure:
