@@ -19,7 +19,7 @@ hide. Routes (``{name}`` may be followed by ``/versions/1``, the only version th
 - ``GET /metrics``: Prometheus text.
 
 Every request goes through one pipeline and stops at the first failure (threat model
-G01-G03): headers over :data:`MAX_HEADER_BYTES` -> 431; with a token, a missing or wrong
+G01-G04): headers over :data:`MAX_HEADER_BYTES` -> 431; with a token, a missing or wrong
 ``Authorization: Bearer`` -> 401 (before routing; ``/v2/health/*`` excepted, for probes);
 route -> 404 / 405; body over :data:`MAX_BODY_BYTES` -> 413 (from ``Content-Length``
 before reading, and counted while reading) or not received within :data:`BODY_TIMEOUT`

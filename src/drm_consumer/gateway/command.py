@@ -5,7 +5,7 @@ of one attested enclave.
 options are the other commands'); :func:`run` serves until interrupted. It listens on
 loopback by default. Any other address needs a bearer token, from ``--token-file`` or the
 ``DRM_GATEWAY_TOKEN`` environment variable (never on the command line, where ``ps`` shows
-it to every user of the machine); without one it refuses to start.
+it to every user of the machine); without one it refuses to start (threat model G05).
 Logs are JSON lines on standard error; ``gateway_listening`` says where it listens.
 """
 

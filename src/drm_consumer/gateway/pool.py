@@ -7,7 +7,7 @@ Each of the pool's ``size`` slots is a task that holds one
 the enclave's RA-TLS attestation is checked against the policy, then ``hello``), offers
 the client to requests, and waits until a request finds the connection broken. It then
 connects again, attesting again: no connection is ever used that was not attested when
-it was made (I8), and a restarted enclave is judged afresh. Failed connects back off
+it was made (I8), and a restarted enclave is judged afresh (G06). Failed connects back off
 (:data:`BACKOFF_FIRST` doubling to :data:`BACKOFF_MAX`); the last failure is kept, so a
 request that finds no live connection can say why (attestation refused, or unreachable).
 
