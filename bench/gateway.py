@@ -97,6 +97,8 @@ def row(name: str, path: str, latencies: list[float], elapsed: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per run")
+    parser.add_argument("--connections", type=int, default=2,
+                        help="the gateway's attested connections (default 2, its own)")  # fmt: skip
     args = parser.parse_args()
     seconds = {"tiny": 2.0, "cnn": 4.0} if args.quick else {"tiny": 6.0, "cnn": 12.0}
     rng = np.random.default_rng(3)
@@ -114,9 +116,15 @@ def main() -> int:
             ]
             lab.start_custodian(models, initial=SUPPLY, lease=100_000)
             enclave = lab.start_enclave()
-            gateway = lab.start_gateway(enclave.consumer_port)
+            gateway = lab.start_gateway(
+                enclave.consumer_port, options=["--connections", str(args.connections)]
+            )
             policy = Policy.load(lab.policy_path)
-            print(f"{CLIENTS} clients each; alternating runs of {seconds} s", flush=True)
+            print(
+                f"{CLIENTS} clients each, {args.connections} gateway connections; "
+                f"alternating runs of {seconds} s",
+                flush=True,
+            )
             for name in ("tiny", "cnn"):
                 runs: dict[str, tuple[list[float], float]] = {
                     "direct": ([], 0.0),

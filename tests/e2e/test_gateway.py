@@ -12,13 +12,19 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
+import os
+import re
 import shutil
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +35,10 @@ from drm_consumer.gateway.app import MAX_BODY_BYTES
 from drm_consumer.gateway.command import TOKEN_ENV
 from drm_lab.deployment import Gateway, Lab
 from drm_lab.models import failing_model, two_by_two_model
-from drm_lab.processes import LOOPBACK, environment, python_command, run_command
+from drm_lab.processes import LOOPBACK, environment, python_command, run_command, start_daemon
 from drm_wire.attestation.policy import Policy
 from tests.e2e.conftest import daemons_missing
+from tests.test_readme import ROOT, Block, _block, _commands
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -40,6 +47,8 @@ B = np.array([2, -3], dtype=np.int64)
 #: What the pair model answers for A and B.
 Y = A * B[:, None]
 K = np.argmax(A, axis=1) + B
+#: The enclave's default ``max_parked_per_connection`` (docs/production.md).
+PARKED_PER_CONNECTION = 16
 #: Bounds every poll of a state the daemons reach on their own.
 SETTLE = 30.0
 
@@ -357,7 +366,7 @@ def test_the_drm_states_become_http_statuses(lab: Lab) -> None:
     model = lab.write_model("pair", two_by_two_model())
     lab.start_custodian([model], initial=2)
     enclave = lab.start_enclave()
-    gateway = lab.start_gateway(enclave.consumer_port)
+    gateway = lab.start_gateway(enclave.consumer_port, options=["--connections", "1"])
     url = f"{gateway.url}/v2/models/pair/infer"
 
     assert call(url, "POST", pair_request()).status == 200  # costs both inferences
@@ -369,6 +378,22 @@ def test_the_drm_states_become_http_statuses(lab: Lab) -> None:
     assert reply.status == 429
     assert time.monotonic() - started >= 2
     assert reply.headers["retry-after"] == "2"
+
+    # One request more than the enclave parks per connection: that one is busy at once.
+    replies: list[Reply] = []
+    with ThreadPoolExecutor(PARKED_PER_CONNECTION + 1) as pool:
+        for reply in pool.map(
+            lambda _: call(url, "POST", pair_request(parameters={"wait": 3})),
+            range(PARKED_PER_CONNECTION + 1),
+        ):
+            replies.append(reply)
+    busy = [r for r in replies if "busy" in r.json()["error"]]
+    assert len(busy) == 1, [r.json() for r in replies]
+    assert busy[0].status == 429
+    assert busy[0].headers["retry-after"] == "1"
+    assert all(
+        r.status == 429 and r.headers["retry-after"] == "3" for r in replies if r not in busy
+    )
 
     lab.supply(10)
     reply = call(url, "POST", pair_request(parameters={"wait": 20}))
@@ -411,3 +436,54 @@ def test_the_gateway_attests_again_after_the_enclave_restarts(lab: Lab) -> None:
     assert len(gateway.daemon.find_all("gateway_attested")) > attested
     metrics = call(f"{gateway.url}/metrics").body.decode()
     assert 'drm_gateway_attestations_total{outcome="attested"}' in metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tritonclient") is None or shutil.which("curl") is None,
+    reason="the README's blocks need tritonclient[http] and curl",
+)
+def test_the_readme_standard_clients_run_as_written(lab: Lab) -> None:
+    """The README's gateway command, tritonclient example and curl lines, in front of the
+    walkthrough's model (``demo/covidnet.py``), with the README's ports made free ones."""
+    run_command(
+        [sys.executable, str(ROOT / "demo" / "covidnet.py"), "--out-dir", str(lab.workdir)],
+        cwd=lab.workdir,
+    )
+    lab.start_custodian([lab.workdir / "covidnet.onnx"], initial=10)
+    enclave = lab.start_enclave()
+    ports = {"9924": str(enclave.consumer_port), "8000": str(_free_port())}
+
+    def text(name: str) -> str:
+        found = _block(name).text
+        for readme_port, port in ports.items():
+            found = re.sub(rf"\b{readme_port}\b", port, found)
+        return found
+
+    (command,) = _commands(Block("gateway", "sh", text("gateway"), 0))
+    # ``python`` on PATH is this interpreter, as in the README's activated environment.
+    path = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    gateway = start_daemon("gateway", ["bash", "-c", f"exec {command}"], cwd=lab.workdir, env=path)
+    lab.daemons.append(gateway)
+    gateway.wait_for("gateway_listening")
+
+    example = lab.workdir / "triton_example.py"
+    example.write_text(text("tritonclient"), encoding="utf-8")
+    output = run_command([sys.executable, example.name], cwd=lab.workdir).stdout
+    assert "'cost': 1" in output, output
+    assert "'inferences_left': " in output, output
+
+    metadata, make_body, infer = _commands(Block("gateway-curl", "sh", text("gateway-curl"), 0))
+    shell = partial(run_command, cwd=lab.workdir, env=path)
+    assert json.loads(shell(["bash", "-c", metadata]).stdout)["inputs"]
+    shell(["bash", "-c", make_body])
+    answer = json.loads(shell(["bash", "-c", infer]).stdout)
+    (probs,) = answer["outputs"]
+    assert (probs["name"], probs["shape"]) == ("probs", [1, 2])
+    assert answer["parameters"]["cost"] == 1
