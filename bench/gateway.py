@@ -12,14 +12,18 @@ falls on both:
 * ``gateway``: ``CLIENTS`` tritonclient greenlets (another process, :mod:`drm_lab.triton`),
   each with its own HTTP connection, binary tensor data on inputs and outputs.
 
-It prints p50 and p99 latency and the throughput of each, and the gateway's p50 as a
-multiple of the direct client's (target for the CNN: at most 1.15x).
+It prints p50 and p99 latency and the throughput of each, the gateway's p50 as a multiple
+of the direct client's (target for the CNN: at most 1.15x), and the CPU each request cost
+the direct client's process, the gateway's process and tritonclient's: on a machine whose
+cores the enclave's inference already fills, the gateway's CPU is what it adds to latency.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -38,6 +42,18 @@ from drm_wire.attestation.policy import Policy
 CLIENTS = 8
 TARGET = 1.15
 SUPPLY = 1_000_000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (the tritonclient runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -130,12 +146,18 @@ def main() -> int:
                     "direct": ([], 0.0),
                     "gateway": ([], 0.0),
                 }
+                cpu = {"direct": 0.0, "gateway": 0.0, "client": 0.0}
                 for _ in range(2):
+                    before = time.process_time()
                     lat, took = trio.run(
                         direct, enclave.consumer_port, policy, name, inputs[name], seconds[name]
                     )
+                    cpu["direct"] += time.process_time() - before
                     runs["direct"] = (runs["direct"][0] + lat, runs["direct"][1] + took)
+                    before, before_client = cpu_seconds(gateway.daemon.process.pid), children_cpu()
                     lat, took = through_gateway(gateway.url, name, seconds[name], lab.workdir)
+                    cpu["gateway"] += cpu_seconds(gateway.daemon.process.pid) - before
+                    cpu["client"] += children_cpu() - before_client
                     runs["gateway"] = (runs["gateway"][0] + lat, runs["gateway"][1] + took)
                 for path, (lat, took) in runs.items():
                     print(row(name, path, lat, took), flush=True)
@@ -146,6 +168,14 @@ def main() -> int:
                 met = "met" if ratio <= TARGET else "MISSED"
                 verdict = f" (target <= {TARGET}x: {met})" if name == "cnn" else ""
                 print(f"{name:6} gateway/direct: p50 {ratio:.2f}x, throughput {rate:.2f}x{verdict}")
+                direct_n, gateway_n = len(runs["direct"][0]), len(runs["gateway"][0])
+                print(
+                    f"{name:6} CPU per request: direct client "
+                    f"{cpu['direct'] / direct_n * 1000:.2f} ms; gateway process "
+                    f"{cpu['gateway'] / gateway_n * 1000:.2f} ms + tritonclient "
+                    f"{cpu['client'] / gateway_n * 1000:.2f} ms (incl. its start)",
+                    flush=True,
+                )
         finally:
             lab.stop_all()
     return 0

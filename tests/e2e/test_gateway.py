@@ -331,6 +331,15 @@ def test_a_token_is_required_when_given_and_off_loopback(served: Served, tmp_pat
     )  # fmt: skip
     assert refused.returncode == 2
     assert "is not loopback: give a bearer token" in refused.stderr
+    short = tmp_path / "short-token"
+    short.write_text("secret\n")
+    refused = subprocess.run(
+        python_command("drm_consumer", "gateway", "--address", LOOPBACK, "--policy",
+                       lab.policy_path, "--token-file", short),
+        capture_output=True, text=True, timeout=60, env=without_token,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "the token must be at least 32 printable ASCII characters" in refused.stderr
 
     token = "t" * 40
     token_file = tmp_path / "token"

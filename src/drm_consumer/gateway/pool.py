@@ -35,7 +35,12 @@ import structlog
 import trio
 
 from drm_consumer.client import Client, EnclaveInfo
-from drm_consumer.errors import AttestationRefused, ConnectionFailed, ConsumerError
+from drm_consumer.errors import (
+    AttestationRefused,
+    ConnectionFailed,
+    ConsumerError,
+    RequestFailed,
+)
 
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "IDLE_PROBE", "EnclavePool"]
 
@@ -49,6 +54,14 @@ BACKOFF_MAX: Final = 5.0
 
 #: Makes one attested connection (``Client.connect`` bound to the address and policy).
 Connect = Callable[[], AbstractAsyncContextManager[Client]]
+
+
+def _connection_ended(exc: ConsumerError) -> bool:
+    """Whether the client is finished: lost, or ended by the enclave with a code (a
+    connection-level ``busy`` when it has too many connections)."""
+    return isinstance(exc, ConnectionFailed) or (
+        isinstance(exc, RequestFailed) and exc.request_id is None
+    )
 
 
 class _Slot:
@@ -161,9 +174,10 @@ class EnclavePool:
     async def client(self, *, within: float, probe: bool = True) -> AsyncIterator[Client]:
         """A live attested client for one request.
 
-        A :class:`ConnectionFailed` raised inside the block marks the connection broken
-        (its slot reconnects). With ``probe``, a connection idle past :data:`IDLE_PROBE`
-        is checked first, and replaced once if it is dead.
+        A :class:`ConnectionFailed` raised inside the block, or an error that ended the
+        whole connection, marks the connection broken (its slot reconnects). With
+        ``probe``, a connection idle past :data:`IDLE_PROBE` is checked first, and replaced
+        once if it is dead.
 
         Raises:
             AttestationRefused: the last connect was refused, and none is live.
@@ -177,8 +191,9 @@ class EnclavePool:
         slot.in_flight += 1
         try:
             yield client
-        except ConnectionFailed:
-            self._break(slot, client)
+        except ConsumerError as exc:
+            if _connection_ended(exc):
+                self._break(slot, client)
             raise
         finally:
             slot.in_flight -= 1
@@ -189,12 +204,12 @@ class EnclavePool:
         assert client is not None
         try:
             await client.info()
-        except ConnectionFailed:
-            log.info("gateway_idle_connection_dead")
-            self._break(slot, client)
-            return await self._wait_live(within)
-        except ConsumerError:
-            pass  # the enclave answered: the connection is alive
+        except ConsumerError as exc:
+            if _connection_ended(exc):
+                log.info("gateway_idle_connection_dead", error=type(exc).__name__)
+                self._break(slot, client)
+                return await self._wait_live(within)
+            # else the enclave answered: the connection is alive
         slot.last_used = trio.current_time()
         return slot
 
