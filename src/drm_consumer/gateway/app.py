@@ -442,7 +442,7 @@ class GatewayApp:
         header_length = _header_length(scope)
         body = await _read_body(scope, receive)
         try:
-            request = parse_infer(memoryview(body), header_length)
+            request = parse_infer(body, header_length)
         except V2Error as exc:
             raise HttpError(exc.status, str(exc)) from exc
         wait = self._wait(scope, request.wait)
@@ -497,23 +497,28 @@ def _header_length(scope: HTTPScope) -> int | None:
     return int(value)
 
 
-async def _read_body(scope: HTTPScope, receive: ASGIReceiveCallable) -> bytearray:
+async def _read_body(scope: HTTPScope, receive: ASGIReceiveCallable) -> bytes:
     length = _one_header(scope, b"content-length")
     if length is not None and (not length.isascii() or not length.isdigit()):
         raise HttpError(400, "invalid Content-Length")
     if length is not None and int(length) > MAX_BODY_BYTES:
         raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
-    body = bytearray()
+    # The chunks are joined once at the end: growing one buffer chunk by chunk cost a
+    # CNN-sized body several copies and fresh pages (docs/production.md, *The gateway*).
+    chunks: list[bytes] = []
+    size = 0
     try:
         with trio.fail_after(BODY_TIMEOUT):
             while True:
                 event = await receive()
                 if event["type"] != "http.request":  # http.disconnect
                     raise HttpError(400, "the client went away")
-                body += event.get("body", b"")
-                if len(body) > MAX_BODY_BYTES:
+                chunk = event.get("body", b"")
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
                     raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
                 if not event.get("more_body", False):
-                    return body
+                    return b"".join(chunks)
     except trio.TooSlowError:
         raise HttpError(408, f"body not received within {BODY_TIMEOUT:g} s") from None
