@@ -76,6 +76,9 @@ BLOCKS: Final = {
     "custodian-stopped": "walkthrough: the query after Ctrl-C in terminal 1",
     "python": "walkthrough: the Python example",
     "consumer-folder": "walkthrough: a folder of inputs over one connection",
+    "gateway": "run by tests/e2e/test_gateway.py, in front of the walkthrough's model",
+    "tritonclient": "run by tests/e2e/test_gateway.py against that gateway",
+    "gateway-curl": "run by tests/e2e/test_gateway.py against that gateway",
     "real-model": "no COVID-Net here: run until the missing file stops them",
     "nox": "sessions checked in noxfile.py",
     "develop": "would run the suite: its extras are checked against the groups",
@@ -154,9 +157,10 @@ def test_every_block_is_marked() -> None:
         f"unknown markers {set(names) - set(BLOCKS)}, lost blocks {set(BLOCKS) - set(names)}"
     )
     for block in blocks:
-        if block.name not in ("diagram", "layout", "python", "terms"):
+        if block.name not in ("diagram", "layout", "python", "terms", "tritonclient"):
             assert block.language == "sh", f"line {block.line}: say ```sh"
     assert _block("python").language == "python"
+    assert _block("tritonclient").language == "python"
 
 
 # --- what cannot run here -------------------------------------------------------------

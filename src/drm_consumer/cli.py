@@ -54,6 +54,7 @@ from drm_consumer.errors import (
     NoInferencesLeft,
     RequestFailed,
 )
+from drm_consumer.gateway import command as gateway_command
 from drm_consumer.preprocess import (
     ImageInput,
     InputError,
@@ -66,6 +67,7 @@ from drm_consumer.preprocess import (
     imagenet,
     load_input,
 )
+from drm_daemon.listen import ListenError
 from drm_wire.attestation.collateral import Collateral
 from drm_wire.attestation.collateral_source import CollateralSet, chain_sources
 from drm_wire.attestation.pccs import CaType, PccsClient, PccsError
@@ -238,6 +240,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(info)
+    gateway = commands.add_parser(
+        "gateway",
+        help="serve the Open Inference Protocol (KServe v2, Triton) over HTTP",
+        description="Keep attested connections to the enclave and serve its models to "
+        "standard clients (tritonclient, KServe, curl): see drm_consumer.gateway.",
+    )
+    _common(gateway)
+    gateway_command.add_arguments(gateway)
     return parser
 
 
@@ -973,6 +983,13 @@ def _preview(value: str) -> str:
     return f"{len(lines)} line{'' if len(lines) == 1 else 's'}, {size} bytes: {flat}"
 
 
+def _gateway(args: argparse.Namespace, log: TextIO) -> None:
+    try:
+        gateway_command.run(args, partial(_connect, _connection(args)), log)
+    except (gateway_command.GatewayUsageError, ListenError) as exc:
+        raise _Failure(EXIT_USAGE, str(exc)) from exc
+
+
 def _describe_terms(terms: Terms) -> str:
     """One line: the unit, then each input's sizes (``1..16 x 3``) and batch axis."""
     per = "item along the batch axis" if terms.unit is Unit.ITEM else "request"
@@ -1042,7 +1059,10 @@ def main(
     try:
         if args.command == "query":
             return _query(args, out, log)
-        _info(args, out)
+        if args.command == "gateway":
+            _gateway(args, log)
+        else:
+            _info(args, out)
     except _Failure as failure:
         return _fail(failure, as_json=args.json, out=out, log=log)
     except ConsumerError as exc:

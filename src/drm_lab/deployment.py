@@ -27,7 +27,7 @@ from drm_lab.processes import (
 )
 from drm_wire.attestation.policy import Policy
 
-__all__ = ["Enclave", "Lab"]
+__all__ = ["Enclave", "Gateway", "Lab"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,14 @@ class Enclave:
     daemon: Daemon
     consumer_port: int
     instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A running ``drm_consumer gateway``: its process and its base URL."""
+
+    daemon: Daemon
+    url: str
 
 
 @dataclass(eq=False)
@@ -186,6 +194,25 @@ class Lab:
                 raise
         port = parse_address(serving["consumer_address"])[1]
         return Enclave(daemon, port, str(serving["instance_id"]))
+
+    def start_gateway(
+        self,
+        consumer_port: int,
+        *,
+        policy: Path | None = None,
+        options: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> Gateway:
+        """Start ``drm_consumer gateway`` in front of the enclave at ``consumer_port`` (on
+        a free loopback port); wait until it listens."""
+        argv = python_command(
+            "drm_consumer", "gateway", "--address", LOOPBACK, "--port", str(consumer_port),
+            "--policy", policy or self.policy_path, "--listen", f"{LOOPBACK}:0", *options,
+        )  # fmt: skip
+        daemon = start_daemon("gateway", argv, cwd=self.workdir, env=env)
+        self.daemons.append(daemon)
+        listening = daemon.wait_for("gateway_listening")
+        return Gateway(daemon, f"http://{listening['addresses'][0]}")
 
     def usage(self) -> dict[str, int]:
         """``GET /usage``, the counters only."""

@@ -6,6 +6,7 @@ test session, so the ~32 MB CNN is built once (about a second). The valid models
 * :func:`tiny_model`: ``x`` float32 [N, 4] -> Gemm (3x4) -> Softmax -> ``y`` [N, 3].
 * :func:`two_input_model`: ``a`` float32 [N, 4] and ``b`` int64 [N] sharing the dynamic
   dim ``N``; ``y = a * b[:, None]``.
+* :func:`two_by_two_model`: the same inputs, two outputs: ``y`` float32 and ``k`` int64.
 * :func:`covidnet_like_model`: NHWC [1, 480, 480, 3] -> Transpose -> 5 x (Conv3x3 + Relu +
   MaxPool) -> FC -> FC 2 -> Softmax, about ``weights_mb`` MB of weights (the shape the
   benchmarks call "cnn").
@@ -129,6 +130,37 @@ def two_input_model() -> bytes:
             helper.make_tensor_value_info("b", TensorProto.INT64, ["N"]),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [axis],
+    )
+    return _model(graph)
+
+
+@cache
+def two_by_two_model() -> bytes:
+    """Two inputs, two outputs, one of them int64: what a standard client must round-trip.
+
+    ``a`` float32 [N, 4], ``b`` int64 [N] -> ``y = a * b[:, None]`` float32 [N, 4] and
+    ``k = argmax(a, axis=1) + b`` int64 [N].
+    """
+    nodes = [
+        helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["bf", "axis1"], ["bcol"]),
+        helper.make_node("Mul", ["a", "bcol"], ["y"]),
+        helper.make_node("ArgMax", ["a"], ["am"], axis=1, keepdims=0),
+        helper.make_node("Add", ["am", "b"], ["k"]),
+    ]
+    axis = numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")
+    graph = helper.make_graph(
+        nodes,
+        "two_by_two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["N"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("k", TensorProto.INT64, ["N"]),
+        ],
         [axis],
     )
     return _model(graph)

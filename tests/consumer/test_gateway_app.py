@@ -1,0 +1,119 @@
+"""The gateway's HTTP statuses for every answer an enclave can give, in one process.
+
+The gateway app runs under hypercorn on a loopback port, its pool connects (RA-TLS,
+attested) to :class:`~tests.consumer.fake_enclave.FakeEnclave` (the product's consumer-link
+server stack with scripted answers), and httpx speaks HTTP to it: every error code, a
+connection the enclave ends with ``busy``, and a model that is not loaded yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from functools import partial
+
+import httpx
+import hypercorn.trio
+import pytest
+import trio
+
+from drm_consumer.client import Client
+from drm_consumer.gateway.app import GatewayApp
+from drm_consumer.gateway.command import hypercorn_config
+from drm_consumer.gateway.pool import EnclavePool
+from drm_wire.attestation.policy import Policy
+from drm_wire.errors import ErrorCode
+from drm_wire.messages import EnclaveState, Error, InferenceRequest
+from drm_wire.net.channel import MessageChannel
+from tests.consumer.fake_enclave import HOST, FakeEnclave, fail_with
+
+BODY = json.dumps(
+    {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+).encode()
+
+
+@pytest.fixture
+async def gateway(
+    nursery: trio.Nursery, fake_enclave: FakeEnclave, policy: Policy
+) -> AsyncIterator[httpx.AsyncClient]:
+    pool = EnclavePool(partial(Client.connect, HOST, fake_enclave.port, policy=policy), size=1)
+    app = GatewayApp(pool, default_wait=0)
+    nursery.start_soon(pool.run)
+    binds = await nursery.start(
+        partial(hypercorn.trio.serve, app, hypercorn_config(HOST, 0), mode="asgi")
+    )
+    async with httpx.AsyncClient(base_url=binds[0], timeout=30) as client:
+        yield client
+
+
+async def test_a_result_carries_cost_and_inferences_left(
+    gateway: httpx.AsyncClient, fake_enclave: FakeEnclave
+) -> None:
+    reply = await gateway.post("/v2/models/tiny/infer", content=BODY)
+    assert reply.status_code == 200
+    document = reply.json()
+    assert document["parameters"] == {"cost": 1, "inferences_left": 99}
+    assert document["outputs"] == [
+        {"name": "y", "datatype": "FP32", "shape": [1, 4], "data": [2.0, 4.0, 6.0, 8.0]}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "retry_after"),
+    [
+        (ErrorCode.BAD_REQUEST, 400, None),
+        (ErrorCode.LIMIT_EXCEEDED, 400, None),
+        (ErrorCode.MODEL_NOT_FOUND, 404, None),
+        (ErrorCode.NO_INFERENCES, 429, "1"),
+        (ErrorCode.BUSY, 429, "1"),
+        (ErrorCode.BLOCKED, 403, None),
+        (ErrorCode.CUSTODIAN_UNREACHABLE, 503, "5"),
+        (ErrorCode.INFERENCE_FAILED, 500, None),
+        (ErrorCode.TIMEOUT, 502, None),  # a code no request should get: not ours to name
+    ],
+)
+async def test_every_error_code_has_its_status(
+    gateway: httpx.AsyncClient,
+    fake_enclave: FakeEnclave,
+    code: ErrorCode,
+    status: int,
+    retry_after: str | None,
+) -> None:
+    fake_enclave.behaviour = fail_with(code, "the enclave's own words")
+    reply = await gateway.post("/v2/models/tiny/infer", content=BODY)
+    assert reply.status_code == status
+    assert reply.headers.get("retry-after") == retry_after
+    assert "the enclave's own words" in reply.json()["error"]
+
+
+async def test_a_connection_the_enclave_ends_busy_is_503_and_replaced(
+    gateway: httpx.AsyncClient, fake_enclave: FakeEnclave
+) -> None:
+    async def end_busy(fake: FakeEnclave, channel: MessageChannel, _: InferenceRequest) -> None:
+        await channel.send(Error(code=ErrorCode.BUSY, message="too many connections"))
+        await channel.aclose()
+
+    fake_enclave.behaviour = end_busy
+    reply = await gateway.post("/v2/models/tiny/infer", content=BODY)
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "1"
+    assert fake_enclave.handshakes_completed == 1
+
+    fake_enclave.behaviour = fail_with(ErrorCode.BLOCKED)
+    with trio.fail_after(10):
+        reply = await gateway.post("/v2/models/tiny/infer", content=BODY)
+    assert reply.status_code == 403  # answered over a new, attested connection
+    assert fake_enclave.handshakes_completed == 2
+
+
+async def test_a_model_not_loaded_yet_is_503_not_404(
+    gateway: httpx.AsyncClient, fake_enclave: FakeEnclave
+) -> None:
+    fake_enclave.state = EnclaveState.LOADING
+    reply = await gateway.get("/v2/models/other")
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "5"
+    assert (await gateway.get("/v2/health/ready")).status_code == 400
+    fake_enclave.state = EnclaveState.SERVING
+    assert (await gateway.get("/v2/models/other")).status_code == 404
+    assert (await gateway.get("/v2/health/ready")).status_code == 200
