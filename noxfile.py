@@ -65,3 +65,17 @@ def fuzz(session: nox.Session) -> None:
     """
     _install(session, "fuzz")
     session.run("python", "-m", "tests.fuzz.run", *session.posargs)
+
+
+@nox.session(default=False)
+def chaos(session: nox.Session) -> None:
+    """The full fault campaign (src/drm_lab/chaos.py): ``-- --seed N --faults N``.
+
+    At least 500 faults by default; prints the faults by kind and every violation, and
+    fails on one.
+    """
+    _install(session, "test")
+    args = session.posargs or ["--seed", "1", "--faults", "500"]
+    workdir = Path(session.create_tmp()) / "chaos"
+    session.run("rm", "-rf", str(workdir), external=True)
+    session.run("python", "-m", "drm_lab.chaos", "--workdir", str(workdir), *args)

@@ -56,6 +56,9 @@ class Lab:
     custodian: Daemon | None = None
     custodian_port: int = 0
     admin: AdminApi | None = None
+    #: More environment for every daemon this lab starts (e.g. a harness-only
+    #: ``PYTHONPATH`` that breaks a build on purpose, to show a checker catches it).
+    env: dict[str, str] | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -135,7 +138,7 @@ class Lab:
         return self._run_custodian(argv)
 
     def _run_custodian(self, argv: list[str]) -> Daemon:
-        custodian = start_daemon("custodian", argv, cwd=self.workdir)
+        custodian = start_daemon("custodian", argv, cwd=self.workdir, env=self.env)
         self.daemons.append(custodian)
         listening = custodian.wait_for("custodian_listening")
         port = parse_address(listening["enclave_address"])[1]
@@ -178,7 +181,7 @@ class Lab:
             argv += ["--intra-op-threads", str(intra_op_threads)]
         if log_level is not None:
             argv += ["--log-level", log_level]
-        daemon = start_daemon("enclave", argv, cwd=self.workdir)
+        daemon = start_daemon("enclave", argv, cwd=self.workdir, env=self.env)
         self.daemons.append(daemon)
         if on_start is not None:
             on_start(daemon.process.pid)

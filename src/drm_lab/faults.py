@@ -5,7 +5,9 @@ direction has a :class:`Gate`: open, it forwards bytes; closed, it stops *readin
 back-pressure reaches the sender) without closing anything, which is a silent partition.
 A gate may also be given a byte budget: it forwards exactly that many bytes, then closes
 itself and sets :attr:`Gate.exhausted`, so a test can stop a model upload at a known
-point instead of racing it. When either end of a proxied connection closes, the proxy
+point instead of racing it. A gate may also hold each chunk for :attr:`Gate.delay`
+seconds before forwarding it (a slow or congested path that still delivers everything,
+in order). When either end of a proxied connection closes, the proxy
 closes the other end (once the gates let it see that); :meth:`FaultProxy.cut` closes
 every proxied connection at once.
 """
@@ -39,6 +41,8 @@ class Gate:
         self.exhausted = trio.Event()
         #: Bytes forwarded in this direction, all connections together.
         self.forwarded = 0
+        #: Seconds each chunk is held before it is forwarded (0: none).
+        self.delay = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -103,8 +107,19 @@ class FaultProxy:
         self.downstream.close()
 
     def heal(self) -> None:
+        """Open both gates and take away any delay."""
         self.upstream.open()
         self.downstream.open()
+        self.upstream.delay = self.downstream.delay = 0.0
+
+    def slow(self, seconds: float) -> None:
+        """Hold every chunk ``seconds`` in both directions (:meth:`heal` ends it)."""
+        self.upstream.delay = self.downstream.delay = seconds
+
+    @property
+    def connections(self) -> int:
+        """Proxied connections open now."""
+        return len(self._live)
 
     def cut(self) -> int:
         """Close every proxied connection now, both ends (a pulled cable, a borrower that
@@ -145,6 +160,8 @@ async def _pump(
             data = await src.receive_some(gate.allowance(CHUNK))
             if not data:
                 return
+            if gate.delay > 0:  # the injected latency itself, not a wait for anything
+                await trio.sleep(gate.delay)
             await gate.wait_open()  # closed while this read was pending: hold the bytes
             await dst.send_all(data)
             gate.spend(len(data))
