@@ -30,7 +30,9 @@ it with what the consumers saw
   ``served + in_doubt + reclaimed`` (the consumers' count is taken *before* the ledger is
   read, so an answer counted was served before the read); for an instance that stopped
   cleanly, and at the end for every instance never killed, ``answers <= served <=
-  answers + lost`` (equality when no request was lost in flight);
+  answers + lost`` (equality when no request was lost in flight; a request still
+  waiting for its answer counts as lost until it has one, and each request of the tiny
+  model costs one unit);
 * nothing starts after a block is acknowledged: from the moment an enclave's log says it
   was blocked (``custodian_blocked``) until the owner unblocks, no request that a consumer
   started there may succeed;
@@ -144,8 +146,11 @@ class InstanceView:
     borrower: str
     #: Units charged in the answers the consumers got.
     answers: int = 0
-    #: Requests whose outcome the consumers never learnt (the connection failed).
+    #: Requests whose outcome the consumers never learnt (the connection failed, or the
+    #: campaign ended, under them).
     lost: int = 0
+    #: Requests sent and not answered yet: an answer may be on its way.
+    pending: int = 0
     killed: bool = False
     #: Stopped with SIGTERM but could not settle with the custodian (its units stayed
     #: in doubt, ``enclave_units_in_doubt``): its last reports may be lost, as in a kill.
@@ -494,12 +499,17 @@ class Campaign:
 
     async def _one_request(self, client: Client, view: InstanceView) -> None:
         started = time.monotonic()
+        view.pending += 1
         try:
             outcome = await client.infer(self._model, self._inputs, wait=PARK)
-        except ConnectionFailed:
+        except RequestFailed:  # refused: nothing served, nothing charged
+            outcome = None
+        except BaseException:  # the connection failed, or the run ended, under it
             view.lost += 1
             raise
-        except RequestFailed:  # refused: nothing served, nothing charged
+        finally:
+            view.pending -= 1
+        if outcome is None:
             await trio.sleep(RETRY)  # pacing a refused consumer, not waiting for anything
             return
         view.answers += outcome.cost
@@ -517,7 +527,7 @@ class Campaign:
     async def check(self) -> None:
         """Check the ledger against itself, its past and what the consumers saw."""
         answers = {i: v.answers for i, v in self.views.items()}  # before the ledger read
-        lost = {i: v.lost for i, v in self.views.items()}
+        lost = {i: v.lost + v.pending for i, v in self.views.items()}
         ledger = await _blocking(read_ledger, self.lab.state_dir / "ledger.sqlite")
         self.report.steps_checked += 1
         for borrower in sorted({*ledger, *(v.borrower for v in self.views.values())}):
@@ -605,7 +615,7 @@ class Campaign:
                 if view.answers:
                     self._violation(f"instance {view.instance_id} answered, no ledger row")
                 continue
-            self._check_exact(view.instance_id, row, view.answers, view.lost)
+            self._check_exact(view.instance_id, row, view.answers, view.lost + view.pending)
 
 
 def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
