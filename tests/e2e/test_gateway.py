@@ -198,7 +198,7 @@ def test_tritonclient_binary_and_json(served: Served) -> None:
     assert doc["model_ready"]
     assert [i["datatype"] for i in doc["metadata"]["inputs"]] == ["FP32", "INT64"]
     assert "binary_tensor_data" in doc["server"]["extensions"]
-    for mode in ("binary", "json", "default"):
+    for mode in ("binary", "json", "default", "scheduling"):
         answer = doc[mode]
         assert answer["id"] == mode
         assert answer["dtypes"] == ["float32", "int64"]

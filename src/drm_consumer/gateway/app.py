@@ -28,8 +28,9 @@ attested connection used.
 
 The enclave's answers map to HTTP statuses (:data:`STATUS_BY_ERROR`); every error body is
 ``{"error": message}``, which ``tritonclient`` shows. *No inferences left*: the request
-waits for a supply up to its bound: the request's ``wait`` parameter, else the
-``Drm-Wait`` header (seconds), else :data:`DEFAULT_WAIT`; then 429 with ``Retry-After``
+waits for a supply up to its bound: the request's ``wait`` parameter (or ``timeout``,
+:mod:`drm_consumer.gateway.v2`), else the ``Drm-Wait`` header (seconds), else
+:data:`DEFAULT_WAIT`; then 429 with ``Retry-After``
 set to the seconds it waited (at least 1, at most :data:`MAX_RETRY_AFTER`): a supply that
 did not come within that time is not likely sooner, and a client that wants to wait
 longer says so with a larger bound. *Busy*: 429 when the enclave refused the request
