@@ -8,6 +8,7 @@ connection the enclave ends with ``busy``, and a model that is not loaded yet.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import AsyncIterator
 from functools import partial
@@ -202,3 +203,17 @@ async def test_abandon_answers_the_running_request_503(
     assert reply.headers["retry-after"] == "1"
     assert "stopped before this request was answered" in reply.json()["error"]
     assert app.abandon() == 0
+
+
+def test_hypercorn_reads_the_body_in_the_gateway_s_read_size() -> None:
+    """hypercorn has no setting for it: the gateway sets the module's read size, and an
+    upgrade that renames it must fail here rather than silently fall back to 64 KiB."""
+    import hypercorn.trio.tcp_server
+
+    from drm_consumer.gateway.command import RECV_BYTES
+
+    hypercorn_config(HOST, 0)
+    assert hypercorn.trio.tcp_server.MAX_RECV == RECV_BYTES == 256 * 1024
+    # ... and hypercorn still reads with it (a module global is set whether used or not).
+    source = inspect.getsource(hypercorn.trio.tcp_server)
+    assert "receive_some(MAX_RECV)" in source
