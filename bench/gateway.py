@@ -16,6 +16,12 @@ It prints p50 and p99 latency and the throughput of each, the gateway's p50 as a
 of the direct client's (target for the CNN: at most 1.15x), and the CPU each request cost
 the direct client's process, the gateway's process and tritonclient's: on a machine whose
 cores the enclave's inference already fills, the gateway's CPU is what it adds to latency.
+
+``--floor`` adds the floor of that CPU: the same tritonclient load on a bare ASGI app
+under hypercorn, configured as the gateway's (:func:`floor_app`: it reads each body whole,
+as the gateway does, drops it and answers a fixed CNN-shaped response), in a process of
+its own (``python bench/gateway.py --serve-floor PORT``). What the gateway spends above
+it is the enclave's wire (TLS, framing), which the direct client spends too.
 """
 
 from __future__ import annotations
@@ -24,16 +30,21 @@ import argparse
 import json
 import os
 import resource
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+import hypercorn.trio
 import numpy as np
 import trio
 
 from drm_consumer import Client
+from drm_consumer.gateway.command import hypercorn_config
 from drm_lab.deployment import Lab
 from drm_lab.models import covidnet_like_model, tiny_model
 from drm_lab.processes import LOOPBACK, python_command, run_command
@@ -102,6 +113,80 @@ def through_gateway(url: str, model: str, seconds: float, cwd: Path) -> tuple[li
     return doc["latencies"], doc["elapsed"]
 
 
+_FLOOR_METADATA: Final = json.dumps(
+    {"name": "cnn", "versions": ["1"], "platform": "onnxruntime_onnx",
+     "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 480, 480, 3]}],
+     "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 2]}]}
+).encode()  # fmt: skip
+_FLOOR_HEADER: Final = json.dumps(
+    {"model_name": "cnn", "model_version": "1",
+     "outputs": [{"name": "probs", "datatype": "FP32", "shape": [1, 2],
+                  "parameters": {"binary_data_size": 8}}],
+     "parameters": {"cost": 1, "inferences_left": 1}}
+).encode()  # fmt: skip
+
+
+async def floor_app(scope: Any, receive: Any, send: Any) -> None:
+    """The floor: metadata for the CNN on GET; on POST, the body read whole (chunks
+    joined once) and dropped, and a fixed binary answer of the CNN's output shape."""
+    if scope["type"] == "lifespan":
+        while True:
+            kind = (await receive())["type"].rsplit(".", 1)[1]
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-type", b"application/json")]
+    body = _FLOOR_METADATA
+    if scope["method"] == "POST":
+        chunks = []
+        while True:
+            event = await receive()
+            chunks.append(event.get("body", b""))
+            if not event.get("more_body", False):
+                break
+        received = b"".join(chunks)  # the gateway's one copy of the body
+        del received
+        body = _FLOOR_HEADER + bytes(8)
+        length = str(len(_FLOOR_HEADER)).encode()
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", length),
+        ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def floor(seconds: float, cwd: Path) -> None:
+    """Run the tritonclient CNN load against :func:`floor_app` in a process of its own."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(port)])
+    try:
+        for _ in range(200):  # bounded: the server starts in a second or two
+            with socket.socket() as probe:
+                if probe.connect_ex((LOOPBACK, port)) == 0:
+                    break
+            time.sleep(0.05)
+        url = f"http://{LOOPBACK}:{port}"
+        through_gateway(url, "cnn", 1.0, cwd)  # warm up
+        before, before_client = cpu_seconds(server.pid), children_cpu()
+        latencies, took = through_gateway(url, "cnn", seconds, cwd)
+        used, client = cpu_seconds(server.pid) - before, children_cpu() - before_client
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(row("cnn", "floor", latencies, took), flush=True)
+    print(
+        f"cnn    CPU per request: bare hypercorn {used / len(latencies) * 1000:.2f} ms + "
+        f"tritonclient {client / len(latencies) * 1000:.2f} ms (incl. its start)",
+        flush=True,
+    )
+
+
 def row(name: str, path: str, latencies: list[float], elapsed: float) -> str:
     return (
         f"{name:6} {path:8} p50 {pct(latencies, 0.5) * 1000:8.2f} ms  "
@@ -113,9 +198,16 @@ def row(name: str, path: str, latencies: list[float], elapsed: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per run")
+    parser.add_argument("--floor", action="store_true",
+                        help="also the CNN load on a bare hypercorn app (the floor)")  # fmt: skip
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--connections", type=int, default=2,
                         help="the gateway's attested connections (default 2, its own)")  # fmt: skip
     args = parser.parse_args()
+    if args.serve_floor is not None:
+        config = hypercorn_config(LOOPBACK, args.serve_floor)
+        trio.run(partial(hypercorn.trio.serve, floor_app, config, mode="asgi"))
+        return 0
     seconds = {"tiny": 2.0, "cnn": 4.0} if args.quick else {"tiny": 6.0, "cnn": 12.0}
     rng = np.random.default_rng(3)
     inputs = {
@@ -176,6 +268,8 @@ def main() -> int:
                     f"{cpu['client'] / gateway_n * 1000:.2f} ms (incl. its start)",
                     flush=True,
                 )
+            if args.floor:
+                floor(seconds["cnn"] * 2, lab.workdir)
         finally:
             lab.stop_all()
     return 0

@@ -983,9 +983,9 @@ def _preview(value: str) -> str:
     return f"{len(lines)} line{'' if len(lines) == 1 else 's'}, {size} bytes: {flat}"
 
 
-def _gateway(args: argparse.Namespace, log: TextIO) -> None:
+def _gateway(args: argparse.Namespace, log: TextIO) -> int:
     try:
-        gateway_command.run(args, partial(_connect, _connection(args)), log)
+        return gateway_command.run(args, partial(_connect, _connection(args)), log)
     except (gateway_command.GatewayUsageError, ListenError) as exc:
         raise _Failure(EXIT_USAGE, str(exc)) from exc
 
@@ -1060,9 +1060,8 @@ def main(
         if args.command == "query":
             return _query(args, out, log)
         if args.command == "gateway":
-            _gateway(args, log)
-        else:
-            _info(args, out)
+            return _gateway(args, log)
+        _info(args, out)
     except _Failure as failure:
         return _fail(failure, as_json=args.json, out=out, log=log)
     except ConsumerError as exc:

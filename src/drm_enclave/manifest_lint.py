@@ -7,15 +7,28 @@ runs a debug enclave, or cannot produce DCAP quotes, is measured just as faithfu
 good one. This lint runs before signing (``gramine/Makefile``) and in the tests, and
 reports every problem it finds, each as a :class:`Finding` with a stable rule name::
 
-    python -m drm_enclave.manifest_lint [--allow-debug] [--no-file-check] drm_enclave.manifest
+    python -m drm_enclave.manifest_lint [--allow-debug] [--no-file-check] \
+        [--enclave-config /etc/drm-enclave/enclave.toml] drm_enclave.manifest
 
 The rules: ``debug`` (``sgx.debug`` only in a debug build), ``insecure`` (any
 ``insecure__`` key), ``remote_attestation`` (``"dcap"``), ``file_check_policy``
 (``"strict"``), ``isv`` (product id and SVN in range), ``argv`` (fixed in
 ``loader.argv``: ``-m drm_enclave serve --attestation gramine --custodian-ca ...``),
 ``env`` (no host variables; ``ORT_DISABLE_TELEMETRY=1``, ``OMP_NUM_THREADS``),
-``custodian_ca`` (the CA is mounted from a trusted file), ``allowed_files`` (no code, no
-trusted file, no CA), ``files`` (``file:`` URIs) and ``trusted_files`` (they exist).
+``custodian_ca`` (the CA is mounted from a trusted file), ``inputs`` (every other file
+``loader.argv`` names, ``--config`` and any ``--license`` or ``--pccs-ca``, can be read
+inside: mounted from the host and a trusted or allowed file), ``allowed_files`` (no code,
+no trusted file, no CA), ``files`` (``file:`` URIs) and ``trusted_files`` (they exist).
+
+With ``--enclave-config FILE`` (the host's ``enclave.toml``, which the enclave reads at
+``--config``), rule ``enclave_config`` checks the files it names the same way: the
+license and the PCCS's CA (``pccs_ca``). Both are host data, not code: a host that swaps
+the license gets a refusal from the custodian, and one that swaps the PCCS's CA can at most
+keep the enclave from stapling, since no collateral is trusted before it verifies to the
+pinned root (docs/production.md, *The enclave staples its own*). So they belong in the
+allowed ``/etc/drm-enclave/``, as the config does, not in the measurement. A ``pccs_url``
+without a ``pccs_ca`` is reported too: the enclave sees no system trust store (only what
+the manifest mounts), so it could verify no PCCS.
 
 Exit status: 0 clean, 1 findings, 2 unreadable or not TOML. It reads the rendered
 manifest and the signed ``.manifest.sgx`` alike (trusted files as strings or as
@@ -33,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
-from drm_daemon.config_file import read_bounded
+from drm_daemon.config_file import MAX_CONFIG_BYTES, read_bounded
 from drm_wire.errors import ConfigError
 
 __all__ = [
@@ -41,10 +54,13 @@ __all__ = [
     "Finding",
     "argv_option",
     "host_path",
+    "lint_enclave_config",
     "lint_file",
     "lint_manifest",
+    "load_enclave_config",
     "load_manifest",
     "main",
+    "readable",
     "trusted_entries",
 ]
 
@@ -55,6 +71,11 @@ MAX_MANIFEST_BYTES: Final = 32 * 1024 * 1024
 #: shared objects, and ``.pth`` files (which site.py executes).
 _CODE_SUFFIXES: Final = (".py", ".pyc", ".pyo", ".so", ".pth")
 _ARGV_COMMAND: Final = ("-m", "drm_enclave", "serve")
+#: Files ``drm_enclave serve`` reads, by flag (``--custodian-ca`` has its own rule).
+_INPUT_FLAGS: Final = ("--config", "--license", "--pccs-ca")
+#: The config file's keys that name files the enclave reads (``custodian_ca`` is fixed
+#: in ``loader.argv``, which wins over the file).
+_CONFIG_FILE_KEYS: Final = ("license", "pccs_ca")
 #: How many files of an allowed directory the lint looks at for code.
 _MAX_ALLOWED_WALK: Final = 10_000
 
@@ -81,6 +102,19 @@ def load_manifest(path: Path) -> dict[str, Any]:
         return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"manifest is not TOML: {exc}", path=str(path)) from exc
+
+
+def load_enclave_config(path: Path) -> dict[str, Any]:
+    """Read the host's ``enclave.toml`` (bounded as the enclave reads it).
+
+    Raises:
+        ConfigError: unreadable, too large, not UTF-8 or not TOML.
+    """
+    raw = read_bounded(path, max_bytes=MAX_CONFIG_BYTES, what="the enclave config")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"enclave config is not TOML: {exc}", path=str(path)) from exc
 
 
 def lint_file(path: Path, *, allow_debug: bool = False, check_files: bool = True) -> list[Finding]:
@@ -141,6 +175,7 @@ def lint_manifest(
     findings += bad_trusted + bad_allowed
     ca, ca_findings = _custodian_ca(manifest, loader, trusted, base)
     findings += ca_findings
+    findings += _input_findings(manifest, loader)
     findings += _allowed_findings(allowed, trusted, ca, base, check_files=check_files)
     if check_files:
         findings += _missing_trusted(trusted, base)
@@ -235,6 +270,78 @@ def _custodian_ca(
     if _resolve(uri, base) not in {_resolve(entry, base) for entry in trusted}:
         return uri, [Finding("custodian_ca", f"custodian CA {uri} is not a trusted file")]
     return uri, []
+
+
+def _argv(loader: Mapping[str, Any]) -> list[str] | None:
+    argv = loader.get("argv")
+    if not isinstance(argv, list) or not all(isinstance(arg, str) for arg in argv):
+        return None
+    return argv
+
+
+def _input_findings(manifest: Mapping[str, Any], loader: Mapping[str, Any]) -> list[Finding]:
+    argv = _argv(loader)
+    findings = []
+    for flag in _INPUT_FLAGS:
+        inside = None if argv is None else argv_option(argv, flag)
+        if inside is not None and (why := readable(manifest, inside)) is not None:
+            findings.append(Finding("inputs", f"{flag} {inside} {why}"))
+    return findings
+
+
+def readable(manifest: Mapping[str, Any], inside: str) -> str | None:
+    """Why the enclave cannot read the in-enclave path ``inside`` (``None``: it can).
+
+    Under ``sgx.file_check_policy = "strict"`` a host file opens only if a ``fs.mounts``
+    entry maps it in and ``sgx.trusted_files`` or ``sgx.allowed_files`` lists it (or a
+    directory above it). Relative paths are not resolved here (give absolute ones).
+    """
+    uri = host_path(manifest, inside)
+    if uri is None:
+        return "is not under any fs.mounts path"
+    sgx = _table(manifest, "sgx")
+    target = PurePosixPath(os.path.normpath(uri.removeprefix("file:")))
+    for key in ("trusted_files", "allowed_files"):
+        entries, _ = _uris(sgx.get(key, []), key)
+        for entry in entries:
+            listed = PurePosixPath(os.path.normpath(entry.removeprefix("file:")))
+            if target == listed or (entry.endswith("/") and listed in target.parents):
+                return None
+    return f"(host {uri}) is neither a trusted nor an allowed file"
+
+
+def lint_enclave_config(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> list[Finding]:
+    """Rule ``enclave_config``: the files the host's ``enclave.toml`` names (``license``,
+    ``pccs_ca``) must be readable inside the enclave, and a ``pccs_url`` needs a
+    ``pccs_ca`` (the module's docstring says why). Keys that ``loader.argv`` sets are
+    skipped (the flag wins); relative paths resolve against the directory of
+    ``--config``, as the enclave resolves them."""
+    argv = _argv(_table(manifest, "loader")) or []
+    config_path = argv_option(argv, "--config")
+    directory = PurePosixPath(config_path).parent if config_path else PurePosixPath("/")
+    findings = []
+    for key in _CONFIG_FILE_KEYS:
+        value = config.get(key)
+        if value is None or argv_option(argv, "--" + key.replace("_", "-")) is not None:
+            continue
+        if not isinstance(value, str):
+            findings.append(Finding("enclave_config", f"{key} must be a path"))
+            continue
+        inside = str(directory / value)
+        if (why := readable(manifest, inside)) is not None:
+            findings.append(
+                Finding("enclave_config", f"{key} = {value!r}: {inside} {why} inside the "
+                        "enclave (put it under the allowed /etc/drm-enclave/)")
+            )  # fmt: skip
+    has_ca = config.get("pccs_ca") is not None or argv_option(argv, "--pccs-ca") is not None
+    has_url = config.get("pccs_url") is not None or argv_option(argv, "--pccs-url") is not None
+    if has_url and not has_ca:
+        findings.append(
+            Finding("enclave_config", "pccs_url without pccs_ca: the enclave has no system "
+                    "trust store, so it cannot verify the PCCS; give the PCCS's CA (Intel's "
+                    "PCS: the CA that issued its certificate) as pccs_ca")
+        )  # fmt: skip
+    return findings
 
 
 def _allowed_findings(
@@ -367,10 +474,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="accept sgx.debug = true (debug builds only)")  # fmt: skip
     parser.add_argument("--no-file-check", dest="check_files", action="store_false",
                         help="do not require the trusted files to exist here")  # fmt: skip
+    parser.add_argument("--enclave-config", type=Path, metavar="FILE",
+                        help="also check that the files this enclave.toml names can be "
+                        "read inside the enclave")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         findings = lint_file(args.manifest, allow_debug=args.allow_debug,
                              check_files=args.check_files)  # fmt: skip
+        if args.enclave_config is not None:
+            config = load_enclave_config(args.enclave_config)
+            findings += lint_enclave_config(load_manifest(args.manifest), config)
     except ConfigError as exc:
         print(f"{args.manifest}: {exc}", file=sys.stderr)
         return 2

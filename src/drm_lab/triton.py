@@ -42,7 +42,8 @@ def roundtrip(url: str) -> dict[str, Any]:
         "metadata": client.get_model_metadata("pair"),
         "server": client.get_server_metadata(),
     }
-    for mode, binary in (("binary", True), ("json", False), ("default", None)):
+    modes = (("binary", True), ("json", False), ("default", None), ("scheduling", True))
+    for mode, binary in modes:
         inputs = [
             http.InferInput("a", list(a.shape), "FP32"),
             http.InferInput("b", list(b.shape), "INT64"),
@@ -54,7 +55,9 @@ def roundtrip(url: str) -> dict[str, Any]:
             if binary is None
             else [http.InferRequestedOutput(n, binary_data=binary) for n in ("y", "k")]
         )
-        result = client.infer("pair", inputs, outputs=outputs, request_id=mode)
+        # "scheduling": the parameters tritonclient adds when its caller sets them.
+        scheduling = {"priority": 1, "timeout": 5_000_000} if mode == "scheduling" else {}
+        result = client.infer("pair", inputs, outputs=outputs, request_id=mode, **scheduling)
         response = result.get_response()
         doc[mode] = {
             "outputs": _outputs(result, ["y", "k"]),

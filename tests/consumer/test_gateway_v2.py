@@ -19,7 +19,7 @@ from drm_consumer.gateway.v2 import (
     parse_infer,
     render_infer,
 )
-from drm_wire.limits import MAX_PAYLOAD_BYTES, MAX_TENSORS
+from drm_wire.limits import MAX_PAYLOAD_BYTES, MAX_TENSORS, MAX_WAIT_SECONDS
 
 
 def _json(document: object) -> bytes:
@@ -77,6 +77,57 @@ def test_request_parameters_and_outputs_are_read() -> None:
     assert request.wait == 2.5
     assert request.outputs == (RequestedOutput("y", True), RequestedOutput("k", None))
     assert request.inputs[0].to_numpy().tolist() == [True]
+
+
+def _one_input(**parameters: object) -> bytes:
+    return _json(
+        {
+            "inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}],
+            "parameters": parameters,
+        }
+    )
+
+
+def test_tritonclient_timeout_is_the_wait_bound_and_priority_is_ignored() -> None:
+    """The body tritonclient builds for ``infer(..., priority=3, timeout=2_500_000)``."""
+    utils = pytest.importorskip("tritonclient.http._utils")
+    tensor = pytest.importorskip("tritonclient.http").InferInput("a", [2, 4], "FP32")
+    tensor.set_data_from_numpy(A, binary_data=True)
+    body, json_length = utils._get_inference_request(
+        inputs=[tensor], request_id="", outputs=None, sequence_id=0, sequence_start=False,
+        sequence_end=False, priority=3, timeout=2_500_000, custom_parameters=None,
+    )  # fmt: skip
+    assert json_length is not None
+    request = parse_infer(body, json_length)
+    assert request.wait == 2.5
+    np.testing.assert_array_equal(request.inputs[0].to_numpy(), A)
+
+
+def test_wait_wins_over_timeout_and_timeout_is_capped() -> None:
+    assert parse_infer(_one_input(wait=1, timeout=9_000_000), None).wait == 1.0
+    assert parse_infer(_one_input(timeout=0), None).wait == 0.0
+    assert parse_infer(_one_input(timeout=2**64 - 1), None).wait == MAX_WAIT_SECONDS
+    assert parse_infer(_one_input(priority=0), None).wait is None
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"priority": -1}, "parameter 'priority' must be a non-negative integer"),
+        ({"priority": "1"}, "parameter 'priority' must be a non-negative integer"),
+        ({"priority": True}, "parameter 'priority' must be a non-negative integer"),
+        ({"priority": 2**64}, "parameter 'priority' must be a non-negative integer"),
+        ({"timeout": 1.5}, "parameter 'timeout' must be a non-negative integer"),
+        ({"timeout": -1}, "parameter 'timeout' must be a non-negative integer"),
+        ({"sequence_id": 7}, "parameter 'sequence_id' is not supported"),
+    ],
+)
+def test_hostile_timeout_and_priority_are_refused(
+    parameters: dict[str, object], message: str
+) -> None:
+    with pytest.raises(V2Error, match=message) as caught:
+        parse_infer(_one_input(**parameters), None)
+    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize(

@@ -352,6 +352,30 @@ BROKEN: dict[str, tuple[Callable[[Doc], None], list[Finding]]] = {
         _argv("--simulation-dir", "/tmp/sim"),
         [Finding("argv", "loader.argv must not pass --simulation-dir")],
     ),
+    "inputs-pccs-ca-unmounted": (
+        _argv("--pccs-ca", "/opt/intel/sgx-dcap-pccs/ssl_key/file.crt"),
+        [
+            Finding(
+                "inputs",
+                "--pccs-ca /opt/intel/sgx-dcap-pccs/ssl_key/file.crt is not under "
+                "any fs.mounts path",
+            )
+        ],
+    ),
+    "inputs-config-not-allowed": (
+        _set("sgx.allowed_files", []),
+        [
+            Finding(
+                "inputs",
+                "--config /etc/drm-enclave/enclave.toml (host "
+                "file:/etc/drm-enclave/enclave.toml) is neither a trusted nor an allowed file",
+            )
+        ],
+    ),
+    "inputs-license-in-tmpfs": (
+        _argv("--license", "/tmp/borrower.license.json"),
+        [Finding("inputs", "--license /tmp/borrower.license.json is not under any fs.mounts path")],
+    ),
     "env-src-file": (
         _set("loader.env_src_file", "file:env"),
         [Finding("env", "loader.env_src_file is set: variables must be in loader.env")],
@@ -559,3 +583,91 @@ def test_load_manifest_refuses_oversized_and_missing_files(
     assert str(caught.value) == (
         f"cannot read the manifest: No such file or directory (in {tmp_path / 'absent'})"
     )
+
+
+# --- the host's enclave.toml against the manifest --------------------------------------------
+
+DEPLOYED_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
+
+
+def _deployed_config(**changes: object) -> dict[str, Any]:
+    """deploy/config/enclave.toml with its commented PCCS lines in force, then ``changes``
+    (``None`` removes a key)."""
+    text = DEPLOYED_CONFIG.read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^# (pccs_(?:url|ca) = )", r"\1", text)
+    config: dict[str, Any] = tomllib.loads(text)
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def test_the_deployed_config_files_are_readable_inside_the_enclave(release: Doc) -> None:
+    config = _deployed_config()
+    assert config["pccs_ca"] == "/etc/drm-enclave/pccs-ca.pem"
+    assert manifest_lint.lint_enclave_config(release, config) == []
+    assert manifest_lint.readable(release, "/etc/drm-enclave/pccs-ca.pem") is None
+    assert manifest_lint.readable(release, CA_INSIDE) is None
+    # Relative to the directory of --config, as the enclave resolves it.
+    relative = _deployed_config(pccs_ca="pccs-ca.pem", license="sub/borrower.license.json")
+    assert manifest_lint.lint_enclave_config(release, relative) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pccs_ca": "/opt/intel/sgx-dcap-pccs/ssl_key/file.crt"},
+         "pccs_ca = '/opt/intel/sgx-dcap-pccs/ssl_key/file.crt': "
+         "/opt/intel/sgx-dcap-pccs/ssl_key/file.crt is not under any fs.mounts path inside the "
+         "enclave (put it under the allowed /etc/drm-enclave/)"),
+        ({"pccs_ca": "../pccs-ca.pem"},
+         "pccs_ca = '../pccs-ca.pem': /etc/drm-enclave/../pccs-ca.pem is not under any "
+         "fs.mounts path inside the enclave (put it under the allowed /etc/drm-enclave/)"),
+        ({"license": "/tmp/borrower.license.json"},
+         "license = '/tmp/borrower.license.json': /tmp/borrower.license.json is not under any "
+         "fs.mounts path inside the enclave (put it under the allowed /etc/drm-enclave/)"),
+        ({"pccs_ca": 7}, "pccs_ca must be a path"),
+        ({"pccs_ca": None},
+         "pccs_url without pccs_ca: the enclave has no system trust store, so it cannot verify "
+         "the PCCS; give the PCCS's CA (Intel's PCS: the CA that issued its certificate) as "
+         "pccs_ca"),
+    ],
+)  # fmt: skip
+def test_enclave_config_files_the_enclave_cannot_read(
+    release: Doc, changes: dict[str, object], message: str
+) -> None:
+    config = _deployed_config(**changes)
+    assert manifest_lint.lint_enclave_config(release, config) == [
+        Finding("enclave_config", message)
+    ]
+
+
+def test_the_pccs_ca_the_manifest_fixes_wins_over_the_config(release: Doc) -> None:
+    """A --pccs-ca in loader.argv overrides the file's key, so only the flag is checked."""
+    _argv("--pccs-ca", "/etc/drm-enclave/pccs-ca.pem")(release)
+    config = _deployed_config(pccs_ca="/opt/elsewhere.pem")
+    assert manifest_lint.lint_enclave_config(release, config) == []
+    assert lint_manifest(release, check_files=False) == []
+
+
+def test_cli_checks_an_enclave_config(built: dict[str, Any], tmp_path: Path) -> None:
+    manifest = tmp_path / "drm_enclave.manifest"
+    manifest.write_text(built["release_text"], encoding="utf-8")
+    config = tmp_path / "enclave.toml"
+    config.write_text('license = "borrower.license.json"\npccs_url = "https://localhost:8081"\n'
+                      'pccs_ca = "/opt/intel/pccs.crt"\n')  # fmt: skip
+    done = _lint_cli("--enclave-config", str(config), str(manifest))
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"{manifest}: enclave_config: pccs_ca = '/opt/intel/pccs.crt': /opt/intel/pccs.crt is "
+        "not under any fs.mounts path inside the enclave (put it under the allowed "
+        "/etc/drm-enclave/)\n",
+    )
+    config.write_text('license = "borrower.license.json"\npccs_ca = "pccs-ca.pem"\n')
+    assert _lint_cli("--enclave-config", str(config), str(manifest)).returncode == 0
+    config.write_bytes(b"license = \n")
+    done = _lint_cli("--enclave-config", str(config), str(manifest))
+    assert done.returncode == 2
+    assert "enclave config is not TOML" in done.stderr

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_tritonclient_binary_and_json(served: Served) -> None:
     assert doc["model_ready"]
     assert [i["datatype"] for i in doc["metadata"]["inputs"]] == ["FP32", "INT64"]
     assert "binary_tensor_data" in doc["server"]["extensions"]
-    for mode in ("binary", "json", "default"):
+    for mode in ("binary", "json", "default", "scheduling"):
         answer = doc[mode]
         assert answer["id"] == mode
         assert answer["dtypes"] == ["float32", "int64"]
@@ -496,3 +497,85 @@ def test_the_readme_standard_clients_run_as_written(lab: Lab) -> None:
     (probs,) = answer["outputs"]
     assert (probs["name"], probs["shape"]) == ("probs", [1, 2])
     assert answer["parameters"]["cost"] == 1
+
+
+# --- stopping ----------------------------------------------------------------------------
+
+
+def _one_inference_waiting(lab: Lab, stop_timeout: float) -> tuple[Gateway, str]:
+    """A gateway whose enclave has no inferences left; its URL for the pair model."""
+    model = lab.write_model("pair", two_by_two_model())
+    lab.start_custodian([model], initial=2)
+    enclave = lab.start_enclave()
+    options = ["--connections", "1", "--stop-timeout", str(stop_timeout)]
+    gateway = lab.start_gateway(enclave.consumer_port, options=options)
+    url = f"{gateway.url}/v2/models/pair/infer"
+    assert call(url, "POST", pair_request()).status == 200  # costs both inferences
+    return gateway, url
+
+
+def _until_in_flight(gateway: Gateway, count: int) -> None:
+    """Poll ``/metrics`` until ``count`` inferences are in progress (bounded)."""
+    deadline = time.monotonic() + SETTLE
+    wanted = f"drm_gateway_inferences_in_flight {count:.1f}"
+    while wanted not in call(f"{gateway.url}/metrics").body.decode():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {SETTLE} s: {count} inference(s) in flight")
+        time.sleep(0.1)
+
+
+def test_sigterm_drains_the_requests_in_progress_then_exits_0(lab: Lab) -> None:
+    gateway, url = _one_inference_waiting(lab, stop_timeout=60)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(call, url, "POST", pair_request(parameters={"wait": 60}))
+        _until_in_flight(gateway, 1)
+        gateway.daemon.terminate()
+        draining = gateway.daemon.wait_for("gateway_draining")
+        assert (draining["signal"], draining["inferences"]) == ("SIGTERM", 1)
+
+        ready = call(f"{gateway.url}/v2/health/ready")
+        assert ready.status == 503
+        assert ready.json() == {"ready": False, "reason": "the gateway is stopping"}
+        assert ready.headers["connection"] == "close"
+        assert call(f"{gateway.url}/v2/health/live").status == 200
+        refused = call(url, "POST", pair_request())
+        assert (refused.status, refused.headers["retry-after"]) == (503, "1")
+        assert gateway.daemon.process.poll() is None  # still draining
+
+        lab.supply(10)
+        reply = waiting.result(timeout=SETTLE)
+    assert reply.status == 200, reply.body
+    assert reply.json()["parameters"]["cost"] == 2
+    assert gateway.daemon.wait_exit() == 0
+    assert gateway.daemon.find("gateway_stopped", abandoned=0) is not None
+    assert gateway.daemon.find("gateway_requests_abandoned") is None
+
+
+def test_a_request_past_the_stop_timeout_is_answered_503_and_the_gateway_exits_0(
+    lab: Lab,
+) -> None:
+    gateway, url = _one_inference_waiting(lab, stop_timeout=1)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(call, url, "POST", pair_request(parameters={"wait": 60}))
+        _until_in_flight(gateway, 1)
+        started = time.monotonic()
+        gateway.daemon.terminate()
+        reply = waiting.result(timeout=SETTLE)
+    assert reply.status == 503
+    assert "stopped before this request was answered" in reply.json()["error"]
+    assert gateway.daemon.wait_exit() == 0
+    assert time.monotonic() - started < SETTLE  # 1 s of drain, not the request's 60 s wait
+    assert gateway.daemon.find("gateway_requests_abandoned", count=1) is not None
+    assert gateway.daemon.find("gateway_stopped", abandoned=1) is not None
+
+
+def test_ctrl_c_stops_the_gateway_with_status_130(lab: Lab) -> None:
+    gateway, url = _one_inference_waiting(lab, stop_timeout=30)
+    gateway.daemon.process.send_signal(signal.SIGINT)
+    assert gateway.daemon.wait_exit() == 130
+    draining = gateway.daemon.find("gateway_draining")
+    assert draining is not None
+    assert (draining["signal"], draining["inferences"]) == ("SIGINT", 0)
+    assert gateway.daemon.find("gateway_stopped", abandoned=0) is not None
+    with pytest.raises(urllib.error.URLError):  # nothing listens there any more
+        call(url, "POST", pair_request())

@@ -28,14 +28,24 @@ attested connection used.
 
 The enclave's answers map to HTTP statuses (:data:`STATUS_BY_ERROR`); every error body is
 ``{"error": message}``, which ``tritonclient`` shows. *No inferences left*: the request
-waits for a supply up to its bound: the request's ``wait`` parameter, else the
-``Drm-Wait`` header (seconds), else :data:`DEFAULT_WAIT`; then 429 with ``Retry-After``
+waits for a supply up to its bound: the request's ``wait`` parameter (or ``timeout``,
+:mod:`drm_consumer.gateway.v2`), else the ``Drm-Wait`` header (seconds), else
+:data:`DEFAULT_WAIT`; then 429 with ``Retry-After``
 set to the seconds it waited (at least 1, at most :data:`MAX_RETRY_AFTER`): a supply that
 did not come within that time is not likely sooner, and a client that wants to wait
 longer says so with a larger bound. *Busy*: 429 when the enclave refused the request
 (too many in flight or parked on our connection), 503 when it closed the connection
 (too many connections); both ``Retry-After: 1``. The cost and the inferences left travel
 in the response's ``parameters`` (``cost``, ``inferences_left``).
+
+*Stopping* (:meth:`GatewayApp.start_draining`, on SIGTERM or Ctrl-C): from then on
+``/v2/health/ready`` and each model's ``ready`` answer 503, so a load balancer stops
+sending; a new inference is answered 503 with ``Retry-After: 1`` (another gateway, or
+this one restarted, will take it) and every answer carries ``Connection: close``. The
+requests already in progress go on; :meth:`GatewayApp.drained` waits until none is left,
+and :meth:`GatewayApp.abandon` ends those still running once the stop's bound has passed:
+each is answered 503 (an inference that was already sent may have run and been charged,
+as after any lost connection).
 """
 
 from __future__ import annotations
@@ -135,6 +145,7 @@ _MODEL_PATH: Final = re.compile(
     r"(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?"
 )
 _STATIC: Final = {"/v2/health/live", "/v2/health/ready", "/v2", "/metrics"}
+_STOPPING: Final = "the gateway is stopping"
 
 
 class HttpError(Exception):
@@ -227,6 +238,16 @@ class GatewayApp:
             "Inferences the enclave had left at its last answer",
             registry=self.registry,
         )
+        self._inferences_in_flight = Gauge(
+            "drm_gateway_inferences_in_flight",
+            "Inference requests in progress (their body read, their answer not yet sent)",
+            registry=self.registry,
+        )
+        #: Set by :meth:`start_draining`; requests in progress and their cancel scopes.
+        self.draining = False
+        self._in_flight: set[trio.CancelScope] = set()
+        self._idle = trio.Event()
+        self._inference_count = 0
         self._charged = Counter(
             "drm_gateway_inferences_charged",
             "Inferences charged for requests through this gateway",
@@ -248,6 +269,32 @@ class GatewayApp:
         """The pool's hook: a connect failed."""
         refused = isinstance(error, AttestationRefused)
         self.attestations.labels("refused" if refused else "failed").inc()
+
+    @property
+    def in_flight(self) -> int:
+        """HTTP requests in progress now."""
+        return len(self._in_flight)
+
+    @property
+    def inferences_in_flight(self) -> int:
+        """Inference requests in progress now (their body read, their answer not sent)."""
+        return self._inference_count
+
+    def start_draining(self) -> None:
+        """Refuse new inferences and answer not ready from now on (the module's
+        *Stopping*); the requests in progress go on."""
+        self.draining = True
+
+    async def drained(self) -> None:
+        """Return once no request is in progress."""
+        while self._in_flight:
+            await self._idle.wait()
+
+    def abandon(self) -> int:
+        """End every request in progress (each is answered 503); how many there were."""
+        for scope in self._in_flight:
+            scope.cancel()
+        return len(self._in_flight)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -276,20 +323,40 @@ class GatewayApp:
             endpoint = "/v2/models/{name}" + (match["action"] or "")
         else:
             endpoint = "other"
+        cancel = trio.CancelScope()
+        self._in_flight.add(cancel)
         try:
-            response = await self._dispatch(scope, receive, path, match)
-        except HttpError as exc:
-            response = _json(exc.status, {"error": str(exc)}, **exc.headers)
-        except Exception:  # the per-request boundary: log it, answer 500
-            log.exception("gateway_request_failed", path=endpoint)
-            response = _json(500, {"error": "internal error in the gateway"})
-        headers = [
-            (b"content-type", response.content_type.encode()),
-            (b"content-length", str(len(response.body)).encode()),
-            *((k.lower().encode(), v.encode()) for k, v in response.headers.items()),
-        ]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+            with cancel:
+                try:
+                    response = await self._dispatch(scope, receive, path, match)
+                except HttpError as exc:
+                    response = _json(exc.status, {"error": str(exc)}, **exc.headers)
+                except Exception:  # the per-request boundary: log it, answer 500
+                    log.exception("gateway_request_failed", path=endpoint)
+                    response = _json(500, {"error": "internal error in the gateway"})
+            if cancel.cancelled_caught:
+                response = _json(
+                    503,
+                    {"error": "the gateway stopped before this request was answered (an "
+                     "inference already sent may have run and been charged)"},
+                    **{"Retry-After": "1"},
+                )  # fmt: skip
+            headers = [
+                (b"content-type", response.content_type.encode()),
+                (b"content-length", str(len(response.body)).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in response.headers.items()),
+            ]
+            if self.draining:
+                headers.append((b"connection", b"close"))
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        finally:
+            self._in_flight.discard(cancel)
+            if not self._in_flight:
+                self._idle.set()
+                self._idle = trio.Event()
         elapsed = time.monotonic() - started
         self._requests.labels(endpoint, str(response.status)).inc()
         self._seconds.labels(endpoint).observe(elapsed)
@@ -324,6 +391,8 @@ class GatewayApp:
         if path == "/v2/health/live":
             return _json(200, {"live": True})
         if path == "/v2/health/ready":
+            if self.draining:
+                return _json(503, {"ready": False, "reason": _STOPPING})
             reason = await self._not_ready(None)
             return _json(400 if reason else 200, {"ready": not reason, "reason": reason})
         if path == "/v2":
@@ -340,6 +409,8 @@ class GatewayApp:
         if match["version"] not in (None, "1"):
             raise HttpError(404, f"model {name!r} has only version 1")
         if match["action"] == "/ready":
+            if self.draining:
+                return _json(503, {"name": name, "ready": False, "reason": _STOPPING})
             reason = await self._not_ready(name)
             return _json(
                 400 if reason else 200, {"name": name, "ready": not reason, "reason": reason}
@@ -439,8 +510,21 @@ class GatewayApp:
         return wait
 
     async def _infer(self, name: str, scope: HTTPScope, receive: ASGIReceiveCallable) -> _Response:
+        if self.draining:
+            raise HttpError(503, _STOPPING, {"Retry-After": "1"})
         header_length = _header_length(scope)
         body = await _read_body(scope, receive)
+        self._inference_count += 1
+        self._inferences_in_flight.inc()
+        try:
+            return await self._infer_body(name, scope, body, header_length)
+        finally:
+            self._inference_count -= 1
+            self._inferences_in_flight.dec()
+
+    async def _infer_body(
+        self, name: str, scope: HTTPScope, body: bytes, header_length: int | None
+    ) -> _Response:
         try:
             request = parse_infer(body, header_length)
         except V2Error as exc:

@@ -7,6 +7,15 @@ loopback by default. Any other address needs a bearer token, from ``--token-file
 ``DRM_GATEWAY_TOKEN`` environment variable (never on the command line, where ``ps`` shows
 it to every user of the machine); without one it refuses to start (threat model G05).
 Logs are JSON lines on standard error; ``gateway_listening`` says where it listens.
+
+*Stopping.* SIGTERM (systemd, a container runtime) or SIGINT (Ctrl-C) starts a drain
+(:class:`~drm_consumer.gateway.app.GatewayApp`, *Stopping*): ready answers 503 and new
+inferences are refused while the requests in progress finish, for at most
+``--stop-timeout`` seconds (a second signal cuts it short); those still running then are
+answered 503. Then HTTP stops (no more connections accepted, idle keep-alive connections
+closed within :data:`HTTP_CLOSE_TIMEOUT`), the attested connections are closed, and the
+process exits 0 after SIGTERM, 130 after Ctrl-C (as the other commands do when
+interrupted).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -24,6 +34,7 @@ from typing import Final, TextIO
 from urllib.parse import urlsplit
 
 import hypercorn.trio
+import hypercorn.trio.tcp_server
 import structlog
 import trio
 from hypercorn.config import Config
@@ -48,6 +59,17 @@ TOKEN_ENV: Final = "DRM_GATEWAY_TOKEN"  # noqa: S105 (a variable name, not a sec
 MAX_TOKEN_BYTES: Final = 4096
 #: Shortest token accepted (16 random bytes, hex).
 MIN_TOKEN_CHARS: Final = 32
+#: Bytes hypercorn asks the socket for per read (its own default is 64 KiB).
+RECV_BYTES: Final = 256 * 1024
+#: The exit status after Ctrl-C (SIGINT), as every command of the CLI.
+EXIT_INTERRUPTED: Final = 130
+#: Seconds the requests in progress may take to finish once a stop is asked for.
+DEFAULT_STOP_TIMEOUT: Final = 30.0
+#: Longest ``--stop-timeout``.
+MAX_STOP_TIMEOUT: Final = 3600.0
+#: Seconds hypercorn gives its connections to close once the drain is over (they are idle
+#: then, or answering the 503 of an abandoned request).
+HTTP_CLOSE_TIMEOUT: Final = 2.0
 
 
 class GatewayUsageError(Exception):
@@ -67,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long an inference waits for a supply when no inferences "
                         "are left, unless the request says (default "
                         f"{DEFAULT_WAIT:g})")  # fmt: skip
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
+                        metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C, how long the requests in progress may "
+                        f"take to finish (default {DEFAULT_STOP_TIMEOUT:g})")  # fmt: skip
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])  # fmt: skip
 
@@ -108,14 +134,23 @@ def _listen(text: str, token: str | None) -> tuple[str, int]:
 
 
 def hypercorn_config(host: str, port: int) -> Config:
-    """The gateway's hypercorn configuration, every limit spelled out."""
+    """The gateway's hypercorn configuration, every limit spelled out.
+
+    Also sets hypercorn's read size (:data:`RECV_BYTES`), which it has no setting for.
+    """
+    # A CNN-sized body (2.7 MB) in hypercorn's 64 KiB reads was 42 trips through h11, a
+    # memory channel and the app's receive; 256 KiB reads cut the HTTP part of the
+    # gateway's CPU per request by about a third (docs/production.md, *The gateway*).
+    # h11 still bounds what it buffers (h11_max_incomplete_size for the headers; the body
+    # is handed on as it comes, and the app counts it against MAX_BODY_BYTES).
+    hypercorn.trio.tcp_server.MAX_RECV = RECV_BYTES
     config = Config()
     config.bind = [format_address(host, port)]
     config.alpn_protocols = ["http/1.1"]
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
     config.read_timeout = 120  # an idle keep-alive connection is closed after this
     config.keep_alive_timeout = 120
-    config.graceful_timeout = 3.0
+    config.graceful_timeout = HTTP_CLOSE_TIMEOUT
     config.backlog = 128
     config.include_server_header = False
     config.accesslog = None  # the app logs each request itself, structured
@@ -131,8 +166,13 @@ async def serve(
     token: str | None,
     connections: int,
     default_wait: float,
-) -> None:
-    """Keep the pool and serve HTTP until cancelled."""
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+) -> int:
+    """Keep the pool and serve HTTP until SIGTERM or SIGINT, then stop as the module says.
+
+    Returns:
+        The signal that stopped it.
+    """
     app_ref: list[GatewayApp] = []
     pool = EnclavePool(
         connect,
@@ -143,26 +183,72 @@ async def serve(
     app = GatewayApp(pool, token=token, default_wait=default_wait)
     app_ref.append(app)
     config = hypercorn_config(host, port)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.run)
-        try:
-            binds: list[str] = await nursery.start(
-                partial(hypercorn.trio.serve, app, config, mode="asgi")
+    stop = trio.Event()
+    http_stop, http_done = trio.Event(), trio.Event()
+    received: list[int] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+
+        async def watch() -> None:
+            async for signum in signals:
+                received.append(signum)
+                if len(received) == 1:
+                    stop.set()
+                else:  # a second signal: do not wait for the requests in progress
+                    app.abandon()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            nursery.start_soon(pool.run)
+
+            async def http(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(
+                    app, config, shutdown_trigger=http_stop.wait, task_status=task_status,
+                    mode="asgi",
+                )  # fmt: skip
+                http_done.set()
+
+            try:
+                binds: list[str] = await nursery.start(http)
+            except OSError as exc:
+                raise cannot_listen(exc, "HTTP clients", host, port, "--listen") from exc
+            bound = [
+                format_address(str(urlsplit(b).hostname), int(urlsplit(b).port or 0)) for b in binds
+            ]
+            log.info("gateway_listening", addresses=bound, authenticated=token is not None)
+            await stop.wait()
+            app.start_draining()
+            log.info(
+                "gateway_draining",
+                signal=signal.Signals(received[0]).name,
+                in_flight=app.in_flight,
+                inferences=app.inferences_in_flight,
+                stop_timeout=stop_timeout,
             )
-        except OSError as exc:
-            raise cannot_listen(exc, "HTTP clients", host, port, "--listen") from exc
-        bound = [
-            format_address(str(urlsplit(b).hostname), int(urlsplit(b).port or 0)) for b in binds
-        ]
-        log.info("gateway_listening", addresses=bound, authenticated=token is not None)
+            abandoned = 0
+            with trio.move_on_after(stop_timeout):
+                await app.drained()
+            if app.in_flight:
+                abandoned = app.abandon()
+                log.warning("gateway_requests_abandoned", count=abandoned)
+            with trio.move_on_after(HTTP_CLOSE_TIMEOUT):
+                await app.drained()  # the abandoned requests send their 503
+            http_stop.set()
+            # hypercorn stops accepting, closes its connections (HTTP_CLOSE_TIMEOUT at
+            # most) and returns; then the pool's connections are closed.
+            with trio.move_on_after(HTTP_CLOSE_TIMEOUT + 1):
+                await http_done.wait()
+            nursery.cancel_scope.cancel()
+    log.info("gateway_stopped", abandoned=abandoned)
+    return received[0]
 
 
 def run(
     args: argparse.Namespace,
     connect: Callable[[], AbstractAsyncContextManager[Client]],
     log_stream: TextIO | None = None,
-) -> None:
-    """Serve until interrupted.
+) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status: 0 after SIGTERM,
+    :data:`EXIT_INTERRUPTED` after Ctrl-C.
 
     Raises:
         GatewayUsageError: bad options, or no token for a non-loopback address.
@@ -174,8 +260,10 @@ def run(
         raise GatewayUsageError("--connections must be from 1 to 64")
     if not 0 <= args.default_wait <= MAX_WAIT_SECONDS:
         raise GatewayUsageError(f"--default-wait must be from 0 to {MAX_WAIT_SECONDS:g}")
+    if not 0 <= args.stop_timeout <= MAX_STOP_TIMEOUT:
+        raise GatewayUsageError(f"--stop-timeout must be from 0 to {MAX_STOP_TIMEOUT:g}")
     configure_logging(level=args.log_level, stream=log_stream or sys.stderr)
-    trio.run(
+    signum = trio.run(
         partial(
             serve,
             connect,
@@ -184,5 +272,7 @@ def run(
             token=token,
             connections=args.connections,
             default_wait=args.default_wait,
+            stop_timeout=args.stop_timeout,
         )
     )
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else 0

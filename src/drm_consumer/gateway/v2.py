@@ -23,6 +23,15 @@ order, when none were named), each as JSON ``data`` or, when asked for (the outp
 the JSON header, whose length it returns for the ``Inference-Header-Content-Length``
 response header.
 
+Request ``parameters``: ``binary_data_output``; ``wait`` (seconds) bounds how long the
+request waits for a supply when no inferences are left. ``tritonclient`` sends
+``timeout`` (microseconds) and ``priority`` only when its caller sets them: ``timeout`` is
+taken as the wait bound when there is no ``wait`` (capped at ``MAX_WAIT_SECONDS``; Triton
+itself applies it only to requests queued for a dynamic batcher, and the closest thing
+here is the queue for a supply), and ``priority`` (a non-negative integer) is accepted
+and ignored: the enclave serves its requests in arrival order. The sequence parameters
+are refused: no model here keeps state between requests.
+
 Every refusal is a :class:`V2Error` with the message a client shows.
 """
 
@@ -90,6 +99,9 @@ MAX_ID_CHARS: Final = 256
 _INPUT_KEYS: Final = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _OUTPUT_KEYS: Final = frozenset({"name", "parameters"})
 _REQUEST_KEYS: Final = frozenset({"id", "parameters", "inputs", "outputs"})
+_REQUEST_PARAMETERS: Final = frozenset({"binary_data_output", "wait", "timeout", "priority"})
+#: tritonclient's ``timeout`` and ``priority`` are uint64 on Triton's side.
+_MAX_UINT64: Final = 2**64 - 1
 
 
 class V2Error(DrmError):
@@ -325,9 +337,17 @@ def _outputs(value: object) -> tuple[RequestedOutput, ...] | None:
 
 
 def _wait(parameters: Mapping[str, Any]) -> float | None:
+    """The ``wait`` parameter, else ``timeout`` (microseconds) as the wait bound; checks
+    ``priority``, which is otherwise ignored."""
+    priority = parameters.get("priority")
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= _MAX_UINT64):
+        raise V2Error("parameter 'priority' must be a non-negative integer")
+    timeout = parameters.get("timeout")
+    if timeout is not None and (type(timeout) is not int or not 0 <= timeout <= _MAX_UINT64):
+        raise V2Error("parameter 'timeout' must be a non-negative integer of microseconds")
     value = parameters.get("wait")
     if value is None:
-        return None
+        return None if timeout is None else min(timeout / 1e6, MAX_WAIT_SECONDS)
     if type(value) not in (int, float) or not 0 <= value <= MAX_WAIT_SECONDS:
         raise V2Error(
             f"parameter 'wait' must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}"
@@ -359,7 +379,7 @@ def parse_infer(body: bytes | memoryview, header_length: int | None) -> InferReq
     request_id = document.get("id")
     if request_id is not None and (type(request_id) is not str or len(request_id) > MAX_ID_CHARS):
         raise V2Error(f"id must be a string of at most {MAX_ID_CHARS} characters")
-    parameters = _parameters(document, "the request", frozenset({"binary_data_output", "wait"}))
+    parameters = _parameters(document, "the request", _REQUEST_PARAMETERS)
     inputs = document.get("inputs")
     if type(inputs) is not list or not 0 < len(inputs) <= MAX_TENSORS:
         raise V2Error(f"inputs must be a list of 1 to {MAX_TENSORS} inputs")
