@@ -46,10 +46,11 @@ client's newest parked request (which fails with ``BUSY``) and takes its place (
 a client that already holds the most parked requests (or as many as anyone) is refused.
 
 Cancellation. A parked task that is cancelled (the consumer went away, or its own ``wait``
-deadline passed) is removed from the FIFO by trio's abort callback, and trio guarantees the
-abort callback and a reschedule are mutually exclusive. So there are only two orders:
+deadline passed) is removed from its client's queue by trio's abort callback, and trio
+guarantees the abort callback and a reschedule are mutually exclusive. So there are only
+two orders:
 
-* cancel first: the task leaves the FIFO holding nothing; a later grant skips it (and if
+* cancel first: the task leaves the queue holding nothing; a later grant skips it (and if
   it was the head, the requests behind it are served at once if ``available`` covers them);
 * grant first: the task already owns its units and its wake-up is a value, not a cancel.
   It returns its :class:`Lease` without another checkpoint, so the lease reaches the
@@ -166,7 +167,7 @@ class Lease:
         self._quota._requests_served += 1
 
     def release(self) -> None:
-        """The inference produced nothing: give the units back (to the oldest waiters).
+        """The inference produced nothing: give the units back (to the waiters, in turn).
 
         Raises:
             RuntimeError: the lease was already committed or released.
@@ -288,9 +289,9 @@ class Quota:
         return self._give(units)
 
     def _give(self, units: int) -> int:
-        """Units that came in (granted or released): serve the parked, oldest first, while
-        the oldest's whole cost is covered; the rest stays ``available``. Returns how many
-        were woken."""
+        """Units that came in (granted or released): serve the parked, each client's oldest
+        in turn, while the next one's whole cost is covered; the rest stays ``available``.
+        Returns how many were woken."""
         self._available += units
         return self._serve_parked()
 
