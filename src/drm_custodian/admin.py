@@ -115,6 +115,11 @@ READ_TIMEOUT: Final = 10
 KEEP_ALIVE_TIMEOUT: Final = 5.0
 #: An enclave instance id: 32 lower-case hex characters (docs/links.md, step 2).
 _INSTANCE_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
+#: How many instances that are neither live nor in doubt ``usage`` lists (the ones granted
+#: to most recently); it counts the rest in ``by_instance_omitted``. A borrower whose
+#: enclaves restart daily has thousands after some years; the last hundred are what an
+#: operator looks at, and the ledger keeps them all.
+USAGE_ENDED_LISTED: Final = 100
 
 
 class AdminHooks(Protocol):
@@ -483,13 +488,27 @@ class AdminApp:
         return json_response(200, await self._usage_with_instances())
 
     async def _usage_with_instances(self) -> dict[str, object]:
-        """The usage document with every instance the ledger knows and its state."""
+        """The usage document with its instances: every live and in-doubt one, and the
+        :data:`USAGE_ENDED_LISTED` granted to most recently of the others (ended,
+        stopped cleanly, reclaimed), by id; ``by_instance_omitted`` counts the rest, so
+        the answer stays small however many instances a borrower had over the months."""
         borrower = self._borrower
         balance = await self._ledger.balance(borrower)
-        records = await self._ledger.instances(borrower)
+        records = await self._ledger.instances(borrower, newest_first=True)
         live = self._hooks.live_instances(borrower)
         doc = _usage_doc(borrower, balance, self._hooks.instances(borrower))
-        doc["by_instance"] = [_instance_doc(r, r.instance_id in live) for r in records]
+        listed: list[dict[str, object]] = []
+        ended = omitted = 0
+        for record in records:
+            row = _instance_doc(record, record.instance_id in live)
+            if row["state"] not in ("live", "in_doubt"):
+                if ended >= USAGE_ENDED_LISTED:
+                    omitted += 1
+                    continue
+                ended += 1
+            listed.append(row)
+        doc["by_instance"] = sorted(listed, key=lambda row: str(row["instance"]))
+        doc["by_instance_omitted"] = omitted
         return doc
 
     async def _reclaim(self, request: Request) -> Response:

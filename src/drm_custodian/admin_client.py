@@ -193,6 +193,9 @@ def format_usage(doc: Mapping[str, object]) -> str:
                         for c in columns
                     )
                 )  # fmt: skip
+    omitted = doc.get("by_instance_omitted")
+    if isinstance(omitted, int) and omitted > 0:
+        lines.append(f"(and {omitted} older ended instances not listed)")
     return "\n".join(lines)
 
 

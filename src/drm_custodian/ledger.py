@@ -297,6 +297,13 @@ _INSTANCE: Final = """SELECT instance_id, granted, served, requests, returned, r
 _INSTANCES: Final = """SELECT instance_id, granted, served, requests, returned, reclaimed, stopped,
     EXISTS (SELECT 1 FROM reclaims r WHERE r.borrower=t.borrower AND r.instance_id=t.instance_id)
     FROM instance_totals t WHERE borrower=? ORDER BY instance_id"""
+#: The same, the instance granted to most recently first (its latest grant's id; one
+#: that was never granted anything last), then by id.
+_INSTANCES_NEWEST_FIRST: Final = _INSTANCES.replace(
+    "ORDER BY instance_id",
+    "ORDER BY COALESCE((SELECT MAX(g.grant_id) FROM grants g WHERE g.borrower=t.borrower "
+    "AND g.instance_id=t.instance_id), 0) DESC, instance_id",
+)
 
 
 #: The totals' triggers use UPSERT (``INSERT ... ON CONFLICT DO UPDATE``), new in 3.24.
@@ -783,11 +790,13 @@ class Ledger:
         _check_name(instance_id, "instance_id")
         return await self._run(lambda conn: _instance(conn, borrower, instance_id), write=False)
 
-    async def instances(self, borrower: str) -> list[InstanceRecord]:
-        """Every instance the borrower ever had, by id."""
+    async def instances(self, borrower: str, *, newest_first: bool = False) -> list[InstanceRecord]:
+        """Every instance the borrower ever had, by id (or, with ``newest_first``, the one
+        granted to most recently first)."""
         _check_name(borrower, "borrower")
+        query = _INSTANCES_NEWEST_FIRST if newest_first else _INSTANCES
         return await self._run(
-            lambda conn: [_instance_record(row) for row in conn.execute(_INSTANCES, (borrower,))],
+            lambda conn: [_instance_record(row) for row in conn.execute(query, (borrower,))],
             write=False,
         )
 

@@ -24,10 +24,17 @@ For the owner's write-off of a lost instance (I21) the registry remembers when e
 instance's last session ended (a session sends only while it runs, so that bounds the
 last byte sent to it) and when this process started (it sent nothing before):
 :meth:`Registry.silent_for` is how long the custodian has sent an instance nothing.
+Those end times are kept only while they matter: once an instance has been silent for
+longer than ``forget_after`` (the reclaim window) its entry is dropped, and it reads as
+ended when this process started. That only makes its silence look longer, and it was
+already past the window, so every answer (reclaimable or not) stays the same, while a
+custodian that runs for months keeps end times for the instances of the last window
+only, not for every instance it ever linked.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Final, Protocol
 
@@ -97,14 +104,17 @@ class LiveSession(Protocol):
 class Registry:
     """The live sessions, by license."""
 
-    def __init__(self, *, started_at: float | None = None) -> None:
+    def __init__(self, *, started_at: float | None = None, forget_after: float = math.inf) -> None:
         self._by_license: dict[str, LiveSession] = {}
         self._block_reasons: dict[str, str] = {}
         #: When this process started (trio's clock): nothing was sent before it.
         self._started_at = trio.current_time() if started_at is None else started_at
-        #: When the last session of each instance ended (one entry per instance linked
-        #: since the start: a few per enclave restart).
+        #: When the last session of each instance ended, oldest first, for instances
+        #: that ended within ``forget_after`` (see the module docstring).
         self._ended_at: dict[str, float] = {}
+        if not forget_after >= 0:  # NaN fails this too
+            raise ValueError(f"forget_after must be a number of seconds >= 0, not {forget_after}")
+        self._forget_after = forget_after
         #: Set when a session ends (the reclaim watcher then looks again).
         self._ended = trio.Event()
 
@@ -132,11 +142,28 @@ class Registry:
 
     def release(self, session: LiveSession) -> None:
         """Forget ``session`` if it is the live one (idempotent); note when it ended."""
-        self._ended_at[session.instance_id] = trio.current_time()
+        now = trio.current_time()
+        self._ended_at.pop(session.instance_id, None)  # re-inserted last: oldest first
+        self._ended_at[session.instance_id] = now
+        self._forget_silent(now)
         self._ended.set()
         self._ended = trio.Event()
         if self._by_license.get(session.license_id) is session:
             del self._by_license[session.license_id]
+
+    def _forget_silent(self, now: float) -> None:
+        """Drop the end times of instances silent for longer than ``forget_after``."""
+        ended = self._ended_at
+        while ended:
+            instance, at = next(iter(ended.items()))
+            if now - at <= self._forget_after:
+                break
+            del ended[instance]
+
+    @property
+    def remembered(self) -> int:
+        """How many end times are kept (instances that ended within ``forget_after``)."""
+        return len(self._ended_at)
 
     def live_instances(self, borrower: str) -> set[str]:
         return {s.instance_id for s in self._by_license.values() if s.borrower == borrower}

@@ -327,7 +327,7 @@ async def serve(
     try:
         await ledger.integrity_check()
         await _initial_supply(ledger, state, borrower, config.initial_inferences)
-        registry = Registry()
+        registry = Registry(forget_after=config.session.reclaim_window)
         app = AdminApp(
             ledger=ledger,
             hooks=SessionHooks(registry),

@@ -50,7 +50,7 @@ from drm_wire.net.address import format_address, parse_address
 from .consumer_server import ConsumerLimits
 from .identity import License, simulated_measurement, simulation_policy, warn_simulation
 from .runtime import EnclaveRuntime
-from .serve import DEFAULT_CONSUMER_PORT, EnclaveConfig, serve
+from .serve import DEFAULT_CONSUMER_PORT, DEFAULT_RETURN_TIMEOUT, EnclaveConfig, serve
 from .sigstruct import measure_sigstruct
 
 __all__ = ["EXIT_OK", "EXIT_USAGE", "load_license", "main", "parse_address"]
@@ -64,6 +64,10 @@ _MAX_LICENSE_BYTES: Final = 64 * 1024
 _MAX_CA_BYTES: Final = 64 * 1024
 #: onnxruntime intra-op threads per session.
 _MAX_THREADS: Final = 64
+#: The longest ``--return-timeout``: a stop that waits longer than this for an answer is
+#: better settled by the owner (its units stay in doubt), and a supervisor's stop timeout
+#: must cover it.
+MAX_RETURN_TIMEOUT: Final = 300
 
 _log = structlog.get_logger("drm_enclave.cli")
 
@@ -223,6 +227,11 @@ def serve_options(sub: argparse.ArgumentParser, *, config_required: bool = False
                help="largest model this enclave loads, in MiB; a larger one is refused "
                     "(model_unavailable) and the others serve. Size the enclave's memory "
                     "for about twice it")  # fmt: skip
+    schema.add("--return-timeout", Kind.INTEGER, type=bounded_integer(1, MAX_RETURN_TIMEOUT),
+               default=int(DEFAULT_RETURN_TIMEOUT), metavar="SECONDS",
+               help="seconds a clean stop waits for the custodian to acknowledge the "
+                    "units it returns; past it they stay in doubt until the owner "
+                    "settles them")  # fmt: skip
     schema.add("--log-level", Kind.STRING, choices=LOG_LEVELS, default="info",
                help="lowest level logged (debug adds per-request events)")  # fmt: skip
     defaults = ConsumerLimits()
@@ -304,6 +313,7 @@ def _enclave_config(args: argparse.Namespace) -> EnclaveConfig:
         intra_op_threads=args.intra_op_threads,
         limits=_consumer_limits(args),
         max_model_bytes=min(args.max_model_mib * MiB, MAX_MODEL_BYTES),
+        return_timeout=float(args.return_timeout),
     )
     if args.pccs_ca is not None and args.pccs_url is None:
         raise ConfigError("--pccs-ca needs --pccs-url", key="pccs_ca")

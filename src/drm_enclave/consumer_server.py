@@ -23,6 +23,14 @@ no hand-over to another task per request):
   of those at most ``max_parked_per_connection`` may wait for quota (past that: ``busy``),
   so one consumer cannot take the whole park queue from the others.
 
+Fairness between clients (R09). Parked requests are served round-robin per *client*, not
+per connection or in arrival order (:class:`~.quota.Quota`), so a client that opens many
+connections and parks many requests is served one request per turn like any other. The
+client key is the SHA-256 of the consumer's certificate when it presents one, else the
+peer's IP address without the port: every connection from one address is one client
+(consumers behind one NAT share a turn), and a client cannot earn more turns by opening
+more connections or ports.
+
 Bounded memory and time for every peer (I17). The port is open to anyone who can reach
 it, before any authentication of the consumer, so every resource a connection holds has a
 cap (:class:`ConsumerLimits`): connections, TLS handshakes in progress, the handshake and
@@ -63,6 +71,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import itertools
 from dataclasses import dataclass
 from typing import Final
@@ -92,7 +101,7 @@ from drm_wire.messages import (
 )
 from drm_wire.net.budget import Charge, MemoryBudget, ReceiveLimits
 from drm_wire.net.channel import ERROR_FRAME_TIMEOUT, ChannelClosed, MessageChannel, open_channel
-from drm_wire.net.tls import accept_tls
+from drm_wire.net.tls import TLSStream, accept_tls
 from drm_wire.protocol import Link, Side
 from drm_wire.tensors import Tensor
 
@@ -281,7 +290,7 @@ class ConsumerServer:
                         Error(code=ErrorCode.BUSY, message="too many connections; retry later")
                     )
                 return
-            state = self._live[channel] = _Counter(channel)
+            state = self._live[channel] = _Counter(channel, _client_key(transport, stream))
             try:
                 async with trio.open_nursery() as requests:
                     # Requests are dispatched in the channel's reader task (set_handler).
@@ -510,7 +519,9 @@ class ConsumerServer:
             waiting.parked(requests, position)
 
         try:
-            lease = await quota.acquire(request.wait, units=cost, on_parked=parked)
+            lease = await quota.acquire(
+                request.wait, units=cost, on_parked=parked, client=in_flight.client
+            )
         except QuotaError as exc:
             waiting.done = True
             return _refused(log, request, exc.code, str(exc))
@@ -613,13 +624,15 @@ def _refused(
 
 
 class _Counter:
-    """A connection's requests in flight, how many of them are parked, and when it was
-    last active (``None`` before its hello, or once it is being closed)."""
+    """A connection's requests in flight, how many of them are parked, when it was last
+    active (``None`` before its hello, or once it is being closed), and whose it is (the
+    client key its parked requests queue under)."""
 
-    __slots__ = ("channel", "last_active", "parked", "value")
+    __slots__ = ("channel", "client", "last_active", "parked", "value")
 
-    def __init__(self, channel: MessageChannel) -> None:
+    def __init__(self, channel: MessageChannel, client: str) -> None:
         self.channel = channel
+        self.client = client
         self.value = 0
         self.parked = 0
         self.last_active: float | None = None
@@ -686,6 +699,23 @@ class _WaitingNotice:
             pass  # the final reply overtook it: the request is no longer in flight
         except (DrmError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the connection ended; the request task finds out on its own
+
+
+def _client_key(transport: trio.abc.Stream, stream: TLSStream) -> str:
+    """Whose requests these are, for fairness between clients (R09): ``cert:`` and the
+    SHA-256 of the consumer's certificate if it presented one, else ``addr:`` and the
+    peer's IP address without the port (``addr:unknown`` when there is none)."""
+    der = stream.peer_certificate_der()
+    if der is not None:
+        return "cert:" + hashlib.sha256(der).hexdigest()
+    socket = getattr(transport, "socket", None)
+    if socket is None:
+        return "addr:unknown"
+    try:
+        host = socket.getpeername()[0]
+    except OSError:
+        return "addr:unknown"
+    return f"addr:{host}"
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -21,25 +21,36 @@ nowhere else: units enter only here and are served only here, so the law above h
 construction. :mod:`.accounting` reads them: it turns the custodian's grants (totals) into
 :meth:`Quota.grant` calls, and reports ``served_total`` to the custodian.
 
-Parking. With fewer units available than it costs, a request parks in a FIFO (an
-insertion-ordered dict of trio tasks and their costs) until grants make up its cost. Units
-are *handed* to the oldest parked task only once all ``k`` it needs are there: they are
-counted ``in_use`` and the task is rescheduled in the same synchronous step, then the next
-oldest is served the same way, and so on while the head's cost is covered. So a grant
-wakes as many parked requests, in order, as the units cover (not one per unit), and no
-later request, however small, is served before an older one (no barging): while anyone is
-parked, ``available`` is less than the oldest parked request's cost, and a request that
-arrives then parks behind it even if its own cost is available. A request never costs more
-than :data:`~drm_wire.limits.MAX_GRANT_UNITS`, and no request within the terms costs more
-than the custodian keeps an instance topped up to: its grant planner's *reserve* is the
-largest cost one request can have (``drm_custodian.grants``, Q13), so a parked head always
-gets its units once the requests running before it end.
+Parking. With fewer units available than it costs, a request parks until grants make up
+its cost. Parked requests are queued per *client* (a key the caller gives: the consumer
+server passes the peer's address without its port, :mod:`.consumer_server`), each client's
+requests in order, and the clients in a rotation (R09). Units are *handed* to the head
+client's oldest request only once all ``k`` it needs are there: they are counted
+``in_use`` and the task is rescheduled in the same synchronous step; that client then goes
+to the back of the rotation (if it has more parked), and the next client's oldest is served
+the same way, and so on while the head's cost is covered. So a grant wakes as many parked
+requests as the units cover (not one per unit), round-robin between clients: a client with
+many connections and many parked requests is served one request per turn like any other,
+and a client that parks behind it waits for at most one request of each client ahead of it
+in the rotation. No request, however small, is served before the head (no barging): while
+anyone is parked, ``available`` is less than the head's cost, and a request that arrives
+then parks even if its own cost is available. A request never costs more than
+:data:`~drm_wire.limits.MAX_GRANT_UNITS`, and no request within the terms costs more than
+the custodian keeps an instance topped up to: its grant planner's *reserve* is the largest
+cost one request can have (``drm_custodian.grants``, Q13), so a parked head always gets its
+units once the requests running before it end.
+
+A full park queue (``max_parked``) does not lock a client out either: a request from a
+client holding fewer parked requests than the client holding the most pushes out that
+client's newest parked request (which fails with ``BUSY``) and takes its place (R09). Only
+a client that already holds the most parked requests (or as many as anyone) is refused.
 
 Cancellation. A parked task that is cancelled (the consumer went away, or its own ``wait``
-deadline passed) is removed from the FIFO by trio's abort callback, and trio guarantees the
-abort callback and a reschedule are mutually exclusive. So there are only two orders:
+deadline passed) is removed from its client's queue by trio's abort callback, and trio
+guarantees the abort callback and a reschedule are mutually exclusive. So there are only
+two orders:
 
-* cancel first: the task leaves the FIFO holding nothing; a later grant skips it (and if
+* cancel first: the task leaves the queue holding nothing; a later grant skips it (and if
   it was the head, the requests behind it are served at once if ``available`` covers them);
 * grant first: the task already owns its units and its wake-up is a value, not a cancel.
   It returns its :class:`Lease` without another checkpoint, so the lease reaches the
@@ -61,7 +72,7 @@ custodian now vouches for; units dropped that way are counted in ``forfeited``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import Final, final
 
@@ -156,7 +167,7 @@ class Lease:
         self._quota._requests_served += 1
 
     def release(self) -> None:
-        """The inference produced nothing: give the units back (to the oldest waiters).
+        """The inference produced nothing: give the units back (to the waiters, in turn).
 
         Raises:
             RuntimeError: the lease was already committed or released.
@@ -178,7 +189,10 @@ class Quota:
 
     def __init__(self, *, max_parked: int = DEFAULT_MAX_PARKED) -> None:
         self._max_parked = _check_count(max_parked, "max_parked", low=0, high=MAX_UINT)
-        self._parked: dict[trio.lowlevel.Task, int] = {}
+        #: Parked requests per client, in the order each client parked them; the dict's
+        #: order is the rotation (the head client is served next).
+        self._queues: dict[Hashable, dict[trio.lowlevel.Task, int]] = {}
+        self._client_of: dict[trio.lowlevel.Task, Hashable] = {}
         self._available = 0
         self._in_use = 0
         self._served_total = 0
@@ -198,7 +212,12 @@ class Quota:
     @property
     def parked(self) -> int:
         """Requests waiting for a unit."""
-        return len(self._parked)
+        return len(self._client_of)
+
+    @property
+    def parked_clients(self) -> int:
+        """Clients with a request waiting for a unit (the length of the rotation)."""
+        return len(self._queues)
 
     @property
     def in_use(self) -> int:
@@ -207,9 +226,11 @@ class Quota:
 
     @property
     def demand(self) -> int:
-        """The cost of the oldest parked request (0 when none is parked): what the next
-        grants must cover before anyone parked is served."""
-        return next(iter(self._parked.values()), 0)
+        """The cost of the request served next (the head client's oldest; 0 when none is
+        parked): what the next grants must cover before anyone parked is served."""
+        for queue in self._queues.values():
+            return next(iter(queue.values()))
+        return 0
 
     @property
     def served_total(self) -> int:
@@ -245,7 +266,7 @@ class Quota:
 
     def __repr__(self) -> str:
         return (
-            f"<Quota available={self._available} parked={len(self._parked)} "
+            f"<Quota available={self._available} parked={len(self._client_of)} "
             f"in_use={self._in_use} served={self._served_total} "
             f"granted={self._granted_total} returned={self._returned_total} "
             f"suspended={self._suspended}>"
@@ -268,25 +289,76 @@ class Quota:
         return self._give(units)
 
     def _give(self, units: int) -> int:
-        """Units that came in (granted or released): serve the parked, oldest first, while
-        the oldest's whole cost is covered; the rest stays ``available``. Returns how many
-        were woken."""
+        """Units that came in (granted or released): serve the parked, each client's oldest
+        in turn, while the next one's whole cost is covered; the rest stays ``available``.
+        Returns how many were woken."""
         self._available += units
         return self._serve_parked()
 
     def _serve_parked(self) -> int:
         woken = 0
-        parked = self._parked
-        while parked and self._suspended is None:
-            task, cost = next(iter(parked.items()))
+        queues = self._queues
+        while queues and self._suspended is None:
+            client, queue = next(iter(queues.items()))
+            task, cost = next(iter(queue.items()))
             if cost > self._available:
                 break  # the head waits for its whole cost; nobody behind it barges
-            del parked[task]
+            self._unpark(task)
+            if queue:  # its turn is over: to the back of the rotation
+                del queues[client]
+                queues[client] = queue
             self._available -= cost
             self._in_use += cost  # the units are the task's from now on, even if it never runs
             trio.lowlevel.reschedule(task)
             woken += 1
         return woken
+
+    def _park(self, task: trio.lowlevel.Task, client: Hashable, units: int) -> None:
+        queue = self._queues.get(client)
+        if queue is None:
+            queue = self._queues[client] = {}  # a new client joins at the back
+        queue[task] = units
+        self._client_of[task] = client
+
+    def _unpark(self, task: trio.lowlevel.Task) -> None:
+        """Take ``task`` out of its client's queue (and the client out of the rotation
+        once it has nothing parked)."""
+        client = self._client_of.pop(task)
+        queue = self._queues[client]
+        del queue[task]
+        if not queue:
+            del self._queues[client]
+
+    def _position(self, client: Hashable) -> int:
+        """Where a request ``client`` parks now would be served (1-based), if nobody else
+        parked meanwhile: one request per client per turn of the rotation."""
+        own = self._queues.get(client)
+        rank = 1 + (len(own) if own is not None else 0)  # its turn in the client's queue
+        position = rank
+        before = True  # clients ahead of it in the rotation get one turn more
+        for other, queue in self._queues.items():
+            if other == client:
+                before = False
+                continue
+            position += min(len(queue), rank if before else rank - 1)
+        return position
+
+    def _push_out(self, client: Hashable) -> bool:
+        """The park queue is full: fail the newest request of the client holding the most
+        parked, if it holds more than ``client`` will once it parks. Returns whether room
+        was made."""
+        own = self._queues.get(client)
+        mine = 1 + (len(own) if own is not None else 0)
+        victim_client, victim_queue = max(self._queues.items(), key=lambda item: len(item[1]))
+        if len(victim_queue) <= mine or victim_client == client:
+            return False
+        task = next(reversed(victim_queue))
+        self._unpark(task)
+        error = QuotaError(
+            ErrorCode.BUSY, "too many requests are waiting for inferences; pushed out"
+        )
+        trio.lowlevel.reschedule(task, outcome.Error(error))
+        return True
 
     def _lease_for_woken(self, units: int) -> Lease:
         """Turn the units this task holds into a lease, unless the switch fell meanwhile."""
@@ -312,7 +384,7 @@ class Quota:
         _check_count(units, "units", low=1, high=MAX_GRANT_UNITS)
         if self._suspended is not None:
             raise QuotaError(self._suspended, self._suspended_message)
-        if self._parked or self._available < units:
+        if self._client_of or self._available < units:
             return None
         self._available -= units
         self._in_use += units
@@ -324,8 +396,10 @@ class Quota:
         *,
         units: int = 1,
         on_parked: Callable[[int], object] | None = None,
+        client: Hashable = None,
     ) -> Lease:
-        """Take ``units`` at once (a request's cost), parking (FIFO) until they are there.
+        """Take ``units`` at once (a request's cost), parking until they are there (in
+        ``client``'s queue, served round-robin with other clients).
 
         The caller owns the returned lease and must end it on every path (``try/finally``);
         :meth:`take` does that for you.
@@ -335,7 +409,8 @@ class Quota:
                 grant (or the kill switch) comes.
             units: the request's cost, 1 to ``MAX_GRANT_UNITS``; all taken or none.
             on_parked: called once, synchronously, with the request's 1-based position in
-                the queue when it parks, so the caller can tell its consumer it is waiting.
+                the queue when it parks (where the rotation would serve it if nobody else
+                parked), so the caller can tell its consumer it is waiting.
                 It must not block or call back into the quota (use ``send_nowait`` on a
                 channel, or set an event).
 
@@ -343,6 +418,8 @@ class Quota:
             QuotaError: ``NO_INFERENCES`` (none left within ``wait``), ``BUSY`` (too many
                 parked already), or the suspension code (``CUSTODIAN_UNREACHABLE``,
                 ``BLOCKED``).
+            client: who the request is for, as far as fairness goes: parked requests are
+                served one per client per turn (any hashable; ``None`` is one client).
             TypeError, ValueError: ``wait`` is not None or a number in [0, MAX_WAIT_SECONDS],
                 or ``units`` out of range.
         """
@@ -351,22 +428,24 @@ class Quota:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._suspended is not None:
             raise QuotaError(self._suspended, self._suspended_message)
-        if not self._parked and self._available >= units:
+        if not self._client_of and self._available >= units:
             self._available -= units
             self._in_use += units
             await trio.lowlevel.cancel_shielded_checkpoint()  # a schedule point; never loses it
             return self._lease_for_woken(units)
         if deadline_in == 0:
             raise QuotaError(ErrorCode.NO_INFERENCES, "no inferences left")
-        if len(self._parked) >= self._max_parked:
+        if len(self._client_of) >= self._max_parked and not (
+            self._client_of and self._push_out(client)
+        ):
             raise QuotaError(ErrorCode.BUSY, "too many requests are waiting for inferences")
         task = trio.lowlevel.current_task()
         if on_parked is not None:
-            on_parked(len(self._parked) + 1)
-        self._parked[task] = units
+            on_parked(self._position(client))
+        self._park(task, client, units)
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            del self._parked[task]  # still parked, so nothing was handed to us
+            self._unpark(task)  # still parked, so nothing was handed to us
             self._serve_parked()  # the head left: who is behind it may be covered now
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -385,6 +464,7 @@ class Quota:
         *,
         units: int = 1,
         on_parked: Callable[[int], object] | None = None,
+        client: Hashable = None,
     ) -> AsyncIterator[Lease]:
         """``async with quota.take(wait) as lease:`` around one inference.
 
@@ -393,7 +473,7 @@ class Quota:
         soon as the output exists if the block goes on to do more (send the result).
         Arguments and errors are those of :meth:`acquire`.
         """
-        lease = await self.acquire(wait, units=units, on_parked=on_parked)
+        lease = await self.acquire(wait, units=units, on_parked=on_parked, client=client)
         try:
             yield lease
         except BaseException:
@@ -416,7 +496,7 @@ class Quota:
         """
         if units is not None:
             _check_count(units, "units", low=1, high=MAX_GRANT_UNITS)
-        idle = 0 if self._parked else self._available
+        idle = 0 if self._client_of else self._available
         taken = idle if units is None else min(units, idle)
         self._available -= taken
         self._returned_total += taken
@@ -436,9 +516,9 @@ class Quota:
             raise ValueError(f"cannot suspend with {code!r}")
         self._suspended, self._suspended_message = code, message
         failed = 0
-        while self._parked:
-            task = next(iter(self._parked))
-            del self._parked[task]
+        while self._client_of:
+            task = next(iter(self._client_of))
+            self._unpark(task)
             error = QuotaError(code, message)
             trio.lowlevel.reschedule(task, outcome.Error(error))
             failed += 1

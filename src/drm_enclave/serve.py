@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import structlog
 import trio
@@ -67,6 +68,11 @@ __all__ = ["DEFAULT_CONSUMER_PORT", "EnclaveConfig", "serve"]
 DEFAULT_CONSUMER_PORT = 9924
 
 _log = structlog.get_logger("drm_enclave.serve")
+
+
+#: Seconds a clean stop waits for the acknowledgement of its final return
+#: (``return_timeout``, ``--return-timeout``).
+DEFAULT_RETURN_TIMEOUT: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,7 +118,7 @@ class EnclaveConfig:
     timing: LinkTiming = field(default_factory=LinkTiming)
     limits: ConsumerLimits = field(default_factory=ConsumerLimits)
     shutdown_grace: float = 10.0
-    return_timeout: float = 5.0
+    return_timeout: float = DEFAULT_RETURN_TIMEOUT
 
     def custodian_ca(self) -> x509.Certificate:
         """The pinned CA, parsed.

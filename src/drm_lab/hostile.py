@@ -66,10 +66,13 @@ class RawConsumer:
         self._ids = itertools.count(1)
 
     @classmethod
-    async def connect(cls, host: str, port: int, *, hello: bool = True) -> RawConsumer:
-        """Connect, handshake (not verifying the enclave) and, by default, say hello."""
+    async def connect(
+        cls, host: str, port: int, *, hello: bool = True, local_address: str | None = None
+    ) -> RawConsumer:
+        """Connect, handshake (not verifying the enclave) and, by default, say hello;
+        from ``local_address`` if given (another loopback address is another client)."""
         with trio.fail_after(STEP):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(host, port, local_address=local_address)
             stream = trio.SSLStream(tcp, _unverified_context(), server_hostname=host)
             await stream.do_handshake()
             consumer = cls(stream)

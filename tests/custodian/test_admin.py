@@ -147,6 +147,7 @@ async def test_usage_reports_every_number(server: Server) -> None:
                 "in_doubt": 1,
             }
         ],
+        "by_instance_omitted": 0,
     }
     assert format_usage(doc).splitlines()[1].split() == ["supplied", "10"]
 

@@ -11,6 +11,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from drm_custodian.admin import USAGE_ENDED_LISTED
 from drm_custodian.admin_client import format_usage
 
 from .admin_server import BORROWER, FORM, JSON, Server
@@ -116,3 +117,26 @@ async def test_metrics_count_gone_instances_in_doubt_not_each_instance(server: S
     assert not any(LOST in str(s.labels) for f in families.values() for s in f.samples)
     text = await trio.to_thread.run_sync(partial(format_usage, {"returned": 4}))
     assert text.split() == ["returned", "4"]
+
+
+async def test_usage_lists_live_and_in_doubt_instances_and_the_last_ended_ones(
+    server: Server,
+) -> None:
+    """Months of enclave restarts: ``usage`` stays bounded. Every in-doubt instance is
+    listed however old, ended ones only the most recent ``USAGE_ENDED_LISTED``."""
+    await server.ledger.supply(BORROWER, 1000)
+    await server.ledger.record_grant(BORROWER, LOST, 2)  # the oldest: still listed
+    ended = [f"{n:032x}" for n in range(1, USAGE_ENDED_LISTED + 4)]
+    for instance in ended:  # granted 1 and stopped cleanly, one after the other
+        await server.ledger.record_grant(BORROWER, instance, 1)
+        await server.ledger.record_return(
+            BORROWER, instance, returned_total=1, served_total=0, requests_total=0, final=True
+        )
+    reply = await server.call("GET", "/usage")
+    assert reply.status == 200
+    doc = reply.json()
+    listed = [row["instance"] for row in doc["by_instance"]]
+    assert listed == sorted([LOST, *ended[3:]])  # the three granted to first are left out
+    assert doc["by_instance_omitted"] == 3
+    assert doc["in_doubt"] == 2
+    assert format_usage(doc).splitlines()[-1] == "(and 3 older ended instances not listed)"

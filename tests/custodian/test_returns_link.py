@@ -7,14 +7,22 @@ The fixtures and the fake enclave's helpers are those of ``test_enclave_link``.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from structlog.testing import capture_logs
 
+from drm_custodian.ledger import Balance, GrantPlan, Ledger
+from drm_custodian.ledger import Grant as LedgerGrant
+from drm_custodian.ledger_records import ReturnResult
+from drm_custodian.session import SessionConfig
 from drm_wire.errors import ErrorCode, LocalProtocolError, PeerError
 from drm_wire.messages import Grant, ModelBegin, ReturnAck, Returned, UsageReport
 
 from .test_enclave_link import (  # noqa: F401 (fixtures)
+    TIMEOUT,
     CustodianFactory,
     credentials,
     load_models,
@@ -130,3 +138,57 @@ async def test_a_reclaimed_instance_is_refused_when_it_comes_back(
             await receive(again, ModelBegin)
     assert caught.value.code is ErrorCode.INSTANCE_RETIRED
     assert "reclaimed" in caught.value.detail
+
+
+async def test_a_grant_committed_as_the_final_return_arrives_is_never_sent_and_stays_in_doubt(
+    start_custodian: CustodianFactory,  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``grant_unsent_after_stop``, made deterministic: a top-up is committed by the link's
+    own ledger transaction, and the enclave's final return (which does not count it) is
+    received before the grant goes out. The grant must not be sent (the state machine
+    refuses it after a final return), it is logged, and its units stay in doubt for the
+    owner to settle (I20, I21): never credited as returned."""
+    committed, final_recorded = trio.Event(), trio.Event()
+    armed = False
+    grant_due, record_return = Ledger.grant_due, Ledger.record_return
+
+    async def grant_due_then_wait(
+        self: Ledger, borrower: str, instance_id: str, plan: GrantPlan
+    ) -> tuple[Balance, LedgerGrant | None]:
+        balance, grant = await grant_due(self, borrower, instance_id, plan)
+        if armed and grant is not None:
+            committed.set()  # the top-up is durable; hold its send until the stop is read
+            await final_recorded.wait()
+        return balance, grant
+
+    async def record_return_then_signal(self: Ledger, *args: Any, **kwargs: Any) -> ReturnResult:
+        result = await record_return(self, *args, **kwargs)
+        if kwargs.get("final"):
+            final_recorded.set()
+        return result
+
+    monkeypatch.setattr(Ledger, "grant_due", grant_due_then_wait)
+    monkeypatch.setattr(Ledger, "record_return", record_return_then_signal)
+    custodian = await start_custodian(initial_inferences=100, session=SessionConfig(lease=10))
+    with capture_logs() as logs:
+        async with custodian.link() as channel:
+            await load_models(channel, 2)
+            assert (await receive(channel, Grant)).granted_total == 10
+            armed = True
+            await report(channel, 1, 6)  # 4 outstanding < 5: the link tops up
+            with trio.fail_after(TIMEOUT):
+                await committed.wait()
+            assert (await custodian.balance()).granted == 16
+            await channel.send(_final(4, 6))  # all it holds: the top-up never reached it
+            ack = await receive(channel, ReturnAck)
+            assert ack.returned_total == 4
+            with trio.fail_after(TIMEOUT):
+                while not any(e["event"] == "grant_unsent_after_stop" for e in logs):
+                    await trio.testing.wait_all_tasks_blocked()
+    unsent = [e for e in logs if e["event"] == "grant_unsent_after_stop"]
+    assert [(e["units"], e["log_level"]) for e in unsent] == [(6, "warning")]
+    pushed = [e["granted_total"] for e in logs if e["event"] == "grant_pushed"]
+    assert 16 not in pushed
+    balance = await custodian.balance()
+    assert (balance.granted, balance.served, balance.returned, balance.in_doubt) == (16, 6, 4, 6)

@@ -163,3 +163,41 @@ async def test_an_ended_session_releases_a_supply_answer_that_waits_on_it(
     with trio.fail_after(1):
         await released.wait()
     await session.wait_sent(10)  # and an ended session never makes anyone wait again
+
+
+async def test_end_times_are_kept_for_the_reclaim_window_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A custodian up for months keeps end times of the last window's instances only, and
+    forgetting one never makes an instance look silent for less than it was (I21)."""
+    window = 60.0
+    registry = Registry(forget_after=window)
+    start = trio.current_time()
+    for n in range(1000):  # an enclave restarting every 10 s for almost three hours
+        session = FakeSession("acme", "lic_a", f"{n:032x}")
+        await registry.claim(session)
+        await trio.sleep(10)
+        registry.release(session)
+    assert registry.remembered == 7  # the last 60 s: ended at now, now-10, ... now-60
+    latest, oldest_kept = f"{999:032x}", f"{993:032x}"
+    assert registry.silent_for("acme", latest) == 0
+    assert registry.silent_for("acme", oldest_kept) == window  # not yet reclaimable...
+    forgotten = f"{0:032x}"  # ...and a forgotten one reads as silent since the start
+    assert registry.silent_for("acme", forgotten) == trio.current_time() - start > window
+    # An instance that links again and ends moves to the back: not dropped early.
+    again = FakeSession("acme", "lic_a", oldest_kept)
+    await registry.claim(again)
+    registry.release(again)
+    assert registry.silent_for("acme", oldest_kept) == 0
+    await trio.sleep(window + 1)
+    registry.release(FakeSession("acme", "lic_b", "f" * 32))  # pruning runs on an end
+    assert registry.remembered == 1
+    silence = registry.silent_for("acme", oldest_kept)
+    assert silence is not None
+    assert silence > window
+
+
+def test_forget_after_must_be_a_non_negative_number() -> None:
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="forget_after"):
+            Registry(started_at=0.0, forget_after=bad)

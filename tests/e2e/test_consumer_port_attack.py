@@ -32,7 +32,7 @@ from drm_lab.processes import LOOPBACK
 from drm_wire.attestation.policy import Policy
 from drm_wire.errors import ErrorCode
 from drm_wire.limits import MiB
-from drm_wire.messages import Error, InferenceRequest
+from drm_wire.messages import Error, InferenceRequest, InferenceResult, Waiting
 from drm_wire.tensors import Tensor
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -268,3 +268,39 @@ async def test_one_client_cannot_fill_the_park_queue(lab: Lab) -> None:
                 with pytest.raises(NoInferencesLeft):
                     await client.infer("tiny", _x(), wait=1.0, on_waiting=waited.append)
         assert waited == [20 * 16 + 1], "the honest request parks behind the flood"
+
+
+async def test_a_client_flooding_from_many_connections_is_served_in_turn(lab: Lab) -> None:
+    """R09 against the real processes: one client (127.0.0.1) parks 16 requests on each of
+    4 connections; another client (127.0.0.2) parks one later, is told it is second in
+    line, and the owner's supply of 2 serves it: it does not wait behind all 64."""
+    enclave = await trio.to_thread.run_sync(lambda: _start(lab, initial=3))
+    await _warm_up(lab, enclave)  # the 3 units are used up: everything from now on parks
+    async with _attackers(enclave, 4) as attackers:
+        totals: dict[str, int] = {}
+        with trio.fail_after(STEP * 2):
+            async with trio.open_nursery() as nursery:
+                for attacker in attackers:
+                    flood = functools.partial(_flood, attacker, 16, 1, totals, wait=None)
+                    nursery.start_soon(flood)
+        assert totals == {"waiting": 4 * 16}, totals
+        honest = await RawConsumer.connect(
+            LOOPBACK, enclave.consumer_port, local_address="127.0.0.2"
+        )
+        try:
+            request = InferenceRequest(
+                request_id=1,
+                model="tiny",
+                inputs=(Tensor.from_numpy("x", _x()["x"]),),
+                wait=None,
+            )
+            await honest.send(request)
+            waiting = await honest.receive()
+            assert isinstance(waiting, Waiting), waiting
+            assert (waiting.request_id, waiting.position) == (1, 2)
+            await trio.to_thread.run_sync(lab.supply, 2)
+            result = await honest.receive()  # within STEP: not after 64 more units
+            assert isinstance(result, InferenceResult), result
+            assert (result.request_id, result.cost) == (1, 1)
+        finally:
+            await honest.aclose()

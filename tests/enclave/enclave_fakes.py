@@ -356,8 +356,12 @@ async def fail_a_parked_request(consumer: FakeConsumer, action: Callable[[], obj
 
 
 @asynccontextmanager
-async def consumer(address: tuple[str, int], policy: Policy) -> AsyncIterator[FakeConsumer]:
-    stream = await open_tls_client(address[0], address[1], consumer_client_context(policy))
+async def consumer(
+    address: tuple[str, int], policy: Policy, *, local_address: str | None = None
+) -> AsyncIterator[FakeConsumer]:
+    stream = await open_tls_client(
+        address[0], address[1], consumer_client_context(policy), local_address=local_address
+    )
     async with open_request_channel(stream, Link.CONSUMER, Side.CLIENT) as channel:
         await channel.hello(role=PeerRole.CONSUMER, software="fake-consumer")
         yield FakeConsumer(channel)
@@ -404,8 +408,12 @@ class Rig:
         with trio.fail_after(TIMEOUT):
             await self.runtime.wait_for(lambda runtime: runtime.state is state)
 
-    def consumer(self) -> AbstractAsyncContextManager[FakeConsumer]:
-        return consumer(self.address, self.policy)
+    def consumer(
+        self, *, local_address: str | None = None
+    ) -> AbstractAsyncContextManager[FakeConsumer]:
+        """A consumer connection, from ``local_address`` (another loopback address is
+        another client to the enclave's fairness between clients)."""
+        return consumer(self.address, self.policy, local_address=local_address)
 
 
 @asynccontextmanager

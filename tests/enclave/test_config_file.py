@@ -18,6 +18,7 @@ import pytest
 import structlog
 import trio
 
+from drm_enclave import cli
 from drm_enclave.cli import EXIT_OK, EXIT_USAGE, main
 from drm_lab.models import tiny_model
 from drm_lab.processes import python_command, start_daemon
@@ -36,8 +37,9 @@ from tests.enclave.enclave_fakes import (
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config" / "enclave.toml"
 KEYS = (
     "custodian, custodian_ca, license, listen, attestation, simulation_dir, pccs_url, pccs_ca, "
-    "intra_op_threads, max_model_mib, log_level, max_connections, max_handshakes, max_in_flight, "
-    "max_parked_per_connection, frame_timeout, min_transfer_rate, payload_budget, connection_share"
+    "intra_op_threads, max_model_mib, return_timeout, log_level, max_connections, max_handshakes, "
+    "max_in_flight, max_parked_per_connection, frame_timeout, min_transfer_rate, payload_budget, "
+    "connection_share"
 )
 
 
@@ -94,6 +96,7 @@ def test_check_config_reports_every_value_and_where_it_came_from(files: Files) -
         "  pccs_ca = None  (default)",
         "  intra_op_threads = 2  (command line)",
         "  max_model_mib = 2048  (default)",
+        "  return_timeout = 5  (default)",
         "  log_level = info  (default)",
         "  max_connections = 256  (default)",
         "  max_handshakes = 64  (default)",
@@ -156,6 +159,11 @@ def test_the_command_line_beats_a_host_provided_file(files: Files, tmp_path: Pat
         ('attestation = "sgx"',
          "must be one of: auto, gramine, simulated; got 'sgx' (in {f} at 'attestation')"),
         ("intra_op_threads = 0", "must be from 1 to 64, not 0 (in {f} at 'intra_op_threads')"),
+        ("return_timeout = 0", "must be from 1 to 300, not 0 (in {f} at 'return_timeout')"),
+        ("return_timeout = 301",
+         "must be from 1 to 300, not 301 (in {f} at 'return_timeout')"),
+        ("return_timeout = 2.5",
+         "must be an integer, not a float (in {f} at 'return_timeout')"),
         ('log_level = "verbose"',
          "must be one of: debug, info, warning, error; got 'verbose' (in {f} at 'log_level')"),
         ('intra_op_threads = "2"',
@@ -211,6 +219,15 @@ def test_check_config_reads_the_files_it_names(files: Files) -> None:
     assert _run("check-config", "--config", str(other))[2] == [
         f"missing or invalid (in {files.license} at 'borrower')"
     ]
+
+
+def test_return_timeout_reaches_the_enclave_config(files: Files) -> None:
+    """``return_timeout`` from the file, then from a flag that wins over it."""
+    config = _config(files, "return_timeout = 12")
+    for argv, expected in (([], 12.0), (["--return-timeout", "3"], 3.0)):
+        args = cli._parser().parse_args(["serve", "--config", str(config), *argv])
+        enclave = cli._enclave_config(args.schema.resolve(args))
+        assert enclave.return_timeout == expected
 
 
 def test_the_deploy_example_passes_once_its_paths_exist(files: Files, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,14 @@ from drm_wire.net.channel import ChannelError
 from drm_wire.net.ratls_context import consumer_client_context
 from drm_wire.net.tls import open_tls_client
 from drm_wire.protocol import Closed, Connection, Link, NeedData, Side
-from tests.enclave.enclave_fakes import HOST, TIMEOUT, Rig, running_enclave, tiny_input
+from tests.enclave.enclave_fakes import (
+    HOST,
+    TIMEOUT,
+    FakeConsumer,
+    Rig,
+    running_enclave,
+    tiny_input,
+)
 
 
 async def test_many_requests_in_flight_on_one_connection(tmp_path: Path) -> None:
@@ -311,3 +319,41 @@ async def test_a_bad_hello_is_answered_and_logged_as_the_peers_fault(
     assert warning["code"] == code.value
     assert text in warning["error"]
     assert warning["peer"].startswith(f"{HOST}:")
+
+
+async def test_a_client_flooding_from_many_connections_is_served_in_turn(tmp_path: Path) -> None:
+    """R09 over real TLS sockets: one client (127.0.0.1) parks 4 x 16 requests from four
+    connections; a second client (127.0.0.2) parks one later and is told it is second in
+    line, and the second unit granted is its: not the 65th."""
+    async with running_enclave(tmp_path) as rig:
+        session = await rig.link()  # serving, nothing granted: requests park
+        served_send, served = trio.open_memory_channel[str](100)
+        async with contextlib.AsyncExitStack() as stack:
+            flood = [await stack.enter_async_context(rig.consumer()) for _ in range(4)]
+            honest = await stack.enter_async_context(rig.consumer(local_address="127.0.0.2"))
+            async with trio.open_nursery() as nursery:
+
+                async def one(consumer: FakeConsumer, who: str, parked: trio.Event) -> None:
+                    waiting: list[Waiting] = []
+                    await consumer.infer(wait=None, parked=parked, waiting=waiting)
+                    served_send.send_nowait(f"{who}@{waiting[0].position}")
+
+                for consumer in flood:
+                    for _ in range(16):
+                        parked = trio.Event()
+                        nursery.start_soon(one, consumer, "flood", parked)
+                        with trio.fail_after(TIMEOUT):
+                            await parked.wait()
+                parked = trio.Event()
+                nursery.start_soon(one, honest, "honest", parked)
+                with trio.fail_after(TIMEOUT):
+                    await parked.wait()
+                quota = rig.runtime.quota
+                assert (quota.parked, quota.parked_clients) == (65, 2)
+                with trio.fail_after(TIMEOUT):
+                    await session.grant(1, 1)
+                    assert (await served.receive()).startswith("flood@")
+                    await session.grant(1, 2)
+                    assert await served.receive() == "honest@2"
+                assert (quota.parked, quota.served_total) == (63, 2)
+                nursery.cancel_scope.cancel()

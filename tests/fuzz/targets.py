@@ -362,6 +362,14 @@ def connection(data: bytes) -> None:
     step, into_payload, data = data[1] or len(data), bool(data[2] & 1), data[3:]
     client, server = _setup(link, state)
     conn = client if side is Side.CLIENT else server
+    _drive(conn, data, step, into_payload, tell_peer=state != "broken")
+
+
+def _drive(
+    conn: Connection, data: bytes, step: int, into_payload: bool, *, tell_peer: bool
+) -> None:
+    """Feed ``data`` to ``conn`` in slices of ``step``; every event is used, and the only
+    way out is the end of the input, a close, or a protocol error that closes ``conn``."""
     try:
         for _ in _feed(conn, data, step, into_payload):
             while not isinstance(event := conn.next_message(), NeedData):
@@ -374,7 +382,7 @@ def connection(data: bytes) -> None:
         assert conn.state is State.CLOSED
     except RemoteProtocolError as exc:
         assert conn.state is State.CLOSED, conn
-        if state != "broken":  # the peer is told why, as the channel does
+        if tell_peer:  # the peer is told why, as the channel does
             assert conn.send_error(conn.error_for(exc))
         assert exc.code in ErrorCode
 
@@ -400,6 +408,72 @@ def _connection_seeds() -> Iterator[bytes]:
         stream = b"".join(_wire(message) for message in replies[(link, side)])
         yield bytes([index, 0, 0]) + stream
         yield bytes([index, 5, 1]) + stream
+        yield bytes([index, 0, 1]) + everything
+
+
+# --- the custodian link while stopping ------------------------------------------------------
+
+#: (our side, whether a recall was in flight when the final return went): the connection
+#: is in ``stopping`` (the enclave sent its final ``returned``, the custodian read it).
+#: A harness of its own, so the ``connection`` reproducers keep their scenario numbers.
+STOPPING_SCENARIOS: Final = tuple(
+    (side, recall) for side in (Side.CLIENT, Side.SERVER) for recall in (False, True)
+)
+
+
+def _stopping(recall: bool) -> tuple[Connection, Connection]:
+    """Enclave (client) and custodian (server) connections, both in ``stopping``; with
+    ``recall``, the custodian's recall 1 was in flight and the final return answers it."""
+    enclave, custodian = _setup(Link.CUSTODIAN, "open")
+    if recall:
+        _deliver(custodian, enclave, m.Recall(recall_id=1, units=2))
+    final = m.Returned(
+        recall_id=1 if recall else None,
+        returned_total=5,
+        served_total=3,
+        requests_total=2,
+        final=True,
+    )
+    _deliver(enclave, custodian, final)
+    assert enclave.state is custodian.state is State.STOPPING
+    return enclave, custodian
+
+
+def connection_stopping(data: bytes) -> None:
+    """The custodian link in ``stopping`` (a clean stop), fed the peer's bytes: what
+    crossed the final return (a grant, a recall), acknowledgements, heartbeats, and
+    anything else."""
+    if len(data) < 3:
+        return
+    side, recall = STOPPING_SCENARIOS[data[0] % len(STOPPING_SCENARIOS)]
+    step, into_payload, data = data[1] or len(data), bool(data[2] & 1), data[3:]
+    enclave, custodian = _stopping(recall)
+    conn = enclave if side is Side.CLIENT else custodian
+    _drive(conn, data, step, into_payload, tell_peer=True)
+
+
+def _connection_stopping_seeds() -> Iterator[bytes]:
+    replies = {
+        Side.CLIENT: [  # what the custodian sends an enclave that is stopping
+            m.Grant(grant_id=7, units=2, granted_total=9),  # crossed the final return
+            m.Recall(recall_id=2, units=1),
+            m.ReturnAck(recall_id=None, returned_total=5),
+            m.Heartbeat(seq=4),
+            m.UsageAck(seq=1, served_total=3),
+        ],
+        Side.SERVER: [  # what an enclave that is stopping sends
+            m.Heartbeat(seq=3),
+            m.Returned(
+                recall_id=None, returned_total=7, served_total=3, requests_total=2, final=True
+            ),
+            m.UsageReport(seq=2, served_total=4),  # refused: no report after the stop
+        ],
+    }
+    everything = b"".join(_wire(message) for message in sample_messages())
+    for index, (side, _recall) in enumerate(STOPPING_SCENARIOS):
+        stream = b"".join(_wire(message) for message in replies[side])
+        yield bytes([index, 0, 0]) + stream
+        yield bytes([index, 3, 1]) + stream
         yield bytes([index, 0, 1]) + everything
 
 
@@ -659,5 +733,6 @@ HARNESSES: Final = {
             _config_seeds,
             ("drm_daemon", "drm_custodian", "drm_enclave", "tomllib"),
         ),
+        Harness("connection_stopping", connection_stopping, _connection_stopping_seeds),
     )
 }

@@ -13,9 +13,9 @@ from typing import Final
 import pytest
 
 from drm_wire import messages as m
-from drm_wire.protocol import Link, Side
+from drm_wire.protocol import Link, Side, State
 
-from .targets import HARNESSES, SCENARIOS, sample_messages
+from .targets import HARNESSES, SCENARIOS, STOPPING_SCENARIOS, _stopping, _wire, sample_messages
 
 CORPUS: Final = Path(__file__).parent / "corpus"
 REPRODUCERS: Final = sorted(path for path in CORPUS.glob("*/*") if path.is_file())
@@ -53,3 +53,14 @@ def test_the_connection_harness_reaches_every_state_of_both_roles_of_both_links(
             assert {"await_hello", "await_welcome", "open", "closed", "broken"} <= states
     custodian = {state for (link, _side, state) in SCENARIOS if link is Link.CUSTODIAN}
     assert "receiving_model" in custodian
+
+
+def test_the_stopping_harness_reaches_stopping_on_both_sides_and_takes_a_crossing_grant() -> None:
+    for side, recall in STOPPING_SCENARIOS:
+        enclave, custodian = _stopping(recall)
+        assert enclave.state is custodian.state is State.STOPPING
+        if side is Side.CLIENT:  # a grant the custodian sent before it read the stop
+            grant = m.Grant(grant_id=7, units=2, granted_total=9)
+            enclave.receive_data(_wire(grant))
+            assert enclave.next_message() == grant
+            assert enclave.state is State.STOPPING

@@ -628,10 +628,12 @@ async def open_tls_client(
     server_hostname: str | None = None,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     read_timeout: float | None = None,
+    local_address: str | None = None,
 ) -> TLSStream:
     """Connect over TCP, then complete the TLS handshake (verification included).
 
     ``handshake_timeout`` bounds the TCP connect and, separately, the handshake.
+    ``local_address`` is the local IP to connect from (``None``: the system's choice).
 
     Raises:
         OSError: the TCP connection could not be made.
@@ -641,7 +643,7 @@ async def open_tls_client(
     """
     try:
         with trio.fail_after(handshake_timeout):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(host, port, local_address=local_address)
     except trio.TooSlowError:
         raise trio.TooSlowError(
             f"TCP connect to {host!r} port {port} did not finish within {handshake_timeout} s"
