@@ -243,6 +243,7 @@ _BORROWER_ACTIONS: Final = {
     "unblock": "POST",
     "reclaim": "POST",
     "remove": "POST",
+    "models": "POST",
     "usage": "GET",
 }
 _NAME_RULE: Final = "a borrower name: [A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -460,6 +461,8 @@ class AdminApp:
             return await self._reclaim(request, name)
         if action == "remove":
             return await self._remove_borrower(request, name)
+        if action == "models":
+            return await self._set_models(request, name)
         return await self._usage(request, name)
 
     # --- borrowers -------------------------------------------------------------------
@@ -568,6 +571,29 @@ class AdminApp:
                 "max_instances": added.record.max_instances,
                 "models": list(models) if models is not None else None,
                 "license_file": str(added.license_path),
+            },
+        )
+
+    async def _set_models(self, request: Request, borrower: str) -> Response:
+        """``models``: ``a,b``, or ``*`` for every model lent; applies on the next link."""
+        fields, _ = await read_fields(request, allowed={"models"}, required=True)
+        text = fields.get("models")
+        if not isinstance(text, str):
+            raise HttpError(400, "bad_request", "comma-separated model names", field="models")
+        models = None if text == "*" else _parse_models(text)
+        if self._book is None:
+            raise HttpError(409, "fixed_borrower", "this custodian serves one fixed borrower")
+        try:
+            record = await self._book.set_models(borrower, models)
+        except BorrowerError as exc:
+            status = 409 if exc.reason == "removed" else 400
+            raise HttpError(status, exc.reason, str(exc.message), field=str(exc.key)) from exc
+        log.info("admin_borrower_models", client=request.client, borrower=borrower)
+        return json_response(
+            200,
+            {
+                "borrower": borrower,
+                "models": list(record.models) if record.models is not None else None,
             },
         )
 

@@ -116,6 +116,11 @@ class AdminClient:
             form["models"] = ",".join(models)
         return self._call("POST", "/borrowers", form=form)
 
+    def set_models(self, name: str, models: Sequence[str] | None) -> dict[str, object]:
+        """Set the models a borrower's enclaves receive (``None``: all); next link on."""
+        form = {"models": "*" if models is None else ",".join(models)}
+        return self._call("POST", _path(name, "models"), form=form)
+
     def remove_borrower(self, name: str) -> dict[str, object]:
         """Remove a borrower: its license is refused and its enclaves cut at once."""
         return self._call("POST", _path(name, "remove"))

@@ -155,16 +155,7 @@ class BorrowerBook:
             raise BorrowerError(
                 "bad_field", f"must be from 1 to {MAX_INSTANCES}", key="max_instances"
             )
-        if models is not None:
-            models = parse_models(",".join(models))
-            unknown = sorted(set(models) - self._models) if self._models is not None else []
-            if unknown:
-                raise BorrowerError(
-                    "unknown_model",
-                    f"not lent by this custodian: {', '.join(unknown)} (it lends "
-                    f"{', '.join(sorted(self._models or ()))})",
-                    key="models",
-                )
+        models = self._check_models(models)
         async with self._lock:
             existing = self.get(name)
             if existing is not None:
@@ -187,6 +178,47 @@ class BorrowerBook:
             models=list(models) if models is not None else None,
         )
         return AddedBorrower(record, path)
+
+    async def set_models(self, name: str, models: tuple[str, ...] | None) -> LicenseRecord:
+        """Change the models the borrower's enclaves receive (``None``: every model lent).
+
+        Live links keep what they were sent; each enclave's next link gets the new list
+        (a model dropped from it is then withdrawn there, like one no longer lent).
+
+        Raises:
+            BorrowerError: a bad name or model, an unknown or removed borrower.
+        """
+        check_borrower_name(name)
+        models = self._check_models(models)
+        async with self._lock:
+            record = self.get(name)
+            if record is None:
+                raise BorrowerError("unknown", f"no borrower {name}")
+            if record.removed:
+                raise BorrowerError("removed", f"borrower {name} was removed")
+            changed = replace(record, models=models)
+            await trio.to_thread.run_sync(rewrite_license, self._state.path, changed)
+            self._state.licenses[record.license_id] = changed
+        log.info(
+            "borrower_models_set",
+            borrower=name,
+            models=list(models) if models is not None else None,
+        )
+        return changed
+
+    def _check_models(self, models: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if models is None:
+            return None
+        models = parse_models(",".join(models))
+        unknown = sorted(set(models) - self._models) if self._models is not None else []
+        if unknown:
+            raise BorrowerError(
+                "unknown_model",
+                f"not lent by this custodian: {', '.join(unknown)} (it lends "
+                f"{', '.join(sorted(self._models or ()))})",
+                key="models",
+            )
+        return models
 
     async def remove(self, name: str) -> LicenseRecord:
         """Stop the borrower's license working; its ledger history stays.

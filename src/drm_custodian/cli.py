@@ -242,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"enclave instances live at once (1 to {MAX_INSTANCES})")  # fmt: skip
     add.add_argument("--models", type=_models, metavar="A,B",
                      help="the models its enclaves receive (default: all lent)")  # fmt: skip
+    set_models = borrower_action(
+        "set-models",
+        "set the models a borrower's enclaves receive; applies on each enclave's next link",
+    )
+    set_models.add_argument("name", metavar="NAME", type=_borrower_name,
+                            help="the borrower's name")  # fmt: skip
+    which = set_models.add_mutually_exclusive_group(required=True)
+    which.add_argument("--models", type=_models, metavar="A,B", help="these models only")
+    which.add_argument("--all-models", action="store_true", help="every model lent")
     listing = borrower_action("list", "each borrower: supply, served, in doubt, instances")
     listing.add_argument("--json", action="store_true", help="print the JSON document")
     remove = borrower_action(
@@ -515,6 +524,10 @@ def _borrower(args: argparse.Namespace, out: TextIO) -> int:
         print(f"license file:      {doc['license_file']}", file=out)
         print("                   (hand it to the borrower, then delete it: it holds the secret)",
               file=out)  # fmt: skip
+    elif args.action == "set-models":
+        models = doc.get("models")
+        shown = ",".join(map(str, models)) if isinstance(models, list | tuple) else "all"
+        print(f"borrower {args.name} models: {shown} (from each enclave's next link)", file=out)
     else:
         print(f"borrower {args.name} removed: its license is refused from now on", file=out)
     return EXIT_OK
@@ -525,6 +538,8 @@ def _borrower_through_daemon(args: argparse.Namespace, client: AdminClient) -> d
         return client.add_borrower(args.name, max_instances=args.max_instances, models=args.models)
     if args.action == "remove":
         return client.remove_borrower(args.name)
+    if args.action == "set-models":
+        return client.set_models(args.name, None if args.all_models else args.models)
     return client.borrowers()
 
 
@@ -536,6 +551,9 @@ async def _borrower_offline(args: argparse.Namespace, state: CustodianState) -> 
     if args.action == "remove":
         await book.remove(args.name)
         return {"borrower": args.name, "removed": True}
+    if args.action == "set-models":
+        record = await book.set_models(args.name, None if args.all_models else args.models)
+        return {"borrower": args.name, "models": record.models}
     ledger = await Ledger.open(state.ledger_path)
     try:
         rows = []

@@ -236,7 +236,7 @@ async def test_unknown_path_is_404(server: Server, path: str) -> None:
         "GET /usage, GET /metrics, GET /healthz, POST /reclaim, GET /borrowers, "
         "POST /borrowers, POST /borrowers/NAME/supply_inferences, POST /borrowers/NAME/block, "
         "POST /borrowers/NAME/unblock, POST /borrowers/NAME/reclaim, "
-        "POST /borrowers/NAME/remove, GET /borrowers/NAME/usage"
+        "POST /borrowers/NAME/remove, POST /borrowers/NAME/models, GET /borrowers/NAME/usage"
     )
 
 

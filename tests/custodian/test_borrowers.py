@@ -267,3 +267,30 @@ async def test_metrics_are_labelled_by_borrower(server: Server) -> None:
     assert 'drm_custodian_supplied{borrower="borrower"} 0.0' in text
     # No live instance: no per-instance series.
     assert "drm_custodian_instance_granted{" not in text
+
+
+async def test_set_models_changes_what_the_next_link_reads(server: Server) -> None:
+    doc = await _add(server, "acme", models="tiny")
+    license_id, secret = _secret(doc["license_file"])
+    reply = await server.call("POST", "/borrowers/acme/models", b"models=tiny,big", [FORM])
+    assert reply.status == 200, reply.body
+    assert reply.json() == {"borrower": "acme", "models": ["tiny", "big"]}
+    # Each link reads its license record when it is made: the next one gets the new list.
+    assert server.state.verify_license(license_id, secret).models == ("tiny", "big")
+    reply = await server.call("POST", "/borrowers/acme/models", b"models=*", [FORM])
+    assert reply.status == 200
+    record = server.state.verify_license(license_id, secret)
+    assert record.models is None
+    assert record.may_receive("big")
+    again = load_state_dir(server.state.path, warn_handoff=False)
+    assert again.licenses[license_id] == record
+    before = await _snapshot(server)
+    for body, status in ((b"models=huge", 400), (b"models=", 400), (b"other=tiny", 400)):
+        reply = await server.call("POST", "/borrowers/acme/models", body, [FORM])
+        assert reply.status == status, reply.body
+    assert await _snapshot(server) == before
+    await server.call("POST", "/borrowers/acme/remove")
+    before = await _snapshot(server)
+    reply = await server.call("POST", "/borrowers/acme/models", b"models=tiny", [FORM])
+    assert reply.status == 409
+    assert await _snapshot(server) == before

@@ -358,3 +358,10 @@ async def test_borrower_commands_through_the_daemon_and_without_it(tmp_path: Pat
     assert rows["globex"]["supplied"] == 3  # its history stays
     bad = await run_cli("borrower", "add", "../x", "--state-dir", state)
     assert bad.returncode == EXIT_CONFIG
+    changed = await run_cli("borrower", "set-models", "initech", "--models", "tiny",
+                            "--state-dir", state)  # fmt: skip
+    assert changed.returncode == EXIT_OK, changed.stderr
+    assert b"initech models: tiny" in changed.stdout
+    listed = await run_cli("borrower", "list", "--json", "--state-dir", state)
+    rows = {row["borrower"]: row for row in json.loads(listed.stdout)["borrowers"]}
+    assert rows["initech"]["models"] == ["tiny"]
