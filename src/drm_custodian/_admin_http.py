@@ -125,10 +125,12 @@ async def read_body(request: Request) -> bytes:
 
 
 async def read_fields(
-    request: Request, *, allowed: set[str], required: bool
+    request: Request, *, allowed: set[str], required: bool, optional: frozenset[str] = frozenset()
 ) -> tuple[dict[str, object], bool]:
     """The body as a flat map of fields, each at most once, all known; and whether it was
-    a form (all values text) rather than JSON (typed values)."""
+    a form (all values text) rather than JSON (typed values). With ``required``, every
+    field of ``allowed`` must be there; those of ``optional`` may be."""
+    known = allowed | optional
     content_type = request.header(b"content-type")
     body = await read_body(request)
     if not body and content_type is None and not required:
@@ -140,7 +142,7 @@ async def read_fields(
                 body.decode("ascii"),
                 keep_blank_values=True,
                 strict_parsing=bool(body),
-                max_num_fields=len(allowed) + 1,
+                max_num_fields=len(known) + 1,
                 errors="strict",
             )
         except ValueError as exc:  # UnicodeDecodeError too
@@ -169,7 +171,7 @@ async def read_fields(
             headers={"Accept-Post": f"{_FORM}, {_JSON}"},
         )
     for name in fields:
-        if name not in allowed:
+        if name not in known:
             raise HttpError(400, "bad_request", "unknown field", field=name[:64])
     if required:
         missing = sorted(allowed - fields.keys())

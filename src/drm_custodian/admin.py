@@ -8,7 +8,7 @@ trio worker with the custodian's server certificate (through
 to use ``https://`` instead of getting an empty reply). Hypercorn (over h11) does all HTTP
 parsing; the app sees a parsed scope and body chunks, and only routes, authenticates,
 bounds and validates (body and field checks live in :mod:`drm_custodian._admin_http`).
-It is a raw ASGI app rather than quart-trio or starlette because the API is seven fixed
+It is a raw ASGI app rather than quart-trio or starlette because the API is a few fixed
 routes with JSON answers: a framework would add a dependency tree, HTML error pages, its
 own body-size and logging conventions, and hide the limit checks this module must make
 explicit (D01-D08 in the threat model).
@@ -27,6 +27,13 @@ Every request goes through one pipeline, in this order, and stops at the first f
    :data:`BODY_TIMEOUT` -> else 408; content type form or JSON -> else 415;
 4. parse and validate -> 400 with ``{"error", "field", "message"}``;
 5. act on the ledger, then call the :class:`AdminHooks`.
+
+Borrowers: ``GET /borrowers`` lists them, ``POST /borrowers`` adds one (its license file
+goes to ``handoff/``), and ``/borrowers/NAME/ACTION`` acts on one (``supply_inferences``,
+``block``, ``unblock``, ``reclaim``, ``remove``; ``GET .../usage``). The name is checked
+after auth (a bad one -> 400, an unknown one -> 404). The first API's routes
+(``/supply_inferences``...) act on the only borrower, or on the one a ``borrower`` field
+names: with several borrowers and no field, 400 names them.
 
 Nothing before step 5 touches the ledger, so every 4xx leaves it unchanged. A hook runs
 after the ledger commit: if it fails, the request answers 500 but the supply stands, and
@@ -74,6 +81,7 @@ from drm_custodian._admin_http import (
     read_fields,
 )
 from drm_custodian._admin_serve import serve_https
+from drm_custodian.borrowers import BorrowerBook, BorrowerError, parse_models
 from drm_custodian.ledger import (
     MAX_REASON_LEN,
     Balance,
@@ -86,6 +94,8 @@ from drm_custodian.ledger import (
     ReclaimRefused,
     SupplyResult,
 )
+from drm_custodian.state import BORROWER_RE as BORROWER_NAME_RE
+from drm_custodian.state import MAX_INSTANCES
 from drm_wire.attestation.pccs import CaType
 from drm_wire.errors import ConfigError
 from drm_wire.limits import HANDSHAKE_TIMEOUT
@@ -150,6 +160,9 @@ class AdminHooks(Protocol):
     async def on_reclaimed(self, borrower: str) -> None:
         """Units in doubt were written off: they are supply again."""
 
+    async def on_removed(self, borrower: str) -> None:
+        """The borrower's license was removed: cut its live enclaves now."""
+
 
 @dataclass
 class RecordingHooks:
@@ -183,6 +196,9 @@ class RecordingHooks:
 
     async def on_reclaimed(self, borrower: str) -> None:
         self.calls.append(("reclaimed", borrower, None))
+
+    async def on_removed(self, borrower: str) -> None:
+        self.calls.append(("removed", borrower, None))
 
 
 def instance_state(record: InstanceRecord, live: bool) -> str:
@@ -225,14 +241,28 @@ def _usage_doc(borrower: str, balance: Balance, instances: int) -> dict[str, obj
     }
 
 
+#: What ``/borrowers/NAME/ACTION`` accepts: action -> method.
+_BORROWER_ACTIONS: Final = {
+    "supply_inferences": "POST",
+    "block": "POST",
+    "unblock": "POST",
+    "reclaim": "POST",
+    "remove": "POST",
+    "models": "POST",
+    "usage": "GET",
+}
+_NAME_RULE: Final = "a borrower name: [A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
 class AdminApp:
-    """The admin API as an ASGI app, for one borrower's account.
+    """The admin API as an ASGI app, for the custodian's borrowers.
 
     Args:
         ledger: the open ledger.
         hooks: the daemon's side (see :class:`AdminHooks`).
         token: the bearer token (``CustodianState.admin_token``).
-        borrower: the account that supply/block/unblock/usage act on.
+        borrower: without ``book``, the one account every route acts on.
+        book: the daemon's borrowers (added and removed through ``/borrowers``).
         registry: where the metrics live (a fresh one by default).
         collateral_ages: seconds since each cached ``(fmspc, ca)`` collateral was fetched
             (the PCCS cache's ``ages``), read at every ``/metrics``; None without a PCCS.
@@ -247,7 +277,8 @@ class AdminApp:
         ledger: Ledger,
         hooks: AdminHooks,
         token: str,
-        borrower: str,
+        borrower: str | None = None,
+        book: BorrowerBook | None = None,
         registry: CollectorRegistry | None = None,
         body_timeout: float = BODY_TIMEOUT,
         collateral_ages: Callable[[], Mapping[tuple[bytes, CaType], float]] | None = None,
@@ -258,7 +289,10 @@ class AdminApp:
         self._ledger = ledger
         self._hooks = hooks
         self._token_digest = hashlib.sha256(token.encode()).digest()
-        self._borrower = borrower
+        if book is None and borrower is None:
+            raise ConfigError("a borrower or a borrower book is needed", key="borrower")
+        self._fixed = borrower
+        self._book = book
         self._body_timeout = body_timeout
         self._reclaim_window = reclaim_window
         self.registry = registry or CollectorRegistry()
@@ -290,6 +324,18 @@ class AdminApp:
             ["borrower"],
             registry=self.registry,
         )
+        self._instance_gauges = {
+            name: Gauge(
+                f"drm_custodian_instance_{name}",
+                help_text + " Live instances only: ids are new per enclave process.",
+                ["borrower", "instance"],
+                registry=self.registry,
+            )
+            for name, help_text in (
+                ("granted", "Inferences lent to the instance, in total."),
+                ("served", "Inferences the instance reported served."),
+            )
+        }
         self._collateral_ages = collateral_ages
         self._collateral_age = Gauge(
             "drm_custodian_collateral_age_seconds",
@@ -305,6 +351,7 @@ class AdminApp:
             "/metrics": ("GET", self._metrics),
             "/healthz": ("GET", self._healthz),
             "/reclaim": ("POST", self._reclaim),
+            "/borrowers": ("GET", self._list_borrowers),
         }
 
     async def __call__(
@@ -323,7 +370,7 @@ class AdminApp:
         peer = scope.get("client")
         client = f"{peer[0]}:{peer[1]}" if peer else "-"
         path = scope["path"]
-        endpoint = path if path in self._routes else "other"
+        endpoint = path if path in self._routes else _borrower_endpoint(path)
         request = Request(scope, receive, client, self._body_timeout)
         try:
             response = await self._dispatch(request)
@@ -372,6 +419,10 @@ class AdminApp:
             # Before the route: without the token, every path and method looks the same,
             # so nobody can list the endpoints by their 404s and 405s.
             self._authenticate(request)
+        if path == "/borrowers" and method == "POST":
+            return await self._add_borrower(request)
+        if path.startswith("/borrowers/"):
+            return await self._borrower_route(request)
         route = self._routes.get(path)
         if route is None:
             raise HttpError(404, "not_found", f"no such endpoint; there are {self._endpoints}")
@@ -386,7 +437,183 @@ class AdminApp:
 
     @property
     def _endpoints(self) -> str:
-        return ", ".join(f"{method} {path}" for path, (method, _) in self._routes.items())
+        fixed = [f"{method} {path}" for path, (method, _) in self._routes.items()]
+        each = [f"{m} /borrowers/NAME/{a}" for a, m in _BORROWER_ACTIONS.items()]
+        return ", ".join([*fixed, "POST /borrowers", *each])
+
+    async def _borrower_route(self, request: Request) -> Response:
+        """``/borrowers/NAME/ACTION``: after auth, the name (400 bad, 404 unknown), then the
+        method; the action's handler does the rest."""
+        parts = request.scope["path"].split("/")
+        if len(parts) != 4 or parts[3] not in _BORROWER_ACTIONS:
+            raise HttpError(404, "not_found", f"no such endpoint; there are {self._endpoints}")
+        name, action = parts[2], parts[3]
+        expected = _BORROWER_ACTIONS[action]
+        if request.scope["method"] != expected:
+            raise HttpError(
+                405, "method_not_allowed", f"use {expected}", headers={"Allow": expected}
+            )
+        if request.scope["query_string"]:
+            raise HttpError(400, "bad_request", "no query string is accepted", field="query_string")
+        self._known_borrower(name, changing=action not in ("usage", "reclaim"))
+        if action == "supply_inferences":
+            return await self._supply(request, name)
+        if action == "block":
+            return await self._block(request, name)
+        if action == "unblock":
+            return await self._unblock(request, name)
+        if action == "reclaim":
+            return await self._reclaim(request, name)
+        if action == "remove":
+            return await self._remove_borrower(request, name)
+        if action == "models":
+            return await self._set_models(request, name)
+        return await self._usage(request, name)
+
+    # --- borrowers -------------------------------------------------------------------
+
+    def _all_borrowers(self) -> list[str]:
+        """Every borrower with a ledger account here, removed ones too."""
+        if self._book is None:
+            assert self._fixed is not None
+            return [self._fixed]
+        return [record.borrower for record in self._book.records()]
+
+    def _active_borrowers(self) -> list[str]:
+        if self._book is None:
+            assert self._fixed is not None
+            return [self._fixed]
+        return self._book.active
+
+    def _known_borrower(self, name: object, *, changing: bool) -> str:
+        """``name`` as a borrower of this custodian, else 400 (malformed), 404 (unknown) or,
+        for a change, 409 (removed)."""
+        if not isinstance(name, str) or not BORROWER_NAME_RE.fullmatch(name):
+            raise HttpError(400, "bad_request", f"must be {_NAME_RULE}", field="borrower")
+        if self._book is None:
+            known, removed = name == self._fixed, False
+        else:
+            record = self._book.get(name)
+            known, removed = record is not None, record is not None and record.removed
+        if not known:
+            raise HttpError(
+                404,
+                "unknown_borrower",
+                f"no borrower {name}; there are: {', '.join(self._active_borrowers())}",
+                field="borrower",
+            )
+        if removed and changing:
+            raise HttpError(
+                409, "borrower_removed", f"borrower {name} was removed", field="borrower"
+            )
+        return name
+
+    def _borrower_of(self, fields: Mapping[str, object], *, changing: bool = True) -> str:
+        """The first API's borrower: the ``borrower`` field, or the only borrower."""
+        if "borrower" in fields:
+            return self._known_borrower(fields["borrower"], changing=changing)
+        active = self._active_borrowers()
+        if len(active) != 1:
+            raise HttpError(
+                400,
+                "borrower_required",
+                f"this custodian has {len(active)} borrowers ({', '.join(active) or 'none'}): "
+                "name one in the borrower field, or use /borrowers/NAME/...",
+                field="borrower",
+            )
+        return active[0]
+
+    @staticmethod
+    def _first_api_field(borrower: str | None) -> frozenset[str]:
+        """The first API's routes take an optional ``borrower`` field; the others do not."""
+        return frozenset({"borrower"}) if borrower is None else frozenset()
+
+    async def _list_borrowers(self, request: Request) -> Response:
+        rows: list[dict[str, object]] = []
+        records = {r.borrower: r for r in self._book.records()} if self._book is not None else {}
+        for name in self._all_borrowers():
+            balance = await self._ledger.balance(name)
+            row = _usage_doc(name, balance, self._hooks.instances(name))
+            record = records.get(name)
+            row["max_instances"] = record.max_instances if record is not None else 1
+            row["models"] = list(record.models) if record and record.models else None
+            row["removed"] = record.removed if record is not None else False
+            rows.append(row)
+        return json_response(200, {"borrowers": rows})
+
+    async def _add_borrower(self, request: Request) -> Response:
+        fields, is_form = await read_fields(
+            request,
+            allowed={"name"},
+            optional=frozenset({"max_instances", "models"}),
+            required=True,
+        )
+        name = fields.get("name")
+        if not isinstance(name, str) or not BORROWER_NAME_RE.fullmatch(name):
+            raise HttpError(400, "bad_request", f"must be {_NAME_RULE}", field="name")
+        max_instances = 1
+        if "max_instances" in fields:
+            max_instances = _parse_instances(fields["max_instances"], text=is_form)
+        models_field = fields.get("models")
+        models: tuple[str, ...] | None = None
+        if models_field is not None:
+            if not isinstance(models_field, str):
+                raise HttpError(400, "bad_request", "comma-separated model names", field="models")
+            models = _parse_models(models_field)
+        if self._book is None:
+            raise HttpError(409, "fixed_borrower", "this custodian serves one fixed borrower")
+        try:
+            added = await self._book.add(name, max_instances=max_instances, models=models)
+        except BorrowerError as exc:
+            status = 409 if exc.reason == "exists" else 400
+            raise HttpError(status, exc.reason, str(exc.message), field=str(exc.key)) from exc
+        log.info("admin_borrower_add", client=request.client, borrower=name)
+        return json_response(
+            200,
+            {
+                "borrower": name,
+                "license_id": added.record.license_id,
+                "max_instances": added.record.max_instances,
+                "models": list(models) if models is not None else None,
+                "license_file": str(added.license_path),
+            },
+        )
+
+    async def _set_models(self, request: Request, borrower: str) -> Response:
+        """``models``: ``a,b``, or ``*`` for every model lent; applies on the next link."""
+        fields, _ = await read_fields(request, allowed={"models"}, required=True)
+        text = fields.get("models")
+        if not isinstance(text, str):
+            raise HttpError(400, "bad_request", "comma-separated model names", field="models")
+        models = None if text == "*" else _parse_models(text)
+        if self._book is None:
+            raise HttpError(409, "fixed_borrower", "this custodian serves one fixed borrower")
+        try:
+            record = await self._book.set_models(borrower, models)
+        except BorrowerError as exc:
+            status = 409 if exc.reason == "removed" else 400
+            raise HttpError(status, exc.reason, str(exc.message), field=str(exc.key)) from exc
+        log.info("admin_borrower_models", client=request.client, borrower=borrower)
+        return json_response(
+            200,
+            {
+                "borrower": borrower,
+                "models": list(record.models) if record.models is not None else None,
+            },
+        )
+
+    async def _remove_borrower(self, request: Request, borrower: str) -> Response:
+        await read_fields(request, allowed=set(), required=False)
+        if self._book is None:
+            raise HttpError(409, "fixed_borrower", "this custodian serves one fixed borrower")
+        try:
+            await self._book.remove(borrower)
+        except BorrowerError as exc:  # removed by a concurrent call
+            raise HttpError(409, exc.reason, str(exc.message), field="borrower") from exc
+        await self._hooks.on_removed(borrower)
+        log.warning("admin_borrower_remove", client=request.client, borrower=borrower)
+        doc = await self._usage_with_instances(borrower)
+        return json_response(200, {**doc, "removed": True})
 
     def _authenticate(self, request: Request) -> None:
         values = [v for k, v in request.scope["headers"] if k.lower() == b"authorization"]
@@ -416,31 +643,38 @@ class AdminApp:
 
     # --- endpoints -------------------------------------------------------------------
 
-    async def _supply(self, request: Request) -> Response:
+    async def _supply(self, request: Request, borrower: str | None = None) -> Response:
         key = request.header(b"idempotency-key")
         if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
             raise HttpError(
                 400, "bad_request", "must be 1-128 of [A-Za-z0-9._:-]", field="Idempotency-Key"
             )
-        fields, is_form = await read_fields(request, allowed={"number_inferences"}, required=True)
+        fields, is_form = await read_fields(
+            request,
+            allowed={"number_inferences"},
+            optional=self._first_api_field(borrower),
+            required=True,
+        )
         units = parse_count(fields.get("number_inferences"), text=is_form)
+        if borrower is None:
+            borrower = self._borrower_of(fields)
         # The linked instances' grants are committed with the supply (one fsync) and
         # handed to their links before this answer is written.
         try:
             result = await self._ledger.supply(
-                self._borrower,
+                borrower,
                 units,
                 idempotency_key=key,
-                grant_to=self._hooks.grant_plans(self._borrower),
+                grant_to=self._hooks.grant_plans(borrower),
             )
         except IdempotencyConflict as exc:
             raise HttpError(422, "idempotency_conflict", str(exc), field="Idempotency-Key") from exc
-        await self._hooks.on_supplied(self._borrower, result)
+        await self._hooks.on_supplied(borrower, result)
         balance = result.balance
         log.info(
             "admin_supply",
             client=request.client,
-            borrower=self._borrower,
+            borrower=borrower,
             units=units,
             idempotency_key=key,
             replayed=result.replayed,
@@ -449,24 +683,30 @@ class AdminApp:
             remaining=balance.remaining,
             granted_now=sum(grant.units for grant in result.grants),
         )
-        doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
+        doc = _usage_doc(borrower, balance, self._hooks.instances(borrower))
         # A replay added nothing: "added" says what this request changed, so that a script
         # that sums it never counts a retried supply twice.
         added = 0 if result.replayed else units
         return json_response(200, {**doc, "added": added, "replayed": result.replayed})
 
-    async def _block(self, request: Request) -> Response:
-        reason = await self._set_blocked(request, True)
-        await self._hooks.on_blocked(self._borrower, reason)
-        return await self._usage(request)
+    async def _block(self, request: Request, borrower: str | None = None) -> Response:
+        borrower, reason = await self._set_blocked(request, True, borrower)
+        await self._hooks.on_blocked(borrower, reason)
+        return await self._usage(request, borrower)
 
-    async def _unblock(self, request: Request) -> Response:
-        await self._set_blocked(request, False)
-        await self._hooks.on_unblocked(self._borrower)
-        return await self._usage(request)
+    async def _unblock(self, request: Request, borrower: str | None = None) -> Response:
+        borrower, _ = await self._set_blocked(request, False, borrower)
+        await self._hooks.on_unblocked(borrower)
+        return await self._usage(request, borrower)
 
-    async def _set_blocked(self, request: Request, blocked: bool) -> str:
-        fields, _ = await read_fields(request, allowed={"reason"}, required=False)
+    async def _set_blocked(
+        self, request: Request, blocked: bool, borrower: str | None
+    ) -> tuple[str, str]:
+        fields, _ = await read_fields(
+            request, allowed={"reason"}, optional=self._first_api_field(borrower), required=False
+        )
+        if borrower is None:
+            borrower = self._borrower_of(fields)
         reason = fields.get("reason", "")
         if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN or not reason.isprintable():
             raise HttpError(
@@ -475,24 +715,25 @@ class AdminApp:
                 f"must be a string of at most {MAX_REASON_LEN} printable characters",
                 field="reason",
             )
-        await self._ledger.set_blocked(self._borrower, blocked, reason)
+        await self._ledger.set_blocked(borrower, blocked, reason)
         log.info(
             "admin_block" if blocked else "admin_unblock",
             client=request.client,
-            borrower=self._borrower,
+            borrower=borrower,
             reason=reason,
         )
-        return reason
+        return borrower, reason
 
-    async def _usage(self, request: Request) -> Response:
-        return json_response(200, await self._usage_with_instances())
+    async def _usage(self, request: Request, borrower: str | None = None) -> Response:
+        if borrower is None:
+            borrower = self._borrower_of({}, changing=False)
+        return json_response(200, await self._usage_with_instances(borrower))
 
-    async def _usage_with_instances(self) -> dict[str, object]:
+    async def _usage_with_instances(self, borrower: str) -> dict[str, object]:
         """The usage document with its instances: every live and in-doubt one, and the
         :data:`USAGE_ENDED_LISTED` granted to most recently of the others (ended,
         stopped cleanly, reclaimed), by id; ``by_instance_omitted`` counts the rest, so
         the answer stays small however many instances a borrower had over the months."""
-        borrower = self._borrower
         balance = await self._ledger.balance(borrower)
         records = await self._ledger.instances(borrower, newest_first=True)
         live = self._hooks.live_instances(borrower)
@@ -511,9 +752,13 @@ class AdminApp:
         doc["by_instance_omitted"] = omitted
         return doc
 
-    async def _reclaim(self, request: Request) -> Response:
+    async def _reclaim(self, request: Request, borrower: str | None = None) -> Response:
         """Write off a lost instance's units in doubt: the owner's decision (I21)."""
-        fields, _ = await read_fields(request, allowed={"instance"}, required=True)
+        fields, _ = await read_fields(
+            request, allowed={"instance"}, optional=self._first_api_field(borrower), required=True
+        )
+        if borrower is None:
+            borrower = self._borrower_of(fields, changing=False)
         instance = fields.get("instance")
         if not isinstance(instance, str) or not _INSTANCE_ID_RE.fullmatch(instance):
             raise HttpError(
@@ -522,7 +767,7 @@ class AdminApp:
                 "must be an instance id: 32 hex characters (`usage` lists them)",
                 field="instance",
             )
-        borrower, window = self._borrower, self._reclaim_window
+        window = self._reclaim_window
         silent = self._hooks.silent_for(borrower, instance)
         if silent is None:
             raise HttpError(
@@ -564,31 +809,68 @@ class AdminApp:
             remaining=result.balance.remaining,
         )
         await self._hooks.on_reclaimed(borrower)
-        doc = await self._usage_with_instances()
+        doc = await self._usage_with_instances(borrower)
         return json_response(200, {**doc, "instance": instance, "written_off": result.units})
 
     async def _metrics(self, request: Request) -> Response:
-        balance = await self._ledger.balance(self._borrower)
-        doc = _usage_doc(self._borrower, balance, self._hooks.instances(self._borrower))
-        live = self._hooks.live_instances(self._borrower)
-        gone_in_doubt = sum(
-            1
-            for record in await self._ledger.instances(self._borrower)
-            if record.in_doubt and record.retired is None and record.instance_id not in live
-        )
-        self._instances_in_doubt.labels(self._borrower).set(gone_in_doubt)
-        for name, gauge in self._gauges.items():
-            value = doc[name]
-            assert isinstance(value, int)  # bool is an int: blocked -> 0/1
-            gauge.labels(self._borrower).set(value)
+        # Per-instance series for live instances only: an id is new with every enclave
+        # process, so series of gone instances would pile up for months.
+        for instance_gauge in self._instance_gauges.values():
+            instance_gauge.clear()
+        for borrower in self._all_borrowers():
+            await self._borrower_metrics(borrower)
         if self._collateral_ages is not None:
             self._collateral_age.clear()  # a platform the cache dropped is not reported stale
             for (fmspc, ca), age in self._collateral_ages().items():
                 self._collateral_age.labels(fmspc.hex().upper(), ca).set(age)
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
+    async def _borrower_metrics(self, borrower: str) -> None:
+        balance = await self._ledger.balance(borrower)
+        doc = _usage_doc(borrower, balance, self._hooks.instances(borrower))
+        live = self._hooks.live_instances(borrower)
+        gone_in_doubt = 0
+        for record in await self._ledger.instances(borrower):
+            if record.instance_id in live:
+                labels = (borrower, record.instance_id)
+                self._instance_gauges["granted"].labels(*labels).set(record.granted)
+                self._instance_gauges["served"].labels(*labels).set(record.served)
+            elif record.in_doubt and record.retired is None:
+                gone_in_doubt += 1
+        self._instances_in_doubt.labels(borrower).set(gone_in_doubt)
+        for name, gauge in self._gauges.items():
+            value = doc[name]
+            assert isinstance(value, int)  # bool is an int: blocked -> 0/1
+            gauge.labels(borrower).set(value)
+
     async def _healthz(self, request: Request) -> Response:
         return json_response(200, {"status": "ok"})
+
+
+def _borrower_endpoint(path: str) -> str:
+    """The metrics label of a request's path: bounded, never a borrower's name."""
+    parts = path.split("/")
+    if len(parts) == 4 and parts[1] == "borrowers" and parts[3] in _BORROWER_ACTIONS:
+        return f"/borrowers/NAME/{parts[3]}"
+    return "other"
+
+
+def _parse_instances(value: object, *, text: bool) -> int:
+    if text and isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 8:
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_INSTANCES:
+        raise HttpError(
+            400, "bad_request", f"must be a whole number from 1 to {MAX_INSTANCES}",
+            field="max_instances",
+        )  # fmt: skip
+    return value
+
+
+def _parse_models(text: str) -> tuple[str, ...]:
+    try:
+        return parse_models(text)
+    except BorrowerError as exc:
+        raise HttpError(400, "bad_request", str(exc.message), field="models") from exc
 
 
 # --- server --------------------------------------------------------------------------

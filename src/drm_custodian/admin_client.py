@@ -16,10 +16,10 @@ import json
 import os
 import secrets
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from drm_custodian.admin import DEFAULT_ADMIN_PORT
 from drm_custodian.state import CustodianState
@@ -72,32 +72,58 @@ class AdminClient:
         """A client for the custodian whose state directory this is (same machine)."""
         return cls(f"https://{format_address(host, port)}", state.admin_token, state.ca_cert_path)
 
-    def supply(self, units: int, *, idempotency_key: str | None = None) -> dict[str, object]:
-        """Add ``units`` inferences; returns the new usage document."""
+    def supply(
+        self, units: int, *, idempotency_key: str | None = None, borrower: str | None = None
+    ) -> dict[str, object]:
+        """Add ``units`` inferences (to ``borrower``, else the only borrower); returns the
+        new usage document."""
         key = idempotency_key or f"cli-{secrets.token_hex(16)}"
         return self._call(
             "POST",
-            "/supply_inferences",
+            _path(borrower, "supply_inferences"),
             form={"number_inferences": str(units)},
             headers={"Idempotency-Key": key},
         )
 
-    def block(self, reason: str = "") -> dict[str, object]:
+    def block(self, reason: str = "", *, borrower: str | None = None) -> dict[str, object]:
         """Block the borrower; returns the usage document."""
-        return self._call("POST", "/block", form={"reason": reason} if reason else None)
+        form = {"reason": reason} if reason else None
+        return self._call("POST", _path(borrower, "block"), form=form)
 
-    def unblock(self) -> dict[str, object]:
+    def unblock(self, *, borrower: str | None = None) -> dict[str, object]:
         """Unblock the borrower; returns the usage document."""
-        return self._call("POST", "/unblock")
+        return self._call("POST", _path(borrower, "unblock"))
 
-    def reclaim(self, instance_id: str) -> dict[str, object]:
+    def reclaim(self, instance_id: str, *, borrower: str | None = None) -> dict[str, object]:
         """Write off a lost instance's units in doubt (I21); returns the usage document
         with ``written_off``."""
-        return self._call("POST", "/reclaim", form={"instance": instance_id})
+        return self._call("POST", _path(borrower, "reclaim"), form={"instance": instance_id})
 
-    def usage(self) -> dict[str, object]:
+    def usage(self, *, borrower: str | None = None) -> dict[str, object]:
         """Supplied, granted, served, in doubt, remaining, blocked, instances."""
-        return self._call("GET", "/usage")
+        return self._call("GET", _path(borrower, "usage"))
+
+    def borrowers(self) -> dict[str, object]:
+        """Every borrower: supply, served, in doubt, instances, blocked, removed."""
+        return self._call("GET", "/borrowers")
+
+    def add_borrower(
+        self, name: str, *, max_instances: int = 1, models: Sequence[str] | None = None
+    ) -> dict[str, object]:
+        """Make a borrower's license; the answer names its file in ``handoff/``."""
+        form = {"name": name, "max_instances": str(max_instances)}
+        if models is not None:
+            form["models"] = ",".join(models)
+        return self._call("POST", "/borrowers", form=form)
+
+    def set_models(self, name: str, models: Sequence[str] | None) -> dict[str, object]:
+        """Set the models a borrower's enclaves receive (``None``: all); next link on."""
+        form = {"models": "*" if models is None else ",".join(models)}
+        return self._call("POST", _path(name, "models"), form=form)
+
+    def remove_borrower(self, name: str) -> dict[str, object]:
+        """Remove a borrower: its license is refused and its enclaves cut at once."""
+        return self._call("POST", _path(name, "remove"))
 
     def request(
         self,
@@ -196,6 +222,31 @@ def format_usage(doc: Mapping[str, object]) -> str:
     omitted = doc.get("by_instance_omitted")
     if isinstance(omitted, int) and omitted > 0:
         lines.append(f"(and {omitted} older ended instances not listed)")
+    return "\n".join(lines)
+
+
+def _path(borrower: str | None, action: str) -> str:
+    """``/ACTION`` for the only borrower, ``/borrowers/NAME/ACTION`` for a named one."""
+    if borrower is None:
+        return f"/{action}"
+    return f"/borrowers/{quote(borrower, safe='')}/{action}"
+
+
+def format_borrowers(doc: Mapping[str, object]) -> str:
+    """``GET /borrowers`` as ``borrower list`` prints it without ``--json``."""
+    columns = ("borrower", "supplied", "served", "in_doubt", "remaining", "instances",
+               "max_instances", "blocked", "removed", "models")  # fmt: skip
+    lines = ["  ".join(f"{c:<20}" if c == "borrower" else f"{c:>9}" for c in columns)]
+    rows = doc.get("borrowers")
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict):
+            cells = []
+            for c in columns:
+                value = row.get(c)
+                if c == "models":
+                    value = ",".join(map(str, value)) if isinstance(value, list) else "all"
+                cells.append(f"{value!s:<20}" if c == "borrower" else f"{value!s:>9}")
+            lines.append("  ".join(cells))
     return "\n".join(lines)
 
 

@@ -31,8 +31,15 @@ import structlog
 import trio
 
 from drm_custodian.admin import DEFAULT_ADMIN_PORT
-from drm_custodian.admin_client import AdminClient, AdminClientError, format_usage
+from drm_custodian.admin_client import (
+    AdminClient,
+    AdminClientError,
+    format_borrowers,
+    format_usage,
+)
+from drm_custodian.borrowers import BorrowerBook, BorrowerError, check_borrower_name, parse_models
 from drm_custodian.grants import DEFAULT_LEASE, check_lease
+from drm_custodian.ledger import Ledger
 from drm_custodian.models import ModelFile, inspect_model, parse_models_table, read_model_file
 from drm_custodian.serve import (
     DEFAULT_ENCLAVE_PORT,
@@ -45,8 +52,14 @@ from drm_custodian.serve import (
     serve,
 )
 from drm_custodian.session import DEFAULT_RECLAIM_MARGIN, SessionConfig
-from drm_custodian.state import StateExistsError, init_state_dir, load_state_dir
-from drm_custodian.state_lock import lock_state_dir
+from drm_custodian.state import (
+    MAX_INSTANCES,
+    CustodianState,
+    StateExistsError,
+    init_state_dir,
+    load_state_dir,
+)
+from drm_custodian.state_lock import StateLockedError, lock_state_dir
 from drm_daemon.arguments import bounded_integer
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
@@ -172,10 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(schema=serve_options(check, config_required=True))
 
-    def admin_command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def admin_command(
+        name: str, help_text: str, *, per_borrower: bool = True
+    ) -> argparse.ArgumentParser:
         sub = command(name, help_text)
         sub.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT,
                          help="the daemon's admin API port")  # fmt: skip
+        if per_borrower:
+            sub.add_argument("--borrower", metavar="NAME", type=_borrower_name,
+                             help="the borrower to act on (needed with several)")  # fmt: skip
         return sub
 
     supply = admin_command("supply", "add inferences to the borrower's supply")
@@ -197,7 +215,68 @@ def build_parser() -> argparse.ArgumentParser:
         "usage", "supplied, granted, served, remaining, blocked, and each enclave instance"
     )
     usage.add_argument("--json", action="store_true", help="print the JSON document")
+
+    borrower = commands.add_parser(
+        "borrower",
+        help="add, list and remove borrowers (one license each)",
+        description="Add, list and remove borrowers. While the daemon runs these go "
+        "through its admin API (it holds the state directory); else they change the "
+        "state directory directly.",
+    )
+    actions = borrower.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def borrower_action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text,
+                                 epilog=_EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        sub.add_argument("--state-dir", required=True, metavar="DIR", help="state directory")
+        sub.add_argument("--admin-port", type=_port, default=DEFAULT_ADMIN_PORT,
+                         help="the daemon's admin API port")  # fmt: skip
+        return sub
+
+    add = borrower_action(
+        "add", "make a borrower's license: handoff/NAME.license.json (hand it over, delete it)"
+    )
+    add.add_argument("name", metavar="NAME", type=_borrower_name, help="the borrower's name")
+    add.add_argument("--max-instances", type=_instances, default=1, metavar="N",
+                     help=f"enclave instances live at once (1 to {MAX_INSTANCES})")  # fmt: skip
+    add.add_argument("--models", type=_models, metavar="A,B",
+                     help="the models its enclaves receive (default: all lent)")  # fmt: skip
+    set_models = borrower_action(
+        "set-models",
+        "set the models a borrower's enclaves receive; applies on each enclave's next link",
+    )
+    set_models.add_argument("name", metavar="NAME", type=_borrower_name,
+                            help="the borrower's name")  # fmt: skip
+    which = set_models.add_mutually_exclusive_group(required=True)
+    which.add_argument("--models", type=_models, metavar="A,B", help="these models only")
+    which.add_argument("--all-models", action="store_true", help="every model lent")
+    listing = borrower_action("list", "each borrower: supply, served, in doubt, instances")
+    listing.add_argument("--json", action="store_true", help="print the JSON document")
+    remove = borrower_action(
+        "remove",
+        "remove a borrower: its license is refused and its enclaves cut at once; its "
+        "history stays in the ledger and its name is not reused",
+    )
+    remove.add_argument("name", metavar="NAME", type=_borrower_name, help="the borrower's name")
     return parser
+
+
+_instances = bounded_integer(1, MAX_INSTANCES)
+
+
+def _borrower_name(text: str) -> str:
+    try:
+        return check_borrower_name(text)
+    except BorrowerError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.message}") from None
+
+
+def _models(text: str) -> tuple[str, ...]:
+    try:
+        return parse_models(text)
+    except BorrowerError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _pccs_url(text: str) -> str:
@@ -267,6 +346,8 @@ def main(
             return _serve(args.schema.resolve(args))
         if args.command == "check-config":
             return _check_config(args.schema.resolve(args), out)
+        if args.command == "borrower":
+            return _borrower(args, out)
         return _admin(args, out)
     except ConfigError as exc:
         print(f"error: {exc}", file=err)
@@ -354,7 +435,10 @@ def _check_config(args: argparse.Namespace, out: TextIO) -> int:
     borrower = config.admin_borrower()
     for line in ConfigSchema.summary(args, _show):
         print(line, file=out)
-    print(f"  borrower managed: {borrower}", file=out)
+    if borrower is not None:
+        print(f"  borrower managed: {borrower}", file=out)
+    else:
+        print(f"  borrowers: {', '.join(sorted(config.state.borrowers))}", file=out)
     for model, pricing in models:
         print(f"  model {model.name}: {len(model.data)} bytes, sha256 {model.sha256.hex()}",
               file=out)  # fmt: skip
@@ -405,21 +489,87 @@ async def run_daemon(config: ServeConfig, notifier: Notifier | None = None) -> N
 def _admin(args: argparse.Namespace, out: TextIO) -> int:
     state = load_state_dir(args.state_dir, warn_handoff=False)  # serve warns; once is enough
     client = AdminClient.from_state(state, port=args.admin_port)
+    borrower = args.borrower
     if args.command == "supply":
-        doc = client.supply(args.units)
+        doc = client.supply(args.units, borrower=borrower)
     elif args.command == "block":
-        doc = client.block(args.reason)
+        doc = client.block(args.reason, borrower=borrower)
     elif args.command == "unblock":
-        doc = client.unblock()
+        doc = client.unblock(borrower=borrower)
     elif args.command == "reclaim":
-        doc = client.reclaim(args.instance)
+        doc = client.reclaim(args.instance, borrower=borrower)
     else:
-        doc = client.usage()
+        doc = client.usage(borrower=borrower)
     if getattr(args, "json", False):
         print(json.dumps(doc, sort_keys=True), file=out)
     else:
         print(format_usage(doc), file=out)
     return EXIT_OK
+
+
+def _borrower(args: argparse.Namespace, out: TextIO) -> int:
+    """``borrower add|list|remove``: through the daemon when it runs, else directly."""
+    state = load_state_dir(args.state_dir, warn_handoff=False)
+    try:
+        lock = lock_state_dir(args.state_dir)
+    except StateLockedError:  # the daemon runs: it alone writes the state
+        doc = _borrower_through_daemon(args, AdminClient.from_state(state, port=args.admin_port))
+    else:
+        with lock:
+            doc = trio.run(_borrower_offline, args, state)
+    if args.action == "list":
+        print(json.dumps(doc, sort_keys=True) if args.json else format_borrowers(doc), file=out)
+    elif args.action == "add":
+        print(f"borrower:          {doc['borrower']}", file=out)
+        print(f"license file:      {doc['license_file']}", file=out)
+        print("                   (hand it to the borrower, then delete it: it holds the secret)",
+              file=out)  # fmt: skip
+    elif args.action == "set-models":
+        models = doc.get("models")
+        shown = ",".join(map(str, models)) if isinstance(models, list | tuple) else "all"
+        print(f"borrower {args.name} models: {shown} (from each enclave's next link)", file=out)
+    else:
+        print(f"borrower {args.name} removed: its license is refused from now on", file=out)
+    return EXIT_OK
+
+
+def _borrower_through_daemon(args: argparse.Namespace, client: AdminClient) -> dict[str, object]:
+    if args.action == "add":
+        return client.add_borrower(args.name, max_instances=args.max_instances, models=args.models)
+    if args.action == "remove":
+        return client.remove_borrower(args.name)
+    if args.action == "set-models":
+        return client.set_models(args.name, None if args.all_models else args.models)
+    return client.borrowers()
+
+
+async def _borrower_offline(args: argparse.Namespace, state: CustodianState) -> dict[str, object]:
+    book = BorrowerBook(state)
+    if args.action == "add":
+        added = await book.add(args.name, max_instances=args.max_instances, models=args.models)
+        return {"borrower": args.name, "license_file": str(added.license_path)}
+    if args.action == "remove":
+        await book.remove(args.name)
+        return {"borrower": args.name, "removed": True}
+    if args.action == "set-models":
+        record = await book.set_models(args.name, None if args.all_models else args.models)
+        return {"borrower": args.name, "models": record.models}
+    ledger = await Ledger.open(state.ledger_path)
+    try:
+        rows = []
+        for record in book.records():
+            balance = await ledger.balance(record.borrower)
+            rows.append({
+                "borrower": record.borrower, "supplied": balance.supplied,
+                "served": balance.served, "in_doubt": balance.in_doubt,
+                "remaining": balance.remaining, "instances": 0,
+                "max_instances": record.max_instances, "blocked": balance.blocked,
+                "removed": record.removed,
+                "models": list(record.models) if record.models is not None else None,
+            })  # fmt: skip
+    finally:
+        await ledger.aclose()
+    return {"borrowers": rows}
 
 
 def _show(value: object) -> object:

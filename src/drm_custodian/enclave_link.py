@@ -234,6 +234,12 @@ async def _serve_connection(
                     channel, ErrorCode.DUPLICATE_INSTANCE, "another instance holds this license"
                 )
                 return
+            if ctx.state.licenses.get(record.license_id, record).removed:
+                # Removed while this link was being checked: the removal's cut missed it.
+                ctx.registry.release(session)
+                log.warning("enclave_license_refused", license_id=record.license_id)
+                await send_last_words(channel, ErrorCode.ATTESTATION_FAILED, _LICENSE_REFUSED)
+                return
             try:
                 await session.run()
             finally:

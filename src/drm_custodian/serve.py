@@ -57,6 +57,7 @@ from prometheus_client import Counter
 
 from drm_custodian._state_files import read_checked
 from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
+from drm_custodian.borrowers import BorrowerBook
 from drm_custodian.enclave_link import handle_connection
 from drm_custodian.ledger import IdempotencyConflict, Ledger
 from drm_custodian.models import ModelFile
@@ -125,8 +126,10 @@ class ServeConfig:
             platform, see :mod:`drm_wire.attestation.collateral_cache`), and its CA.
         address, port: the enclave link's listening address; port 0 picks one.
         admin_address, admin_port: the admin API's (loopback only); port 0 picks one.
-        initial_inferences: supplied once, at the first start with this state directory.
-        borrower: the account the admin API acts on; by default the state's only borrower.
+        initial_inferences: supplied once, at the first start with this state directory,
+            to ``borrower``.
+        borrower: the account ``initial_inferences`` goes to; by default the state's only
+            borrower. The admin API acts on every borrower.
         session: per-link tunables (lease size, heartbeats, timeouts).
         max_links: enclave-link connections at once; more are closed at once.
         max_link_handshakes: enclave-link TLS handshakes in progress at once.
@@ -175,20 +178,27 @@ class ServeConfig:
         if not 0 <= self.initial_inferences <= MAX_GRANT_UNITS:
             raise ConfigError(f"must be between 0 and {MAX_GRANT_UNITS}", key="initial_inferences")
 
-    def admin_borrower(self) -> str:
-        """The borrower the admin API manages.
+    def admin_borrower(self) -> str | None:
+        """The borrower ``initial_inferences`` goes to: the one named, or the only one
+        (``None`` when there are several and none is named).
 
         Raises:
-            ConfigError: none was given and the state has more than one.
+            ConfigError: the named borrower has no license, or initial inferences are asked
+                for with several borrowers and none named.
         """
         borrowers = self.state.borrowers
         if self.borrower is not None:
             if self.borrower not in borrowers:
                 raise ConfigError("no license for this borrower", key="borrower")
             return self.borrower
-        if len(borrowers) != 1:
-            raise ConfigError("several borrowers: name the one to manage", key="borrower")
-        return next(iter(borrowers))
+        if len(borrowers) == 1:
+            return next(iter(borrowers))
+        if self.initial_inferences:
+            raise ConfigError(
+                "several borrowers: supply each with `supply --borrower NAME`",
+                key="initial_inferences",
+            )
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +265,24 @@ def _pccs_cache(url: str, ca: Path | None) -> tuple[CollateralCache, PccsClient]
     return CollateralCache(fetch), client
 
 
+class DaemonHooks(SessionHooks):
+    """:class:`SessionHooks` and what borrower removal needs: its enclaves cut at once."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(registry)
+        self._live = registry
+
+    async def on_removed(self, borrower: str) -> None:
+        for session in list(self._live.sessions(borrower)):
+            session.close()
+
+
 async def _announce_reclaimable(
-    ledger: Ledger, registry: Registry, borrower: str, window: float, scope: trio.CancelScope
+    ledger: Ledger,
+    registry: Registry,
+    state: CustodianState,
+    window: float,
+    scope: trio.CancelScope,
 ) -> None:
     """Log ``instance_reclaimable`` once for each gone instance with units in doubt, when
     ``drm_custodian reclaim`` starts to accept it (I21): the owner learns what may be
@@ -265,10 +291,15 @@ async def _announce_reclaimable(
     announced: set[str] = set()
     with scope:
         while True:
-            live = registry.live_instances(borrower)
             now = trio.current_time()
             next_due = math.inf
-            for record in await ledger.instances(borrower):
+            every = [
+                (borrower, record)
+                for borrower in sorted({r.borrower for r in state.licenses.values()})
+                for record in await ledger.instances(borrower)
+            ]
+            for borrower, record in every:
+                live = registry.live_instances(borrower)
                 instance = record.instance_id
                 if instance in announced or instance in live or record.retired is not None:
                     continue
@@ -279,6 +310,7 @@ async def _announce_reclaimable(
                     announced.add(instance)
                     log.warning(
                         "instance_reclaimable",
+                        borrower=borrower,
                         instance=instance,
                         in_doubt=record.in_doubt,
                         fix=f"if that enclave is gone for good: drm_custodian reclaim "
@@ -326,13 +358,14 @@ async def serve(
     ledger = await Ledger.open(state.ledger_path)
     try:
         await ledger.integrity_check()
-        await _initial_supply(ledger, state, borrower, config.initial_inferences)
+        if borrower is not None:
+            await _initial_supply(ledger, state, borrower, config.initial_inferences)
         registry = Registry(forget_after=config.session.reclaim_window)
         app = AdminApp(
             ledger=ledger,
-            hooks=SessionHooks(registry),
+            hooks=DaemonHooks(registry),
             token=state.admin_token,
-            borrower=borrower,
+            book=BorrowerBook(state, [m.name for m in config.models]),
             collateral_ages=None if cache is None else cache.ages,
             reclaim_window=config.session.reclaim_window,
         )
@@ -402,7 +435,7 @@ async def serve(
             if pccs is not None:
                 admin_nursery.start_soon(_run_cache, *pccs, cache_scope)
             admin_nursery.start_soon(
-                _announce_reclaimable, ledger, registry, borrower,
+                _announce_reclaimable, ledger, registry, state,
                 config.session.reclaim_window, watch_scope,
             )  # fmt: skip
             try:
@@ -445,7 +478,7 @@ async def serve(
                         "custodian_listening",
                         enclave_address=format_address(*bound.enclave),
                         admin_address=format_address(*bound.admin),
-                        borrower=borrower,
+                        borrowers=sorted(state.borrowers),
                         models=[m.name for m in config.models],
                         lease=config.session.lease,
                     )

@@ -223,9 +223,14 @@ class EnclaveSession:
     ) -> None:
         self._ctx = ctx
         self._cfg = ctx.config
+        #: The models this license's enclaves receive, read from its record at link time
+        #: (a change to the borrower's models applies on the next link); the others are
+        #: never sent on this link.
+        self._models = tuple(m for m in ctx.models if record.may_receive(m.name))
         #: The largest cost of one request under the terms of the models lent, so that a
         #: parked request costing more than half a lease is still topped up (Q13).
-        self._reserve = min(max((m.max_cost or 1 for m in ctx.models), default=1), self._cfg.lease)
+        largest = max((m.max_cost or 1 for m in self._models), default=1)
+        self._reserve = min(largest, self._cfg.lease)
         self._ledger = ctx.ledger
         self._channel = channel
         self.identity = identity
@@ -378,7 +383,7 @@ class EnclaveSession:
 
     async def _deliver_then_pump(self) -> None:
         try:
-            for model in self._ctx.models:
+            for model in self._models:
                 await self._deliver(model)
             await self._resync()
         except LocalProtocolError:

@@ -9,7 +9,8 @@ Layout (made by :func:`init_state_dir`, read back by :func:`load_state_dir`)::
                                     enclave link both present it)
       server.key              0600
       admin.token             0600  bearer token for the admin API (32 random bytes, base64url)
-      licenses/<id>.json      0600  one per license: borrower, license id, SHA-256 of its secret
+      licenses/<id>.json      0600  one per license: borrower, license id, SHA-256 of its secret,
+                                    and optionally max_instances, models, removed
       ledger.sqlite           0600  the ledger (:mod:`drm_custodian.ledger`)
       handoff/                0700  what the operator must hand over, then delete:
         <borrower>.license.json     the borrower's license, *with* its secret
@@ -18,11 +19,16 @@ Layout (made by :func:`init_state_dir`, read back by :func:`load_state_dir`)::
       custodian.lock          0600  held (flock) by the one process that writes the state:
                                     ``serve``, or ``init`` while it runs (:mod:`.state_lock`)
 
-Licenses: a license is ``(borrower, license_id, secret)``. The borrower's enclave presents
-the id and the secret over the attested, mutually authenticated link; the custodian looks
-the id up and compares SHA-256 digests in constant time (:meth:`CustodianState.verify_license`).
-The custodian keeps only the digest, so a copy of its state directory (a backup, a leaked
-disk) does not let anyone present the license. A fast hash is right here: the secret is
+Licenses: a license is ``(borrower, license_id, secret)``, one per borrower; ``init``
+makes the first, ``borrower add`` the others (:mod:`drm_custodian.borrowers`). A license
+record may also name the models its borrower receives (absent: all of them), how many
+enclave instances may be live on it at once (absent: 1), and that it was removed (its
+borrower's history stays in the ledger, the license is refused, the name is not reused).
+The borrower's enclave presents the id and the secret over the attested, mutually
+authenticated link; the custodian looks the id up and compares SHA-256 digests in
+constant time (:meth:`CustodianState.verify_license`). The custodian keeps only the
+digest, so a copy of its state directory (a backup, a leaked disk) does not let anyone
+present the license. A fast hash is right here: the secret is
 32 random bytes, so there is nothing for a slow KDF to protect against. The secret itself
 exists in one place only, ``handoff/``, until the operator moves it to the borrower.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -48,7 +55,6 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -96,12 +102,19 @@ _OWNED_ALL: Final = (*_OWNED, HANDOFF, STATE_FILE)
 EXPIRY_WARNING: Final = dt.timedelta(days=30)
 #: Licenses loaded; bounds the work of a directory someone filled with junk.
 MAX_LICENSES: Final = 10_000
+#: Most enclave instances one license may have live at once.
+MAX_INSTANCES: Final = 1_000
+#: Most model names one license may list.
+MAX_LICENSE_MODELS: Final = 64
 
 _TOKEN_BYTES: Final = 32
 #: ``secrets.token_urlsafe(32)``: 43 base64url characters, no padding.
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{43}", re.ASCII)
 #: Borrower names appear in file names and logs: a conservative charset.
-_BORROWER_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+BORROWER_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+_BORROWER_RE: Final = BORROWER_RE
+#: A model name in a license: what ``serve --upload`` names a model (its file name).
+MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 _LICENSE_ID_RE: Final = re.compile(r"lic_[0-9a-f]{32}", re.ASCII)
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _DNS_LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", re.ASCII)
@@ -134,6 +147,16 @@ class LicenseRecord:
     borrower: str
     license_id: str
     secret_sha256: str = field(repr=False)
+    #: Enclave instances that may be live on this license at once.
+    max_instances: int = 1
+    #: The models its enclaves receive, by name; ``None``: every model lent.
+    models: tuple[str, ...] | None = None
+    #: Removed by the owner: refused, and kept only so the name is never reused.
+    removed: bool = False
+
+    def may_receive(self, model: str) -> bool:
+        """Whether this license's enclaves may be sent ``model``."""
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +182,9 @@ class CustodianState:
     ca_cert: x509.Certificate
     server_cert: x509.Certificate
     admin_token: str = field(repr=False)
-    licenses: Mapping[str, LicenseRecord]
+    #: By license id. Mutable: :mod:`drm_custodian.borrowers` adds and removes licenses
+    #: while the daemon runs (the daemon alone, holding the state lock).
+    licenses: dict[str, LicenseRecord]
     #: Files still in ``handoff/``: secrets that should have left this machine.
     pending_handoff: tuple[Path, ...]
 
@@ -181,7 +206,15 @@ class CustodianState:
 
     @property
     def borrowers(self) -> frozenset[str]:
-        return frozenset(record.borrower for record in self.licenses.values())
+        """The borrowers whose license works (removed ones are not)."""
+        return frozenset(r.borrower for r in self.licenses.values() if not r.removed)
+
+    def license_of(self, borrower: str) -> LicenseRecord | None:
+        """The borrower's license record (also a removed one), or ``None``."""
+        for record in self.licenses.values():
+            if record.borrower == borrower:
+                return record
+        return None
 
     def verify_license(self, license_id: str, secret: str) -> LicenseRecord:
         """Check a license an enclave presented; return its record.
@@ -195,7 +228,7 @@ class CustodianState:
         presented = hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
         # Compare even for an unknown id, so the time taken does not tell ids apart.
         expected = record.secret_sha256 if record is not None else "0" * 64
-        if not hmac.compare_digest(presented, expected) or record is None:
+        if not hmac.compare_digest(presented, expected) or record is None or record.removed:
             raise LicenseRejected("license refused")
         return record
 
@@ -293,12 +326,7 @@ def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> L
     ca_cert = make_ca(ca_key, now)
     server_key = ec.generate_private_key(CURVE())
     server_cert = make_server_cert(server_key, ca_key, ca_cert, hostname, now)
-    secret = secrets.token_urlsafe(_TOKEN_BYTES)
-    record = LicenseRecord(
-        borrower=borrower,
-        license_id=f"lic_{secrets.token_hex(16)}",
-        secret_sha256=hashlib.sha256(secret.encode()).hexdigest(),
-    )
+    record, secret = new_license(borrower)
     # Keys first: a crash part-way leaves a directory that init refuses and load rejects
     # (state.json missing), never one where a key was silently replaced.
     _create(root / CA_KEY, key_pem(ca_key), 0o600)
@@ -309,23 +337,77 @@ def _write_keys(root: Path, hostname: str, borrower: str, now: dt.datetime) -> L
     for sub in (LICENSES, HANDOFF):
         (root / sub).mkdir(mode=0o700)
         os.chmod(root / sub, 0o700)
-    kept = {
+    write_license(root, record, secret)
+    return record
+
+
+def new_license(
+    borrower: str, *, max_instances: int = 1, models: tuple[str, ...] | None = None
+) -> tuple[LicenseRecord, str]:
+    """A new license record and its secret (nothing written)."""
+    secret = secrets.token_urlsafe(_TOKEN_BYTES)
+    record = LicenseRecord(
+        borrower=borrower,
+        license_id=f"lic_{secrets.token_hex(16)}",
+        secret_sha256=hashlib.sha256(secret.encode()).hexdigest(),
+        max_instances=max_instances,
+        models=models,
+    )
+    return record, secret
+
+
+def license_doc(record: LicenseRecord) -> dict[str, object]:
+    """The license record file's content (never the secret)."""
+    doc: dict[str, object] = {
         "format": LICENSE_FORMAT,
         "version": 1,
-        "borrower": borrower,
+        "borrower": record.borrower,
         "license_id": record.license_id,
         "secret_sha256": record.secret_sha256,
     }
-    _create(root / LICENSES / f"{record.license_id}.json", _json(kept), 0o600)
+    if record.max_instances != 1:
+        doc["max_instances"] = record.max_instances
+    if record.models is not None:
+        doc["models"] = list(record.models)
+    if record.removed:
+        doc["removed"] = True
+    return doc
+
+
+def write_license(root: Path, record: LicenseRecord, secret: str) -> Path:
+    """Create the license record and the borrower's handoff file; return the latter.
+
+    Blocking. Never replaces a file (:class:`StateExistsError`)."""
+    _create(root / LICENSES / f"{record.license_id}.json", _json(license_doc(record)), 0o600)
     given = {
         "format": LICENSE_FORMAT,
         "version": 1,
-        "borrower": borrower,
+        "borrower": record.borrower,
         "license_id": record.license_id,
         "secret": secret,
     }
-    _create(root / HANDOFF / f"{borrower}.license.json", _json(given), 0o600)
-    return record
+    handoff = root / HANDOFF / f"{record.borrower}.license.json"
+    _create(handoff, _json(given), 0o600)
+    return handoff
+
+
+def rewrite_license(root: Path, record: LicenseRecord) -> None:
+    """Replace a license record file atomically (a removal, a change of models).
+
+    Blocking. Written to a new file first, then renamed over the old one, so a crash
+    leaves the old record or the new one, never a torn one."""
+    final = root / LICENSES / f"{record.license_id}.json"
+    check_file(final, secret=True)
+    temporary = root / LICENSES / f".{record.license_id}.json.new"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)  # left by a crash between create and rename
+    _create(temporary, _json(license_doc(record)), 0o600)
+    os.replace(temporary, final)
+    fd = os.open(root / LICENSES, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _finish_init(root: Path, hostname: str, now: dt.datetime) -> None:
@@ -489,10 +571,16 @@ def _load_token(path: Path) -> str:
     return text
 
 
+def _is_rewrite_leftover(entry: Path) -> bool:
+    """A record :func:`rewrite_license` wrote but did not rename (a crash): the old one holds."""
+    return entry.name.startswith(".lic_") and entry.name.endswith(".json.new")
+
+
 def _load_licenses(directory: Path) -> dict[str, LicenseRecord]:
     check_dir(directory)
     records: dict[str, LicenseRecord] = {}
-    for count, entry in enumerate(sorted(directory.iterdir())):
+    entries = [e for e in sorted(directory.iterdir()) if not _is_rewrite_leftover(e)]
+    for count, entry in enumerate(entries):
         if count >= MAX_LICENSES:
             raise ConfigError(f"more than {MAX_LICENSES} licenses", path=str(directory))
         doc = load_json(entry, secret=True)
@@ -507,10 +595,34 @@ def _load_licenses(directory: Path) -> dict[str, LicenseRecord]:
             and entry.name == f"{license_id}.json",
             "secret_sha256": isinstance(digest, str) and _SHA256_RE.fullmatch(digest),
         }
+        max_instances = doc.get("max_instances", 1)
+        models = doc.get("models")
+        removed = doc.get("removed", False)
+        checks["max_instances"] = type(max_instances) is int and 1 <= max_instances <= MAX_INSTANCES
+        checks["models"] = models is None or (
+            isinstance(models, list)
+            and 1 <= len(models) <= MAX_LICENSE_MODELS
+            and all(isinstance(m, str) and MODEL_NAME_RE.fullmatch(m) for m in models)
+            and len(set(models)) == len(models)
+        )
+        checks["removed"] = type(removed) is bool
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError("invalid license record", path=str(entry), key=key)
-        records[str(license_id)] = LicenseRecord(str(borrower), str(license_id), str(digest))
+        if any(r.borrower == borrower for r in records.values()):
+            raise ConfigError(
+                f"a second license for borrower {borrower}", path=str(entry), key="borrower"
+            )
+        assert isinstance(max_instances, int)
+        assert isinstance(removed, bool)
+        records[str(license_id)] = LicenseRecord(
+            str(borrower),
+            str(license_id),
+            str(digest),
+            max_instances=max_instances,
+            models=tuple(str(m) for m in models) if isinstance(models, list) else None,
+            removed=removed,
+        )
     if not records:
         raise ConfigError("no license", path=str(directory))
     return records

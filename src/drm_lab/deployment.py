@@ -159,6 +159,7 @@ class Lab:
         on_start: Callable[[int], None] | None = None,
         link_timeout: float = STARTUP_TIMEOUT,
         options: Sequence[str] = (),
+        license_path: Path | None = None,
     ) -> Enclave:
         """Start ``drm_enclave serve``; by default wait until it is linked (attested,
         models loaded, synced).
@@ -166,14 +167,15 @@ class Lab:
         It dials ``dial`` (``host:port``, e.g. a fault proxy) if given, else
         ``custodian_port`` on loopback, else this lab's custodian. ``on_start`` is called
         with the process id as soon as it runs (to sample its memory from the start);
-        ``options`` are more flags for ``serve``.
+        ``options`` are more flags for ``serve``; ``license_path`` is the license it
+        presents (by default the first borrower's, from ``init``).
         """
         if dial is None:
             dial = f"{LOOPBACK}:{custodian_port or self.custodian_port}"
         argv = python_command(
             "drm_enclave", "serve",
             "--custodian", dial,
-            "--custodian-ca", self.ca_path, "--license", self.license_path,
+            "--custodian-ca", self.ca_path, "--license", license_path or self.license_path,
             "--attestation", "simulated", "--simulation-dir", self.simulation_dir,
             "--listen", f"{LOOPBACK}:0", *options,
         )  # fmt: skip

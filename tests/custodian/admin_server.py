@@ -10,7 +10,7 @@ import http.client
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ import trio
 
 from drm_custodian.admin import AdminApp, RecordingHooks, serve_admin
 from drm_custodian.admin_client import AdminClient
+from drm_custodian.borrowers import BorrowerBook
 from drm_custodian.ledger import Balance, Ledger
 from drm_custodian.state import CustodianState, init_state_dir, load_state_dir
 from drm_wire.attestation.pccs import CaType
@@ -110,8 +111,11 @@ async def admin_server(
     tmp_path: Path,
     nursery: trio.Nursery,
     collateral_ages: Callable[[], Mapping[tuple[bytes, CaType], float]] | None = None,
+    *,
+    models: Sequence[str] | None = None,
 ) -> AsyncIterator[Server]:
-    """The ``server`` fixture's server, with the app's optional parts given."""
+    """The ``server`` fixture's server, with the app's optional parts given; with
+    ``models``, it manages borrowers (a :class:`BorrowerBook` lending those models)."""
     made = await init_state_dir(tmp_path / "state")
     state = load_state_dir(made.path)
     ledger = await Ledger.open(state.ledger_path)
@@ -120,7 +124,8 @@ async def admin_server(
         ledger=ledger,
         hooks=hooks,
         token=state.admin_token,
-        borrower=BORROWER,
+        borrower=None if models is not None else BORROWER,
+        book=BorrowerBook(state, models) if models is not None else None,
         body_timeout=1.0,
         collateral_ages=collateral_ages,
     )

@@ -143,7 +143,8 @@ async def test_the_largest_number_is_accepted(server: Server) -> None:
     ("body", "field"),
     [
         (b"number_inferences=1&number_inferences=2", "number_inferences"),
-        (b"number_inferences=5&borrower=other", "borrower"),
+        (b"number_inferences=5&owner=other", "owner"),
+        (b"number_inferences=5&borrower=..", "borrower"),
         (b"other=5", "other"),
         (b"", "number_inferences"),
         (b"number_inferences", "body"),
@@ -232,7 +233,10 @@ async def test_unknown_path_is_404(server: Server, path: str) -> None:
     reply = await _refused(server, 404, "POST", path, b"number_inferences=5", [FORM])
     assert reply.json()["message"] == (
         "no such endpoint; there are POST /supply_inferences, POST /block, POST /unblock, "
-        "GET /usage, GET /metrics, GET /healthz, POST /reclaim"
+        "GET /usage, GET /metrics, GET /healthz, POST /reclaim, GET /borrowers, "
+        "POST /borrowers, POST /borrowers/NAME/supply_inferences, POST /borrowers/NAME/block, "
+        "POST /borrowers/NAME/unblock, POST /borrowers/NAME/reclaim, "
+        "POST /borrowers/NAME/remove, POST /borrowers/NAME/models, GET /borrowers/NAME/usage"
     )
 
 

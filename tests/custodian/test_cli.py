@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from drm_custodian.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, main
+from drm_custodian.cli import (
+    EXIT_API_ERROR,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    main,
+)
 from drm_custodian.models import read_model_file
 from drm_lab.models import tiny_model
 from drm_lab.processes import Daemon, python_command, start_daemon
@@ -292,3 +299,69 @@ async def test_admin_commands_neither_warn_of_the_handoff_nor_hide_the_fix(
         f"error: cannot reach the admin API at https://127.0.0.1:{port}: connection "
         f"refused; is `drm_custodian serve` running, with --admin-port {port}?\n"
     )
+
+
+@pytest.mark.slow
+async def test_borrower_commands_through_the_daemon_and_without_it(tmp_path: Path) -> None:
+    platform = SimulatedPlatform.create(tmp_path / "platform")
+    simulation_policy(platform, MR_ENCLAVE).write(tmp_path / "policy.toml")
+    (tmp_path / "tiny.onnx").write_bytes(tiny_model())
+    files = Files(tmp_path / "state", tmp_path / "tiny.onnx", tmp_path / "policy.toml")
+    state = str(files.state)
+    assert (await run_cli("init", "--state-dir", state, "--borrower", "acme")).returncode == 0
+
+    with daemon(files) as running:
+        port = admin_port(running)
+        where = ("--state-dir", state, "--admin-port", port)
+        added = await run_cli("borrower", "add", "globex", "--models", "tiny",
+                              "--max-instances", "3", *where)  # fmt: skip
+        assert added.returncode == EXIT_OK, added.stderr
+        assert str(files.state / "handoff" / "globex.license.json") in added.stdout.decode()
+        assert running.find("borrower_added", borrower="globex") is not None  # the daemon wrote
+        unknown = await run_cli("borrower", "add", "initech", "--models", "huge", *where)
+        assert unknown.returncode == EXIT_API_ERROR
+        assert b"not lent by this custodian: huge" in unknown.stderr
+
+        ambiguous = await run_cli("supply", "3", *where)
+        assert ambiguous.returncode == EXIT_API_ERROR
+        assert b"2 borrowers (acme, globex)" in ambiguous.stderr
+        supplied = await run_cli("supply", "3", "--borrower", "globex", *where)
+        assert supplied.returncode == EXIT_OK, supplied.stderr
+        blocked = await run_cli("block", "--borrower", "acme", *where)
+        assert blocked.returncode == EXIT_OK, blocked.stderr
+        missing = await run_cli("usage", "--borrower", "nobody", *where)
+        assert missing.returncode == EXIT_API_ERROR
+        assert b"no borrower nobody" in missing.stderr
+
+        listed = await run_cli("borrower", "list", "--json", *where)
+        rows = {row["borrower"]: row for row in json.loads(listed.stdout)["borrowers"]}
+        assert (rows["globex"]["supplied"], rows["globex"]["blocked"]) == (3, False)
+        assert (rows["acme"]["supplied"], rows["acme"]["blocked"]) == (0, True)
+        assert (rows["globex"]["models"], rows["globex"]["max_instances"]) == (["tiny"], 3)
+
+        removed = await run_cli("borrower", "remove", "globex", *where)
+        assert removed.returncode == EXIT_OK, removed.stderr
+        usage = await run_cli("usage", "--json", *where)  # one borrower left: no --borrower
+        assert json.loads(usage.stdout)["borrower"] == "acme"
+        assert await stop(running) == 0
+
+    # No daemon: the command takes the state lock and changes the files itself.
+    added = await run_cli("borrower", "add", "initech", "--state-dir", state)
+    assert added.returncode == EXIT_OK, added.stderr
+    again = await run_cli("borrower", "add", "globex", "--state-dir", state)
+    assert again.returncode == EXIT_CONFIG
+    assert b"never reused" in again.stderr
+    listed = await run_cli("borrower", "list", "--json", "--state-dir", state)
+    rows = {row["borrower"]: row for row in json.loads(listed.stdout)["borrowers"]}
+    assert set(rows) == {"acme", "globex", "initech"}
+    assert rows["globex"]["removed"] is True
+    assert rows["globex"]["supplied"] == 3  # its history stays
+    bad = await run_cli("borrower", "add", "../x", "--state-dir", state)
+    assert bad.returncode == EXIT_CONFIG
+    changed = await run_cli("borrower", "set-models", "initech", "--models", "tiny",
+                            "--state-dir", state)  # fmt: skip
+    assert changed.returncode == EXIT_OK, changed.stderr
+    assert b"initech models: tiny" in changed.stdout
+    listed = await run_cli("borrower", "list", "--json", "--state-dir", state)
+    rows = {row["borrower"]: row for row in json.loads(listed.stdout)["borrowers"]}
+    assert rows["initech"]["models"] == ["tiny"]

@@ -57,12 +57,15 @@ async def test_config_is_checked(state: CustodianState) -> None:
         _config(state, borrower="nobody").admin_borrower()
 
 
-async def test_several_borrowers_need_one_named(state: CustodianState) -> None:
+async def test_initial_inferences_with_several_borrowers_need_one_named(
+    state: CustodianState,
+) -> None:
     other = LicenseRecord("other", "lic_" + "0" * 32, "0" * 64)
     two = dataclasses.replace(state, licenses={**state.licenses, other.license_id: other})
+    assert _config(two).admin_borrower() is None  # the admin API serves both
     with pytest.raises(ConfigError, match="several borrowers"):
-        _config(two).admin_borrower()
-    assert _config(two, borrower="other").admin_borrower() == "other"
+        _config(two, initial_inferences=5).admin_borrower()
+    assert _config(two, borrower="other", initial_inferences=5).admin_borrower() == "other"
 
 
 async def test_initial_supply_key_is_per_state_directory(state: CustodianState) -> None:

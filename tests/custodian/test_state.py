@@ -375,3 +375,67 @@ async def test_a_garbled_lock_file_still_refuses_without_a_pid(made: InitResult)
         with pytest.raises(StateLockedError, match=r"^another process already runs") as refused:
             lock_state_dir(made.path)
         assert refused.value.pid is None
+
+
+def _with_license_fields(made: InitResult, **fields: object) -> None:
+    path = _license_file(made)
+    doc = json.loads(path.read_text())
+    doc.update(fields)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("fields", "key"),
+    [
+        ({"max_instances": 0}, "max_instances"),
+        ({"max_instances": 1001}, "max_instances"),
+        ({"max_instances": "2"}, "max_instances"),
+        ({"max_instances": True}, "max_instances"),
+        ({"models": []}, "models"),
+        ({"models": "tiny"}, "models"),
+        ({"models": ["tiny", "tiny"]}, "models"),
+        ({"models": ["../tiny"]}, "models"),
+        ({"models": [f"m{i}" for i in range(65)]}, "models"),
+        ({"removed": 1}, "removed"),
+    ],
+)
+async def test_hostile_license_record_fields_are_named(
+    made: InitResult, fields: dict[str, object], key: str
+) -> None:
+    _with_license_fields(made, **fields)
+    with pytest.raises(ConfigError, match="invalid license record") as caught:
+        load_state_dir(made.path)
+    assert caught.value.key == key
+
+
+async def test_license_record_fields_load_and_a_removed_license_is_refused(
+    made: InitResult,
+) -> None:
+    secret = json.loads((made.path / "handoff" / "borrower.license.json").read_text())["secret"]
+    _with_license_fields(made, max_instances=4, models=["tiny", "big"])
+    record = load_state_dir(made.path).verify_license(made.license.license_id, secret)
+    assert (record.max_instances, record.models, record.removed) == (4, ("tiny", "big"), False)
+    _with_license_fields(made, removed=True)
+    state = load_state_dir(made.path)
+    with pytest.raises(LicenseRejected):
+        state.verify_license(made.license.license_id, secret)
+    assert state.borrowers == frozenset()
+    assert state.license_of("borrower") is not None
+
+
+async def test_two_licenses_for_one_borrower_are_refused(made: InitResult) -> None:
+    doc = json.loads(_license_file(made).read_text())
+    other = "lic_" + "1" * 32
+    doc["license_id"] = other
+    path = made.path / "licenses" / f"{other}.json"
+    path.write_text(json.dumps(doc))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="a second license for borrower borrower"):
+        load_state_dir(made.path)
+
+
+async def test_a_record_rewrite_cut_short_leaves_the_old_record(made: InitResult) -> None:
+    leftover = made.path / "licenses" / f".{made.license.license_id}.json.new"
+    leftover.write_text("{tor")
+    leftover.chmod(0o600)
+    assert load_state_dir(made.path).licenses == {made.license.license_id: made.license}
