@@ -96,6 +96,9 @@ _OWNED_ALL: Final = (*_OWNED, HANDOFF, STATE_FILE)
 EXPIRY_WARNING: Final = dt.timedelta(days=30)
 #: Licenses loaded; bounds the work of a directory someone filled with junk.
 MAX_LICENSES: Final = 10_000
+#: The most live enclave instances one license may admit (a license record's
+#: ``max_instances``): a fleet behind one load balancer, not an unbounded registry.
+MAX_INSTANCES_PER_LICENSE: Final = 256
 
 _TOKEN_BYTES: Final = 32
 #: ``secrets.token_urlsafe(32)``: 43 base64url characters, no padding.
@@ -134,6 +137,9 @@ class LicenseRecord:
     borrower: str
     license_id: str
     secret_sha256: str = field(repr=False)
+    #: How many enclave instances may hold this license on live links at once (the
+    #: record's optional ``max_instances``; 1 when absent, as before it existed).
+    max_instances: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +516,16 @@ def _load_licenses(directory: Path) -> dict[str, LicenseRecord]:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError("invalid license record", path=str(entry), key=key)
-        records[str(license_id)] = LicenseRecord(str(borrower), str(license_id), str(digest))
+        max_instances = doc.get("max_instances", 1)
+        if type(max_instances) is not int or not 1 <= max_instances <= MAX_INSTANCES_PER_LICENSE:
+            raise ConfigError(
+                f"max_instances must be an integer from 1 to {MAX_INSTANCES_PER_LICENSE}",
+                path=str(entry),
+                key="max_instances",
+            )
+        records[str(license_id)] = LicenseRecord(
+            str(borrower), str(license_id), str(digest), max_instances
+        )
     if not records:
         raise ConfigError("no license", path=str(directory))
     return records
