@@ -19,7 +19,10 @@ after the license check and *releases* it when it ends:
 Several instances of one borrower share its supply through the ledger alone: every grant
 is planned and committed in one ledger transaction against the borrower's remaining
 supply (``Ledger.grant_due``, ``Ledger.supply``), so grants to any number of instances
-never exceed what was supplied, whatever order their pumps run in (I1, I22).
+never exceed what was supplied, whatever order their pumps run in (I1, I22). A supply
+plans its grants for the instances holding least first (:meth:`SessionHooks.grant_plans`),
+so a supply too small for every due top-up reaches an exhausted instance, which may have
+requests parked, before one that still holds units.
 
 The registry is also how the admin API reaches the links: :class:`SessionHooks` names
 the borrower's ready sessions and their grant rule, so that a supply commits their grants
@@ -101,6 +104,10 @@ class LiveSession(Protocol):
 
     @property
     def grant_plan(self) -> GrantPlan: ...
+    @property
+    def outstanding(self) -> int:
+        """Units it was sent and has not reported served: what it holds, as far as known."""
+
     def wake(self) -> None:
         """Re-read the ledger soon: push a block, an unblock or a grant if one is due."""
 
@@ -238,7 +245,12 @@ class SessionHooks:
         self._registry = registry
 
     def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
-        return [(s.instance_id, s.grant_plan) for s in self._registry.sessions(borrower) if s.ready]
+        """The ready sessions' grant rules, the emptiest first: a supply too small for
+        every due top-up goes first to the instances holding least (an exhausted one may
+        have requests parked), then in link order."""
+        ready = [s for s in self._registry.sessions(borrower) if s.ready]
+        ready.sort(key=lambda s: s.outstanding)  # stable: ties keep link order
+        return [(s.instance_id, s.grant_plan) for s in ready]
 
     async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
         granted = {grant.instance_id: grant for grant in result.grants}

@@ -294,6 +294,11 @@ class EnclaveSession:
         """The grant rule for this link, for a ledger transaction to run (a supply's)."""
         return functools.partial(_plan, lease=self._cfg.lease, reserve=self._reserve)
 
+    @property
+    def outstanding(self) -> int:
+        """Units granted to this instance and not reported served (never negative)."""
+        return max(self.granted_total - self.served_total, 0)
+
     def finish(self) -> None:
         """The session has ended: say so to whoever waits on it."""
         self._finished.set()

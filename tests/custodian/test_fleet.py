@@ -17,8 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from drm_custodian.ledger import Balance, Grant, Ledger
-from drm_custodian.registry import DuplicateInstance, InstanceLimit, Registry
+from drm_custodian.ledger import Balance, Grant, GrantPlan, Ledger
+from drm_custodian.registry import DuplicateInstance, InstanceLimit, Registry, SessionHooks
 from drm_custodian.session import _plan
 
 
@@ -32,6 +32,7 @@ class Claimant:
     finished: trio.Event = field(default_factory=trio.Event)
     closed: bool = False
     ready: bool = True
+    outstanding: int = 0
 
     @staticmethod
     def grant_plan(balance: Balance, granted: int, served: int) -> int:
@@ -108,6 +109,37 @@ async def test_a_reconnection_at_the_cap_supersedes_and_never_overfills(
     assert redialled.is_set()
     assert registry.live_instances("acme") == {_iid(1), _iid(3)}
     assert registry.license_instances("lic_a") == 2
+
+
+@dataclass(eq=False)
+class Planned(Claimant):
+    """A ready session with the daemon's own grant rule (lease 8)."""
+
+    @property
+    def grant_plan(self) -> GrantPlan:  # type: ignore[override]
+        return functools.partial(_plan, lease=8, reserve=1)
+
+
+async def test_a_short_supply_goes_first_to_the_instance_holding_least(ledger: Ledger) -> None:
+    """Three instances are due a top-up; the supply covers one. The exhausted one (it may
+    have requests parked) gets it, not the first linked, which still holds 3."""
+    registry = Registry()
+    a, b, c = (Planned("acme", "lic_a", _iid(n)) for n in (1, 2, 3))
+    await ledger.supply("acme", 24)
+    for session, served in ((a, 5), (b, 8), (c, 7)):
+        await registry.claim(session, max_instances=3)
+        await ledger.record_grant("acme", session.instance_id, 8)
+        await ledger.record_usage("acme", session.instance_id, served, 1)
+        session.outstanding = 8 - served
+    hooks = SessionHooks(registry)
+    assert [i for i, _ in hooks.grant_plans("acme")] == [
+        b.instance_id,
+        c.instance_id,
+        a.instance_id,
+    ]
+    result = await ledger.supply("acme", 8, grant_to=hooks.grant_plans("acme"))
+    assert [(g.instance_id, g.units) for g in result.grants] == [(b.instance_id, 8)]
+    assert result.balance.remaining == 0
 
 
 # --- the shared supply, under hostile orders ---------------------------------------------

@@ -30,6 +30,7 @@ class FakeSession:
     woken: int = 0
     closed: bool = False
     ready: bool = True
+    outstanding: int = 0
     committed: list[tuple[Grant, int]] = field(default_factory=list)
     waited_for: list[int] = field(default_factory=list)
 
