@@ -108,6 +108,13 @@ class LiveSession(Protocol):
     def outstanding(self) -> int:
         """Units it was sent and has not reported served: what it holds, as far as known."""
 
+    @property
+    def recall_pending(self) -> bool:
+        """A ``recall`` it was sent is unanswered."""
+
+    def recall(self, units: int) -> None:
+        """Ask the enclave soon to give back up to ``units`` idle units."""
+
     def wake(self) -> None:
         """Re-read the ledger soon: push a block, an unblock or a grant if one is due."""
 
@@ -211,6 +218,16 @@ class Registry:
     def sessions(self, borrower: str) -> Iterator[LiveSession]:
         """The live sessions of ``borrower``."""
         return iter([s for s in self._all() if s.borrower == borrower])
+
+    def recall_donor(self, borrower: str, asking: str) -> LiveSession | None:
+        """The live, ready instance of ``borrower`` other than ``asking`` holding the most
+        units, with no recall of its own unanswered; ``None`` if none holds any."""
+        donors = [
+            s
+            for s in self.sessions(borrower)
+            if s.instance_id != asking and s.ready and s.outstanding > 0 and not s.recall_pending
+        ]
+        return max(donors, key=lambda s: s.outstanding, default=None)
 
     def count(self, borrower: str) -> int:
         return sum(1 for s in self._all() if s.borrower == borrower)

@@ -55,6 +55,8 @@ from drm_wire.messages import (
     ModelLoaded,
     ModelLoadFailed,
     PeerRole,
+    Recall,
+    Returned,
     Unblock,
     UsageAck,
     UsageReport,
@@ -478,10 +480,26 @@ async def test_a_license_serves_its_cap_of_instances_from_one_shared_supply(
         refused = [e for e in logs if e["event"] == "enclave_duplicate_instance"]
         assert [e["max_instances"] for e in refused] == [3]
 
-        # All three serve what they hold; a supply of 5 is shared, and only 5 goes out.
-        await report(first, 1, 4)
-        await report(second, 1, 4)
-        await report(third, 1, 2)
+        # All three serve what they hold (one that runs out while another holds units
+        # has the custodian recall from that one: nothing idle, so nothing comes back);
+        # then a supply of 5 is shared, and only 5 goes out.
+        for channel, served in ((first, 4), (second, 4), (third, 2)):
+            await channel.send(UsageReport(seq=1, served_total=served))
+        for channel, served in ((first, 4), (second, 4), (third, 2)):
+            for message in await receive_until_quiet(channel):
+                if isinstance(message, Recall):
+                    await channel.send(
+                        Returned(
+                            recall_id=message.recall_id,
+                            returned_total=0,
+                            served_total=served,
+                            requests_total=served,
+                            final=False,
+                        )
+                    )
+                else:
+                    assert message == UsageAck(seq=1, served_total=served), message
+        assert (await custodian.balance()).returned == 0
         doc = await custodian.admin_call(lambda admin: admin.supply(5))
         assert (doc["supplied"], doc["granted"], doc["remaining"]) == (15, 15, 0)
         topped = [await receive_until_quiet(c) for c in (first, second, third)]

@@ -33,6 +33,11 @@ class Claimant:
     closed: bool = False
     ready: bool = True
     outstanding: int = 0
+    recall_pending: bool = False
+    recalled: list[int] = field(default_factory=list)
+
+    def recall(self, units: int) -> None:
+        self.recalled.append(units)
 
     @staticmethod
     def grant_plan(balance: Balance, granted: int, served: int) -> int:

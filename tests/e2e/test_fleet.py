@@ -28,6 +28,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 #: Consumers per enclave racing for the last units.
 RACERS: Final = 3
+#: How long a parked request may wait while another enclave of its borrower holds idle
+#: units: the busy enclave's usage report, a recall and its answer (two ledger commits),
+#: and a grant, each a loopback round trip; generous, it bounds a hang under load.
+RECALL_BOUND: Final = 10.0
 
 
 def _admit(lab: Lab, max_instances: int) -> None:
@@ -80,7 +84,7 @@ async def test_two_enclaves_share_one_supply_and_a_third_waits_for_a_place(lab: 
         # Beat the meter: consumers of both enclaves race for the borrower's 10 units with
         # 24 requests. Whatever the interleaving of reports and top-ups, at most 10 are
         # answered, and every answer is in the ledger, charged to the instance that gave it
-        # (units a racer left unused stay with their instance, in doubt: no recall yet).
+        # (units a racer left unused stay with their instance, in doubt, unless recalled).
         answered: list[int] = []
 
         async def race(port: int) -> None:
@@ -99,7 +103,8 @@ async def test_two_enclaves_share_one_supply_and_a_third_waits_for_a_place(lab: 
 
         await eventually(settled, "both enclaves' reports")
         doc = await _usage(lab)
-        assert doc["served"] == sum(answered) <= doc["granted"] <= doc["supplied"] == 10
+        held = doc["granted"] - doc["returned"]  # units recalled were granted again
+        assert doc["served"] == sum(answered) <= held <= doc["supplied"] == 10
         assert sum(answered) >= 8, answered  # both leases were served from
         by_instance = {entry["instance"]: entry for entry in doc["by_instance"]}
         for enclave in (first, second):
@@ -137,3 +142,35 @@ async def test_two_enclaves_share_one_supply_and_a_third_waits_for_a_place(lab: 
     assert doc["instances"] == 2
     assert doc["served"] == sum(answered)  # nothing was served after the block
     assert doc["returned"] > 0  # the stopped instance gave back what it held
+
+
+async def test_a_parked_request_is_served_from_units_recalled_from_an_idle_enclave(
+    lab: Lab,
+) -> None:
+    """The supply is all lent out: the busy enclave has served its lease and a request
+    parks there, while the other enclave holds 4 idle units. The custodian recalls half
+    of them, credits what the idle enclave confirms, and grants it to the busy one: the
+    parked request is served, within RECALL_BOUND."""
+    _admit(lab, 2)
+    tiny = lab.write_model("tiny", tiny_model())
+    await trio.to_thread.run_sync(partial(lab.start_custodian, [tiny], initial=8, lease=4))
+    busy: Enclave = await trio.to_thread.run_sync(lab.start_enclave, lab.custodian_port)
+    idle: Enclave = await trio.to_thread.run_sync(lab.start_enclave, lab.custodian_port)
+    policy = Policy.load(lab.policy_path)
+    async with Client.connect(LOOPBACK, busy.consumer_port, policy=policy) as client:
+        model = await _only_model(client)
+        assert await _race(client, model, 4) == 4
+        started = trio.current_time()
+        with trio.fail_after(RECALL_BOUND):
+            await client.infer(model.name, _inputs(model), wait=RECALL_BOUND)
+        waited = trio.current_time() - started
+    recalled = await _wait_log(idle.daemon.wait_for, "units_recalled")
+    assert (recalled["asked"], recalled["returned_total"]) == (2, 2), recalled
+
+    async def settled() -> bool:
+        return bool((await _usage(lab))["served"] == 5)
+
+    await eventually(settled, "the busy enclave's report")
+    doc = await _usage(lab)
+    assert (doc["supplied"], doc["returned"], doc["granted"]) == (8, 2, 10)
+    print(f"parked request served after {waited * 1000:.0f} ms (recall and grant)")
