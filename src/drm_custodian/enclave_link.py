@@ -14,8 +14,9 @@ Theory of operation
 2. ``hello`` / ``welcome`` over a :class:`~drm_wire.net.channel.MessageChannel`; the
    instance id must be 32 hex characters (else ``error(protocol_error)``); the license in
    the hello is checked (a bad one gets a uniform ``error(attestation_failed)``); the
-   license is claimed in the :class:`~drm_custodian.registry.Registry` (a second instance
-   gets ``error(duplicate_instance)``).
+   license is claimed in the :class:`~drm_custodian.registry.Registry` (an instance past
+   the license's ``max_instances`` live ones gets ``error(duplicate_instance)`` naming
+   the cap, I23).
 
 The admitted enclave's :class:`~drm_custodian.session.EnclaveSession` then runs, with
 ``borrower`` and ``instance`` bound to the log context, until the link ends; its claim is
@@ -34,7 +35,7 @@ from typing import Final
 import structlog
 import trio
 
-from drm_custodian.registry import DuplicateInstance
+from drm_custodian.registry import InstanceLimit
 from drm_custodian.session import EnclaveSession, LinkDead, SessionContext, send_last_words
 from drm_custodian.state import LicenseRejected
 from drm_wire.attestation.verified_enclave import VerifiedEnclave
@@ -227,12 +228,14 @@ async def _serve_connection(
                 ctx, channel, identity, record, instance_id, held=hello.held or ()
             )
             try:
-                await ctx.registry.claim(session)
-            except DuplicateInstance:
-                log.warning("enclave_duplicate_instance", license_id=record.license_id)
-                await send_last_words(
-                    channel, ErrorCode.DUPLICATE_INSTANCE, "another instance holds this license"
+                await ctx.registry.claim(session, max_instances=record.max_instances)
+            except InstanceLimit as refused:
+                log.warning(
+                    "enclave_duplicate_instance",
+                    license_id=record.license_id,
+                    max_instances=refused.max_instances,
                 )
+                await send_last_words(channel, ErrorCode.DUPLICATE_INSTANCE, str(refused))
                 return
             if ctx.state.licenses.get(record.license_id, record).removed:
                 # Removed while this link was being checked: the removal's cut missed it.

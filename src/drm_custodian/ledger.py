@@ -120,8 +120,8 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 
 #: The units to grant an instance now, from the borrower's balance and the instance's
-#: granted and served totals (0 for none): a pure function the ledger runs in its thread,
-#: inside the transaction that read those figures.
+#: granted (less what it returned) and served totals (0 for none): a pure function the
+#: ledger runs in its thread, inside the transaction that read those figures.
 GrantPlan = Callable[[Balance, int, int], int]
 
 #: Version of the table layout below; older files are upgraded on open along
@@ -885,7 +885,8 @@ def _grant_planned(
     if record is not None and record.retired is not None:
         return balance, None  # stopped or reclaimed: nothing more, and the supply stands
     served, granted = conn.execute(_SERVED_AND_GRANTED, (borrower, instance_id)).fetchone()
-    units = plan(balance, granted, served)
+    # Units it gave back (a recall's answer, I20) are no longer held: plan without them.
+    units = plan(balance, granted - (record.returned if record is not None else 0), served)
     if units == 0:
         return balance, None
     _check_int(units, "units", low=1, high=MAX_GRANT_UNITS)

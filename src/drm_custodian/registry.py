@@ -1,18 +1,28 @@
-"""Which enclave instances are linked now, one per license, and the admin API's hooks.
+"""Which enclave instances are linked now, up to a cap per license, and the admin API's hooks.
 
 Theory of operation
 -------------------
-A license may have one live enclave instance at a time (docs/links.md, step 2). A
-session *claims* its license after the license check and *releases* it when it ends:
+A license admits up to its record's ``max_instances`` live enclave instances at once
+(docs/links.md, step 2; 1 unless the owner said more). A session *claims* its license
+after the license check and *releases* it when it ends:
 
-* no live session for the license: the claim succeeds;
-* a live session of *another* instance: :class:`DuplicateInstance`; the caller sends
-  ``error(duplicate_instance)`` and closes, and the first instance keeps serving;
+* fewer live sessions for the license than its cap: the claim succeeds;
+* as many as the cap, none of them of this instance: :class:`InstanceLimit` (a
+  :class:`DuplicateInstance`); the caller sends ``error(duplicate_instance)`` naming the
+  cap and closes, and the live instances keep serving (I23);
 * a live session of the *same* instance: that instance dialled again, so its old link is
   dead even if no missed heartbeat has said so yet (an enclave process holds one link, and
   its instance id is chosen inside the enclave). The old session is closed, and the claim
   waits for it to end before succeeding, so the two never act on the ledger for one
-  instance at the same time.
+  instance at the same time. A reconnection never counts against the cap.
+
+Several instances of one borrower share its supply through the ledger alone: every grant
+is planned and committed in one ledger transaction against the borrower's remaining
+supply (``Ledger.grant_due``, ``Ledger.supply``), so grants to any number of instances
+never exceed what was supplied, whatever order their pumps run in (I1, I23). A supply
+plans its grants for the instances holding least first (:meth:`SessionHooks.grant_plans`),
+so a supply too small for every due top-up reaches an exhausted instance, which may have
+requests parked, before one that still holds units.
 
 The registry is also how the admin API reaches the links: :class:`SessionHooks` names
 the borrower's ready sessions and their grant rule, so that a supply commits their grants
@@ -48,6 +58,7 @@ __all__ = [
     "GRANT_SEND_WAIT",
     "SUPERSEDE_TIMEOUT",
     "DuplicateInstance",
+    "InstanceLimit",
     "LiveSession",
     "Registry",
     "SessionHooks",
@@ -68,7 +79,19 @@ DEFAULT_BLOCK_REASON: Final = "blocked by the model owner"
 
 
 class DuplicateInstance(DrmError):
-    """Another instance already holds this license on a live link."""
+    """Other instances already hold this license on live links."""
+
+
+class InstanceLimit(DuplicateInstance):
+    """The license's cap of live instances is reached (``max_instances`` are live)."""
+
+    def __init__(self, max_instances: int) -> None:
+        self.max_instances = max_instances
+        noun = "instance" if max_instances == 1 else "instances"
+        super().__init__(
+            f"this license admits {max_instances} live enclave {noun} and "
+            f"{max_instances} {'is' if max_instances == 1 else 'are'} linked"
+        )
 
 
 class LiveSession(Protocol):
@@ -88,6 +111,17 @@ class LiveSession(Protocol):
 
     @property
     def grant_plan(self) -> GrantPlan: ...
+    @property
+    def outstanding(self) -> int:
+        """Units it was sent and has not reported served: what it holds, as far as known."""
+
+    @property
+    def recall_pending(self) -> bool:
+        """A ``recall`` it was sent is unanswered."""
+
+    def recall(self, units: int) -> None:
+        """Ask the enclave soon to give back up to ``units`` idle units."""
+
     def wake(self) -> None:
         """Re-read the ledger soon: push a block, an unblock or a grant if one is due."""
 
@@ -102,10 +136,11 @@ class LiveSession(Protocol):
 
 
 class Registry:
-    """The live sessions, by license."""
+    """The live sessions, by license and instance."""
 
     def __init__(self, *, started_at: float | None = None, forget_after: float = math.inf) -> None:
-        self._by_license: dict[str, LiveSession] = {}
+        #: license id -> instance id -> its live session (insertion order: link order).
+        self._by_license: dict[str, dict[str, LiveSession]] = {}
         self._block_reasons: dict[str, str] = {}
         #: When this process started (trio's clock): nothing was sent before it.
         self._started_at = trio.current_time() if started_at is None else started_at
@@ -119,26 +154,43 @@ class Registry:
         self._ended = trio.Event()
 
     def __repr__(self) -> str:
-        return f"<Registry live={len(self._by_license)}>"
+        return f"<Registry live={sum(len(live) for live in self._by_license.values())}>"
 
-    async def claim(self, session: LiveSession) -> None:
-        """Make ``session`` the live one for its license.
+    def _all(self) -> list[LiveSession]:
+        return [s for live in self._by_license.values() for s in live.values()]
+
+    async def claim(self, session: LiveSession, *, max_instances: int = 1) -> None:
+        """Make ``session`` a live one for its license, which admits ``max_instances``.
 
         Raises:
-            DuplicateInstance: another instance holds the license.
+            InstanceLimit: ``max_instances`` other instances hold the license.
             trio.TooSlowError: an old session of the same instance did not end in time.
         """
-        while (current := self._by_license.get(session.license_id)) is not None:
+        if type(max_instances) is not int or max_instances < 1:
+            raise ValueError("max_instances must be a positive integer")
+        while (current := self._live(session.license_id).get(session.instance_id)) is not None:
             if current is session:
                 return
-            if current.instance_id != session.instance_id:
-                raise DuplicateInstance("another enclave instance holds this license")
             current.close()
             with trio.fail_after(SUPERSEDE_TIMEOUT):
                 await current.finished.wait()
-            if self._by_license.get(session.license_id) is current:
+            self._forget(current)
+        # Checked after any wait above, with no await before the insert: two claims racing
+        # for the last place cannot both take it.
+        live = self._live(session.license_id)
+        if len(live) >= max_instances:
+            raise InstanceLimit(max_instances)
+        self._by_license[session.license_id] = {**live, session.instance_id: session}
+
+    def _live(self, license_id: str) -> dict[str, LiveSession]:
+        return self._by_license.get(license_id, {})
+
+    def _forget(self, session: LiveSession) -> None:
+        live = self._by_license.get(session.license_id)
+        if live is not None and live.get(session.instance_id) is session:
+            del live[session.instance_id]
+            if not live:
                 del self._by_license[session.license_id]
-        self._by_license[session.license_id] = session
 
     def release(self, session: LiveSession) -> None:
         """Forget ``session`` if it is the live one (idempotent); note when it ended."""
@@ -148,8 +200,7 @@ class Registry:
         self._forget_silent(now)
         self._ended.set()
         self._ended = trio.Event()
-        if self._by_license.get(session.license_id) is session:
-            del self._by_license[session.license_id]
+        self._forget(session)
 
     def _forget_silent(self, now: float) -> None:
         """Drop the end times of instances silent for longer than ``forget_after``."""
@@ -166,7 +217,11 @@ class Registry:
         return len(self._ended_at)
 
     def live_instances(self, borrower: str) -> set[str]:
-        return {s.instance_id for s in self._by_license.values() if s.borrower == borrower}
+        return {s.instance_id for s in self._all() if s.borrower == borrower}
+
+    def license_instances(self, license_id: str) -> int:
+        """How many instances hold ``license_id`` on live links now."""
+        return len(self._by_license.get(license_id, {}))
 
     @property
     def started_at(self) -> float:
@@ -189,14 +244,24 @@ class Registry:
 
     def sessions(self, borrower: str) -> Iterator[LiveSession]:
         """The live sessions of ``borrower``."""
-        return iter([s for s in self._by_license.values() if s.borrower == borrower])
+        return iter([s for s in self._all() if s.borrower == borrower])
+
+    def recall_donor(self, borrower: str, asking: str) -> LiveSession | None:
+        """The live, ready instance of ``borrower`` other than ``asking`` holding the most
+        units, with no recall of its own unanswered; ``None`` if none holds any."""
+        donors = [
+            s
+            for s in self.sessions(borrower)
+            if s.instance_id != asking and s.ready and s.outstanding > 0 and not s.recall_pending
+        ]
+        return max(donors, key=lambda s: s.outstanding, default=None)
 
     def count(self, borrower: str) -> int:
-        return sum(1 for s in self._by_license.values() if s.borrower == borrower)
+        return sum(1 for s in self._all() if s.borrower == borrower)
 
     def close_all(self) -> None:
         """Close every live session (shutdown)."""
-        for session in list(self._by_license.values()):
+        for session in self._all():
             session.close()
 
     def set_block_reason(self, borrower: str, reason: str) -> None:
@@ -224,7 +289,12 @@ class SessionHooks:
         self._registry = registry
 
     def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
-        return [(s.instance_id, s.grant_plan) for s in self._registry.sessions(borrower) if s.ready]
+        """The ready sessions' grant rules, the emptiest first: a supply too small for
+        every due top-up goes first to the instances holding least (an exhausted one may
+        have requests parked), then in link order."""
+        ready = [s for s in self._registry.sessions(borrower) if s.ready]
+        ready.sort(key=lambda s: s.outstanding)  # stable: ties keep link order
+        return [(s.instance_id, s.grant_plan) for s in ready]
 
     async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
         granted = {grant.instance_id: grant for grant in result.grants}

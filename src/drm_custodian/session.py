@@ -48,6 +48,13 @@ steps 1 and 2; see :mod:`drm_custodian.enclave_link`) and runs the rest of the s
    are: grants carry the instance's cumulative total, so a grant overtaken by a newer one
    is simply not sent.
 
+3. Recall (I23): when the pump finds its instance holding nothing and the borrower's
+   supply all lent out, it asks the registry for the live instance of the borrower
+   holding most and has that session's pump send ``recall`` for half its units (one
+   unanswered recall per link). Its ``returned`` is credited as the ledger accepts it
+   (I20), and the borrower's other sessions are woken to grant the units where they
+   ran out.
+
 Every send is under ``send_timeout`` and every wait on the peer under a deadline.
 Whatever ends the link is raised to the caller, which logs it; a protocol error of the
 enclave's is first told to it in an ``error`` (best effort, bounded).
@@ -87,6 +94,7 @@ from drm_wire.limits import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_MISSES,
     HELLO_TIMEOUT,
+    MAX_GRANT_UNITS,
     MODEL_CHUNK_BYTES,
 )
 from drm_wire.messages import (
@@ -102,6 +110,7 @@ from drm_wire.messages import (
     ModelKeep,
     ModelLoaded,
     ModelLoadFailed,
+    Recall,
     ReturnAck,
     Returned,
     Unblock,
@@ -251,6 +260,13 @@ class EnclaveSession:
         #: The ledger's view of this instance, kept current by this session alone.
         self.granted_total = 0
         self.served_total = 0
+        #: Units it gave back (recalls answered, I20), as the ledger recorded them.
+        self.returned_total = 0
+        #: Units to recall from it when its pump next runs (0: none), and whether a
+        #: recall it was sent is still unanswered (one at a time).
+        self._recall_due = 0
+        self.recall_pending = False
+        self._recall_ids = itertools.count(1)
         #: Whether the enclave was last told ``block``.
         self.told_blocked = False
         #: All models delivered; grants and blocks may flow.
@@ -298,6 +314,18 @@ class EnclaveSession:
     def grant_plan(self) -> GrantPlan:
         """The grant rule for this link, for a ledger transaction to run (a supply's)."""
         return functools.partial(_plan, lease=self._cfg.lease, reserve=self._reserve)
+
+    @property
+    def outstanding(self) -> int:
+        """Units granted to this instance and neither reported served nor given back."""
+        return max(self.granted_total - self.served_total - self.returned_total, 0)
+
+    def recall(self, units: int) -> None:
+        """Ask the enclave, soon, to give back up to ``units`` idle units (its pump sends
+        the ``recall``; the ledger credits only what its ``returned`` confirms, I20)."""
+        if units > 0 and not self.recall_pending and not self.stopped:
+            self._recall_due = max(self._recall_due, units)
+            self._wakeup.set()
 
     def finish(self) -> None:
         """The session has ended: say so to whoever waits on it."""
@@ -394,6 +422,8 @@ class EnclaveSession:
             return
         self.ready = True
         while not self.stopped:
+            if self._recall_due and not self.recall_pending:
+                await self._push_recall()
             if self._committed is not None:
                 (grant, remaining), self._committed = self._committed, None
                 await self._push_grant(grant, remaining)
@@ -519,6 +549,8 @@ class EnclaveSession:
         last = await self._ledger.last_grant(borrower, instance)
         self.served_total = await self._ledger.served_total(borrower, instance)
         self.granted_total = last.cumulative if last is not None else 0
+        known = await self._ledger.instance(borrower, instance)
+        self.returned_total = known.returned if known is not None else 0
         balance = await self._ledger.balance(borrower)
         if balance.blocked:
             await self._push_block()
@@ -530,6 +562,30 @@ class EnclaveSession:
         elif not await self._sync():
             await self._send(Unblock())
             log.info("unblock_resynced")
+
+    async def _push_recall(self) -> None:
+        units, self._recall_due = min(self._recall_due, MAX_GRANT_UNITS), 0
+        recall_id = next(self._recall_ids)
+        self.recall_pending = True
+        try:
+            await self._send(Recall(recall_id=recall_id, units=units))
+        except LocalProtocolError:
+            self.recall_pending = False
+            if not self.stopped:
+                raise
+            return  # it stopped meanwhile: its final return gives everything back
+        log.info("recall_sent", recall_id=recall_id, units=units)
+
+    def _recall_for(self, balance: Balance) -> None:
+        """This instance holds nothing and the borrower has no supply left: recall half
+        the idle units of the live instance of the borrower holding most (I23), so that
+        supply moves to where it is being served."""
+        if balance.blocked or balance.remaining > 0 or self.outstanding > 0:
+            return
+        donor = self._ctx.registry.recall_donor(self.borrower, self._instance_id)
+        if donor is not None:
+            log.info("recall_asked", donor=donor.instance_id, holds=donor.outstanding)
+            donor.recall((donor.outstanding + 1) // 2)
 
     async def _push_block(self) -> None:
         reason = self._ctx.registry.block_reason(self.borrower)
@@ -558,8 +614,9 @@ class EnclaveSession:
             self.told_blocked = False
             log.info("unblock_pushed")
         if grant is None:
-            if balance.remaining == 0 and self.granted_total <= self.served_total:
+            if balance.remaining == 0 and self.outstanding == 0:
                 log.info("quota_exhausted", granted_total=self.granted_total)
+                self._recall_for(balance)
             return sent
         await self._push_grant(grant, balance.remaining - grant.units)
         return True
@@ -625,8 +682,11 @@ class EnclaveSession:
         # Wake the pump only when this report calls for a message (a grant, a block or an
         # unblock) or ends the quota: a busy enclave reports tens of times a second, and a
         # ledger trip for nothing would cost every one of them.
-        exhausted = balance.remaining == 0 and self.granted_total <= self.served_total
-        due = self.grant_plan(balance, self.granted_total, self.served_total) > 0
+        exhausted = balance.remaining == 0 and self.outstanding == 0
+        due = (
+            self.grant_plan(balance, self.granted_total - self.returned_total, self.served_total)
+            > 0
+        )
         if self.ready and (balance.blocked != self.told_blocked or exhausted or due):
             self.wake()
 
@@ -643,6 +703,10 @@ class EnclaveSession:
             recall_id=returned.recall_id,
         )
         self.served_total = result.served_total
+        if returned.recall_id is not None:
+            self.recall_pending = False
+        if result.refused is None:
+            self.returned_total = result.returned_total
         if result.refused is not None:
             log.error(
                 "enclave_return_refused",
@@ -674,7 +738,11 @@ class EnclaveSession:
             in_doubt=balance.in_doubt,
         )
         if result.credited:
-            self._ctx.registry.wake(self.borrower)  # supply is back: others may want it
+            # Supply is back: others may want it. A recall's units are for the instance
+            # that ran out, not for this one to take again.
+            for session in self._ctx.registry.sessions(self.borrower):
+                if session is not self or returned.recall_id is None:
+                    session.wake()
 
 
 def _plan(

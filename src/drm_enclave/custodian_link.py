@@ -254,8 +254,8 @@ class Backoff:
 _REFUSALS: Final = {
     ErrorCode.DUPLICATE_INSTANCE: (
         "license_in_use",
-        "another enclave instance holds this license: stop it, or ask the owner for "
-        "another license",
+        "the license's live enclave instances are at its cap (one, unless the owner set "
+        "max_instances): stop one, or ask the owner to raise the cap",
     ),
     ErrorCode.ATTESTATION_FAILED: (
         "license_refused",

@@ -16,7 +16,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +55,8 @@ from drm_wire.messages import (
     ModelLoaded,
     ModelLoadFailed,
     PeerRole,
+    Recall,
+    Returned,
     Unblock,
     UsageAck,
     UsageReport,
@@ -203,9 +205,17 @@ async def start_custodian(
         session: SessionConfig | None = None,
         models: Sequence[ModelFile] = models,
         link_frame_timeout: float = 30.0,
+        max_instances: int = 1,
     ) -> Custodian:
+        licensed = replace(
+            state,
+            licenses={
+                key: replace(record, max_instances=max_instances)
+                for key, record in state.licenses.items()
+            },
+        )
         config = ServeConfig(
-            state=state,
+            state=licensed,
             models=models,
             policy=policy,
             port=0,
@@ -437,6 +447,72 @@ async def test_a_second_instance_is_refused_and_the_first_keeps_serving(
                 await receive(second, ModelBegin)
             assert caught.value.code is ErrorCode.DUPLICATE_INSTANCE
         assert (await report(first, 1, 1)).served_total == 1
+
+
+async def test_a_license_serves_its_cap_of_instances_from_one_shared_supply(
+    start_custodian: CustodianFactory,
+) -> None:
+    """I23: three instances of one license share 10 units (leases of 4): 4 + 4 + 2, never
+    more; a fourth is refused naming the cap; a supply tops up every live instance, in
+    one transaction, no further than the supply; a block reaches each one."""
+    custodian = await start_custodian(
+        initial_inferences=10, session=SessionConfig(lease=4), max_instances=3
+    )
+    async with (
+        custodian.link() as first,
+        custodian.link() as second,
+        custodian.link() as third,
+    ):
+        totals = []
+        for channel in (first, second, third):  # each linked and synced before the next
+            await load_models(channel, 2)
+            totals.append((await receive(channel, Grant)).granted_total)
+        assert totals == [4, 4, 2]
+        assert (await custodian.balance()).remaining == 0
+        with capture_logs() as logs:
+            async with custodian.link() as fourth:
+                with pytest.raises(PeerError) as caught:
+                    await receive(fourth, ModelBegin)
+        assert caught.value.code is ErrorCode.DUPLICATE_INSTANCE
+        assert caught.value.detail == (
+            "this license admits 3 live enclave instances and 3 are linked"
+        )
+        refused = [e for e in logs if e["event"] == "enclave_duplicate_instance"]
+        assert [e["max_instances"] for e in refused] == [3]
+
+        # All three serve what they hold (one that runs out while another holds units
+        # has the custodian recall from that one: nothing idle, so nothing comes back);
+        # then a supply of 5 is shared, and only 5 goes out.
+        for channel, served in ((first, 4), (second, 4), (third, 2)):
+            await channel.send(UsageReport(seq=1, served_total=served))
+        for channel, served in ((first, 4), (second, 4), (third, 2)):
+            for message in await receive_until_quiet(channel):
+                if isinstance(message, Recall):
+                    await channel.send(
+                        Returned(
+                            recall_id=message.recall_id,
+                            returned_total=0,
+                            served_total=served,
+                            requests_total=served,
+                            final=False,
+                        )
+                    )
+                else:
+                    assert message == UsageAck(seq=1, served_total=served), message
+        assert (await custodian.balance()).returned == 0
+        doc = await custodian.admin_call(lambda admin: admin.supply(5))
+        assert (doc["supplied"], doc["granted"], doc["remaining"]) == (15, 15, 0)
+        topped = [await receive_until_quiet(c) for c in (first, second, third)]
+        units = [sum(m.units for m in got if isinstance(m, Grant)) for got in topped]
+        assert sum(units) == 5, topped
+        assert max(units) <= 4, topped
+        balance = await custodian.balance()
+        assert balance.served <= balance.granted <= balance.supplied == 15
+
+        await custodian.admin_call(lambda admin: admin.block("audit"))
+        for channel in (first, second, third):
+            assert (await receive(channel, Block)).reason == "audit"
+    assert (await custodian.balance()).granted == 15
 
 
 async def test_the_same_instance_reconnecting_replaces_its_old_link_and_is_resynced(

@@ -30,6 +30,13 @@ class FakeSession:
     woken: int = 0
     closed: bool = False
     ready: bool = True
+    outstanding: int = 0
+    recall_pending: bool = False
+    recalled: list[int] = field(default_factory=list)
+
+    def recall(self, units: int) -> None:
+        self.recalled.append(units)
+
     committed: list[tuple[Grant, int]] = field(default_factory=list)
     waited_for: list[int] = field(default_factory=list)
 

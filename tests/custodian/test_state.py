@@ -308,10 +308,16 @@ async def test_tampered_files_are_named(made: InitResult, tmp_path: Path) -> Non
         ({"borrower": "bad name"}, "borrower"),
         ({"license_id": "lic_" + "1" * 32}, "license_id"),
         ({"format": "other"}, "format"),
+        ({"max_instances": 0}, "max_instances"),
+        ({"max_instances": 257}, "max_instances"),
+        ({"max_instances": True}, "max_instances"),
+        ({"max_instances": 2.0}, "max_instances"),
+        ({"max_instances": "3"}, "max_instances"),
+        ({"max_instances": None}, "max_instances"),
     ],
 )
 async def test_tampered_license_record_is_named(
-    made: InitResult, edit: dict[str, str], key: str
+    made: InitResult, edit: dict[str, object], key: str
 ) -> None:
     path = _license_file(made)
     doc = json.loads(path.read_text())
@@ -319,6 +325,17 @@ async def test_tampered_license_record_is_named(
     with pytest.raises(ConfigError) as info:
         load_state_dir(made.path)
     assert (info.value.path, info.value.key) == (str(path), key)
+
+
+async def test_a_license_admits_one_instance_unless_its_record_says_more(
+    made: InitResult,
+) -> None:
+    """I23: ``max_instances`` is optional in the record; absent means one, as before."""
+    assert load_state_dir(made.path).licenses[made.license.license_id].max_instances == 1
+    path = _license_file(made)
+    doc = json.loads(path.read_text())
+    _overwrite(path, json.dumps({**doc, "max_instances": 256}).encode())
+    assert load_state_dir(made.path).licenses[made.license.license_id].max_instances == 256
 
 
 async def test_no_license_is_refused(made: InitResult) -> None:

@@ -176,8 +176,9 @@ async def test_license_in_use_costs_the_custodian_a_trickle(
     assert {e["log_level"] for e in refused} == {"error"}
     assert {e["reason"] for e in refused} == {"license_in_use"}
     assert str(refused[0]["fix"]).startswith(
-        "another enclave instance holds this license: stop it, or ask the owner for another "
-        "license (the custodian said: another instance holds it)"
+        "the license's live enclave instances are at its cap (one, unless the owner set "
+        "max_instances): stop one, or ask the owner to raise the cap (the custodian said: "
+        "another instance holds it)"
     )
     assert max(float(str(e["retry_in"])) for e in refused) >= 30.0
 
