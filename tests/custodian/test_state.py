@@ -309,7 +309,7 @@ async def test_tampered_files_are_named(made: InitResult, tmp_path: Path) -> Non
         ({"license_id": "lic_" + "1" * 32}, "license_id"),
         ({"format": "other"}, "format"),
         ({"max_instances": 0}, "max_instances"),
-        ({"max_instances": 257}, "max_instances"),
+        ({"max_instances": 1001}, "max_instances"),
         ({"max_instances": True}, "max_instances"),
         ({"max_instances": 2.0}, "max_instances"),
         ({"max_instances": "3"}, "max_instances"),
