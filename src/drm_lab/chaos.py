@@ -298,7 +298,8 @@ class Campaign:
                     nursery.cancel_scope.cancel()
                 await self._settle()
         finally:
-            await _blocking(self.lab.stop_all)
+            with trio.CancelScope(shield=True):  # stop every daemon, even when cancelled
+                await _blocking(self.lab.stop_all)
             self.report.wall_time = time.monotonic() - started
             self.report.instances = len(self.views)
             self.report.answers = sum(v.answers for v in self.views.values())
