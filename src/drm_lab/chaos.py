@@ -731,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         topology.check_supported()
     except ValueError as exc:
         parser.error(str(exc))
+    args.workdir = args.workdir.resolve()  # the daemons run in it: relative paths would nest
     args.workdir.mkdir(parents=True, exist_ok=False)
     try:
         report = trio.run(
