@@ -76,6 +76,6 @@ def chaos(session: nox.Session) -> None:
     """
     _install(session, "test")
     args = session.posargs or ["--seed", "1", "--faults", "500"]
-    workdir = Path(session.create_tmp()) / "chaos"
+    workdir = Path(session.create_tmp()).resolve() / "chaos"
     session.run("rm", "-rf", str(workdir), external=True)
     session.run("python", "-m", "drm_lab.chaos", "--workdir", str(workdir), *args)

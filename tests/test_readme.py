@@ -188,7 +188,7 @@ def test_the_two_commands_name_real_nox_sessions() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert ci[-2:] == [c.split("#")[0].strip() for c in commands]
     named = set(re.findall(r"nox -s (\w+)", _block("quickstart").text + _block("nox").text))
-    assert named == {"tests", "lint", "demo", "bench", "fuzz"}
+    assert named == {"tests", "lint", "demo", "bench", "fuzz", "chaos"}
     assert named <= _nox_sessions()
     noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
     assert '"demo/run.py"' in noxfile

@@ -298,7 +298,8 @@ class Campaign:
                     nursery.cancel_scope.cancel()
                 await self._settle()
         finally:
-            await _blocking(self.lab.stop_all)
+            with trio.CancelScope(shield=True):  # stop every daemon, even when cancelled
+                await _blocking(self.lab.stop_all)
             self.report.wall_time = time.monotonic() - started
             self.report.instances = len(self.views)
             self.report.answers = sum(v.answers for v in self.views.values())
@@ -730,6 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         topology.check_supported()
     except ValueError as exc:
         parser.error(str(exc))
+    args.workdir = args.workdir.resolve()  # the daemons run in it: relative paths would nest
     args.workdir.mkdir(parents=True, exist_ok=False)
     try:
         report = trio.run(
