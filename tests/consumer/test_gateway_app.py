@@ -69,6 +69,7 @@ async def test_a_result_carries_cost_and_inferences_left(
         (ErrorCode.BUSY, 429, "1"),
         (ErrorCode.BLOCKED, 403, None),
         (ErrorCode.CUSTODIAN_UNREACHABLE, 503, "5"),
+        (ErrorCode.MODEL_UNAVAILABLE, 503, "30"),
         (ErrorCode.INFERENCE_FAILED, 500, None),
         (ErrorCode.TIMEOUT, 502, None),  # a code no request should get: not ours to name
     ],

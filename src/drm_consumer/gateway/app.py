@@ -82,6 +82,7 @@ from drm_consumer.errors import (
     CustodianUnreachable,
     InferenceFailed,
     ModelNotFound,
+    ModelUnavailable,
     NoInferencesLeft,
     RequestFailed,
 )
@@ -135,6 +136,8 @@ STATUS_BY_ERROR: Final[Mapping[type[ConsumerError], tuple[int, int | None]]] = {
     ModelNotFound: (404, None),
     Blocked: (403, None),
     CustodianUnreachable: (503, 5),
+    # It did not load in this enclave: the custodian sends it again on the next link.
+    ModelUnavailable: (503, 30),
     InferenceFailed: (500, None),
     AttestationRefused: (502, None),
     ConnectionFailed: (503, 1),
