@@ -191,20 +191,29 @@ class BorrowerBook:
         check_borrower_name(name)
         models = self._check_models(models)
         async with self._lock:
-            record = self.get(name)
-            if record is None:
-                raise BorrowerError("unknown", f"no borrower {name}")
-            if record.removed:
-                raise BorrowerError("removed", f"borrower {name} was removed")
+            record = self._changeable(name, "was removed")
             changed = replace(record, models=models)
-            await trio.to_thread.run_sync(rewrite_license, self._state.path, changed)
-            self._state.licenses[record.license_id] = changed
+            await self._store(changed)
         log.info(
             "borrower_models_set",
             borrower=name,
             models=list(models) if models is not None else None,
         )
         return changed
+
+    def _changeable(self, name: str, if_removed: str) -> LicenseRecord:
+        """The borrower's record, if it exists and was not removed (call under the lock)."""
+        record = self.get(name)
+        if record is None:
+            raise BorrowerError("unknown", f"no borrower {name}")
+        if record.removed:
+            raise BorrowerError("removed", f"borrower {name} {if_removed}")
+        return record
+
+    async def _store(self, record: LicenseRecord) -> None:
+        """Rewrite the record's file, then hold it in memory (call under the lock)."""
+        await trio.to_thread.run_sync(rewrite_license, self._state.path, record)
+        self._state.licenses[record.license_id] = record
 
     def _check_models(self, models: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if models is None:
@@ -231,14 +240,9 @@ class BorrowerBook:
         """
         check_borrower_name(name)
         async with self._lock:
-            record = self.get(name)
-            if record is None:
-                raise BorrowerError("unknown", f"no borrower {name}")
-            if record.removed:
-                raise BorrowerError("removed", f"borrower {name} is already removed")
+            record = self._changeable(name, "is already removed")
             removed = replace(record, removed=True)
-            await trio.to_thread.run_sync(rewrite_license, self._state.path, removed)
-            self._state.licenses[record.license_id] = removed
+            await self._store(removed)
             handoff = self._state.path / HANDOFF / f"{name}.license.json"
             with contextlib.suppress(FileNotFoundError):
                 await trio.to_thread.run_sync(os.unlink, handoff)

@@ -705,8 +705,6 @@ class EnclaveSession:
         self.served_total = result.served_total
         if returned.recall_id is not None:
             self.recall_pending = False
-        if result.refused is None:
-            self.returned_total = result.returned_total
         if result.refused is not None:
             log.error(
                 "enclave_return_refused",
@@ -717,6 +715,7 @@ class EnclaveSession:
                 final=returned.final,
             )
             raise RemoteProtocolError(f"return refused: {result.refused}", field="returned_total")
+        self.returned_total = result.returned_total
         if returned.final:
             self.stopped = True
             self.ready = False  # a supply plans no grant for it any more

@@ -29,6 +29,7 @@ from tests.enclave.enclave_fakes import (
     HOST,
     TIMEOUT,
     FakeCustodian,
+    FakeSession,
     consumer,
     enclave_config,
     enclave_policy,
@@ -169,6 +170,38 @@ async def test_shutdown_drains_parked_requests_and_flushes_usage(tmp_path: Path)
         nursery.cancel_scope.cancel()
 
 
+async def _serving(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    runtime: EnclaveRuntime,
+    stop: trio.Event,
+    stopped: trio.Event,
+    *,
+    units: int,
+) -> FakeSession:
+    """An enclave under a fake custodian, serving ``units`` of one grant; it stops when
+    ``stop`` is set and sets ``stopped`` once ``serve`` returns. The custodian's session."""
+    pki = shared_pki()
+    sim_dir = tmp_path / "sim"
+    platform = SimulatedPlatform.create(sim_dir)
+    custodian = FakeCustodian(pki, enclave_policy(pki, platform))
+    port = await nursery.start(custodian.serve)
+    config = enclave_config(pki, port, sim_dir)
+
+    async def run_enclave(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        await serve(config, runtime=runtime, shutdown_trigger=stop.wait, task_status=task_status)
+        stopped.set()
+
+    await nursery.start(run_enclave)
+    session = await custodian.session()
+    await session.send_model("tiny", tiny_model())
+    await session.next(ModelLoaded)
+    await session.grant(units, units)
+    with trio.fail_after(TIMEOUT):
+        await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+    return session
+
+
 async def test_a_clean_stop_returns_idle_units_and_a_grant_that_crosses_it(
     tmp_path: Path,
 ) -> None:
@@ -176,29 +209,10 @@ async def test_a_clean_stop_returns_idle_units_and_a_grant_that_crosses_it(
     sent before it read that return is given back too, in a second final return; the
     daemon exits once the custodian has acknowledged both, and says nothing is in doubt."""
     stop, stopped = trio.Event(), trio.Event()
-    pki = shared_pki()
-    sim_dir = tmp_path / "sim"
-    platform = SimulatedPlatform.create(sim_dir)
-    custodian = FakeCustodian(pki, enclave_policy(pki, platform))
     runtime = EnclaveRuntime()
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(custodian.serve)
-            config = enclave_config(pki, port, sim_dir)
-
-            async def run_enclave(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                await serve(
-                    config, runtime=runtime, shutdown_trigger=stop.wait, task_status=task_status
-                )
-                stopped.set()
-
-            await nursery.start(run_enclave)
-            session = await custodian.session()
-            await session.send_model("tiny", tiny_model())
-            await session.next(ModelLoaded)
-            await session.grant(5, 5)
-            with trio.fail_after(TIMEOUT):
-                await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+            session = await _serving(nursery, tmp_path, runtime, stop, stopped, units=5)
             stop.set()
             with trio.fail_after(TIMEOUT):
                 await runtime.wait_for(lambda r: r.accounting.final)
@@ -224,29 +238,10 @@ async def test_a_clean_stop_without_an_acknowledgement_says_the_units_are_in_dou
     tmp_path: Path,
 ) -> None:
     stop, stopped = trio.Event(), trio.Event()
-    pki = shared_pki()
-    sim_dir = tmp_path / "sim"
-    platform = SimulatedPlatform.create(sim_dir)
-    custodian = FakeCustodian(pki, enclave_policy(pki, platform))
     runtime = EnclaveRuntime()
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(custodian.serve)
-            config = enclave_config(pki, port, sim_dir)
-
-            async def run_enclave(*, task_status: trio.TaskStatus[tuple[str, int]]) -> None:
-                await serve(
-                    config, runtime=runtime, shutdown_trigger=stop.wait, task_status=task_status
-                )
-                stopped.set()
-
-            await nursery.start(run_enclave)
-            session = await custodian.session()
-            await session.send_model("tiny", tiny_model())
-            await session.next(ModelLoaded)
-            await session.grant(4, 4)
-            with trio.fail_after(TIMEOUT):
-                await runtime.wait_for(lambda r: r.state is EnclaveState.SERVING)
+            session = await _serving(nursery, tmp_path, runtime, stop, stopped, units=4)
             stop.set()
             await session.next(Returned)
             session.close()  # the custodian goes away before it acknowledges
