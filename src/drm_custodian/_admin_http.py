@@ -9,15 +9,31 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
+from hypercorn.typing import ASGIReceiveCallable, HTTPScope
 
+from drm_daemon import asgi
+from drm_daemon.asgi import HttpError, Response, header, json_response, lifespan
 from drm_wire.limits import MAX_GRANT_UNITS, KiB
+
+__all__ = [
+    "BODY_TIMEOUT",
+    "IDEMPOTENCY_KEY_RE",
+    "MAX_BODY_BYTES",
+    "MAX_HEADER_BYTES",
+    "HttpError",
+    "Request",
+    "Response",
+    "error_body",
+    "json_response",
+    "lifespan",
+    "parse_count",
+    "read_body",
+    "read_fields",
+]
 
 #: Largest request body. The biggest legitimate one is a block reason (1 KiB of prose,
 #: percent-encoded at most 3x); 4 KiB bounds what an attacker can make us buffer.
@@ -38,32 +54,12 @@ _FORM: Final = "application/x-www-form-urlencoded"
 _JSON: Final = "application/json"
 
 
-class HttpError(Exception):
-    """Ends a request with ``status`` and a JSON error body; nothing was changed."""
-
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        message: str,
-        *,
-        field: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body: dict[str, object] = {"error": error, "message": message}
-        if field is not None:
-            self.body["field"] = field
-        self.headers = dict(headers or {})
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: Mapping[str, str] = field(default_factory=dict)
+def error_body(exc: HttpError) -> dict[str, object]:
+    """The admin API's error document: a stable code, a message, the field at fault."""
+    body: dict[str, object] = {"error": exc.code, "message": str(exc)}
+    if exc.field is not None:
+        body["field"] = exc.field
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +71,7 @@ class Request:
 
     def header(self, name: bytes) -> str | None:
         """The one value of header ``name`` (lower case); 400 if it was sent twice."""
-        values = [v for k, v in self.scope["headers"] if k.lower() == name]
-        if len(values) > 1:
-            raise HttpError(400, "bad_request", "header sent more than once", field=name.decode())
-        return values[0].decode("latin-1") if values else None
-
-
-def json_response(status: int, doc: Mapping[str, object], **headers: str) -> Response:
-    return Response(status, json.dumps(doc).encode() + b"\n", headers=headers)
+        return header(self.scope, name)
 
 
 def parse_count(value: object, *, text: bool) -> int:
@@ -101,27 +90,9 @@ def parse_count(value: object, *, text: bool) -> int:
 
 
 async def read_body(request: Request) -> bytes:
-    length = request.header(b"content-length")
-    if length is not None and (not length.isascii() or not length.isdigit()):
-        raise HttpError(400, "bad_request", "invalid Content-Length", field="Content-Length")
-    if length is not None and int(length) > MAX_BODY_BYTES:
-        raise HttpError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    try:
-        with trio.fail_after(request.body_timeout):
-            while True:
-                event = await request.receive()
-                if event["type"] != "http.request":  # http.disconnect
-                    raise HttpError(400, "bad_request", "client went away")
-                body += event.get("body", b"")
-                if len(body) > MAX_BODY_BYTES:
-                    raise HttpError(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
-                if not event.get("more_body", False):
-                    return bytes(body)
-    except trio.TooSlowError:
-        raise HttpError(
-            408, "timeout", f"body not received within {request.body_timeout} s"
-        ) from None
+    return await asgi.read_body(
+        request.scope, request.receive, limit=MAX_BODY_BYTES, time_limit=request.body_timeout
+    )
 
 
 async def read_fields(
@@ -193,13 +164,3 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not allowed")
-
-
-async def lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    while True:
-        event = await receive()
-        if event["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif event["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

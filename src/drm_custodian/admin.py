@@ -75,6 +75,7 @@ from drm_custodian._admin_http import (
     HttpError,
     Request,
     Response,
+    error_body,
     json_response,
     lifespan,
     parse_count,
@@ -375,7 +376,7 @@ class AdminApp:
         try:
             response = await self._dispatch(request)
         except HttpError as exc:
-            response = json_response(exc.status, exc.body, **exc.headers)
+            response = json_response(exc.status, error_body(exc), **exc.headers)
         except LedgerInputError as exc:  # our checks should have caught it first
             doc = {"error": "bad_request", "message": str(exc), "field": exc.field}
             response = json_response(400, doc)

@@ -56,7 +56,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Final
 
 import structlog
@@ -95,6 +95,7 @@ from drm_consumer.gateway.v2 import (
     parse_infer,
     render_infer,
 )
+from drm_daemon.asgi import HttpError, Response, header, json_response, lifespan, read_body
 from drm_wire.limits import MAX_PAYLOAD_BYTES, MAX_WAIT_SECONDS, KiB
 from drm_wire.messages import EnclaveState, ModelDescription
 
@@ -151,27 +152,11 @@ _STATIC: Final = {"/v2/health/live", "/v2/health/ready", "/v2", "/metrics"}
 _STOPPING: Final = "the gateway is stopping"
 
 
-class HttpError(Exception):
-    """Ends a request with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
-
-
-@dataclass(frozen=True, slots=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-def _json(status: int, document: object, **headers: str) -> _Response:
-    import json
-
-    return _Response(status, json.dumps(document).encode(), headers=headers)
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> HttpError:
+    """An error the gateway answers as the Open Inference Protocol's ``{"error": message}``;
+    its code (in logs only) is the status's name."""
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return HttpError(status, code, message, headers=headers)
 
 
 def _retry_after(seconds: float) -> str:
@@ -303,13 +288,7 @@ class GatewayApp:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                event = await receive()
-                if event["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif event["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await lifespan(receive, send)
         elif scope["type"] == "http":
             await self._http(scope, receive, send)
         # websocket: returning without accepting makes hypercorn refuse it.
@@ -333,12 +312,12 @@ class GatewayApp:
                 try:
                     response = await self._dispatch(scope, receive, path, match)
                 except HttpError as exc:
-                    response = _json(exc.status, {"error": str(exc)}, **exc.headers)
+                    response = json_response(exc.status, {"error": str(exc)}, **exc.headers)
                 except Exception:  # the per-request boundary: log it, answer 500
                     log.exception("gateway_request_failed", path=endpoint)
-                    response = _json(500, {"error": "internal error in the gateway"})
+                    response = json_response(500, {"error": "internal error in the gateway"})
             if cancel.cancelled_caught:
-                response = _json(
+                response = json_response(
                     503,
                     {"error": "the gateway stopped before this request was answered (an "
                      "inference already sent may have run and been charged)"},
@@ -379,10 +358,10 @@ class GatewayApp:
         receive: ASGIReceiveCallable,
         path: str,
         match: re.Match[str] | None,
-    ) -> _Response:
+    ) -> Response:
         headers = scope["headers"]
         if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEADER_BYTES:
-            raise HttpError(431, f"headers over {MAX_HEADER_BYTES} bytes")
+            raise _error(431, f"headers over {MAX_HEADER_BYTES} bytes")
         if self._token_digest is not None and not path.startswith("/v2/health/"):
             self._authenticate(headers)
         method = scope["method"]
@@ -390,37 +369,37 @@ class GatewayApp:
             is_infer = match is not None and match["action"] == "/infer"
             wanted = "POST" if is_infer else "GET"
             if method != wanted:
-                raise HttpError(405, f"use {wanted}", {"Allow": wanted})
+                raise _error(405, f"use {wanted}", {"Allow": wanted})
         if path == "/v2/health/live":
-            return _json(200, {"live": True})
+            return json_response(200, {"live": True})
         if path == "/v2/health/ready":
             if self.draining:
-                return _json(503, {"ready": False, "reason": _STOPPING})
+                return json_response(503, {"ready": False, "reason": _STOPPING})
             reason = await self._not_ready(None)
-            return _json(400 if reason else 200, {"ready": not reason, "reason": reason})
+            return json_response(400 if reason else 200, {"ready": not reason, "reason": reason})
         if path == "/v2":
-            return _json(
+            return json_response(
                 200,
                 {"name": "drm-gateway", "version": "1", "extensions": ["binary_tensor_data"]},
             )
         if path == "/metrics":
             self._connections.set(self._pool.live)
-            return _Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+            return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         if match is None:
-            raise HttpError(404, f"no such endpoint: {path[:128]}")
+            raise _error(404, f"no such endpoint: {path[:128]}")
         name = match["name"]
         if match["version"] not in (None, "1"):
-            raise HttpError(404, f"model {name!r} has only version 1")
+            raise _error(404, f"model {name!r} has only version 1")
         if match["action"] == "/ready":
             if self.draining:
-                return _json(503, {"name": name, "ready": False, "reason": _STOPPING})
+                return json_response(503, {"name": name, "ready": False, "reason": _STOPPING})
             reason = await self._not_ready(name)
-            return _json(
+            return json_response(
                 400 if reason else 200, {"name": name, "ready": not reason, "reason": reason}
             )
         if match["action"] is None:
             info = await self._info()
-            return _json(200, _model_metadata(self._model(info, name)))
+            return json_response(200, _model_metadata(self._model(info, name)))
         return await self._infer(name, scope, receive)
 
     def _authenticate(self, headers: Any) -> None:
@@ -433,7 +412,7 @@ class GatewayApp:
         if scheme.lower() == "bearer" and hmac.compare_digest(presented, self._token_digest):
             return
         log.warning("gateway_auth_failed", reason="missing" if not values else "invalid")
-        raise HttpError(
+        raise _error(
             401,
             "a valid bearer token is required",
             {"WWW-Authenticate": 'Bearer realm="drm-gateway"'},
@@ -460,12 +439,12 @@ class GatewayApp:
         if model is not None:
             return model
         if info.state == EnclaveState.LOADING:
-            raise HttpError(
+            raise _error(
                 503,
                 f"model {name!r} is not available yet: the enclave is loading its models",
                 {"Retry-After": "5"},
             )
-        raise HttpError(404, f"no model {name!r}; the enclave serves {sorted(info.models)}")
+        raise _error(404, f"no model {name!r}; the enclave serves {sorted(info.models)}")
 
     async def _not_ready(self, name: str | None) -> str:
         """Why the gateway (or model ``name``) is not ready, or ``""`` when it is."""
@@ -481,20 +460,20 @@ class GatewayApp:
 
     def _mapped(self, exc: ConsumerError, *, waited: float = 0.0) -> HttpError:
         if isinstance(exc, NoInferencesLeft):
-            return HttpError(
+            return _error(
                 429,
                 f"no inferences left: none came within {waited:g} s ({exc.detail})",
                 {"Retry-After": _retry_after(waited)},
             )
         if isinstance(exc, Busy):
             status = 429 if exc.request_id is not None else 503
-            return HttpError(status, f"the enclave is busy: {exc.detail}", {"Retry-After": "1"})
+            return _error(status, f"the enclave is busy: {exc.detail}", {"Retry-After": "1"})
         for kind, (status, retry) in STATUS_BY_ERROR.items():
             if isinstance(exc, kind):
                 message = exc.detail if isinstance(exc, RequestFailed) else str(exc)
                 headers = {} if retry is None else {"Retry-After": str(retry)}
-                return HttpError(status, message or type(exc).__name__, headers)
-        return HttpError(502, f"the enclave answered an error this gateway does not know: {exc}")
+                return _error(status, message or type(exc).__name__, headers)
+        return _error(502, f"the enclave answered an error this gateway does not know: {exc}")
 
     def _wait(self, scope: HTTPScope, parameter: float | None) -> float:
         if parameter is not None:
@@ -507,16 +486,16 @@ class GatewayApp:
         except (UnicodeDecodeError, ValueError):
             wait = math.nan
         if not 0.0 <= wait <= MAX_WAIT_SECONDS:
-            raise HttpError(
+            raise _error(
                 400, f"Drm-Wait must be one number of seconds from 0 to {MAX_WAIT_SECONDS:g}"
             )
         return wait
 
-    async def _infer(self, name: str, scope: HTTPScope, receive: ASGIReceiveCallable) -> _Response:
+    async def _infer(self, name: str, scope: HTTPScope, receive: ASGIReceiveCallable) -> Response:
         if self.draining:
-            raise HttpError(503, _STOPPING, {"Retry-After": "1"})
+            raise _error(503, _STOPPING, {"Retry-After": "1"})
         header_length = _header_length(scope)
-        body = await _read_body(scope, receive)
+        body = await read_body(scope, receive, limit=MAX_BODY_BYTES, time_limit=BODY_TIMEOUT)
         self._inference_count += 1
         self._inferences_in_flight.inc()
         try:
@@ -527,11 +506,11 @@ class GatewayApp:
 
     async def _infer_body(
         self, name: str, scope: HTTPScope, body: bytes, header_length: int | None
-    ) -> _Response:
+    ) -> Response:
         try:
             request = parse_infer(body, header_length)
         except V2Error as exc:
-            raise HttpError(exc.status, str(exc)) from exc
+            raise _error(exc.status, str(exc)) from exc
         wait = self._wait(scope, request.wait)
         try:
             with trio.fail_after(wait + RUN_TIMEOUT):
@@ -540,9 +519,9 @@ class GatewayApp:
                 async with self._pool.client(within=CONNECT_WAIT) as client:
                     outcome = await client.infer(name, request.inputs, wait=wait)
         except V2Error as exc:
-            raise HttpError(exc.status, str(exc)) from exc
+            raise _error(exc.status, str(exc)) from exc
         except trio.TooSlowError:
-            raise HttpError(
+            raise _error(
                 504, f"the enclave did not answer within {wait + RUN_TIMEOUT:g} s"
             ) from None
         except ConsumerError as exc:
@@ -556,8 +535,8 @@ class GatewayApp:
             parameters={"cost": outcome.cost, "inferences_left": outcome.inferences_left},
         )
         if json_length is None:
-            return _Response(200, body_out)
-        return _Response(
+            return Response(200, body_out)
+        return Response(
             200,
             body_out,
             "application/octet-stream",
@@ -565,47 +544,13 @@ class GatewayApp:
         )
 
 
-def _one_header(scope: HTTPScope, name: bytes) -> str | None:
-    values = [v for k, v in scope["headers"] if k.lower() == name]
-    if len(values) > 1:
-        raise HttpError(400, f"header {name.decode()} sent more than once")
-    return values[0].decode("latin-1") if values else None
-
-
 def _header_length(scope: HTTPScope) -> int | None:
-    encoding = _one_header(scope, b"content-encoding")
+    encoding = header(scope, b"content-encoding")
     if encoding is not None and encoding.strip().lower() != "identity":
-        raise HttpError(415, "compressed request bodies are not accepted")
-    value = _one_header(scope, b"inference-header-content-length")
+        raise _error(415, "compressed request bodies are not accepted")
+    value = header(scope, b"inference-header-content-length")
     if value is None:
         return None
     if not value.isascii() or not value.isdigit() or len(value) > 10:
-        raise HttpError(400, "Inference-Header-Content-Length must be a number of bytes")
+        raise _error(400, "Inference-Header-Content-Length must be a number of bytes")
     return int(value)
-
-
-async def _read_body(scope: HTTPScope, receive: ASGIReceiveCallable) -> bytes:
-    length = _one_header(scope, b"content-length")
-    if length is not None and (not length.isascii() or not length.isdigit()):
-        raise HttpError(400, "invalid Content-Length")
-    if length is not None and int(length) > MAX_BODY_BYTES:
-        raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
-    # The chunks are joined once at the end: growing one buffer chunk by chunk cost a
-    # CNN-sized body several copies and fresh pages (docs/production.md, *The gateway*).
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        with trio.fail_after(BODY_TIMEOUT):
-            while True:
-                event = await receive()
-                if event["type"] != "http.request":  # http.disconnect
-                    raise HttpError(400, "the client went away")
-                chunk = event.get("body", b"")
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
-                chunks.append(chunk)
-                if not event.get("more_body", False):
-                    return b"".join(chunks)
-    except trio.TooSlowError:
-        raise HttpError(408, f"body not received within {BODY_TIMEOUT:g} s") from None
