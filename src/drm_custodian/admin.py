@@ -97,6 +97,7 @@ from drm_custodian.ledger import (
 )
 from drm_custodian.state import BORROWER_RE as BORROWER_NAME_RE
 from drm_custodian.state import MAX_INSTANCES
+from drm_daemon.asgi import check_header_size, send_response
 from drm_wire.attestation.pccs import CaType
 from drm_wire.errors import ConfigError
 from drm_wire.limits import HANDSHAKE_TIMEOUT
@@ -386,21 +387,7 @@ class AdminApp:
         except Exception:  # the per-request boundary: log it, answer 500
             log.exception("admin_request_failed", client=client, path=path)
             response = json_response(500, {"error": "internal", "message": "internal error"})
-        headers = [
-            (b"content-type", response.content_type.encode()),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"cache-control", b"no-store"),
-            *((k.lower().encode(), v.encode()) for k, v in response.headers.items()),
-        ]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": headers,
-                "trailers": False,
-            }
-        )
-        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        await send_response(send, response, (b"cache-control", b"no-store"))
         self._requests.labels(endpoint, str(response.status)).inc()
         log.debug(
             "admin_request",
@@ -413,9 +400,7 @@ class AdminApp:
 
     async def _dispatch(self, request: Request) -> Response:
         path, method = request.scope["path"], request.scope["method"]
-        # h11 bounds headers only while they are incomplete; bound what arrived whole too.
-        if sum(len(k) + len(v) + 4 for k, v in request.scope["headers"]) > MAX_HEADER_BYTES:
-            raise HttpError(431, "headers_too_large", f"headers over {MAX_HEADER_BYTES} bytes")
+        check_header_size(request.scope, MAX_HEADER_BYTES)
         if (path, method) != ("/healthz", "GET"):
             # Before the route: without the token, every path and method looks the same,
             # so nobody can list the endpoints by their 404s and 405s.

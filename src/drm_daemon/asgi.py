@@ -22,7 +22,16 @@ import trio
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 
-__all__ = ["HttpError", "Response", "header", "json_response", "lifespan", "read_body"]
+__all__ = [
+    "HttpError",
+    "Response",
+    "check_header_size",
+    "header",
+    "json_response",
+    "lifespan",
+    "read_body",
+    "send_response",
+]
 
 
 class HttpError(Exception):
@@ -59,6 +68,14 @@ class Response:
 
 def json_response(status: int, document: object, **headers: str) -> Response:
     return Response(status, json.dumps(document).encode() + b"\n", headers=headers)
+
+
+def check_header_size(scope: HTTPScope, limit: int) -> None:
+    """431 when the request line's headers are over ``limit`` bytes as sent (name, value,
+    ": " and CRLF). h11 bounds headers only while they are incomplete; this bounds what
+    arrived whole in one read."""
+    if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > limit:
+        raise HttpError(431, "headers_too_large", f"headers over {limit} bytes")
 
 
 def header(scope: HTTPScope, name: bytes) -> str | None:
@@ -103,6 +120,27 @@ async def read_body(
                     return b"".join(chunks)
     except trio.TooSlowError:
         raise HttpError(408, "timeout", f"body not received within {time_limit:g} s") from None
+
+
+async def send_response(
+    send: ASGISendCallable, response: Response, *extra: tuple[bytes, bytes]
+) -> None:
+    """Send ``response`` whole, with its length and type and the ``extra`` headers."""
+    headers = [
+        (b"content-type", response.content_type.encode()),
+        (b"content-length", str(len(response.body)).encode()),
+        *extra,
+        *((k.lower().encode(), v.encode()) for k, v in response.headers.items()),
+    ]
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": headers,
+            "trailers": False,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
 async def lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:

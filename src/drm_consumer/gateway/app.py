@@ -95,7 +95,16 @@ from drm_consumer.gateway.v2 import (
     parse_infer,
     render_infer,
 )
-from drm_daemon.asgi import HttpError, Response, header, json_response, lifespan, read_body
+from drm_daemon.asgi import (
+    HttpError,
+    Response,
+    check_header_size,
+    header,
+    json_response,
+    lifespan,
+    read_body,
+    send_response,
+)
 from drm_wire.limits import MAX_PAYLOAD_BYTES, MAX_WAIT_SECONDS, KiB
 from drm_wire.messages import EnclaveState, ModelDescription
 
@@ -323,17 +332,8 @@ class GatewayApp:
                      "inference already sent may have run and been charged)"},
                     **{"Retry-After": "1"},
                 )  # fmt: skip
-            headers = [
-                (b"content-type", response.content_type.encode()),
-                (b"content-length", str(len(response.body)).encode()),
-                *((k.lower().encode(), v.encode()) for k, v in response.headers.items()),
-            ]
-            if self.draining:
-                headers.append((b"connection", b"close"))
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            await send({"type": "http.response.body", "body": response.body, "more_body": False})
+            extra = [(b"connection", b"close")] if self.draining else []
+            await send_response(send, response, *extra)
         finally:
             self._in_flight.discard(cancel)
             if not self._in_flight:
@@ -359,9 +359,8 @@ class GatewayApp:
         path: str,
         match: re.Match[str] | None,
     ) -> Response:
+        check_header_size(scope, MAX_HEADER_BYTES)
         headers = scope["headers"]
-        if sum(len(k) + len(v) + 4 for k, v in headers) > MAX_HEADER_BYTES:
-            raise _error(431, f"headers over {MAX_HEADER_BYTES} bytes")
         if self._token_digest is not None and not path.startswith("/v2/health/"):
             self._authenticate(headers)
         method = scope["method"]
