@@ -734,8 +734,9 @@ class AdminApp:
         :data:`USAGE_ENDED_LISTED` granted to most recently of the others (ended,
         stopped cleanly, reclaimed), by id; ``by_instance_omitted`` counts the rest, so
         the answer stays small however many instances a borrower had over the months."""
-        balance = await self._ledger.balance(borrower)
-        records = await self._ledger.instances(borrower, newest_first=True)
+        # One read transaction: a grant between two reads would make the rows disagree
+        # with the totals.
+        balance, records = await self._ledger.usage(borrower, newest_first=True)
         live = self._hooks.live_instances(borrower)
         doc = _usage_doc(borrower, balance, self._hooks.instances(borrower))
         listed: list[dict[str, object]] = []
