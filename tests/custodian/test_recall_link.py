@@ -304,3 +304,31 @@ async def test_demand_that_alternates_moves_units_no_more_than_it_requires(
         assert held == {id(a): 8, id(b): 0}
     balance = await custodian.balance()
     assert (balance.granted - balance.returned, balance.returned) == (8, 30)
+
+
+async def test_a_demand_that_a_grant_crossed_asks_for_nothing_twice(
+    start_custodian: CustodianFactory,  # noqa: F811 (the fixture)
+) -> None:
+    """A demand counts as of its granted total: one the enclave sent before a grant
+    reached it (or one that replays an old figure) is reduced by what was granted since,
+    so no second recall goes out for units already on their way."""
+    custodian = await start_custodian(
+        initial_inferences=8, session=SessionConfig(lease=4), max_instances=2
+    )
+    async with custodian.link() as busy_link, custodian.link() as idle_link:
+        busy = await _linked(busy_link)
+        idle = await _linked(idle_link)
+        await busy.serve(4)
+        await busy.demand(3)
+        await idle.give_back(await receive(idle_link, Recall), 3)
+        stale = busy.granted  # the figure it had before the grant below reached it
+        assert (await busy.granted_now()).granted_total == 7
+        busy.granted = stale
+        await busy.demand(3)  # crossed the grant: it lacks nothing the grant did not bring
+        assert await receive_until_quiet(idle_link) == []
+        assert await receive_until_quiet(busy_link, 0.1) == []
+        # The same figure as of the new total is a real new need: now it is asked for.
+        busy.granted = 7
+        await busy.demand(1)
+        recall = await receive(idle_link, Recall)
+        assert recall.units == 1
