@@ -807,7 +807,9 @@ class EnclaveSession:
             self.grant_plan(balance, self.granted_total - self.returned_total, self.served_total)
             > 0
         )
-        if self.ready and (balance.blocked != self.told_blocked or exhausted or due):
+        # A need the report did not cover (its lease had no room before) may now be
+        # recalled for.
+        if self.ready and (balance.blocked != self.told_blocked or exhausted or due or self.need):
             self.wake()
         if donor_again and self.outstanding:
             self._ctx.registry.wake_needy(self.borrower, self._instance_id)

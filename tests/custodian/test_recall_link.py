@@ -332,3 +332,24 @@ async def test_a_demand_that_a_grant_crossed_asks_for_nothing_twice(
         await busy.demand(1)
         recall = await receive(idle_link, Recall)
         assert recall.units == 1
+
+
+async def test_a_need_its_full_lease_left_no_room_for_is_recalled_once_it_reports(
+    start_custodian: CustodianFactory,  # noqa: F811 (the fixture)
+) -> None:
+    """Its whole lease is held by requests running (not reported yet) when another
+    parks: no room, so nothing is recalled for it. Its report frees the room: then the
+    custodian recalls what the parked request lacks."""
+    custodian = await start_custodian(
+        initial_inferences=8, session=SessionConfig(lease=4), max_instances=2
+    )
+    async with custodian.link() as busy_link, custodian.link() as idle_link:
+        busy = await _linked(busy_link)
+        idle = await _linked(idle_link)
+        await busy.demand(4)  # 4 units in use, 4 more wanted: over its lease
+        assert await receive_until_quiet(idle_link) == []
+        await busy.serve(3)  # three ended, one still runs: room for 3 of the 4
+        recall = await receive(idle_link, Recall)
+        assert recall.units == 3
+        await idle.give_back(recall, 3)
+        assert (await busy.granted_now()).units == 3
