@@ -43,6 +43,7 @@ should hand work to a daemon task and return promptly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -132,6 +133,9 @@ _INSTANCE_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 #: enclaves restart daily has thousands after some years; the last hundred are what an
 #: operator looks at, and the ledger keeps them all.
 USAGE_ENDED_LISTED: Final = 100
+#: The longest a block's answer waits for the instances' acknowledgements (``wait``): a
+#: live instance acknowledges within a round trip, and an HTTP call must stay short.
+MAX_BLOCK_WAIT: Final = 10.0
 
 
 class AdminHooks(Protocol):
@@ -164,6 +168,12 @@ class AdminHooks(Protocol):
 
     async def on_removed(self, borrower: str) -> None:
         """The borrower's license was removed: cut its live enclaves now."""
+
+    def block_acks(self, borrower: str) -> dict[str, bool]:
+        """For each live instance, whether it acknowledged the block it was last sent."""
+
+    async def wait_block_acked(self, borrower: str, seconds: float) -> None:
+        """Return once every live instance acknowledged its block, or after ``seconds``."""
 
 
 @dataclass
@@ -201,6 +211,12 @@ class RecordingHooks:
 
     async def on_removed(self, borrower: str) -> None:
         self.calls.append(("removed", borrower, None))
+
+    def block_acks(self, borrower: str) -> dict[str, bool]:
+        return {}
+
+    async def wait_block_acked(self, borrower: str, seconds: float) -> None:
+        self.calls.append(("wait_block_acked", borrower, seconds))
 
 
 def instance_state(record: InstanceRecord, live: bool) -> str:
@@ -676,23 +692,34 @@ class AdminApp:
         return json_response(200, {**doc, "added": added, "replayed": result.replayed})
 
     async def _block(self, request: Request, borrower: str | None = None) -> Response:
-        borrower, reason = await self._set_blocked(request, True, borrower)
+        """Block; with ``wait`` (seconds, at most :data:`MAX_BLOCK_WAIT`), answer once
+        every live instance has acknowledged the block (I25) or that long has passed.
+        ``block_acknowledged`` counts the live instances that did, of ``instances``."""
+        borrower, reason, wait = await self._set_blocked(request, True, borrower)
         await self._hooks.on_blocked(borrower, reason)
-        return await self._usage(request, borrower)
+        if wait:
+            await self._hooks.wait_block_acked(borrower, wait)
+        doc = await self._usage_with_instances(borrower)
+        doc["block_acknowledged"] = sum(self._hooks.block_acks(borrower).values())
+        return json_response(200, doc)
 
     async def _unblock(self, request: Request, borrower: str | None = None) -> Response:
-        borrower, _ = await self._set_blocked(request, False, borrower)
+        borrower, _, _ = await self._set_blocked(request, False, borrower)
         await self._hooks.on_unblocked(borrower)
         return await self._usage(request, borrower)
 
     async def _set_blocked(
         self, request: Request, blocked: bool, borrower: str | None
-    ) -> tuple[str, str]:
-        fields, _ = await read_fields(
-            request, allowed={"reason"}, optional=self._first_api_field(borrower), required=False
+    ) -> tuple[str, str, float]:
+        fields, is_form = await read_fields(
+            request,
+            allowed={"reason"},
+            optional=self._first_api_field(borrower) | ({"wait"} if blocked else set()),
+            required=False,
         )
         if borrower is None:
             borrower = self._borrower_of(fields)
+        wait = _parse_wait(fields["wait"], text=is_form) if "wait" in fields else 0.0
         reason = fields.get("reason", "")
         if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN or not reason.isprintable():
             raise HttpError(
@@ -708,7 +735,7 @@ class AdminApp:
             borrower=borrower,
             reason=reason,
         )
-        return borrower, reason
+        return borrower, reason, wait
 
     async def _usage(self, request: Request, borrower: str | None = None) -> Response:
         if borrower is None:
@@ -720,14 +747,19 @@ class AdminApp:
         :data:`USAGE_ENDED_LISTED` granted to most recently of the others (ended,
         stopped cleanly, reclaimed), by id; ``by_instance_omitted`` counts the rest, so
         the answer stays small however many instances a borrower had over the months."""
-        balance = await self._ledger.balance(borrower)
-        records = await self._ledger.instances(borrower, newest_first=True)
+        # One read transaction: a grant between two reads would make the rows disagree
+        # with the totals.
+        balance, records = await self._ledger.usage(borrower, newest_first=True)
         live = self._hooks.live_instances(borrower)
+        acks = self._hooks.block_acks(borrower) if balance.blocked else {}
         doc = _usage_doc(borrower, balance, self._hooks.instances(borrower))
         listed: list[dict[str, object]] = []
         ended = omitted = 0
         for record in records:
             row = _instance_doc(record, record.instance_id in live)
+            # While blocked, whether each live instance acknowledged the block (I25).
+            if balance.blocked and record.instance_id in live:
+                row["block_acknowledged"] = acks.get(record.instance_id, False)
             if row["state"] not in ("live", "in_doubt"):
                 if ended >= USAGE_ENDED_LISTED:
                     omitted += 1
@@ -839,6 +871,20 @@ def _borrower_endpoint(path: str) -> str:
     if len(parts) == 4 and parts[1] == "borrowers" and parts[3] in _BORROWER_ACTIONS:
         return f"/borrowers/NAME/{parts[3]}"
     return "other"
+
+
+def _parse_wait(value: object, *, text: bool) -> float:
+    if text and isinstance(value, str) and len(value) <= 8:
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if type(value) is int:
+        value = float(value)
+    if type(value) is not float or not 0 <= value <= MAX_BLOCK_WAIT:  # NaN fails this too
+        raise HttpError(
+            400, "bad_request", f"must be a number of seconds from 0 to {MAX_BLOCK_WAIT:g}",
+            field="wait",
+        )  # fmt: skip
+    return value
 
 
 def _parse_instances(value: object, *, text: bool) -> int:

@@ -85,10 +85,16 @@ class AdminClient:
             headers={"Idempotency-Key": key},
         )
 
-    def block(self, reason: str = "", *, borrower: str | None = None) -> dict[str, object]:
-        """Block the borrower; returns the usage document."""
-        form = {"reason": reason} if reason else None
-        return self._call("POST", _path(borrower, "block"), form=form)
+    def block(
+        self, reason: str = "", *, borrower: str | None = None, wait: float | None = None
+    ) -> dict[str, object]:
+        """Block the borrower; returns the usage document, with ``block_acknowledged``:
+        the live instances that acknowledged the block (after up to ``wait`` seconds for
+        all of them, 0 to 10)."""
+        form = {"reason": reason} if reason else {}
+        if wait is not None:
+            form["wait"] = repr(float(wait))
+        return self._call("POST", _path(borrower, "block"), form=form or None)
 
     def unblock(self, *, borrower: str | None = None) -> dict[str, object]:
         """Unblock the borrower; returns the usage document."""
@@ -201,7 +207,8 @@ class AdminClient:
 def format_usage(doc: Mapping[str, object]) -> str:
     """The usage document as the ``usage`` command prints it without ``--json``."""
     keys = ("borrower", "supplied", "granted", "served", "requests", "in_doubt", "returned",
-            "reclaimed", "remaining", "blocked", "instances", "written_off")  # fmt: skip
+            "reclaimed", "remaining", "blocked", "instances", "block_acknowledged",
+            "written_off")  # fmt: skip
     lines = [f"{key:<10} {doc[key]}" for key in keys if key in doc]
     rows = doc.get("by_instance")
     if isinstance(rows, list) and rows:

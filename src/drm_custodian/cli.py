@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,7 @@ from typing import Final, TextIO
 import structlog
 import trio
 
-from drm_custodian.admin import DEFAULT_ADMIN_PORT
+from drm_custodian.admin import DEFAULT_ADMIN_PORT, MAX_BLOCK_WAIT
 from drm_custodian.admin_client import (
     AdminClient,
     AdminClientError,
@@ -132,6 +133,18 @@ def _positive_count(text: str) -> int:
     return value
 
 
+def _block_wait(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_BLOCK_WAIT:  # NaN fails this too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {MAX_BLOCK_WAIT:g}, got {text[:20]!r}"
+        )
+    return value
+
+
 _cap = bounded_integer(1, 1_000_000)
 
 #: The largest --reclaim-margin: a day.
@@ -201,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"inferences to add, 1 to {MAX_GRANT_UNITS}")  # fmt: skip
     block = admin_command("block", "block the borrower: its enclaves stop serving at once")
     block.add_argument("--reason", default="", help="shown to the borrower's enclaves")
+    block.add_argument("--wait", type=_block_wait, default=None, metavar="SECONDS",
+                       help="wait up to SECONDS (at most 10) until every live enclave "
+                       "has acknowledged the block; block_acknowledged counts those that "
+                       "did")  # fmt: skip
     admin_command("unblock", "unblock the borrower")
     reclaim = admin_command(
         "reclaim",
@@ -493,7 +510,7 @@ def _admin(args: argparse.Namespace, out: TextIO) -> int:
     if args.command == "supply":
         doc = client.supply(args.units, borrower=borrower)
     elif args.command == "block":
-        doc = client.block(args.reason, borrower=borrower)
+        doc = client.block(args.reason, borrower=borrower, wait=args.wait)
     elif args.command == "unblock":
         doc = client.unblock(borrower=borrower)
     elif args.command == "reclaim":

@@ -22,6 +22,11 @@ enough to serve it; Q13). So the planner also tops up whenever outstanding is be
 checks). Once the in-flight requests end, an instance then holds at least the reserve,
 which covers any request, whatever the head of its queue costs.
 
+Version 4: an instance whose enclave says requests are parked there (its *demand*) is
+topped up to a full lease at once, whatever it holds: the half-lease rule waits for usage
+reports, a parked request should not. The lease still caps what it may hold, so a demand
+that lies draws no more than an honest busy instance (I24).
+
 No I/O, no clock, no logging: the session reads the numbers from the ledger, asks
 :func:`plan_grant`, and records and sends what it answers.
 """
@@ -59,6 +64,7 @@ def plan_grant(
     lease: int = DEFAULT_LEASE,
     blocked: bool = False,
     reserve: int = 1,
+    need: int = 0,
 ) -> int:
     """How many units to grant an instance now; 0 means "no grant".
 
@@ -70,6 +76,9 @@ def plan_grant(
         blocked: the borrower is blocked: nothing is granted.
         reserve: the largest cost of one request (1 to ``lease``): outstanding below it
             is topped up even when it is half a lease or more.
+        need: units the instance's parked requests lack (its demand, version 4): an
+            instance with demand is topped up to its lease whatever it holds, never
+            beyond (a demand is a claim, I24).
 
     Returns:
         ``0`` while outstanding (``granted_total - served_total``) is at least half a
@@ -84,13 +93,13 @@ def plan_grant(
     check_lease(lease)
     if type(reserve) is not int or not 1 <= reserve <= lease:
         raise ValueError("reserve must be an integer from 1 to the lease")
-    if min(granted_total, served_total) < 0:
-        raise ValueError("granted_total and served_total must not be negative")
+    if min(granted_total, served_total, need) < 0:
+        raise ValueError("granted_total, served_total and need must not be negative")
     if blocked or remaining <= 0:
         return 0
     # An instance that reported more than it was granted (a broken invariant the ledger
     # flags) holds nothing: count it as empty rather than as owed.
     outstanding = max(granted_total - served_total, 0)
-    if 2 * outstanding >= lease and outstanding >= reserve:
+    if outstanding >= lease or (2 * outstanding >= lease and outstanding >= reserve and not need):
         return 0
     return min(lease - outstanding, remaining, MAX_GRANT_UNITS)

@@ -423,6 +423,17 @@ def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], 
     return result
 
 
+def _read_snapshot(conn: sqlite3.Connection, body: Callable[[], _T]) -> _T:
+    """Run ``body``'s reads in one read transaction: in WAL mode every statement in it
+    sees the database as of its first read, whatever other connections commit meanwhile."""
+    conn.execute("BEGIN DEFERRED")
+    try:
+        return body()
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
 class Ledger:
     """The durable ledger: build it with :meth:`open`; share it between tasks freely."""
 
@@ -799,6 +810,26 @@ class Ledger:
             lambda conn: [_instance_record(row) for row in conn.execute(query, (borrower,))],
             write=False,
         )
+
+    async def usage(
+        self, borrower: str, *, newest_first: bool = False
+    ) -> tuple[Balance, list[InstanceRecord]]:
+        """The borrower's balance and every instance's totals from one read transaction:
+        a grant or a report committed meanwhile is in both or in neither, so the rows add
+        up to the totals (``GET /usage``)."""
+        _check_name(borrower, "borrower")
+        query = _INSTANCES_NEWEST_FIRST if newest_first else _INSTANCES
+
+        def body(conn: sqlite3.Connection) -> tuple[Balance, list[InstanceRecord]]:
+            return _read_snapshot(
+                conn,
+                lambda: (
+                    _balance(conn, borrower),
+                    [_instance_record(row) for row in conn.execute(query, (borrower,))],
+                ),
+            )
+
+        return await self._run(body, write=False)
 
     async def integrity_check(self) -> None:
         """Run SQLite's ``PRAGMA integrity_check`` (after a crash, before serving).

@@ -20,9 +20,10 @@ Several instances of one borrower share its supply through the ledger alone: eve
 is planned and committed in one ledger transaction against the borrower's remaining
 supply (``Ledger.grant_due``, ``Ledger.supply``), so grants to any number of instances
 never exceed what was supplied, whatever order their pumps run in (I1, I23). A supply
-plans its grants for the instances holding least first (:meth:`SessionHooks.grant_plans`),
-so a supply too small for every due top-up reaches an exhausted instance, which may have
-requests parked, before one that still holds units.
+plans its grants for the instances whose parked requests lack units first (their demand,
+version 4), then for those holding least (:meth:`SessionHooks.grant_plans`), so a supply
+too small for every due top-up reaches where requests wait before one that still holds
+units.
 
 The registry is also how the admin API reaches the links: :class:`SessionHooks` names
 the borrower's ready sessions and their grant rule, so that a supply commits their grants
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -119,8 +120,29 @@ class LiveSession(Protocol):
     def recall_pending(self) -> bool:
         """A ``recall`` it was sent is unanswered."""
 
-    def recall(self, units: int) -> None:
-        """Ask the enclave soon to give back up to ``units`` idle units."""
+    @property
+    def recall_dry(self) -> bool:
+        """Its last recall returned nothing, and it reported no usage since."""
+
+    @property
+    def parked_requests(self) -> int:
+        """Requests parked on it, by its latest demand (version 4)."""
+
+    @property
+    def need(self) -> int:
+        """Units its parked requests lack, less what it was granted since it said so."""
+
+    @property
+    def told_blocked(self) -> bool:
+        """It was last sent ``block``."""
+
+    @property
+    def block_acknowledged(self) -> bool:
+        """It acknowledged the block it was last sent (I25)."""
+
+    def recall(self, units: int, asker: Any = None) -> bool:
+        """Ask the enclave soon to give back up to ``units`` idle units for ``asker``;
+        whether it will be asked (one recall at a time)."""
 
     def wake(self) -> None:
         """Re-read the ledger soon: push a block, an unblock or a grant if one is due."""
@@ -142,6 +164,9 @@ class Registry:
         #: license id -> instance id -> its live session (insertion order: link order).
         self._by_license: dict[str, dict[str, LiveSession]] = {}
         self._block_reasons: dict[str, str] = {}
+        #: borrower -> the licenses its sessions ever claimed (one, unless it was removed
+        #: and added again): a borrower's sessions without a walk over every link.
+        self._licenses_of: dict[str, set[str]] = {}
         #: When this process started (trio's clock): nothing was sent before it.
         self._started_at = trio.current_time() if started_at is None else started_at
         #: When the last session of each instance ended, oldest first, for instances
@@ -152,6 +177,8 @@ class Registry:
         self._forget_after = forget_after
         #: Set when a session ends (the reclaim watcher then looks again).
         self._ended = trio.Event()
+        #: Set when an instance acknowledges a block (an admin block may wait for them).
+        self._acked = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Registry live={sum(len(live) for live in self._by_license.values())}>"
@@ -181,6 +208,7 @@ class Registry:
         if len(live) >= max_instances:
             raise InstanceLimit(max_instances)
         self._by_license[session.license_id] = {**live, session.instance_id: session}
+        self._licenses_of.setdefault(session.borrower, set()).add(session.license_id)
 
     def _live(self, license_id: str) -> dict[str, LiveSession]:
         return self._by_license.get(license_id, {})
@@ -244,17 +272,63 @@ class Registry:
 
     def sessions(self, borrower: str) -> Iterator[LiveSession]:
         """The live sessions of ``borrower``."""
-        return iter([s for s in self._all() if s.borrower == borrower])
+        return iter(
+            [
+                s
+                for license_id in sorted(self._licenses_of.get(borrower, ()))
+                for s in self._live(license_id).values()
+                if s.borrower == borrower
+            ]
+        )
 
-    def recall_donor(self, borrower: str, asking: str) -> LiveSession | None:
-        """The live, ready instance of ``borrower`` other than ``asking`` holding the most
-        units, with no recall of its own unanswered; ``None`` if none holds any."""
+    def recall_donors(self, borrower: str, asking: str) -> list[LiveSession]:
+        """The live, ready instances of ``borrower`` other than ``asking`` that may be
+        asked to give units back (I24), holding most first: they hold some, have no
+        request parked (units held for one's own waiting requests are not idle), no
+        recall unanswered, and did not answer their last recall with nothing since
+        they last reported usage."""
         donors = [
             s
             for s in self.sessions(borrower)
-            if s.instance_id != asking and s.ready and s.outstanding > 0 and not s.recall_pending
+            if s.instance_id != asking
+            and s.ready
+            and s.outstanding > 0
+            and not s.parked_requests
+            and not s.recall_pending
+            and not s.recall_dry
         ]
-        return max(donors, key=lambda s: s.outstanding, default=None)
+        return sorted(donors, key=lambda s: s.outstanding, reverse=True)
+
+    def need(self, borrower: str, excluding: str) -> int:
+        """Units the borrower's live instances other than ``excluding`` lack for their
+        parked requests: what a grant to an instance without demand leaves for them."""
+        return sum(s.need for s in self.sessions(borrower) if s.instance_id != excluding)
+
+    def wake_needy(self, borrower: str, excluding: str) -> None:
+        """Wake the borrower's instances whose parked requests lack units: another
+        instance may now give some (its own requests ended, or it holds idle ones)."""
+        for session in self.sessions(borrower):
+            if session.instance_id != excluding and session.need:
+                session.wake()
+
+    def block_acknowledged(self, borrower: str) -> None:
+        """An instance of ``borrower`` acknowledged its block: wake whoever waits."""
+        self._acked.set()
+        self._acked = trio.Event()
+
+    def block_acks(self, borrower: str) -> dict[str, bool]:
+        """For each live instance of ``borrower``, whether it acknowledged the block it
+        was last sent (``False`` also while it was sent none)."""
+        return {
+            s.instance_id: s.told_blocked and s.block_acknowledged for s in self.sessions(borrower)
+        }
+
+    async def wait_block_acked(self, borrower: str, seconds: float) -> None:
+        """Return once every live instance of ``borrower`` acknowledged its block, or
+        after ``seconds``."""
+        with trio.move_on_after(seconds):
+            while not all(self.block_acks(borrower).values()):
+                await self._acked.wait()
 
     def count(self, borrower: str) -> int:
         return sum(1 for s in self._all() if s.borrower == borrower)
@@ -289,11 +363,11 @@ class SessionHooks:
         self._registry = registry
 
     def grant_plans(self, borrower: str) -> list[tuple[str, GrantPlan]]:
-        """The ready sessions' grant rules, the emptiest first: a supply too small for
-        every due top-up goes first to the instances holding least (an exhausted one may
-        have requests parked), then in link order."""
+        """The ready sessions' grant rules: those whose parked requests lack units first
+        (I24), then the emptiest: a supply too small for every due top-up goes first to
+        where requests wait, then to the instances holding least, then in link order."""
         ready = [s for s in self._registry.sessions(borrower) if s.ready]
-        ready.sort(key=lambda s: s.outstanding)  # stable: ties keep link order
+        ready.sort(key=lambda s: (not s.need, s.outstanding))  # stable: ties keep link order
         return [(s.instance_id, s.grant_plan) for s in ready]
 
     async def on_supplied(self, borrower: str, result: SupplyResult) -> None:
@@ -328,3 +402,9 @@ class SessionHooks:
 
     async def on_reclaimed(self, borrower: str) -> None:
         self._registry.wake(borrower)  # units came back to the supply
+
+    def block_acks(self, borrower: str) -> dict[str, bool]:
+        return self._registry.block_acks(borrower)
+
+    async def wait_block_acked(self, borrower: str, seconds: float) -> None:
+        await self._registry.wait_block_acked(borrower, seconds)

@@ -48,12 +48,20 @@ steps 1 and 2; see :mod:`drm_custodian.enclave_link`) and runs the rest of the s
    are: grants carry the instance's cumulative total, so a grant overtaken by a newer one
    is simply not sent.
 
-3. Recall (I23): when the pump finds its instance holding nothing and the borrower's
-   supply all lent out, it asks the registry for the live instance of the borrower
-   holding most and has that session's pump send ``recall`` for half its units (one
-   unanswered recall per link). Its ``returned`` is credited as the ledger accepts it
-   (I20), and the borrower's other sessions are woken to grant the units where they
-   ran out.
+3. Demand and recall (I23, I24; docs/links.md, "Version 4"): the enclave's ``demand``
+   says what its parked requests lack. The grant rule tops an instance with that *need*
+   up to a full lease, and leaves what others need to them when it has none. When the
+   pump finds a need the borrower's remaining supply cannot cover, it asks the
+   registry's donors (same borrower, no request parked, holding units, no recall
+   unanswered, not dry since their last report), the one holding most first, to recall
+   what is lacking, within this instance's lease; each donor's pump sends ``recall``
+   (one unanswered per link). Its ``returned`` is credited as the ledger accepts it
+   (I20), settles the asker (which looks again), and wakes the borrower's other
+   sessions to grant the units where they are needed.
+
+4. Blocks (I25): each ``block`` carries the link's next block id; the enclave's
+   ``block_ack`` for the current one is logged (``block_acknowledged``) and shown by
+   the admin API through the registry.
 
 Every send is under ``send_timeout`` and every wait on the peer under a deadline.
 Whatever ends the link is raised to the caller, which logs it; a protocol error of the
@@ -63,6 +71,7 @@ enclave's is first told to it in an ``error`` (best effort, bounded).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hmac
 import itertools
@@ -99,6 +108,8 @@ from drm_wire.limits import (
 )
 from drm_wire.messages import (
     Block,
+    BlockAck,
+    Demand,
     Error,
     Grant,
     Heartbeat,
@@ -267,8 +278,24 @@ class EnclaveSession:
         self._recall_due = 0
         self.recall_pending = False
         self._recall_ids = itertools.count(1)
-        #: Whether the enclave was last told ``block``.
+        #: The instance the recall due or unanswered is for (told when it is answered).
+        self._recall_for: EnclaveSession | None = None
+        #: A recall of its answered with nothing: not asked again until it reports usage
+        #: (its units are held by running requests), or recalls would spin.
+        self.recall_dry = False
+        #: Version 4. Its latest demand (docs/links.md, "Version 4"): units its parked
+        #: requests lack, as of its granted total ``_demand_base``, and how many wait.
+        self.demand_units = 0
+        self.parked_requests = 0
+        self._demand_base = 0
+        #: Units asked of donors for its demand, by donor, not answered yet.
+        self._asked: dict[str, int] = {}
+        #: Whether the enclave was last told ``block``; that block's id, and whether
+        #: the enclave acknowledged it (I25).
         self.told_blocked = False
+        self._block_ids = itertools.count(1)
+        self.block_id = 0
+        self.block_acknowledged = False
         #: All models delivered; grants and blocks may flow.
         self.ready = False
         #: What the enclave's hello says it holds, by name (version 3).
@@ -312,25 +339,58 @@ class EnclaveSession:
 
     @property
     def grant_plan(self) -> GrantPlan:
-        """The grant rule for this link, for a ledger transaction to run (a supply's)."""
-        return functools.partial(_plan, lease=self._cfg.lease, reserve=self._reserve)
+        """The grant rule for this link, for a ledger transaction to run (a supply's).
+
+        An instance with demand is topped up to its lease; one without leaves the units
+        its borrower's other instances lack to them (grants go first where requests
+        wait, I24)."""
+        need = self.need
+        held_back = 0 if need else self._ctx.registry.need(self.borrower, self._instance_id)
+        return functools.partial(
+            _plan, lease=self._cfg.lease, reserve=self._reserve, need=need, held_back=held_back
+        )
+
+    @property
+    def need(self) -> int:
+        """Units its parked requests lack now: its demand less what it was granted since
+        the enclave counted it (never below 0; a claimed total above ours counts as ours)."""
+        if not self.parked_requests:
+            return 0
+        granted_since = max(self.granted_total - self._demand_base, 0)
+        return max(self.demand_units - granted_since, 0)
 
     @property
     def outstanding(self) -> int:
         """Units granted to this instance and neither reported served nor given back."""
         return max(self.granted_total - self.served_total - self.returned_total, 0)
 
-    def recall(self, units: int) -> None:
-        """Ask the enclave, soon, to give back up to ``units`` idle units (its pump sends
-        the ``recall``; the ledger credits only what its ``returned`` confirms, I20)."""
-        if units > 0 and not self.recall_pending and not self.stopped:
-            self._recall_due = max(self._recall_due, units)
-            self._wakeup.set()
+    def recall(self, units: int, asker: EnclaveSession | None = None) -> bool:
+        """Ask the enclave, soon, to give back up to ``units`` idle units for ``asker``
+        (its pump sends the ``recall``; the ledger credits only what its ``returned``
+        confirms, I20). Returns whether it will be asked: one recall at a time."""
+        if units <= 0 or self.recall_pending or self._recall_due or self.stopped:
+            return False
+        self._recall_due = units
+        self._recall_for = asker
+        self._wakeup.set()
+        return True
+
+    def _recall_settled(self, donor: str) -> None:
+        """A recall asked for this instance was answered (or its donor went): look again."""
+        if self._asked.pop(donor, None) is not None:
+            self.wake()
+
+    def _settle_recall(self) -> None:
+        asker, self._recall_for = self._recall_for, None
+        if asker is not None:
+            asker._recall_settled(self._instance_id)
 
     def finish(self) -> None:
         """The session has ended: say so to whoever waits on it."""
         self._finished.set()
         self._sent_changed()
+        self._recall_due = 0
+        self._settle_recall()  # whoever waits for our units looks elsewhere
 
     async def wait_sent(self, granted_total: int) -> None:
         """Return once a grant bringing the instance to ``granted_total`` (or beyond) is
@@ -402,6 +462,10 @@ class EnclaveSession:
                 await self._on_usage(message)
             elif isinstance(message, Returned):
                 await self._on_returned(message)
+            elif isinstance(message, Demand):
+                self._on_demand(message)
+            elif isinstance(message, BlockAck):
+                self._on_block_ack(message)
             elif isinstance(message, ModelLoaded | ModelLoadFailed):
                 self._on_answer(message)
             else:  # the state machine lets nothing else from an enclave through
@@ -571,27 +635,78 @@ class EnclaveSession:
             await self._send(Recall(recall_id=recall_id, units=units))
         except LocalProtocolError:
             self.recall_pending = False
+            self._settle_recall()
             if not self.stopped:
                 raise
             return  # it stopped meanwhile: its final return gives everything back
         log.info("recall_sent", recall_id=recall_id, units=units)
 
-    def _recall_for(self, balance: Balance) -> None:
-        """This instance holds nothing and the borrower has no supply left: recall half
-        the idle units of the live instance of the borrower holding most (I23), so that
-        supply moves to where it is being served."""
-        if balance.blocked or balance.remaining > 0 or self.outstanding > 0:
+    def _ask_recalls(self, balance: Balance) -> None:
+        """Recall for this instance's demand what the borrower's remaining supply cannot
+        cover (I24): from instances with no request parked, the one holding most first,
+        never more than the demand still lacks after grants and recalls under way, and
+        never beyond what this instance's lease has room for (a demand is a claim)."""
+        if balance.blocked or balance.remaining > 0 or self.stopped:
             return
-        donor = self._ctx.registry.recall_donor(self.borrower, self._instance_id)
-        if donor is not None:
-            log.info("recall_asked", donor=donor.instance_id, holds=donor.outstanding)
-            donor.recall((donor.outstanding + 1) // 2)
+        room = self._cfg.lease - self.outstanding
+        want = min(self.need, room) - sum(self._asked.values())
+        if want <= 0:
+            return
+        for donor in self._ctx.registry.recall_donors(self.borrower, self._instance_id):
+            units = min(want, donor.outstanding)
+            if donor.recall(units, self):
+                self._asked[donor.instance_id] = units
+                log.info(
+                    "recall_asked", donor=donor.instance_id, units=units, holds=donor.outstanding
+                )
+                want -= units
+                if want <= 0:
+                    return
+
+    def _on_demand(self, demand: Demand) -> None:
+        """The enclave's parked requests lack ``demand.units`` (version 4): grant them
+        first, recall for them what supply cannot cover. A claim bounded by the message's
+        limits and, in what it can draw, by the lease."""
+        was_waiting = self.parked_requests > 0
+        self.demand_units = demand.units
+        self.parked_requests = demand.parked_requests
+        self._demand_base = demand.granted_total
+        log.debug(
+            "demand_received",
+            seq=demand.seq,
+            units=demand.units,
+            parked_requests=demand.parked_requests,
+            need=self.need,
+        )
+        if self.ready and self.need:
+            self.wake()
+        elif was_waiting and not self.parked_requests and self.outstanding:
+            # Nobody waits here any more: what it holds may go where requests wait.
+            self._ctx.registry.wake_needy(self.borrower, self._instance_id)
+
+    def _on_block_ack(self, ack: BlockAck) -> None:
+        """The enclave starts nothing more until an unblock (I25). Only the current
+        block's acknowledgement counts; a repeated or stale one changes nothing."""
+        if not self.told_blocked or ack.block_id != self.block_id or self.block_acknowledged:
+            log.debug("block_ack_ignored", block_id=ack.block_id, current=self.block_id)
+            return
+        self.block_acknowledged = True
+        log.info(
+            "block_acknowledged",
+            borrower=self.borrower,
+            instance=self._instance_id,
+            block_id=ack.block_id,
+        )
+        self._ctx.registry.block_acknowledged(self.borrower)
 
     async def _push_block(self) -> None:
         reason = self._ctx.registry.block_reason(self.borrower)
-        await self._send(Block(reason=reason))
+        # Before the send: the acknowledgement may be read before the send returns.
+        self.block_id = block_id = next(self._block_ids)
+        self.block_acknowledged = False
         self.told_blocked = True
-        log.info("block_pushed", reason=reason)
+        await self._send(Block(block_id=block_id, reason=reason))
+        log.info("block_pushed", reason=reason, block_id=block_id)
 
     async def _sync(self) -> bool:
         """Push a block, an unblock or a grant if the ledger says one is due.
@@ -611,15 +726,17 @@ class EnclaveSession:
         sent = self.told_blocked
         if self.told_blocked:
             await self._send(Unblock())
-            self.told_blocked = False
+            self.told_blocked = self.block_acknowledged = False
             log.info("unblock_pushed")
-        if grant is None:
-            if balance.remaining == 0 and self.outstanding == 0:
-                log.info("quota_exhausted", granted_total=self.granted_total)
-                self._recall_for(balance)
-            return sent
-        await self._push_grant(grant, balance.remaining - grant.units)
-        return True
+        if grant is not None:
+            await self._push_grant(grant, balance.remaining - grant.units)
+            sent = True
+            balance = dataclasses.replace(balance, remaining=balance.remaining - grant.units)
+        if balance.remaining == 0 and self.outstanding == 0:
+            log.info("quota_exhausted", granted_total=self.granted_total)
+        if self.need:
+            self._ask_recalls(balance)
+        return sent
 
     async def _push_grant(self, grant: LedgerGrant, remaining: int) -> None:
         """Send a durable grant, unless a newer one (a higher total) went out already."""
@@ -660,6 +777,9 @@ class EnclaveSession:
             report.seq,
             requests_total=report.requests_total,
         )
+        donor_again = result.served_total != self.served_total and not self.parked_requests
+        if result.served_total != self.served_total:
+            self.recall_dry = False  # its running requests ended: it may hold idle units
         self.served_total = result.served_total
         if result.over_grant:
             log.error(
@@ -687,8 +807,12 @@ class EnclaveSession:
             self.grant_plan(balance, self.granted_total - self.returned_total, self.served_total)
             > 0
         )
-        if self.ready and (balance.blocked != self.told_blocked or exhausted or due):
+        # A need the report did not cover (its lease had no room before) may now be
+        # recalled for.
+        if self.ready and (balance.blocked != self.told_blocked or exhausted or due or self.need):
             self.wake()
+        if donor_again and self.outstanding:
+            self._ctx.registry.wake_needy(self.borrower, self._instance_id)
 
     async def _on_returned(self, returned: Returned) -> None:
         """Record a return (its served total first), then acknowledge the recorded total;
@@ -705,7 +829,9 @@ class EnclaveSession:
         self.served_total = result.served_total
         if returned.recall_id is not None:
             self.recall_pending = False
+            self.recall_dry = not result.credited
         if result.refused is not None:
+            self._settle_recall()
             log.error(
                 "enclave_return_refused",
                 reason=result.refused,
@@ -736,23 +862,33 @@ class EnclaveSession:
             remaining=balance.remaining,
             in_doubt=balance.in_doubt,
         )
+        if returned.recall_id is not None:
+            self._settle_recall()  # the asker looks again: grants what came back, or asks on
         if result.credited:
-            # Supply is back: others may want it. A recall's units are for the instance
-            # that ran out, not for this one to take again.
+            # Supply is back: others may want it (those without demand leave what the
+            # askers lack to them). A recall's units are not for this one to take again.
             for session in self._ctx.registry.sessions(self.borrower):
                 if session is not self or returned.recall_id is None:
                     session.wake()
 
 
 def _plan(
-    balance: Balance, granted_total: int, served_total: int, *, lease: int, reserve: int
+    balance: Balance,
+    granted_total: int,
+    served_total: int,
+    *,
+    lease: int,
+    reserve: int,
+    need: int = 0,
+    held_back: int = 0,
 ) -> int:
-    """The units to grant an instance now (a :data:`GrantPlan` once ``lease`` and
-    ``reserve`` are bound)."""
+    """The units to grant an instance now (a :data:`GrantPlan` once ``lease``,
+    ``reserve``, its ``need`` and the units ``held_back`` for others are bound)."""
     return plan_grant(
-        remaining=balance.remaining,
+        remaining=balance.remaining - held_back,
         granted_total=granted_total,
         served_total=served_total,
         lease=lease,
         reserve=reserve,
+        need=need,
     )

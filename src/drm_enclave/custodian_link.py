@@ -21,7 +21,9 @@ instance id, then runs one *session* per connection (``docs/links.md``, custodia
   soon when the custodian needs it to refill, else once a period), and before any
   report the returns :meth:`Accounting.next_return` has queued (a recall's answer, or
   the final return of a clean stop: docs/links.md, *Returning units*), so one task
-  orders them and no report follows a final return.
+  orders them and no report follows a final return. Version 4: the same task sends
+  ``block_ack`` once a block holds, and ``demand`` when what the parked requests lack
+  changes (at most one per ``report_spacing``, after a report of what was served).
 
 Kill switch: the quota starts suspended (``CUSTODIAN_UNREACHABLE``). The moment a session
 ends, for whatever reason (EOF, error, missed heartbeats, a protocol error, shutdown), the
@@ -632,7 +634,7 @@ class CustodianLink:
                 "return_acked", recall_id=message.recall_id, returned_total=message.returned_total
             )
         elif isinstance(message, Block):
-            runtime.on_block(message.reason)
+            runtime.on_block(message.reason, message.block_id)
         elif isinstance(message, Unblock):
             runtime.on_unblock()
         else:  # pragma: no cover - the state machine lets nothing else through
@@ -783,13 +785,41 @@ class CustodianLink:
     async def _reports(
         self, channel: MessageChannel, log: structlog.typing.FilteringBoundLogger
     ) -> None:
-        accounting, timing = self._runtime.accounting, self._timing
+        runtime = self._runtime
+        accounting, timing = runtime.accounting, self._timing
+        demand_sent_at = -math.inf
         try:
             while True:
                 due = accounting.report_due_at(
                     spacing=timing.report_spacing, period=timing.report_period
                 )
                 now = trio.current_time()
+                ack = runtime.next_block_ack()
+                if ack is not None:  # the quota already refuses to start anything
+                    await channel.send(ack)
+                    log.info("block_acknowledged", block_id=ack.block_id)
+                    continue
+                if runtime.demand_due():
+                    demand_due = demand_sent_at + timing.report_spacing
+                    if demand_due <= now:
+                        # What was served goes first, so the custodian reads the demand
+                        # against a current served total.
+                        report = accounting.next_report(now)
+                        if report is not None:
+                            await channel.send(report)
+                        demand = runtime.next_demand()
+                        await channel.send(demand)
+                        demand_sent_at = now
+                        log.debug(
+                            "demand_sent",
+                            seq=demand.seq,
+                            units=demand.units,
+                            parked_requests=demand.parked_requests,
+                        )
+                        continue
+                    wake_at = demand_due if due is None else min(due, demand_due)
+                else:
+                    wake_at = math.inf if due is None else due
                 returned = accounting.next_return()
                 if returned is not None:  # the same sender as reports: never one after a final
                     await channel.send(returned)
@@ -807,8 +837,8 @@ class CustodianLink:
                     await channel.send(report)
                     log.debug("usage_reported", seq=report.seq, served_total=report.served_total)
                     continue
-                with trio.move_on_at(math.inf if due is None else due):
-                    await self._runtime.wait_usage_changed()
+                with trio.move_on_at(wake_at):
+                    await runtime.wait_usage_changed()
         except BaseException:
             self._runtime.link_lost()
             raise

@@ -193,6 +193,12 @@ class Quota:
         #: order is the rotation (the head client is served next).
         self._queues: dict[Hashable, dict[trio.lowlevel.Task, int]] = {}
         self._client_of: dict[trio.lowlevel.Task, Hashable] = {}
+        #: The costs of the parked requests, summed (what :attr:`shortfall` reads).
+        self._parked_units = 0
+        #: Called (synchronously, no arguments) whenever :attr:`shortfall` or
+        #: :attr:`parked` may have changed: the custodian link's demand signal. It must
+        #: not call back into the quota.
+        self.demand_changed: Callable[[], object] | None = None
         self._available = 0
         self._in_use = 0
         self._served_total = 0
@@ -231,6 +237,17 @@ class Quota:
         for queue in self._queues.values():
             return next(iter(queue.values()))
         return 0
+
+    @property
+    def shortfall(self) -> int:
+        """Units the parked requests need beyond what is available: what this instance
+        lacks to serve everyone waiting (0 when nobody is parked; at least 1 otherwise,
+        since the head parks only while its cost is not covered)."""
+        return max(self._parked_units - self._available, 0) if self._client_of else 0
+
+    def _demand_moved(self) -> None:
+        if self.demand_changed is not None:
+            self.demand_changed()
 
     @property
     def served_total(self) -> int:
@@ -293,7 +310,10 @@ class Quota:
         in turn, while the next one's whole cost is covered; the rest stays ``available``.
         Returns how many were woken."""
         self._available += units
-        return self._serve_parked()
+        woken = self._serve_parked()
+        if self._client_of:  # still short, by less: the custodian may hear the new figure
+            self._demand_moved()
+        return woken
 
     def _serve_parked(self) -> int:
         woken = 0
@@ -319,15 +339,18 @@ class Quota:
             queue = self._queues[client] = {}  # a new client joins at the back
         queue[task] = units
         self._client_of[task] = client
+        self._parked_units += units
+        self._demand_moved()
 
     def _unpark(self, task: trio.lowlevel.Task) -> None:
         """Take ``task`` out of its client's queue (and the client out of the rotation
         once it has nothing parked)."""
         client = self._client_of.pop(task)
         queue = self._queues[client]
-        del queue[task]
+        self._parked_units -= queue.pop(task)
         if not queue:
             del self._queues[client]
+        self._demand_moved()
 
     def _position(self, client: Hashable) -> int:
         """Where a request ``client`` parks now would be served (1-based), if nobody else

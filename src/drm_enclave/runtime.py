@@ -41,7 +41,10 @@ import structlog
 import trio
 
 from drm_wire.errors import ErrorCode
+from drm_wire.limits import MAX_GRANT_UNITS
 from drm_wire.messages import (
+    BlockAck,
+    Demand,
     EnclaveState,
     Grant,
     LoadFailure,
@@ -137,6 +140,12 @@ class EnclaveRuntime:
         self._stopping = False
         self._usage_changed = trio.Event()
         self._state_changed = trio.Event()
+        #: Version 4. The block to acknowledge (its id), once the quota refuses to start
+        #: anything; and the demand last sent on this link (units, requests) and its seq.
+        self._block_ack_due: int | None = None
+        self._demand_sent = (0, 0, 0)
+        self._demand_seq = 0
+        self.quota.demand_changed = self._demand_moved
 
     def __repr__(self) -> str:
         return (
@@ -215,6 +224,9 @@ class EnclaveRuntime:
     def link_connected(self) -> None:
         """Hello done on a new verified link: loading until the custodian re-syncs."""
         self.accounting.link_restarted()
+        self._block_ack_due = None  # block ids are the link's: a new one blocks anew
+        self._demand_sent = (0, 0, 0)  # the custodian knows no demand of a new link's
+        self._demand_seq = 0
         self._link_up = True
         self._synced = self._blocked = self._announced = False
         self._loads_pending = 0
@@ -279,13 +291,64 @@ class EnclaveRuntime:
         self._maybe_resume()
         return added
 
-    def on_block(self, reason: str = "") -> None:
-        """The owner blocked the borrower; consumers are told ``reason`` (the owner's words)."""
+    def on_block(self, reason: str = "", block_id: int | None = None) -> None:
+        """The owner blocked the borrower; consumers are told ``reason`` (the owner's words).
+
+        The quota refuses every request from this synchronous step on (parked ones fail
+        with ``blocked``, a woken one that had not started gives its units back), so
+        block ``block_id`` can be acknowledged at once (I25); requests already running
+        finish and are reported as ever.
+        """
         self._synced = self._blocked = True
         self._block_message = blocked_message(reason)
         failed = self.quota.suspend(ErrorCode.BLOCKED, self._block_message)
-        _log.warning("custodian_blocked", failed_parked=failed, reason=reason)
+        _log.warning("custodian_blocked", failed_parked=failed, reason=reason, block_id=block_id)
         self._maybe_resume()
+        if block_id is not None:
+            self._block_ack_due = block_id
+            self._usage_changed.set()
+
+    def next_block_ack(self) -> BlockAck | None:
+        """The acknowledgement of the newest block, if one is due (then no longer)."""
+        block_id, self._block_ack_due = self._block_ack_due, None
+        return None if block_id is None else BlockAck(block_id=block_id)
+
+    # --- the demand signal (version 4) -----------------------------------------------
+
+    def _demand_moved(self) -> None:
+        if self._link_up and self.demand_figure() != self._demand_sent:
+            self._usage_changed.set()  # the reporter sends it, spaced
+
+    def demand_figure(self) -> tuple[int, int, int]:
+        """What this instance's parked requests lack: units beyond what it holds (capped
+        at ``MAX_GRANT_UNITS``), parked requests (capped the same), and the granted
+        total that figure is as of (0 when nobody waits). A grant that leaves requests
+        waiting changes it too: the custodian counts what it granted after the figure
+        against it, so it must hear that they still lack units."""
+        quota = self.quota
+        units = min(quota.shortfall, MAX_GRANT_UNITS)
+        if not units:
+            return 0, 0, 0
+        return units, min(quota.parked, MAX_GRANT_UNITS), quota.granted_total
+
+    def demand_due(self) -> bool:
+        """Whether the figure differs from the one the custodian last heard."""
+        return (
+            self.synced
+            and not self.accounting.final
+            and (self.demand_figure() != self._demand_sent)
+        )
+
+    def next_demand(self) -> Demand:
+        """The demand message for the current figure, counted as sent."""
+        units, requests, _ = self._demand_sent = self.demand_figure()
+        self._demand_seq += 1
+        return Demand(
+            seq=self._demand_seq,
+            units=units,
+            parked_requests=requests,
+            granted_total=self.quota.granted_total,
+        )
 
     def on_unblock(self) -> None:
         self._synced = True

@@ -78,9 +78,13 @@ class AdminApi:
         """``POST /supply_inferences`` with ``number_inferences``; the usage document."""
         return self._ok("POST", "/supply_inferences", {"number_inferences": str(units)})
 
-    def block(self, reason: str = "") -> dict[str, Any]:
-        """``POST /block``: the borrower's enclaves stop serving."""
-        return self._ok("POST", "/block", {"reason": reason} if reason else None)
+    def block(self, reason: str = "", *, wait: float | None = None) -> dict[str, Any]:
+        """``POST /block``: the borrower's enclaves stop serving; with ``wait``, answer
+        once they all acknowledged it (or after that many seconds)."""
+        fields: dict[str, str] = {"reason": reason} if reason else {}
+        if wait is not None:
+            fields["wait"] = repr(float(wait))
+        return self._ok("POST", "/block", fields or None)
 
     def unblock(self) -> dict[str, Any]:
         """``POST /unblock``: serving may resume."""

@@ -16,6 +16,7 @@ them lives in :mod:`drm_wire.protocol`):
   ``model_end``, ``grant``, ``usage_ack``, ``block``, ``unblock`` (S); ``model_loaded``,
   ``usage_report`` (C); ``heartbeat`` (both); version 3: ``model_keep``, ``recall``,
   ``return_ack`` (S), ``model_load_failed``, ``returned`` and ``hello``'s ``held`` (C);
+  version 4: ``demand``, ``block_ack`` (C), and ``block``'s ``block_id`` (S);
 * consumer link (consumer = C, enclave = S): ``infer``, ``model_info_request`` (C);
   ``waiting``, ``result``, ``model_info`` (S).
 """
@@ -65,6 +66,8 @@ from .tensors import DTYPES, Tensor, check_name, tensors_from_wire, tensors_to_w
 __all__ = [
     "MESSAGE_TYPES",
     "Block",
+    "BlockAck",
+    "Demand",
     "Error",
     "Grant",
     "Heartbeat",
@@ -666,13 +669,19 @@ class UsageAck(Message):
 
 @_message
 class Block(Message):
-    """Custodian: stop serving at once; parked and new requests fail with ``blocked``."""
+    """Custodian: stop serving at once; parked and new requests fail with ``blocked``.
+
+    Version 4: ``block_id`` names this block on the link (from 1, growing with every
+    block sent on it), so that the enclave's :class:`BlockAck` says which one it obeys.
+    """
 
     TYPE: ClassVar[str] = "block"
 
+    block_id: int
     reason: str
 
     def __post_init__(self) -> None:
+        _positive(self.block_id, "block_id", MAX_UINT)
         _text(self.reason, "reason", empty=True)
 
 
@@ -766,6 +775,52 @@ class ReturnAck(Message):
         if self.recall_id is not None:
             _uint(self.recall_id, "recall_id")
         _uint(self.returned_total, "returned_total")
+
+
+# --- custodian link: demand and block acknowledgement (protocol version 4) ------------
+
+
+@_message
+class Demand(Message):
+    """Enclave: its parked requests need ``units`` more inferences than it holds, as of
+    ``granted_total`` (version 4).
+
+    ``parked_requests`` requests are waiting; both are 0 once nobody waits. ``seq`` grows
+    with every demand on the link, so the newest figure wins. The custodian reads the
+    units as what this instance lacks once it has been granted ``granted_total``: units
+    it granted after that are counted against the demand, so a grant crossing a demand
+    on the wire is not asked for twice. A claim, never a right: the custodian grants an
+    instance at most its lease whatever it claims (I24).
+    """
+
+    TYPE: ClassVar[str] = "demand"
+
+    seq: int
+    units: int
+    parked_requests: int
+    granted_total: int
+
+    def __post_init__(self) -> None:
+        _uint(self.seq, "seq")
+        _uint(self.units, "units", MAX_GRANT_UNITS)
+        _uint(self.parked_requests, "parked_requests", MAX_GRANT_UNITS)
+        _uint(self.granted_total, "granted_total")
+        if (self.units == 0) != (self.parked_requests == 0):
+            raise _bad("units", "a parked request lacks at least one unit, and only it does")
+
+
+@_message
+class BlockAck(Message):
+    """Enclave: block ``block_id`` holds here; no request starts any more until an
+    ``unblock`` (version 4, I25). Parked requests have failed with ``blocked``; requests
+    already running finish and are reported as ever."""
+
+    TYPE: ClassVar[str] = "block_ack"
+
+    block_id: int
+
+    def __post_init__(self) -> None:
+        _positive(self.block_id, "block_id", MAX_UINT)
 
 
 # --- consumer link -------------------------------------------------------------------

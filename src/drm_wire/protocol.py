@@ -23,6 +23,7 @@ once, and a reply must answer a request that is in flight.
     version 3:       OPEN --model_keep(S)--> OPEN (a model the hello said is held)
                      OPEN, RECEIVING_MODEL --model_load_failed(C)--> same state
                      OPEN --returned(C, final)--> STOPPING (a clean stop)
+    version 4:       OPEN, RECEIVING_MODEL --demand(C), block_ack(C)--> same state
     any state:       error without request_id (either side) --> CLOSED
 
 ``python -m drm_wire.protocol`` prints the whole table as a Graphviz diagram.
@@ -37,6 +38,8 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .framing import Buffer, FrameDecoder, PayloadSink, encode_frame
 from .messages import (
     Block,
+    BlockAck,
+    Demand,
     Error,
     Grant,
     Heartbeat,
@@ -81,9 +84,9 @@ __all__ = [
 ]
 
 #: The version this build speaks by preference.
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 #: Every version this build can speak.
-SUPPORTED_VERSIONS: Final = (3,)
+SUPPORTED_VERSIONS: Final = (4,)
 
 
 class Link(Enum):
@@ -174,6 +177,13 @@ def _build_table() -> dict[tuple[Link, State, Side, type[Message]], State]:
         table[(custodian, stopping, _S, message)] = stopping
     for message in (Returned, Heartbeat):
         table[(custodian, stopping, _C, message)] = stopping
+    # Demand and block acknowledgement (version 4): an enclave loading a model may have
+    # requests parked already, and a block may come during a transfer. A stopping
+    # enclave parks nothing (no demand), but acknowledges a block that crossed its stop.
+    for state in (_OPEN, _MODEL):
+        table[(custodian, state, _C, Demand)] = state
+    for state in (_OPEN, _MODEL, stopping):
+        table[(custodian, state, _C, BlockAck)] = state
     table[(custodian, _OPEN, _C, ModelLoaded)] = _OPEN
     table[(custodian, _OPEN, _S, ModelBegin)] = _MODEL
     table[(custodian, _MODEL, _S, ModelChunk)] = _MODEL
@@ -229,7 +239,17 @@ class Connection:
             peer; see :class:`~drm_wire.framing.FrameDecoder`).
     """
 
-    __slots__ = ("_decoder", "_in_flight", "_recalls", "link", "side", "state", "version")
+    __slots__ = (
+        "_block_id",
+        "_decoder",
+        "_demand_seq",
+        "_in_flight",
+        "_recalls",
+        "link",
+        "side",
+        "state",
+        "version",
+    )
 
     def __init__(self, link: Link, side: Side, *, grow_payloads: bool = False) -> None:
         self.link = link
@@ -241,6 +261,10 @@ class Connection:
         self._in_flight: set[int] = set()
         #: Recall ids sent by the custodian and not yet answered by a ``returned``.
         self._recalls: set[int] = set()
+        #: The newest ``block_id`` the custodian sent (0: none yet), and the newest demand
+        #: ``seq`` the enclave sent (-1: none yet): both only grow on a link.
+        self._block_id = 0
+        self._demand_seq = -1
 
     def __repr__(self) -> str:
         return (
@@ -418,6 +442,12 @@ class Connection:
             self._open_recall(message, error)  # type: ignore[arg-type]
         elif kind is Returned:
             new_state = self._check_returned(message, new_state, error)  # type: ignore[arg-type]
+        elif kind is Block:
+            self._check_block(message, error)  # type: ignore[arg-type]
+        elif kind is BlockAck:
+            self._check_block_ack(message, error)  # type: ignore[arg-type]
+        elif kind is Demand:
+            self._check_demand(message, error)  # type: ignore[arg-type]
         self.state = new_state
 
     def _advance_error(
@@ -524,6 +554,40 @@ class Connection:
                 state=self.state.value,
             )
         return State.STOPPING
+
+    def _check_block(
+        self, block: Block, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        if block.block_id <= self._block_id:
+            raise error(
+                f"block {block.block_id} does not follow block {self._block_id}",
+                field="block_id",
+                state=self.state.value,
+            )
+        self._block_id = block.block_id
+
+    def _check_block_ack(
+        self, ack: BlockAck, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        """An acknowledgement names a block sent on this link; acknowledging one again, or
+        an older one, is harmless (the custodian reads only the current block's)."""
+        if ack.block_id > self._block_id:
+            raise error(
+                f"block_ack {ack.block_id} answers no block sent (newest: {self._block_id})",
+                field="block_id",
+                state=self.state.value,
+            )
+
+    def _check_demand(
+        self, demand: Demand, error: type[LocalProtocolError] | type[RemoteProtocolError]
+    ) -> None:
+        if demand.seq <= self._demand_seq:
+            raise error(
+                f"demand {demand.seq} does not follow demand {self._demand_seq}",
+                field="seq",
+                state=self.state.value,
+            )
+        self._demand_seq = demand.seq
 
     def _require_request(
         self, request_id: int, error: type[LocalProtocolError] | type[RemoteProtocolError]

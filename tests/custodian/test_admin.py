@@ -117,6 +117,38 @@ async def test_block_and_unblock(server: Server) -> None:
     assert ("blocked", BORROWER, "") in server.hooks.calls
 
 
+async def test_a_block_may_wait_for_its_acknowledgements_boundedly(server: Server) -> None:
+    """``wait`` (seconds, 0 to 10) is handed to the daemon, which answers once every live
+    instance acknowledged the block (I25); the answer counts those that did."""
+    reply = await server.call("POST", "/block", b"reason=audit&wait=2.5", [FORM])
+    assert reply.status == 200
+    assert reply.json()["block_acknowledged"] == 0  # the recording hooks have no instance
+    assert ("wait_block_acked", BORROWER, 2.5) in server.hooks.calls
+    body = json.dumps({"wait": 10}).encode()
+    assert (await server.call("POST", "/block", body, [JSON])).status == 200
+    assert ("wait_block_acked", BORROWER, 10.0) in server.hooks.calls
+    calls = len(server.hooks.calls)
+    for bad, kind in (
+        (b"wait=-1", FORM),
+        (b"wait=10.5", FORM),
+        (b"wait=nan", FORM),
+        (b"wait=inf", FORM),
+        (b"wait=1e999", FORM),
+        (b"wait=soon", FORM),
+        (b"wait=" + b"1" * 9, FORM),
+        (json.dumps({"wait": True}).encode(), JSON),
+        (json.dumps({"wait": "1"}).encode(), JSON),
+        (json.dumps({"wait": 11}).encode(), JSON),
+    ):
+        reply = await server.call("POST", "/block", bad, [kind])
+        assert reply.status == 400, bad
+        assert reply.json()["field"] == "wait", bad
+    assert len(server.hooks.calls) == calls  # nothing was blocked by a refused call
+    # ``wait`` is the block's alone.
+    reply = await server.call("POST", "/unblock", b"wait=1", [FORM])
+    assert reply.status == 400
+
+
 async def test_usage_reports_every_number(server: Server) -> None:
     await _client(server, "supply", 10)
     await server.ledger.record_grant(BORROWER, "instance-1", 4)

@@ -126,10 +126,11 @@ async def test_init_serve_supply_usage_and_sigterm(files: Files) -> None:
         assert usage.stdout.endswith(b"}\n")  # a final newline, for shells and pipes
         assert doc["borrower"] == "acme"
         assert (doc["supplied"], doc["remaining"], doc["instances"]) == (8, 8, 0)
-        blocked = await run_cli("block", "--reason", "audit", "--state-dir", str(files.state),
-                                "--admin-port", port)  # fmt: skip
+        blocked = await run_cli("block", "--reason", "audit", "--wait", "0.5",
+                                "--state-dir", str(files.state), "--admin-port", port)  # fmt: skip
         assert blocked.returncode == EXIT_OK
         assert b"blocked    True" in blocked.stdout
+        assert b"block_acknowledged 0" in blocked.stdout  # no enclave is linked
         assert await stop(running) == 0
     events = [e.get("event") for e in running.events]
     assert events.index("custodian_stopping") < events.index("custodian_stopped")
@@ -253,6 +254,12 @@ def test_model_files_are_bounded(tmp_path: Path) -> None:
         (["serve", "--state-dir", "x", "--upload", "m.onnx", "--policy", "p.toml",
           "--reclaim-margin", "86401"],
          "argument --reclaim-margin: must be from 0 to 86400 (seconds), not 86401"),
+        (["block", "--state-dir", "x", "--wait", "11"],
+         "argument --wait: must be a number of seconds from 0 to 10, got '11'"),
+        (["block", "--state-dir", "x", "--wait", "nan"],
+         "argument --wait: must be a number of seconds from 0 to 10, got 'nan'"),
+        (["block", "--state-dir", "x", "--wait", "soon"],
+         "argument --wait: must be a number of seconds from 0 to 10, got 'soon'"),
     ],
 )  # fmt: skip
 def test_bad_counts_are_usage_errors_that_say_what_is_allowed(

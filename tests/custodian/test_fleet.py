@@ -34,10 +34,16 @@ class Claimant:
     ready: bool = True
     outstanding: int = 0
     recall_pending: bool = False
+    recall_dry: bool = False
+    parked_requests: int = 0
+    need: int = 0
+    told_blocked: bool = False
+    block_acknowledged: bool = False
     recalled: list[int] = field(default_factory=list)
 
-    def recall(self, units: int) -> None:
+    def recall(self, units: int, asker: object = None) -> bool:
         self.recalled.append(units)
+        return True
 
     @staticmethod
     def grant_plan(balance: Balance, granted: int, served: int) -> int:
@@ -122,7 +128,7 @@ class Planned(Claimant):
 
     @property
     def grant_plan(self) -> GrantPlan:  # type: ignore[override]
-        return functools.partial(_plan, lease=8, reserve=1)
+        return functools.partial(_plan, lease=8, reserve=1, need=self.need)
 
 
 async def test_a_short_supply_goes_first_to_the_instance_holding_least(ledger: Ledger) -> None:
@@ -145,6 +151,27 @@ async def test_a_short_supply_goes_first_to_the_instance_holding_least(ledger: L
     result = await ledger.supply("acme", 8, grant_to=hooks.grant_plans("acme"))
     assert [(g.instance_id, g.units) for g in result.grants] == [(b.instance_id, 8)]
     assert result.balance.remaining == 0
+
+
+async def test_a_supply_goes_first_to_the_instance_whose_requests_wait(ledger: Ledger) -> None:
+    """I24: of two instances, the one that says requests wait there (its need) is planned
+    first and topped up to its lease, even though the other holds less; the other gets
+    only what the need leaves."""
+    registry = Registry()
+    waiting = Planned("acme", "lic_a", _iid(1), outstanding=3, need=2)
+    empty = Planned("acme", "lic_a", _iid(2), outstanding=0)
+    await ledger.supply("acme", 16)
+    for session, served in ((waiting, 5), (empty, 8)):
+        await registry.claim(session, max_instances=2)
+        await ledger.record_grant("acme", session.instance_id, 8)
+        await ledger.record_usage("acme", session.instance_id, served, 1)
+    hooks = SessionHooks(registry)
+    assert [i for i, _ in hooks.grant_plans("acme")] == [waiting.instance_id, empty.instance_id]
+    result = await ledger.supply("acme", 6, grant_to=hooks.grant_plans("acme"))
+    assert [(g.instance_id, g.units) for g in result.grants] == [
+        (waiting.instance_id, 5),  # back to its lease of 8, though it held 3
+        (empty.instance_id, 1),
+    ]
 
 
 # --- the shared supply, under hostile orders ---------------------------------------------

@@ -67,6 +67,35 @@ def test_bad_lease_is_refused(lease: object) -> None:
 def test_negative_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="negative"):
         plan_grant(remaining=1, granted_total=-1, served_total=0)
+    with pytest.raises(ValueError, match="negative"):
+        plan_grant(remaining=1, granted_total=0, served_total=0, need=-1)
+
+
+def test_a_demand_tops_up_to_the_lease_at_once_and_never_beyond() -> None:
+    """I24: holding 600 of a lease of 1,000, no top-up is due; a demand makes it one, to
+    the lease; whatever the demand claims, nothing beyond the lease."""
+    assert plan_grant(remaining=5000, granted_total=1000, served_total=400) == 0
+    assert plan_grant(remaining=5000, granted_total=1000, served_total=400, need=1) == 400
+    for need in (1, MAX_GRANT_UNITS):
+        assert plan_grant(remaining=5000, granted_total=1000, served_total=0, need=need) == 0
+        assert plan_grant(remaining=30, granted_total=1000, served_total=400, need=need) == 30
+
+
+@given(
+    remaining=st.integers(min_value=-10, max_value=3 * MAX_GRANT_UNITS),
+    granted=st.integers(min_value=0, max_value=10**7),
+    served=st.integers(min_value=0, max_value=10**7),
+    lease=st.integers(min_value=1, max_value=MAX_GRANT_UNITS),
+    need=st.integers(min_value=0, max_value=MAX_GRANT_UNITS),
+)
+def test_a_demand_never_draws_beyond_the_lease_or_the_supply(
+    remaining: int, granted: int, served: int, lease: int, need: int
+) -> None:
+    units = plan_grant(
+        remaining=remaining, granted_total=granted, served_total=served, lease=lease, need=need
+    )
+    assert 0 <= units <= max(remaining, 0)
+    assert max(granted - served, 0) + units <= max(lease, granted - served)
 
 
 @given(

@@ -652,3 +652,46 @@ async def test_totals_follow_a_random_history_of_records(ledger: Ledger) -> None
             remaining=supplied[borrower] - want_granted,
             blocked=False,
         )
+
+
+# --- one read for /usage ---------------------------------------------------------------
+
+
+async def test_usage_reads_totals_and_instances_in_one_snapshot(
+    ledger: Ledger, ledger_path: Path
+) -> None:
+    """A grant committed by another connection between the balance's read and the
+    instances' read is in neither: the rows add up to the totals (GET /usage)."""
+    await ledger.supply("acme", 100)
+    await ledger.record_grant("acme", INSTANCE, 10)
+    # The callback runs in the ledger's thread.
+    writer = sqlite3.connect(ledger_path, isolation_level=None, check_same_thread=False)
+    statements: list[str] = []
+    failures: list[BaseException] = []
+
+    def between_reads(statement: str) -> None:
+        statements.append(statement)
+        if "FROM instance_totals t" in statement and len(statements) > 1:
+            try:  # (sqlite3 swallows a trace callback's exceptions)
+                writer.execute(
+                    "INSERT INTO grants (borrower, instance_id, units, cumulative, at) "
+                    "VALUES ('acme', ?, 20, 20, 0)",
+                    ("b" * 64,),
+                )
+            except BaseException as exc:
+                failures.append(exc)
+
+    conn = ledger._conn
+    assert conn is not None
+    conn.set_trace_callback(between_reads)
+    try:
+        balance, records = await ledger.usage("acme", newest_first=True)
+    finally:
+        conn.set_trace_callback(None)
+    assert any("FROM instance_totals t" in s for s in statements)
+    assert failures == []  # the write did happen, between the two reads
+    assert balance.granted == sum(r.granted for r in records) == 10
+    # A later read sees it, in both.
+    balance, records = await ledger.usage("acme")
+    assert balance.granted == sum(r.granted for r in records) == 30
+    writer.close()

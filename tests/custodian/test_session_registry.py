@@ -32,10 +32,16 @@ class FakeSession:
     ready: bool = True
     outstanding: int = 0
     recall_pending: bool = False
+    recall_dry: bool = False
+    parked_requests: int = 0
+    need: int = 0
+    told_blocked: bool = False
+    block_acknowledged: bool = False
     recalled: list[int] = field(default_factory=list)
 
-    def recall(self, units: int) -> None:
+    def recall(self, units: int, asker: object = None) -> bool:
         self.recalled.append(units)
+        return True
 
     committed: list[tuple[Grant, int]] = field(default_factory=list)
     waited_for: list[int] = field(default_factory=list)

@@ -39,6 +39,8 @@ from drm_wire.errors import PeerError
 from drm_wire.limits import MODEL_CHUNK_BYTES
 from drm_wire.messages import (
     Block,
+    BlockAck,
+    Demand,
     EnclaveState,
     Grant,
     Heartbeat,
@@ -184,13 +186,25 @@ class FakeSession:
     heartbeats: bool = True
     closed: trio.Event = field(default_factory=trio.Event)
     grant_ids: int = 0
+    block_ids: int = 0
+    #: Demands and block acknowledgements received while waiting for something else
+    #: (version 4: they come whenever requests park or a block holds).
+    demands: list[Demand] = field(default_factory=list)
+    block_acks: list[BlockAck] = field(default_factory=list)
 
     async def next(self, kind: type[M]) -> M:
-        """The next message that is not a heartbeat; it must be a ``kind``."""
+        """The next message that is not a heartbeat; it must be a ``kind``. Demands and
+        block acknowledgements on the way are recorded, unless one is what is asked for."""
         with trio.fail_after(TIMEOUT):
             while True:
                 message = await self.channel.receive()
-                if not isinstance(message, Heartbeat):
+                if isinstance(message, kind):
+                    break
+                if isinstance(message, Demand):
+                    self.demands.append(message)
+                elif isinstance(message, BlockAck):
+                    self.block_acks.append(message)
+                elif not isinstance(message, Heartbeat):
                     break
         assert isinstance(message, kind), f"expected {kind.__name__}, got {message!r}"
         return message
@@ -225,7 +239,8 @@ class FakeSession:
         await self.channel.send(UsageAck(seq=seq, served_total=served_total))
 
     async def block(self) -> None:
-        await self.channel.send(Block(reason="test"))
+        self.block_ids += 1
+        await self.channel.send(Block(block_id=self.block_ids, reason="test"))
 
     async def unblock(self) -> None:
         await self.channel.send(Unblock())

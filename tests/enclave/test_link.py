@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from drm_lab.models import tiny_model
 from drm_wire.errors import ErrorCode, PeerError
 from drm_wire.messages import (
     Block,
+    BlockAck,
+    Demand,
     EnclaveState,
     Error,
     Heartbeat,
@@ -35,6 +38,8 @@ from tests.enclave.enclave_fakes import (
     FAST_TIMING,
     LICENSE,
     TIMEOUT,
+    FakeSession,
+    M,
     fail_a_parked_request,
     make_pki,
     running_enclave,
@@ -240,7 +245,7 @@ async def test_consumers_are_told_the_block_reason_and_what_to_do(tmp_path: Path
             await consumer.infer()  # none left: the next one parks
 
             async def block() -> None:
-                await session.channel.send(Block(reason="unpaid invoice 42\x1b[2J"))
+                await session.channel.send(Block(block_id=1, reason="unpaid invoice 42\x1b[2J"))
 
             parked = await fail_a_parked_request(consumer, block)
             with pytest.raises(PeerError) as caught:
@@ -384,3 +389,58 @@ async def test_duplicate_instance_error_is_survived_by_redialling(tmp_path: Path
             assert rig.runtime.state is not EnclaveState.SERVING
     failures = [entry for entry in logs if entry["event"] == "custodian_link_failed"]
     assert any("duplicate_instance" in entry["error"] for entry in failures)
+
+
+# --- version 4: the demand signal and the block acknowledgement ---------------------------
+
+
+async def _next_acking_reports(session: FakeSession, kind: type[M]) -> M:
+    """The next ``kind``, acknowledging the usage reports that come first (a demand
+    follows a report of what was served before it)."""
+    while True:
+        message = await session.next(kind | UsageReport)  # type: ignore[arg-type]
+        if isinstance(message, kind):
+            return message
+        assert isinstance(message, UsageReport)
+        await session.ack(message.seq, message.served_total)
+
+
+async def test_a_parked_request_sends_its_demand_after_a_report_and_a_grant_clears_it(
+    tmp_path: Path,
+) -> None:
+    async with running_enclave(tmp_path) as rig:
+        session = await rig.link(granted_total=1)
+        async with rig.consumer() as consumer:
+            await consumer.infer()  # its one unit: the next request parks
+            report = await session.next(UsageReport)
+            await session.ack(report.seq, report.served_total)
+            parked = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(consumer.infer, wait=None, parked=parked))
+                with trio.fail_after(TIMEOUT):
+                    await parked.wait()
+                demand = await _next_acking_reports(session, Demand)
+                assert (demand.units, demand.parked_requests, demand.granted_total) == (1, 1, 1)
+                await session.grant(2, 3)  # covers it, with one to spare
+            demand = await _next_acking_reports(session, Demand)
+            assert (demand.units, demand.parked_requests, demand.granted_total) == (0, 0, 3)
+
+
+async def test_a_block_is_acknowledged_once_nothing_can_start(tmp_path: Path) -> None:
+    async with running_enclave(tmp_path) as rig:
+        session = await rig.link(granted_total=1)
+        async with rig.consumer() as consumer:
+            await consumer.infer()
+            parked_error = await fail_a_parked_request(consumer, session.block)
+            ack = await _next_acking_reports(session, BlockAck)
+            assert ack.block_id == session.block_ids == 1
+            # By the acknowledgement the parked request had failed, and none starts.
+            assert parked_error.code is ErrorCode.BLOCKED
+            assert rig.runtime.quota.suspended is ErrorCode.BLOCKED
+            with pytest.raises(PeerError) as caught:
+                await consumer.infer()
+            assert caught.value.code is ErrorCode.BLOCKED
+            await session.unblock()
+            await rig.wait_state(EnclaveState.SERVING)
+            await session.block()
+            assert (await _next_acking_reports(session, BlockAck)).block_id == 2

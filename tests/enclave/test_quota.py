@@ -324,3 +324,29 @@ def test_reset_and_max_parked_are_checked(quota: Quota) -> None:
         quota.reset(-1)
     with pytest.raises(TypeError, match="max_parked"):
         Quota(max_parked=1.5)  # type: ignore[arg-type]
+
+
+async def test_the_shortfall_is_what_parked_requests_lack_and_every_change_is_signalled() -> None:
+    """The demand signal's figure (version 4): the parked requests' costs beyond what is
+    available, with a call each time it may have moved."""
+    quota = Quota()
+    calls: list[tuple[int, int]] = []
+    quota.demand_changed = lambda: calls.append((quota.shortfall, quota.parked))
+    quota.grant(1)
+    assert (quota.shortfall, calls) == (0, [])  # nobody parked: nothing to signal
+
+    async def hold(units: int, client: str) -> None:
+        async with quota.take(units=units, client=client):
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        for units, client in ((3, "a"), (2, "b")):
+            nursery.start_soon(hold, units, client)
+            await wait_all_tasks_blocked()
+        assert (quota.shortfall, quota.parked) == (4, 2)  # 3 + 2 parked, 1 available
+        assert calls[-1] == (4, 2)
+        quota.grant(3)  # the head (3) is served; 1 is left for the next, which lacks 1
+        assert (quota.shortfall, quota.parked) == (1, 1)
+        assert calls[-1] == (1, 1)
+        nursery.cancel_scope.cancel()  # the last one goes away: nobody lacks anything
+    assert (quota.shortfall, quota.parked, calls[-1]) == (0, 0, (0, 0))

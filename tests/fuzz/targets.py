@@ -151,7 +151,11 @@ def sample_messages() -> list[m.Message]:
         m.Grant(grant_id=1, units=5, granted_total=5),
         m.UsageReport(seq=1, served_total=3),
         m.UsageAck(seq=1, served_total=3),
-        m.Block(reason="unpaid"),
+        m.Block(block_id=1, reason="unpaid"),
+        # Version 4: the demand signal and the block acknowledgement.
+        m.BlockAck(block_id=1),
+        m.Demand(seq=1, units=5, parked_requests=2, granted_total=10),
+        m.Demand(seq=2, units=0, parked_requests=0, granted_total=15),
         m.Unblock(),
         m.Heartbeat(seq=7),
         m.Recall(recall_id=1, units=4),

@@ -20,12 +20,16 @@ from tests.net.channel_fakes import (
 )
 
 
-async def test_server_refuses_a_client_without_a_common_version(stream_pair: StreamPair) -> None:
+# (3,): the last release's peers (no demand, no block acknowledgement) are refused.
+@pytest.mark.parametrize("versions", [(7, 8), (3,), (1, 2, 3)])
+async def test_server_refuses_a_client_without_a_common_version(
+    stream_pair: StreamPair, versions: tuple[int, ...]
+) -> None:
     answers: list[object] = []
     async with raw_client_and_server(stream_pair, handshake=False) as (raw, server):
 
         async def client() -> None:
-            await raw.send(Hello(versions=(7, 8), role=PeerRole.CONSUMER, software="old"))
+            await raw.send(Hello(versions=versions, role=PeerRole.CONSUMER, software="old"))
             answers.extend(await raw.receive_until_eof())
 
         async with trio.open_nursery() as nursery:
@@ -33,7 +37,7 @@ async def test_server_refuses_a_client_without_a_common_version(stream_pair: Str
             with pytest.raises(RemoteProtocolError, match="no protocol version") as info:
                 await server.accept_hello(software="server")
         assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
-        assert info.value.got == (7, 8)
+        assert info.value.got == versions
         with pytest.raises(ChannelClosed):
             await server.receive()
     assert len(answers) == 1

@@ -148,7 +148,17 @@ MESSAGES: dict[type[m.Message], st.SearchStrategy[Any]] = {
         st.integers(1, 64),
     ),
     m.UsageAck: st.builds(m.UsageAck, seq=uints, served_total=uints),
-    m.Block: st.builds(m.Block, reason=texts),
+    m.Block: st.builds(m.Block, block_id=st.integers(1, MAX_UINT), reason=texts),
+    m.BlockAck: st.builds(m.BlockAck, block_id=st.integers(1, MAX_UINT)),
+    m.Demand: st.integers(0, MAX_GRANT_UNITS).flatmap(
+        lambda units: st.builds(
+            m.Demand,
+            seq=uints,
+            units=st.just(units),
+            parked_requests=st.just(0) if units == 0 else st.integers(1, MAX_GRANT_UNITS),
+            granted_total=uints,
+        )
+    ),
     m.Unblock: st.builds(m.Unblock),
     m.Heartbeat: st.builds(m.Heartbeat, seq=uints),
     m.Recall: st.builds(m.Recall, recall_id=uints, units=st.integers(1, MAX_GRANT_UNITS)),

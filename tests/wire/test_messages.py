@@ -212,6 +212,32 @@ def test_a_model_keep_needs_its_terms() -> None:
             {"name": "m", "sha256": b"x" * 32, "code": "too_large", "reason": ""},
             "reason",
         ),
+        # Version 4: block ids, block_ack and demand, hostile values.
+        (m.Block, {"block_id": 0, "reason": ""}, "block_id"),
+        (m.Block, {"block_id": True, "reason": ""}, "block_id"),
+        (m.BlockAck, {"block_id": 0}, "block_id"),
+        (m.BlockAck, {"block_id": -1}, "block_id"),
+        (m.BlockAck, {"block_id": 2**63}, "block_id"),
+        (m.Demand, {"seq": -1, "units": 1, "parked_requests": 1, "granted_total": 0}, "seq"),
+        (
+            m.Demand,
+            {"seq": 1, "units": 1_000_001, "parked_requests": 1, "granted_total": 0},
+            "units",
+        ),
+        (m.Demand, {"seq": 1, "units": 2**64, "parked_requests": 1, "granted_total": 0}, "units"),
+        (m.Demand, {"seq": 1, "units": 1.0, "parked_requests": 1, "granted_total": 0}, "units"),
+        (
+            m.Demand,
+            {"seq": 1, "units": 5, "parked_requests": 1_000_001, "granted_total": 0},
+            "parked_requests",
+        ),
+        (m.Demand, {"seq": 1, "units": 5, "parked_requests": 0, "granted_total": 0}, "units"),
+        (m.Demand, {"seq": 1, "units": 0, "parked_requests": 2, "granted_total": 0}, "units"),
+        (
+            m.Demand,
+            {"seq": 1, "units": 1, "parked_requests": 1, "granted_total": -5},
+            "granted_total",
+        ),
         (m.Error, {"code": "busy", "message": "x" * 4097}, "message"),
         (m.InferenceRequest, {"request_id": 1, "model": "m", "inputs": (), "wait": 5}, "wait"),
         (

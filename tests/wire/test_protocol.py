@@ -13,6 +13,7 @@ from drm_wire.model.terms import Terms
 from drm_wire.protocol import (
     CLOSED,
     NEED_DATA,
+    PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     TRANSITIONS,
     Connection,
@@ -33,9 +34,11 @@ IN_FLIGHT = 1
 #: One valid instance of every message type. Replies answer request IN_FLIGHT; requests
 #: use a fresh id.
 SAMPLES: dict[type[m.Message], m.Message] = {
-    m.Hello: m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t"),
-    m.Welcome: m.Welcome(version=3, software="t"),
-    m.Refusal: m.Refusal(code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=(3,)),
+    m.Hello: m.Hello(versions=SUPPORTED_VERSIONS, role=m.PeerRole.ENCLAVE, software="t"),
+    m.Welcome: m.Welcome(version=PROTOCOL_VERSION, software="t"),
+    m.Refusal: m.Refusal(
+        code=ErrorCode.UNSUPPORTED_VERSION, message="no", supported_versions=SUPPORTED_VERSIONS
+    ),
     m.Error: m.Error(code=ErrorCode.INTERNAL, message="bye"),
     m.ModelBegin: m.ModelBegin(name="model", size=10, sha256=DIGEST),
     m.ModelChunk: m.ModelChunk(offset=0, data=memoryview(b"0123456789")),
@@ -48,7 +51,10 @@ SAMPLES: dict[type[m.Message], m.Message] = {
     m.Grant: m.Grant(grant_id=1, units=3, granted_total=3),
     m.UsageReport: m.UsageReport(seq=1, served_total=1),
     m.UsageAck: m.UsageAck(seq=1, served_total=1),
-    m.Block: m.Block(reason="unpaid"),
+    # connection_in sends block 1 on a custodian link: this one follows it.
+    m.Block: m.Block(block_id=2, reason="unpaid"),
+    m.BlockAck: m.BlockAck(block_id=1),
+    m.Demand: m.Demand(seq=1, units=3, parked_requests=1, granted_total=0),
     m.Unblock: m.Unblock(),
     m.Heartbeat: m.Heartbeat(seq=1),
     m.Recall: m.Recall(recall_id=5, units=4),
@@ -71,7 +77,7 @@ SAMPLES: dict[type[m.Message], m.Message] = {
 
 def hello_for(link: Link) -> m.Hello:
     role = m.PeerRole.ENCLAVE if link is Link.CUSTODIAN else m.PeerRole.CONSUMER
-    return m.Hello(versions=(3,), role=role, software="t")
+    return m.Hello(versions=SUPPORTED_VERSIONS, role=role, software="t")
 
 
 def deliver(connection: Connection, message: m.Message) -> m.Message:
@@ -97,7 +103,9 @@ def connection_in(link: Link, side: Side, state: State) -> Connection:
     carry(connection, hello_for(link), Side.CLIENT)
     if state is State.AWAIT_WELCOME:
         return connection
-    carry(connection, m.Welcome(version=3, software="t"), Side.SERVER)
+    carry(connection, m.Welcome(version=PROTOCOL_VERSION, software="t"), Side.SERVER)
+    if link is Link.CUSTODIAN:
+        carry(connection, m.Block(block_id=1, reason=""), Side.SERVER)  # for block_ack's sake
     if link is Link.CONSUMER:
         request = m.ModelInfoRequest(request_id=IN_FLIGHT)
         carry(connection, request, Side.CLIENT)
@@ -179,20 +187,21 @@ def test_transition_table_covers_both_links() -> None:
 
 
 def test_version_selection() -> None:
-    assert select_version(m.Hello(versions=(3, 7), role="consumer", software="x")) == 3  # type: ignore[arg-type]
+    assert select_version(m.Hello(versions=(4, 7), role="consumer", software="x")) == 4  # type: ignore[arg-type]
     # Version 1 could not carry a model's terms; version 2 cannot report a model that fails
-    # to load, skip a transfer, carry shared metadata nor return units: such peers are refused.
-    assert select_version(m.Hello(versions=(1,), role="consumer", software="x")) is None  # type: ignore[arg-type]
-    assert select_version(m.Hello(versions=(2,), role="consumer", software="x")) is None  # type: ignore[arg-type]
+    # to load, skip a transfer, carry shared metadata nor return units; version 3 sends no
+    # demand and acknowledges no block: such peers are refused.
+    for old in (1, 2, 3):
+        assert select_version(m.Hello(versions=(old,), role="consumer", software="x")) is None  # type: ignore[arg-type]
     assert select_version(m.Hello(versions=(7, 9), role="consumer", software="x")) is None  # type: ignore[arg-type]
-    assert select_version(m.Hello(versions=(2, 3), role="consumer", software="x")) == 3  # type: ignore[arg-type]
-    assert SUPPORTED_VERSIONS == (3,)
+    assert select_version(m.Hello(versions=(2, 3, 4), role="consumer", software="x")) == 4  # type: ignore[arg-type]
+    assert SUPPORTED_VERSIONS == (PROTOCOL_VERSION,) == (4,)
 
 
 def test_w12_unknown_version_in_welcome_is_refused() -> None:
     client = connection_in(Link.CONSUMER, Side.CLIENT, State.AWAIT_WELCOME)
-    with pytest.raises(RemoteProtocolError, match="version 2 is not supported") as info:
-        deliver(client, m.Welcome(version=2, software="t"))
+    with pytest.raises(RemoteProtocolError, match="version 3 is not supported") as info:
+        deliver(client, m.Welcome(version=3, software="t"))
     assert info.value.code is ErrorCode.UNSUPPORTED_VERSION
     server = connection_in(Link.CONSUMER, Side.SERVER, State.AWAIT_WELCOME)
     with pytest.raises(LocalProtocolError):
@@ -343,11 +352,13 @@ def test_version_3_messages_out_of_order_are_refused(
 
 
 def test_only_an_enclave_says_which_models_it_holds() -> None:
-    enclave_hello = m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t", held=(HELD,))
+    enclave_hello = m.Hello(
+        versions=SUPPORTED_VERSIONS, role=m.PeerRole.ENCLAVE, software="t", held=(HELD,)
+    )
     server = Connection(Link.CUSTODIAN, Side.SERVER)
     assert deliver(server, enclave_hello) == enclave_hello
     consumer = Connection(Link.CONSUMER, Side.SERVER)
-    hello = m.Hello(versions=(3,), role=m.PeerRole.CONSUMER, software="t", held=())
+    hello = m.Hello(versions=SUPPORTED_VERSIONS, role=m.PeerRole.CONSUMER, software="t", held=())
     with pytest.raises(RemoteProtocolError, match="only an enclave") as info:
         deliver(consumer, hello)
     assert info.value.field == "held"
@@ -359,7 +370,9 @@ def test_only_an_enclave_says_which_models_it_holds() -> None:
 def test_a_hello_without_held_carries_no_such_key() -> None:
     # A version-2 custodian refuses unknown keys: an enclave that holds nothing must still
     # reach its version check and hear unsupported_version.
-    header, _ = m.Hello(versions=(3,), role=m.PeerRole.ENCLAVE, software="t").to_wire()
+    header, _ = m.Hello(
+        versions=SUPPORTED_VERSIONS, role=m.PeerRole.ENCLAVE, software="t"
+    ).to_wire()
     assert "held" not in header
 
 
@@ -520,3 +533,61 @@ def test_a_consumer_link_carries_no_return() -> None:
     server = connection_in(Link.CONSUMER, Side.SERVER, State.OPEN)
     with pytest.raises(RemoteProtocolError, match="returned from the client is not allowed"):
         deliver(server, _returned(None, 1, final=True))
+
+
+# --- version 4: demand and block acknowledgement ---------------------------------------
+
+
+def test_block_ids_grow_and_a_block_ack_must_name_a_block_sent() -> None:
+    enclave = Connection(Link.CUSTODIAN, Side.CLIENT)
+    custodian = Connection(Link.CUSTODIAN, Side.SERVER)
+    welcome = m.Welcome(version=PROTOCOL_VERSION, software="t")
+    for message, sender in ((hello_for(Link.CUSTODIAN), Side.CLIENT), (welcome, Side.SERVER)):
+        carry(enclave, message, sender)
+        carry(custodian, message, sender)
+    # No block yet: an acknowledgement answers nothing, on either side.
+    with pytest.raises(LocalProtocolError, match="block_ack 1 answers no block sent"):
+        enclave.send(m.BlockAck(block_id=1))
+    with pytest.raises(RemoteProtocolError, match="answers no block sent") as info:
+        deliver(custodian, m.BlockAck(block_id=1))
+    assert (info.value.field, custodian.state) == ("block_id", State.CLOSED)
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.OPEN)  # block 1 sent
+    with pytest.raises(LocalProtocolError, match="block 1 does not follow block 1"):
+        custodian.send(m.Block(block_id=1, reason="again"))
+    custodian.send(m.Block(block_id=5, reason="later"))
+    # Out of order: a block the custodian never sent.
+    with pytest.raises(RemoteProtocolError, match="block_ack 6 answers no block sent"):
+        deliver(custodian, m.BlockAck(block_id=6))
+    # Duplicates and older ones are harmless.
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.OPEN)
+    custodian.send(m.Block(block_id=5, reason="later"))
+    for block_id in (5, 5, 1):
+        deliver(custodian, m.BlockAck(block_id=block_id))
+    assert custodian.state is State.OPEN
+    enclave = connection_in(Link.CUSTODIAN, Side.CLIENT, State.OPEN)
+    with pytest.raises(RemoteProtocolError, match="block 1 does not follow"):
+        deliver(enclave, m.Block(block_id=1, reason="replayed"))
+
+
+def test_a_block_ack_may_come_during_a_transfer_and_after_a_final_return() -> None:
+    for state in (State.RECEIVING_MODEL, State.STOPPING):
+        custodian = connection_in(Link.CUSTODIAN, Side.SERVER, state)
+        deliver(custodian, m.BlockAck(block_id=1))
+        assert custodian.state is state
+
+
+def test_demand_seqs_grow_and_a_stopping_enclave_sends_none() -> None:
+    custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.OPEN)
+    deliver(custodian, m.Demand(seq=0, units=2, parked_requests=1, granted_total=0))
+    deliver(custodian, m.Demand(seq=3, units=0, parked_requests=0, granted_total=5))
+    for seq in (3, 1):
+        with pytest.raises(RemoteProtocolError, match=f"demand {seq} does not follow demand 3"):
+            deliver(custodian, m.Demand(seq=seq, units=1, parked_requests=1, granted_total=5))
+        custodian = connection_in(Link.CUSTODIAN, Side.SERVER, State.OPEN)
+        deliver(custodian, m.Demand(seq=3, units=0, parked_requests=0, granted_total=5))
+    enclave = connection_in(Link.CUSTODIAN, Side.CLIENT, State.STOPPING)
+    with pytest.raises(LocalProtocolError, match="demand from the client is not allowed"):
+        enclave.send(m.Demand(seq=1, units=1, parked_requests=1, granted_total=0))
+    consumer = connection_in(Link.CONSUMER, Side.SERVER, State.OPEN)
+    with pytest.raises(RemoteProtocolError, match="not allowed"):
+        deliver(consumer, m.Demand(seq=1, units=1, parked_requests=1, granted_total=0))
