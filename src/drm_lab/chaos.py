@@ -27,13 +27,14 @@ campaign draws until ``faults`` have counted.
 The checker (:meth:`Campaign.check`) reads the ledger file after every step, read-only and
 in one read transaction (:func:`read_ledger`: one snapshot, recomputed from the
 append-only records and compared with the totals the ledger's triggers keep), and compares
-it with what the consumers saw
-(docs/invariants.md I1, I2, I5, I13, I20, I21):
+it with what the consumers saw and what the owner supplied
+(docs/invariants.md I1, I2, I5, I13, I20, I21, I22, I23):
 
 * per borrower: ``served + in_doubt + returned + reclaimed == granted``,
   ``served <= granted - returned - reclaimed <= supplied`` and
   ``supplied + returned + reclaimed == granted + remaining``; the instance rows add up to
-  the borrower's totals; no total ever goes down between two checks;
+  the borrower's totals; no total ever goes down between two checks; ``supplied`` is
+  what the campaign supplied to that borrower;
 * every answer is covered: per instance, the units the consumers were charged are at most
   ``served + in_doubt + reclaimed`` (the consumers' count is taken *before* the ledger is
   read, so an answer counted was served before the read); for an instance that stopped
@@ -231,11 +232,17 @@ class Report:
     def counted(self) -> int:
         return sum(self.faults.values())
 
+    @property
+    def restarts(self) -> int:
+        """The counted faults that were restarts after a kill or a stop."""
+        return sum(self.faults[kind] for kind in RESTART_KINDS)
+
     def text(self) -> str:
         lines = [
             f"seed {self.seed}, {self.topology.borrowers} borrower(s) x "
             f"{self.topology.enclaves} enclave(s)",
-            f"faults counted: {self.counted} (drawn {self.drawn}), checks: {self.steps_checked}",
+            f"faults counted: {self.counted} ({self.restarts} of them restarts; drawn "
+            f"{self.drawn}), checks: {self.steps_checked}",
             *(f"  {kind:<18} {n}" for kind, n in sorted(self.faults.items())),
             f"answers: {self.answers} units, lost in flight: {self.lost} requests, "
             f"instances: {self.instances}, recalls sent: {self.recalls}",
@@ -252,6 +259,7 @@ class Report:
             "topology": [self.topology.borrowers, self.topology.enclaves],
             "faults": dict(sorted(self.faults.items())),
             "counted": self.counted,
+            "restarts": self.restarts,
             "drawn": self.drawn,
             "checks": self.steps_checked,
             "answers": self.answers,
@@ -309,6 +317,10 @@ class Campaign:
         self.views: dict[str, InstanceView] = {}
         self.blocked: set[str] = set()
         self.reclaimed: set[str] = set()
+        #: Units the owner supplied to each borrower (answered 200), and units whose
+        #: supply call is still in flight (a concurrent fault checks meanwhile).
+        self.supplied: Counter[str] = Counter()
+        self._supplying: Counter[str] = Counter()
         self._previous: dict[str, dict[str, Any]] = {}
         self._step = 0
         self._kind = "start"
@@ -478,7 +490,12 @@ class Campaign:
 
     async def _supply(self, borrower: str, units: int) -> None:
         assert self.lab.admin is not None
-        await _blocking(partial(self.lab.admin.supply, units, borrower=borrower))
+        self._supplying[borrower] += units
+        try:
+            await _blocking(partial(self.lab.admin.supply, units, borrower=borrower))
+        finally:
+            self._supplying[borrower] -= units
+        self.supplied[borrower] += units
 
     async def _fault_concurrent(self, draw: Draw) -> bool:
         """Kill -9 one slot's enclave while supplying another slot's borrower."""
@@ -620,10 +637,19 @@ class Campaign:
         """Check the ledger against itself, its past and what the consumers saw."""
         answers = {i: v.answers for i, v in self.views.items()}  # before the ledger read
         lost = {i: v.lost + v.pending for i, v in self.views.items()}
+        supplied = Counter(self.supplied)
         ledger = await _blocking(read_ledger, self.lab.state_dir / "ledger.sqlite")
         self.report.steps_checked += 1
-        for borrower in sorted({*ledger, *(v.borrower for v in self.views.values())}):
+        for borrower in sorted({*ledger, *supplied, *(v.borrower for v in self.views.values())}):
             doc = ledger.get(borrower) or read_borrower({}, 0)
+            # A supply reaches only the borrower it was made to (I22): between what was
+            # confirmed before the read and what was confirmed or in flight after it.
+            most = self.supplied[borrower] + self._supplying[borrower]
+            if not supplied[borrower] <= doc["supplied"] <= most:
+                self._violation(
+                    f"{borrower}: the ledger says {doc['supplied']} supplied, the owner "
+                    f"supplied {supplied[borrower]} (up to {most} with supplies in flight)"
+                )
             self._check_borrower(borrower, doc, answers, lost)
 
     def _check_borrower(
