@@ -77,7 +77,9 @@ session.EnclaveSession._push_recall = _push_recall_credited
 #: The recall campaign: one borrower's two enclaves share a small supply, both hammered
 #: (the busier one runs out first and asks for the other's units), with faults that keep
 #: the custodian's view of the donor stale (its usage reports held back or late) while
-#: its consumers go on being served.
+#: its consumers go on being served. A donor left idle would give back exactly what a
+#: credit made early counted, hiding it: the early credit shows only when the donor
+#: serves between the ``recall``'s send and its answer.
 RECALL_SEED: Final = 4
 RECALL_FAULTS: Final = 16
 RECALL_WEIGHTS: Final = {"supply": 4, "partition": 3, "delay": 1, "cut": 1}
