@@ -69,13 +69,23 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def chaos(session: nox.Session) -> None:
-    """The full fault campaign (src/drm_lab/chaos.py): ``-- --seed N --faults N``.
+    """The full fault campaign (src/drm_lab/chaos.py): ``-- --seed N --faults N
+    --borrowers N --enclaves N``.
 
-    At least 500 faults by default; prints the faults by kind and every violation, and
-    fails on one.
+    By default 500 faults or more against 2 borrowers with 3 enclaves each; prints the
+    faults by kind and every violation, and fails on one.
     """
     _install(session, "test")
-    args = session.posargs or ["--seed", "1", "--faults", "500"]
+    args = session.posargs or [
+        "--seed",
+        "1",
+        "--faults",
+        "500",
+        "--borrowers",
+        "2",
+        "--enclaves",
+        "3",
+    ]
     workdir = Path(session.create_tmp()).resolve() / "chaos"
     session.run("rm", "-rf", str(workdir), external=True)
     session.run("python", "-m", "drm_lab.chaos", "--workdir", str(workdir), *args)

@@ -74,22 +74,41 @@ class AdminApi:
             raise Deviation(f"{method} {path} to answer 200", f"it answered {status}: {doc}")
         return doc
 
-    def supply(self, units: int) -> dict[str, Any]:
-        """``POST /supply_inferences`` with ``number_inferences``; the usage document."""
-        return self._ok("POST", "/supply_inferences", {"number_inferences": str(units)})
+    @staticmethod
+    def _path(action: str, borrower: str | None) -> str:
+        """The first API's route, or the per-borrower one when ``borrower`` is named."""
+        return f"/{action}" if borrower is None else f"/borrowers/{borrower}/{action}"
 
-    def block(self, reason: str = "", *, wait: float | None = None) -> dict[str, Any]:
+    def supply(self, units: int, *, borrower: str | None = None) -> dict[str, Any]:
+        """``POST /supply_inferences`` with ``number_inferences`` (``borrower``:
+        ``/borrowers/NAME/supply_inferences``); the usage document."""
+        form = {"number_inferences": str(units)}
+        return self._ok("POST", self._path("supply_inferences", borrower), form)
+
+    def block(
+        self, reason: str = "", *, borrower: str | None = None, wait: float | None = None
+    ) -> dict[str, Any]:
         """``POST /block``: the borrower's enclaves stop serving; with ``wait``, answer
         once they all acknowledged it (or after that many seconds)."""
         fields: dict[str, str] = {"reason": reason} if reason else {}
         if wait is not None:
             fields["wait"] = repr(float(wait))
-        return self._ok("POST", "/block", fields or None)
+        return self._ok("POST", self._path("block", borrower), fields or None)
 
-    def unblock(self) -> dict[str, Any]:
+    def unblock(self, *, borrower: str | None = None) -> dict[str, Any]:
         """``POST /unblock``: serving may resume."""
-        return self._ok("POST", "/unblock")
+        return self._ok("POST", self._path("unblock", borrower))
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self, *, borrower: str | None = None) -> dict[str, Any]:
         """``GET /usage``: supplied, granted, served, remaining, blocked, instances."""
-        return self._ok("GET", "/usage")
+        return self._ok("GET", self._path("usage", borrower))
+
+    def reclaim(self, instance: str, *, borrower: str | None = None) -> tuple[int, dict[str, Any]]:
+        """``POST /reclaim`` of ``instance``: the status and the answer (a refusal, such as
+        ``reclaim_too_soon``, is an answer, not an error)."""
+        return self.call("POST", self._path("reclaim", borrower), {"instance": instance})
+
+    def add_borrower(self, name: str, *, max_instances: int = 1) -> dict[str, Any]:
+        """``POST /borrowers``: a new borrower; the answer names its ``license_file``."""
+        form = {"name": name, "max_instances": str(max_instances)}
+        return self._ok("POST", "/borrowers", form)

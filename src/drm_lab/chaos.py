@@ -2,30 +2,39 @@
 
 Theory of operation
 -------------------
-:class:`Campaign` runs a custodian and, per borrower, :attr:`Topology.enclaves` enclave
-processes (:class:`~drm_lab.deployment.Lab`), each enclave dialling the custodian through
-its own loopback :class:`~drm_lab.faults.FaultProxy`. Consumer tasks
+:class:`Campaign` runs a custodian lending to :attr:`Topology.borrowers` borrowers (added
+through the admin API, each with its own license file and ``max_instances``) and, per
+borrower, :attr:`Topology.enclaves` enclave processes (:class:`~drm_lab.deployment.Lab`)
+started on that borrower's license, each enclave dialling the custodian through its own
+loopback :class:`~drm_lab.faults.FaultProxy`. The borrower ``init`` made is lent nothing
+and runs no enclave: nothing may ever be charged to it. Consumer tasks
 (:class:`drm_consumer.Client`, the real client) hammer every enclave for the whole run and
 record, per enclave instance, the units charged in the answers they got and the requests
 whose outcome they never learnt (the connection failed under them).
 
-One step draws a fault from ``random.Random(seed)`` (:data:`WEIGHTS`), applies it and then
-runs the checker. The draw and its parameters are reproducible for a seed; whether a drawn
-fault *counts* depends on the state it meets: only a fault that changed a process (kill -9
-or SIGTERM of an enclave or the custodian, a restart) or a link (a silent partition, a
-delay, a cut), or the ledger's state (supply, block, unblock, reclaim) is counted, and the
+One step draws a fault from ``random.Random(seed)`` (:data:`WEIGHTS`) and the enclave slot
+it hits (a slot is one enclave position of one borrower: its proxy and its current
+process), applies it and then runs the checker. Faults on the ledger (supply, block,
+unblock, reclaim) act on the slot's borrower through the per-borrower admin routes;
+``concurrent`` kills (-9) one slot's enclave while it supplies another borrower (the
+same one when there is only one). The draw and its parameters are reproducible for a
+seed; whether a drawn fault *counts* depends on the state it meets: only a fault that
+changed a process (kill -9 or SIGTERM of an enclave or the custodian, a restart) or a
+link (a silent partition, a delay, a cut), or the ledger's state (supply, block, unblock,
+reclaim) is counted, and the
 campaign draws until ``faults`` have counted.
 
 The checker (:meth:`Campaign.check`) reads the ledger file after every step, read-only and
 in one read transaction (:func:`read_ledger`: one snapshot, recomputed from the
 append-only records and compared with the totals the ledger's triggers keep), and compares
-it with what the consumers saw
-(docs/invariants.md I1, I2, I5, I13, I20, I21):
+it with what the consumers saw and what the owner supplied
+(docs/invariants.md I1, I2, I5, I13, I20, I21, I22, I23):
 
 * per borrower: ``served + in_doubt + returned + reclaimed == granted``,
   ``served <= granted - returned - reclaimed <= supplied`` and
   ``supplied + returned + reclaimed == granted + remaining``; the instance rows add up to
-  the borrower's totals; no total ever goes down between two checks;
+  the borrower's totals; no total ever goes down between two checks; ``supplied`` is
+  what the campaign supplied to that borrower;
 * every answer is covered: per instance, the units the consumers were charged are at most
   ``served + in_doubt + reclaimed`` (the consumers' count is taken *before* the ledger is
   read, so an answer counted was served before the read); for an instance that stopped
@@ -33,17 +42,16 @@ it with what the consumers saw
   answers + lost`` (equality when no request was lost in flight; a request still
   waiting for its answer counts as lost until it has one, and each request of the tiny
   model costs one unit);
-* nothing starts after a block is acknowledged: from the moment an enclave's log says it
-  was blocked (``custodian_blocked``) until the owner unblocks, no request that a consumer
-  started there may succeed;
+* nothing starts after a block is applied: from an instance's block point
+  (:meth:`Campaign._block_point`: the log line that says the block reached it) until the
+  owner unblocks, no request that a consumer started there may succeed;
 * no borrower is charged for another's use: an instance appears in the ledger only under
-  the borrower whose license started it.
+  the borrower whose license started it, so a borrower's totals only ever come from its
+  own instances' answers (the ``init`` borrower, which runs none, stays at zero).
 
-Topology. Today a custodian lends to one borrower and a license admits one live enclave
-(``duplicate_instance`` for a second); a restarted enclave is a new instance.
-:class:`Topology` carries the shape so that a custodian with several borrowers, each with
-a fleet, only changes the topology; until then :meth:`Topology.check_supported` refuses
-more than 1 x 1 with a reason.
+A restarted enclave is a new instance. A borrower's license admits one instance more than
+its slots: a killed instance's link may outlive its process by the custodian's detection
+time, and a refused enclave backs off for up to a minute, which would stall the step.
 
 Synchronisation is by log lines (:meth:`~drm_lab.processes.Daemon.wait_for`), process
 exits and trio events; the durations of partitions and delays are the faults themselves,
@@ -73,7 +81,7 @@ from drm_consumer import Client, ConnectionFailed, RequestFailed
 from drm_lab.deployment import Enclave, Lab
 from drm_lab.faults import FaultProxy, fault_proxy
 from drm_lab.models import tiny_model
-from drm_lab.processes import LOOPBACK, Deviation
+from drm_lab.processes import LOOPBACK, Daemon, Deviation, LogEvent
 from drm_wire.attestation.policy import Policy
 
 __all__ = ["WEIGHTS", "Campaign", "Report", "Topology", "main", "run_campaign"]
@@ -91,11 +99,12 @@ WEIGHTS: Final[dict[str, int]] = {
     "block": 5,
     "unblock": 5,
     "reclaim": 5,
+    "concurrent": 4,
 }
 #: Restarts are counted as faults of their own kind when a kill or a stop is followed by one.
 RESTART_KINDS: Final = ("enclave_restart", "custodian_restart")
 
-#: What the custodian supplies at start, and the lease it grants in.
+#: What each borrower is supplied at start, and the lease the custodian grants in.
 INITIAL_SUPPLY: Final = 40
 LEASE: Final = 8
 #: Consumer tasks per enclave.
@@ -111,6 +120,8 @@ STEP: Final = 60.0
 SETTLE: Final = 15.0
 #: The enclave declares a silent link dead after 3 heartbeats of 1 s (docs/links.md).
 DEAD_LINK: Final = 3.0
+#: At most this many enclave processes in one campaign (they share one machine).
+MAX_ENCLAVES: Final = 16
 
 _T = TypeVar("_T")
 
@@ -119,23 +130,28 @@ _T = TypeVar("_T")
 class Topology:
     """Borrowers, and enclaves per borrower, that the campaign runs."""
 
-    borrowers: int = 1
-    enclaves: int = 1
+    borrowers: int = 2
+    enclaves: int = 3
 
     def check_supported(self) -> None:
-        """Refuse a shape this custodian cannot run: one borrower per custodian, and one
-        live enclave per license today.
+        """Refuse a shape the campaign cannot run on one machine.
 
         Raises:
-            ValueError: more than one borrower or enclave.
+            ValueError: no borrower or enclave, or more than :data:`MAX_ENCLAVES` enclave
+                processes in all.
         """
         if self.borrowers < 1 or self.enclaves < 1:
             raise ValueError("a topology has at least one borrower and one enclave")
-        if (self.borrowers, self.enclaves) != (1, 1):
+        if self.borrowers * self.enclaves > MAX_ENCLAVES:
             raise ValueError(
-                f"{self.borrowers} borrowers x {self.enclaves} enclaves: this custodian "
-                "lends to one borrower, one live enclave per license"
+                f"{self.borrowers} borrowers x {self.enclaves} enclaves: at most "
+                f"{MAX_ENCLAVES} enclave processes on one machine"
             )
+
+    @property
+    def names(self) -> list[str]:
+        """The borrowers' names, in slot order."""
+        return [f"customer{i + 1}" for i in range(self.borrowers)]
 
 
 @dataclass(eq=False, slots=True)
@@ -175,6 +191,23 @@ class Slot:
         self.changed.set()
         self.changed = trio.Event()
 
+    @property
+    def running(self) -> bool:
+        return self.enclave is not None and self.enclave.daemon.process.poll() is None
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """One step's parameters, all drawn whether or not the fault uses them (so the
+    sequence of draws is the same for a seed whatever state each fault meets)."""
+
+    slot: Slot
+    #: A slot of another borrower (of the same one if there is only one).
+    other: Slot
+    seconds: float
+    delay: float
+    units: int
+
 
 @dataclass(slots=True)
 class Report:
@@ -188,6 +221,10 @@ class Report:
     answers: int = 0
     lost: int = 0
     instances: int = 0
+    #: Units the consumers were charged, per borrower.
+    answers_by_borrower: dict[str, int] = field(default_factory=dict)
+    #: ``recall`` messages the custodian sent (its ``recall_sent`` log lines).
+    recalls: int = 0
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
 
@@ -195,14 +232,21 @@ class Report:
     def counted(self) -> int:
         return sum(self.faults.values())
 
+    @property
+    def restarts(self) -> int:
+        """The counted faults that were restarts after a kill or a stop."""
+        return sum(self.faults[kind] for kind in RESTART_KINDS)
+
     def text(self) -> str:
         lines = [
             f"seed {self.seed}, {self.topology.borrowers} borrower(s) x "
             f"{self.topology.enclaves} enclave(s)",
-            f"faults counted: {self.counted} (drawn {self.drawn}), checks: {self.steps_checked}",
+            f"faults counted: {self.counted} ({self.restarts} of them restarts; drawn "
+            f"{self.drawn}), checks: {self.steps_checked}",
             *(f"  {kind:<18} {n}" for kind, n in sorted(self.faults.items())),
             f"answers: {self.answers} units, lost in flight: {self.lost} requests, "
-            f"instances: {self.instances}",
+            f"instances: {self.instances}, recalls sent: {self.recalls}",
+            *(f"  {b:<18} {n} units" for b, n in sorted(self.answers_by_borrower.items())),
             f"violations: {len(self.violations)}",
             *(f"  {v}" for v in self.violations),
             f"wall time: {self.wall_time:.1f} s",
@@ -215,11 +259,14 @@ class Report:
             "topology": [self.topology.borrowers, self.topology.enclaves],
             "faults": dict(sorted(self.faults.items())),
             "counted": self.counted,
+            "restarts": self.restarts,
             "drawn": self.drawn,
             "checks": self.steps_checked,
             "answers": self.answers,
             "lost": self.lost,
             "instances": self.instances,
+            "answers_by_borrower": dict(sorted(self.answers_by_borrower.items())),
+            "recalls": self.recalls,
             "violations": self.violations,
             "wall_time": round(self.wall_time, 1),
         }
@@ -241,20 +288,39 @@ class Campaign:
         topology: Topology = Topology(),
         env: dict[str, str] | None = None,
         stop_on_violation: bool = False,
+        weights: dict[str, int] | None = None,
+        supply: int = INITIAL_SUPPLY,
+        workers: Sequence[int] | None = None,
     ) -> None:
+        """``weights`` replaces :data:`WEIGHTS` (a kind left out is never drawn);
+        ``supply`` is what each borrower is supplied at start; ``workers`` is the number
+        of consumer tasks per slot, in slot order (by default :data:`WORKERS` each)."""
         topology.check_supported()
         if faults < 1:
             raise ValueError("a campaign injects at least one fault")
+        self.weights = dict(WEIGHTS if weights is None else weights)
+        if not self.weights or not set(self.weights) <= set(WEIGHTS):
+            raise ValueError(f"weights name fault kinds of {sorted(WEIGHTS)}")
+        slots = topology.borrowers * topology.enclaves
+        self.workers = list(workers) if workers is not None else [WORKERS] * slots
+        if len(self.workers) != slots or min(self.workers) < 0:
+            raise ValueError(f"workers: one count per slot, {slots} in all")
         self.lab = Lab(workdir, env=env)
         self.rng = random.Random(seed)
         self.target = faults
         self.topology = topology
+        self.initial_supply = supply
         self.stop_on_violation = stop_on_violation
         self.report = Report(seed, topology)
         self.slots: list[Slot] = []
+        self.licenses: dict[str, Path] = {}
         self.views: dict[str, InstanceView] = {}
         self.blocked: set[str] = set()
         self.reclaimed: set[str] = set()
+        #: Units the owner supplied to each borrower (answered 200), and units whose
+        #: supply call is still in flight (a concurrent fault checks meanwhile).
+        self.supplied: Counter[str] = Counter()
+        self._supplying: Counter[str] = Counter()
         self._previous: dict[str, dict[str, Any]] = {}
         self._step = 0
         self._kind = "start"
@@ -271,14 +337,21 @@ class Campaign:
         tiny = self.lab.write_model("tiny", tiny_model())
         await _blocking(
             partial(
-                self.lab.start_custodian, [tiny], initial=INITIAL_SUPPLY, lease=LEASE,
+                self.lab.start_custodian, [tiny], initial=0, lease=LEASE,
                 options=["--reclaim-margin", "0"],
             )
         )  # fmt: skip
         self._policy = Policy.load(self.lab.policy_path)
         try:
+            for borrower in self.topology.names:
+                self.licenses[borrower] = await _blocking(
+                    partial(
+                        self.lab.add_borrower, borrower, max_instances=self.topology.enclaves + 1
+                    )
+                )
+                await self._supply(borrower, self.initial_supply)
             async with AsyncExitStack() as stack:
-                for borrower in self._borrowers():
+                for borrower in self.topology.names:
                     for index in range(self.topology.enclaves):
                         proxy = await stack.enter_async_context(
                             fault_proxy(self.lab.custodian_port)
@@ -287,8 +360,8 @@ class Campaign:
                         self.slots.append(slot)
                         await self._start_enclave(slot)
                 async with trio.open_nursery() as nursery:
-                    for slot in self.slots:
-                        for _ in range(WORKERS):
+                    for slot, workers in zip(self.slots, self.workers, strict=True):
+                        for _ in range(workers):
                             nursery.start_soon(self._consumer, slot)
                     await self.check()
                     while self.report.counted < self.target:
@@ -304,36 +377,44 @@ class Campaign:
             self.report.instances = len(self.views)
             self.report.answers = sum(v.answers for v in self.views.values())
             self.report.lost = sum(v.lost for v in self.views.values())
+            self.report.recalls = sum(
+                len(d.find_all("recall_sent")) for d in self.lab.daemons if d.name == "custodian"
+            )
+            for view in self.views.values():
+                by = self.report.answers_by_borrower
+                by[view.borrower] = by.get(view.borrower, 0) + view.answers
         return self.report
 
-    def _borrowers(self) -> list[str]:
-        return ["borrower"]  # the license `init` writes (Lab.license_path)
-
-    async def _one_step(self) -> None:
-        kinds = list(WEIGHTS)
-        kind = self.rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds])[0]
-        # Every parameter is drawn whether or not it is used, so the sequence of draws
-        # is the same for a seed whatever state each fault meets.
+    def _draw(self) -> tuple[str, Draw]:
+        kinds = list(self.weights)
+        kind = self.rng.choices(kinds, weights=[self.weights[k] for k in kinds])[0]
         slot = self.rng.choice(self.slots)
+        partners = [s for s in self.slots if s.borrower != slot.borrower] or self.slots
+        other = partners[self.rng.randrange(len(self.slots)) % len(partners)]
         seconds = self.rng.choice(
             [self.rng.uniform(0.05, 1.0), self.rng.uniform(DEAD_LINK + 0.2, DEAD_LINK + 1.5)]
         )
         delay = self.rng.uniform(0.005, 0.2)
         units = self.rng.randint(1, 40)
+        return kind, Draw(slot, other, seconds, delay, units)
+
+    async def _one_step(self) -> None:
+        kind, draw = self._draw()
         self.report.drawn += 1
         self._step += 1
         self._kind = kind
         with trio.fail_after(STEP * 3):
-            changed = await getattr(self, f"_fault_{kind}")(slot, seconds, delay, units)
+            changed = await getattr(self, f"_fault_{kind}")(draw)
         if changed:
             self.report.faults[kind] += 1
             await self.check()
 
     # --- faults: each returns whether it changed a process, a link or the ledger ------
 
-    async def _fault_enclave_kill9(self, slot: Slot, *_: Any) -> bool:
+    async def _fault_enclave_kill9(self, draw: Draw) -> bool:
+        slot = draw.slot
         enclave = slot.enclave
-        if enclave is None or enclave.daemon.process.poll() is not None:
+        if enclave is None or not slot.running:
             return False
         self.views[enclave.instance_id].killed = True
         slot.replace(None)
@@ -341,9 +422,10 @@ class Campaign:
         await self._restart_enclave(slot)
         return True
 
-    async def _fault_enclave_sigterm(self, slot: Slot, *_: Any) -> bool:
+    async def _fault_enclave_sigterm(self, draw: Draw) -> bool:
+        slot = draw.slot
         enclave = slot.enclave
-        if enclave is None or enclave.daemon.process.poll() is not None:
+        if enclave is None or not slot.running:
             return False
         enclave.daemon.terminate()
         status = await _blocking(enclave.daemon.wait_exit)
@@ -360,14 +442,14 @@ class Campaign:
         await self._start_enclave(slot)
         self.report.faults["enclave_restart"] += 1
 
-    async def _fault_custodian_kill9(self, *_: Any) -> bool:
+    async def _fault_custodian_kill9(self, draw: Draw) -> bool:
         custodian = self.lab.custodian
         assert custodian is not None
         await _blocking(custodian.kill)
         await self._restart_custodian()
         return True
 
-    async def _fault_custodian_sigterm(self, *_: Any) -> bool:
+    async def _fault_custodian_sigterm(self, draw: Draw) -> bool:
         custodian = self.lab.custodian
         assert custodian is not None
         custodian.terminate()
@@ -381,77 +463,101 @@ class Campaign:
         await _blocking(self.lab.restart_custodian)
         self.report.faults["custodian_restart"] += 1
 
-    async def _fault_partition(self, slot: Slot, seconds: float, *_: Any) -> bool:
-        if slot.proxy.connections == 0:
+    async def _fault_partition(self, draw: Draw) -> bool:
+        proxy = draw.slot.proxy
+        if proxy.connections == 0:
             return False
-        slot.proxy.partition()
-        await trio.sleep(seconds)  # the partition itself
-        slot.proxy.heal()
+        proxy.partition()
+        await trio.sleep(draw.seconds)  # the partition itself
+        proxy.heal()
         return True
 
-    async def _fault_delay(self, slot: Slot, seconds: float, delay: float, *_: Any) -> bool:
-        if slot.proxy.connections == 0:
+    async def _fault_delay(self, draw: Draw) -> bool:
+        proxy = draw.slot.proxy
+        if proxy.connections == 0:
             return False
-        slot.proxy.slow(delay)
-        await trio.sleep(min(seconds, 2.0))  # the slow path itself
-        slot.proxy.heal()
+        proxy.slow(draw.delay)
+        await trio.sleep(min(draw.seconds, 2.0))  # the slow path itself
+        proxy.heal()
         return True
 
-    async def _fault_cut(self, slot: Slot, *_: Any) -> bool:
-        return slot.proxy.cut() > 0
+    async def _fault_cut(self, draw: Draw) -> bool:
+        return draw.slot.proxy.cut() > 0
 
-    async def _fault_supply(self, slot: Slot, seconds: float, delay: float, units: int) -> bool:
+    async def _fault_supply(self, draw: Draw) -> bool:
+        await self._supply(draw.slot.borrower, draw.units)
+        return True
+
+    async def _supply(self, borrower: str, units: int) -> None:
         assert self.lab.admin is not None
-        await _blocking(self.lab.admin.supply, units)
+        self._supplying[borrower] += units
+        try:
+            await _blocking(partial(self.lab.admin.supply, units, borrower=borrower))
+        finally:
+            self._supplying[borrower] -= units
+        self.supplied[borrower] += units
+
+    async def _fault_concurrent(self, draw: Draw) -> bool:
+        """Kill -9 one slot's enclave while supplying another slot's borrower."""
+        if not draw.slot.running:
+            return False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fault_enclave_kill9, draw)
+            nursery.start_soon(self._supply, draw.other.borrower, draw.units)
         return True
 
-    async def _fault_block(self, slot: Slot, *_: Any) -> bool:
-        if slot.borrower in self.blocked:
+    async def _fault_block(self, draw: Draw) -> bool:
+        borrower = draw.slot.borrower
+        if borrower in self.blocked:
             return False
         assert self.lab.admin is not None
-        marks = {
-            s.enclave.instance_id: len(s.enclave.daemon.events)
-            for s in self.slots
-            if s.enclave is not None
-        }
-        await _blocking(self.lab.admin.block, "fault campaign")
-        self.blocked.add(slot.borrower)
-        for other in self.slots:
-            if other.borrower == slot.borrower and other.enclave is not None:
-                await self._await_block_ack(other, marks.get(other.enclave.instance_id, 0))
+        mine = [s.enclave for s in self.slots if s.borrower == borrower and s.enclave is not None]
+        marks = {e.instance_id: len(self._block_point(e)[0].events) for e in mine}
+        await _blocking(partial(self.lab.admin.block, "fault campaign", borrower=borrower))
+        self.blocked.add(borrower)
+        for enclave in mine:
+            await self._await_block_point(enclave, marks[enclave.instance_id])
         return True
 
-    async def _await_block_ack(self, slot: Slot, after: int = 0) -> None:
-        """Open the block window of ``slot``'s instance when it logs its block."""
-        enclave = slot.enclave
-        assert enclave is not None
-        await _blocking(
-            partial(enclave.daemon.wait_for, "custodian_blocked", after=after, timeout=STEP)
-        )
+    def _block_point(self, enclave: Enclave) -> tuple[Daemon, str, Callable[[LogEvent], bool]]:
+        """Where an instance's block point is logged: the process whose log says so, the
+        event, and which of its lines are this instance's. From that line until the owner
+        unblocks, nothing may start there. The enclave logs ``custodian_blocked`` as it
+        applies the block, before it sends ``block_ack`` (and logs ``block_acknowledged``):
+        the window opens at the earlier line, so it checks more than the acknowledgement
+        promises (I25), never less."""
+        return enclave.daemon, "custodian_blocked", lambda line: True
+
+    async def _await_block_point(self, enclave: Enclave, after: int = 0) -> None:
+        """Open the block window of ``enclave``'s instance when its block point is logged."""
+        daemon, event, check = self._block_point(enclave)
+        await _blocking(partial(daemon.wait_for, event, after=after, timeout=STEP, check=check))
         self.views[enclave.instance_id].blocked_at = time.monotonic()
 
-    async def _fault_unblock(self, slot: Slot, *_: Any) -> bool:
-        if slot.borrower not in self.blocked:
+    async def _fault_unblock(self, draw: Draw) -> bool:
+        borrower = draw.slot.borrower
+        if borrower not in self.blocked:
             return False
         assert self.lab.admin is not None
         for view in self.views.values():  # the window ends as the owner asks
-            if view.borrower == slot.borrower:
+            if view.borrower == borrower:
                 view.blocked_at = None
-        self.blocked.discard(slot.borrower)
-        await _blocking(self.lab.admin.unblock)
+        self.blocked.discard(borrower)
+        await _blocking(partial(self.lab.admin.unblock, borrower=borrower))
         return True
 
-    async def _fault_reclaim(self, slot: Slot, *_: Any) -> bool:
+    async def _fault_reclaim(self, draw: Draw) -> bool:
         custodian, admin = self.lab.custodian, self.lab.admin
         assert custodian is not None
         assert admin is not None
+        borrower = draw.slot.borrower
         for view in self.views.values():
-            if view.instance_id in self.reclaimed or not view.killed:
+            if view.borrower != borrower or view.instance_id in self.reclaimed or not view.killed:
                 continue
             if custodian.find("instance_reclaimable", instance=view.instance_id) is None:
                 continue
             status, doc = await _blocking(
-                admin.call, "POST", "/reclaim", {"instance": view.instance_id}
+                partial(admin.reclaim, view.instance_id, borrower=borrower)
             )
             if status == 200:
                 self.reclaimed.add(view.instance_id)
@@ -464,11 +570,15 @@ class Campaign:
 
     async def _start_enclave(self, slot: Slot) -> None:
         enclave: Enclave = await _blocking(
-            partial(self.lab.start_enclave, dial=f"{LOOPBACK}:{slot.proxy.port}")
+            partial(
+                self.lab.start_enclave,
+                dial=f"{LOOPBACK}:{slot.proxy.port}",
+                license_path=self.licenses[slot.borrower],
+            )
         )
         self.views[enclave.instance_id] = InstanceView(enclave.instance_id, slot.borrower)
         if slot.borrower in self.blocked:
-            await self._await_block_ack(slot_with(slot, enclave))
+            await self._await_block_point(enclave)
         slot.replace(enclave)
 
     async def _consumer(self, slot: Slot) -> None:
@@ -529,10 +639,19 @@ class Campaign:
         """Check the ledger against itself, its past and what the consumers saw."""
         answers = {i: v.answers for i, v in self.views.items()}  # before the ledger read
         lost = {i: v.lost + v.pending for i, v in self.views.items()}
+        supplied = Counter(self.supplied)
         ledger = await _blocking(read_ledger, self.lab.state_dir / "ledger.sqlite")
         self.report.steps_checked += 1
-        for borrower in sorted({*ledger, *(v.borrower for v in self.views.values())}):
+        for borrower in sorted({*ledger, *supplied, *(v.borrower for v in self.views.values())}):
             doc = ledger.get(borrower) or read_borrower({}, 0)
+            # A supply reaches only the borrower it was made to (I22): between what was
+            # confirmed before the read and what was confirmed or in flight after it.
+            most = self.supplied[borrower] + self._supplying[borrower]
+            if not supplied[borrower] <= doc["supplied"] <= most:
+                self._violation(
+                    f"{borrower}: the ledger says {doc['supplied']} supplied, the owner "
+                    f"supplied {supplied[borrower]} (up to {most} with supplies in flight)"
+                )
             self._check_borrower(borrower, doc, answers, lost)
 
     def _check_borrower(
@@ -689,11 +808,6 @@ def read_borrower(
     return doc
 
 
-def slot_with(slot: Slot, enclave: Enclave) -> Slot:
-    """``slot`` as it will be once ``enclave`` is its process (for a check made first)."""
-    return Slot(slot.borrower, slot.index, slot.proxy, enclave)
-
-
 async def run_campaign(
     workdir: Path,
     *,
@@ -702,8 +816,12 @@ async def run_campaign(
     topology: Topology = Topology(),
     env: dict[str, str] | None = None,
     stop_on_violation: bool = False,
+    weights: dict[str, int] | None = None,
+    supply: int = INITIAL_SUPPLY,
+    workers: Sequence[int] | None = None,
 ) -> Report:
-    """Run one campaign in ``workdir`` (a fresh directory); its report."""
+    """Run one campaign in ``workdir`` (a fresh directory); its report. The options are
+    :class:`Campaign`'s."""
     campaign = Campaign(
         workdir,
         seed=seed,
@@ -711,6 +829,9 @@ async def run_campaign(
         topology=topology,
         env=env,
         stop_on_violation=stop_on_violation,
+        weights=weights,
+        supply=supply,
+        workers=workers,
     )
     return await campaign.run()
 
@@ -721,8 +842,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drm_lab.chaos", description=__doc__)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--faults", type=int, default=500)
-    parser.add_argument("--borrowers", type=int, default=1)
-    parser.add_argument("--enclaves", type=int, default=1, help="per borrower")
+    parser.add_argument("--borrowers", type=int, default=Topology().borrowers)
+    parser.add_argument(
+        "--enclaves", type=int, default=Topology().enclaves, help="enclave processes per borrower"
+    )
     parser.add_argument("--workdir", type=Path, required=True, help="a fresh directory")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

@@ -219,17 +219,24 @@ class Lab:
         listening = daemon.wait_for("gateway_listening")
         return Gateway(daemon, f"http://{listening['addresses'][0]}")
 
-    def usage(self) -> dict[str, int]:
-        """``GET /usage``, the counters only."""
+    def add_borrower(self, name: str, *, max_instances: int = 1) -> Path:
+        """Add a borrower through the running custodian's admin API (``POST
+        /borrowers``); the license file its enclaves present."""
         assert self.admin is not None
-        doc = self.admin.usage()
+        added = self.admin.add_borrower(name, max_instances=max_instances)
+        return Path(added["license_file"])
+
+    def usage(self, *, borrower: str | None = None) -> dict[str, int]:
+        """``GET /usage`` (or ``/borrowers/NAME/usage``), the counters only."""
+        assert self.admin is not None
+        doc = self.admin.usage(borrower=borrower)
         keys = ("supplied", "granted", "served", "in_doubt", "remaining", "instances")
         return {k: int(doc[k]) for k in keys}
 
-    def supply(self, units: int) -> None:
-        """``POST /supply_inferences``."""
+    def supply(self, units: int, *, borrower: str | None = None) -> None:
+        """``POST /supply_inferences`` (or ``/borrowers/NAME/supply_inferences``)."""
         assert self.admin is not None
-        self.admin.supply(units)
+        self.admin.supply(units, borrower=borrower)
 
     def stop_all(self) -> None:
         for daemon in reversed(self.daemons):  # enclaves first, then custodians
