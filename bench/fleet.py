@@ -52,6 +52,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from drm_daemon.collector import settle_heap
 from drm_lab.fleet import (
     FleetPlan,
     FleetResult,
@@ -196,6 +197,9 @@ def main() -> None:
     def progress(step: str) -> None:
         print(f"  [{time.monotonic() - started:6.1f} s] {step}", file=sys.stderr, flush=True)
 
+    # This process holds the other end of every link: its own full collections would
+    # show up as the custodian's latency, so it runs with the custodian's settings.
+    settle_heap()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="drm-fleet-") as workdir:
         result = trio.run(partial(run_fleet, Path(workdir), plan, log=progress))
