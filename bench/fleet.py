@@ -145,7 +145,7 @@ def report(result: FleetResult, floor: Floor) -> list[str]:
             f"custodian CPU at idle, {links} links ({links / HEARTBEAT_INTERVAL:.0f} "
             "heartbeats/s each way)",
             f"{share:.1%} of a core",
-            f"echo floor {floor_share:.1%}",
+            f"echo floor {floor_share:.1%} ({floor.echoed / floor.seconds:.0f} echoes/s)",
             share / floor_share if floor_share else float("inf"),
             _met(share <= IDLE_CPU_SHARE or share <= IDLE_FLOOR_RATIO * floor_share),
         )

@@ -753,6 +753,8 @@ class Floor:
     server_cpu: float
     client_cpu: float
     connect_seconds: float
+    #: Messages echoed back within the ``seconds`` measured, on all connections.
+    echoed: int
 
 
 async def echo_floor(
@@ -774,6 +776,7 @@ async def echo_floor(
         context = client_context(ca_certificates=[x509.load_pem_x509_certificate(pems.ca)])
         message = secrets.token_bytes(size)
         connected = 0
+        echoed = [0]
         all_connected = trio.Event()
 
         async def one(limiter: trio.CapacityLimiter) -> None:
@@ -793,6 +796,7 @@ async def echo_floor(
                         if not data:
                             raise RuntimeError("the echo server closed a connection")
                         got += len(data)
+                    echoed[0] += 1
                     await trio.sleep(interval)
             finally:
                 await trio.aclose_forcefully(stream)
@@ -807,16 +811,18 @@ async def echo_floor(
             connect_seconds = time.monotonic() - connect_started
             await trio.sleep(2 * interval)
             server_before, own_before = cpu_seconds(process.pid), cpu_seconds(os.getpid())
+            echoed_before = echoed[0]
             begin = time.monotonic()
             await trio.sleep(seconds)
             elapsed = time.monotonic() - begin
+            count = echoed[0] - echoed_before
             server_cpu = cpu_seconds(process.pid) - server_before
             client_cpu = cpu_seconds(os.getpid()) - own_before
             nursery.cancel_scope.cancel()
     finally:
         process.terminate()
         await trio.to_thread.run_sync(process.join, 10)
-    return Floor(links, size, interval, elapsed, server_cpu, client_cpu, connect_seconds)
+    return Floor(links, size, interval, elapsed, server_cpu, client_cpu, connect_seconds, count)
 
 
 def summary(samples: Sequence[float]) -> tuple[float, float]:
