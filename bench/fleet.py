@@ -19,7 +19,8 @@ the target of the scale issue) as a ratio:
 * supply -> grant: ``POST /borrowers/NAME/supply_inferences`` -> each enclave of that
   borrower receives its grant, with every link live (the borrower's enclaves first spend
   just over half a lease, so the supply tops all 20 up); p50/p99 per enclave and of the
-  last of the 20; vs the 20 ms target;
+  last of the 20; vs the 20 ms target; and the custodian's share: POST -> it starts
+  sending the round's last grant (``send_started`` in its ``grant_pushed`` log lines);
 * recall -> parked request served: an enclave spends its last unit and reports it (the
   park), the custodian recalls from a peer of the same borrower and grants; report ->
   grant received, p50/p99;
@@ -114,6 +115,19 @@ def report(result: FleetResult, floor: Floor) -> list[str]:
                 _met(p99 <= SUPPLY_GRANT_P99_S),
             )
         )
+    pushed50, pushed99 = (
+        statistics.median(result.supply_pushed),
+        percentile(result.supply_pushed, 0.99),
+    )
+    all99 = percentile(result.supply_all, 0.99)
+    rows.append(
+        _row(
+            "supply -> the custodian starts sending the last grant p50 / p99 (its log)",
+            f"{_ms(pushed50)} / {_ms(pushed99)}",
+            f"-> all grants received p99 {_ms(all99)}",
+            pushed99 / all99,
+        )
+    )
     answer50, answer99 = (
         statistics.median(result.supply_answer),
         percentile(result.supply_answer, 0.99),

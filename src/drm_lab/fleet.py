@@ -408,6 +408,10 @@ class FleetResult:
     supply_all: list[float] = field(default_factory=list)
     #: POST -> its 200 answer (the supply committed, its grants handed to the pumps).
     supply_answer: list[float] = field(default_factory=list)
+    #: POST -> the custodian started sending the round's last grant (``send_started`` of
+    #: its ``grant_pushed`` log lines; both wall clocks of this machine): the custodian's
+    #: share of ``supply_all``.
+    supply_pushed: list[float] = field(default_factory=list)
     #: park (the usage report that spends the last unit) -> the grant that serves it.
     recall_served: list[float] = field(default_factory=list)
     idle_seconds: float = 0.0
@@ -451,6 +455,8 @@ class _Admin:
         assert lab.admin is not None
         self._api = lab.admin
         context = ssl.create_default_context(cafile=os.fspath(lab.admin.ca_path))
+        #: ``time.time()`` when the last call was sent.
+        self.sent_wall = 0.0
         self._conn = http.client.HTTPSConnection(
             lab.admin.host, lab.admin.port, timeout=STEP_TIMEOUT, context=context
         )
@@ -468,6 +474,7 @@ class _Admin:
         self._conn.close()
         self._conn.connect()  # the admin server closes idle connections: a fresh one
         sent_at = time.monotonic()
+        self.sent_wall = time.time()
         self._conn.request(method, path, body=body, headers=headers)
         response = self._conn.getresponse()
         data = response.read()
@@ -560,7 +567,9 @@ async def _settle(enclaves: Sequence[LightEnclave]) -> None:
             await enclave.wait_until(lambda e=enclave: e.idle)  # type: ignore[misc]
 
 
-async def _supply_round(admin: _Admin, group: Sequence[LightEnclave], result: FleetResult) -> None:
+async def _supply_round(
+    admin: _Admin, group: Sequence[LightEnclave], result: FleetResult
+) -> tuple[float, set[str]]:
     """Bring each enclave of one borrower below half a lease, then supply exactly what
     tops them all up again; time POST -> each grant received."""
     lease = result.plan.lease
@@ -581,6 +590,20 @@ async def _supply_round(admin: _Admin, group: Sequence[LightEnclave], result: Fl
     result.supply_grant += [at - sent_at for at in arrivals]
     result.supply_all.append(max(arrivals) - sent_at)
     result.supply_answer.append(answered_at - sent_at)
+    return admin.sent_wall, {e.instance_id for e in group}
+
+
+def _pushed_after(events: Sequence[dict[str, Any]], sent: float, instances: set[str]) -> float:
+    """Seconds from ``sent`` (wall clock) until the custodian started sending the first
+    grant after it to each of ``instances``, the last of them (``nan`` if one is missing)."""
+    first: dict[str, float] = {}
+    for event in events:
+        if event.get("event") != "grant_pushed" or event.get("instance") not in instances:
+            continue
+        started = float(event["send_started"])
+        if started >= sent and event["instance"] not in first:
+            first[event["instance"]] = started
+    return max(first.values()) - sent if len(first) == len(instances) else math.nan
 
 
 async def _recall_round(enclave: LightEnclave, result: FleetResult) -> None:
@@ -694,8 +717,10 @@ async def _measure(
         result.generator_rss = rss_bytes(os.getpid())
 
         log(f"supply -> grant x{plan.supply_rounds}")
-        for i in range(plan.supply_rounds):
+        rounds = [
             await _supply_round(admin, groups[names[i % len(names)]], result)
+            for i in range(plan.supply_rounds)
+        ]
         log(f"recall -> parked request served x{plan.recall_rounds}")
         for i in range(plan.recall_rounds):
             group = groups[names[i % len(names)]]
@@ -703,6 +728,8 @@ async def _measure(
         await _settle(enclaves)
         for name in names:
             result.borrowers[name] = await trio.to_thread.run_sync(admin.usage, name)
+        events = lab.custodian.find_all("grant_pushed")
+        result.supply_pushed = [_pushed_after(events, *sent) for sent in rounds]
         nursery.cancel_scope.cancel()
 
 

@@ -48,6 +48,11 @@ async def test_the_fleet_bench_runs_small_and_the_books_agree(tmp_path: Path) ->
     assert len(result.supply_grant) == 8 * 5
     assert len(result.supply_all) == 8
     assert len(result.recall_served) == 8
+    # The custodian's share of each supply, from its log: it started sending the last
+    # grant after the POST and before that grant arrived (one machine's clocks).
+    assert len(result.supply_pushed) == 8
+    for pushed, received in zip(result.supply_pushed, result.supply_all, strict=True):
+        assert 0 < pushed <= received + 0.005
     assert all(0 < s < 60 for s in [*result.supply_grant, *result.recall_served])
     assert sum(e.recalls for e in enclaves) >= 8
     assert sum(e.returned_total for e in enclaves) > 0
