@@ -62,6 +62,7 @@ from drm_custodian.state import (
 )
 from drm_custodian.state_lock import StateLockedError, lock_state_dir
 from drm_daemon.arguments import bounded_integer
+from drm_daemon.collector import settle_heap
 from drm_daemon.config_file import ConfigSchema, Kind
 from drm_daemon.logs import LOG_LEVELS, set_log_level
 from drm_daemon.sd_notify import Notifier
@@ -436,6 +437,7 @@ def _serve(args: argparse.Namespace) -> int:
     # until this process ends; a second one is refused here, naming the holder.
     with lock_state_dir(args.state_dir):
         config = _serve_config(args)
+        settle_heap()  # start-up is done: see drm_daemon.collector
         status = EXIT_OK
         try:
             trio.run(run_daemon, config)

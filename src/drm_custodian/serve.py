@@ -9,7 +9,8 @@ Theory of operation
 
     serve()                          ledger opened first, closed last (shielded)
       admin nursery                  serve_admin (hypercorn) with SessionHooks; the
-                                     reclaim watcher (logs instance_reclaimable, I21)
+                                     reclaim watcher (logs instance_reclaimable, I21);
+                                     the links' heartbeat clock
         session nursery              one task per enclave connection (handle_connection)
           listen nursery             trio.serve_tcp(handler_nursery=session nursery)
 
@@ -59,6 +60,7 @@ from drm_custodian._state_files import read_checked
 from drm_custodian.admin import DEFAULT_ADMIN_PORT, AdminApp, serve_admin
 from drm_custodian.borrowers import BorrowerBook
 from drm_custodian.enclave_link import handle_connection
+from drm_custodian.heartbeats import HeartbeatClock
 from drm_custodian.ledger import IdempotencyConflict, Ledger
 from drm_custodian.models import ModelFile
 from drm_custodian.registry import Registry, SessionHooks
@@ -322,6 +324,11 @@ async def _announce_reclaimable(
                 await registry.wait_ended()
 
 
+async def _run_clock(clock: HeartbeatClock, scope: trio.CancelScope) -> None:
+    with scope:
+        await clock.run()
+
+
 async def _run_cache(cache: CollateralCache, client: PccsClient, scope: trio.CancelScope) -> None:
     try:
         with scope:
@@ -394,6 +401,7 @@ async def serve(
             transfers.labels(model=model, outcome=outcome).inc()
             model_bytes.labels(model=model).inc(sent)
 
+        clock = HeartbeatClock(config.session.heartbeat_interval)
         ctx = SessionContext(
             state=state,
             ledger=ledger,
@@ -404,6 +412,7 @@ async def serve(
             handshake_slots=trio.Semaphore(config.max_link_handshakes),
             limit_hit=lambda name: refused.labels(limit=name).inc(),
             model_event=model_event,
+            heartbeat_clock=clock,
         )
         live = 0
         link_limits = ReceiveLimits(
@@ -431,7 +440,9 @@ async def serve(
         admin_stop = trio.Event()
         cache_scope = trio.CancelScope()
         watch_scope = trio.CancelScope()
+        clock_scope = trio.CancelScope()
         async with trio.open_nursery() as admin_nursery:
+            admin_nursery.start_soon(_run_clock, clock, clock_scope)
             if pccs is not None:
                 admin_nursery.start_soon(_run_cache, *pccs, cache_scope)
             admin_nursery.start_soon(
@@ -495,6 +506,7 @@ async def serve(
             admin_stop.set()  # 3. the admin server (the collateral cache, the watcher)
             cache_scope.cancel()
             watch_scope.cancel()
+            clock_scope.cancel()
             admin_nursery.cancel_scope.deadline = trio.current_time() + ADMIN_STOP_TIMEOUT
     finally:
         with trio.CancelScope(shield=True):

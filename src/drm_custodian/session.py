@@ -21,7 +21,8 @@ steps 1 and 2; see :mod:`drm_custodian.enclave_link`) and runs the rest of the s
      the transfer. After a final return the instance has stopped: the pump sends it
      nothing more (the state machine would refuse a grant), and the ledger refuses its
      instance id from then on;
-   * the *heartbeat* task sends ``heartbeat`` every interval;
+   * the *heartbeat* task sends ``heartbeat`` every interval (at its phase's tick of the
+     daemon's one :class:`~drm_custodian.heartbeats.HeartbeatClock`);
    * the *main* task streams each model (``model_begin``, chunks of a memoryview over the
      bytes held in memory, ``model_end``) and waits for its answer (name and digest must
      match) before the next; then re-syncs (``block`` if the borrower is blocked, else
@@ -75,6 +76,7 @@ import dataclasses
 import functools
 import hmac
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +87,7 @@ import trio
 from OpenSSL import SSL
 
 from drm_custodian.grants import DEFAULT_LEASE, check_lease, plan_grant
+from drm_custodian.heartbeats import HeartbeatClock
 from drm_custodian.ledger import Balance, GrantPlan, Ledger
 from drm_custodian.ledger import Grant as LedgerGrant
 from drm_custodian.models import ModelFile
@@ -216,6 +219,8 @@ class SessionContext:
     #: Called with a model's name, how its delivery ended (``loaded``, ``kept``,
     #: ``failed``) and the model bytes sent for it (metrics).
     model_event: Callable[[str, str, int], object] = lambda model, outcome, sent: None
+    #: The one timer of every link's heartbeats (running); ``None``: each session sleeps.
+    heartbeat_clock: HeartbeatClock | None = None
 
 
 async def send_last_words(channel: MessageChannel, code: ErrorCode, message: str) -> None:
@@ -439,37 +444,49 @@ class EnclaveSession:
             log.info("enclave_session_closed")
 
     async def _send(self, message: Message) -> None:
-        with trio.fail_after(self._cfg.send_timeout):
+        # A bare cancel scope: trio.fail_after's context manager costs a generator on
+        # every message, heartbeats included.
+        with trio.CancelScope(deadline=trio.current_time() + self._cfg.send_timeout) as scope:
             await self._channel.send(message)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError(f"sending {message.TYPE} took {self._cfg.send_timeout} s")
 
     async def _heartbeats(self) -> None:
+        clock = self._ctx.heartbeat_clock
+        phase = clock.take_phase() if clock is not None else 0
         for seq in itertools.count(1):
             await self._send(Heartbeat(seq=seq))
-            await trio.sleep(self._cfg.heartbeat_interval)
+            if clock is None:
+                await trio.sleep(self._cfg.heartbeat_interval)
+            else:
+                await clock.wait(phase)
 
     async def _receive_loop(self) -> None:
         dead_after = self._cfg.dead_after
-        while True:
-            try:
-                with trio.fail_after(dead_after):
-                    message = await self._channel.receive()
-            except trio.TooSlowError:
-                log.warning("enclave_link_dead", silent_for=dead_after)
-                raise LinkDead(f"no message from the enclave for {dead_after} s") from None
-            if isinstance(message, Heartbeat):
-                continue
-            if isinstance(message, UsageReport):
-                await self._on_usage(message)
-            elif isinstance(message, Returned):
-                await self._on_returned(message)
-            elif isinstance(message, Demand):
-                self._on_demand(message)
-            elif isinstance(message, BlockAck):
-                self._on_block_ack(message)
-            elif isinstance(message, ModelLoaded | ModelLoadFailed):
-                self._on_answer(message)
-            else:  # the state machine lets nothing else from an enclave through
-                raise RemoteProtocolError(f"unexpected {message.TYPE}", field="type")
+        # One deadline for the link's silence, moved as each message arrives (a cancel
+        # scope per message cost more than the heartbeat it waited for); the handling of
+        # a message is not under it, as a wait for the ledger is not the enclave's silence.
+        with trio.CancelScope() as silence:
+            while True:
+                silence.deadline = trio.current_time() + dead_after
+                message = await self._channel.receive()
+                if isinstance(message, Heartbeat):
+                    continue
+                silence.deadline = math.inf
+                if isinstance(message, UsageReport):
+                    await self._on_usage(message)
+                elif isinstance(message, Returned):
+                    await self._on_returned(message)
+                elif isinstance(message, Demand):
+                    self._on_demand(message)
+                elif isinstance(message, BlockAck):
+                    self._on_block_ack(message)
+                elif isinstance(message, ModelLoaded | ModelLoadFailed):
+                    self._on_answer(message)
+                else:  # the state machine lets nothing else from an enclave through
+                    raise RemoteProtocolError(f"unexpected {message.TYPE}", field="type")
+        log.warning("enclave_link_dead", silent_for=dead_after)
+        raise LinkDead(f"no message from the enclave for {dead_after} s")
 
     # --- model transfer ----------------------------------------------------------------
 

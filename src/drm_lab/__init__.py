@@ -15,6 +15,8 @@ share one harness instead of importing each other.
   ``test``, ``bench`` and ``demo`` dependency groups, not in the runtime dependencies;
   nothing else here imports it.
 * :mod:`drm_lab.certs`: throwaway certificates for TLS tests and baselines.
+* :mod:`drm_lab.fleet`: many light in-process enclave links against one real custodian
+  (the scale bench's machinery), and the bare-TLS echo floor it is compared with.
 * :mod:`drm_lab.pccs`: a PCS/PCCS on loopback written to Intel's API, serving a given
   collateral bundle (the PCCS client's tests, and the cold-fetch bench).
 """
