@@ -21,9 +21,12 @@ the target of the scale issue) as a ratio:
   just over half a lease, so the supply tops all 20 up); p50/p99 per enclave and of the
   last of the 20; vs the 20 ms target; and the custodian's share: POST -> it starts
   sending the round's last grant (``send_started`` in its ``grant_pushed`` log lines);
-* recall -> parked request served: an enclave spends its last unit and reports it (the
-  park), the custodian recalls from a peer of the same borrower and grants; report ->
-  grant received, p50/p99;
+* recall -> parked request served: an enclave spends its last unit and reports it, then
+  a request parks and it sends ``demand`` for one unit; the custodian recalls from a peer
+  of the same borrower and grants; demand -> grant received, p50/p99;
+* block -> acknowledged: ``POST /borrowers/NAME/block`` with ``wait`` answers once every
+  live enclave of the borrower has sent ``block_ack`` (the custodian's own count, I25),
+  then an unblock; once per borrower, p50/p99; vs supply -> all grants p50;
 * heartbeat CPU at idle: the custodian's CPU (``/proc/PID/stat``) over ``--idle`` seconds
   with every link idle, as % of one core; vs the floor: the same number of messages a
   second, of a heartbeat frame's size, over as many plain TLS loopback connections into
@@ -152,6 +155,19 @@ def report(result: FleetResult, floor: Floor) -> list[str]:
             recall50 / statistics.median(result.supply_grant),
         )
     )
+    block50, block99 = (
+        statistics.median(result.block_acked),
+        percentile(result.block_acked, 0.99),
+    )
+    rows.append(
+        _row(
+            f"block -> all {plan.per_borrower} enclaves acknowledged p50 / p99 "
+            f"({len(result.block_acked)})",
+            f"{_ms(block50)} / {_ms(block99)}",
+            "supply -> all grants p50",
+            block50 / statistics.median(result.supply_all),
+        )
+    )
     share = result.idle_custodian_cpu / result.idle_seconds
     floor_share = floor.server_cpu / floor.seconds
     rows.append(
@@ -193,7 +209,9 @@ def main() -> None:
     parser.add_argument("--borrowers", type=int, default=50)
     parser.add_argument("--per-borrower", type=int, default=20)
     parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds")
-    parser.add_argument("--rounds", type=int, default=100, help="supplies and parks timed")
+    parser.add_argument(
+        "--rounds", type=int, default=100, help="supplies and parks timed (blocks: one a borrower)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.borrowers, args.per_borrower, args.idle, args.rounds = 4, 5, 3.0, 8
@@ -202,6 +220,7 @@ def main() -> None:
         per_borrower=args.per_borrower,
         supply_rounds=args.rounds,
         recall_rounds=args.rounds,
+        block_rounds=min(args.rounds, args.borrowers),
         idle_seconds=args.idle,
     )
     # The simulated quotes each say so at warning level: once per light enclave.

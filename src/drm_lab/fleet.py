@@ -392,6 +392,8 @@ class FleetPlan:
             thundering herd: the custodian's handshake slots are a cap, not a queue).
         supply_rounds: supplies timed (round robin over the borrowers).
         recall_rounds: parks timed (round robin over the borrowers).
+        block_rounds: blocks timed until every enclave of the borrower acknowledged
+            (each then unblocked).
         idle_seconds: how long the custodian's CPU is sampled with every link idle.
         serve_options: more ``drm_custodian serve`` flags.
     """
@@ -402,6 +404,7 @@ class FleetPlan:
     dials: int = 64
     supply_rounds: int = 100
     recall_rounds: int = 100
+    block_rounds: int = 50
     idle_seconds: float = 20.0
     serve_options: tuple[str, ...] = ()
 
@@ -428,8 +431,12 @@ class FleetResult:
     #: its ``grant_pushed`` log lines; both wall clocks of this machine): the custodian's
     #: share of ``supply_all``.
     supply_pushed: list[float] = field(default_factory=list)
-    #: park (the usage report that spends the last unit) -> the grant that serves it.
+    #: park (the ``demand`` of an enclave that spent its last unit) -> the grant that
+    #: serves it.
     recall_served: list[float] = field(default_factory=list)
+    #: ``POST /block`` with ``wait`` -> its answer, which comes once every live instance
+    #: of the borrower acknowledged the block (I25): the custodian's own count.
+    block_acked: list[float] = field(default_factory=list)
     idle_seconds: float = 0.0
     idle_custodian_cpu: float = 0.0
     idle_generator_cpu: float = 0.0
@@ -509,6 +516,13 @@ class _Admin:
 
     def usage(self, borrower: str) -> dict[str, Any]:
         return self.call("GET", f"/borrowers/{borrower}/usage")[2]
+
+    def block(self, borrower: str) -> tuple[float, float, dict[str, Any]]:
+        """Block, answered once every live instance acknowledged it (or after 10 s)."""
+        return self.call("POST", f"/borrowers/{borrower}/block", {"wait": "10"})
+
+    def unblock(self, borrower: str) -> None:
+        self.call("POST", f"/borrowers/{borrower}/unblock")
 
     def close(self) -> None:
         self._conn.close()
@@ -639,6 +653,23 @@ async def _recall_round(enclave: LightEnclave, result: FleetResult) -> None:
     await enclave.serve(1)
 
 
+async def _block_round(admin: _Admin, group: Sequence[LightEnclave], result: FleetResult) -> None:
+    """Block one borrower and time the answer that says all its enclaves acknowledged;
+    check each did, then unblock and wait until each was told."""
+    borrower = group[0].borrower
+    sent_at, answered_at, doc = await trio.to_thread.run_sync(admin.block, borrower)
+    if doc["block_acknowledged"] != len(group):
+        raise RuntimeError(f"{borrower}: {doc['block_acknowledged']} of {len(group)} acknowledged")
+    with trio.fail_after(STEP_TIMEOUT):
+        for enclave in group:
+            await enclave.wait_until(lambda e=enclave: e.blocked is True)  # type: ignore[misc]
+    result.block_acked.append(answered_at - sent_at)
+    await trio.to_thread.run_sync(admin.unblock, borrower)
+    with trio.fail_after(STEP_TIMEOUT):
+        for enclave in group:
+            await enclave.wait_until(lambda e=enclave: e.blocked is False)  # type: ignore[misc]
+
+
 async def run_fleet(
     workdir: Path, plan: FleetPlan, *, log: Callable[[str], object] = lambda line: None
 ) -> FleetResult:
@@ -746,6 +777,9 @@ async def _measure(
         for i in range(plan.recall_rounds):
             group = groups[names[i % len(names)]]
             await _recall_round(group[(i // len(names)) % len(group)], result)
+        log(f"block -> acknowledged by every enclave x{plan.block_rounds}")
+        for i in range(plan.block_rounds):
+            await _block_round(admin, groups[names[i % len(names)]], result)
         await _settle(enclaves)
         for name in names:
             result.borrowers[name] = await trio.to_thread.run_sync(admin.usage, name)

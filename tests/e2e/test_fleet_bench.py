@@ -32,7 +32,13 @@ from drm_wire.net.tls import client_context
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PLAN: Final = FleetPlan(
-    borrowers=4, per_borrower=5, lease=10, supply_rounds=8, recall_rounds=8, idle_seconds=1.0
+    borrowers=4,
+    per_borrower=5,
+    lease=10,
+    supply_rounds=8,
+    recall_rounds=8,
+    block_rounds=4,
+    idle_seconds=1.0,
 )
 
 
@@ -48,12 +54,18 @@ async def test_the_fleet_bench_runs_small_and_the_books_agree(tmp_path: Path) ->
     assert len(result.supply_grant) == 8 * 5
     assert len(result.supply_all) == 8
     assert len(result.recall_served) == 8
+    # Each block was answered once the custodian counted all 5 enclaves' block_ack
+    # (the round checks the count and that each enclave got the block and the unblock).
+    assert len(result.block_acked) == 4
+    assert all(e.blocked is False for e in enclaves)
     # The custodian's share of each supply, from its log: it started sending the last
     # grant after the POST and before that grant arrived (one machine's clocks).
     assert len(result.supply_pushed) == 8
     for pushed, received in zip(result.supply_pushed, result.supply_all, strict=True):
         assert 0 < pushed <= received + 0.005
-    assert all(0 < s < 60 for s in [*result.supply_grant, *result.recall_served])
+    assert all(
+        0 < s < 60 for s in [*result.supply_grant, *result.recall_served, *result.block_acked]
+    )
     assert sum(e.recalls for e in enclaves) >= 8
     assert sum(e.returned_total for e in enclaves) > 0
     assert 0 < result.admit_from_hello <= result.admit_from_dial
