@@ -118,56 +118,39 @@ def report(result: FleetResult, floor: Floor) -> list[str]:
                 _met(p99 <= SUPPLY_GRANT_P99_S),
             )
         )
-    pushed50, pushed99 = (
-        statistics.median(result.supply_pushed),
-        percentile(result.supply_pushed, 0.99),
-    )
-    all99 = percentile(result.supply_all, 0.99)
-    rows.append(
-        _row(
+    supply50 = statistics.median(result.supply_grant)
+    all50, all99 = statistics.median(result.supply_all), percentile(result.supply_all, 0.99)
+    for name, samples, versus, base in (
+        (
             "supply -> the custodian starts sending the last grant p50 / p99 (its log)",
-            f"{_ms(pushed50)} / {_ms(pushed99)}",
+            result.supply_pushed,
             f"-> all grants received p99 {_ms(all99)}",
-            pushed99 / all99,
-        )
-    )
-    answer50, answer99 = (
-        statistics.median(result.supply_answer),
-        percentile(result.supply_answer, 0.99),
-    )
-    rows.append(
-        _row(
+            None,
+        ),
+        (
             "supply POST -> its answer p50 / p99",
-            f"{_ms(answer50)} / {_ms(answer99)}",
+            result.supply_answer,
             "supply -> grant p50",
-            answer50 / statistics.median(result.supply_grant),
-        )
-    )
-    recall50, recall99 = (
-        statistics.median(result.recall_served),
-        percentile(result.recall_served, 0.99),
-    )
-    rows.append(
-        _row(
+            supply50,
+        ),
+        (
             f"recall -> parked request served p50 / p99 ({len(result.recall_served)})",
-            f"{_ms(recall50)} / {_ms(recall99)}",
+            result.recall_served,
             "supply -> grant p50",
-            recall50 / statistics.median(result.supply_grant),
-        )
-    )
-    block50, block99 = (
-        statistics.median(result.block_acked),
-        percentile(result.block_acked, 0.99),
-    )
-    rows.append(
-        _row(
+            supply50,
+        ),
+        (
             f"block -> all {plan.per_borrower} enclaves acknowledged p50 / p99 "
             f"({len(result.block_acked)})",
-            f"{_ms(block50)} / {_ms(block99)}",
+            result.block_acked,
             "supply -> all grants p50",
-            block50 / statistics.median(result.supply_all),
-        )
-    )
+            all50,
+        ),
+    ):
+        p50, p99 = statistics.median(samples), percentile(samples, 0.99)
+        # The custodian's share is a share of the p99; the others compare medians.
+        ratio = p99 / all99 if base is None else p50 / base
+        rows.append(_row(name, f"{_ms(p50)} / {_ms(p99)}", versus, ratio))
     share = result.idle_custodian_cpu / result.idle_seconds
     floor_share = floor.server_cpu / floor.seconds
     rows.append(
