@@ -168,14 +168,21 @@ def _read_lines(stream: Iterator[str], lines: queue.Queue[str | None]) -> None:
 
 
 def test_ctrl_c_stops_every_program_the_demo_started() -> None:
-    process = subprocess.Popen(
-        [sys.executable, str(DEMO)],
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # A shell that runs the suite as a background job starts it with SIGINT ignored, and
+    # an ignored signal stays ignored across exec: the demo would never see the Ctrl-C.
+    # A handler (not an "ignore") in place for the fork gives the demo the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(DEMO)],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert process.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
