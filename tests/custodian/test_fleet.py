@@ -17,49 +17,18 @@ import pytest
 import trio
 import trio.testing
 
-from drm_custodian.ledger import Balance, Grant, GrantPlan, Ledger
+from drm_custodian.ledger import Balance, GrantPlan, Ledger
 from drm_custodian.registry import DuplicateInstance, InstanceLimit, Registry, SessionHooks
 from drm_custodian.session import _plan
 
+from .session_fakes import FakeSession
+
 
 @dataclass(eq=False)
-class Claimant:
-    """What the registry needs of a session, and nothing else (its own contract)."""
+class Claimant(FakeSession):
+    """A session whose grant plan never grants: the registry's own contract alone."""
 
-    borrower: str
-    license_id: str
-    instance_id: str
-    finished: trio.Event = field(default_factory=trio.Event)
-    closed: bool = False
-    ready: bool = True
-    outstanding: int = 0
-    recall_pending: bool = False
-    recall_dry: bool = False
-    parked_requests: int = 0
-    need: int = 0
-    told_blocked: bool = False
-    block_acknowledged: bool = False
-    recalled: list[int] = field(default_factory=list)
-
-    def recall(self, units: int, asker: object = None) -> bool:
-        self.recalled.append(units)
-        return True
-
-    @staticmethod
-    def grant_plan(balance: Balance, granted: int, served: int) -> int:
-        return 0
-
-    def wake(self) -> None:
-        pass
-
-    def grant_committed(self, grant: Grant, remaining: int) -> None:
-        pass
-
-    async def wait_sent(self, granted_total: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
+    plan_units: int = 0
 
 
 def _iid(n: int) -> str:
@@ -127,7 +96,7 @@ class Planned(Claimant):
     """A ready session with the daemon's own grant rule (lease 8)."""
 
     @property
-    def grant_plan(self) -> GrantPlan:  # type: ignore[override]
+    def grant_plan(self) -> GrantPlan:
         return functools.partial(_plan, lease=8, reserve=1, need=self.need)
 
 

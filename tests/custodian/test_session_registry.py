@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from drm_custodian.ledger import Balance, Grant, Ledger
+from drm_custodian.ledger import Ledger
 from drm_custodian.registry import (
     DEFAULT_BLOCK_REASON,
     GRANT_SEND_WAIT,
@@ -20,47 +19,7 @@ from drm_custodian.registry import (
 )
 from drm_custodian.session import EnclaveSession, SessionConfig
 
-
-@dataclass(eq=False)
-class FakeSession:
-    borrower: str
-    license_id: str
-    instance_id: str
-    finished: trio.Event = field(default_factory=trio.Event)
-    woken: int = 0
-    closed: bool = False
-    ready: bool = True
-    outstanding: int = 0
-    recall_pending: bool = False
-    recall_dry: bool = False
-    parked_requests: int = 0
-    need: int = 0
-    told_blocked: bool = False
-    block_acknowledged: bool = False
-    recalled: list[int] = field(default_factory=list)
-
-    def recall(self, units: int, asker: object = None) -> bool:
-        self.recalled.append(units)
-        return True
-
-    committed: list[tuple[Grant, int]] = field(default_factory=list)
-    waited_for: list[int] = field(default_factory=list)
-
-    @staticmethod
-    def grant_plan(balance: Balance, granted: int, served: int) -> int:
-        return 1
-
-    def wake(self) -> None:
-        self.woken += 1
-
-    def grant_committed(self, grant: Grant, remaining: int) -> None:
-        self.committed.append((grant, remaining))
-
-    async def wait_sent(self, granted_total: int) -> None:
-        self.waited_for.append(granted_total)
-
-    def close(self) -> None:
-        self.closed = True
+from .session_fakes import FakeSession
 
 
 async def test_a_supply_grants_ready_sessions_and_wakes_the_rest(ledger: Ledger) -> None:
