@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 from hypercorn.typing import ASGIReceiveCallable, HTTPScope
 
 from drm_daemon import asgi
-from drm_daemon.asgi import HttpError, Response, header, json_response, lifespan
+from drm_daemon.asgi import HttpError, Response, header, json_response
 from drm_wire.limits import MAX_GRANT_UNITS, KiB
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "Response",
     "error_body",
     "json_response",
-    "lifespan",
     "parse_count",
     "read_body",
     "read_fields",

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 from hypercorn.config import Config
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -78,7 +78,6 @@ from drm_custodian._admin_http import (
     Response,
     error_body,
     json_response,
-    lifespan,
     parse_count,
     read_fields,
 )
@@ -98,7 +97,7 @@ from drm_custodian.ledger import (
 )
 from drm_custodian.state import BORROWER_RE as BORROWER_NAME_RE
 from drm_custodian.state import MAX_INSTANCES
-from drm_daemon.asgi import check_header_size, send_response
+from drm_daemon.asgi import HttpApp, check_header_size, send_response
 from drm_wire.attestation.pccs import CaType
 from drm_wire.errors import ConfigError
 from drm_wire.limits import HANDSHAKE_TIMEOUT
@@ -272,7 +271,7 @@ _BORROWER_ACTIONS: Final = {
 _NAME_RULE: Final = "a borrower name: [A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
 
-class AdminApp:
+class AdminApp(HttpApp):
     """The admin API as an ASGI app, for the custodian's borrowers.
 
     Args:
@@ -372,16 +371,7 @@ class AdminApp:
             "/borrowers": ("GET", self._list_borrowers),
         }
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-        elif scope["type"] == "http":
-            await self._http(scope, receive, send)
-        # websocket: returning without accepting makes hypercorn refuse it (403).
-
-    async def _http(
+    async def http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         started = time.monotonic()

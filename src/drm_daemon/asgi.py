@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
+    from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 __all__ = [
+    "HttpApp",
     "HttpError",
     "Response",
     "check_header_size",
@@ -152,3 +153,21 @@ async def lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None
         elif event["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+class HttpApp:
+    """An ASGI app that serves HTTP in :meth:`http` and answers lifespan events; a
+    websocket is refused (returning without accepting makes hypercorn answer 403)."""
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self.http(scope, receive, send)
+
+    async def http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        raise NotImplementedError

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypercorn.config import Config
 
+from drm_daemon.asgi import HttpApp
 from drm_lab.certs import Pems, make_ca, make_leaf
 
 Encoding = Literal["der", "pem", "hex"]
@@ -57,7 +58,7 @@ def _crl(hex_der: str, encoding: Encoding) -> bytes:
     return crl.public_bytes(serialization.Encoding.PEM)
 
 
-class PccsApp:
+class PccsApp(HttpApp):
     """The ASGI app: the four GET endpoints of the v4 API a verifier uses."""
 
     def __init__(self, behaviour: PccsBehaviour) -> None:
@@ -94,17 +95,7 @@ class PccsApp:
             return 200, _crl(bundle["root_ca_crl"], b.root_crl_encoding), {}
         return 404, b"", {}
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
+    async def http(self, scope: Any, receive: Any, send: Any) -> None:
         query = parse_qs(scope["query_string"].decode())
         self.behaviour.requests.append((scope["path"], query))
         status, body, headers = self._answer(scope["path"], query)

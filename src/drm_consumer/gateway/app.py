@@ -61,7 +61,7 @@ from typing import Any, Final
 
 import structlog
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -96,12 +96,12 @@ from drm_consumer.gateway.v2 import (
     render_infer,
 )
 from drm_daemon.asgi import (
+    HttpApp,
     HttpError,
     Response,
     check_header_size,
     header,
     json_response,
-    lifespan,
     read_body,
     send_response,
 )
@@ -193,7 +193,7 @@ def _model_metadata(model: ModelDescription) -> dict[str, Any]:
     }
 
 
-class GatewayApp:
+class GatewayApp(HttpApp):
     """The ASGI app. ``token``: the bearer token every request (but health) must carry."""
 
     def __init__(
@@ -293,16 +293,7 @@ class GatewayApp:
             scope.cancel()
         return len(self._in_flight)
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        if scope["type"] == "lifespan":
-            await lifespan(receive, send)
-        elif scope["type"] == "http":
-            await self._http(scope, receive, send)
-        # websocket: returning without accepting makes hypercorn refuse it.
-
-    async def _http(
+    async def http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         started = time.monotonic()
